@@ -1,0 +1,316 @@
+//! File-descriptor passing: the only module in herd with `unsafe`.
+//!
+//! Owns the raw system calls that move file descriptors between processes:
+//! creating a worker channel, `sendmsg`/`recvmsg` with one SCM_RIGHTS fd, and
+//! making a channel end (or a listening socket) survive `exec` in exactly one
+//! child. Everything above this module works with `OwnedFd`/`BorrowedFd`.
+//!
+//! We call libc directly rather than `nix::sys::socket::sendmsg` because the
+//! latter allocates its control-message buffer on every call, and sending is
+//! on the per-connection hot path; here the buffer lives on the stack.
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::libc;
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+/// Room for the control message of up to `MAX_FDS_PER_MESSAGE` fds; aligned
+/// for `cmsghdr` because the kernel and the CMSG_* macros require it.
+#[repr(C)]
+union ControlBuffer {
+    _align: libc::cmsghdr,
+    bytes: [u8; 128],
+}
+
+/// A peer that sends more fds in one message than this has the rest closed by the kernel.
+const MAX_FDS_PER_MESSAGE: usize = 8;
+
+/// Creates a worker channel: a `SOCK_SEQPACKET` socketpair with both ends
+/// close-on-exec. Returns (primary end, non-blocking; child end, blocking).
+pub fn channel_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (primary, child) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    set_nonblocking(primary.as_fd(), true)?;
+    Ok((primary, child))
+}
+
+/// Sets or clears O_NONBLOCK.
+pub fn set_nonblocking(fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    let flags = if nonblocking {
+        flags | OFlag::O_NONBLOCK
+    } else {
+        flags - OFlag::O_NONBLOCK
+    };
+    fcntl(fd, FcntlArg::F_SETFL(flags))?;
+    Ok(())
+}
+
+/// Sends one message with `fd` attached as SCM_RIGHTS. Never blocks (returns
+/// `WouldBlock` when the channel is full) and never raises SIGPIPE. On a
+/// SOCK_SEQPACKET socket the message is sent whole or not at all.
+pub fn send_with_fd(channel: BorrowedFd<'_>, payload: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut control = ControlBuffer { bytes: [0; 128] };
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the
+    // sendmsg call (iov, control and payload are locals/borrows), and the
+    // CMSG_* macros are used exactly as cmsg(3) prescribes on a buffer that
+    // is aligned for cmsghdr and large enough for CMSG_SPACE(one fd).
+    let sent = unsafe {
+        let mut msg: libc::msghdr = MaybeUninit::zeroed().assume_init();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.bytes.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(size_of::<RawFd>() as u32) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd.as_raw_fd());
+        libc::sendmsg(
+            channel.as_raw_fd(),
+            &msg,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Sends one message without fds. Never raises SIGPIPE. `dontwait` makes it
+/// non-blocking regardless of the socket's mode.
+pub fn send(channel: BorrowedFd<'_>, payload: &[u8], dontwait: bool) -> io::Result<()> {
+    use nix::sys::socket::MsgFlags;
+    let mut flags = MsgFlags::MSG_NOSIGNAL;
+    if dontwait {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    nix::sys::socket::send(channel.as_raw_fd(), payload, flags)?;
+    Ok(())
+}
+
+/// A received message: its length in the caller's buffer and the fd that
+/// came with it, if any. Received fds are close-on-exec.
+#[derive(Debug)]
+pub struct Received {
+    pub len: usize,
+    pub fd: Option<OwnedFd>,
+}
+
+/// Receives one message (without blocking when `dontwait`). `Ok(None)` means
+/// the peer closed the channel. A message longer than `buf` is an error
+/// (`InvalidData`), as is more than one fd; surplus fds are closed, never leaked.
+pub fn recv_with_fd(
+    channel: BorrowedFd<'_>,
+    buf: &mut [u8],
+    dontwait: bool,
+) -> io::Result<Option<Received>> {
+    let mut control = ControlBuffer { bytes: [0; 128] };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut flags = libc::MSG_CMSG_CLOEXEC;
+    if dontwait {
+        flags |= libc::MSG_DONTWAIT;
+    }
+    let mut fds: [Option<OwnedFd>; MAX_FDS_PER_MESSAGE] = Default::default();
+    // SAFETY: as in send_with_fd, every pointer in msghdr refers to a live
+    // local. After recvmsg we walk the control messages the kernel wrote
+    // with CMSG_FIRSTHDR/CMSG_NXTHDR, bounded by msg_controllen, and take
+    // ownership of each SCM_RIGHTS fd exactly once (the kernel installed
+    // them in our table just for us), so each OwnedFd is unique.
+    let (received, msg_flags) = unsafe {
+        let mut msg: libc::msghdr = MaybeUninit::zeroed().assume_init();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.bytes.as_mut_ptr().cast();
+        msg.msg_controllen =
+            libc::CMSG_SPACE((MAX_FDS_PER_MESSAGE * size_of::<RawFd>()) as u32) as _;
+        let received = libc::recvmsg(channel.as_raw_fd(), &mut msg, flags);
+        if received < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut taken = 0;
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg);
+                let header = libc::CMSG_LEN(0) as usize;
+                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header) / size_of::<RawFd>();
+                for i in 0..count {
+                    let raw = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    if taken < MAX_FDS_PER_MESSAGE {
+                        fds[taken] = Some(OwnedFd::from_raw_fd(raw));
+                        taken += 1;
+                    }
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        (received as usize, msg.msg_flags)
+    };
+    if received == 0 && fds[0].is_none() {
+        return Ok(None);
+    }
+    if msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message or its file descriptors were truncated",
+        ));
+    }
+    if fds[1].is_some() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message carried more than one file descriptor",
+        ));
+    }
+    Ok(Some(Received {
+        len: received,
+        fd: fds[0].take(),
+    }))
+}
+
+/// Arranges for a child process to keep `inherited` fds open across `exec`
+/// (everything else herd holds is close-on-exec) and to be SIGKILLed if herd
+/// dies, so no worker outlives its primary even when herd is SIGKILLed.
+///
+/// PR_SET_PDEATHSIG fires when the *thread* that forked dies, so callers must
+/// spawn from a thread that lives as long as herd (the main thread).
+pub fn inherit_fds_and_die_with_parent(
+    command: &mut tokio::process::Command,
+    inherited: Vec<RawFd>,
+) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec, so it only makes
+    // async-signal-safe system calls (fcntl, prctl, getppid) and touches
+    // no locks or allocator; `inherited` is read, not mutated.
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &inherited {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // herd may have died between fork and prctl: then nobody would kill us.
+            if libc::getppid() != parent {
+                return Err(io::Error::other(
+                    "herd exited while this worker was starting",
+                ));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Registers a worker's channel end with the tokio reactor (readable and
+/// writable), non-blocking. Must be called inside a tokio runtime.
+pub fn async_channel(channel: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    use tokio::io::{unix::AsyncFd, Interest};
+    set_nonblocking(channel.as_fd(), true)?;
+    // SAFETY: the AsyncFd takes the OwnedFd by value and never exposes it
+    // mutably, so the descriptor stays open and refers to the same file for
+    // the AsyncFd's whole lifetime, as register_with_interest requires.
+    unsafe { AsyncFd::register_with_interest(channel, Interest::READABLE | Interest::WRITABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// Takes ownership of an fd number a worker was told about in its environment.
+///
+/// Fails unless `fd` is open; the caller must not use the number elsewhere,
+/// which holds for `HERD_CHANNEL_FD` since nothing else in the worker knows it.
+pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd is open (checked above) and, per this function's
+    // contract, owned by nobody else in this process.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Keep it away from anything this worker execs in turn.
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn an_fd_crosses_the_channel_with_its_payload() {
+        let (primary, worker) = channel_pair().unwrap();
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        send_with_fd(primary.as_fd(), b"hello", theirs.as_fd()).unwrap();
+        drop(theirs);
+
+        let mut buf = [0u8; 64];
+        let received = recv_with_fd(worker.as_fd(), &mut buf, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..received.len], b"hello");
+        let mut passed = UnixStream::from(received.fd.expect("an fd"));
+        passed.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        ours.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+    }
+
+    #[test]
+    fn a_full_channel_says_would_block_instead_of_blocking() {
+        let (primary, _worker) = channel_pair().unwrap();
+        let (_a, b) = UnixStream::pair().unwrap();
+        let mut sent = 0;
+        let error = loop {
+            match send_with_fd(primary.as_fd(), &[0u8; 52], b.as_fd()) {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+            assert!(sent < 100_000, "channel never filled");
+        };
+        assert_eq!(error.kind(), io::ErrorKind::WouldBlock);
+        assert!(sent > 0);
+    }
+
+    #[test]
+    fn closed_peer_reads_as_none() {
+        let (primary, worker) = channel_pair().unwrap();
+        drop(worker);
+        let mut buf = [0u8; 8];
+        assert!(recv_with_fd(primary.as_fd(), &mut buf, true)
+            .unwrap()
+            .is_none());
+        let error = send(primary.as_fd(), b"x", true).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::EPIPE));
+    }
+
+    #[test]
+    fn truncated_message_is_an_error() {
+        let (primary, worker) = channel_pair().unwrap();
+        send(primary.as_fd(), &[1u8; 32], true).unwrap();
+        let mut small = [0u8; 8];
+        let error = recv_with_fd(worker.as_fd(), &mut small, true).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+    }
+}

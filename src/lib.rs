@@ -1,0 +1,28 @@
+//! herd: a multi-core front for server processes.
+//!
+//! The primary binds the listeners, accepts every connection and passes its
+//! file descriptor over a Unix-domain socket to a worker process chosen by a
+//! dispatch policy; after the hand-off it is out of the data path.
+//!
+//! # Layout
+//! - [`config`]: the config file, CLI overrides and validation into `Settings`.
+//! - [`listener`]: binding the listening sockets.
+//! - [`dispatch`]: the policies that choose a worker for each connection.
+//! - [`protocol`]: the primary ↔ worker wire format (docs/protocol.md).
+//! - [`fdpass`]: SCM_RIGHTS fd passing; the only `unsafe` code.
+//! - [`handoff`]: the mio loop that accepts and hands connections off.
+//! - [`supervisor`]: spawning, restarting and stopping worker processes.
+//! - [`primary`]: wiring it together; herd's own lifecycle.
+//! - [`worker`]: the library Rust workers link to receive connections.
+
+#![deny(rust_2018_idioms)]
+
+pub mod config;
+pub mod dispatch;
+pub mod fdpass;
+pub mod handoff;
+pub mod listener;
+pub mod primary;
+pub mod protocol;
+pub mod supervisor;
+pub mod worker;

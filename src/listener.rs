@@ -1,0 +1,135 @@
+//! Listening sockets.
+//!
+//! Owns binding the configured addresses, before any worker starts, so that a
+//! busy port or an address this host does not have stops herd with a clear
+//! message instead of a half-started fleet.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
+};
+
+/// A bound, listening, non-blocking socket.
+#[derive(Debug)]
+pub struct BoundListener {
+    /// Position in the configured list; workers see it in each hand-off.
+    pub index: u16,
+    /// The address as configured (port may be 0).
+    pub requested: SocketAddr,
+    /// The address actually bound (port 0 resolved).
+    pub local: SocketAddr,
+    pub socket: TcpListener,
+}
+
+/// Why a listener could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {reason}")]
+pub struct ListenError {
+    pub addr: SocketAddr,
+    pub reason: String,
+    #[source]
+    pub source: nix::Error,
+}
+
+/// Binds every address in order; the first failure aborts (and closes the
+/// sockets already bound).
+pub fn bind_all(addrs: &[SocketAddr], backlog: u32) -> Result<Vec<BoundListener>, ListenError> {
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(index, &addr)| {
+            let socket = bind(addr, backlog)?;
+            let local = socket.local_addr().map_err(|e| ListenError {
+                addr,
+                reason: e.to_string(),
+                source: nix::Error::last(),
+            })?;
+            Ok(BoundListener {
+                index: index as u16,
+                requested: addr,
+                local,
+                socket,
+            })
+        })
+        .collect()
+}
+
+/// Opens one listening socket: SO_REUSEADDR (so a restart of herd is not
+/// refused while old connections sit in TIME_WAIT), IPV6_V6ONLY for IPv6
+/// addresses (so `[::]:80` and `0.0.0.0:80` can be listed side by side, as
+/// nginx does), close-on-exec and non-blocking.
+pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ListenError> {
+    let fail = |source: nix::Error| ListenError {
+        addr,
+        reason: explain(source),
+        source,
+    };
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(fail)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(fail)?;
+    if addr.is_ipv6() {
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(fail)?;
+    }
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(fail)?;
+    let backlog = Backlog::new(backlog as i32).map_err(fail)?;
+    socket::listen(&fd, backlog).map_err(fail)?;
+    Ok(TcpListener::from(fd))
+}
+
+fn explain(error: nix::Error) -> String {
+    use nix::errno::Errno;
+    match error {
+        Errno::EADDRINUSE => {
+            "address already in use (is another server running on this port?)".into()
+        }
+        Errno::EADDRNOTAVAIL => "this host has no such address".into(),
+        Errno::EACCES => {
+            "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)".into()
+        }
+        Errno::EAFNOSUPPORT => "address family not supported on this host".into(),
+        other => other.desc().to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_zero_is_resolved() {
+        let listeners = bind_all(&["127.0.0.1:0".parse().unwrap()], 16).unwrap();
+        assert_eq!(listeners[0].index, 0);
+        assert_ne!(listeners[0].local.port(), 0);
+    }
+
+    #[test]
+    fn a_busy_port_is_a_clear_error() {
+        let first = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let taken = first.local_addr().unwrap();
+        let error = bind(taken, 16).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!("cannot listen on {taken}: address already in use (is another server running on this port?)")
+        );
+    }
+
+    #[test]
+    fn an_address_this_host_lacks_is_a_clear_error() {
+        let error = bind("192.0.2.1:0".parse().unwrap(), 16).unwrap_err();
+        assert!(
+            error.to_string().ends_with("this host has no such address"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! The worker side, for Rust workers: receive connections from herd.
+//!
+//! Owns the worker's end of the channel. A worker started by herd finds its
+//! channel in `HERD_CHANNEL_FD`; [`Worker::accept`] says READY on first use,
+//! then yields one [`Connection`] per hand-off, acknowledging each as soon as
+//! the fd is in hand (so herd can close its copy), and `None` once herd asks
+//! the worker to drain or goes away.
+//!
+//! ```no_run
+//! # async fn serve(_: herd::worker::Connection) {}
+//! # async fn example() -> Result<(), herd::worker::WorkerError> {
+//! let mut worker = herd::worker::Worker::from_env()?;
+//! while let Some(connection) = worker.accept().await? {
+//!     tokio::spawn(serve(connection));
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+
+use tokio::io::unix::AsyncFd;
+
+use crate::fdpass;
+use crate::protocol::{
+    PrimaryMessage, ProtocolError, WorkerMessage, MAX_MESSAGE_LEN, WORKER_MESSAGE_MAX_LEN,
+};
+
+/// Environment variable naming the inherited channel fd.
+pub const CHANNEL_FD_ENV: &str = "HERD_CHANNEL_FD";
+/// Environment variable with the worker's slot, 0..N-1; stable across restarts.
+pub const WORKER_ID_ENV: &str = "HERD_WORKER_ID";
+
+/// Why the worker side failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{CHANNEL_FD_ENV} is not set: this program must be started by herd")]
+    NotUnderHerd,
+    #[error("{name}={value:?} is not a valid value")]
+    BadEnvironment { name: &'static str, value: String },
+    #[error("herd channel: {0}")]
+    Io(#[from] io::Error),
+    #[error("herd sent a bad message: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("herd sent a connection without its file descriptor")]
+    MissingFd,
+}
+
+/// One connection handed over by herd.
+#[derive(Debug)]
+pub struct Connection {
+    pub stream: tokio::net::TcpStream,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+    /// Index of the herd listener that accepted it, in config order.
+    pub listener: u16,
+    /// herd's id for this connection (unique per herd process).
+    pub id: u64,
+}
+
+/// The worker's end of its herd channel.
+#[derive(Debug)]
+pub struct Worker {
+    channel: AsyncFd<std::os::fd::OwnedFd>,
+    slot: usize,
+    said_ready: bool,
+}
+
+impl Worker {
+    /// Adopts the channel herd passed in the environment. Must be called
+    /// inside a tokio runtime.
+    pub fn from_env() -> Result<Worker, WorkerError> {
+        let fd = std::env::var(CHANNEL_FD_ENV).map_err(|_| WorkerError::NotUnderHerd)?;
+        let fd = fd.parse().map_err(|_| WorkerError::BadEnvironment {
+            name: CHANNEL_FD_ENV,
+            value: fd.clone(),
+        })?;
+        let slot = std::env::var(WORKER_ID_ENV).unwrap_or_default();
+        let slot = slot.parse().map_err(|_| WorkerError::BadEnvironment {
+            name: WORKER_ID_ENV,
+            value: slot.clone(),
+        })?;
+        let channel = fdpass::adopt_inherited_fd(fd)?;
+        Ok(Worker {
+            channel: fdpass::async_channel(channel)?,
+            slot,
+            said_ready: false,
+        })
+    }
+
+    /// This worker's slot (`HERD_WORKER_ID`).
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// Tells herd this worker takes connections. `accept` does it on first
+    /// use; call it earlier only to become ready before the first accept.
+    pub async fn ready(&mut self) -> Result<(), WorkerError> {
+        if !self.said_ready {
+            self.send(WorkerMessage::Ready).await?;
+            self.said_ready = true;
+        }
+        Ok(())
+    }
+
+    /// The next connection, or `None` when herd asks this worker to drain
+    /// (or has gone away): stop accepting, finish what is open, exit.
+    pub async fn accept(&mut self) -> Result<Option<Connection>, WorkerError> {
+        self.ready().await?;
+        let mut buf = [0u8; MAX_MESSAGE_LEN];
+        loop {
+            let mut guard = self.channel.readable().await?;
+            let received = match guard
+                .try_io(|channel| fdpass::recv_with_fd(channel.get_ref().as_fd(), &mut buf, true))
+            {
+                Ok(result) => result?,
+                Err(_would_block) => continue,
+            };
+            let Some(received) = received else {
+                return Ok(None);
+            };
+            match PrimaryMessage::decode(&buf[..received.len])? {
+                PrimaryMessage::Drain => return Ok(None),
+                PrimaryMessage::Handoff(handoff) => {
+                    let fd = received.fd.ok_or(WorkerError::MissingFd)?;
+                    self.send(WorkerMessage::Ack(handoff.connection_id)).await?;
+                    let stream = std::net::TcpStream::from(fd);
+                    stream.set_nonblocking(true)?;
+                    return Ok(Some(Connection {
+                        stream: tokio::net::TcpStream::from_std(stream)?,
+                        peer: handoff.peer,
+                        local: handoff.local,
+                        listener: handoff.listener,
+                        id: handoff.connection_id,
+                    }));
+                }
+            }
+        }
+    }
+
+    async fn send(&self, message: WorkerMessage) -> Result<(), WorkerError> {
+        let mut buf = [0u8; WORKER_MESSAGE_MAX_LEN];
+        let bytes = message.encode(&mut buf);
+        loop {
+            let mut guard = self.channel.writable().await?;
+            match guard.try_io(|channel| fdpass::send(channel.get_ref().as_fd(), bytes, true)) {
+                Ok(result) => return Ok(result?),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
