@@ -1,0 +1,298 @@
+//! Shared helpers for the process-level tests: start a real `herd` with real
+//! workers on 127.0.0.1 port 0, follow its log, send real HTTP requests.
+//!
+//! Every wait has a deadline and waits on a condition (a log line, a
+//! response), never on a fixed sleep.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Long enough for a loaded 2-core CI machine; a healthy run takes milliseconds.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn herd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_herd")
+}
+
+pub fn hello_worker() -> &'static str {
+    env!("CARGO_BIN_EXE_hello-worker")
+}
+
+pub fn python_worker() -> String {
+    format!(
+        "{}/workers/python/hello_worker.py",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// A fresh empty directory, so herd does not pick up the repository's config.toml.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("herd-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Lines herd wrote to stdout and stderr, shared with the reader threads.
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A running `herd run`, killed on drop.
+pub struct Herd {
+    child: Child,
+    log: Arc<Log>,
+    pub dir: PathBuf,
+}
+
+impl Herd {
+    /// Starts `herd run ARGS` in an empty scratch directory.
+    pub fn start(name: &str, args: &[&str]) -> Herd {
+        Herd::start_in(&scratch_dir(name), args)
+    }
+
+    pub fn start_in(dir: &Path, args: &[&str]) -> Herd {
+        let mut child = Command::new(herd_bin())
+            .arg("run")
+            .args(args)
+            .current_dir(dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start herd");
+        let log = Arc::new(Log::default());
+        follow(child.stdout.take().unwrap(), log.clone());
+        follow(child.stderr.take().unwrap(), log.clone());
+        Herd {
+            child,
+            log,
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until `count` log lines contain `needle`; returns those lines.
+    pub fn wait_for_lines(&self, needle: &str, count: usize) -> Vec<String> {
+        let deadline = Instant::now() + DEADLINE;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            let matching: Vec<String> = lines
+                .iter()
+                .filter(|l| l.contains(needle))
+                .cloned()
+                .collect();
+            if matching.len() >= count {
+                return matching;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "timed out waiting for {count} log lines containing {needle:?}; log so far:\n{}",
+                lines.join("\n")
+            );
+            lines = self
+                .log
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lines.lock().unwrap().join("\n")
+    }
+
+    /// The bound listener addresses, in config order, once herd logged them.
+    pub fn listen_addrs(&self, count: usize) -> Vec<SocketAddr> {
+        self.wait_for_lines("listening on ", count)
+            .iter()
+            .map(|line| {
+                let addr = line.split("listening on ").nth(1).unwrap();
+                addr.split_whitespace().next().unwrap().parse().unwrap()
+            })
+            .collect()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.listen_addrs(1)[0]
+    }
+
+    /// Waits until `count` workers have said READY; returns slot → pid of the
+    /// latest ready worker in each slot.
+    pub fn wait_ready(&self, count: usize) -> BTreeMap<usize, u32> {
+        let lines = self.wait_for_lines("worker ready", count);
+        let mut slots = BTreeMap::new();
+        for line in lines {
+            slots.insert(field(&line, "slot") as usize, field(&line, "pid") as u32);
+        }
+        slots
+    }
+
+    /// Sends SIGTERM and waits for herd to exit.
+    pub fn stop(mut self) -> ExitStatus {
+        signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit()
+    }
+
+    /// Waits for herd to exit by itself (with the deadline).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "herd did not exit; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Herd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn follow(stream: impl Read + Send + 'static, log: Arc<Log>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            log.lines.lock().unwrap().push(line);
+            log.changed.notify_all();
+        }
+    });
+}
+
+/// Reads `name=123` from a log line.
+pub fn field(line: &str, name: &str) -> u64 {
+    let key = format!("{name}=");
+    let start = line
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        + key.len();
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+}
+
+/// What a hello worker answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    pub pid: u32,
+    pub slot: usize,
+}
+
+/// Parses a hello-worker response: status 200, `X-Herd-Worker`, `Handled by worker <pid>`.
+pub fn parse_answer(response: &str) -> Result<Answer, String> {
+    if !response.starts_with("HTTP/1.1 200 ") {
+        return Err(format!("unexpected response {response:?}"));
+    }
+    let slot = response
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Herd-Worker: "))
+        .ok_or_else(|| format!("no X-Herd-Worker in {response:?}"))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("bad slot: {e}"))?;
+    let pid = response
+        .rsplit("Handled by worker ")
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| format!("no pid in {response:?}"))?;
+    Ok(Answer { pid, slot })
+}
+
+pub const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: herd-test\r\nConnection: close\r\n\r\n";
+
+/// Opens a connection and sends one request, without reading the answer.
+pub fn send_request(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect_timeout(&addr, DEADLINE)?;
+    stream.write_all(REQUEST)?;
+    Ok(stream)
+}
+
+/// Reads a whole `Connection: close` response, waiting at most `timeout`.
+pub fn read_answer(mut stream: TcpStream, timeout: Duration) -> Result<Answer, String> {
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("read: {e}"))?;
+    parse_answer(&response)
+}
+
+/// One request on a new connection.
+pub fn get(addr: SocketAddr) -> Result<Answer, String> {
+    let stream = send_request(addr).map_err(|e| format!("connect/send: {e}"))?;
+    read_answer(stream, DEADLINE)
+}
+
+/// One request on a new connection from a chosen source address.
+pub fn get_from(addr: SocketAddr, source: IpAddr) -> Result<Answer, String> {
+    use nix::sys::socket::{
+        bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrStorage::from(SocketAddr::new(source, 0)),
+    )
+    .map_err(|e| format!("bind {source}: {e}"))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(|e| format!("connect: {e}"))?;
+    let mut stream = TcpStream::from(fd);
+    stream
+        .write_all(REQUEST)
+        .map_err(|e| format!("send: {e}"))?;
+    read_answer(stream, DEADLINE)
+}
+
+/// Sends `count` sequential requests and counts answers per worker pid.
+pub fn count_pids(addr: SocketAddr, count: usize) -> BTreeMap<u32, usize> {
+    let mut per_pid = BTreeMap::new();
+    for i in 0..count {
+        let answer = get(addr).unwrap_or_else(|e| panic!("request {i}: {e}"));
+        *per_pid.entry(answer.pid).or_insert(0) += 1;
+    }
+    per_pid
+}
+
+/// Writes a config file into `dir` and returns its path.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("herd-test.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}

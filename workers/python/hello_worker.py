@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""hello_worker.py: a herd worker in plain Python 3 (standard library only).
+
+Answers every HTTP/1.1 request with 200 and "Handled by worker <pid>", like
+the Rust hello-worker. The herd part is the first half of this file: adopt
+the channel from HERD_CHANNEL_FD, say READY, then receive one connection fd
+per HANDOFF message and ACK it (protocol: docs/protocol.md).
+
+    herd run --listen 127.0.0.1:3000 --workers 4 -- python3 workers/python/hello_worker.py
+"""
+import os
+import signal
+import socket
+import struct
+import threading
+
+VERSION, HANDOFF, DRAIN, ACK, READY = 1, 0x01, 0x02, 0x81, 0x82
+
+
+def connections():
+    """Yields (socket, peer_ip, peer_port) for each connection herd hands over."""
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=int(os.environ["HERD_CHANNEL_FD"]))
+    channel.send(struct.pack("<BBH", VERSION, READY, 0))
+    while True:
+        message, fds, _flags, _addr = socket.recv_fds(channel, 64, 1)
+        if not message or message[1] == DRAIN:  # herd is gone or asks us to drain
+            return
+        version, kind, _listener, conn_id = struct.unpack_from("<BBHQ", message)
+        if version != VERSION or kind != HANDOFF or len(fds) != 1:
+            raise SystemExit(f"unexpected message from herd: {message!r}")
+        channel.send(struct.pack("<BBHQ", VERSION, ACK, 0, conn_id))  # herd may close its copy now
+        family, _, port = struct.unpack_from("<BBH", message, 12)
+        raw_ip = message[16:20] if family == 4 else message[16:32]
+        peer_ip = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, raw_ip)
+        conn = socket.socket(fileno=fds[0])
+        conn.setblocking(True)  # the fd arrives non-blocking
+        yield conn, peer_ip, port
+
+
+BODY = f"Handled by worker {os.getpid()}".encode()
+HEAD = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(BODY)}\r\n"
+        f"X-Herd-Worker: {os.environ.get('HERD_WORKER_ID', '?')}\r\n").encode()
+
+
+def serve(conn):
+    """Minimal HTTP/1.1: keep-alive by default, honours Connection: close and HTTP/1.0."""
+    with conn:
+        buffer = b""
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            body_len = int(headers.get("content-length", "0"))
+            while len(buffer) < body_len:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            buffer = buffer[body_len:]
+            connection = headers.get("connection", "").lower()
+            keep_alive = connection == "keep-alive" or (lines[0].endswith("HTTP/1.1") and connection != "close")
+            conn.sendall(HEAD + (b"\r\n" if keep_alive else b"Connection: close\r\n\r\n") + BODY)
+            if not keep_alive:
+                return
+
+
+class Stop(Exception):
+    """Raised by the SIGTERM handler to leave the accept loop."""
+
+
+def stop(*_):
+    raise Stop
+
+
+def main():
+    # herd sends SIGTERM (or DRAIN) to stop us: take no more connections, give
+    # the ones in progress a few seconds, then exit (idle keep-alives are dropped).
+    signal.signal(signal.SIGTERM, stop)
+    threads = []
+    try:
+        for conn, _peer_ip, _peer_port in connections():
+            threads = [t for t in threads if t.is_alive()]
+            threads.append(threading.Thread(target=serve, args=(conn,), daemon=True))
+            threads[-1].start()
+    except Stop:
+        pass
+    for thread in threads:
+        thread.join(timeout=2)
+
+
+if __name__ == "__main__":
+    main()
