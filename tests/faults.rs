@@ -15,26 +15,35 @@ use common::*;
 use nix::sys::signal::Signal;
 
 /// Sends requests on `count` new connections, then reads every answer on its
-/// own thread so a hung connection holds up nobody. `answered` counts replies.
-fn fire(
+/// own thread so a hung connection holds up nobody. `answered` counts
+/// replies, `refused` connections closed without one.
+fn fire_counting(
     addr: SocketAddr,
     count: usize,
     answered: &Arc<AtomicUsize>,
+    refused: &Arc<AtomicUsize>,
 ) -> Vec<JoinHandle<Result<Answer, String>>> {
     let streams: Vec<TcpStream> = (0..count).map(|_| send_request(addr).unwrap()).collect();
     streams
         .into_iter()
         .map(|stream| {
-            let answered = answered.clone();
+            let (answered, refused) = (answered.clone(), refused.clone());
             std::thread::spawn(move || {
                 let answer = read_answer(stream, DEADLINE * 2);
-                if answer.is_ok() {
-                    answered.fetch_add(1, Ordering::SeqCst);
-                }
+                let counter = if answer.is_ok() { answered } else { refused };
+                counter.fetch_add(1, Ordering::SeqCst);
                 answer
             })
         })
         .collect()
+}
+
+fn fire(
+    addr: SocketAddr,
+    count: usize,
+    answered: &Arc<AtomicUsize>,
+) -> Vec<JoinHandle<Result<Answer, String>>> {
+    fire_counting(addr, count, answered, &Arc::new(AtomicUsize::new(0)))
 }
 
 fn wait_count(counter: &AtomicUsize, at_least: usize) {
@@ -268,4 +277,47 @@ fn fd_exhaustion_pauses_accepting_and_loses_nothing() {
         "logged {pauses} times: should log once per episode, not per retry"
     );
     assert!(get(addr).is_ok());
+}
+
+/// When no worker can take a connection it waits in a bounded queue; past
+/// the bound new connections are closed at once (and logged), the primary
+/// neither blocks nor grows, and the queued ones are served once workers can.
+#[test]
+fn past_the_queue_bound_new_connections_are_closed_and_queued_ones_served() {
+    let dir = scratch_dir("queue");
+    let config = write_config(
+        &dir,
+        "[handoff]\nmax_unacked = 1\nack_timeout = \"60s\"\nqueue_limit = 5\n",
+    );
+    let herd = Herd::start_in(
+        &dir,
+        &[
+            "-c",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--",
+            hello_worker(),
+        ],
+    );
+    let ready = herd.wait_ready(2);
+    for pid in ready.values() {
+        signal(*pid, Signal::SIGSTOP);
+    }
+    // 2 in flight (one per frozen worker), 5 queued, 13 closed.
+    let (answered, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let handles = fire_counting(herd.addr(), 20, &answered, &refused);
+    wait_count(&refused, 13);
+    herd.wait_for_lines("the queue is full", 1);
+    for pid in ready.values() {
+        signal(*pid, Signal::SIGCONT);
+    }
+    let served = handles
+        .into_iter()
+        .filter_map(|h| h.join().unwrap().ok())
+        .count();
+    assert_eq!(served, 7);
+    assert_eq!(refused.load(Ordering::SeqCst), 13);
 }
