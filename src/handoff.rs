@@ -180,6 +180,9 @@ struct Accepted {
     stream: mio::net::TcpStream,
     handoff: Handoff,
     accepted_at: Instant,
+    /// The slot that refused this connection with NACK; it is not offered
+    /// the connection again, so a refusal can't bounce back and forth.
+    refused_by: Option<usize>,
 }
 
 /// A connection sent to a worker, awaiting its ACK.
@@ -388,9 +391,14 @@ impl HandoffLoop {
                             local,
                         },
                         accepted_at: Instant::now(),
+                        refused_by: None,
                     });
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Queue drained without a resource error: any fd shortage is over.
+                    self.accept_backoff = ACCEPT_BACKOFF_MIN;
+                    return;
+                }
                 Err(e) => self.on_accept_error(index, e),
             }
         }
@@ -470,7 +478,8 @@ impl HandoffLoop {
             let slot = self
                 .dispatcher
                 .choose(conn.handoff.peer.ip(), workers.len(), |s| {
-                    workers[s].as_ref().is_some_and(|w| w.can_take(now, limits))
+                    conn.refused_by != Some(s)
+                        && workers[s].as_ref().is_some_and(|w| w.can_take(now, limits))
                 });
             let Some(slot) = slot else {
                 return Err(conn);
@@ -577,8 +586,9 @@ impl HandoffLoop {
                 }
             }
             WorkerMessage::Nack(id) => {
-                if let Some(entry) = take_in_flight(&mut worker.in_flight, id) {
+                if let Some(mut entry) = take_in_flight(&mut worker.in_flight, id) {
                     self.counters.requeued.fetch_add(1, Relaxed);
+                    entry.conn.refused_by = Some(slot);
                     self.queue.push_front(entry.conn);
                 }
             }

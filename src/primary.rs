@@ -7,6 +7,7 @@
 //! main thread's tokio runtime then multiplexes supervisor notices, hand-off
 //! events and signals.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -82,7 +83,7 @@ pub async fn run(settings: Settings) -> Result<Outcome, PrimaryError> {
             Some(notice) = notices.recv() => supervisor.on_notice(notice),
             Some(event) = events.recv() => match event {
                 Event::WorkerReady { slot, uid, pid } => supervisor.on_ready(slot, uid, pid),
-                Event::ChannelClosed { .. } => {}
+                Event::ChannelClosed { slot, uid, .. } => supervisor.on_channel_closed(slot, uid),
             },
             _ = terminate.recv() => break "SIGTERM",
             _ = interrupt.recv() => break "SIGINT",
@@ -94,7 +95,23 @@ pub async fn run(settings: Settings) -> Result<Outcome, PrimaryError> {
     if handoff_thread.join().is_err() {
         warn!("hand-off thread panicked");
     }
-    info!("stopped");
+    info!(
+        accepted = counters
+            .accepted
+            .iter()
+            .map(|c| c.load(Relaxed))
+            .sum::<u64>(),
+        handed_off = counters
+            .handed_off
+            .iter()
+            .map(|c| c.load(Relaxed))
+            .sum::<u64>(),
+        requeued = counters.requeued.load(Relaxed),
+        dropped_queue_full = counters.dropped_queue_full.load(Relaxed),
+        dropped_queue_timeout = counters.dropped_queue_timeout.load(Relaxed),
+        accept_errors = counters.accept_errors.load(Relaxed),
+        "stopped"
+    );
     Ok(if clean {
         Outcome::Clean
     } else {

@@ -36,7 +36,15 @@ pub enum Notice {
     },
     /// A slot's restart delay is over.
     RestartDue { slot: usize },
+    /// A worker's channel closed a while ago; is the process still there?
+    ChannelLost { slot: usize, uid: u64 },
+    /// A worker asked to stop had its time; SIGKILL it if it is still there.
+    KillIfAlive { slot: usize, uid: u64 },
 }
+
+/// How long a worker may outlive its channel before herd stops it. Its exit
+/// normally follows the channel's close within milliseconds.
+const CHANNEL_LOSS_GRACE: Duration = Duration::from_secs(1);
 
 /// The state of one worker slot (see docs/architecture.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +125,17 @@ impl Supervisor {
     pub fn on_notice(&mut self, notice: Notice) {
         match notice {
             Notice::Exited { slot, uid, status } => self.on_exit(slot, uid, status),
+            Notice::ChannelLost { slot, uid } => self.on_channel_lost(slot, uid),
+            Notice::KillIfAlive { slot, uid } => {
+                if let Some(process) = self.live_process(slot, uid) {
+                    warn!(
+                        slot,
+                        pid = process.pid,
+                        "worker did not stop; sending SIGKILL"
+                    );
+                    let _ = killpg(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
+                }
+            }
             Notice::RestartDue { slot } => {
                 if !self.stopping && self.slots[slot].process.is_none() {
                     self.slots[slot].restarts += 1;
@@ -134,6 +153,44 @@ impl Supervisor {
                 info!(slot, pid, "worker ready");
             }
         }
+    }
+
+    /// The hand-off loop lost this worker's channel. Normally the process
+    /// is exiting and its exit notice follows at once; one still alive after
+    /// [`CHANNEL_LOSS_GRACE`] can never get a connection again (it closed
+    /// the channel or broke the protocol), so it is stopped and restarted.
+    pub fn on_channel_closed(&mut self, slot: usize, uid: u64) {
+        self.notify_after(CHANNEL_LOSS_GRACE, Notice::ChannelLost { slot, uid });
+    }
+
+    fn on_channel_lost(&mut self, slot: usize, uid: u64) {
+        let Some(process) = self.live_process(slot, uid) else {
+            return;
+        };
+        warn!(
+            slot,
+            pid = process.pid,
+            "worker closed its channel but is still running; stopping it"
+        );
+        let _ = killpg(Pid::from_raw(process.pid as i32), Signal::SIGTERM);
+        self.notify_after(
+            self.settings.shutdown_timeout,
+            Notice::KillIfAlive { slot, uid },
+        );
+    }
+
+    /// The process `uid` if it still holds `slot` and herd is not stopping.
+    fn live_process(&self, slot: usize, uid: u64) -> Option<Process> {
+        let process = self.slots.get(slot)?.process?;
+        (process.uid == uid && !self.stopping).then_some(process)
+    }
+
+    fn notify_after(&self, delay: Duration, notice: Notice) {
+        let notices = self.notices.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = notices.send(notice);
+        });
     }
 
     fn spawn(&mut self, slot: usize) {
@@ -255,11 +312,7 @@ impl Supervisor {
                 "restarting worker after backoff"
             );
         }
-        let notices = self.notices.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = notices.send(Notice::RestartDue { slot });
-        });
+        self.notify_after(delay, Notice::RestartDue { slot });
     }
 
     /// Stops every worker: SIGTERM to each process group, then SIGKILL to

@@ -126,7 +126,12 @@ impl Worker {
                 PrimaryMessage::Drain => return Ok(None),
                 PrimaryMessage::Handoff(handoff) => {
                     let fd = received.fd.ok_or(WorkerError::MissingFd)?;
-                    self.send(WorkerMessage::Ack(handoff.connection_id)).await?;
+                    match self.send(WorkerMessage::Ack(handoff.connection_id)).await {
+                        // herd is gone (stopped or died): its copy went with it,
+                        // so ours is the only one and must be served.
+                        Err(WorkerError::Io(e)) if is_peer_gone(&e) => {}
+                        other => other?,
+                    }
                     let stream = std::net::TcpStream::from(fd);
                     stream.set_nonblocking(true)?;
                     return Ok(Some(Connection {
@@ -152,4 +157,11 @@ impl Worker {
             }
         }
     }
+}
+
+fn is_peer_gone(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
 }

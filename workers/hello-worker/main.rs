@@ -6,16 +6,18 @@
 //! to drain: no new connections, the request in progress on each open
 //! connection completes, idle keep-alive connections are closed.
 //!
-//! Fault injection for tests and demos:
-//! - `--stall-slot N`: the worker in slot N says READY, then never reads its
-//!   channel (a hung worker).
+//! Options:
+//! - `--listen ADDR`: run without herd, accepting on ADDR itself (the
+//!   no-front baseline in BENCHMARKS.md).
+//! - `--stall-slot N` (fault injection for tests and demos): the worker in
+//!   slot N says READY, then never reads its channel (a hung worker).
 
 use std::process::ExitCode;
 
 use bytes::{Buf, BytesMut};
 use herd::worker::{Connection, Worker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -34,56 +36,96 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let stall_slot = parse_stall_slot()?;
-    let mut worker = Worker::from_env()?;
-    if stall_slot == Some(worker.slot()) {
-        worker.ready().await?;
-        eprintln!("stalling on purpose (--stall-slot {})", worker.slot());
-        std::future::pending::<()>().await;
+/// Where connections come from.
+enum Source {
+    Herd(Worker),
+    Standalone(TcpListener),
+}
+
+impl Source {
+    async fn next(&mut self) -> Result<Option<TcpStream>, Box<dyn std::error::Error>> {
+        match self {
+            Source::Herd(worker) => Ok(worker.accept().await?.map(|c: Connection| c.stream)),
+            Source::Standalone(listener) => Ok(Some(listener.accept().await?.0)),
+        }
     }
-    let response = Response::new(worker.slot());
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let options = parse_options()?;
+    let mut source = match options.listen {
+        Some(addr) => Source::Standalone(TcpListener::bind(addr).await?),
+        None => Source::Herd(Worker::from_env()?),
+    };
+    let slot = match &mut source {
+        Source::Herd(worker) if options.stall_slot == Some(worker.slot()) => {
+            worker.ready().await?;
+            eprintln!("stalling on purpose (--stall-slot {})", worker.slot());
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        Source::Herd(worker) => worker.slot(),
+        Source::Standalone(_) => 0,
+    };
+    let response = Response::new(slot);
     let mut terminate = signal(SignalKind::terminate())?;
     let (draining_tx, draining) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let mut failure = None;
     loop {
         tokio::select! {
-            accepted = worker.accept() => match accepted? {
-                Some(connection) => {
-                    connections.spawn(serve(connection, response.clone(), draining.clone()));
+            accepted = source.next() => match accepted {
+                Ok(Some(stream)) => {
+                    connections.spawn(serve(stream, response.clone(), draining.clone()));
                 }
-                None => break,
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
             },
             _ = terminate.recv() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
+    // Finish what is open before exiting, even when accepting failed.
     let _ = draining_tx.send(true);
     while connections.join_next().await.is_some() {}
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
-fn parse_stall_slot() -> Result<Option<usize>, String> {
+#[derive(Default)]
+struct Options {
+    listen: Option<std::net::SocketAddr>,
+    stall_slot: Option<usize>,
+}
+
+fn parse_options() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
-    let mut stall = None;
+    let mut options = Options::default();
     while let Some(arg) = args.next() {
+        let value = args.next().ok_or(format!("{arg} needs a value"))?;
         match arg.as_str() {
+            "--listen" => {
+                let addr = value
+                    .parse()
+                    .map_err(|_| format!("--listen {value:?}: not IP:PORT"))?;
+                options.listen = Some(addr);
+            }
             "--stall-slot" => {
-                let value = args.next().ok_or("--stall-slot needs a slot number")?;
-                stall = Some(
-                    value
-                        .parse()
-                        .map_err(|_| format!("--stall-slot {value:?}: not a slot number"))?,
-                );
+                let slot = value
+                    .parse()
+                    .map_err(|_| format!("--stall-slot {value:?}: not a slot number"))?;
+                options.stall_slot = Some(slot);
             }
             other => {
                 return Err(format!(
-                    "unknown argument {other:?} (known: --stall-slot N)"
+                    "unknown argument {other:?} (known: --listen ADDR, --stall-slot N)"
                 ))
             }
         }
     }
-    Ok(stall)
+    Ok(options)
 }
 
 /// The fixed response, built once.
@@ -118,8 +160,7 @@ struct RequestHead {
     keep_alive: bool,
 }
 
-async fn serve(connection: Connection, response: Response, mut draining: watch::Receiver<bool>) {
-    let mut stream: TcpStream = connection.stream;
+async fn serve(mut stream: TcpStream, response: Response, mut draining: watch::Receiver<bool>) {
     let mut buffer = BytesMut::with_capacity(4096);
     loop {
         let head = loop {

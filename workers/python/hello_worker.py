@@ -23,10 +23,16 @@ def connections():
     channel.send(struct.pack("<BBH", VERSION, READY, 0))
     while True:
         message, fds, _flags, _addr = socket.recv_fds(channel, 64, 1)
-        if not message or message[1] == DRAIN:  # herd is gone or asks us to drain
+        for fd in fds:
+            os.set_inheritable(fd, False)  # keep it from programs this worker may start
+        if not message:  # herd is gone
             return
-        version, kind, _listener, conn_id = struct.unpack_from("<BBHQ", message)
-        if version != VERSION or kind != HANDOFF or len(fds) != 1:
+        if message[0] != VERSION:
+            raise SystemExit(f"herd speaks protocol {message[0]}, this worker {VERSION}")
+        if message[1] == DRAIN:  # herd asks us to finish and exit
+            return
+        _, kind, _listener, conn_id = struct.unpack_from("<BBHQ", message)
+        if kind != HANDOFF or len(fds) != 1:
             raise SystemExit(f"unexpected message from herd: {message!r}")
         channel.send(struct.pack("<BBHQ", VERSION, ACK, 0, conn_id))  # herd may close its copy now
         family, _, port = struct.unpack_from("<BBH", message, 12)

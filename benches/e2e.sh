@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# End-to-end: wrk against hello-worker with no front, and behind herd.
+# Runs are interleaved (A B C, A B C, ...) so drift on this shared machine hits
+# every setup alike; prints the median of each. Loopback only; every run is
+# bounded by -d. Usage: benches/e2e.sh [ROUNDS] [SECONDS] [CONNECTIONS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}; secs=${2:-5}; conns=${3:-50}
+cargo build --release --workspace -q
+bin=target/release
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+declare -A port
+port[direct]=$(free_port); "$bin/hello-worker" --listen 127.0.0.1:${port[direct]} & pids+=($!)
+port[herd-1]=$(free_port); RUST_LOG=warn "$bin/herd" run --listen 127.0.0.1:${port[herd-1]} --workers 1 -- "$bin/hello-worker" & pids+=($!)
+port[herd-2]=$(free_port); RUST_LOG=warn "$bin/herd" run --listen 127.0.0.1:${port[herd-2]} --workers 2 -- "$bin/hello-worker" & pids+=($!)
+setups=(direct herd-1 herd-2)
+for s in "${setups[@]}"; do wait_port "${port[$s]}"; done
+
+declare -A results
+run() { # setup, extra wrk args -> requests/s
+  wrk -t1 -c"$conns" -d"${secs}s" "${@:2}" "http://127.0.0.1:${port[$1]}/" | awk '/Requests\/sec/ {print $2}'
+}
+for r in $(seq "$rounds"); do
+  for s in "${setups[@]}"; do
+    results[$s,close]+="$(run "$s" -H 'Connection: close') "
+    results[$s,keepalive]+="$(run "$s") "
+  done
+done
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+base_close=$(echo "${results[direct,close]}" | median)
+base_ka=$(echo "${results[direct,keepalive]}" | median)
+echo "| setup | new connection per request (req/s) | ratio | keep-alive (req/s) | ratio |"
+echo "|---|---|---|---|---|"
+for s in "${setups[@]}"; do
+  c=$(echo "${results[$s,close]}" | median); k=$(echo "${results[$s,keepalive]}" | median)
+  printf "| %s | %.0f | %.2f | %.0f | %.2f |\n" "$s" "$c" "$(echo "$c/$base_close" | bc -l)" "$k" "$(echo "$k/$base_ka" | bc -l)"
+done
