@@ -64,22 +64,12 @@ fn wait_count(counter: &AtomicUsize, at_least: usize) {
 /// the others.
 #[test]
 fn a_hung_worker_is_skipped_and_its_connections_are_served_after_it_dies() {
-    let dir = scratch_dir("hung");
-    let config = write_config(&dir, "[handoff]\nmax_unacked = 4\nack_timeout = \"60s\"\n");
-    let herd = Herd::start_in(
-        &dir,
-        &[
-            "-c",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "4",
-            "--",
-            hello_worker(),
-            "--stall-slot",
-            "0",
-        ],
+    let herd = Herd::launch(
+        "hung",
+        Some("[handoff]\nmax_unacked = 4\nack_timeout = \"60s\"\n"),
+        4,
+        &[],
+        &[hello_worker(), "--stall-slot", "0"],
     );
     let ready = herd.wait_ready(4);
     herd.wait_for_lines("[worker 0] stalling on purpose", 1);
@@ -116,20 +106,12 @@ fn a_hung_worker_is_skipped_and_its_connections_are_served_after_it_dies() {
 /// queued on its channel, SIGKILL it: every one of them still gets its answer.
 #[test]
 fn connections_queued_on_a_worker_that_dies_before_acknowledging_are_served_by_others() {
-    let dir = scratch_dir("stopped");
-    let config = write_config(&dir, "[handoff]\nack_timeout = \"60s\"\n");
-    let herd = Herd::start_in(
-        &dir,
-        &[
-            "-c",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "4",
-            "--",
-            hello_worker(),
-        ],
+    let herd = Herd::launch(
+        "stopped",
+        Some("[handoff]\nack_timeout = \"60s\"\n"),
+        4,
+        &[],
+        &[hello_worker()],
     );
     let ready = herd.wait_ready(4);
     let victim = ready[&2];
@@ -160,17 +142,7 @@ fn connections_queued_on_a_worker_that_dies_before_acknowledging_are_served_by_o
 /// so failures never exceed kills, and every slot comes back.
 #[test]
 fn random_worker_kills_under_load_lose_at_most_the_requests_in_progress() {
-    let herd = Herd::start(
-        "kills",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "4",
-            "--",
-            hello_worker(),
-        ],
-    );
+    let herd = Herd::launch("kills", None, 4, &[], &[hello_worker()]);
     herd.wait_ready(4);
     let addr = herd.addr();
 
@@ -228,17 +200,7 @@ fn random_worker_kills_under_load_lose_at_most_the_requests_in_progress() {
 /// workers resume every connection is served.
 #[test]
 fn fd_exhaustion_pauses_accepting_and_loses_nothing() {
-    let herd = Herd::start(
-        "emfile",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--",
-            hello_worker(),
-        ],
-    );
+    let herd = Herd::launch("emfile", None, 2, &[], &[hello_worker()]);
     let ready = herd.wait_ready(2);
     let addr = herd.addr();
     let open_fds = std::fs::read_dir(format!("/proc/{}/fd", herd.pid()))
@@ -284,23 +246,12 @@ fn fd_exhaustion_pauses_accepting_and_loses_nothing() {
 /// neither blocks nor grows, and the queued ones are served once workers can.
 #[test]
 fn past_the_queue_bound_new_connections_are_closed_and_queued_ones_served() {
-    let dir = scratch_dir("queue");
-    let config = write_config(
-        &dir,
-        "[handoff]\nmax_unacked = 1\nack_timeout = \"60s\"\nqueue_limit = 5\n",
-    );
-    let herd = Herd::start_in(
-        &dir,
-        &[
-            "-c",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--",
-            hello_worker(),
-        ],
+    let herd = Herd::launch(
+        "queue",
+        Some("[handoff]\nmax_unacked = 1\nack_timeout = \"60s\"\nqueue_limit = 5\n"),
+        2,
+        &[],
+        &[hello_worker()],
     );
     let ready = herd.wait_ready(2);
     for pid in ready.values() {

@@ -18,20 +18,12 @@ fn odd_worker() -> String {
 /// refused it (in sticky mode the hash would otherwise pick it again).
 #[test]
 fn a_refused_connection_goes_to_another_worker() {
-    let herd = Herd::start(
+    let herd = Herd::launch(
         "nack",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--mode",
-            "sticky",
-            "--",
-            "python3",
-            &odd_worker(),
-            "nack",
-        ],
+        None,
+        2,
+        &["--mode", "sticky"],
+        &["python3", &odd_worker(), "nack"],
     );
     let ready = herd.wait_ready(2);
     let addr = herd.addr();
@@ -48,18 +40,12 @@ fn a_refused_connection_goes_to_another_worker() {
 /// herd stops it and starts a fresh one in its slot.
 #[test]
 fn a_worker_that_closes_its_channel_is_replaced() {
-    let herd = Herd::start(
+    let herd = Herd::launch(
         "close-channel",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--",
-            "python3",
-            &odd_worker(),
-            "close-channel",
-        ],
+        None,
+        2,
+        &[],
+        &["python3", &odd_worker(), "close-channel"],
     );
     herd.wait_for_lines("[worker 0] closed my channel", 1);
     herd.wait_for_lines("closed its channel but is still running; stopping it", 1);

@@ -6,9 +6,7 @@ mod common;
 use common::*;
 
 fn exact_rotation(name: &str, worker: &[&str]) {
-    let mut args = vec!["--listen", "127.0.0.1:0", "--workers", "4", "--"];
-    args.extend_from_slice(worker);
-    let herd = Herd::start(name, &args);
+    let herd = Herd::launch(name, None, 4, &[], worker);
     let ready = herd.wait_ready(4);
     let per_pid = count_pids(herd.addr(), 4000);
     assert_eq!(per_pid.len(), 4, "expected 4 workers, got {per_pid:?}");
@@ -68,17 +66,7 @@ fn several_listeners_ipv4_and_ipv6_share_one_rotation() {
 #[test]
 fn keep_alive_requests_stay_on_their_connection() {
     use std::io::{Read, Write};
-    let herd = Herd::start(
-        "rr-keepalive",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--",
-            hello_worker(),
-        ],
-    );
+    let herd = Herd::launch("rr-keepalive", None, 2, &[], &[hello_worker()]);
     herd.wait_ready(2);
     let mut stream = std::net::TcpStream::connect(herd.addr()).unwrap();
     stream.set_read_timeout(Some(DEADLINE)).unwrap();

@@ -14,19 +14,7 @@ fn client(i: u8) -> IpAddr {
 
 #[test]
 fn fifty_clients_each_stay_on_one_worker_and_return_to_their_slot_after_a_restart() {
-    let herd = Herd::start(
-        "sticky",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "4",
-            "--mode",
-            "sticky",
-            "--",
-            hello_worker(),
-        ],
-    );
+    let herd = Herd::launch("sticky", None, 4, &["--mode", "sticky"], &[hello_worker()]);
     let ready = herd.wait_ready(4);
     let addr = herd.addr();
 

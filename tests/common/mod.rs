@@ -61,6 +61,28 @@ impl Herd {
         Herd::start_in(&scratch_dir(name), args)
     }
 
+    /// Starts herd on 127.0.0.1:0 with `workers` copies of `command`, extra
+    /// `flags`, and `config` (TOML text) written to a file passed with `-c`.
+    pub fn launch(
+        name: &str,
+        config: Option<&str>,
+        workers: usize,
+        flags: &[&str],
+        command: &[&str],
+    ) -> Herd {
+        let dir = scratch_dir(name);
+        let workers = workers.to_string();
+        let config_path = config.map(|text| write_config(&dir, text).display().to_string());
+        let mut args = vec!["--listen", "127.0.0.1:0", "--workers", &workers];
+        if let Some(path) = &config_path {
+            args.extend(["-c", path.as_str()]);
+        }
+        args.extend_from_slice(flags);
+        args.push("--");
+        args.extend_from_slice(command);
+        Herd::start_in(&dir, &args)
+    }
+
     pub fn start_in(dir: &Path, args: &[&str]) -> Herd {
         let mut child = Command::new(herd_bin())
             .arg("run")
