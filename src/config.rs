@@ -21,6 +21,9 @@ use crate::dispatch::Mode;
 /// The most worker slots herd runs; fixed so per-slot state can live in arrays.
 pub const MAX_WORKERS: usize = 1024;
 
+/// Where the control socket lives unless configured.
+pub const DEFAULT_CONTROL_PATH: &str = "herd.sock";
+
 /// The config file `herd run` reads when no `-c` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
 
@@ -80,6 +83,26 @@ pub struct Config {
     pub cwd: Option<String>,
     /// How long workers get to finish when herd stops, before SIGKILL.
     pub shutdown_timeout: String,
+    /// A worker that is not ready this long after it started is killed (a failed start).
+    pub ready_timeout: String,
+    /// For workers that never send READY: count them ready this long after start.
+    pub ready_delay: Option<String>,
+    /// Slots replaced at a time during a rolling reload.
+    pub reload_batch: i64,
+    /// Replace a worker (gracefully) once its resident memory exceeds this, e.g. "512MiB".
+    pub max_memory: Option<String>,
+    /// Replace a worker (gracefully) after it has taken this many connections.
+    pub max_connections_per_worker: Option<i64>,
+    /// Up to this many extra connections, chosen at random per worker, so recycles don't align.
+    pub max_connections_jitter: i64,
+    /// Run workers as this user (herd itself binds as the user that started it).
+    pub user: Option<String>,
+    /// Run workers as this group (default: the user's primary group).
+    pub group: Option<String>,
+    /// Path of the control socket that `herd status`, `reload`, `scale` and `stop` talk to.
+    pub control: String,
+    /// How often worker memory and CPU are sampled.
+    pub monitor_interval: String,
     pub handoff: HandoffConfig,
     pub restart: RestartConfig,
 }
@@ -108,6 +131,9 @@ pub struct RestartConfig {
     pub backoff_max: String,
     /// A worker that ran this long counts as a good start and resets the backoff.
     pub min_uptime: String,
+    /// More failed starts than this within `window` mark the slot crash-looping.
+    pub max_restarts: i64,
+    pub window: String,
 }
 
 impl Default for Config {
@@ -121,6 +147,16 @@ impl Default for Config {
             env: BTreeMap::new(),
             cwd: None,
             shutdown_timeout: "10s".into(),
+            ready_timeout: "30s".into(),
+            ready_delay: None,
+            reload_batch: 1,
+            max_memory: None,
+            max_connections_per_worker: None,
+            max_connections_jitter: 0,
+            user: None,
+            group: None,
+            control: DEFAULT_CONTROL_PATH.into(),
+            monitor_interval: "1s".into(),
             handoff: HandoffConfig::default(),
             restart: RestartConfig::default(),
         }
@@ -144,6 +180,8 @@ impl Default for RestartConfig {
             backoff_base: "100ms".into(),
             backoff_max: "10s".into(),
             min_uptime: "5s".into(),
+            max_restarts: 10,
+            window: "60s".into(),
         }
     }
 }
@@ -158,6 +196,23 @@ pub struct Overrides {
     pub command: Vec<String>,
     pub max_unacked: Option<i64>,
     pub queue_limit: Option<i64>,
+    pub control: Option<String>,
+}
+
+/// Where settings come from: the config file (re-read on every reload) and
+/// the command-line flags merged over it.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    pub overrides: Overrides,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Settings, ConfigError> {
+        let mut config = Config::load(self.path.as_deref())?;
+        config.apply(self.overrides.clone());
+        config.validate()
+    }
 }
 
 /// Validated, typed settings.
@@ -174,6 +229,17 @@ pub struct Settings {
     pub env: BTreeMap<String, String>,
     pub cwd: Option<PathBuf>,
     pub shutdown_timeout: Duration,
+    pub ready_timeout: Duration,
+    pub ready_delay: Option<Duration>,
+    pub reload_batch: usize,
+    /// Bytes.
+    pub max_memory: Option<u64>,
+    pub max_connections_per_worker: Option<u64>,
+    pub max_connections_jitter: u64,
+    /// (uid, gid) workers run as; `None` = herd's own.
+    pub run_as: Option<(u32, u32)>,
+    pub control: PathBuf,
+    pub monitor_interval: Duration,
     pub handoff: HandoffSettings,
     pub restart: RestartSettings,
 }
@@ -191,6 +257,8 @@ pub struct RestartSettings {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub min_uptime: Duration,
+    pub max_restarts: u32,
+    pub window: Duration,
 }
 
 impl Config {
@@ -242,6 +310,9 @@ impl Config {
         }
         if let Some(n) = overrides.queue_limit {
             self.handoff.queue_limit = n;
+        }
+        if let Some(path) = overrides.control {
+            self.control = path;
         }
     }
 
@@ -319,6 +390,13 @@ impl Config {
             backoff_base: duration("restart.backoff_base", &self.restart.backoff_base)?,
             backoff_max: duration("restart.backoff_max", &self.restart.backoff_max)?,
             min_uptime: duration("restart.min_uptime", &self.restart.min_uptime)?,
+            max_restarts: in_range(
+                "restart.max_restarts",
+                self.restart.max_restarts,
+                1,
+                1_000_000,
+            )? as u32,
+            window: duration("restart.window", &self.restart.window)?,
         };
         if restart.backoff_max < restart.backoff_base {
             return Err(invalid(
@@ -340,6 +418,33 @@ impl Config {
             env: self.env.clone(),
             cwd,
             shutdown_timeout: duration("shutdown_timeout", &self.shutdown_timeout)?,
+            ready_timeout: duration("ready_timeout", &self.ready_timeout)?,
+            ready_delay: match &self.ready_delay {
+                Some(text) => Some(duration("ready_delay", text)?),
+                None => None,
+            },
+            reload_batch: in_range("reload_batch", self.reload_batch, 1, MAX_WORKERS as i64)?
+                as usize,
+            max_memory: match &self.max_memory {
+                Some(text) => Some(
+                    parse_size(text)
+                        .map_err(|reason| invalid("max_memory", format!("{text:?}"), reason))?,
+                ),
+                None => None,
+            },
+            max_connections_per_worker: match self.max_connections_per_worker {
+                Some(n) => Some(in_range("max_connections_per_worker", n, 1, i64::MAX)? as u64),
+                None => None,
+            },
+            max_connections_jitter: in_range(
+                "max_connections_jitter",
+                self.max_connections_jitter,
+                0,
+                i64::MAX,
+            )? as u64,
+            run_as: resolve_user(self.user.as_deref(), self.group.as_deref())?,
+            control: PathBuf::from(&self.control),
+            monitor_interval: duration("monitor_interval", &self.monitor_interval)?,
             handoff,
             restart,
         })
@@ -384,6 +489,79 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("out of range".into());
     }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Parses "512MiB", "1G", "100M", "64KiB" or a plain number of bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| {
+        "expected a number of bytes, optionally with K, M, G (or KiB, MiB, GiB)".to_string()
+    })?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" | "KiB" => 1 << 10,
+        "M" | "MB" | "MiB" => 1 << 20,
+        "G" | "GB" | "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?}: use K, M or G")),
+    };
+    number
+        .checked_mul(scale)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| "out of range".to_string())
+}
+
+/// Looks up `user` and `group` (names or numeric ids) for the privilege drop.
+fn resolve_user(
+    user: Option<&str>,
+    group: Option<&str>,
+) -> Result<Option<(u32, u32)>, ConfigError> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let Some(user_name) = user else {
+        return match group {
+            Some(group) => Err(invalid(
+                "group",
+                format!("{group:?}"),
+                "set `user` too: herd drops privileges to a user",
+            )),
+            None => Ok(None),
+        };
+    };
+    let found = match user_name.parse::<u32>() {
+        Ok(id) => User::from_uid(Uid::from_raw(id)),
+        Err(_) => User::from_name(user_name),
+    };
+    let user = found.ok().flatten().ok_or_else(|| {
+        invalid(
+            "user",
+            format!("{user_name:?}"),
+            "no such user on this host",
+        )
+    })?;
+    let gid = match group {
+        None => user.gid,
+        Some(group_name) => {
+            let found = match group_name.parse::<u32>() {
+                Ok(id) => Group::from_gid(Gid::from_raw(id)),
+                Err(_) => Group::from_name(group_name),
+            };
+            found
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    invalid(
+                        "group",
+                        format!("{group_name:?}"),
+                        "no such group on this host",
+                    )
+                })?
+                .gid
+        }
+    };
+    Ok(Some((user.uid.as_raw(), gid.as_raw())))
 }
 
 fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
@@ -537,6 +715,30 @@ mod tests {
         assert_eq!(settings.workers, 3);
         assert_eq!(settings.mode, Mode::Sticky);
         assert_eq!(settings.args, ["-c", "exit"]);
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn users_and_groups_resolve_or_are_refused() {
+        let mut config = minimal();
+        config.user = Some("root".into());
+        assert_eq!(config.validate().unwrap().run_as, Some((0, 0)));
+        config.user = Some("no-such-user-herd".into());
+        assert_eq!(
+            error_of(&config),
+            "invalid `user` = \"no-such-user-herd\": no such user on this host"
+        );
+        config.user = None;
+        config.group = Some("root".into());
+        assert!(error_of(&config).starts_with("invalid `group`"));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::config::{HandoffSettings, MAX_WORKERS};
 use crate::dispatch::{Dispatcher, Mode};
 use crate::fdpass;
 use crate::listener::BoundListener;
-use crate::protocol::{Handoff, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN};
+use crate::protocol::{Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN};
 
 const WAKER: Token = Token(usize::MAX);
 /// Listener `i` has token `i`; worker slot `s` has token `WORKER_TOKEN_BASE + s`.
@@ -45,23 +45,45 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// What the supervisor asks of the hand-off loop.
 #[derive(Debug)]
 pub enum Command {
-    /// A new worker process for `slot`; replaces whatever held the slot.
+    /// A new worker for `slot`. It gets connections once it is ready (says
+    /// READY, or is marked ready); at that moment it takes the slot over and
+    /// the slot's previous worker, if any, is sent DRAIN. So a restart, a
+    /// reload and a memory recycle are all the same move.
     AddWorker {
         slot: usize,
         /// Unique per spawned process, so events can't be confused across restarts.
         uid: u64,
         pid: u32,
         channel: OwnedFd,
+        /// Hand this worker at most this many connections, then report
+        /// [`Event::RecycleDue`] (the `max_connections_per_worker` limit).
+        recycle_after: Option<u64>,
     },
-    /// Close the listeners and end the loop.
-    Shutdown,
+    /// Treat the worker as ready although it has not said READY (for
+    /// workers configured with `ready_delay`).
+    MarkReady { uid: u64 },
+    /// Send DRAIN to this worker now and give it no more connections.
+    Drain { uid: u64 },
+    /// Set the number of slots; workers in slots at or above `count` are drained.
+    SetSlots { count: usize },
+    /// Close the listeners, hand off what is queued where possible, and send
+    /// every worker DRAIN. The loop keeps collecting ACKs until [`Command::Exit`].
+    StopAccepting,
+    /// End the loop now.
+    Exit,
 }
 
 /// What the hand-off loop tells the supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The worker said READY; it now gets connections.
-    WorkerReady { slot: usize, uid: u64, pid: u32 },
+    /// The worker is ready and now holds its slot; `replaced` is the uid of
+    /// the worker that held it before and has been sent DRAIN.
+    WorkerReady {
+        slot: usize,
+        uid: u64,
+        pid: u32,
+        replaced: Option<u64>,
+    },
     /// The worker's channel closed (it exited or closed it); `requeued`
     /// connections it had not acknowledged went back to the queue.
     ChannelClosed {
@@ -69,6 +91,8 @@ pub enum Event {
         uid: u64,
         requeued: usize,
     },
+    /// The worker reached its `recycle_after` connections.
+    RecycleDue { slot: usize, uid: u64 },
 }
 
 /// Lock-free counters the loop updates and anyone may read.
@@ -144,7 +168,8 @@ pub fn spawn(
     let handoff_loop = HandoffLoop {
         poll,
         listeners: listening,
-        workers: Vec::new(),
+        channels: Vec::new(),
+        active: Vec::new(),
         dispatcher: Dispatcher::new(mode),
         queue: VecDeque::with_capacity(limits.queue_limit),
         limits,
@@ -191,23 +216,39 @@ struct InFlight {
     sent_at: Instant,
 }
 
+/// Where a worker stands in its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Started, not yet ready: gets nothing.
+    Standby,
+    /// Ready and holding its slot: gets connections.
+    Active,
+    /// Sent DRAIN: gets nothing more; its ACKs are still collected.
+    Draining,
+}
+
 struct WorkerChannel {
+    slot: usize,
     uid: u64,
     pid: u32,
     channel: OwnedFd,
-    /// Set by the worker's READY; only ready workers get connections.
-    ready: bool,
+    role: Role,
     /// The last send said the channel is full; cleared when it drains.
     blocked: bool,
+    /// DRAIN could not be sent yet because the channel was full.
+    drain_pending: bool,
     /// Sent, not yet acknowledged, oldest first. Capacity max_unacked.
     in_flight: VecDeque<InFlight>,
+    /// Connections this worker acknowledged.
+    handed_off: u64,
+    recycle_after: Option<u64>,
     /// Malformed messages already logged, so a broken worker can't flood the log.
     protocol_errors: u32,
 }
 
 impl WorkerChannel {
     fn can_take(&self, now: Instant, limits: &HandoffSettings) -> bool {
-        self.ready
+        self.role == Role::Active
             && !self.blocked
             && self.in_flight.len() < limits.max_unacked
             && self
@@ -215,17 +256,19 @@ impl WorkerChannel {
                 .front()
                 .is_none_or(|oldest| now.duration_since(oldest.sent_at) < limits.ack_timeout)
     }
+}
 
-    fn token(slot: usize) -> Token {
-        Token(WORKER_TOKEN_BASE + slot)
-    }
+fn channel_token(index: usize) -> Token {
+    Token(WORKER_TOKEN_BASE + index)
 }
 
 struct HandoffLoop {
     poll: Poll,
     listeners: Vec<Listening>,
-    /// Indexed by slot; `None` while a slot has no live channel.
-    workers: Vec<Option<WorkerChannel>>,
+    /// Every worker channel, by index (its token is `WORKER_TOKEN_BASE + index`).
+    channels: Vec<Option<WorkerChannel>>,
+    /// Per slot, the index of the channel whose worker gets the slot's connections.
+    active: Vec<Option<usize>>,
     dispatcher: Dispatcher,
     /// Accepted connections no worker could take yet, oldest first.
     queue: VecDeque<Accepted>,
@@ -258,12 +301,12 @@ impl HandoffLoop {
                     WAKER => self.run_commands(),
                     Token(index) if index < WORKER_TOKEN_BASE => self.accept_all(index),
                     Token(token) => {
-                        let slot = token - WORKER_TOKEN_BASE;
+                        let index = token - WORKER_TOKEN_BASE;
                         if event.is_writable() {
-                            self.unblock(slot);
+                            self.unblock(index);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read_worker(slot);
+                            self.read_worker(index);
                         }
                     }
                 }
@@ -318,51 +361,165 @@ impl HandoffLoop {
                     uid,
                     pid,
                     channel,
-                } => self.add_worker(slot, uid, pid, channel),
-                Command::Shutdown => {
-                    self.shutting_down = true;
-                    self.listeners.clear();
+                    recycle_after,
+                } => self.add_worker(slot, uid, pid, channel, recycle_after),
+                Command::MarkReady { uid } => {
+                    if let Some(index) = self.find(uid) {
+                        self.make_ready(index);
+                    }
                 }
+                Command::Drain { uid } => {
+                    if let Some(index) = self.find(uid) {
+                        self.drain(index);
+                    }
+                }
+                Command::SetSlots { count } => self.set_slots(count),
+                Command::StopAccepting => {
+                    self.listeners.clear();
+                    self.flush_queue();
+                    for index in 0..self.channels.len() {
+                        self.drain(index);
+                    }
+                }
+                Command::Exit => self.shutting_down = true,
             }
         }
     }
 
-    fn add_worker(&mut self, slot: usize, uid: u64, pid: u32, channel: OwnedFd) {
+    fn find(&self, uid: u64) -> Option<usize> {
+        self.channels
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| c.uid == uid))
+    }
+
+    fn add_worker(
+        &mut self,
+        slot: usize,
+        uid: u64,
+        pid: u32,
+        channel: OwnedFd,
+        recycle_after: Option<u64>,
+    ) {
         if slot >= MAX_WORKERS {
             error!(slot, "worker slot out of range; closing its channel");
             return;
         }
-        if self.workers.len() <= slot {
-            self.workers.resize_with(slot + 1, || None);
+        if self.active.len() <= slot {
+            self.active.resize(slot + 1, None);
         }
-        if self.workers[slot].is_some() {
-            // The old process is gone (the supervisor only refills a slot after
-            // its exit); collect any acks it left before taking back the rest.
-            self.read_worker(slot);
-            if self.workers[slot].is_some() {
-                self.retire(slot);
+        let index = match self.channels.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => {
+                self.channels.push(None);
+                self.channels.len() - 1
             }
-        }
+        };
         let raw = channel.as_raw_fd();
         if let Err(e) = self.poll.registry().register(
             &mut SourceFd(&raw),
-            WorkerChannel::token(slot),
+            channel_token(index),
             Interest::READABLE,
         ) {
             error!(slot, "cannot watch worker channel: {e}");
             return;
         }
-        self.workers[slot] = Some(WorkerChannel {
+        self.channels[index] = Some(WorkerChannel {
+            slot,
             uid,
             pid,
             channel,
-            ready: false,
+            role: Role::Standby,
             blocked: false,
+            drain_pending: false,
             in_flight: VecDeque::with_capacity(self.limits.max_unacked),
+            handed_off: 0,
+            recycle_after,
             protocol_errors: 0,
         });
         // READY may already be waiting on the channel.
-        self.read_worker(slot);
+        self.read_worker(index);
+    }
+
+    /// A standby worker became ready: it takes its slot over, and the worker
+    /// that held the slot is drained.
+    fn make_ready(&mut self, index: usize) {
+        let Some(worker) = self.channels[index].as_mut() else {
+            return;
+        };
+        if worker.role != Role::Standby {
+            return;
+        }
+        let slot = worker.slot;
+        if slot >= self.active.len() {
+            // The slot was removed while this worker started.
+            return self.drain(index);
+        }
+        worker.role = Role::Active;
+        let (uid, pid) = (worker.uid, worker.pid);
+        let replaced = self.active[slot].replace(index);
+        let replaced_uid = replaced.and_then(|old| {
+            let uid = self.channels[old].as_ref().map(|w| w.uid);
+            self.drain(old);
+            uid
+        });
+        let _ = self.events.send(Event::WorkerReady {
+            slot,
+            uid,
+            pid,
+            replaced: replaced_uid,
+        });
+    }
+
+    /// Stops giving a worker connections and sends it DRAIN (now, or as
+    /// soon as its channel has room).
+    fn drain(&mut self, index: usize) {
+        let Some(worker) = self.channels[index].as_mut() else {
+            return;
+        };
+        if worker.role == Role::Draining {
+            return;
+        }
+        worker.role = Role::Draining;
+        worker.drain_pending = true;
+        if self.active.get(worker.slot) == Some(&Some(index)) {
+            self.active[worker.slot] = None;
+        }
+        self.send_pending_drain(index);
+    }
+
+    fn send_pending_drain(&mut self, index: usize) {
+        let Some(worker) = self.channels[index].as_mut() else {
+            return;
+        };
+        if !worker.drain_pending {
+            return;
+        }
+        match fdpass::send(
+            worker.channel.as_fd(),
+            &PrimaryMessage::encode_drain(),
+            true,
+        ) {
+            Ok(()) => worker.drain_pending = false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                worker.blocked = true;
+                self.watch_writable(index, true);
+            }
+            // The worker is gone; its channel's EOF will retire it.
+            Err(_) => worker.drain_pending = false,
+        }
+    }
+
+    fn set_slots(&mut self, count: usize) {
+        let count = count.min(MAX_WORKERS);
+        for index in 0..self.channels.len() {
+            if self.channels[index]
+                .as_ref()
+                .is_some_and(|w| w.slot >= count)
+            {
+                self.drain(index);
+            }
+        }
+        self.active.resize(count, None);
     }
 
     /// Accepts until the listener says EAGAIN (edge-triggered: we get no
@@ -476,18 +633,22 @@ impl HandoffLoop {
         let now = Instant::now();
         let mut message = [0u8; HANDOFF_LEN];
         loop {
-            let workers = &self.workers;
+            let channels = &self.channels;
+            let active = &self.active;
             let limits = &self.limits;
             let slot = self
                 .dispatcher
-                .choose(conn.handoff.peer.ip(), workers.len(), |s| {
+                .choose(conn.handoff.peer.ip(), active.len(), |s| {
                     conn.refused_by != Some(s)
-                        && workers[s].as_ref().is_some_and(|w| w.can_take(now, limits))
+                        && active[s]
+                            .and_then(|i| channels[i].as_ref())
+                            .is_some_and(|w| w.can_take(now, limits))
                 });
             let Some(slot) = slot else {
                 return Err(conn);
             };
-            let worker = self.workers[slot].as_mut().expect("chosen slot is live");
+            let index = self.active[slot].expect("chosen slot is live");
+            let worker = self.channels[index].as_mut().expect("chosen slot is live");
             let sent = fdpass::send_with_fd(
                 worker.channel.as_fd(),
                 conn.handoff.encode(&mut message),
@@ -505,118 +666,130 @@ impl HandoffLoop {
                         || e.raw_os_error() == Some(libc::ETOOMANYREFS) =>
                 {
                     worker.blocked = true;
-                    let raw = worker.channel.as_raw_fd();
-                    let _ = self.poll.registry().reregister(
-                        &mut SourceFd(&raw),
-                        WorkerChannel::token(slot),
-                        Interest::READABLE | Interest::WRITABLE,
-                    );
+                    self.watch_writable(index, true);
                 }
                 Err(e) => {
                     debug!(slot, "worker channel failed on send: {e}");
-                    self.retire(slot);
+                    self.retire(index);
                 }
             }
         }
     }
 
-    fn unblock(&mut self, slot: usize) {
-        let Some(worker) = self.workers.get_mut(slot).and_then(Option::as_mut) else {
+    /// Adds or removes WRITABLE interest; only wanted while a channel is full.
+    fn watch_writable(&mut self, index: usize, writable: bool) {
+        let Some(worker) = self.channels[index].as_ref() else {
+            return;
+        };
+        let interest = if writable {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        let raw = worker.channel.as_raw_fd();
+        let _ =
+            self.poll
+                .registry()
+                .reregister(&mut SourceFd(&raw), channel_token(index), interest);
+    }
+
+    fn unblock(&mut self, index: usize) {
+        let Some(worker) = self.channels.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
         if worker.blocked {
             worker.blocked = false;
-            let raw = worker.channel.as_raw_fd();
-            let _ = self.poll.registry().reregister(
-                &mut SourceFd(&raw),
-                WorkerChannel::token(slot),
-                Interest::READABLE,
-            );
+            self.watch_writable(index, false);
+            self.send_pending_drain(index);
         }
     }
 
     /// Reads every message waiting on a worker's channel; retires the worker
     /// if the channel has closed.
-    fn read_worker(&mut self, slot: usize) {
+    fn read_worker(&mut self, index: usize) {
         let mut buf = [0u8; MAX_MESSAGE_LEN];
         loop {
-            let Some(worker) = self.workers.get_mut(slot).and_then(Option::as_mut) else {
+            let Some(worker) = self.channels.get_mut(index).and_then(Option::as_mut) else {
                 return;
             };
             match fdpass::recv_with_fd(worker.channel.as_fd(), &mut buf, true) {
                 // A worker has no business sending fds: the one it sent is closed on drop.
                 Ok(Some(received)) => match WorkerMessage::decode(&buf[..received.len]) {
-                    Ok(message) => self.on_message(slot, message),
+                    Ok(message) => self.on_message(index, message),
                     Err(e) => {
                         worker.protocol_errors += 1;
                         if worker.protocol_errors.is_power_of_two() {
                             warn!(
-                                slot,
+                                slot = worker.slot,
                                 pid = worker.pid,
                                 "ignoring malformed message from worker: {e}"
                             );
                         }
                     }
                 },
-                Ok(None) => return self.retire(slot),
+                Ok(None) => return self.retire(index),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     warn!(
-                        slot,
+                        slot = worker.slot,
                         pid = worker.pid,
                         "ignoring malformed message from worker: {e}"
                     );
                 }
                 Err(e) => {
-                    debug!(slot, "worker channel failed on receive: {e}");
-                    return self.retire(slot);
+                    debug!(slot = worker.slot, "worker channel failed on receive: {e}");
+                    return self.retire(index);
                 }
             }
         }
     }
 
-    fn on_message(&mut self, slot: usize, message: WorkerMessage) {
-        let Some(worker) = self.workers[slot].as_mut() else {
+    fn on_message(&mut self, index: usize, message: WorkerMessage) {
+        let Some(worker) = self.channels[index].as_mut() else {
             return;
         };
         match message {
             WorkerMessage::Ack(id) => {
                 if take_in_flight(&mut worker.in_flight, id).is_some() {
                     // Dropping the entry closes the primary's copy of the fd.
-                    self.counters.handed_off[slot].fetch_add(1, Relaxed);
-                    worker.blocked = false;
+                    self.counters.handed_off[worker.slot].fetch_add(1, Relaxed);
+                    worker.handed_off += 1;
+                    if worker.recycle_after == Some(worker.handed_off) {
+                        let _ = self.events.send(Event::RecycleDue {
+                            slot: worker.slot,
+                            uid: worker.uid,
+                        });
+                    }
+                    if worker.blocked {
+                        worker.blocked = false;
+                        self.send_pending_drain(index);
+                    }
                 }
             }
             WorkerMessage::Nack(id) => {
                 if let Some(mut entry) = take_in_flight(&mut worker.in_flight, id) {
                     self.counters.requeued.fetch_add(1, Relaxed);
-                    entry.conn.refused_by = Some(slot);
+                    entry.conn.refused_by = Some(worker.slot);
                     self.queue.push_front(entry.conn);
                 }
             }
-            WorkerMessage::Ready => {
-                if !worker.ready {
-                    worker.ready = true;
-                    let _ = self.events.send(Event::WorkerReady {
-                        slot,
-                        uid: worker.uid,
-                        pid: worker.pid,
-                    });
-                }
-            }
+            WorkerMessage::Ready => self.make_ready(index),
             WorkerMessage::Closed(_) => {}
         }
     }
 
     /// Removes a worker whose channel is gone and puts every connection it
     /// had not acknowledged back at the front of the queue, oldest first.
-    fn retire(&mut self, slot: usize) {
-        let Some(worker) = self.workers[slot].take() else {
+    fn retire(&mut self, index: usize) {
+        let Some(worker) = self.channels[index].take() else {
             return;
         };
         let raw = worker.channel.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        if self.active.get(worker.slot) == Some(&Some(index)) {
+            self.active[worker.slot] = None;
+        }
         let requeued = worker.in_flight.len();
         for entry in worker.in_flight.into_iter().rev() {
             self.queue.push_front(entry.conn);
@@ -624,14 +797,14 @@ impl HandoffLoop {
         self.counters.requeued.fetch_add(requeued as u64, Relaxed);
         if requeued > 0 {
             info!(
-                slot,
+                slot = worker.slot,
                 pid = worker.pid,
                 requeued,
                 "worker left unacknowledged connections; handing them to other workers"
             );
         }
         let _ = self.events.send(Event::ChannelClosed {
-            slot,
+            slot: worker.slot,
             uid: worker.uid,
             requeued,
         });

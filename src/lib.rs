@@ -11,18 +11,22 @@
 //! - [`protocol`]: the primary ↔ worker wire format (docs/protocol.md).
 //! - [`fdpass`]: SCM_RIGHTS fd passing; the only `unsafe` code.
 //! - [`handoff`]: the mio loop that accepts and hands connections off.
-//! - [`supervisor`]: spawning, restarting and stopping worker processes.
-//! - [`primary`]: wiring it together; herd's own lifecycle.
+//! - [`supervisor`]: spawning, readiness, restarts, reloads, scaling, stopping workers.
+//! - [`procstat`]: worker memory and CPU from `/proc`.
+//! - [`control`]: the control socket behind `herd status`, `reload`, `scale`, `stop`.
+//! - [`primary`]: wiring it together; herd's own lifecycle and signals.
 //! - [`worker`]: the library Rust workers link to receive connections.
 
 #![deny(rust_2018_idioms)]
 
 pub mod config;
+pub mod control;
 pub mod dispatch;
 pub mod fdpass;
 pub mod handoff;
 pub mod listener;
 pub mod primary;
+pub mod procstat;
 pub mod protocol;
 pub mod supervisor;
 pub mod worker;

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use herd::config::{Config, Overrides};
+use herd::config::{Config, ConfigSource, Overrides};
+use herd::control::{self, Request};
 
 /// A multi-core front for server processes.
 #[derive(Parser)]
@@ -21,6 +22,35 @@ enum Commands {
     Run(RunArgs),
     /// Validate a config file (and flags) and exit 0 if it is usable, 1 if not.
     Check(ConfigArgs),
+    /// Show the workers of a running herd, like `pm2 ls`.
+    Status {
+        #[command(flatten)]
+        target: ControlArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rolling reload: re-read the config, replace workers one slot at a time.
+    Reload(ControlArgs),
+    /// Set the number of workers.
+    Scale {
+        /// The new number of workers.
+        workers: usize,
+        #[command(flatten)]
+        target: ControlArgs,
+    },
+    /// Stop a running herd gracefully and wait until it has stopped.
+    Stop(ControlArgs),
+}
+
+#[derive(Args)]
+struct ControlArgs {
+    /// Config file whose `control` path to use [default: ./config.toml if it exists].
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Control socket path (overrides the config's `control`).
+    #[arg(long, value_name = "PATH")]
+    control: Option<String>,
 }
 
 #[derive(Args)]
@@ -46,6 +76,9 @@ struct ConfigArgs {
     /// Connections that may wait for a worker before new ones are closed.
     #[arg(long, value_name = "N")]
     queue_limit: Option<i64>,
+    /// Control socket path [default: herd.sock].
+    #[arg(long, value_name = "PATH")]
+    control: Option<String>,
     /// The worker program and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -95,7 +128,8 @@ fn main() -> ExitCode {
         },
         Commands::Run(args) => {
             init_logging(args.log_format);
-            let settings = match load(args.config) {
+            let source = config_source(args.config);
+            let settings = match source.load() {
                 Ok(settings) => settings,
                 Err(e) => {
                     eprintln!("herd: {e}");
@@ -112,7 +146,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(herd::primary::run(settings)) {
+            match runtime.block_on(herd::primary::run(source, settings)) {
                 Ok(herd::primary::Outcome::Clean) => ExitCode::SUCCESS,
                 Ok(herd::primary::Outcome::Forced) => ExitCode::FAILURE,
                 Err(e) => {
@@ -121,21 +155,80 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Commands::Status { target, json } => send(&target, Request::Status, |response| {
+            let report = response.status.as_ref().expect("status carries a report");
+            if json {
+                serde_json::to_string_pretty(report).unwrap_or_default()
+            } else {
+                control::render_table(report)
+            }
+        }),
+        Commands::Reload(target) => send(&target, Request::Reload, |r| r.message.clone()),
+        Commands::Scale { workers, target } => {
+            send(&target, Request::Scale { workers }, |r| r.message.clone())
+        }
+        Commands::Stop(target) => send(&target, Request::Stop, |r| r.message.clone()),
+    }
+}
+
+/// Sends a control request and prints the answer; exit 0 on success, 1 on a
+/// refused or failed operation, 3 when no herd answers.
+fn send(
+    target: &ControlArgs,
+    request: Request,
+    render: impl Fn(&control::Response) -> String,
+) -> ExitCode {
+    let path = match control_path(target) {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("herd: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match control::request(&path, &request) {
+        Ok(response) if response.ok => {
+            println!("{}", render(&response).trim_end());
+            ExitCode::SUCCESS
+        }
+        Ok(response) => {
+            eprintln!("herd: {}", response.message);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("herd: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+/// The control socket path: --control, else the config's `control`, else the default.
+fn control_path(target: &ControlArgs) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &target.control {
+        return Ok(PathBuf::from(path));
+    }
+    Ok(PathBuf::from(
+        Config::load(target.config.as_deref())?.control,
+    ))
+}
+
+fn config_source(args: ConfigArgs) -> ConfigSource {
+    ConfigSource {
+        path: args.config,
+        overrides: Overrides {
+            listen: args.listen,
+            workers: args.workers,
+            mode: args.mode,
+            backlog: args.backlog,
+            command: args.command,
+            max_unacked: args.max_unacked,
+            queue_limit: args.queue_limit,
+            control: args.control,
+        },
     }
 }
 
 fn load(args: ConfigArgs) -> anyhow::Result<herd::config::Settings> {
-    let mut config = Config::load(args.config.as_deref())?;
-    config.apply(Overrides {
-        listen: args.listen,
-        workers: args.workers,
-        mode: args.mode,
-        backlog: args.backlog,
-        command: args.command,
-        max_unacked: args.max_unacked,
-        queue_limit: args.queue_limit,
-    });
-    Ok(config.validate()?)
+    Ok(config_source(args).load()?)
 }
 
 fn init_logging(format: LogFormat) {

@@ -1,19 +1,23 @@
 //! The primary process: binds, starts the hand-off loop and the workers, and
 //! runs until told to stop.
 //!
-//! Owns herd's own lifecycle and the wiring between the parts: listeners are
-//! bound first (a busy port stops herd before any worker exists), then the
-//! hand-off thread starts, then the supervisor fills the worker slots. The
-//! main thread's tokio runtime then multiplexes supervisor notices, hand-off
-//! events and signals.
+//! Owns herd's own lifecycle (docs/lifecycle.md) and the wiring between the
+//! parts: listeners are bound first (a busy port stops herd before any worker
+//! exists), then the control socket, then the hand-off thread, then the
+//! supervisor fills the worker slots. The main thread's tokio runtime then
+//! multiplexes supervisor notices, hand-off events, signals and control
+//! requests, so every decision about workers is taken in one place.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Instant;
 
-use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, warn};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
 
-use crate::config::Settings;
+use crate::config::{ConfigSource, Settings};
+use crate::control::{self, ControlServer, Incoming, Request, Response, StatusReport};
 use crate::handoff::{self, Command, Counters, Event};
 use crate::listener::{self, ListenError};
 use crate::supervisor::Supervisor;
@@ -23,6 +27,8 @@ use crate::supervisor::Supervisor;
 pub enum PrimaryError {
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     #[error("cannot start the hand-off loop: {0}")]
     HandoffLoop(#[source] std::io::Error),
     #[error("cannot install signal handlers: {0}")]
@@ -33,7 +39,7 @@ impl PrimaryError {
     /// The process exit code for this error (documented in README.md).
     pub fn exit_code(&self) -> u8 {
         match self {
-            PrimaryError::Listen(_) => 3,
+            PrimaryError::Listen(_) | PrimaryError::Control(_) => 3,
             _ => 1,
         }
     }
@@ -44,21 +50,55 @@ impl PrimaryError {
 pub enum Outcome {
     /// Every worker exited within the shutdown timeout.
     Clean,
-    /// Some workers had to be SIGKILLed.
+    /// Some workers had to be SIGKILLed (timeout, second SIGINT, SIGQUIT).
     Forced,
 }
 
-/// Runs herd with `settings` until SIGTERM or SIGINT.
-pub async fn run(settings: Settings) -> Result<Outcome, PrimaryError> {
+/// The signals herd acts on (README "Signals").
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+    quit: Signal,
+    hangup: Signal,
+    add_worker: Signal,
+    remove_worker: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+            hangup: signal(SignalKind::hangup())?,
+            add_worker: signal(SignalKind::from_raw(nix::libc::SIGTTIN))?,
+            remove_worker: signal(SignalKind::from_raw(nix::libc::SIGTTOU))?,
+        })
+    }
+}
+
+/// A stop in progress.
+struct Stopping {
+    deadline: tokio::time::Instant,
+    /// Workers were SIGKILLed rather than all exiting in time.
+    forced: bool,
+    /// `herd stop` clients waiting for the outcome.
+    waiters: Vec<oneshot::Sender<Response>>,
+}
+
+/// Runs herd until it is stopped. `source` is re-read on every reload.
+pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, PrimaryError> {
     let listeners = listener::bind_all(&settings.listen, settings.backlog)?;
+    let listen_addrs: Vec<String> = listeners.iter().map(|l| l.local.to_string()).collect();
     for bound in &listeners {
         info!(listener = bound.index, "listening on {}", bound.local);
     }
-    let mut terminate = signal(SignalKind::terminate()).map_err(PrimaryError::Signals)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(PrimaryError::Signals)?;
+    let mut control = ControlServer::bind(&settings.control)?;
+    info!(path = %settings.control.display(), "control socket ready");
+    let mut signals = Signals::install().map_err(PrimaryError::Signals)?;
 
     let counters = Arc::new(Counters::new(listeners.len()));
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let (events_tx, mut events) = mpsc::unbounded_channel();
     let (controller, handoff_thread) = handoff::spawn(
         listeners,
         settings.mode,
@@ -74,27 +114,111 @@ pub async fn run(settings: Settings) -> Result<Outcome, PrimaryError> {
         program = %settings.program.display(),
         "starting workers"
     );
-    let grace = settings.shutdown_timeout;
+    let started = Instant::now();
+    let mut monitor = tokio::time::interval(settings.monitor_interval);
     let (mut supervisor, mut notices) = Supervisor::new(settings, controller.clone());
     supervisor.start_all();
+    let (requests_tx, mut requests) = mpsc::unbounded_channel::<Incoming>();
+    let mut stopping: Option<Stopping> = None;
 
-    let reason = loop {
+    loop {
+        if stopping.is_some() && supervisor.live() == 0 {
+            break;
+        }
+        let stop_deadline = stopping.as_ref().map(|s| s.deadline);
         tokio::select! {
             Some(notice) = notices.recv() => supervisor.on_notice(notice),
             Some(event) = events.recv() => match event {
-                Event::WorkerReady { slot, uid, pid } => supervisor.on_ready(slot, uid, pid),
-                Event::ChannelClosed { slot, uid, .. } => supervisor.on_channel_closed(slot, uid),
+                Event::WorkerReady { slot, uid, pid, replaced } => supervisor.on_ready(slot, uid, pid, replaced),
+                Event::ChannelClosed { uid, .. } => supervisor.on_channel_closed(uid),
+                Event::RecycleDue { slot, uid } => supervisor.on_recycle_due(slot, uid),
             },
-            _ = terminate.recv() => break "SIGTERM",
-            _ = interrupt.recv() => break "SIGINT",
+            Some(incoming) = requests.recv() => {
+                let Incoming { request, reply } = incoming;
+                match request {
+                    Request::Status => {
+                        let report = status_report(&supervisor, &counters, &listen_addrs, started);
+                        let _ = reply.send(Response { ok: true, message: String::new(), status: Some(report) });
+                    }
+                    Request::Reload => start_reload(&mut supervisor, &source, reply),
+                    Request::Scale { workers } => {
+                        let _ = reply.send(if stopping.is_some() {
+                            Response::failed("herd is stopping")
+                        } else {
+                            Response::ok(supervisor.scale(workers))
+                        });
+                    }
+                    Request::Stop => {
+                        begin_stop(&mut stopping, &mut supervisor, &controller, "herd stop");
+                        if let Some(stop) = stopping.as_mut() {
+                            stop.waiters.push(reply);
+                        }
+                    }
+                }
+            }
+            _ = control.accept(&requests_tx) => {}
+            _ = monitor.tick() => supervisor.monitor(),
+            _ = signals.terminate.recv() => begin_stop(&mut stopping, &mut supervisor, &controller, "SIGTERM"),
+            _ = signals.interrupt.recv() => {
+                if let Some(stop) = stopping.as_mut() {
+                    warn!("second SIGINT: killing the remaining workers now");
+                    supervisor.kill_all();
+                    stop.forced = true;
+                } else {
+                    begin_stop(&mut stopping, &mut supervisor, &controller, "SIGINT");
+                }
+            }
+            _ = signals.quit.recv() => {
+                begin_stop(&mut stopping, &mut supervisor, &controller, "SIGQUIT (fast stop)");
+                warn!("SIGQUIT: killing workers without waiting");
+                supervisor.kill_all();
+                if let Some(stop) = stopping.as_mut() {
+                    stop.forced = true;
+                }
+            }
+            _ = signals.hangup.recv() => {
+                let (reply, answer) = oneshot::channel();
+                start_reload(&mut supervisor, &source, reply);
+                tokio::spawn(async move {
+                    match answer.await {
+                        Ok(response) if response.ok => info!("SIGHUP: {}", response.message),
+                        Ok(response) => error!("SIGHUP: {}", response.message),
+                        Err(_) => {}
+                    }
+                });
+            }
+            _ = signals.add_worker.recv(), if stopping.is_none() => {
+                let target = supervisor.worker_count() + 1;
+                info!("SIGTTIN: {}", supervisor.scale(target));
+            }
+            _ = signals.remove_worker.recv(), if stopping.is_none() => {
+                let target = supervisor.worker_count().saturating_sub(1).max(1);
+                info!("SIGTTOU: {}", supervisor.scale(target));
+            }
+            _ = sleep_until_opt(stop_deadline) => {
+                if let Some(stop) = stopping.as_mut() {
+                    if !stop.forced {
+                        warn!(left = supervisor.live(), "workers did not exit within shutdown_timeout; sending SIGKILL");
+                        supervisor.kill_all();
+                        stop.forced = true;
+                    }
+                    // Wait for the kills to be reaped without a deadline in the way.
+                    stop.deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
+                }
+            }
         }
-    };
-    info!("{reason}: stopping (closing listeners, then workers get up to {grace:?})");
-    let _ = controller.send(Command::Shutdown);
-    let clean = supervisor.stop_all(&mut notices, grace).await;
+    }
+
+    let _ = controller.send(Command::Exit);
     if handoff_thread.join().is_err() {
         warn!("hand-off thread panicked");
     }
+    let stop = stopping.expect("the loop only ends while stopping");
+    let outcome = if stop.forced {
+        Outcome::Forced
+    } else {
+        Outcome::Clean
+    };
     info!(
         accepted = counters
             .accepted
@@ -110,11 +234,97 @@ pub async fn run(settings: Settings) -> Result<Outcome, PrimaryError> {
         dropped_queue_full = counters.dropped_queue_full.load(Relaxed),
         dropped_queue_timeout = counters.dropped_queue_timeout.load(Relaxed),
         accept_errors = counters.accept_errors.load(Relaxed),
-        "stopped"
+        "stopped{}",
+        if stop.forced {
+            " (some workers were killed)"
+        } else {
+            ""
+        }
     );
-    Ok(if clean {
-        Outcome::Clean
-    } else {
-        Outcome::Forced
-    })
+    for waiter in stop.waiters {
+        let _ = waiter.send(match outcome {
+            Outcome::Clean => Response::ok("stopped: every worker finished in time"),
+            Outcome::Forced => Response::failed("stopped, but some workers had to be killed"),
+        });
+    }
+    control.close().await;
+    Ok(outcome)
+}
+
+/// Stops accepting and asks every worker to drain; the main loop then waits
+/// for them until `shutdown_timeout`.
+fn begin_stop(
+    stopping: &mut Option<Stopping>,
+    supervisor: &mut Supervisor,
+    controller: &handoff::Controller,
+    why: &str,
+) {
+    if stopping.is_some() {
+        return;
+    }
+    let grace = supervisor.settings().shutdown_timeout;
+    info!("{why}: stopping (listeners closed, workers drain for up to {grace:?})");
+    let _ = controller.send(Command::StopAccepting);
+    supervisor.begin_stop();
+    *stopping = Some(Stopping {
+        deadline: tokio::time::Instant::now() + grace,
+        forced: false,
+        waiters: Vec::new(),
+    });
+}
+
+/// Re-reads the config and starts a rolling reload; an invalid config is
+/// refused and the running one kept.
+fn start_reload(
+    supervisor: &mut Supervisor,
+    source: &ConfigSource,
+    reply: oneshot::Sender<Response>,
+) {
+    let settings = match source.load() {
+        Ok(settings) => settings,
+        Err(e) => {
+            let message = format!("reload refused, keeping the running config: {e}");
+            error!("{message}");
+            let _ = reply.send(Response::failed(message));
+            return;
+        }
+    };
+    let (done, outcome) = oneshot::channel();
+    supervisor.reload(settings, done);
+    tokio::spawn(async move {
+        let response = match outcome.await {
+            Ok(Ok(message)) => Response::ok(message),
+            Ok(Err(message)) => Response::failed(message),
+            Err(_) => Response::failed("reload abandoned"),
+        };
+        let _ = reply.send(response);
+    });
+}
+
+fn status_report(
+    supervisor: &Supervisor,
+    counters: &Counters,
+    listen: &[String],
+    started: Instant,
+) -> StatusReport {
+    let settings = supervisor.settings();
+    StatusReport {
+        pid: std::process::id(),
+        phase: control::phase_name(supervisor.phase()),
+        uptime_secs: started.elapsed().as_secs_f64(),
+        mode: settings.mode.name().to_string(),
+        listen: listen.to_vec(),
+        workers: supervisor
+            .status(|slot| counters.handed_off[slot].load(Relaxed))
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }

@@ -9,10 +9,18 @@
 //! Options:
 //! - `--listen ADDR`: run without herd, accepting on ADDR itself (the
 //!   no-front baseline in BENCHMARKS.md).
-//! - `--stall-slot N` (fault injection for tests and demos): the worker in
-//!   slot N says READY, then never reads its channel (a hung worker).
+//!
+//! Fault injection, for tests and demos (`--slow-slot`, `--stall-slot`,
+//! `--unready-slot` pick one slot; `--delay-ms` without `--slow-slot`
+//! applies to every slot):
+//! - `--delay-ms N` [`--slow-slot S`]: answer each request after N ms.
+//! - `--stall-slot N`: say READY, then never read the channel (a hung worker).
+//! - `--unready-slot N`: never say READY (a worker that never starts up).
+//! - `--ignore-drain`: ignore DRAIN and SIGTERM; serve until killed.
+//! - `--memory-mb N`: allocate and touch N MiB at start (for `max_memory`).
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use herd::worker::{Connection, Worker};
@@ -58,16 +66,29 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         None => Source::Herd(Worker::from_env()?),
     };
     let slot = match &mut source {
-        Source::Herd(worker) if options.stall_slot == Some(worker.slot()) => {
-            worker.ready().await?;
-            eprintln!("stalling on purpose (--stall-slot {})", worker.slot());
-            std::future::pending::<()>().await;
-            unreachable!()
-        }
         Source::Herd(worker) => worker.slot(),
         Source::Standalone(_) => 0,
     };
-    let response = Response::new(slot);
+    if options.memory_mb > 0 {
+        // Touch every page so it is resident, and keep it for the process's life.
+        std::mem::forget(vec![1u8; options.memory_mb << 20]);
+    }
+    if let Source::Herd(worker) = &mut source {
+        if options.stall_slot == Some(slot) {
+            worker.ready().await?;
+            eprintln!("stalling on purpose (--stall-slot {slot})");
+            std::future::pending::<()>().await;
+        }
+        if options.unready_slot == Some(slot) {
+            eprintln!("never saying READY (--unready-slot {slot})");
+            std::future::pending::<()>().await;
+        }
+    }
+    let delay = match options.slow_slot {
+        Some(slow) if slow != slot => Duration::ZERO,
+        _ => Duration::from_millis(options.delay_ms),
+    };
+    let response = Response::new(slot, delay);
     let mut terminate = signal(SignalKind::terminate())?;
     let (draining_tx, draining) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -88,6 +109,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
+    if options.ignore_drain && failure.is_none() {
+        eprintln!("ignoring the request to stop (--ignore-drain)");
+        std::future::pending::<()>().await;
+    }
     // Finish what is open before exiting, even when accepting failed.
     let _ = draining_tx.send(true);
     while connections.join_next().await.is_some() {}
@@ -98,13 +123,27 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 struct Options {
     listen: Option<std::net::SocketAddr>,
     stall_slot: Option<usize>,
+    unready_slot: Option<usize>,
+    slow_slot: Option<usize>,
+    delay_ms: u64,
+    ignore_drain: bool,
+    memory_mb: usize,
 }
 
 fn parse_options() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
     let mut options = Options::default();
     while let Some(arg) = args.next() {
+        if arg == "--ignore-drain" {
+            options.ignore_drain = true;
+            continue;
+        }
         let value = args.next().ok_or(format!("{arg} needs a value"))?;
+        let number = || {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("{arg} {value:?}: not a number"))
+        };
         match arg.as_str() {
             "--listen" => {
                 let addr = value
@@ -112,15 +151,14 @@ fn parse_options() -> Result<Options, String> {
                     .map_err(|_| format!("--listen {value:?}: not IP:PORT"))?;
                 options.listen = Some(addr);
             }
-            "--stall-slot" => {
-                let slot = value
-                    .parse()
-                    .map_err(|_| format!("--stall-slot {value:?}: not a slot number"))?;
-                options.stall_slot = Some(slot);
-            }
+            "--stall-slot" => options.stall_slot = Some(number()? as usize),
+            "--unready-slot" => options.unready_slot = Some(number()? as usize),
+            "--slow-slot" => options.slow_slot = Some(number()? as usize),
+            "--delay-ms" => options.delay_ms = number()?,
+            "--memory-mb" => options.memory_mb = number()? as usize,
             other => {
                 return Err(format!(
-                    "unknown argument {other:?} (known: --listen ADDR, --stall-slot N)"
+                    "unknown argument {other:?} (see the header of workers/hello-worker/main.rs)"
                 ))
             }
         }
@@ -133,10 +171,12 @@ fn parse_options() -> Result<Options, String> {
 struct Response {
     keep_alive: std::sync::Arc<[u8]>,
     close: std::sync::Arc<[u8]>,
+    /// Wait this long before answering (`--delay-ms`).
+    delay: Duration,
 }
 
 impl Response {
-    fn new(slot: usize) -> Self {
+    fn new(slot: usize, delay: Duration) -> Self {
         let body = format!("Handled by worker {}", std::process::id());
         let head = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Herd-Worker: {slot}\r\n",
@@ -147,6 +187,7 @@ impl Response {
             close: format!("{head}Connection: close\r\n\r\n{body}")
                 .into_bytes()
                 .into(),
+            delay,
         }
     }
 }
@@ -193,6 +234,9 @@ async fn serve(mut stream: TcpStream, response: Response, mut draining: watch::R
             }
         }
         buffer.advance(to_skip);
+        if !response.delay.is_zero() {
+            tokio::time::sleep(response.delay).await;
+        }
         let keep_alive = head.keep_alive && !*draining.borrow();
         let bytes = if keep_alive {
             &response.keep_alive
