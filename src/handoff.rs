@@ -91,7 +91,7 @@ pub enum Event {
         uid: u64,
         requeued: usize,
     },
-    /// The worker reached its `recycle_after` connections.
+    /// The worker was sent its `recycle_after` connections and gets no more.
     RecycleDue { slot: usize, uid: u64 },
 }
 
@@ -239,8 +239,9 @@ struct WorkerChannel {
     drain_pending: bool,
     /// Sent, not yet acknowledged, oldest first. Capacity max_unacked.
     in_flight: VecDeque<InFlight>,
-    /// Connections this worker acknowledged.
-    handed_off: u64,
+    /// Connections sent to this worker.
+    sent: u64,
+    /// Send at most this many, then report RecycleDue (`max_connections_per_worker`).
     recycle_after: Option<u64>,
     /// Malformed messages already logged, so a broken worker can't flood the log.
     protocol_errors: u32,
@@ -250,6 +251,7 @@ impl WorkerChannel {
     fn can_take(&self, now: Instant, limits: &HandoffSettings) -> bool {
         self.role == Role::Active
             && !self.blocked
+            && self.recycle_after.is_none_or(|limit| self.sent < limit)
             && self.in_flight.len() < limits.max_unacked
             && self
                 .in_flight
@@ -432,7 +434,7 @@ impl HandoffLoop {
             blocked: false,
             drain_pending: false,
             in_flight: VecDeque::with_capacity(self.limits.max_unacked),
-            handed_off: 0,
+            sent: 0,
             recycle_after,
             protocol_errors: 0,
         });
@@ -657,6 +659,13 @@ impl HandoffLoop {
             match sent {
                 Ok(()) => {
                     worker.in_flight.push_back(InFlight { conn, sent_at: now });
+                    worker.sent += 1;
+                    if worker.recycle_after == Some(worker.sent) {
+                        let _ = self.events.send(Event::RecycleDue {
+                            slot,
+                            uid: worker.uid,
+                        });
+                    }
                     return Ok(());
                 }
                 // Full channel, or too many fds in flight for this user:
@@ -754,13 +763,6 @@ impl HandoffLoop {
                 if take_in_flight(&mut worker.in_flight, id).is_some() {
                     // Dropping the entry closes the primary's copy of the fd.
                     self.counters.handed_off[worker.slot].fetch_add(1, Relaxed);
-                    worker.handed_off += 1;
-                    if worker.recycle_after == Some(worker.handed_off) {
-                        let _ = self.events.send(Event::RecycleDue {
-                            slot: worker.slot,
-                            uid: worker.uid,
-                        });
-                    }
                     if worker.blocked {
                         worker.blocked = false;
                         self.send_pending_drain(index);

@@ -245,7 +245,7 @@ impl Supervisor {
                     let timeout = self
                         .slots
                         .get(process.slot)
-                        .map(|s| s.settings.ready_timeout);
+                        .map_or(Duration::ZERO, |s| s.settings.ready_timeout);
                     warn!(
                         slot = process.slot,
                         pid = process.pid,

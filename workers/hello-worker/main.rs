@@ -203,6 +203,7 @@ struct RequestHead {
 
 async fn serve(mut stream: TcpStream, response: Response, mut draining: watch::Receiver<bool>) {
     let mut buffer = BytesMut::with_capacity(4096);
+    let mut served = 0u64;
     loop {
         let head = loop {
             match parse_head(&buffer) {
@@ -213,8 +214,10 @@ async fn serve(mut stream: TcpStream, response: Response, mut draining: watch::R
                     return;
                 }
             }
-            // Wait for more bytes; an idle connection is closed when draining.
-            let idle = buffer.is_empty();
+            // Wait for more bytes. When draining, a keep-alive connection
+            // waiting for its next request is closed; a new connection is
+            // not idle, its first request is on its way and gets served.
+            let idle = buffer.is_empty() && served > 0;
             tokio::select! {
                 read = stream.read_buf(&mut buffer) => match read {
                     Ok(0) | Err(_) => return,
@@ -246,6 +249,7 @@ async fn serve(mut stream: TcpStream, response: Response, mut draining: watch::R
         if stream.write_all(bytes).await.is_err() || !keep_alive {
             return;
         }
+        served += 1;
     }
 }
 
