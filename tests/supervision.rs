@@ -326,7 +326,7 @@ fn a_failed_reload_keeps_the_old_workers() {
     let before = wait_all_ready(&herd, 2);
     for (broken, reason) in [
         (
-            format!("command = [\"sh\", \"-c\", \"exit 3\"]\nready_timeout = \"500ms\"\n"),
+            "command = [\"sh\", \"-c\", \"exit 3\"]\nready_timeout = \"500ms\"\n".to_string(),
             "exited with code 3",
         ),
         (
