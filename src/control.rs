@@ -65,35 +65,7 @@ pub struct StatusReport {
     pub uptime_secs: f64,
     pub mode: String,
     pub listen: Vec<String>,
-    pub workers: Vec<WorkerRow>,
-}
-
-/// One slot in the status report.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkerRow {
-    pub slot: usize,
-    pub pid: Option<u32>,
-    pub state: String,
-    pub uptime_secs: Option<f64>,
-    pub restarts: u64,
-    pub handed_off: u64,
-    pub rss_bytes: Option<u64>,
-    pub cpu_percent: Option<f64>,
-}
-
-impl From<SlotStatus> for WorkerRow {
-    fn from(status: SlotStatus) -> Self {
-        WorkerRow {
-            slot: status.slot,
-            pid: status.pid,
-            state: kebab(&status.state),
-            uptime_secs: status.uptime_secs,
-            restarts: status.restarts,
-            handed_off: status.handed_off,
-            rss_bytes: status.rss_bytes,
-            cpu_percent: status.cpu_percent,
-        }
-    }
+    pub workers: Vec<SlotStatus>,
 }
 
 /// The serde name of a unit enum variant (e.g. `crash-looping`).
@@ -273,7 +245,7 @@ pub fn render_table(report: &StatusReport) -> String {
             "{:>4}  {:>8}  {:<13}  {:>8}  {:>8}  {:>10}  {:>9}  {:>6}\n",
             row.slot,
             row.pid.map_or("-".into(), |p| p.to_string()),
-            row.state,
+            kebab(&row.state),
             row.uptime_secs.map_or("-".into(), human_duration),
             row.restarts,
             row.handed_off,

@@ -62,8 +62,6 @@ pub enum Command {
     /// Treat the worker as ready although it has not said READY (for
     /// workers configured with `ready_delay`).
     MarkReady { uid: u64 },
-    /// Send DRAIN to this worker now and give it no more connections.
-    Drain { uid: u64 },
     /// Set the number of slots; workers in slots at or above `count` are drained.
     SetSlots { count: usize },
     /// Close the listeners, hand off what is queued where possible, and send
@@ -368,11 +366,6 @@ impl HandoffLoop {
                 Command::MarkReady { uid } => {
                     if let Some(index) = self.find(uid) {
                         self.make_ready(index);
-                    }
-                }
-                Command::Drain { uid } => {
-                    if let Some(index) = self.find(uid) {
-                        self.drain(index);
                     }
                 }
                 Command::SetSlots { count } => self.set_slots(count),

@@ -314,11 +314,7 @@ fn status_report(
         uptime_secs: started.elapsed().as_secs_f64(),
         mode: settings.mode.name().to_string(),
         listen: listen.to_vec(),
-        workers: supervisor
-            .status(|slot| counters.handed_off[slot].load(Relaxed))
-            .into_iter()
-            .map(Into::into)
-            .collect(),
+        workers: supervisor.status(|slot| counters.handed_off[slot].load(Relaxed)),
     }
 }
 

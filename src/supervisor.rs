@@ -58,7 +58,7 @@ pub enum Notice {
 }
 
 /// What a slot is doing, as `herd status` shows it (docs/lifecycle.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SlotState {
     /// A worker was started and has not said READY yet.
@@ -144,8 +144,8 @@ struct Reload {
     reply: Option<oneshot::Sender<Result<String, String>>>,
 }
 
-/// One row of `herd status`.
-#[derive(Debug, Clone, serde::Serialize)]
+/// One row of `herd status` (and of its JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SlotStatus {
     pub slot: usize,
     pub pid: Option<u32>,
