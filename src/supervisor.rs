@@ -727,6 +727,13 @@ impl Supervisor {
                 self.begin_draining(uid);
             }
             self.slots.truncate(workers);
+            // A reload in progress forgets the removed slots (their new
+            // workers, if started, are draining with the rest).
+            if let Some(reload) = self.reload.as_mut() {
+                reload.pending.retain(|&slot| slot < workers);
+                reload.starting.retain(|_, slot| *slot < workers);
+                self.advance_reload();
+            }
         }
         if workers != before {
             info!(from = before, to = workers, "scaled workers");
