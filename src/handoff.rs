@@ -514,6 +514,10 @@ impl HandoffLoop {
                 self.drain(index);
             }
         }
+        // A removed slot's count starts again from zero if the slot comes back.
+        for slot in count..self.active.len() {
+            self.counters.handed_off[slot].store(0, Relaxed);
+        }
         self.active.resize(count, None);
     }
 

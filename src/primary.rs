@@ -16,7 +16,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::config::{ConfigSource, Settings};
+use crate::config::{ConfigSource, Settings, MAX_WORKERS};
 use crate::control::{self, ControlServer, Incoming, Request, Response, StatusReport};
 use crate::handoff::{self, Command, Counters, Event};
 use crate::listener::{self, ListenError};
@@ -144,6 +144,8 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
                     Request::Scale { workers } => {
                         let _ = reply.send(if stopping.is_some() {
                             Response::failed("herd is stopping")
+                        } else if !(1..=MAX_WORKERS).contains(&workers) {
+                            Response::failed(format!("cannot scale to {workers} workers: must be between 1 and {MAX_WORKERS}"))
                         } else {
                             Response::ok(supervisor.scale(workers))
                         });

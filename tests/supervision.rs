@@ -255,11 +255,11 @@ fn a_worker_that_ignores_the_stop_is_killed_after_the_timeout() {
     let pids: Vec<u32> = herd.wait_ready(2).values().copied().collect();
     let mut herd = herd;
     signal(herd.pid(), Signal::SIGTERM);
-    let status = herd.wait_exit();
-    assert_eq!(status.code(), Some(1));
-    assert!(herd
-        .log_text()
-        .contains("workers did not exit within shutdown_timeout; sending SIGKILL"));
+    herd.wait_for_lines(
+        "workers did not exit within shutdown_timeout; sending SIGKILL",
+        1,
+    );
+    assert_eq!(herd.wait_exit().code(), Some(1));
     wait_gone(pids);
 }
 
