@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,40 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::Signal;
-
-/// Runs `herd ARGS` (a control command) in herd's directory, where its socket is.
-fn cli(herd: &Herd, args: &[&str]) -> Output {
-    herd.wait_for_lines("control socket ready", 1);
-    std::process::Command::new(herd_bin())
-        .args(args)
-        .current_dir(&herd.dir)
-        .output()
-        .unwrap()
-}
-
-fn status_json(herd: &Herd) -> serde_json::Value {
-    let output = cli(herd, &["status", "--json"]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
-/// Waits until `herd status` shows `count` slots, all ready.
-fn wait_all_ready(herd: &Herd, count: usize) -> BTreeSet<u64> {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let status = status_json(herd);
-        let workers = status["workers"].as_array().unwrap();
-        if workers.len() == count && workers.iter().all(|w| w["state"] == "ready") {
-            return workers.iter().map(|w| w["pid"].as_u64().unwrap()).collect();
-        }
-        assert!(Instant::now() < deadline, "not all ready: {status}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn alive(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
@@ -138,19 +103,15 @@ impl Load {
 #[test]
 fn rolling_reloads_under_load_fail_no_request() {
     let herd = Herd::launch("reload-load", None, 4, &[], &[hello_worker()]);
-    let first = wait_all_ready(&herd, 4);
+    let first = herd.wait_all_ready(4);
     let load = Load::start(herd.addr());
     let mut generations = vec![first];
     for round in 1..=3 {
         load.wait_for(round * 100);
-        let output = cli(&herd, &["reload"]);
-        assert!(
-            output.status.success(),
-            "reload {round}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert!(String::from_utf8_lossy(&output.stdout).starts_with("reloaded 4 worker(s)"));
-        generations.push(wait_all_ready(&herd, 4));
+        let output = herd.control(&["reload"]);
+        assert!(output.code == Some(0), "reload {round}: {}", &output.stderr);
+        assert!(output.stdout.starts_with("reloaded 4 worker(s)"));
+        generations.push(herd.wait_all_ready(4));
     }
     load.wait_for(400);
     let (requests, failed, _) = load.finish();
@@ -172,7 +133,7 @@ fn rolling_reloads_under_load_fail_no_request() {
 fn crashes_under_load_lose_at_most_the_requests_in_progress() {
     let config = "[restart]\nmin_uptime = \"50ms\"\nmax_restarts = 1000\n";
     let herd = Herd::launch("crash-load", Some(config), 4, &[], &[hello_worker()]);
-    wait_all_ready(&herd, 4);
+    herd.wait_all_ready(4);
     let load = Load::start(herd.addr());
     let mut seed = u64::from(std::process::id()) | 1;
     let mut kills = 0;
@@ -182,7 +143,7 @@ fn crashes_under_load_lose_at_most_the_requests_in_progress() {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        let workers = status_json(&herd)["workers"].as_array().unwrap().clone();
+        let workers = herd.status()["workers"].as_array().unwrap().clone();
         let pids: Vec<u64> = workers.iter().filter_map(|w| w["pid"].as_u64()).collect();
         if pids.is_empty() {
             continue;
@@ -200,7 +161,7 @@ fn crashes_under_load_lose_at_most_the_requests_in_progress() {
         failed <= kills,
         "{failed} of {requests} requests failed after {kills} kills"
     );
-    wait_all_ready(&herd, 4);
+    herd.wait_all_ready(4);
     // Every kill was followed by exactly one restart of that slot.
     herd.wait_for_lines("worker started", 4 + kills);
 }
@@ -221,7 +182,7 @@ fn graceful_stop_lets_a_slow_request_finish() {
     let request = std::thread::spawn(move || get(addr));
     // The request is in progress once its worker has acknowledged it.
     let deadline = Instant::now() + DEADLINE;
-    while status_json(&herd)["workers"]
+    while herd.status()["workers"]
         .as_array()
         .unwrap()
         .iter()
@@ -323,7 +284,7 @@ fn a_failed_reload_keeps_the_old_workers() {
             "2",
         ],
     );
-    let before = wait_all_ready(&herd, 2);
+    let before = herd.wait_all_ready(2);
     for (broken, reason) in [
         (
             "command = [\"sh\", \"-c\", \"exit 3\"]\nready_timeout = \"500ms\"\n".to_string(),
@@ -338,20 +299,20 @@ fn a_failed_reload_keeps_the_old_workers() {
         ),
     ] {
         std::fs::write(&config, broken).unwrap();
-        let output = cli(&herd, &["reload"]);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        let output = herd.control(&["reload"]);
+        let stderr = &output.stderr;
+        assert_eq!(output.code, Some(1), "{stderr}");
         assert!(
             stderr.contains("reload failed") && stderr.contains(reason),
             "{stderr}"
         );
         for _ in 0..20 {
             assert!(
-                before.contains(&u64::from(get(herd.addr()).unwrap().pid)),
+                before.contains(&get(herd.addr()).unwrap().pid),
                 "served by a new worker"
             );
         }
-        assert_eq!(wait_all_ready(&herd, 2), before);
+        assert_eq!(herd.wait_all_ready(2), before);
     }
 }
 
@@ -369,7 +330,7 @@ fn a_worker_that_never_becomes_ready_is_killed_and_retried() {
     );
     herd.wait_for_lines("worker not ready within 200ms; killing it slot=1", 2);
     herd.wait_for_lines("restarting worker after backoff slot=1 failures=2", 1);
-    let status = status_json(&herd);
+    let status = herd.status();
     assert_eq!(status["workers"][0]["state"], "ready");
     assert_ne!(status["workers"][1]["state"], "ready");
     for _ in 0..10 {

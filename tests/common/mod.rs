@@ -6,7 +6,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 /// Long enough for a loaded 2-core CI machine; a healthy run takes milliseconds.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -317,4 +319,140 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("herd-test.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+// ---- control commands against a running herd ----
+
+/// What one `herd <control command>` printed, and how it exited.
+#[derive(Debug)]
+pub struct CliRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `herd ARGS` in `dir` (so the default `herd.sock` resolves there) and
+/// waits for it, at most `DEADLINE`.
+pub fn herd_cli(dir: &Path, args: &[&str]) -> CliRun {
+    let mut child = Command::new(herd_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start herd CLI");
+    let drain = |mut stream: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stream.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`herd {}` did not finish in {DEADLINE:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    CliRun {
+        code: status.code(),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// Runs a control command that must succeed; returns its stdout.
+pub fn herd_ok(dir: &Path, args: &[&str]) -> String {
+    let run = herd_cli(dir, args);
+    assert_eq!(run.code, Some(0), "`herd {}`: {run:?}", args.join(" "));
+    run.stdout
+}
+
+/// `herd status --json`, parsed.
+pub fn status_json(dir: &Path) -> Value {
+    let text = herd_ok(dir, &["status", "--json"]);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("status JSON: {e} in {text:?}"))
+}
+
+pub fn workers_of(status: &Value) -> &Vec<Value> {
+    status["workers"].as_array().expect("workers array")
+}
+
+/// slot → pid of every row in a status report.
+pub fn pids_of(status: &Value) -> BTreeMap<usize, u32> {
+    workers_of(status)
+        .iter()
+        .map(|w| {
+            (
+                w["slot"].as_u64().unwrap() as usize,
+                w["pid"].as_u64().unwrap() as u32,
+            )
+        })
+        .collect()
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, at most `DEADLINE`.
+pub fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `herd status --json` until `accept` likes it; returns that report.
+pub fn wait_for_status(dir: &Path, what: &str, accept: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = status_json(dir);
+        if accept(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for status with {what}; last: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every row of the report is `ready`, and there are `count` of them.
+pub fn all_ready(status: &Value, count: usize) -> bool {
+    let workers = workers_of(status);
+    workers.len() == count && workers.iter().all(|w| w["state"] == "ready")
+}
+
+impl Herd {
+    /// Runs a control command against this herd, once its socket is up.
+    pub fn control(&self, args: &[&str]) -> CliRun {
+        self.wait_for_lines("control socket ready", 1);
+        herd_cli(&self.dir, args)
+    }
+
+    /// `herd status --json` of this herd.
+    pub fn status(&self) -> Value {
+        self.wait_for_lines("control socket ready", 1);
+        status_json(&self.dir)
+    }
+
+    /// Waits until status shows `count` slots, all ready; returns their pids.
+    pub fn wait_all_ready(&self, count: usize) -> BTreeSet<u32> {
+        self.wait_for_lines("control socket ready", 1);
+        let status = wait_for_status(&self.dir, &format!("{count} ready workers"), |s| {
+            all_ready(s, count)
+        });
+        pids_of(&status).into_values().collect()
+    }
 }
