@@ -402,3 +402,25 @@ fn workers_are_recycled_after_max_connections() {
         5,
     );
 }
+
+/// `reload_batch` replaces several slots at a time; the reload still
+/// replaces every worker.
+#[test]
+fn reload_in_batches_replaces_every_worker() {
+    let herd = Herd::launch(
+        "reload-batch",
+        Some("reload_batch = 3\n"),
+        4,
+        &[],
+        &[hello_worker()],
+    );
+    let before = herd.wait_all_ready(4);
+    let output = herd.control(&["reload"]);
+    assert_eq!(output.code, Some(0), "{}", output.stderr);
+    assert!(
+        output.stdout.starts_with("reloaded 4 worker(s)"),
+        "{}",
+        output.stdout
+    );
+    assert!(herd.wait_all_ready(4).is_disjoint(&before));
+}
