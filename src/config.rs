@@ -105,6 +105,15 @@ pub struct Config {
     pub monitor_interval: String,
     pub handoff: HandoffConfig,
     pub restart: RestartConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` here: "IP:PORT", or just "PORT" for 127.0.0.1. Unset: no endpoint.
+    pub address: Option<String>,
 }
 
 /// `[handoff]`: bounds on the accept → worker path.
@@ -159,6 +168,7 @@ impl Default for Config {
             monitor_interval: "1s".into(),
             handoff: HandoffConfig::default(),
             restart: RestartConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -197,6 +207,7 @@ pub struct Overrides {
     pub max_unacked: Option<i64>,
     pub queue_limit: Option<i64>,
     pub control: Option<String>,
+    pub metrics: Option<String>,
 }
 
 /// Where settings come from: the config file (re-read on every reload) and
@@ -240,6 +251,8 @@ pub struct Settings {
     pub run_as: Option<(u32, u32)>,
     pub control: PathBuf,
     pub monitor_interval: Duration,
+    /// Where `/metrics` is served; `None`: not served.
+    pub metrics: Option<SocketAddr>,
     pub handoff: HandoffSettings,
     pub restart: RestartSettings,
 }
@@ -313,6 +326,9 @@ impl Config {
         }
         if let Some(path) = overrides.control {
             self.control = path;
+        }
+        if let Some(address) = overrides.metrics {
+            self.metrics.address = Some(address);
         }
     }
 
@@ -445,6 +461,10 @@ impl Config {
             run_as: resolve_user(self.user.as_deref(), self.group.as_deref())?,
             control: PathBuf::from(&self.control),
             monitor_interval: duration("monitor_interval", &self.monitor_interval)?,
+            metrics: match &self.metrics.address {
+                Some(text) => Some(parse_metrics_address(text)?),
+                None => None,
+            },
             handoff,
             restart,
         })
@@ -489,6 +509,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("out of range".into());
     }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+/// "IP:PORT", or "PORT" alone for 127.0.0.1: metrics stay on loopback unless asked.
+fn parse_metrics_address(text: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse().map_err(|_| {
+        invalid(
+            "metrics.address",
+            format!("{text:?}"),
+            "expected IP:PORT (e.g. 127.0.0.1:9464) or a port for 127.0.0.1",
+        )
+    })
 }
 
 /// Parses "512MiB", "1G", "100M", "64KiB" or a plain number of bytes.
@@ -715,6 +749,24 @@ mod tests {
         assert_eq!(settings.workers, 3);
         assert_eq!(settings.mode, Mode::Sticky);
         assert_eq!(settings.args, ["-c", "exit"]);
+    }
+
+    #[test]
+    fn metrics_address_defaults_to_loopback() {
+        let mut config = minimal();
+        assert_eq!(config.validate().unwrap().metrics, None);
+        config.metrics.address = Some("9464".into());
+        assert_eq!(
+            config.validate().unwrap().metrics,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        config.metrics.address = Some("[::1]:9000".into());
+        assert_eq!(
+            config.validate().unwrap().metrics,
+            Some("[::1]:9000".parse().unwrap())
+        );
+        config.metrics.address = Some("everywhere".into());
+        assert!(error_of(&config).starts_with("invalid `metrics.address` = \"everywhere\""));
     }
 
     #[test]

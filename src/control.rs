@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
+use crate::metrics::Fairness;
 use crate::supervisor::{Phase, SlotStatus};
 
 /// A command for the running herd.
@@ -66,6 +67,8 @@ pub struct StatusReport {
     pub mode: String,
     pub listen: Vec<String>,
     pub workers: Vec<SlotStatus>,
+    /// How evenly hand-offs spread over the current slots since start.
+    pub fairness: Option<Fairness>,
 }
 
 /// The serde name of a unit enum variant (e.g. `crash-looping`).
@@ -252,6 +255,13 @@ pub fn render_table(report: &StatusReport) -> String {
             row.rss_bytes
                 .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
             row.cpu_percent.map_or("-".into(), |c| format!("{c:.1}%")),
+        ));
+    }
+    if let Some(fair) = &report.fairness {
+        let ratio = fair.max_min_ratio.map_or("-".into(), |r| format!("{r:.2}"));
+        out.push_str(&format!(
+            "fairness: max/min {ratio} · Jain's index {:.3}\n",
+            fair.jain_index
         ));
     }
     out

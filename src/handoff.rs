@@ -100,14 +100,39 @@ pub struct Counters {
     pub accepted: Box<[AtomicU64]>,
     /// Connections a worker acknowledged, per slot.
     pub handed_off: Box<[AtomicU64]>,
-    /// Connections taken back from a worker that died or refused them.
-    pub requeued: AtomicU64,
+    /// Connections taken back from a worker that died before acknowledging them.
+    pub requeued_worker_gone: AtomicU64,
+    /// Connections a worker refused (NACK), handed to another.
+    pub requeued_refused: AtomicU64,
+    /// Connections sent to a worker and not yet acknowledged, right now.
+    pub in_flight: AtomicU64,
     /// Connections closed because the wait queue was full.
     pub dropped_queue_full: AtomicU64,
     /// Connections closed because no worker took them within `queue_timeout`.
     pub dropped_queue_timeout: AtomicU64,
-    /// accept(2) failures other than "nothing to accept".
-    pub accept_errors: AtomicU64,
+    /// accept(2) failures other than "nothing to accept", by [`ACCEPT_ERROR_KINDS`].
+    pub accept_errors: [AtomicU64; ACCEPT_ERROR_KINDS.len()],
+}
+
+/// The `kind` label of accept errors, in the order of `Counters::accept_errors`.
+pub const ACCEPT_ERROR_KINDS: [&str; 6] = [
+    "EMFILE",
+    "ENFILE",
+    "ENOBUFS",
+    "ENOMEM",
+    "ECONNABORTED",
+    "other",
+];
+
+fn accept_error_kind(error: &io::Error) -> usize {
+    match error.raw_os_error() {
+        Some(libc::EMFILE) => 0,
+        Some(libc::ENFILE) => 1,
+        Some(libc::ENOBUFS) => 2,
+        Some(libc::ENOMEM) => 3,
+        Some(libc::ECONNABORTED) => 4,
+        _ => 5,
+    }
 }
 
 impl Counters {
@@ -116,10 +141,12 @@ impl Counters {
         Counters {
             accepted: zeros(listeners),
             handed_off: zeros(MAX_WORKERS),
-            requeued: AtomicU64::new(0),
+            requeued_worker_gone: AtomicU64::new(0),
+            requeued_refused: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
             dropped_queue_full: AtomicU64::new(0),
             dropped_queue_timeout: AtomicU64::new(0),
-            accept_errors: AtomicU64::new(0),
+            accept_errors: Default::default(),
         }
     }
 }
@@ -148,6 +175,7 @@ pub fn spawn(
     limits: HandoffSettings,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     counters: Arc<Counters>,
+    latency: Option<prometheus::Histogram>,
 ) -> io::Result<(Controller, JoinHandle<()>)> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -174,6 +202,7 @@ pub fn spawn(
         commands,
         events,
         counters,
+        latency,
         next_connection_id: 0,
         accept_paused_until: None,
         accept_backoff: ACCEPT_BACKOFF_MIN,
@@ -276,6 +305,8 @@ struct HandoffLoop {
     commands: mpsc::Receiver<Command>,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     counters: Arc<Counters>,
+    /// Accept-to-ACK time of each connection; `None` when metrics are off.
+    latency: Option<prometheus::Histogram>,
     next_connection_id: u64,
     /// Set after accept failed for lack of resources; accepting resumes then.
     accept_paused_until: Option<Instant>,
@@ -514,10 +545,6 @@ impl HandoffLoop {
                 self.drain(index);
             }
         }
-        // A removed slot's count starts again from zero if the slot comes back.
-        for slot in count..self.active.len() {
-            self.counters.handed_off[slot].store(0, Relaxed);
-        }
         self.active.resize(count, None);
     }
 
@@ -561,7 +588,7 @@ impl HandoffLoop {
     }
 
     fn on_accept_error(&mut self, index: usize, e: io::Error) {
-        self.counters.accept_errors.fetch_add(1, Relaxed);
+        self.counters.accept_errors[accept_error_kind(&e)].fetch_add(1, Relaxed);
         match e.raw_os_error() {
             // The client gave up before we accepted, or a signal: try the next one.
             Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO) => {}
@@ -657,6 +684,7 @@ impl HandoffLoop {
                 Ok(()) => {
                     worker.in_flight.push_back(InFlight { conn, sent_at: now });
                     worker.sent += 1;
+                    self.counters.in_flight.fetch_add(1, Relaxed);
                     if worker.recycle_after == Some(worker.sent) {
                         let _ = self.events.send(Event::RecycleDue {
                             slot,
@@ -757,8 +785,13 @@ impl HandoffLoop {
         };
         match message {
             WorkerMessage::Ack(id) => {
-                if take_in_flight(&mut worker.in_flight, id).is_some() {
+                if let Some(entry) = take_in_flight(&mut worker.in_flight, id) {
+                    if let Some(latency) = &self.latency {
+                        latency.observe(entry.conn.accepted_at.elapsed().as_secs_f64());
+                    }
                     // Dropping the entry closes the primary's copy of the fd.
+                    drop(entry);
+                    self.counters.in_flight.fetch_sub(1, Relaxed);
                     self.counters.handed_off[worker.slot].fetch_add(1, Relaxed);
                     if worker.blocked {
                         worker.blocked = false;
@@ -768,7 +801,8 @@ impl HandoffLoop {
             }
             WorkerMessage::Nack(id) => {
                 if let Some(mut entry) = take_in_flight(&mut worker.in_flight, id) {
-                    self.counters.requeued.fetch_add(1, Relaxed);
+                    self.counters.requeued_refused.fetch_add(1, Relaxed);
+                    self.counters.in_flight.fetch_sub(1, Relaxed);
                     entry.conn.refused_by = Some(worker.slot);
                     self.queue.push_front(entry.conn);
                 }
@@ -793,7 +827,10 @@ impl HandoffLoop {
         for entry in worker.in_flight.into_iter().rev() {
             self.queue.push_front(entry.conn);
         }
-        self.counters.requeued.fetch_add(requeued as u64, Relaxed);
+        self.counters
+            .requeued_worker_gone
+            .fetch_add(requeued as u64, Relaxed);
+        self.counters.in_flight.fetch_sub(requeued as u64, Relaxed);
         if requeued > 0 {
             info!(
                 slot = worker.slot,

@@ -13,6 +13,7 @@
 //! - [`handoff`]: the mio loop that accepts and hands connections off.
 //! - [`supervisor`]: spawning, readiness, restarts, reloads, scaling, stopping workers.
 //! - [`procstat`]: worker memory and CPU from `/proc`.
+//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 //! - [`control`]: the control socket behind `herd status`, `reload`, `scale`, `stop`.
 //! - [`primary`]: wiring it together; herd's own lifecycle and signals.
 //! - [`worker`]: the library Rust workers link to receive connections.
@@ -25,6 +26,7 @@ pub mod dispatch;
 pub mod fdpass;
 pub mod handoff;
 pub mod listener;
+pub mod metrics;
 pub mod primary;
 pub mod procstat;
 pub mod protocol;

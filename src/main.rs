@@ -79,6 +79,9 @@ struct ConfigArgs {
     /// Control socket path [default: herd.sock].
     #[arg(long, value_name = "PATH")]
     control: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT, or PORT for 127.0.0.1).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// The worker program and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -223,6 +226,7 @@ fn config_source(args: ConfigArgs) -> ConfigSource {
             max_unacked: args.max_unacked,
             queue_limit: args.queue_limit,
             control: args.control,
+            metrics: args.metrics,
         },
     }
 }

@@ -20,6 +20,7 @@ use crate::config::{ConfigSource, Settings, MAX_WORKERS};
 use crate::control::{self, ControlServer, Incoming, Request, Response, StatusReport};
 use crate::handoff::{self, Command, Counters, Event};
 use crate::listener::{self, ListenError};
+use crate::metrics::{self, Metrics, MetricsBindError};
 use crate::supervisor::Supervisor;
 
 /// Why herd could not run.
@@ -29,6 +30,8 @@ pub enum PrimaryError {
     Listen(#[from] ListenError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsBindError),
     #[error("cannot start the hand-off loop: {0}")]
     HandoffLoop(#[source] std::io::Error),
     #[error("cannot install signal handlers: {0}")]
@@ -39,7 +42,7 @@ impl PrimaryError {
     /// The process exit code for this error (documented in README.md).
     pub fn exit_code(&self) -> u8 {
         match self {
-            PrimaryError::Listen(_) | PrimaryError::Control(_) => 3,
+            PrimaryError::Listen(_) | PrimaryError::Control(_) | PrimaryError::Metrics(_) => 3,
             _ => 1,
         }
     }
@@ -93,11 +96,22 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
     for bound in &listeners {
         info!(listener = bound.index, "listening on {}", bound.local);
     }
+    let metrics_listener = settings.metrics.map(metrics::bind).transpose()?;
     let mut control = ControlServer::bind(&settings.control)?;
     info!(path = %settings.control.display(), "control socket ready");
     let mut signals = Signals::install().map_err(PrimaryError::Signals)?;
 
     let counters = Arc::new(Counters::new(listeners.len()));
+    let metrics = Arc::new(Metrics::new());
+    let (scrapes_tx, mut scrapes) = mpsc::unbounded_channel::<metrics::Scrape>();
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            info!("metrics on http://{addr}/metrics");
+        }
+        tokio::spawn(metrics::serve(listener, scrapes_tx));
+    }
+    // The hand-off thread times each hand-off only when someone can read it.
+    let latency = settings.metrics.map(|_| metrics.handoff_latency.clone());
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (controller, handoff_thread) = handoff::spawn(
         listeners,
@@ -105,6 +119,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
         settings.handoff,
         events_tx,
         counters.clone(),
+        latency,
     )
     .map_err(PrimaryError::HandoffLoop)?;
 
@@ -116,7 +131,8 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
     );
     let started = Instant::now();
     let mut monitor = tokio::time::interval(settings.monitor_interval);
-    let (mut supervisor, mut notices) = Supervisor::new(settings, controller.clone());
+    let (mut supervisor, mut notices) =
+        Supervisor::new(settings, controller.clone(), metrics.clone());
     supervisor.start_all();
     let (requests_tx, mut requests) = mpsc::unbounded_channel::<Incoming>();
     let mut stopping: Option<Stopping> = None;
@@ -133,6 +149,10 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
                 Event::ChannelClosed { uid, .. } => supervisor.on_channel_closed(uid),
                 Event::RecycleDue { slot, uid } => supervisor.on_recycle_due(slot, uid),
             },
+            Some(scrape) = scrapes.recv() => {
+                let slots = supervisor.status(|slot| counters.handed_off[slot].load(Relaxed));
+                let _ = scrape.send(metrics.render(&counters, &slots, &supervisor.cpu_seconds()));
+            }
             Some(incoming) = requests.recv() => {
                 let Incoming { request, reply } = incoming;
                 match request {
@@ -140,7 +160,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
                         let report = status_report(&supervisor, &counters, &listen_addrs, started);
                         let _ = reply.send(Response { ok: true, message: String::new(), status: Some(report) });
                     }
-                    Request::Reload => start_reload(&mut supervisor, &source, reply),
+                    Request::Reload => start_reload(&mut supervisor, &source, &metrics, reply),
                     Request::Scale { workers } => {
                         let _ = reply.send(if stopping.is_some() {
                             Response::failed("herd is stopping")
@@ -180,7 +200,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
             }
             _ = signals.hangup.recv() => {
                 let (reply, answer) = oneshot::channel();
-                start_reload(&mut supervisor, &source, reply);
+                start_reload(&mut supervisor, &source, &metrics, reply);
                 tokio::spawn(async move {
                     match answer.await {
                         Ok(response) if response.ok => info!("SIGHUP: {}", response.message),
@@ -232,10 +252,15 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
             .iter()
             .map(|c| c.load(Relaxed))
             .sum::<u64>(),
-        requeued = counters.requeued.load(Relaxed),
+        requeued =
+            counters.requeued_worker_gone.load(Relaxed) + counters.requeued_refused.load(Relaxed),
         dropped_queue_full = counters.dropped_queue_full.load(Relaxed),
         dropped_queue_timeout = counters.dropped_queue_timeout.load(Relaxed),
-        accept_errors = counters.accept_errors.load(Relaxed),
+        accept_errors = counters
+            .accept_errors
+            .iter()
+            .map(|c| c.load(Relaxed))
+            .sum::<u64>(),
         "stopped{}",
         if stop.forced {
             " (some workers were killed)"
@@ -280,11 +305,13 @@ fn begin_stop(
 fn start_reload(
     supervisor: &mut Supervisor,
     source: &ConfigSource,
+    metrics: &Metrics,
     reply: oneshot::Sender<Response>,
 ) {
     let settings = match source.load() {
         Ok(settings) => settings,
         Err(e) => {
+            metrics.reload_finished(false, std::time::Duration::ZERO);
             let message = format!("reload refused, keeping the running config: {e}");
             error!("{message}");
             let _ = reply.send(Response::failed(message));
@@ -310,13 +337,16 @@ fn status_report(
     started: Instant,
 ) -> StatusReport {
     let settings = supervisor.settings();
+    let workers = supervisor.status(|slot| counters.handed_off[slot].load(Relaxed));
+    let handed: Vec<u64> = workers.iter().map(|w| w.handed_off).collect();
     StatusReport {
+        fairness: metrics::fairness(&handed),
         pid: std::process::id(),
         phase: control::phase_name(supervisor.phase()),
         uptime_secs: started.elapsed().as_secs_f64(),
         mode: settings.mode.name().to_string(),
         listen: listen.to_vec(),
-        workers: supervisor.status(|slot| counters.handed_off[slot].load(Relaxed)),
+        workers,
     }
 }
 

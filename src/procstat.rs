@@ -38,6 +38,11 @@ pub fn cpu_percent(earlier: &Sample, later: &Sample) -> f64 {
     100.0 * ticks / ticks_per_second() / wall
 }
 
+/// Clock ticks (as in `/proc/<pid>/stat`) in seconds.
+pub fn ticks_to_seconds(ticks: u64) -> f64 {
+    ticks as f64 / ticks_per_second()
+}
+
 fn page_size() -> u64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()

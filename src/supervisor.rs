@@ -31,6 +31,7 @@ use tracing::{error, info, warn};
 use crate::config::Settings;
 use crate::fdpass;
 use crate::handoff::{Command, Controller};
+use crate::metrics::{Metrics, RestartReason};
 use crate::procstat::{self, Sample};
 
 /// How long a worker may outlive its channel before herd stops it. Its exit
@@ -130,6 +131,8 @@ struct Slot {
     restarts: u64,
     /// A restart timer is running.
     restart_pending: bool,
+    /// CPU time used by every worker that held this slot.
+    cpu_seconds: f64,
 }
 
 /// A rolling reload in progress.
@@ -161,6 +164,7 @@ pub struct SlotStatus {
 pub struct Supervisor {
     /// The settings new slots and finished reloads use.
     settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
     handoff: Controller,
     slots: Vec<Slot>,
     processes: BTreeMap<u64, Process>,
@@ -178,11 +182,13 @@ impl Supervisor {
     pub fn new(
         settings: Settings,
         handoff: Controller,
+        metrics: Arc<Metrics>,
     ) -> (Supervisor, mpsc::UnboundedReceiver<Notice>) {
         let (notices, inbox) = mpsc::unbounded_channel();
         let settings = Arc::new(settings);
         let mut supervisor = Supervisor {
             settings: settings.clone(),
+            metrics,
             handoff,
             slots: Vec::new(),
             processes: BTreeMap::new(),
@@ -293,6 +299,7 @@ impl Supervisor {
 
     /// The hand-off loop made `uid` the slot's worker; `replaced` was sent DRAIN.
     pub fn on_ready(&mut self, slot: usize, uid: u64, pid: u32, replaced: Option<u64>) {
+        let _span = slot_span(slot).entered();
         if let Some(process) = self.processes.get_mut(&uid) {
             process.role = Role::Serving;
             info!(slot, pid, "worker ready");
@@ -320,10 +327,16 @@ impl Supervisor {
 
     /// The worker reached `max_connections_per_worker`: replace it gracefully.
     pub fn on_recycle_due(&mut self, slot: usize, uid: u64) {
-        self.request_replacement(slot, uid, "served its max_connections_per_worker");
+        self.request_replacement(
+            slot,
+            uid,
+            RestartReason::Recycle,
+            "served its max_connections_per_worker",
+        );
     }
 
-    fn request_replacement(&mut self, slot: usize, uid: u64, why: &str) {
+    fn request_replacement(&mut self, slot: usize, uid: u64, reason: RestartReason, why: &str) {
+        let _span = slot_span(slot).entered();
         if self.stopping || self.slot_is_replacing(slot) {
             return;
         }
@@ -339,6 +352,7 @@ impl Supervisor {
             pid = process.pid,
             "worker {why}; replacing it gracefully"
         );
+        self.metrics.restart(slot, reason);
         self.spawn(slot, Purpose::Replace, self.slots[slot].settings.clone());
     }
 
@@ -349,6 +363,7 @@ impl Supervisor {
         if process.role == Role::Draining {
             return;
         }
+        let _span = slot_span(process.slot).entered();
         process.role = Role::Draining;
         info!(slot = process.slot, pid = process.pid, "worker draining");
         let grace = self.settings.shutdown_timeout;
@@ -376,6 +391,7 @@ impl Supervisor {
                 crash_looping: false,
                 restarts: 0,
                 restart_pending: false,
+                cpu_seconds: 0.0,
             });
         }
     }
@@ -383,6 +399,7 @@ impl Supervisor {
     /// Starts a worker for `slot` running `settings`; returns its uid, or
     /// `None` if it could not be started (a failed start, already handled).
     fn spawn(&mut self, slot: usize, purpose: Purpose, settings: Arc<Settings>) -> Option<u64> {
+        let _span = slot_span(slot).entered();
         match self.try_spawn(slot, &settings) {
             Ok((uid, pid)) => {
                 info!(slot, pid, "worker started");
@@ -483,6 +500,7 @@ impl Supervisor {
             return;
         };
         let slot = process.slot;
+        let _span = slot_span(slot).entered();
         let uptime = process.started.elapsed();
         let how = match &status {
             Ok(status) => describe_exit(*status),
@@ -503,6 +521,12 @@ impl Supervisor {
             // The slot's old worker still serves; this only stops a reload.
             return self.replacement_failed(slot, format!("worker {how}"));
         }
+        let reason = match &status {
+            _ if process.ready_timed_out => RestartReason::ReadyTimeout,
+            Ok(status) if status.signal().is_some() => RestartReason::Signal,
+            _ => RestartReason::Exit,
+        };
+        self.metrics.restart(slot, reason);
         if process.role == Role::Starting || uptime < self.slots[slot].settings.restart.min_uptime {
             self.record_failed_start(slot);
         } else {
@@ -516,6 +540,7 @@ impl Supervisor {
     }
 
     fn record_failed_start(&mut self, slot: usize) {
+        let _span = slot_span(slot).entered();
         let entry = &mut self.slots[slot];
         let restart = entry.settings.restart;
         entry.failures += 1;
@@ -544,6 +569,7 @@ impl Supervisor {
     /// Refills the slot now after a good run, or after a doubling delay
     /// while starts keep failing, so a crash loop never spins.
     fn schedule_restart(&mut self, slot: usize) {
+        let _span = slot_span(slot).entered();
         let entry = &mut self.slots[slot];
         if entry.restart_pending {
             return;
@@ -632,6 +658,7 @@ impl Supervisor {
         if next.is_empty() {
             let reload = self.reload.take().expect("reload in progress");
             self.settings = reload.settings.clone();
+            self.metrics.reload_finished(true, reload.started.elapsed());
             let message = format!(
                 "reloaded {} worker(s) in {} ms",
                 reload.replaced,
@@ -691,6 +718,8 @@ impl Supervisor {
                 kill_group(process.pid, Signal::SIGKILL);
             }
         }
+        self.metrics
+            .reload_finished(false, reload.started.elapsed());
         let message = format!(
             "reload failed: the new worker for slot {slot} {why}; {} slot(s) run the new version, the rest keep the old one",
             reload.replaced
@@ -752,8 +781,15 @@ impl Supervisor {
             let Some(sample) = procstat::sample(process.pid) else {
                 continue;
             };
-            if let Some(previous) = &process.last_sample {
-                process.cpu_percent = procstat::cpu_percent(previous, &sample);
+            let new_ticks = match &process.last_sample {
+                Some(previous) => {
+                    process.cpu_percent = procstat::cpu_percent(previous, &sample);
+                    sample.cpu_ticks.saturating_sub(previous.cpu_ticks)
+                }
+                None => sample.cpu_ticks,
+            };
+            if let Some(slot) = self.slots.get_mut(process.slot) {
+                slot.cpu_seconds += procstat::ticks_to_seconds(new_ticks);
             }
             process.last_sample = Some(sample);
             let limit = self
@@ -768,9 +804,15 @@ impl Supervisor {
             self.request_replacement(
                 slot,
                 uid,
+                RestartReason::Memory,
                 &format!("uses {} MiB, over max_memory", rss >> 20),
             );
         }
+    }
+
+    /// CPU seconds used per slot, by every worker that held it.
+    pub fn cpu_seconds(&self) -> Vec<f64> {
+        self.slots.iter().map(|s| s.cpu_seconds).collect()
     }
 
     /// One row per slot for `herd status`.
@@ -828,6 +870,11 @@ impl Supervisor {
             kill_group(process.pid, Signal::SIGKILL);
         }
     }
+}
+
+/// The span every log line about a slot is recorded in (`worker{slot=N}`).
+fn slot_span(slot: usize) -> tracing::Span {
+    tracing::info_span!("worker", slot)
 }
 
 fn kill_group(pid: u32, signal: Signal) {

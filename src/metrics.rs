@@ -1,0 +1,460 @@
+//! Prometheus metrics: the families herd exports and the `/metrics` endpoint.
+//!
+//! Owns the registry and the HTTP server. The hand-off thread never touches
+//! the registry: it bumps fixed slots of atomics in [`Counters`] and observes
+//! one pre-resolved, lock-free histogram. When Prometheus scrapes, the main
+//! thread copies the atomics into the registry's counters and sets the
+//! supervisor-side values (worker states, memory, CPU), then encodes. So a
+//! scrape costs the hot path nothing, and no label lookup ever happens per
+//! connection.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus::{
+    CounterVec, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use crate::handoff::{Counters, ACCEPT_ERROR_KINDS};
+use crate::supervisor::{SlotState, SlotStatus};
+
+/// Hand-off latency buckets, accept to ACK: 5 µs to 50 ms.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
+    0.01, 0.025, 0.05, 0.1,
+];
+
+/// Why a worker slot was restarted or its worker replaced (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartReason {
+    /// The worker exited with a status code.
+    Exit,
+    /// The worker was killed by a signal.
+    Signal,
+    /// The worker did not become ready within `ready_timeout`.
+    ReadyTimeout,
+    /// The worker exceeded `max_memory`.
+    Memory,
+    /// The worker reached `max_connections_per_worker`.
+    Recycle,
+}
+
+impl RestartReason {
+    fn label(self) -> &'static str {
+        match self {
+            RestartReason::Exit => "exit",
+            RestartReason::Signal => "signal",
+            RestartReason::ReadyTimeout => "ready-timeout",
+            RestartReason::Memory => "memory",
+            RestartReason::Recycle => "recycle",
+        }
+    }
+}
+
+/// Every metric family herd exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Accept-to-ACK time; handed to the hand-off thread.
+    pub handoff_latency: Histogram,
+    accepted: IntCounterVec,
+    handed_off: IntCounterVec,
+    redispatched: IntCounterVec,
+    dropped: IntCounterVec,
+    in_flight: IntGauge,
+    accept_errors: IntCounterVec,
+    workers: IntGaugeVec,
+    restarts: IntCounterVec,
+    worker_memory: IntGaugeVec,
+    worker_cpu: CounterVec,
+    reloads: IntCounterVec,
+    reload_duration: Histogram,
+    fairness_jain: prometheus::Gauge,
+}
+
+/// How evenly connections were spread over the slots.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Fairness {
+    /// Most hand-offs to one slot divided by the fewest; `None` while a slot has none.
+    pub max_min_ratio: Option<f64>,
+    /// Jain's fairness index: 1 = perfectly even, 1/n = all on one slot.
+    pub jain_index: f64,
+}
+
+/// Fairness of per-slot counts; `None` when nothing was handed off yet.
+pub fn fairness(counts: &[u64]) -> Option<Fairness> {
+    let sum: f64 = counts.iter().map(|&c| c as f64).sum();
+    if counts.is_empty() || sum == 0.0 {
+        return None;
+    }
+    let squares: f64 = counts.iter().map(|&c| (c as f64).powi(2)).sum();
+    let (max, min) = (counts.iter().max()?, counts.iter().min()?);
+    Some(Fairness {
+        max_min_ratio: (*min > 0).then(|| *max as f64 / *min as f64),
+        jain_index: sum * sum / (counts.len() as f64 * squares),
+    })
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        fn add<C: prometheus::core::Collector + Clone + 'static>(
+            registry: &Registry,
+            collector: C,
+        ) -> C {
+            registry
+                .register(Box::new(collector.clone()))
+                .expect("metric names are unique");
+            collector
+        }
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            add(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            add(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let metrics = Metrics {
+            handoff_latency: add(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "herd_handoff_latency_seconds",
+                        "Time from accept until the worker acknowledged the connection.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .expect("valid metric"),
+            ),
+            accepted: counter_vec("herd_connections_accepted_total", "Connections accepted, per listener.", &["listener"]),
+            handed_off: counter_vec(
+                "herd_connections_handed_off_total",
+                "Connections acknowledged by a worker, per worker slot.",
+                &["slot"],
+            ),
+            redispatched: counter_vec(
+                "herd_connections_redispatched_total",
+                "Connections taken back from a worker and handed to another (worker-gone: it died before acknowledging; refused: it sent NACK).",
+                &["reason"],
+            ),
+            dropped: counter_vec(
+                "herd_connections_dropped_total",
+                "Accepted connections closed without a worker (queue-full: the wait queue was full; no-worker: none could take it within queue_timeout).",
+                &["reason"],
+            ),
+            in_flight: add(
+                &registry,
+                IntGauge::new("herd_handoffs_in_flight", "Connections sent to a worker and not yet acknowledged.")
+                    .expect("valid metric"),
+            ),
+            accept_errors: counter_vec("herd_accept_errors_total", "accept(2) failures, by errno.", &["kind"]),
+            workers: gauge_vec("herd_workers", "Worker slots by state.", &["state"]),
+            restarts: counter_vec(
+                "herd_worker_restarts_total",
+                "Workers restarted or replaced, per slot and reason.",
+                &["slot", "reason"],
+            ),
+            worker_memory: gauge_vec(
+                "herd_worker_resident_memory_bytes",
+                "Resident memory of the worker serving each slot.",
+                &["slot"],
+            ),
+            worker_cpu: add(
+                &registry,
+                CounterVec::new(
+                    Opts::new("herd_worker_cpu_seconds_total", "CPU time used by the workers of each slot."),
+                    &["slot"],
+                )
+                .expect("valid metric"),
+            ),
+            reloads: counter_vec("herd_reloads_total", "Rolling reloads, by result.", &["result"]),
+            reload_duration: add(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("herd_reload_duration_seconds", "How long rolling reloads took.")
+                        .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+                )
+                .expect("valid metric"),
+            ),
+            fairness_jain: add(
+                &registry,
+                prometheus::Gauge::new(
+                    "herd_handoff_fairness_jain_index",
+                    "Jain's fairness index of hand-offs across the current slots since start (1 = even).",
+                )
+                .expect("valid metric"),
+            ),
+            registry: registry.clone(),
+        };
+        let build_info = gauge_vec("herd_build_info", "herd's version; always 1.", &["version"]);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let _ = metrics.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
+        for result in ["success", "failure"] {
+            metrics.reloads.with_label_values(&[result]);
+        }
+        for reason in ["worker-gone", "refused"] {
+            metrics.redispatched.with_label_values(&[reason]);
+        }
+        for reason in ["queue-full", "no-worker"] {
+            metrics.dropped.with_label_values(&[reason]);
+        }
+        metrics
+    }
+
+    pub fn restart(&self, slot: usize, reason: RestartReason) {
+        self.restarts
+            .with_label_values(&[&slot.to_string(), reason.label()])
+            .inc();
+    }
+
+    pub fn reload_finished(&self, success: bool, took: Duration) {
+        let result = if success { "success" } else { "failure" };
+        self.reloads.with_label_values(&[result]).inc();
+        self.reload_duration.observe(took.as_secs_f64());
+    }
+
+    /// Brings every value up to date and encodes the registry (text format).
+    pub fn render(
+        &self,
+        counters: &Counters,
+        slots: &[SlotStatus],
+        cpu_seconds: &[f64],
+    ) -> Vec<u8> {
+        for (listener, count) in counters.accepted.iter().enumerate() {
+            sync(
+                &self.accepted.with_label_values(&[&listener.to_string()]),
+                count.load(Relaxed),
+            );
+        }
+        let handed: Vec<u64> = (0..slots.len())
+            .map(|slot| counters.handed_off[slot].load(Relaxed))
+            .collect();
+        for (slot, count) in handed.iter().enumerate() {
+            sync(
+                &self.handed_off.with_label_values(&[&slot.to_string()]),
+                *count,
+            );
+        }
+        sync(
+            &self.redispatched.with_label_values(&["worker-gone"]),
+            counters.requeued_worker_gone.load(Relaxed),
+        );
+        sync(
+            &self.redispatched.with_label_values(&["refused"]),
+            counters.requeued_refused.load(Relaxed),
+        );
+        sync(
+            &self.dropped.with_label_values(&["queue-full"]),
+            counters.dropped_queue_full.load(Relaxed),
+        );
+        sync(
+            &self.dropped.with_label_values(&["no-worker"]),
+            counters.dropped_queue_timeout.load(Relaxed),
+        );
+        self.in_flight.set(counters.in_flight.load(Relaxed) as i64);
+        for (kind, count) in ACCEPT_ERROR_KINDS.iter().zip(&counters.accept_errors) {
+            sync(
+                &self.accept_errors.with_label_values(&[kind]),
+                count.load(Relaxed),
+            );
+        }
+        for state in [
+            SlotState::Starting,
+            SlotState::Ready,
+            SlotState::Replacing,
+            SlotState::Waiting,
+            SlotState::CrashLooping,
+        ] {
+            let count = slots.iter().filter(|s| s.state == state).count();
+            self.workers
+                .with_label_values(&[&crate::control::kebab(&state)])
+                .set(count as i64);
+        }
+        // Slots come and go with scaling: show only the current ones.
+        self.worker_memory.reset();
+        for status in slots {
+            if let Some(rss) = status.rss_bytes {
+                self.worker_memory
+                    .with_label_values(&[&status.slot.to_string()])
+                    .set(rss as i64);
+            }
+        }
+        for (slot, seconds) in cpu_seconds.iter().enumerate() {
+            let counter = self.worker_cpu.with_label_values(&[&slot.to_string()]);
+            if *seconds > counter.get() {
+                counter.inc_by(seconds - counter.get());
+            }
+        }
+        if let Some(fair) = fairness(&handed) {
+            self.fairness_jain.set(fair.jain_index);
+        }
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            warn!("cannot encode metrics: {e}");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Raises a registry counter to the value of its atomic source.
+fn sync(counter: &IntCounter, value: u64) {
+    let current = counter.get();
+    if value > current {
+        counter.inc_by(value - current);
+    }
+}
+
+/// A scrape waiting for the main thread to render the metrics.
+pub type Scrape = oneshot::Sender<Vec<u8>>;
+
+/// Why the metrics endpoint could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {source}")]
+pub struct MetricsBindError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds the metrics listener (before any worker starts, like the others).
+pub fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsBindError> {
+    let fail = |source| MetricsBindError { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(fail)?;
+    listener.set_nonblocking(true).map_err(fail)?;
+    tokio::net::TcpListener::from_std(listener).map_err(fail)
+}
+
+/// Serves `GET /metrics` (404 elsewhere, 405 for other methods) until herd exits.
+pub async fn serve(listener: tokio::net::TcpListener, scrapes: mpsc::UnboundedSender<Scrape>) {
+    use hyper::server::conn::http1;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!("metrics endpoint: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let scrapes = scrapes.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request| respond(request, scrapes.clone()));
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn respond<B>(
+    request: Request<B>,
+    scrapes: mpsc::UnboundedSender<Scrape>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: StatusCode, content_type: &str, body: Bytes| {
+        let mut response = Response::new(Full::new(body));
+        *response.status_mut() = status;
+        if let Ok(value) = content_type.parse() {
+            response
+                .headers_mut()
+                .insert(hyper::header::CONTENT_TYPE, value);
+        }
+        Ok(response)
+    };
+    if request.uri().path() != "/metrics" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"not found: metrics are at /metrics\n"),
+        );
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            Bytes::from_static(b"use GET\n"),
+        );
+    }
+    let (sender, rendered) = oneshot::channel();
+    if scrapes.send(sender).is_err() {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            Bytes::from_static(b"herd is stopping\n"),
+        );
+    }
+    match rendered.await {
+        Ok(body) => reply(StatusCode::OK, prometheus::TEXT_FORMAT, Bytes::from(body)),
+        Err(_) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            Bytes::from_static(b"herd is stopping\n"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fairness_of_even_and_skewed_spreads() {
+        assert_eq!(
+            fairness(&[1000, 1000, 1000, 1000]),
+            Some(Fairness {
+                max_min_ratio: Some(1.0),
+                jain_index: 1.0
+            })
+        );
+        let skewed = fairness(&[700, 100, 100, 100]).unwrap();
+        assert_eq!(skewed.max_min_ratio, Some(7.0));
+        assert!((skewed.jain_index - 1_000_000.0 / (4.0 * 520_000.0)).abs() < 1e-9);
+        assert_eq!(fairness(&[5, 0]).unwrap().max_min_ratio, None);
+        assert_eq!(fairness(&[0, 0]), None);
+    }
+
+    #[test]
+    fn render_reflects_the_counters() {
+        let metrics = Metrics::new();
+        let counters = Counters::new(1);
+        counters.accepted[0].fetch_add(3, Relaxed);
+        counters.handed_off[1].fetch_add(2, Relaxed);
+        let text = String::from_utf8(metrics.render(&counters, &[], &[])).unwrap();
+        assert!(
+            text.contains("herd_connections_accepted_total{listener=\"0\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("herd_build_info{version="));
+        counters.accepted[0].fetch_add(2, Relaxed);
+        let text = String::from_utf8(metrics.render(&counters, &[], &[])).unwrap();
+        assert!(
+            text.contains("herd_connections_accepted_total{listener=\"0\"} 5"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! Observability: `/metrics` checked by promtool and scraped by a real
+//! Prometheus server, counters that add up, worker-state and restart
+//! metrics, and machine-readable logs with a span per worker slot.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// The address herd logged for its metrics endpoint.
+fn metrics_addr(herd: &Herd) -> SocketAddr {
+    let line = herd.wait_for_lines("metrics on http://", 1).remove(0);
+    let rest = line.split("metrics on http://").nth(1).unwrap();
+    rest.split('/').next().unwrap().parse().unwrap()
+}
+
+/// One plain HTTP/1.1 request; returns (status code, headers, body).
+fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect_timeout(&addr, DEADLINE).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head.to_lowercase(), body.to_string())
+}
+
+/// The value of the one sample named exactly `series` (name plus labels).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+/// Sum of every sample of a metric name, whatever its labels.
+fn sum_of(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// After N requests the per-slot hand-off counters add up to N, the
+/// exposition has the right content type, and promtool accepts it.
+#[test]
+fn metrics_count_every_handoff_and_pass_promtool() {
+    let herd = Herd::launch(
+        "metrics",
+        None,
+        4,
+        &["--metrics", "127.0.0.1:0"],
+        &[hello_worker()],
+    );
+    herd.wait_ready(4);
+    let addr = metrics_addr(&herd);
+    count_pids(herd.addr(), 200);
+
+    let (status, head, body) = http(addr, "GET", "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert_eq!(
+        sum_of(&body, "herd_connections_handed_off_total"),
+        200.0,
+        "{body}"
+    );
+    for slot in 0..4 {
+        assert_eq!(
+            sample(
+                &body,
+                &format!("herd_connections_handed_off_total{{slot=\"{slot}\"}}")
+            ),
+            50.0
+        );
+    }
+    assert_eq!(
+        sample(&body, "herd_connections_accepted_total{listener=\"0\"}"),
+        200.0
+    );
+    assert_eq!(sample(&body, "herd_handoff_latency_seconds_count"), 200.0);
+    assert_eq!(sample(&body, "herd_workers{state=\"ready\"}"), 4.0);
+    assert_eq!(sample(&body, "herd_handoffs_in_flight"), 0.0);
+    assert_eq!(sample(&body, "herd_handoff_fairness_jain_index"), 1.0);
+    assert!(
+        body.contains("process_resident_memory_bytes"),
+        "process collector missing"
+    );
+    assert!(body.contains("herd_build_info{version=\""));
+
+    // The same spread as `herd status` reports it.
+    let status = herd.status();
+    assert_eq!(status["fairness"]["max_min_ratio"], 1.0);
+    assert_eq!(status["fairness"]["jain_index"], 1.0);
+    let table = herd.control(&["status"]).stdout;
+    assert!(
+        table.contains("fairness: max/min 1.00 · Jain's index 1.000"),
+        "{table}"
+    );
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
+/// Only GET/HEAD /metrics is served.
+#[test]
+fn other_paths_are_404_and_other_methods_405() {
+    let herd = Herd::launch(
+        "metrics-paths",
+        None,
+        1,
+        &["--metrics", "127.0.0.1:0"],
+        &[hello_worker()],
+    );
+    let addr = metrics_addr(&herd);
+    assert_eq!(http(addr, "GET", "/").0, 404);
+    assert_eq!(http(addr, "GET", "/metricsx").0, 404);
+    assert_eq!(http(addr, "POST", "/metrics").0, 405);
+    assert_eq!(http(addr, "HEAD", "/metrics").0, 200);
+}
+
+/// A busy metrics port stops herd before any worker starts, like a busy listener.
+#[test]
+fn a_busy_metrics_port_exits_3() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().to_string();
+    let mut herd = Herd::launch(
+        "metrics-busy",
+        None,
+        1,
+        &["--metrics", &busy],
+        &[hello_worker()],
+    );
+    herd.wait_for_lines(&format!("cannot serve metrics on {busy}"), 1);
+    assert_eq!(herd.wait_exit().code(), Some(3));
+    assert!(!herd.log_text().contains("worker started"));
+}
+
+/// Restarts are counted per slot and reason, and a crash-looping slot shows
+/// in `herd_workers{state="crash-looping"}`.
+#[test]
+fn restarts_and_crash_loops_show_in_metrics() {
+    let config = "[restart]\nbackoff_base = \"20ms\"\nbackoff_max = \"100ms\"\nmax_restarts = 2\n";
+    let crash_slot_1 = "if [ \"$HERD_WORKER_ID\" = 1 ]; then exit 7; fi; exec \"$0\"";
+    let herd = Herd::launch(
+        "metrics-crash",
+        Some(config),
+        2,
+        &["--metrics", "127.0.0.1:0"],
+        &["sh", "-c", crash_slot_1, hello_worker()],
+    );
+    herd.wait_for_lines("worker is crash-looping", 1);
+    let addr = metrics_addr(&herd);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let body = http(addr, "GET", "/metrics").2;
+        let looping = sample(&body, "herd_workers{state=\"crash-looping\"}");
+        let restarts = sample(
+            &body,
+            "herd_worker_restarts_total{reason=\"exit\",slot=\"1\"}",
+        );
+        if looping == 1.0 && restarts >= 3.0 {
+            assert_eq!(sample(&body, "herd_workers{state=\"ready\"}"), 1.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "crash loop not visible:\n{body}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A Prometheus server, killed when dropped.
+struct Prometheus {
+    child: Child,
+    dir: std::path::PathBuf,
+    api: SocketAddr,
+}
+
+impl Prometheus {
+    fn scraping(target: SocketAddr) -> Prometheus {
+        let dir = scratch_dir("prometheus");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: herd\n    static_configs:\n      - targets: [\"{target}\"]\n"
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let api = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={api}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package prometheus)");
+        Prometheus { child, dir, api }
+    }
+
+    /// GET an API path, once the server answers; `None` until then.
+    fn api(&self, path: &str) -> Option<Value> {
+        let mut stream = TcpStream::connect_timeout(&self.api, Duration::from_secs(1)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: prometheus\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        serde_json::from_str(response.split_once("\r\n\r\n")?.1).ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A real Prometheus scrapes herd: the target is up and `herd_` series are there.
+#[test]
+fn a_real_prometheus_scrapes_herd() {
+    let herd = Herd::launch(
+        "metrics-scraped",
+        None,
+        2,
+        &["--metrics", "127.0.0.1:0"],
+        &[hello_worker()],
+    );
+    herd.wait_ready(2);
+    count_pids(herd.addr(), 10);
+    let prometheus = Prometheus::scraping(metrics_addr(&herd));
+    // Prometheus takes a few seconds to start and scrape; allow it more than DEADLINE.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut up = false;
+    loop {
+        if !up {
+            up = prometheus.api("/api/v1/targets").is_some_and(|targets| {
+                targets["data"]["activeTargets"]
+                    .as_array()
+                    .is_some_and(|t| t.iter().any(|t| t["health"] == "up"))
+            });
+        }
+        if up {
+            let query = prometheus.api("/api/v1/query?query=herd_connections_handed_off_total");
+            let series = query
+                .as_ref()
+                .and_then(|q| q["data"]["result"].as_array().cloned())
+                .unwrap_or_default();
+            if series.len() == 2 {
+                let total: f64 = series
+                    .iter()
+                    .map(|s| s["value"][1].as_str().unwrap().parse::<f64>().unwrap())
+                    .sum();
+                assert_eq!(total, 10.0);
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never scraped herd (target up: {up})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `--log-format json`: one JSON object per line, and lines about a worker
+/// carry its slot's span.
+#[test]
+fn json_logs_carry_a_span_per_worker_slot() {
+    let herd = Herd::launch(
+        "json-logs",
+        None,
+        2,
+        &["--log-format", "json"],
+        &[hello_worker()],
+    );
+    let lines = herd.wait_for_lines("\"worker ready\"", 2);
+    for line in lines {
+        let event: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(event["span"]["name"], "worker");
+        assert_eq!(event["span"]["slot"], event["fields"]["slot"]);
+    }
+    for line in herd
+        .log_text()
+        .lines()
+        .filter(|l| !l.starts_with("[worker"))
+    {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
+}
