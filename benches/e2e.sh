@@ -9,7 +9,8 @@ rounds=${1:-3}; secs=${2:-5}; conns=${3:-50}
 cargo build --release --workspace -q
 bin=target/release
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+tmp=$(mktemp -d)
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -17,9 +18,11 @@ wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/n
 
 declare -A port pid_of
 port[direct]=$(free_port); "$bin/hello-worker" --listen 127.0.0.1:${port[direct]} & pids+=($!); pid_of[direct]=$!
-port[herd-1]=$(free_port); RUST_LOG=warn "$bin/herd" run --listen 127.0.0.1:${port[herd-1]} --workers 1 -- "$bin/hello-worker" & pids+=($!); pid_of[herd-1]=$!
-port[herd-2]=$(free_port); RUST_LOG=warn "$bin/herd" run --listen 127.0.0.1:${port[herd-2]} --workers 2 -- "$bin/hello-worker" & pids+=($!); pid_of[herd-2]=$!
-setups=(direct herd-1 herd-2)
+port[herd-1]=$(free_port); RUST_LOG=warn "$bin/herd" run -c /dev/null --control "$tmp/1.sock" --listen 127.0.0.1:${port[herd-1]} --workers 1 -- "$bin/hello-worker" & pids+=($!); pid_of[herd-1]=$!
+port[herd-1-metrics]=$(free_port); RUST_LOG=warn "$bin/herd" run -c /dev/null --control "$tmp/m.sock" --metrics 127.0.0.1:0 --listen 127.0.0.1:${port[herd-1-metrics]} --workers 1 -- "$bin/hello-worker" & pids+=($!); pid_of[herd-1-metrics]=$!
+port[herd-2]=$(free_port); RUST_LOG=warn "$bin/herd" run -c /dev/null --control "$tmp/2.sock" --listen 127.0.0.1:${port[herd-2]} --workers 2 -- "$bin/hello-worker" & pids+=($!); pid_of[herd-2]=$!
+# SETUPS="herd-1 herd-1-metrics" benches/e2e.sh ... compares just those (the first is the baseline).
+read -r -a setups <<< "${SETUPS:-direct herd-1 herd-1-metrics herd-2}"
 for s in "${setups[@]}"; do wait_port "${port[$s]}"; done
 
 declare -A results
@@ -40,8 +43,8 @@ for r in $(seq "$rounds"); do
   done
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-base_close=$(echo "${results[direct,close]}" | median)
-base_ka=$(echo "${results[direct,keepalive]}" | median)
+base_close=$(echo "${results[${setups[0]},close]}" | median)
+base_ka=$(echo "${results[${setups[0]},keepalive]}" | median)
 echo "| setup | new conn/request, $conns conns (req/s) | ratio | keep-alive, $conns conns (req/s) | ratio | 1 conn, new conn/request: p50 / p99 (µs) | primary RSS (KiB) |"
 echo "|---|---|---|---|---|---|---|"
 for s in "${setups[@]}"; do

@@ -106,12 +106,84 @@ pub struct Counters {
     pub requeued_refused: AtomicU64,
     /// Connections sent to a worker and not yet acknowledged, right now.
     pub in_flight: AtomicU64,
+    /// Per slot, connections its workers acknowledged and have not reported
+    /// CLOSED; only meaningful where `reports_closed` is set.
+    pub open_connections: Box<[AtomicU64]>,
+    /// Per slot, whether its worker reports CLOSED (it sent at least one).
+    pub reports_closed: Box<[std::sync::atomic::AtomicBool]>,
     /// Connections closed because the wait queue was full.
     pub dropped_queue_full: AtomicU64,
     /// Connections closed because no worker took them within `queue_timeout`.
     pub dropped_queue_timeout: AtomicU64,
     /// accept(2) failures other than "nothing to accept", by [`ACCEPT_ERROR_KINDS`].
     pub accept_errors: [AtomicU64; ACCEPT_ERROR_KINDS.len()],
+    /// Accept-to-ACK time of each connection (recorded only when metrics are served).
+    pub latency: LatencyHistogram,
+}
+
+/// Upper bounds of the hand-off latency buckets in nanoseconds: 5 µs to 100 ms.
+pub const LATENCY_BOUNDS_NANOS: [u64; 14] = [
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+];
+
+/// A fixed-bucket histogram written by the hand-off thread alone. With one
+/// writer, a plain load and store replace locked read-modify-writes, so a
+/// recording costs a few ordinary memory operations. A concurrent reader may
+/// see a count one observation behind its buckets; a scrape tolerates that.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Per bucket (not cumulative); the last one is above every bound.
+    buckets: [AtomicU64; LATENCY_BOUNDS_NANOS.len() + 1],
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+/// What a reader sees of a [`LatencyHistogram`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatencySnapshot {
+    /// Per bucket, not cumulative, aligned with [`LATENCY_BOUNDS_NANOS`] plus +Inf.
+    pub buckets: Vec<u64>,
+    pub sum_nanos: u64,
+    pub count: u64,
+}
+
+impl LatencyHistogram {
+    /// Records one observation. Only the hand-off thread may call this.
+    pub fn record(&self, nanos: u64) {
+        let bucket = LATENCY_BOUNDS_NANOS
+            .iter()
+            .position(|&bound| nanos <= bound)
+            .unwrap_or(LATENCY_BOUNDS_NANOS.len());
+        bump(&self.buckets[bucket], 1);
+        bump(&self.sum_nanos, nanos);
+        bump(&self.count, 1);
+    }
+
+    pub fn snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot {
+            buckets: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+            sum_nanos: self.sum_nanos.load(Relaxed),
+            count: self.count.load(Relaxed),
+        }
+    }
+}
+
+/// Adds to a counter that only the calling thread writes.
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.store(counter.load(Relaxed).wrapping_add(by), Relaxed);
 }
 
 /// The `kind` label of accept errors, in the order of `Counters::accept_errors`.
@@ -144,9 +216,12 @@ impl Counters {
             requeued_worker_gone: AtomicU64::new(0),
             requeued_refused: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            open_connections: zeros(MAX_WORKERS),
+            reports_closed: (0..MAX_WORKERS).map(|_| Default::default()).collect(),
             dropped_queue_full: AtomicU64::new(0),
             dropped_queue_timeout: AtomicU64::new(0),
             accept_errors: Default::default(),
+            latency: LatencyHistogram::default(),
         }
     }
 }
@@ -175,7 +250,7 @@ pub fn spawn(
     limits: HandoffSettings,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     counters: Arc<Counters>,
-    latency: Option<prometheus::Histogram>,
+    measure_latency: bool,
 ) -> io::Result<(Controller, JoinHandle<()>)> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -202,7 +277,7 @@ pub fn spawn(
         commands,
         events,
         counters,
-        latency,
+        measure_latency,
         next_connection_id: 0,
         accept_paused_until: None,
         accept_backoff: ACCEPT_BACKOFF_MIN,
@@ -268,6 +343,10 @@ struct WorkerChannel {
     in_flight: VecDeque<InFlight>,
     /// Connections sent to this worker.
     sent: u64,
+    /// Connections it acknowledged.
+    acked: u64,
+    /// Connections it reported CLOSED; `None` until the first report.
+    closed: Option<u64>,
     /// Send at most this many, then report RecycleDue (`max_connections_per_worker`).
     recycle_after: Option<u64>,
     /// Malformed messages already logged, so a broken worker can't flood the log.
@@ -305,8 +384,8 @@ struct HandoffLoop {
     commands: mpsc::Receiver<Command>,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     counters: Arc<Counters>,
-    /// Accept-to-ACK time of each connection; `None` when metrics are off.
-    latency: Option<prometheus::Histogram>,
+    /// Record accept-to-ACK times (only when metrics are served).
+    measure_latency: bool,
     next_connection_id: u64,
     /// Set after accept failed for lack of resources; accepting resumes then.
     accept_paused_until: Option<Instant>,
@@ -459,6 +538,8 @@ impl HandoffLoop {
             drain_pending: false,
             in_flight: VecDeque::with_capacity(self.limits.max_unacked),
             sent: 0,
+            acked: 0,
+            closed: None,
             recycle_after,
             protocol_errors: 0,
         });
@@ -786,13 +867,18 @@ impl HandoffLoop {
         match message {
             WorkerMessage::Ack(id) => {
                 if let Some(entry) = take_in_flight(&mut worker.in_flight, id) {
-                    if let Some(latency) = &self.latency {
-                        latency.observe(entry.conn.accepted_at.elapsed().as_secs_f64());
+                    if self.measure_latency {
+                        let nanos = entry.conn.accepted_at.elapsed().as_nanos() as u64;
+                        self.counters.latency.record(nanos);
                     }
                     // Dropping the entry closes the primary's copy of the fd.
                     drop(entry);
                     self.counters.in_flight.fetch_sub(1, Relaxed);
                     self.counters.handed_off[worker.slot].fetch_add(1, Relaxed);
+                    worker.acked += 1;
+                    if worker.closed.is_some() {
+                        self.counters.open_connections[worker.slot].fetch_add(1, Relaxed);
+                    }
                     if worker.blocked {
                         worker.blocked = false;
                         self.send_pending_drain(index);
@@ -807,8 +893,30 @@ impl HandoffLoop {
                     self.queue.push_front(entry.conn);
                 }
             }
-            WorkerMessage::Ready => self.make_ready(index),
-            WorkerMessage::Closed(_) => {}
+            WorkerMessage::Ready { reports_closed } => {
+                if reports_closed && worker.closed.is_none() {
+                    worker.closed = Some(0);
+                    self.counters.reports_closed[worker.slot].store(true, Relaxed);
+                }
+                self.make_ready(index)
+            }
+            WorkerMessage::Closed(_) => {
+                let slot = worker.slot;
+                let open = &self.counters.open_connections[slot];
+                match worker.closed.as_mut() {
+                    Some(closed) if *closed < worker.acked => {
+                        *closed += 1;
+                        open.fetch_sub(1, Relaxed);
+                    }
+                    Some(_) => {} // more CLOSED than ACKs: a confused worker; ignore
+                    None => {
+                        // First report: from now on this worker's count is tracked.
+                        worker.closed = Some(1);
+                        self.counters.reports_closed[slot].store(true, Relaxed);
+                        open.fetch_add(worker.acked.saturating_sub(1), Relaxed);
+                    }
+                }
+            }
         }
     }
 
@@ -822,6 +930,10 @@ impl HandoffLoop {
         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         if self.active.get(worker.slot) == Some(&Some(index)) {
             self.active[worker.slot] = None;
+        }
+        if let Some(closed) = worker.closed {
+            // Whatever it still had open ended with its channel.
+            self.counters.open_connections[worker.slot].fetch_sub(worker.acked - closed, Relaxed);
         }
         let requeued = worker.in_flight.len();
         for entry in worker.in_flight.into_iter().rev() {
@@ -857,4 +969,27 @@ fn take_in_flight(in_flight: &mut VecDeque<InFlight>, id: u64) -> Option<InFligh
         .iter()
         .position(|entry| entry.conn.handoff.connection_id == id)?;
     in_flight.remove(position)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_lands_in_the_right_buckets() {
+        let histogram = LatencyHistogram::default();
+        for nanos in [1, 5_000, 5_001, 99_000_000, 500_000_000] {
+            histogram.record(nanos);
+        }
+        let snapshot = histogram.snapshot();
+        assert_eq!(snapshot.count, 5);
+        assert_eq!(
+            snapshot.sum_nanos,
+            1 + 5_000 + 5_001 + 99_000_000 + 500_000_000
+        );
+        assert_eq!(snapshot.buckets[0], 2, "<= 5 µs");
+        assert_eq!(snapshot.buckets[1], 1, "<= 10 µs");
+        assert_eq!(snapshot.buckets[13], 1, "<= 100 ms");
+        assert_eq!(snapshot.buckets[14], 1, "+Inf");
+    }
 }

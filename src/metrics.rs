@@ -16,6 +16,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{
     CounterVec, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -23,14 +28,8 @@ use prometheus::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use crate::handoff::{Counters, ACCEPT_ERROR_KINDS};
+use crate::handoff::{Counters, ACCEPT_ERROR_KINDS, LATENCY_BOUNDS_NANOS};
 use crate::supervisor::{SlotState, SlotStatus};
-
-/// Hand-off latency buckets, accept to ACK: 5 µs to 50 ms.
-const LATENCY_BUCKETS: [f64; 14] = [
-    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
-    0.01, 0.025, 0.05, 0.1,
-];
 
 /// Why a worker slot was restarted or its worker replaced (the `reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,13 +61,12 @@ impl RestartReason {
 /// Every metric family herd exports.
 pub struct Metrics {
     registry: Registry,
-    /// Accept-to-ACK time; handed to the hand-off thread.
-    pub handoff_latency: Histogram,
     accepted: IntCounterVec,
     handed_off: IntCounterVec,
     redispatched: IntCounterVec,
     dropped: IntCounterVec,
     in_flight: IntGauge,
+    open_connections: IntGaugeVec,
     accept_errors: IntCounterVec,
     workers: IntGaugeVec,
     restarts: IntCounterVec,
@@ -103,8 +101,12 @@ pub fn fairness(counts: &[u64]) -> Option<Fairness> {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    /// The registry, reading the hand-off thread's `counters` at scrape time.
+    pub fn new(counters: Arc<Counters>) -> Metrics {
         let registry = Registry::new();
+        registry
+            .register(Box::new(LatencyCollector::new(counters)))
+            .expect("metric names are unique");
         fn add<C: prometheus::core::Collector + Clone + 'static>(
             registry: &Registry,
             collector: C,
@@ -127,17 +129,6 @@ impl Metrics {
             )
         };
         let metrics = Metrics {
-            handoff_latency: add(
-                &registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "herd_handoff_latency_seconds",
-                        "Time from accept until the worker acknowledged the connection.",
-                    )
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-                )
-                .expect("valid metric"),
-            ),
             accepted: counter_vec("herd_connections_accepted_total", "Connections accepted, per listener.", &["listener"]),
             handed_off: counter_vec(
                 "herd_connections_handed_off_total",
@@ -158,6 +149,11 @@ impl Metrics {
                 &registry,
                 IntGauge::new("herd_handoffs_in_flight", "Connections sent to a worker and not yet acknowledged.")
                     .expect("valid metric"),
+            ),
+            open_connections: gauge_vec(
+                "herd_worker_open_connections",
+                "Connections each slot's workers hold (acknowledged, not yet reported closed), for workers that report CLOSED.",
+                &["slot"],
             ),
             accept_errors: counter_vec("herd_accept_errors_total", "accept(2) failures, by errno.", &["kind"]),
             workers: gauge_vec("herd_workers", "Worker slots by state.", &["state"]),
@@ -268,6 +264,15 @@ impl Metrics {
             counters.dropped_queue_timeout.load(Relaxed),
         );
         self.in_flight.set(counters.in_flight.load(Relaxed) as i64);
+        self.open_connections.reset();
+        for slot in 0..slots.len() {
+            if counters.reports_closed[slot].load(Relaxed) {
+                let open = counters.open_connections[slot].load(Relaxed) as i64;
+                self.open_connections
+                    .with_label_values(&[&slot.to_string()])
+                    .set(open);
+            }
+        }
         for (kind, count) in ACCEPT_ERROR_KINDS.iter().zip(&counters.accept_errors) {
             sync(
                 &self.accept_errors.with_label_values(&[kind]),
@@ -312,9 +317,61 @@ impl Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics::new()
+/// Exports the hand-off thread's [`LatencyHistogram`] as a Prometheus
+/// histogram, read only when scraped.
+struct LatencyCollector {
+    counters: Arc<Counters>,
+    desc: Desc,
+}
+
+const LATENCY_NAME: &str = "herd_handoff_latency_seconds";
+const LATENCY_HELP: &str = "Time from accept until the worker acknowledged the connection.";
+
+impl LatencyCollector {
+    fn new(counters: Arc<Counters>) -> Self {
+        let desc = Desc::new(
+            LATENCY_NAME.into(),
+            LATENCY_HELP.into(),
+            Vec::new(),
+            HashMap::new(),
+        )
+        .expect("valid metric");
+        LatencyCollector { counters, desc }
+    }
+}
+
+impl Collector for LatencyCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let snapshot = self.counters.latency.snapshot();
+        let mut cumulative = 0;
+        let buckets = LATENCY_BOUNDS_NANOS
+            .iter()
+            .zip(&snapshot.buckets)
+            .map(|(bound, count)| {
+                cumulative += count;
+                let mut bucket = proto::Bucket::default();
+                bucket.set_cumulative_count(cumulative);
+                bucket.set_upper_bound(*bound as f64 / 1e9);
+                bucket
+            })
+            .collect();
+        let mut histogram = proto::Histogram::default();
+        histogram.set_bucket(buckets);
+        // Count every bucket, +Inf included, so the count matches the buckets.
+        histogram.set_sample_count(snapshot.buckets.iter().sum());
+        histogram.set_sample_sum(snapshot.sum_nanos as f64 / 1e9);
+        let mut metric = proto::Metric::default();
+        metric.set_histogram(histogram);
+        let mut family = MetricFamily::default();
+        family.set_name(LATENCY_NAME.into());
+        family.set_help(LATENCY_HELP.into());
+        family.set_field_type(MetricType::HISTOGRAM);
+        family.set_metric(vec![metric]);
+        vec![family]
     }
 }
 
@@ -440,8 +497,8 @@ mod tests {
 
     #[test]
     fn render_reflects_the_counters() {
-        let metrics = Metrics::new();
-        let counters = Counters::new(1);
+        let counters = Arc::new(Counters::new(1));
+        let metrics = Metrics::new(counters.clone());
         counters.accepted[0].fetch_add(3, Relaxed);
         counters.handed_off[1].fetch_add(2, Relaxed);
         let text = String::from_utf8(metrics.render(&counters, &[], &[])).unwrap();

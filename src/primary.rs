@@ -102,7 +102,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
     let mut signals = Signals::install().map_err(PrimaryError::Signals)?;
 
     let counters = Arc::new(Counters::new(listeners.len()));
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(counters.clone()));
     let (scrapes_tx, mut scrapes) = mpsc::unbounded_channel::<metrics::Scrape>();
     if let Some(listener) = metrics_listener {
         if let Ok(addr) = listener.local_addr() {
@@ -111,7 +111,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
         tokio::spawn(metrics::serve(listener, scrapes_tx));
     }
     // The hand-off thread times each hand-off only when someone can read it.
-    let latency = settings.metrics.map(|_| metrics.handoff_latency.clone());
+    let measure_latency = settings.metrics.is_some();
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (controller, handoff_thread) = handoff::spawn(
         listeners,
@@ -119,7 +119,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
         settings.handoff,
         events_tx,
         counters.clone(),
-        latency,
+        measure_latency,
     )
     .map_err(PrimaryError::HandoffLoop)?;
 

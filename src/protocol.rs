@@ -17,6 +17,9 @@ use bytes::{Buf, BufMut};
 /// The protocol version this build speaks; the first byte of every message.
 pub const VERSION: u8 = 1;
 
+/// READY flag (header bytes 2..4): the worker sends CLOSED for each connection it closes.
+pub const READY_REPORTS_CLOSED: u16 = 0x0001;
+
 /// Size of an encoded address block: family, reserved, port, 16 address bytes.
 const ADDRESS_LEN: usize = 20;
 
@@ -89,8 +92,10 @@ pub enum WorkerMessage {
     Ack(u64),
     /// The worker will not serve this connection; the primary hands it to another worker.
     Nack(u64),
-    /// The worker is ready to take connections.
-    Ready,
+    /// The worker is ready to take connections. `reports_closed` (flag bit
+    /// 0 in the header's spare bytes) promises a CLOSED for every connection
+    /// it closes, so herd can count its open connections.
+    Ready { reports_closed: bool },
     /// The worker closed a connection it had acknowledged (for least-connections dispatch).
     Closed(u64),
 }
@@ -145,16 +150,20 @@ impl PrimaryMessage {
 impl WorkerMessage {
     /// Writes the message into `buf` and returns the bytes to send.
     pub fn encode<'a>(&self, buf: &'a mut [u8; WORKER_MESSAGE_MAX_LEN]) -> &'a [u8] {
-        let (kind, id) = match *self {
-            WorkerMessage::Ack(id) => (kind::ACK, Some(id)),
-            WorkerMessage::Nack(id) => (kind::NACK, Some(id)),
-            WorkerMessage::Closed(id) => (kind::CLOSED, Some(id)),
-            WorkerMessage::Ready => (kind::READY, None),
+        let (kind, id, flags) = match *self {
+            WorkerMessage::Ack(id) => (kind::ACK, Some(id), 0),
+            WorkerMessage::Nack(id) => (kind::NACK, Some(id), 0),
+            WorkerMessage::Closed(id) => (kind::CLOSED, Some(id), 0),
+            WorkerMessage::Ready { reports_closed } => (
+                kind::READY,
+                None,
+                u16::from(reports_closed) * READY_REPORTS_CLOSED,
+            ),
         };
         let mut out = &mut buf[..];
         out.put_u8(VERSION);
         out.put_u8(kind);
-        out.put_u16_le(0);
+        out.put_u16_le(flags);
         match id {
             Some(id) => {
                 out.put_u64_le(id);
@@ -169,7 +178,10 @@ impl WorkerMessage {
         match kind {
             kind::READY => {
                 expect_len(kind, bytes, 4)?;
-                Ok(WorkerMessage::Ready)
+                let flags = u16::from_le_bytes([bytes[2], bytes[3]]);
+                Ok(WorkerMessage::Ready {
+                    reports_closed: flags & READY_REPORTS_CLOSED != 0,
+                })
             }
             kind::ACK | kind::NACK | kind::CLOSED => {
                 expect_len(kind, bytes, WORKER_MESSAGE_MAX_LEN)?;
@@ -288,14 +300,32 @@ mod tests {
             WorkerMessage::Ack(7),
             WorkerMessage::Nack(u64::MAX),
             WorkerMessage::Closed(0),
-            WorkerMessage::Ready,
+            WorkerMessage::Ready {
+                reports_closed: false,
+            },
+            WorkerMessage::Ready {
+                reports_closed: true,
+            },
         ] {
             let mut buf = [0u8; WORKER_MESSAGE_MAX_LEN];
             let bytes = message.encode(&mut buf);
             assert_eq!(WorkerMessage::decode(bytes), Ok(message));
         }
         let mut buf = [0u8; WORKER_MESSAGE_MAX_LEN];
-        assert_eq!(WorkerMessage::Ready.encode(&mut buf), &[1, 0x82, 0, 0]);
+        assert_eq!(
+            WorkerMessage::Ready {
+                reports_closed: false
+            }
+            .encode(&mut buf),
+            &[1, 0x82, 0, 0]
+        );
+        assert_eq!(
+            WorkerMessage::Ready {
+                reports_closed: true
+            }
+            .encode(&mut buf),
+            &[1, 0x82, 1, 0]
+        );
         assert_eq!(
             WorkerMessage::Ack(1).encode(&mut buf),
             &[1, 0x81, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]

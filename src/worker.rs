@@ -100,7 +100,10 @@ impl Worker {
     /// use; call it earlier only to become ready before the first accept.
     pub async fn ready(&mut self) -> Result<(), WorkerError> {
         if !self.said_ready {
-            self.send(WorkerMessage::Ready).await?;
+            self.send(WorkerMessage::Ready {
+                reports_closed: false,
+            })
+            .await?;
             self.said_ready = true;
         }
         Ok(())

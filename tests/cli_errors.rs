@@ -230,6 +230,7 @@ fn run_without_arguments_reads_config_toml_in_the_current_directory() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
         .unwrap()
         .replace("\"127.0.0.1:3000\"", "\"127.0.0.1:0\"")
+        .replace("\"127.0.0.1:9464\"", "\"127.0.0.1:0\"")
         .replace(
             "\"target/release/hello-worker\"",
             &format!("{:?}", hello_worker()),
@@ -238,6 +239,7 @@ fn run_without_arguments_reads_config_toml_in_the_current_directory() {
     let herd = Herd::start_in(&dir, &[]);
     let cores = std::thread::available_parallelism().unwrap().get();
     herd.wait_ready(cores);
+    herd.wait_for_lines("metrics on http://127.0.0.1:", 1);
     assert!(get(herd.addr()).is_ok());
     assert!(herd.stop().success());
 }

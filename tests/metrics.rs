@@ -332,3 +332,57 @@ fn json_logs_carry_a_span_per_worker_slot() {
         );
     }
 }
+
+/// Workers that report CLOSED get an open-connections gauge per slot that
+/// follows their keep-alive connections up and back down.
+#[test]
+fn open_connections_follow_what_workers_report() {
+    let fixture = format!(
+        "{}/tests/fixtures/odd_worker.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let herd = Herd::launch(
+        "metrics-open",
+        None,
+        2,
+        &["--metrics", "127.0.0.1:0"],
+        &["python3", &fixture, "report-closed"],
+    );
+    herd.wait_for_lines("worker ready", 2);
+    let (metrics, addr) = (metrics_addr(&herd), herd.addr());
+    let open_total = |expected: f64| {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let body = http(metrics, "GET", "/metrics").2;
+            if sum_of(&body, "herd_worker_open_connections") == expected {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "open connections never reached {expected}:\n{body}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // One request each on 6 keep-alive connections, left open.
+    let mut kept = Vec::new();
+    for _ in 0..6 {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 512];
+        assert!(stream.read(&mut buf).unwrap() > 0);
+        kept.push(stream);
+    }
+    let body = open_total(6.0);
+    assert!(
+        body.contains("herd_worker_open_connections{slot=\"0\"} 3"),
+        "{body}"
+    );
+    kept.pop();
+    open_total(5.0);
+    drop(kept);
+    open_total(0.0);
+}
