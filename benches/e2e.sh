@@ -20,6 +20,7 @@ declare -A port pid_of
 port[direct]=$(free_port); "$bin/hello-worker" --listen 127.0.0.1:${port[direct]} & pids+=($!); pid_of[direct]=$!
 port[herd-1]=$(free_port); RUST_LOG=warn "$bin/herd" run -c /dev/null --control "$tmp/1.sock" --listen 127.0.0.1:${port[herd-1]} --workers 1 -- "$bin/hello-worker" & pids+=($!); pid_of[herd-1]=$!
 port[herd-1-metrics]=$(free_port); RUST_LOG=warn "$bin/herd" run -c /dev/null --control "$tmp/m.sock" --metrics 127.0.0.1:0 --listen 127.0.0.1:${port[herd-1-metrics]} --workers 1 -- "$bin/hello-worker" & pids+=($!); pid_of[herd-1-metrics]=$!
+port[herd-1-again]=$(free_port); RUST_LOG=warn "$bin/herd" run -c /dev/null --control "$tmp/1b.sock" --listen 127.0.0.1:${port[herd-1-again]} --workers 1 -- "$bin/hello-worker" & pids+=($!); pid_of[herd-1-again]=$!
 port[herd-2]=$(free_port); RUST_LOG=warn "$bin/herd" run -c /dev/null --control "$tmp/2.sock" --listen 127.0.0.1:${port[herd-2]} --workers 2 -- "$bin/hello-worker" & pids+=($!); pid_of[herd-2]=$!
 # SETUPS="herd-1 herd-1-metrics" benches/e2e.sh ... compares just those (the first is the baseline).
 read -r -a setups <<< "${SETUPS:-direct herd-1 herd-1-metrics herd-2}"

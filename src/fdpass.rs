@@ -9,6 +9,8 @@
 //! latter allocates its control-message buffer on every call, and sending is
 //! on the per-connection hot path; here the buffer lives on the stack.
 
+#![allow(unsafe_code)]
+
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

@@ -19,6 +19,8 @@
 //! - [`worker`]: the library Rust workers link to receive connections.
 
 #![deny(rust_2018_idioms)]
+// Raw system calls live in `fdpass` alone, which opts back in.
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod control;
