@@ -109,7 +109,11 @@ fn latency_record(c: &mut Criterion) {
 fn dispatch(c: &mut Criterion) {
     let mut group = c.benchmark_group("dispatch");
     group.throughput(Throughput::Elements(1));
-    for (mode, name) in [(Mode::RoundRobin, "round-robin"), (Mode::Sticky, "sticky")] {
+    for (mode, name) in [
+        (Mode::RoundRobin, "round-robin"),
+        (Mode::Sticky, "sticky"),
+        (Mode::LeastConn, "least-conn"),
+    ] {
         for slots in [4usize, 64] {
             let mut dispatcher = Dispatcher::new(mode);
             let mut client = 0u32;
@@ -117,7 +121,7 @@ fn dispatch(c: &mut Criterion) {
                 b.iter(|| {
                     client = client.wrapping_add(1);
                     let ip = IpAddr::V4(Ipv4Addr::from(client));
-                    black_box(dispatcher.choose(ip, slots, |s| s != 1))
+                    black_box(dispatcher.choose(ip, slots, |s| (s != 1).then_some(s as u64 % 3)))
                 })
             });
         }

@@ -73,7 +73,7 @@ pub struct Config {
     pub backlog: i64,
     /// Number of worker processes, or "max" for one per available core.
     pub workers: WorkerCount,
-    /// Dispatch policy: "round-robin" or "sticky".
+    /// Dispatch policy: "round-robin", "sticky" or "least-conn".
     pub mode: String,
     /// The worker program and its arguments.
     pub command: Vec<String>,
@@ -703,7 +703,7 @@ mod tests {
         config.mode = "fastest".into();
         assert_eq!(
             error_of(&config),
-            "invalid `mode` = \"fastest\": expected one of: round-robin, sticky"
+            "invalid `mode` = \"fastest\": expected one of: round-robin, sticky, least-conn"
         );
 
         let mut config = minimal();

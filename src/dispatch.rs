@@ -16,15 +16,18 @@ pub enum Mode {
     RoundRobin,
     /// Rendezvous hash of the client IP: a client keeps its slot while the slot lives.
     Sticky,
+    /// The slot whose worker holds the fewest connections (ties in rotation).
+    LeastConn,
 }
 
 impl Mode {
-    pub const NAMES: &'static [&'static str] = &["round-robin", "sticky"];
+    pub const NAMES: &'static [&'static str] = &["round-robin", "sticky", "least-conn"];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::RoundRobin => "round-robin",
             Mode::Sticky => "sticky",
+            Mode::LeastConn => "least-conn",
         }
     }
 }
@@ -36,6 +39,7 @@ impl FromStr for Mode {
         match text {
             "round-robin" => Ok(Mode::RoundRobin),
             "sticky" => Ok(Mode::Sticky),
+            "least-conn" => Ok(Mode::LeastConn),
             _ => Err(format!("expected one of: {}", Mode::NAMES.join(", "))),
         }
     }
@@ -59,23 +63,30 @@ impl Dispatcher {
     }
 
     /// Picks a slot among `0..slots` for a connection from `client`, or
-    /// `None` when no slot can take it. `can_take(slot)` says whether a slot
-    /// is live, ready and not backed up.
+    /// `None` when no slot can take it. `load(slot)` is `None` when the slot
+    /// cannot take a connection (not live, not ready, backed up), else how
+    /// many connections its worker holds; only `least-conn` looks at it.
     pub fn choose(
         &mut self,
         client: IpAddr,
         slots: usize,
-        can_take: impl Fn(usize) -> bool,
+        load: impl Fn(usize) -> Option<u64>,
     ) -> Option<usize> {
-        match self.mode {
-            Mode::RoundRobin => {
-                let start = if self.next < slots { self.next } else { 0 };
-                let slot = (start..slots).chain(0..start).find(|&s| can_take(s))?;
-                self.next = slot + 1;
-                Some(slot)
+        let start = if self.next < slots { self.next } else { 0 };
+        let rotation = (start..slots).chain(0..start);
+        let slot = match self.mode {
+            Mode::RoundRobin => rotation.into_iter().find(|&s| load(s).is_some())?,
+            Mode::Sticky => return sticky_choice(client_key(client), slots, |s| load(s).is_some()),
+            // min_by_key keeps the first of equal loads: ties go in rotation.
+            Mode::LeastConn => {
+                rotation
+                    .filter_map(|s| Some((s, load(s)?)))
+                    .min_by_key(|&(_, l)| l)?
+                    .0
             }
-            Mode::Sticky => sticky_choice(client_key(client), slots, can_take),
-        }
+        };
+        self.next = slot + 1;
+        Some(slot)
     }
 }
 
@@ -125,7 +136,7 @@ mod tests {
         let mut dispatcher = Dispatcher::new(Mode::RoundRobin);
         let mut counts = [0; 4];
         for _ in 0..4000 {
-            counts[dispatcher.choose(ANY, 4, |_| true).unwrap()] += 1;
+            counts[dispatcher.choose(ANY, 4, |_| Some(0)).unwrap()] += 1;
         }
         assert_eq!(counts, [1000; 4]);
     }
@@ -134,29 +145,33 @@ mod tests {
     fn round_robin_skips_slots_that_cannot_take() {
         let mut dispatcher = Dispatcher::new(Mode::RoundRobin);
         let picks: Vec<_> = (0..6)
-            .map(|_| dispatcher.choose(ANY, 4, |s| s != 1).unwrap())
+            .map(|_| {
+                dispatcher
+                    .choose(ANY, 4, |s| (s != 1).then_some(0))
+                    .unwrap()
+            })
             .collect();
         assert_eq!(picks, [0, 2, 3, 0, 2, 3]);
-        assert_eq!(dispatcher.choose(ANY, 4, |_| false), None);
+        assert_eq!(dispatcher.choose(ANY, 4, |_| None), None);
     }
 
     #[test]
     fn round_robin_survives_the_slot_count_shrinking() {
         let mut dispatcher = Dispatcher::new(Mode::RoundRobin);
         for _ in 0..3 {
-            dispatcher.choose(ANY, 4, |_| true);
+            dispatcher.choose(ANY, 4, |_| Some(0));
         }
-        assert_eq!(dispatcher.choose(ANY, 2, |_| true), Some(0));
-        assert_eq!(dispatcher.choose(ANY, 2, |_| true), Some(1));
+        assert_eq!(dispatcher.choose(ANY, 2, |_| Some(0)), Some(0));
+        assert_eq!(dispatcher.choose(ANY, 2, |_| Some(0)), Some(1));
     }
 
     #[test]
     fn sticky_is_stable_per_client() {
         let mut dispatcher = Dispatcher::new(Mode::Sticky);
         for client in clients(100) {
-            let first = dispatcher.choose(client, 8, |_| true);
+            let first = dispatcher.choose(client, 8, |_| Some(0));
             for _ in 0..5 {
-                assert_eq!(dispatcher.choose(client, 8, |_| true), first);
+                assert_eq!(dispatcher.choose(client, 8, |_| Some(0)), first);
             }
         }
     }
@@ -166,7 +181,7 @@ mod tests {
         let mut dispatcher = Dispatcher::new(Mode::Sticky);
         let mut counts = [0u32; 4];
         for client in clients(1000) {
-            counts[dispatcher.choose(client, 4, |_| true).unwrap()] += 1;
+            counts[dispatcher.choose(client, 4, |_| Some(0)).unwrap()] += 1;
         }
         for count in counts {
             assert!((212..=288).contains(&count), "uneven spread {counts:?}");
@@ -180,7 +195,7 @@ mod tests {
         let mut counts = [0u32; 4];
         for last in 2..=51u8 {
             let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
-            counts[dispatcher.choose(client, 4, |_| true).unwrap()] += 1;
+            counts[dispatcher.choose(client, 4, |_| Some(0)).unwrap()] += 1;
         }
         assert!(counts.iter().all(|&c| c >= 5), "uneven spread {counts:?}");
     }
@@ -189,10 +204,10 @@ mod tests {
     fn sticky_moves_only_the_clients_of_a_missing_slot_and_brings_them_back() {
         let mut dispatcher = Dispatcher::new(Mode::Sticky);
         let before: Vec<_> = clients(1000)
-            .map(|c| dispatcher.choose(c, 4, |_| true).unwrap())
+            .map(|c| dispatcher.choose(c, 4, |_| Some(0)).unwrap())
             .collect();
         let during: Vec<_> = clients(1000)
-            .map(|c| dispatcher.choose(c, 4, |s| s != 2).unwrap())
+            .map(|c| dispatcher.choose(c, 4, |s| (s != 2).then_some(0)).unwrap())
             .collect();
         for (b, d) in before.iter().zip(&during) {
             if *b != 2 {
@@ -202,7 +217,7 @@ mod tests {
             }
         }
         let after: Vec<_> = clients(1000)
-            .map(|c| dispatcher.choose(c, 4, |_| true).unwrap())
+            .map(|c| dispatcher.choose(c, 4, |_| Some(0)).unwrap())
             .collect();
         assert_eq!(before, after);
     }
@@ -211,7 +226,9 @@ mod tests {
     fn sticky_growing_by_one_slot_moves_about_one_in_n() {
         let mut dispatcher = Dispatcher::new(Mode::Sticky);
         let moved = clients(1000)
-            .filter(|&c| dispatcher.choose(c, 4, |_| true) != dispatcher.choose(c, 5, |_| true))
+            .filter(|&c| {
+                dispatcher.choose(c, 4, |_| Some(0)) != dispatcher.choose(c, 5, |_| Some(0))
+            })
             .count();
         // Ideal is 1000/5 = 200 and every mover goes to the new slot.
         assert!((150..=250).contains(&moved), "moved {moved}");
@@ -223,9 +240,35 @@ mod tests {
         let v4: IpAddr = "192.0.2.7".parse().unwrap();
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
         assert_eq!(
-            dispatcher.choose(v4, 16, |_| true),
-            dispatcher.choose(mapped, 16, |_| true)
+            dispatcher.choose(v4, 16, |_| Some(0)),
+            dispatcher.choose(mapped, 16, |_| Some(0))
         );
+    }
+
+    #[test]
+    fn least_conn_picks_the_lightest_and_rotates_ties() {
+        let mut dispatcher = Dispatcher::new(Mode::LeastConn);
+        let loads = [5u64, 2, 9, 2];
+        let picks: Vec<_> = (0..4)
+            .map(|_| dispatcher.choose(ANY, 4, |s| Some(loads[s])).unwrap())
+            .collect();
+        assert_eq!(picks, [1, 3, 1, 3], "ties between slots 1 and 3 alternate");
+        assert_eq!(
+            dispatcher.choose(ANY, 4, |s| (s != 1 && s != 3).then_some(loads[s])),
+            Some(0)
+        );
+        assert_eq!(dispatcher.choose(ANY, 4, |_| None), None);
+    }
+
+    #[test]
+    fn least_conn_spreads_evenly_when_loads_follow_the_choices() {
+        let mut dispatcher = Dispatcher::new(Mode::LeastConn);
+        let mut loads = [0u64; 4];
+        for _ in 0..400 {
+            let slot = dispatcher.choose(ANY, 4, |s| Some(loads[s])).unwrap();
+            loads[slot] += 1;
+        }
+        assert_eq!(loads, [100; 4]);
     }
 
     #[test]

@@ -354,6 +354,13 @@ struct WorkerChannel {
 }
 
 impl WorkerChannel {
+    /// Connections this worker holds, for least-conn: those in flight, plus
+    /// the acknowledged ones not yet reported closed (if it reports CLOSED).
+    fn load(&self) -> u64 {
+        let open = self.closed.map_or(0, |closed| self.acked - closed);
+        self.in_flight.len() as u64 + open
+    }
+
     fn can_take(&self, now: Instant, limits: &HandoffSettings) -> bool {
         self.role == Role::Active
             && !self.blocked
@@ -746,10 +753,11 @@ impl HandoffLoop {
             let slot = self
                 .dispatcher
                 .choose(conn.handoff.peer.ip(), active.len(), |s| {
-                    conn.refused_by != Some(s)
-                        && active[s]
-                            .and_then(|i| channels[i].as_ref())
-                            .is_some_and(|w| w.can_take(now, limits))
+                    if conn.refused_by == Some(s) {
+                        return None;
+                    }
+                    let worker = active[s].and_then(|i| channels[i].as_ref())?;
+                    worker.can_take(now, limits).then(|| worker.load())
                 });
             let Some(slot) = slot else {
                 return Err(conn);

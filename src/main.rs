@@ -64,7 +64,7 @@ struct ConfigArgs {
     /// Number of workers (1-1024) or "max" for one per core.
     #[arg(short, long, value_name = "N|max")]
     workers: Option<String>,
-    /// Dispatch policy: round-robin or sticky.
+    /// Dispatch policy: round-robin, sticky or least-conn.
     #[arg(short, long)]
     mode: Option<String>,
     /// Kernel accept-queue length per listener.

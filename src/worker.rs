@@ -4,7 +4,9 @@
 //! channel in `HERD_CHANNEL_FD`; [`Worker::accept`] says READY on first use,
 //! then yields one [`Connection`] per hand-off, acknowledging each as soon as
 //! the fd is in hand (so herd can close its copy), and `None` once herd asks
-//! the worker to drain or goes away.
+//! the worker to drain or goes away. Each connection's [`HerdStream`] tells
+//! herd when it is dropped (CLOSED), so herd knows how many connections each
+//! worker holds (least-connections dispatch, `herd_worker_open_connections`).
 //!
 //! ```no_run
 //! # async fn serve(_: herd::worker::Connection) {}
@@ -18,9 +20,15 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::ops::{Deref, DerefMut};
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::fdpass;
 use crate::protocol::{
@@ -50,7 +58,8 @@ pub enum WorkerError {
 /// One connection handed over by herd.
 #[derive(Debug)]
 pub struct Connection {
-    pub stream: tokio::net::TcpStream,
+    /// The client connection; dropping it closes it and tells herd.
+    pub stream: HerdStream,
     /// The client's address.
     pub peer: SocketAddr,
     /// The address the client connected to.
@@ -61,10 +70,96 @@ pub struct Connection {
     pub id: u64,
 }
 
+/// A client connection from herd: a [`TcpStream`] (it derefs to one and
+/// reads and writes like one) that sends herd CLOSED when it is dropped.
+#[derive(Debug)]
+pub struct HerdStream {
+    // Field order matters: the socket closes before herd is told.
+    inner: TcpStream,
+    _report: CloseReport,
+}
+
+impl Deref for HerdStream {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        &self.inner
+    }
+}
+
+impl DerefMut for HerdStream {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        &mut self.inner
+    }
+}
+
+impl AsyncRead for HerdStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for HerdStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Sends CLOSED for one connection when dropped.
+#[derive(Debug)]
+struct CloseReport {
+    channel: Arc<AsyncFd<OwnedFd>>,
+    id: u64,
+}
+
+impl Drop for CloseReport {
+    fn drop(&mut self) {
+        let mut buf = [0u8; WORKER_MESSAGE_MAX_LEN];
+        let bytes = WorkerMessage::Closed(self.id).encode(&mut buf);
+        // A full channel: send it as soon as there is room, off this drop.
+        // Any other error means herd is gone and no longer counts.
+        if let Err(e) = fdpass::send(self.channel.get_ref().as_fd(), bytes, true) {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let (channel, message) = (self.channel.clone(), WorkerMessage::Closed(self.id));
+                    runtime.spawn(async move { send_on(&channel, message).await });
+                }
+            }
+        }
+    }
+}
+
 /// The worker's end of its herd channel.
 #[derive(Debug)]
 pub struct Worker {
-    channel: AsyncFd<std::os::fd::OwnedFd>,
+    channel: Arc<AsyncFd<OwnedFd>>,
     slot: usize,
     said_ready: bool,
 }
@@ -85,7 +180,7 @@ impl Worker {
         })?;
         let channel = fdpass::adopt_inherited_fd(fd)?;
         Ok(Worker {
-            channel: fdpass::async_channel(channel)?,
+            channel: Arc::new(fdpass::async_channel(channel)?),
             slot,
             said_ready: false,
         })
@@ -100,9 +195,12 @@ impl Worker {
     /// use; call it earlier only to become ready before the first accept.
     pub async fn ready(&mut self) -> Result<(), WorkerError> {
         if !self.said_ready {
-            self.send(WorkerMessage::Ready {
-                reports_closed: false,
-            })
+            send_on(
+                &self.channel,
+                WorkerMessage::Ready {
+                    reports_closed: true,
+                },
+            )
             .await?;
             self.said_ready = true;
         }
@@ -129,7 +227,7 @@ impl Worker {
                 PrimaryMessage::Drain => return Ok(None),
                 PrimaryMessage::Handoff(handoff) => {
                     let fd = received.fd.ok_or(WorkerError::MissingFd)?;
-                    match self.send(WorkerMessage::Ack(handoff.connection_id)).await {
+                    match send_on(&self.channel, WorkerMessage::Ack(handoff.connection_id)).await {
                         // herd is gone (stopped or died): its copy went with it,
                         // so ours is the only one and must be served.
                         Err(WorkerError::Io(e)) if is_peer_gone(&e) => {}
@@ -138,7 +236,13 @@ impl Worker {
                     let stream = std::net::TcpStream::from(fd);
                     stream.set_nonblocking(true)?;
                     return Ok(Some(Connection {
-                        stream: tokio::net::TcpStream::from_std(stream)?,
+                        stream: HerdStream {
+                            inner: TcpStream::from_std(stream)?,
+                            _report: CloseReport {
+                                channel: self.channel.clone(),
+                                id: handoff.connection_id,
+                            },
+                        },
                         peer: handoff.peer,
                         local: handoff.local,
                         listener: handoff.listener,
@@ -148,16 +252,17 @@ impl Worker {
             }
         }
     }
+}
 
-    async fn send(&self, message: WorkerMessage) -> Result<(), WorkerError> {
-        let mut buf = [0u8; WORKER_MESSAGE_MAX_LEN];
-        let bytes = message.encode(&mut buf);
-        loop {
-            let mut guard = self.channel.writable().await?;
-            match guard.try_io(|channel| fdpass::send(channel.get_ref().as_fd(), bytes, true)) {
-                Ok(result) => return Ok(result?),
-                Err(_would_block) => continue,
-            }
+/// Sends one message, waiting for room if the channel is full.
+async fn send_on(channel: &AsyncFd<OwnedFd>, message: WorkerMessage) -> Result<(), WorkerError> {
+    let mut buf = [0u8; WORKER_MESSAGE_MAX_LEN];
+    let bytes = message.encode(&mut buf);
+    loop {
+        let mut guard = channel.writable().await?;
+        match guard.try_io(|channel| fdpass::send(channel.get_ref().as_fd(), bytes, true)) {
+            Ok(result) => return Ok(result?),
+            Err(_would_block) => continue,
         }
     }
 }

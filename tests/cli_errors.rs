@@ -139,7 +139,7 @@ fn impossible_worker_counts_and_modes_exit_2() {
             hello_worker(),
         ],
         2,
-        "invalid `mode` = \"fastest\": expected one of: round-robin, sticky",
+        "invalid `mode` = \"fastest\": expected one of: round-robin, sticky, least-conn",
     );
 }
 

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use herd::worker::{Connection, Worker};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -50,11 +50,19 @@ enum Source {
     Standalone(TcpListener),
 }
 
+/// A client connection from either source: herd's (which reports CLOSED
+/// to herd when dropped) or a plain TcpStream.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 impl Source {
-    async fn next(&mut self) -> Result<Option<TcpStream>, Box<dyn std::error::Error>> {
+    async fn next(&mut self) -> Result<Option<Box<dyn Io>>, Box<dyn std::error::Error>> {
         match self {
-            Source::Herd(worker) => Ok(worker.accept().await?.map(|c: Connection| c.stream)),
-            Source::Standalone(listener) => Ok(Some(listener.accept().await?.0)),
+            Source::Herd(worker) => Ok(worker
+                .accept()
+                .await?
+                .map(|c: Connection| Box::new(c.stream) as Box<dyn Io>)),
+            Source::Standalone(listener) => Ok(Some(Box::new(listener.accept().await?.0))),
         }
     }
 }
@@ -201,7 +209,7 @@ struct RequestHead {
     keep_alive: bool,
 }
 
-async fn serve(mut stream: TcpStream, response: Response, mut draining: watch::Receiver<bool>) {
+async fn serve(mut stream: Box<dyn Io>, response: Response, mut draining: watch::Receiver<bool>) {
     let mut buffer = BytesMut::with_capacity(4096);
     let mut served = 0u64;
     loop {

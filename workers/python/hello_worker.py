@@ -14,13 +14,15 @@ import socket
 import struct
 import threading
 
-VERSION, HANDOFF, DRAIN, ACK, READY = 1, 0x01, 0x02, 0x81, 0x82
+VERSION, HANDOFF, DRAIN, ACK, READY, CLOSED = 1, 0x01, 0x02, 0x81, 0x82, 0x83
+REPORTS_CLOSED = 0x0001  # READY flag: this worker sends CLOSED for every connection
 
 
 def connections():
-    """Yields (socket, peer_ip, peer_port) for each connection herd hands over."""
+    """Yields (socket, peer_ip, peer_port, closed) for each connection herd hands
+    over; call closed() once the socket is closed (herd counts open connections)."""
     channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=int(os.environ["HERD_CHANNEL_FD"]))
-    channel.send(struct.pack("<BBH", VERSION, READY, 0))
+    channel.send(struct.pack("<BBH", VERSION, READY, REPORTS_CLOSED))
     while True:
         message, fds, _flags, _addr = socket.recv_fds(channel, 64, 1)
         for fd in fds:
@@ -40,12 +42,22 @@ def connections():
         peer_ip = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, raw_ip)
         conn = socket.socket(fileno=fds[0])
         conn.setblocking(True)  # the fd arrives non-blocking
-        yield conn, peer_ip, port
+        yield conn, peer_ip, port, lambda conn_id=conn_id: channel.send(struct.pack("<BBHQ", VERSION, CLOSED, 0, conn_id))
 
 
 BODY = f"Handled by worker {os.getpid()}".encode()
 HEAD = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(BODY)}\r\n"
         f"X-Herd-Worker: {os.environ.get('HERD_WORKER_ID', '?')}\r\n").encode()
+
+
+def serve_and_report(conn, closed):
+    try:
+        serve(conn)
+    finally:
+        try:
+            closed()
+        except OSError:
+            pass  # herd is gone
 
 
 def serve(conn):
@@ -89,9 +101,9 @@ def main():
     signal.signal(signal.SIGTERM, stop)
     threads = []
     try:
-        for conn, _peer_ip, _peer_port in connections():
+        for conn, _peer_ip, _peer_port, closed in connections():
             threads = [t for t in threads if t.is_alive()]
-            threads.append(threading.Thread(target=serve, args=(conn,), daemon=True))
+            threads.append(threading.Thread(target=serve_and_report, args=(conn, closed), daemon=True))
             threads[-1].start()
     except Stop:
         pass
