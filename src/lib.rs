@@ -17,11 +17,13 @@
 //! - [`control`]: the control socket behind `herd status`, `reload`, `scale`, `stop`.
 //! - [`primary`]: wiring it together; herd's own lifecycle and signals.
 //! - [`worker`]: the library Rust workers link to receive connections.
+//! - [`bench`]: `herd bench`, a small bounded HTTP load generator.
 
 #![deny(rust_2018_idioms)]
 // Raw system calls live in `fdpass` alone, which opts back in.
 #![deny(unsafe_code)]
 
+pub mod bench;
 pub mod config;
 pub mod control;
 pub mod dispatch;
