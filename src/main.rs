@@ -187,15 +187,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match runtime("herd") {
                 Ok(runtime) => runtime,
-                Err(e) => {
-                    eprintln!("herd: cannot start runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match runtime.block_on(herd::primary::run(source, settings)) {
                 Ok(herd::primary::Outcome::Clean) => ExitCode::SUCCESS,
@@ -258,15 +252,9 @@ fn bench(args: BenchArgs) -> ExitCode {
     // (debug build): ~38k requests/s with both 10 and 50 connections, the
     // bench using ~1 core and the workers the other; more bench threads would
     // only take CPU from the workers under test, which share the machine.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime("herd bench") {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("herd bench: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(bench::run(options)) {
         Ok(report) if args.json => {
@@ -346,6 +334,17 @@ fn config_source(args: ConfigArgs) -> ConfigSource {
 
 fn load(args: ConfigArgs) -> anyhow::Result<herd::config::Settings> {
     Ok(config_source(args).load()?)
+}
+
+/// The single-threaded tokio runtime herd's commands run on.
+fn runtime(who: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("{who}: cannot start runtime: {e}");
+            ExitCode::FAILURE
+        })
 }
 
 fn init_logging(format: LogFormat) {
