@@ -206,6 +206,7 @@ pub struct Overrides {
     pub command: Vec<String>,
     pub max_unacked: Option<i64>,
     pub queue_limit: Option<i64>,
+    pub ready_delay: Option<String>,
     pub control: Option<String>,
     pub metrics: Option<String>,
 }
@@ -323,6 +324,9 @@ impl Config {
         }
         if let Some(n) = overrides.queue_limit {
             self.handoff.queue_limit = n;
+        }
+        if let Some(delay) = overrides.ready_delay {
+            self.ready_delay = Some(delay);
         }
         if let Some(path) = overrides.control {
             self.control = path;
@@ -703,7 +707,7 @@ mod tests {
         config.mode = "fastest".into();
         assert_eq!(
             error_of(&config),
-            "invalid `mode` = \"fastest\": expected one of: round-robin, sticky, least-conn"
+            "invalid `mode` = \"fastest\": expected one of: round-robin, sticky, least-conn, shared, reuseport"
         );
 
         let mut config = minimal();

@@ -18,17 +18,34 @@ pub enum Mode {
     Sticky,
     /// The slot whose worker holds the fewest connections (ties in rotation).
     LeastConn,
+    /// OS-scheduled: every worker inherits the same listening sockets
+    /// (systemd's `LISTEN_FDS`) and the kernel gives each connection to
+    /// whichever worker calls `accept` first.
+    Shared,
+    /// OS-scheduled: one `SO_REUSEPORT` socket per slot, inherited by that
+    /// slot's worker; the kernel spreads connections by a hash of the
+    /// addresses, whether or not the slot's worker is accepting.
+    ReusePort,
 }
 
 impl Mode {
-    pub const NAMES: &'static [&'static str] = &["round-robin", "sticky", "least-conn"];
+    pub const NAMES: &'static [&'static str] =
+        &["round-robin", "sticky", "least-conn", "shared", "reuseport"];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::RoundRobin => "round-robin",
             Mode::Sticky => "sticky",
             Mode::LeastConn => "least-conn",
+            Mode::Shared => "shared",
+            Mode::ReusePort => "reuseport",
         }
+    }
+
+    /// herd accepts and hands each connection over itself; otherwise the
+    /// workers accept from inherited sockets and the kernel chooses.
+    pub fn hands_off(self) -> bool {
+        !matches!(self, Mode::Shared | Mode::ReusePort)
     }
 }
 
@@ -40,6 +57,8 @@ impl FromStr for Mode {
             "round-robin" => Ok(Mode::RoundRobin),
             "sticky" => Ok(Mode::Sticky),
             "least-conn" => Ok(Mode::LeastConn),
+            "shared" => Ok(Mode::Shared),
+            "reuseport" => Ok(Mode::ReusePort),
             _ => Err(format!("expected one of: {}", Mode::NAMES.join(", "))),
         }
     }
@@ -75,7 +94,10 @@ impl Dispatcher {
         let start = if self.next < slots { self.next } else { 0 };
         let rotation = (start..slots).chain(0..start);
         let slot = match self.mode {
-            Mode::RoundRobin => rotation.into_iter().find(|&s| load(s).is_some())?,
+            // The OS modes never reach the hand-off loop's dispatcher.
+            Mode::RoundRobin | Mode::Shared | Mode::ReusePort => {
+                rotation.into_iter().find(|&s| load(s).is_some())?
+            }
             Mode::Sticky => return sticky_choice(client_key(client), slots, |s| load(s).is_some()),
             // min_by_key keeps the first of equal loads: ties go in rotation.
             Mode::LeastConn => {

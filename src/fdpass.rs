@@ -186,25 +186,37 @@ pub fn recv_with_fd(
     }))
 }
 
-/// Arranges for a child process to keep `inherited` fds open across `exec`
-/// (everything else herd holds is close-on-exec) and to be SIGKILLed if herd
-/// dies, so no worker outlives its primary even when herd is SIGKILLed.
+/// The first fd a child inherits: 0-2 are stdio (systemd's `SD_LISTEN_FDS_START`).
+pub const FIRST_INHERITED_FD: RawFd = 3;
+
+/// Arranges for a child process to get `inherited` as fds 3, 4, 5, … in
+/// that order (systemd's convention; everything else herd holds is
+/// close-on-exec) and to be SIGKILLed if herd dies, so no worker outlives
+/// its primary even when herd is SIGKILLed.
 ///
 /// PR_SET_PDEATHSIG fires when the *thread* that forked dies, so callers must
 /// spawn from a thread that lives as long as herd (the main thread).
-pub fn inherit_fds_and_die_with_parent(
+pub fn place_fds_and_die_with_parent(
     command: &mut tokio::process::Command,
     inherited: Vec<RawFd>,
 ) {
     let parent = std::process::id() as libc::pid_t;
+    // Copies are made above the target range first, so that placing fd i
+    // can never overwrite a source not yet placed.
+    let above_targets = FIRST_INHERITED_FD + inherited.len() as RawFd;
     // SAFETY: the closure runs between fork and exec, so it only makes
-    // async-signal-safe system calls (fcntl, prctl, getppid) and touches
-    // no locks or allocator; `inherited` is read, not mutated.
+    // async-signal-safe system calls (fcntl, dup2, prctl, getppid) and
+    // touches no locks or allocator; `inherited` is read, not mutated.
     unsafe {
         command.pre_exec(move || {
-            for &fd in &inherited {
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+            for (offset, &fd) in inherited.iter().enumerate() {
+                let copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, above_targets);
+                if copy < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // dup2 leaves the new fd without FD_CLOEXEC: it survives exec.
+                // The close-on-exec copy goes away with the exec.
+                if libc::dup2(copy, FIRST_INHERITED_FD + offset as RawFd) < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }

@@ -80,6 +80,8 @@ pub enum Event {
         slot: usize,
         uid: u64,
         pid: u32,
+        /// It said READY itself (rather than being marked ready by `ready_delay`).
+        announced: bool,
         replaced: Option<u64>,
     },
     /// The worker's channel closed (it exited or closed it); `requeued`
@@ -482,7 +484,7 @@ impl HandoffLoop {
                 } => self.add_worker(slot, uid, pid, channel, recycle_after),
                 Command::MarkReady { uid } => {
                     if let Some(index) = self.find(uid) {
-                        self.make_ready(index);
+                        self.make_ready(index, false);
                     }
                 }
                 Command::SetSlots { count } => self.set_slots(count),
@@ -556,7 +558,7 @@ impl HandoffLoop {
 
     /// A standby worker became ready: it takes its slot over, and the worker
     /// that held the slot is drained.
-    fn make_ready(&mut self, index: usize) {
+    fn make_ready(&mut self, index: usize, announced: bool) {
         let Some(worker) = self.channels[index].as_mut() else {
             return;
         };
@@ -580,6 +582,7 @@ impl HandoffLoop {
             slot,
             uid,
             pid,
+            announced,
             replaced: replaced_uid,
         });
     }
@@ -906,7 +909,26 @@ impl HandoffLoop {
                     worker.closed = Some(0);
                     self.counters.reports_closed[worker.slot].store(true, Relaxed);
                 }
-                self.make_ready(index)
+                self.make_ready(index, true)
+            }
+            WorkerMessage::Accepted { listener, .. } => {
+                // OS-scheduled modes: the worker accepted by itself; count
+                // it as herd counts its own hand-offs.
+                if let Some(accepted) = self.counters.accepted.get(usize::from(listener)) {
+                    accepted.fetch_add(1, Relaxed);
+                }
+                self.counters.handed_off[worker.slot].fetch_add(1, Relaxed);
+                worker.sent += 1;
+                worker.acked += 1;
+                if worker.closed.is_some() {
+                    self.counters.open_connections[worker.slot].fetch_add(1, Relaxed);
+                }
+                if worker.recycle_after == Some(worker.sent) {
+                    let _ = self.events.send(Event::RecycleDue {
+                        slot: worker.slot,
+                        uid: worker.uid,
+                    });
+                }
             }
             WorkerMessage::Closed(_) => {
                 let slot = worker.slot;

@@ -2,11 +2,15 @@
 //!
 //! The primary binds the listeners, accepts every connection and passes its
 //! file descriptor over a Unix-domain socket to a worker process chosen by a
-//! dispatch policy; after the hand-off it is out of the data path.
+//! dispatch policy; after the hand-off it is out of the data path. For
+//! comparison it can also let the kernel choose: the workers then inherit
+//! the listening sockets and accept themselves.
 //!
 //! # Layout
 //! - [`config`]: the config file, CLI overrides and validation into `Settings`.
 //! - [`listener`]: binding the listening sockets.
+//! - [`activation`]: the sockets workers inherit in the OS-scheduled modes
+//!   (`shared`, `reuseport`), systemd's `LISTEN_FDS` convention.
 //! - [`dispatch`]: the policies that choose a worker for each connection.
 //! - [`protocol`]: the primary ↔ worker wire format (docs/protocol.md).
 //! - [`fdpass`]: SCM_RIGHTS fd passing; the only `unsafe` code.
@@ -23,6 +27,7 @@
 // Raw system calls live in `fdpass` alone, which opts back in.
 #![deny(unsafe_code)]
 
+pub mod activation;
 pub mod bench;
 pub mod config;
 pub mod control;

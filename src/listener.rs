@@ -61,6 +61,17 @@ pub fn bind_all(addrs: &[SocketAddr], backlog: u32) -> Result<Vec<BoundListener>
 /// addresses (so `[::]:80` and `0.0.0.0:80` can be listed side by side, as
 /// nginx does), close-on-exec and non-blocking.
 pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ListenError> {
+    open(addr, backlog, false)
+}
+
+/// Like [`bind`], plus SO_REUSEPORT: one more socket in `addr`'s group, with
+/// its own accept queue; the kernel spreads new connections over the group.
+/// Only sockets of the same user can join, and only if every member set it.
+pub fn bind_reuseport(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ListenError> {
+    open(addr, backlog, true)
+}
+
+fn open(addr: SocketAddr, backlog: u32, reuse_port: bool) -> Result<TcpListener, ListenError> {
     let fail = |source: nix::Error| ListenError {
         addr,
         reason: explain(source),
@@ -78,6 +89,9 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ListenError> 
     )
     .map_err(fail)?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(fail)?;
+    if reuse_port {
+        socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(fail)?;
+    }
     if addr.is_ipv6() {
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(fail)?;
     }
@@ -122,6 +136,18 @@ mod tests {
             error.to_string(),
             format!("cannot listen on {taken}: address already in use (is another server running on this port?)")
         );
+    }
+
+    #[test]
+    fn reuseport_sockets_share_a_port_and_refuse_strangers() {
+        let first = bind_reuseport("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind_reuseport(addr, 16).unwrap();
+        assert_eq!(second.local_addr().unwrap(), addr);
+        // A plain socket cannot slip into the group (nor the group into a plain port).
+        assert!(bind(addr, 16).is_err());
+        let plain = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        assert!(bind_reuseport(plain.local_addr().unwrap(), 16).is_err());
     }
 
     #[test]

@@ -112,7 +112,8 @@ struct ConfigArgs {
     /// Number of workers (1-1024) or "max" for one per core.
     #[arg(short, long, value_name = "N|max")]
     workers: Option<String>,
-    /// Dispatch policy: round-robin, sticky or least-conn.
+    /// Dispatch policy: round-robin, sticky, least-conn (herd hands each
+    /// connection over), shared or reuseport (the kernel chooses).
     #[arg(short, long)]
     mode: Option<String>,
     /// Kernel accept-queue length per listener.
@@ -124,6 +125,10 @@ struct ConfigArgs {
     /// Connections that may wait for a worker before new ones are closed.
     #[arg(long, value_name = "N")]
     queue_limit: Option<i64>,
+    /// Count a worker ready this long after its start even if it never says
+    /// READY (for plain socket-activated servers in the shared/reuseport modes).
+    #[arg(long, value_name = "DUR")]
+    ready_delay: Option<String>,
     /// Control socket path [default: herd.sock].
     #[arg(long, value_name = "PATH")]
     control: Option<String>,
@@ -154,6 +159,13 @@ enum LogFormat {
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == herd::activation::EXEC_WORKER_ARG) {
+        // herd starting a worker in an OS-scheduled mode: become it.
+        let error = herd::activation::exec_worker(args.skip(1));
+        eprintln!("herd: cannot start the worker: {error}");
+        return ExitCode::from(127);
+    }
     let cli = Cli::parse();
     match cli.command {
         Commands::Check(args) => match load(args) {
@@ -326,6 +338,7 @@ fn config_source(args: ConfigArgs) -> ConfigSource {
             command: args.command,
             max_unacked: args.max_unacked,
             queue_limit: args.queue_limit,
+            ready_delay: args.ready_delay,
             control: args.control,
             metrics: args.metrics,
         },

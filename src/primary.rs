@@ -16,6 +16,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use crate::activation::WorkerSockets;
 use crate::config::{ConfigSource, Settings, MAX_WORKERS};
 use crate::control::{self, ControlServer, Incoming, Request, Response, StatusReport};
 use crate::handoff::{self, Command, Counters, Event};
@@ -96,12 +97,14 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
     for bound in &listeners {
         info!(listener = bound.index, "listening on {}", bound.local);
     }
+    let (sockets, listeners) =
+        WorkerSockets::new(settings.mode, listeners, settings.backlog, settings.workers)?;
     let metrics_listener = settings.metrics.map(metrics::bind).transpose()?;
     let mut control = ControlServer::bind(&settings.control)?;
     info!(path = %settings.control.display(), "control socket ready");
     let mut signals = Signals::install().map_err(PrimaryError::Signals)?;
 
-    let counters = Arc::new(Counters::new(listeners.len()));
+    let counters = Arc::new(Counters::new(listen_addrs.len()));
     let metrics = Arc::new(Metrics::new(counters.clone()));
     let (scrapes_tx, mut scrapes) = mpsc::unbounded_channel::<metrics::Scrape>();
     if let Some(listener) = metrics_listener {
@@ -111,6 +114,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
         tokio::spawn(metrics::serve(listener, scrapes_tx));
     }
     // The hand-off thread times each hand-off only when someone can read it.
+    // In the OS modes it has no listeners: it only keeps the worker channels.
     let measure_latency = settings.metrics.is_some();
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (controller, handoff_thread) = handoff::spawn(
@@ -132,7 +136,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
     let started = Instant::now();
     let mut monitor = tokio::time::interval(settings.monitor_interval);
     let (mut supervisor, mut notices) =
-        Supervisor::new(settings, controller.clone(), metrics.clone());
+        Supervisor::new(settings, controller.clone(), sockets, metrics.clone());
     supervisor.start_all();
     let (requests_tx, mut requests) = mpsc::unbounded_channel::<Incoming>();
     let mut stopping: Option<Stopping> = None;
@@ -145,7 +149,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
         tokio::select! {
             Some(notice) = notices.recv() => supervisor.on_notice(notice),
             Some(event) = events.recv() => match event {
-                Event::WorkerReady { slot, uid, pid, replaced } => supervisor.on_ready(slot, uid, pid, replaced),
+                Event::WorkerReady { slot, uid, pid, announced, replaced } => supervisor.on_ready(slot, uid, pid, announced, replaced),
                 Event::ChannelClosed { uid, .. } => supervisor.on_channel_closed(uid),
                 Event::RecycleDue { slot, uid } => supervisor.on_recycle_due(slot, uid),
             },

@@ -42,6 +42,7 @@ mod kind {
     pub const READY: u8 = 0x82;
     pub const CLOSED: u8 = 0x83;
     pub const NACK: u8 = 0x84;
+    pub const ACCEPTED: u8 = 0x85;
 }
 
 /// Why a message could not be decoded.
@@ -98,6 +99,11 @@ pub enum WorkerMessage {
     Ready { reports_closed: bool },
     /// The worker closed a connection it had acknowledged (for least-connections dispatch).
     Closed(u64),
+    /// OS-scheduled modes (`shared`, `reuseport`): the worker accepted a
+    /// connection itself on inherited listener `listener` and calls it `id`
+    /// (its own numbering; a later CLOSED names the same id). herd never sees
+    /// these connections, so this report is how it counts them.
+    Accepted { listener: u16, id: u64 },
 }
 
 impl Handoff {
@@ -154,6 +160,7 @@ impl WorkerMessage {
             WorkerMessage::Ack(id) => (kind::ACK, Some(id), 0),
             WorkerMessage::Nack(id) => (kind::NACK, Some(id), 0),
             WorkerMessage::Closed(id) => (kind::CLOSED, Some(id), 0),
+            WorkerMessage::Accepted { listener, id } => (kind::ACCEPTED, Some(id), listener),
             WorkerMessage::Ready { reports_closed } => (
                 kind::READY,
                 None,
@@ -191,6 +198,13 @@ impl WorkerMessage {
                     kind::NACK => WorkerMessage::Nack(id),
                     _ => WorkerMessage::Closed(id),
                 })
+            }
+            kind::ACCEPTED => {
+                expect_len(kind, bytes, WORKER_MESSAGE_MAX_LEN)?;
+                // Like HANDOFF, the listener index rides in the header's spare bytes.
+                let listener = u16::from_le_bytes([bytes[2], bytes[3]]);
+                let id = body.get_u64_le();
+                Ok(WorkerMessage::Accepted { listener, id })
             }
             other => Err(ProtocolError::UnknownType(other)),
         }
@@ -300,6 +314,10 @@ mod tests {
             WorkerMessage::Ack(7),
             WorkerMessage::Nack(u64::MAX),
             WorkerMessage::Closed(0),
+            WorkerMessage::Accepted {
+                listener: 3,
+                id: 9,
+            },
             WorkerMessage::Ready {
                 reports_closed: false,
             },
@@ -329,6 +347,10 @@ mod tests {
         assert_eq!(
             WorkerMessage::Ack(1).encode(&mut buf),
             &[1, 0x81, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            WorkerMessage::Accepted { listener: 2, id: 5 }.encode(&mut buf),
+            &[1, 0x85, 2, 0, 5, 0, 0, 0, 0, 0, 0, 0]
         );
     }
 

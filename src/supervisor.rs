@@ -28,6 +28,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use crate::activation::{self, WorkerSockets};
 use crate::config::Settings;
 use crate::fdpass;
 use crate::handoff::{Command, Controller};
@@ -117,6 +118,10 @@ struct Process {
     replacement_requested: bool,
     last_sample: Option<Sample>,
     cpu_percent: f64,
+    /// It said READY on its channel, so it also understands DRAIN. A worker
+    /// made ready by `ready_delay` may not (a plain socket-activated server
+    /// in the OS modes): it is asked to stop with SIGTERM instead.
+    speaks_protocol: bool,
 }
 
 #[derive(Debug)]
@@ -166,6 +171,8 @@ pub struct Supervisor {
     settings: Arc<Settings>,
     metrics: Arc<Metrics>,
     handoff: Controller,
+    /// The listening sockets workers inherit (OS-scheduled modes).
+    sockets: WorkerSockets,
     slots: Vec<Slot>,
     processes: BTreeMap<u64, Process>,
     next_uid: u64,
@@ -182,6 +189,7 @@ impl Supervisor {
     pub fn new(
         settings: Settings,
         handoff: Controller,
+        sockets: WorkerSockets,
         metrics: Arc<Metrics>,
     ) -> (Supervisor, mpsc::UnboundedReceiver<Notice>) {
         let (notices, inbox) = mpsc::unbounded_channel();
@@ -190,6 +198,7 @@ impl Supervisor {
             settings: settings.clone(),
             metrics,
             handoff,
+            sockets,
             slots: Vec::new(),
             processes: BTreeMap::new(),
             next_uid: 0,
@@ -298,10 +307,18 @@ impl Supervisor {
     }
 
     /// The hand-off loop made `uid` the slot's worker; `replaced` was sent DRAIN.
-    pub fn on_ready(&mut self, slot: usize, uid: u64, pid: u32, replaced: Option<u64>) {
+    pub fn on_ready(
+        &mut self,
+        slot: usize,
+        uid: u64,
+        pid: u32,
+        announced: bool,
+        replaced: Option<u64>,
+    ) {
         let _span = slot_span(slot).entered();
         if let Some(process) = self.processes.get_mut(&uid) {
             process.role = Role::Serving;
+            process.speaks_protocol = announced;
             info!(slot, pid, "worker ready");
         }
         if let Some(old) = replaced {
@@ -366,6 +383,9 @@ impl Supervisor {
         let _span = slot_span(process.slot).entered();
         process.role = Role::Draining;
         info!(slot = process.slot, pid = process.pid, "worker draining");
+        if !process.speaks_protocol {
+            kill_group(process.pid, Signal::SIGTERM);
+        }
         let grace = self.settings.shutdown_timeout;
         self.notify_after(grace, Notice::KillIfAlive { uid });
     }
@@ -416,6 +436,7 @@ impl Supervisor {
                         replacement_requested: false,
                         last_sample: None,
                         cpu_percent: 0.0,
+                        speaks_protocol: false,
                     },
                 );
                 self.notify_after(settings.ready_timeout, Notice::ReadyDeadline { uid });
@@ -438,14 +459,24 @@ impl Supervisor {
     }
 
     fn try_spawn(&mut self, slot: usize, settings: &Settings) -> std::io::Result<(u64, u32)> {
+        let listen_fds = self.sockets.for_slot(slot).map_err(std::io::Error::other)?;
         let (primary_end, child_end) = fdpass::channel_pair()?;
-        let mut command = tokio::process::Command::new(&settings.program);
+        let mut command = if listen_fds.is_empty() {
+            tokio::process::Command::new(&settings.program)
+        } else {
+            // Through the shim, which sets LISTEN_PID to the worker's pid.
+            let mut shim = tokio::process::Command::new("/proc/self/exe");
+            shim.arg(activation::EXEC_WORKER_ARG)
+                .arg(&settings.program)
+                .envs(activation::listen_env(listen_fds.len()));
+            shim
+        };
         command
             .args(&settings.args)
             .envs(&settings.env)
             .env(
                 crate::worker::CHANNEL_FD_ENV,
-                child_end.as_raw_fd().to_string(),
+                activation::channel_fd(listen_fds.len()).to_string(),
             )
             .env(crate::worker::WORKER_ID_ENV, slot.to_string())
             .env("HERD_WORKERS", self.slots.len().to_string())
@@ -463,7 +494,9 @@ impl Supervisor {
         if let Some((uid, gid)) = settings.run_as {
             command.uid(uid).gid(gid);
         }
-        fdpass::inherit_fds_and_die_with_parent(&mut command, vec![child_end.as_raw_fd()]);
+        let mut inherited = listen_fds;
+        inherited.push(child_end.as_raw_fd());
+        fdpass::place_fds_and_die_with_parent(&mut command, inherited);
         let mut child = command.spawn()?;
         drop(child_end);
         let pid = child.id().unwrap_or_default();
@@ -756,6 +789,7 @@ impl Supervisor {
                 self.begin_draining(uid);
             }
             self.slots.truncate(workers);
+            self.sockets.remove_slots_from(workers);
             // A reload in progress forgets the removed slots (their new
             // workers, if started, are draining with the rest).
             if let Some(reload) = self.reload.as_mut() {
@@ -860,6 +894,19 @@ impl Supervisor {
             }
         }
         for process in self.processes.values_mut() {
+            // DRAIN goes to every channel; a worker that may not read it
+            // (made ready, or to be made ready, by `ready_delay` alone) gets SIGTERM.
+            let plain = match process.role {
+                Role::Serving => !process.speaks_protocol,
+                Role::Starting => self
+                    .slots
+                    .get(process.slot)
+                    .is_some_and(|s| s.settings.ready_delay.is_some()),
+                Role::Draining => false, // told already
+            };
+            if plain {
+                kill_group(process.pid, Signal::SIGTERM);
+            }
             process.role = Role::Draining;
         }
     }

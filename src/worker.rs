@@ -8,6 +8,11 @@
 //! herd when it is dropped (CLOSED), so herd knows how many connections each
 //! worker holds (least-connections dispatch, `herd_worker_open_connections`).
 //!
+//! In the OS-scheduled modes (`shared`, `reuseport`) the worker also
+//! inherits listening sockets (systemd's `LISTEN_FDS`, from fd 3); `accept`
+//! then accepts from them itself and reports each connection to herd
+//! (ACCEPTED), so the same worker code runs unchanged in every mode.
+//!
 //! ```no_run
 //! # async fn serve(_: herd::worker::Connection) {}
 //! # async fn example() -> Result<(), herd::worker::WorkerError> {
@@ -28,7 +33,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::fdpass;
 use crate::protocol::{
@@ -53,6 +58,8 @@ pub enum WorkerError {
     Protocol(#[from] ProtocolError),
     #[error("herd sent a connection without its file descriptor")]
     MissingFd,
+    #[error("inherited listening sockets: {0}")]
+    Listeners(String),
 }
 
 /// One connection handed over by herd.
@@ -66,7 +73,8 @@ pub struct Connection {
     pub local: SocketAddr,
     /// Index of the herd listener that accepted it, in config order.
     pub listener: u16,
-    /// herd's id for this connection (unique per herd process).
+    /// herd's id for this connection (unique per herd process); in the OS
+    /// modes, this worker's own count of the connections it accepted.
     pub id: u64,
 }
 
@@ -162,6 +170,10 @@ pub struct Worker {
     channel: Arc<AsyncFd<OwnedFd>>,
     slot: usize,
     said_ready: bool,
+    /// Listening sockets inherited in the OS-scheduled modes; empty otherwise.
+    listeners: Vec<TcpListener>,
+    /// Connections this worker accepted itself (their ids).
+    accepted: u64,
 }
 
 impl Worker {
@@ -179,11 +191,27 @@ impl Worker {
             value: slot.clone(),
         })?;
         let channel = fdpass::adopt_inherited_fd(fd)?;
+        let listeners = crate::activation::inherited_listen_fds()
+            .map_err(WorkerError::Listeners)?
+            .into_iter()
+            .map(|fd| {
+                let socket = std::net::TcpListener::from(fdpass::adopt_inherited_fd(fd)?);
+                socket.set_nonblocking(true)?;
+                TcpListener::from_std(socket)
+            })
+            .collect::<io::Result<_>>()?;
         Ok(Worker {
             channel: Arc::new(fdpass::async_channel(channel)?),
             slot,
             said_ready: false,
+            listeners,
+            accepted: 0,
         })
+    }
+
+    /// How many listening sockets this worker accepts from itself (OS modes).
+    pub fn inherited_listeners(&self) -> usize {
+        self.listeners.len()
     }
 
     /// This worker's slot (`HERD_WORKER_ID`).
@@ -213,12 +241,16 @@ impl Worker {
         self.ready().await?;
         let mut buf = [0u8; MAX_MESSAGE_LEN];
         loop {
-            let mut guard = self.channel.readable().await?;
-            let received = match guard
-                .try_io(|channel| fdpass::recv_with_fd(channel.get_ref().as_fd(), &mut buf, true))
-            {
-                Ok(result) => result?,
-                Err(_would_block) => continue,
+            let received = tokio::select! {
+                received = receive(&self.channel, &mut buf) => received?,
+                (listener, accepted) = accept_any(&self.listeners), if !self.listeners.is_empty() => {
+                    match accepted {
+                        Ok((stream, peer)) => return self.accepted_itself(listener, stream, peer).await.map(Some),
+                        // The client gave up while queued: take the next one.
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
             };
             let Some(received) = received else {
                 return Ok(None);
@@ -236,13 +268,7 @@ impl Worker {
                     let stream = std::net::TcpStream::from(fd);
                     stream.set_nonblocking(true)?;
                     return Ok(Some(Connection {
-                        stream: HerdStream {
-                            inner: TcpStream::from_std(stream)?,
-                            _report: CloseReport {
-                                channel: self.channel.clone(),
-                                id: handoff.connection_id,
-                            },
-                        },
+                        stream: self.herd_stream(TcpStream::from_std(stream)?, handoff.connection_id),
                         peer: handoff.peer,
                         local: handoff.local,
                         listener: handoff.listener,
@@ -252,6 +278,69 @@ impl Worker {
             }
         }
     }
+
+    /// A connection this worker accepted from an inherited socket: tell herd
+    /// (before any CLOSED for it can be sent) and wrap it.
+    async fn accepted_itself(
+        &mut self,
+        listener: usize,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<Connection, WorkerError> {
+        self.accepted += 1;
+        let id = self.accepted;
+        let listener = listener as u16;
+        match send_on(&self.channel, WorkerMessage::Accepted { listener, id }).await {
+            Err(WorkerError::Io(e)) if is_peer_gone(&e) => {} // herd is gone; serve anyway
+            other => other?,
+        }
+        let local = stream.local_addr()?;
+        Ok(Connection {
+            stream: self.herd_stream(stream, id),
+            peer,
+            local,
+            listener,
+            id,
+        })
+    }
+
+    fn herd_stream(&self, inner: TcpStream, id: u64) -> HerdStream {
+        HerdStream {
+            inner,
+            _report: CloseReport {
+                channel: self.channel.clone(),
+                id,
+            },
+        }
+    }
+}
+
+/// Receives the next message from herd (`None`: the channel closed).
+async fn receive(
+    channel: &AsyncFd<OwnedFd>,
+    buf: &mut [u8; MAX_MESSAGE_LEN],
+) -> Result<Option<fdpass::Received>, WorkerError> {
+    loop {
+        let mut guard = channel.readable().await?;
+        match guard.try_io(|channel| fdpass::recv_with_fd(channel.get_ref().as_fd(), buf, true)) {
+            Ok(result) => return Ok(result?),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// Accepts from whichever inherited listener has a connection first; yields
+/// the listener's index with the result.
+async fn accept_any(listeners: &[TcpListener]) -> (usize, io::Result<(TcpStream, SocketAddr)>) {
+    std::future::poll_fn(|cx| {
+        for (index, listener) in listeners.iter().enumerate() {
+            if let Poll::Ready(result) = listener.poll_accept(cx) {
+                return Poll::Ready((index, result));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Sends one message, waiting for room if the channel is full.

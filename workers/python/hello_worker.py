@@ -4,45 +4,75 @@
 Answers every HTTP/1.1 request with 200 and "Handled by worker <pid>", like
 the Rust hello-worker. The herd part is the first half of this file: adopt
 the channel from HERD_CHANNEL_FD, say READY, then receive one connection fd
-per HANDOFF message and ACK it (protocol: docs/protocol.md).
+per HANDOFF message and ACK it (protocol: docs/protocol.md). In the OS modes
+(--mode shared|reuseport) it also accepts from the inherited LISTEN_FDS
+sockets itself and reports each connection with ACCEPTED.
 
     herd run --listen 127.0.0.1:3000 --workers 4 -- python3 workers/python/hello_worker.py
 """
 import os
+import selectors
 import signal
 import socket
 import struct
 import threading
 
-VERSION, HANDOFF, DRAIN, ACK, READY, CLOSED = 1, 0x01, 0x02, 0x81, 0x82, 0x83
+VERSION, HANDOFF, DRAIN, ACK, READY, CLOSED, ACCEPTED = 1, 0x01, 0x02, 0x81, 0x82, 0x83, 0x85
 REPORTS_CLOSED = 0x0001  # READY flag: this worker sends CLOSED for every connection
 
 
+def inherited_listeners():
+    """Listening sockets herd passed in the OS-scheduled modes (shared, reuseport),
+    by systemd's convention: fds 3.. when LISTEN_PID is our pid."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    return [socket.socket(fileno=3 + i) for i in range(int(os.environ["LISTEN_FDS"]))]
+
+
 def connections():
-    """Yields (socket, peer_ip, peer_port, closed) for each connection herd hands
-    over; call closed() once the socket is closed (herd counts open connections)."""
+    """Yields (socket, peer_ip, peer_port, closed) for each connection, handed over
+    by herd or (OS modes) accepted here from an inherited socket and reported to
+    herd; call closed() once the socket is closed (herd counts open connections)."""
     channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=int(os.environ["HERD_CHANNEL_FD"]))
     channel.send(struct.pack("<BBH", VERSION, READY, REPORTS_CLOSED))
+    report = lambda kind, listener, conn_id: channel.send(struct.pack("<BBHQ", VERSION, kind, listener, conn_id))
+    events = selectors.DefaultSelector()
+    events.register(channel, selectors.EVENT_READ, None)
+    for index, listener in enumerate(inherited_listeners()):
+        listener.setblocking(False)  # every worker may wake up for one connection
+        events.register(listener, selectors.EVENT_READ, index)
+    accepted = 0
     while True:
-        message, fds, _flags, _addr = socket.recv_fds(channel, 64, 1)
-        for fd in fds:
-            os.set_inheritable(fd, False)  # keep it from programs this worker may start
-        if not message:  # herd is gone
-            return
-        if message[0] != VERSION:
-            raise SystemExit(f"herd speaks protocol {message[0]}, this worker {VERSION}")
-        if message[1] == DRAIN:  # herd asks us to finish and exit
-            return
-        _, kind, _listener, conn_id = struct.unpack_from("<BBHQ", message)
-        if kind != HANDOFF or len(fds) != 1:
-            raise SystemExit(f"unexpected message from herd: {message!r}")
-        channel.send(struct.pack("<BBHQ", VERSION, ACK, 0, conn_id))  # herd may close its copy now
-        family, _, port = struct.unpack_from("<BBH", message, 12)
-        raw_ip = message[16:20] if family == 4 else message[16:32]
-        peer_ip = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, raw_ip)
-        conn = socket.socket(fileno=fds[0])
-        conn.setblocking(True)  # the fd arrives non-blocking
-        yield conn, peer_ip, port, lambda conn_id=conn_id: channel.send(struct.pack("<BBHQ", VERSION, CLOSED, 0, conn_id))
+        for key, _ in events.select():
+            if key.data is not None:  # an inherited listener (OS modes)
+                try:
+                    conn, (peer_ip, peer_port, *_) = key.fileobj.accept()
+                except (BlockingIOError, ConnectionAbortedError):
+                    continue  # another worker took it, or the client left
+                accepted += 1
+                report(ACCEPTED, key.data, accepted)
+                conn.setblocking(True)
+                yield conn, peer_ip, peer_port, lambda conn_id=accepted: report(CLOSED, 0, conn_id)
+                continue
+            message, fds, _flags, _addr = socket.recv_fds(channel, 64, 1)
+            for fd in fds:
+                os.set_inheritable(fd, False)  # keep it from programs this worker may start
+            if not message:  # herd is gone
+                return
+            if message[0] != VERSION:
+                raise SystemExit(f"herd speaks protocol {message[0]}, this worker {VERSION}")
+            if message[1] == DRAIN:  # herd asks us to finish and exit
+                return
+            _, kind, _listener, conn_id = struct.unpack_from("<BBHQ", message)
+            if kind != HANDOFF or len(fds) != 1:
+                raise SystemExit(f"unexpected message from herd: {message!r}")
+            report(ACK, 0, conn_id)  # herd may close its copy now
+            family, _, port = struct.unpack_from("<BBH", message, 12)
+            raw_ip = message[16:20] if family == 4 else message[16:32]
+            peer_ip = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, raw_ip)
+            conn = socket.socket(fileno=fds[0])
+            conn.setblocking(True)  # the fd arrives non-blocking
+            yield conn, peer_ip, port, lambda conn_id=conn_id: report(CLOSED, 0, conn_id)
 
 
 BODY = f"Handled by worker {os.getpid()}".encode()

@@ -1,0 +1,266 @@
+//! Socket activation: the listening sockets workers inherit in the
+//! OS-scheduled modes (`shared`, `reuseport`), and how they find them.
+//!
+//! Owns which listening fds each worker slot gets and the environment that
+//! describes them, after systemd's convention (`sd_listen_fds(3)`): the
+//! sockets are fds 3, 4, … in `listen` order, `LISTEN_FDS` counts them,
+//! `LISTEN_FDNAMES` names them (`listen0:listen1:…`), and `LISTEN_PID` is the
+//! worker's own pid, so a program that checks it (as `sd_listen_fds` does)
+//! knows the fds are meant for it and not for a parent.
+//!
+//! `LISTEN_PID` is the one value herd cannot put in the environment itself:
+//! the pid exists only after `fork`, and `std::process::Command` builds the
+//! environment before it. So in these modes a worker is started through
+//! herd's own binary ([`EXEC_WORKER_ARG`]), which sets `LISTEN_PID` to its own
+//! pid and `exec`s the real program: same pid, same fds, same process group.
+//!
+//! - `shared`: the sockets herd bound are given to every worker; one accept
+//!   queue per listener, and whichever worker calls `accept` first wins.
+//! - `reuseport`: one `SO_REUSEPORT` socket per slot and listener, bound when
+//!   the slot is created and held by herd until the slot is removed. A
+//!   restarted worker gets its slot's socket back, so connections waiting in
+//!   that accept queue across the restart are served, not reset. herd's first
+//!   bind (plain, without SO_REUSEPORT) proves the port is free and resolves
+//!   port 0; it is closed before the group is bound, so no stranger's
+//!   SO_REUSEPORT socket can have joined.
+
+use std::ffi::OsString;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
+
+use crate::dispatch::Mode;
+use crate::fdpass;
+use crate::listener::{self, BoundListener, ListenError};
+
+/// argv\[1\] that makes `herd` the worker-start shim (see the module docs).
+pub const EXEC_WORKER_ARG: &str = "__exec-worker";
+/// How many listening sockets the worker inherited (from fd 3 on).
+pub const LISTEN_FDS_ENV: &str = "LISTEN_FDS";
+/// The pid the inherited sockets are meant for.
+pub const LISTEN_PID_ENV: &str = "LISTEN_PID";
+/// Colon-separated names of the inherited sockets.
+pub const LISTEN_FDNAMES_ENV: &str = "LISTEN_FDNAMES";
+
+/// The listening sockets workers inherit, per mode.
+#[derive(Debug)]
+pub enum WorkerSockets {
+    /// herd accepts and hands connections over: workers inherit no socket.
+    HandOff,
+    /// Every worker inherits these, one per listener.
+    Shared(Vec<TcpListener>),
+    /// Per slot, that slot's SO_REUSEPORT socket for each listener.
+    ReusePort {
+        addrs: Vec<SocketAddr>,
+        backlog: u32,
+        slots: Vec<Vec<TcpListener>>,
+    },
+}
+
+impl WorkerSockets {
+    /// Splits the bound listeners between the hand-off loop (returned) and
+    /// the workers (kept here), according to `mode`. For `reuseport` this
+    /// binds the group for the first `workers` slots.
+    pub fn new(
+        mode: Mode,
+        listeners: Vec<BoundListener>,
+        backlog: u32,
+        workers: usize,
+    ) -> Result<(WorkerSockets, Vec<BoundListener>), ListenError> {
+        match mode {
+            _ if mode.hands_off() => Ok((WorkerSockets::HandOff, listeners)),
+            Mode::Shared => {
+                let sockets = listeners.into_iter().map(|l| l.socket).collect();
+                Ok((WorkerSockets::Shared(sockets), Vec::new()))
+            }
+            _ => {
+                let addrs = listeners.iter().map(|l| l.local).collect();
+                // Close the probes: a plain socket on the port keeps the group out.
+                drop(listeners);
+                let mut sockets = WorkerSockets::ReusePort {
+                    addrs,
+                    backlog,
+                    slots: Vec::new(),
+                };
+                sockets.bind_slots(workers)?;
+                Ok((sockets, Vec::new()))
+            }
+        }
+    }
+
+    /// The listening fds the worker in `slot` inherits, in listener order
+    /// (empty when herd hands connections over). They are blocking, as
+    /// systemd passes them; a worker that wants non-blocking sets it itself.
+    pub fn for_slot(&mut self, slot: usize) -> Result<Vec<RawFd>, ListenError> {
+        self.bind_slots(slot + 1)?;
+        let sockets = match self {
+            WorkerSockets::HandOff => return Ok(Vec::new()),
+            WorkerSockets::Shared(sockets) => &sockets[..],
+            WorkerSockets::ReusePort { slots, .. } => &slots[slot][..],
+        };
+        for socket in sockets {
+            fdpass::set_nonblocking(socket.as_fd(), false).map_err(|e| ListenError {
+                addr: socket.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                reason: format!("cannot make the socket blocking: {e}"),
+                source: nix::Error::last(),
+            })?;
+        }
+        Ok(sockets.iter().map(AsRawFd::as_raw_fd).collect())
+    }
+
+    /// The slots from `count` on are gone: close their sockets (`reuseport`;
+    /// the kernel resets connections still queued on them, unless
+    /// `net.ipv4.tcp_migrate_req` is set, which moves them to the group).
+    pub fn remove_slots_from(&mut self, count: usize) {
+        if let WorkerSockets::ReusePort { slots, .. } = self {
+            slots.truncate(count);
+        }
+    }
+
+    /// Binds the `reuseport` sockets of slots not yet bound, up to `count`.
+    fn bind_slots(&mut self, count: usize) -> Result<(), ListenError> {
+        if let WorkerSockets::ReusePort {
+            addrs,
+            backlog,
+            slots,
+        } = self
+        {
+            while slots.len() < count {
+                let group = addrs
+                    .iter()
+                    .map(|&addr| listener::bind_reuseport(addr, *backlog))
+                    .collect::<Result<_, _>>()?;
+                slots.push(group);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The environment describing `count` inherited sockets (all but
+/// `LISTEN_PID`, which the shim adds).
+pub fn listen_env(count: usize) -> [(&'static str, String); 2] {
+    let names: Vec<String> = (0..count).map(|i| format!("listen{i}")).collect();
+    [
+        (LISTEN_FDS_ENV, count.to_string()),
+        (LISTEN_FDNAMES_ENV, names.join(":")),
+    ]
+}
+
+/// The fd number of the channel when `listen_fds` sockets come first.
+pub fn channel_fd(listen_fds: usize) -> RawFd {
+    fdpass::FIRST_INHERITED_FD + listen_fds as RawFd
+}
+
+/// The shim: `herd __exec-worker PROGRAM ARGS…` sets `LISTEN_PID` to this
+/// process's pid and becomes PROGRAM. Returns only if exec failed.
+pub fn exec_worker(mut args: impl Iterator<Item = OsString>) -> std::io::Error {
+    let Some(program) = args.next() else {
+        return std::io::Error::other("usage: herd __exec-worker PROGRAM [ARGS...]");
+    };
+    std::process::Command::new(&program)
+        .args(args)
+        .env(LISTEN_PID_ENV, std::process::id().to_string())
+        .exec()
+}
+
+/// The listening sockets this process inherited for itself by the systemd
+/// convention: fds 3.. if `LISTEN_PID` is our pid, else none. (A program
+/// this one starts sees a `LISTEN_PID` that is not its own and ignores them,
+/// so the variables need not be removed, which would race other threads.)
+pub fn inherited_listen_fds() -> Result<Vec<RawFd>, String> {
+    let Ok(pid) = std::env::var(LISTEN_PID_ENV) else {
+        return Ok(Vec::new());
+    };
+    if pid.trim() != std::process::id().to_string() {
+        return Ok(Vec::new());
+    }
+    let count = std::env::var(LISTEN_FDS_ENV).unwrap_or_default();
+    let count: usize = count
+        .trim()
+        .parse()
+        .map_err(|_| format!("{LISTEN_FDS_ENV}={count:?} is not a count"))?;
+    Ok((0..count).map(|i| fdpass::FIRST_INHERITED_FD + i as RawFd).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bound(addr: &str) -> Vec<BoundListener> {
+        listener::bind_all(&[addr.parse().unwrap()], 16).unwrap()
+    }
+
+    #[test]
+    fn hand_off_modes_keep_the_listeners_for_herd() {
+        let (mut sockets, herd_side) =
+            WorkerSockets::new(Mode::RoundRobin, bound("127.0.0.1:0"), 16, 2).unwrap();
+        assert_eq!(herd_side.len(), 1);
+        assert!(sockets.for_slot(0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn shared_gives_every_slot_the_same_blocking_sockets() {
+        let (mut sockets, herd_side) =
+            WorkerSockets::new(Mode::Shared, bound("127.0.0.1:0"), 16, 2).unwrap();
+        assert!(herd_side.is_empty());
+        let first = sockets.for_slot(0).unwrap();
+        assert_eq!(first, sockets.for_slot(5).unwrap());
+        let WorkerSockets::Shared(all) = &sockets else {
+            unreachable!()
+        };
+        let flags = nix::fcntl::fcntl(all[0].as_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_eq!(flags & nix::libc::O_NONBLOCK, 0);
+    }
+
+    #[test]
+    fn reuseport_binds_one_socket_per_slot_on_one_port_and_keeps_it() {
+        let (mut sockets, _) =
+            WorkerSockets::new(Mode::ReusePort, bound("127.0.0.1:0"), 16, 2).unwrap();
+        let slot0 = sockets.for_slot(0).unwrap();
+        let slot1 = sockets.for_slot(1).unwrap();
+        assert_ne!(slot0, slot1);
+        // Asking again (a restart) gives the same socket.
+        assert_eq!(sockets.for_slot(0).unwrap(), slot0);
+        // A new slot is bound on demand, on the same port.
+        let slot3 = sockets.for_slot(3).unwrap();
+        let WorkerSockets::ReusePort { slots, addrs, .. } = &sockets else {
+            unreachable!()
+        };
+        assert_eq!(slots.len(), 4);
+        assert_eq!(slots[3][0].as_raw_fd(), slot3[0]);
+        for group in slots {
+            assert_eq!(group[0].local_addr().unwrap(), addrs[0]);
+        }
+        sockets.remove_slots_from(1);
+        let WorkerSockets::ReusePort { slots, .. } = &sockets else {
+            unreachable!()
+        };
+        assert_eq!(slots.len(), 1);
+    }
+
+    #[test]
+    fn the_plain_probe_keeps_herd_out_of_a_strangers_reuseport_group() {
+        // Another server of the same user, with SO_REUSEPORT: binding our own
+        // SO_REUSEPORT socket would silently join its group. herd's first
+        // bind is plain, so it fails as a busy port instead.
+        let stranger = listener::bind_reuseport("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = stranger.local_addr().unwrap();
+        assert!(listener::bind_reuseport(addr, 16).is_ok(), "the risk is real");
+        let error = listener::bind_all(&[addr], 16).unwrap_err();
+        assert!(error.to_string().contains("address already in use"), "{error}");
+    }
+
+    #[test]
+    fn listen_env_names_every_socket() {
+        assert_eq!(
+            listen_env(2),
+            [
+                (LISTEN_FDS_ENV, "2".to_string()),
+                (LISTEN_FDNAMES_ENV, "listen0:listen1".to_string())
+            ]
+        );
+        assert_eq!(channel_fd(2), 5);
+        assert_eq!(channel_fd(0), 3);
+    }
+}
