@@ -100,7 +100,9 @@ impl WorkerSockets {
         };
         for socket in sockets {
             fdpass::set_nonblocking(socket.as_fd(), false).map_err(|e| ListenError {
-                addr: socket.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                addr: socket
+                    .local_addr()
+                    .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
                 reason: format!("cannot make the socket blocking: {e}"),
                 source: nix::Error::last(),
             })?;
@@ -180,7 +182,9 @@ pub fn inherited_listen_fds() -> Result<Vec<RawFd>, String> {
         .trim()
         .parse()
         .map_err(|_| format!("{LISTEN_FDS_ENV}={count:?} is not a count"))?;
-    Ok((0..count).map(|i| fdpass::FIRST_INHERITED_FD + i as RawFd).collect())
+    Ok((0..count)
+        .map(|i| fdpass::FIRST_INHERITED_FD + i as RawFd)
+        .collect())
 }
 
 #[cfg(test)]
@@ -246,9 +250,15 @@ mod tests {
         // bind is plain, so it fails as a busy port instead.
         let stranger = listener::bind_reuseport("127.0.0.1:0".parse().unwrap(), 16).unwrap();
         let addr = stranger.local_addr().unwrap();
-        assert!(listener::bind_reuseport(addr, 16).is_ok(), "the risk is real");
+        assert!(
+            listener::bind_reuseport(addr, 16).is_ok(),
+            "the risk is real"
+        );
         let error = listener::bind_all(&[addr], 16).unwrap_err();
-        assert!(error.to_string().contains("address already in use"), "{error}");
+        assert!(
+            error.to_string().contains("address already in use"),
+            "{error}"
+        );
     }
 
     #[test]

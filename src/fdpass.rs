@@ -196,10 +196,7 @@ pub const FIRST_INHERITED_FD: RawFd = 3;
 ///
 /// PR_SET_PDEATHSIG fires when the *thread* that forked dies, so callers must
 /// spawn from a thread that lives as long as herd (the main thread).
-pub fn place_fds_and_die_with_parent(
-    command: &mut tokio::process::Command,
-    inherited: Vec<RawFd>,
-) {
+pub fn place_fds_and_die_with_parent(command: &mut tokio::process::Command, inherited: Vec<RawFd>) {
     let parent = std::process::id() as libc::pid_t;
     // Copies are made above the target range first, so that placing fd i
     // can never overwrite a source not yet placed.

@@ -160,7 +160,10 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1).peekable();
-    if args.peek().is_some_and(|a| a == herd::activation::EXEC_WORKER_ARG) {
+    if args
+        .peek()
+        .is_some_and(|a| a == herd::activation::EXEC_WORKER_ARG)
+    {
         // herd starting a worker in an OS-scheduled mode: become it.
         let error = herd::activation::exec_worker(args.skip(1));
         eprintln!("herd: cannot start the worker: {error}");

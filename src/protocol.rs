@@ -314,10 +314,7 @@ mod tests {
             WorkerMessage::Ack(7),
             WorkerMessage::Nack(u64::MAX),
             WorkerMessage::Closed(0),
-            WorkerMessage::Accepted {
-                listener: 3,
-                id: 9,
-            },
+            WorkerMessage::Accepted { listener: 3, id: 9 },
             WorkerMessage::Ready {
                 reports_closed: false,
             },

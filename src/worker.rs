@@ -268,7 +268,8 @@ impl Worker {
                     let stream = std::net::TcpStream::from(fd);
                     stream.set_nonblocking(true)?;
                     return Ok(Some(Connection {
-                        stream: self.herd_stream(TcpStream::from_std(stream)?, handoff.connection_id),
+                        stream: self
+                            .herd_stream(TcpStream::from_std(stream)?, handoff.connection_id),
                         peer: handoff.peer,
                         local: handoff.local,
                         listener: handoff.listener,

@@ -1,0 +1,220 @@
+//! The OS-scheduled modes: `shared` (every worker inherits the same
+//! listening sockets, systemd's LISTEN_FDS) and `reuseport` (one
+//! SO_REUSEPORT socket per slot). The example workers run unchanged, herd
+//! still supervises, reloads and counts what the workers report, and a
+//! plain socket-activated server with no herd code works too.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const REQUESTS: usize = 40;
+
+fn handed_off_total(status: &Value) -> u64 {
+    workers_of(status)
+        .iter()
+        .map(|w| w["handed_off"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Serves requests, counts them as the workers report them (status and
+/// /metrics), refills a killed worker's slot, and reloads to new workers,
+/// answering every request throughout.
+fn serves_survives_kill_and_reload(name: &str, mode: &str, worker: &[&str]) {
+    let herd = Herd::launch(
+        name,
+        None,
+        2,
+        &["--mode", mode, "--metrics", "127.0.0.1:0"],
+        worker,
+    );
+    let first = herd.wait_all_ready(2);
+    let served = count_pids(herd.addr(), REQUESTS);
+    assert!(
+        served.keys().all(|pid| first.contains(pid)),
+        "{served:?} vs {first:?}"
+    );
+    // Workers report each connection they accept; herd counts those.
+    wait_for_status(&herd.dir, "every connection reported", |s| {
+        handed_off_total(s) == REQUESTS as u64
+    });
+    let metrics = metrics_addr(&herd);
+    let (code, _, text) = http(metrics, "GET", "/metrics");
+    assert_eq!(code, 200);
+    assert_eq!(
+        sum_of(&text, "herd_connections_accepted_total"),
+        REQUESTS as f64
+    );
+    assert_eq!(
+        sum_of(&text, "herd_connections_handed_off_total"),
+        REQUESTS as f64
+    );
+
+    // Kill slot 0's worker: the slot is refilled and everything is answered.
+    let victim = pids_of(&herd.status())[&0];
+    signal(victim, Signal::SIGKILL);
+    let after_kill = wait_for_status(&herd.dir, "slot 0 refilled", |s| {
+        all_ready(s, 2) && pids_of(s)[&0] != victim
+    });
+    let survivors: BTreeSet<u32> = pids_of(&after_kill).into_values().collect();
+    let served = count_pids(herd.addr(), 20);
+    assert!(served.keys().all(|pid| survivors.contains(pid)));
+
+    // A rolling reload replaces both workers.
+    let reload = herd.control(&["reload"]);
+    assert_eq!(reload.code, Some(0), "{}", reload.stderr);
+    let reloaded = herd.wait_all_ready(2);
+    assert!(reloaded.is_disjoint(&survivors), "{reloaded:?}");
+    let served = count_pids(herd.addr(), 20);
+    assert!(
+        served.keys().all(|pid| reloaded.contains(pid)),
+        "{served:?} vs {reloaded:?}"
+    );
+    assert!(herd.stop().success());
+}
+
+#[test]
+fn shared_serves_the_rust_worker_through_kill_and_reload() {
+    serves_survives_kill_and_reload("shared-rust", "shared", &[hello_worker()]);
+}
+
+#[test]
+fn shared_serves_the_python_worker_through_kill_and_reload() {
+    let script = python_worker();
+    serves_survives_kill_and_reload("shared-python", "shared", &["python3", &script]);
+}
+
+#[test]
+fn reuseport_serves_the_rust_worker_through_kill_and_reload() {
+    serves_survives_kill_and_reload("reuseport-rust", "reuseport", &[hello_worker()]);
+}
+
+#[test]
+fn reuseport_serves_the_python_worker_through_kill_and_reload() {
+    let script = python_worker();
+    serves_survives_kill_and_reload("reuseport-python", "reuseport", &["python3", &script]);
+}
+
+/// The inode of the socket a process has at `fd`.
+fn socket_inode(pid: u32, fd: u32) -> String {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+    let link = link.display().to_string();
+    assert!(link.starts_with("socket:["), "{link}");
+    link
+}
+
+/// Connections that arrive while a slot's worker is stopped wait in the
+/// accept queue of the socket herd keeps for the slot; the next worker of
+/// that slot gets the very same socket and serves them.
+fn queued_connections_survive_a_restart(name: &str, mode: &str) {
+    let herd = Herd::launch(name, None, 1, &["--mode", mode], &[hello_worker()]);
+    let old = *herd.wait_all_ready(1).first().unwrap();
+    let socket = socket_inode(old, 3);
+    signal(old, Signal::SIGSTOP);
+    let waiting: Vec<TcpStream> = (0..5).map(|_| send_request(herd.addr()).unwrap()).collect();
+    signal(old, Signal::SIGKILL);
+    let new = wait_for_status(&herd.dir, "a new worker", |s| {
+        all_ready(s, 1) && pids_of(s)[&0] != old
+    });
+    let new = pids_of(&new)[&0];
+    assert_eq!(socket_inode(new, 3), socket, "the slot kept its socket");
+    for stream in waiting {
+        let answer = read_answer(stream, DEADLINE).unwrap();
+        assert_eq!(answer.pid, new);
+    }
+    assert!(herd.stop().success());
+}
+
+#[test]
+fn reuseport_keeps_a_slots_socket_and_its_queue_across_restarts() {
+    queued_connections_survive_a_restart("reuseport-queue", "reuseport");
+}
+
+#[test]
+fn shared_keeps_the_socket_and_its_queue_across_restarts() {
+    queued_connections_survive_a_restart("shared-queue", "shared");
+}
+
+/// In reuseport mode every slot has its own socket; in shared mode all
+/// workers have the same one.
+#[test]
+fn reuseport_gives_each_slot_its_own_socket_and_shared_the_same() {
+    for (mode, distinct) in [("reuseport", 2), ("shared", 1)] {
+        let herd = Herd::launch(
+            &format!("sockets-{mode}"),
+            None,
+            2,
+            &["--mode", mode],
+            &[hello_worker()],
+        );
+        let pids = herd.wait_all_ready(2);
+        let sockets: BTreeSet<String> = pids.iter().map(|&pid| socket_inode(pid, 3)).collect();
+        assert_eq!(sockets.len(), distinct, "{mode}: {sockets:?}");
+        // The channel comes right after the listening socket.
+        for &pid in &pids {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+            let environ = String::from_utf8_lossy(&environ);
+            assert!(environ.contains("HERD_CHANNEL_FD=4\0"), "{environ}");
+            assert!(environ.contains("LISTEN_FDS=1\0"));
+            assert!(environ.contains("LISTEN_FDNAMES=listen0\0"));
+            assert!(environ.contains(&format!("LISTEN_PID={pid}\0")));
+        }
+        assert!(herd.stop().success());
+    }
+}
+
+/// One request to the plain socket-activated example; returns its body.
+fn plain_get(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect_timeout(&addr, DEADLINE).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.write_all(REQUEST).unwrap();
+    let mut response = String::new();
+    // The example keeps the connection open (HTTP/1.1); read the one answer.
+    let mut buf = [0u8; 1024];
+    while !response.contains("(LISTEN_PID=") || !response.ends_with(')') {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed early: {response:?}");
+        response.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    response.split("\r\n\r\n").nth(1).unwrap().to_string()
+}
+
+/// A server with no herd code: it refuses to start unless LISTEN_PID is its
+/// own pid, and says both pids in every answer. `ready_delay` makes it
+/// ready; SIGTERM (it never reads DRAIN) stops it.
+#[test]
+fn shared_sets_listen_pid_to_each_workers_own_pid() {
+    let script = format!(
+        "{}/workers/python/socket_activated.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    for mode in ["shared", "reuseport"] {
+        let herd = Herd::launch(
+            &format!("listen-pid-{mode}"),
+            None,
+            2,
+            &["--mode", mode, "--ready-delay", "100ms"],
+            &["python3", &script],
+        );
+        let pids = herd.wait_all_ready(2);
+        for _ in 0..10 {
+            let body = plain_get(herd.addr());
+            let (pid, listen_pid) = body
+                .strip_prefix("Handled by worker ")
+                .and_then(|rest| rest.strip_suffix(')'))
+                .and_then(|rest| rest.split_once(" (LISTEN_PID="))
+                .unwrap_or_else(|| panic!("{body}"));
+            assert_eq!(pid, listen_pid);
+            assert!(pids.contains(&pid.parse().unwrap()), "{body}");
+        }
+        // A clean stop: SIGTERM ended them, no SIGKILL after shutdown_timeout.
+        assert!(herd.stop().success());
+    }
+}
