@@ -218,3 +218,33 @@ fn shared_sets_listen_pid_to_each_workers_own_pid() {
         assert!(herd.stop().success());
     }
 }
+
+/// Scaling in `reuseport` binds a new socket for a new slot and closes the
+/// sockets of removed slots; every request is answered throughout.
+#[test]
+fn reuseport_scales_up_and_down() {
+    let herd = Herd::launch(
+        "reuseport-scale",
+        None,
+        2,
+        &["--mode", "reuseport"],
+        &[hello_worker()],
+    );
+    herd.wait_all_ready(2);
+    let scaled = herd.control(&["scale", "3"]);
+    assert_eq!(scaled.code, Some(0), "{}", scaled.stderr);
+    let three = herd.wait_all_ready(3);
+    let sockets: BTreeSet<String> = three.iter().map(|&pid| socket_inode(pid, 3)).collect();
+    assert_eq!(sockets.len(), 3, "one socket per slot");
+    count_pids(herd.addr(), 30);
+    let scaled = herd.control(&["scale", "1"]);
+    assert_eq!(scaled.code, Some(0), "{}", scaled.stderr);
+    let one = herd.wait_all_ready(1);
+    // The removed slots' workers drain and exit, closing the last copies of
+    // their sockets (connections queued there then are reset: docs).
+    herd.wait_for_lines("worker exited with code 0", 2);
+    // With one socket left in the group, every connection reaches the one worker.
+    let served = count_pids(herd.addr(), 20);
+    assert_eq!(served.keys().copied().collect::<BTreeSet<u32>>(), one);
+    assert!(herd.stop().success());
+}
