@@ -36,6 +36,7 @@ pub mod fdpass;
 pub mod handoff;
 pub mod listener;
 pub mod metrics;
+pub mod node_ipc;
 pub mod primary;
 pub mod procstat;
 pub mod protocol;
