@@ -77,6 +77,9 @@ pub struct Config {
     pub mode: String,
     /// The worker program and its arguments.
     pub command: Vec<String>,
+    /// What workers speak on their channel: "herd", "node-cluster", or
+    /// "auto" (node-cluster when the program is `node` or `nodejs`).
+    pub protocol: String,
     /// Extra environment for workers.
     pub env: BTreeMap<String, String>,
     /// Working directory for workers (default: herd's).
@@ -152,6 +155,7 @@ impl Default for Config {
             backlog: 511,
             workers: WorkerCount::Named("max".into()),
             mode: Mode::RoundRobin.name().into(),
+            protocol: "auto".into(),
             command: Vec::new(),
             env: BTreeMap::new(),
             cwd: None,
@@ -238,6 +242,7 @@ pub struct Settings {
     pub program: PathBuf,
     /// Arguments after the program.
     pub args: Vec<String>,
+    pub protocol: WorkerProtocol,
     pub env: BTreeMap<String, String>,
     pub cwd: Option<PathBuf>,
     pub shutdown_timeout: Duration,
@@ -389,6 +394,26 @@ impl Config {
             )),
         };
         let program = resolve_program(program, cwd.as_deref())?;
+        let protocol = match self.protocol.as_str() {
+            "herd" => WorkerProtocol::Herd,
+            "node-cluster" => WorkerProtocol::NodeCluster,
+            "auto" if is_node(&program) => WorkerProtocol::NodeCluster,
+            "auto" => WorkerProtocol::Herd,
+            other => {
+                return Err(invalid(
+                    "protocol",
+                    format!("{other:?}"),
+                    "expected one of: auto, herd, node-cluster",
+                ))
+            }
+        };
+        if protocol == WorkerProtocol::NodeCluster && !mode.hands_off() {
+            return Err(invalid(
+                "mode",
+                format!("{:?}", mode.name()),
+                "Node cluster workers run in round-robin, sticky or least-conn mode (shared is not supported yet)",
+            ));
+        }
         for key in self.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 return Err(invalid(
@@ -434,6 +459,7 @@ impl Config {
             workers,
             mode,
             program,
+            protocol,
             args,
             env: self.env.clone(),
             cwd,
@@ -604,6 +630,22 @@ fn resolve_user(
 
 fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
     parse_duration(text).map_err(|reason| invalid(key, format!("{text:?}"), reason))
+}
+
+/// What a worker speaks on its channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerProtocol {
+    /// herd's own binary protocol (docs/protocol.md).
+    Herd,
+    /// Node.js `cluster` IPC: the worker is an unmodified Node cluster app.
+    NodeCluster,
+}
+
+/// `node` or `nodejs`, however it was found.
+fn is_node(program: &Path) -> bool {
+    program
+        .file_name()
+        .is_some_and(|name| name == "node" || name == "nodejs")
 }
 
 /// Finds the worker program the way a shell would and checks it can be run.

@@ -59,6 +59,17 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<()> 
 /// `WouldBlock` when the channel is full) and never raises SIGPIPE. On a
 /// SOCK_SEQPACKET socket the message is sent whole or not at all.
 pub fn send_with_fd(channel: BorrowedFd<'_>, payload: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    sendmsg_with_fd(channel, payload, fd).map(|_| ())
+}
+
+/// Like [`send_with_fd`] but returns how many bytes went out: on a
+/// SOCK_STREAM socket (Node's IPC channel) a send can be partial. The fd
+/// travels with the first byte, so the rest is sent with [`send_stream`].
+pub fn sendmsg_with_fd(
+    channel: BorrowedFd<'_>,
+    payload: &[u8],
+    fd: BorrowedFd<'_>,
+) -> io::Result<usize> {
     let mut control = ControlBuffer { bytes: [0; 128] };
     let mut iov = libc::iovec {
         iov_base: payload.as_ptr() as *mut libc::c_void,
@@ -88,8 +99,29 @@ pub fn send_with_fd(channel: BorrowedFd<'_>, payload: &[u8], fd: BorrowedFd<'_>)
     if sent < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(sent as usize)
     }
+}
+
+/// Sends what fits of `payload` on a SOCK_STREAM socket without blocking
+/// or SIGPIPE; returns how many bytes went out.
+pub fn send_stream(channel: BorrowedFd<'_>, payload: &[u8]) -> io::Result<usize> {
+    use nix::sys::socket::MsgFlags;
+    let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+    Ok(nix::sys::socket::send(channel.as_raw_fd(), payload, flags)?)
+}
+
+/// Creates a Node.js IPC channel: an AF_UNIX SOCK_STREAM socketpair, both
+/// ends close-on-exec. Returns (herd's end, non-blocking; the child's end).
+pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (primary, child) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    set_nonblocking(primary.as_fd(), true)?;
+    Ok((primary, child))
 }
 
 /// Sends one message without fds. Never raises SIGPIPE. `dontwait` makes it

@@ -31,6 +31,7 @@ use crate::config::{HandoffSettings, MAX_WORKERS};
 use crate::dispatch::{Dispatcher, Mode};
 use crate::fdpass;
 use crate::listener::BoundListener;
+use crate::node_ipc::{self, NodeChannel};
 use crate::protocol::{Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN};
 
 const WAKER: Token = Token(usize::MAX);
@@ -55,6 +56,9 @@ pub enum Command {
         uid: u64,
         pid: u32,
         channel: OwnedFd,
+        /// The worker is a Node.js cluster app: `channel` is Node's IPC
+        /// socket, spoken in [`node_ipc`]'s JSON lines.
+        node: bool,
         /// Hand this worker at most this many connections, then report
         /// [`Event::RecycleDue`] (the `max_connections_per_worker` limit).
         recycle_after: Option<u64>,
@@ -353,6 +357,8 @@ struct WorkerChannel {
     recycle_after: Option<u64>,
     /// Malformed messages already logged, so a broken worker can't flood the log.
     protocol_errors: u32,
+    /// A Node.js cluster worker: its framing state (`None`: herd's protocol).
+    node: Option<NodeChannel>,
 }
 
 impl WorkerChannel {
@@ -367,6 +373,7 @@ impl WorkerChannel {
         self.role == Role::Active
             && !self.blocked
             && self.recycle_after.is_none_or(|limit| self.sent < limit)
+            && self.node.as_ref().is_none_or(NodeChannel::can_take_handle)
             && self.in_flight.len() < limits.max_unacked
             && self
                 .in_flight
@@ -480,8 +487,9 @@ impl HandoffLoop {
                     uid,
                     pid,
                     channel,
+                    node,
                     recycle_after,
-                } => self.add_worker(slot, uid, pid, channel, recycle_after),
+                } => self.add_worker(slot, uid, pid, channel, node, recycle_after),
                 Command::MarkReady { uid } => {
                     if let Some(index) = self.find(uid) {
                         self.make_ready(index, false);
@@ -512,6 +520,7 @@ impl HandoffLoop {
         uid: u64,
         pid: u32,
         channel: OwnedFd,
+        node: bool,
         recycle_after: Option<u64>,
     ) {
         if slot >= MAX_WORKERS {
@@ -551,6 +560,7 @@ impl HandoffLoop {
             closed: None,
             recycle_after,
             protocol_errors: 0,
+            node: node.then(NodeChannel::default),
         });
         // READY may already be waiting on the channel.
         self.read_worker(index);
@@ -610,6 +620,14 @@ impl HandoffLoop {
         };
         if !worker.drain_pending {
             return;
+        }
+        if let Some(node) = worker.node.as_mut() {
+            // Node's primary says `disconnect`: the worker closes its servers,
+            // then its end of the channel, and exits once idle.
+            worker.drain_pending = false;
+            let seq = node.next_seq();
+            let sent = node.send_line(worker.channel.as_fd(), node_ipc::disconnect(seq));
+            return self.after_node_send(index, sent);
         }
         match fdpass::send(
             worker.channel.as_fd(),
@@ -767,11 +785,18 @@ impl HandoffLoop {
             };
             let index = self.active[slot].expect("chosen slot is live");
             let worker = self.channels[index].as_mut().expect("chosen slot is live");
-            let sent = fdpass::send_with_fd(
-                worker.channel.as_fd(),
-                conn.handoff.encode(&mut message),
-                conn.stream.as_fd(),
-            );
+            let sent = match worker.node.as_mut() {
+                None => fdpass::send_with_fd(
+                    worker.channel.as_fd(),
+                    conn.handoff.encode(&mut message),
+                    conn.stream.as_fd(),
+                ),
+                Some(node) => node.send_handle(
+                    worker.channel.as_fd(),
+                    conn.handoff.connection_id,
+                    conn.stream.as_fd(),
+                ),
+            };
             match sent {
                 Ok(()) => {
                     worker.in_flight.push_back(InFlight { conn, sent_at: now });
@@ -782,6 +807,9 @@ impl HandoffLoop {
                             slot,
                             uid: worker.uid,
                         });
+                    }
+                    if worker.node.as_ref().is_some_and(NodeChannel::wants_write) {
+                        self.watch_writable(index, true);
                     }
                     return Ok(());
                 }
@@ -823,6 +851,11 @@ impl HandoffLoop {
         let Some(worker) = self.channels.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
+        if let Some(node) = worker.node.as_mut() {
+            let flushed = node.flush(worker.channel.as_fd());
+            worker.blocked = false;
+            return self.after_node_send(index, flushed);
+        }
         if worker.blocked {
             worker.blocked = false;
             self.watch_writable(index, false);
@@ -833,6 +866,12 @@ impl HandoffLoop {
     /// Reads every message waiting on a worker's channel; retires the worker
     /// if the channel has closed.
     fn read_worker(&mut self, index: usize) {
+        if self.channels[index]
+            .as_ref()
+            .is_some_and(|w| w.node.is_some())
+        {
+            return self.read_node_worker(index);
+        }
         let mut buf = [0u8; MAX_MESSAGE_LEN];
         loop {
             let Some(worker) = self.channels.get_mut(index).and_then(Option::as_mut) else {
@@ -946,6 +985,111 @@ impl HandoffLoop {
                         open.fetch_add(worker.acked.saturating_sub(1), Relaxed);
                     }
                 }
+            }
+        }
+    }
+
+    /// Reads and acts on what a Node cluster worker sent.
+    fn read_node_worker(&mut self, index: usize) {
+        let mut messages = Vec::new();
+        let open = {
+            let Some(worker) = self.channels[index].as_mut() else {
+                return;
+            };
+            let node = worker.node.as_mut().expect("a Node worker");
+            node.read(worker.channel.as_fd(), &mut messages)
+        };
+        for message in messages {
+            self.on_node_message(index, message);
+        }
+        match open {
+            Ok(true) => {}
+            Ok(false) => self.retire(index),
+            Err(e) => {
+                debug!("Node worker channel failed: {e}");
+                self.retire(index);
+            }
+        }
+    }
+
+    fn on_node_message(&mut self, index: usize, message: node_ipc::Incoming) {
+        use node_ipc::Incoming;
+        let Some(worker) = self.channels[index].as_mut() else {
+            return;
+        };
+        let node = worker.node.as_mut().expect("a Node worker");
+        let channel = worker.channel.as_fd();
+        let sent = match message {
+            Incoming::QueryServer(query) => {
+                // herd's listeners are the app's: `listen(3000)` is served on
+                // what herd was told to listen on.
+                let local = self.listeners.first().map(|l| l.local);
+                let errno = local
+                    .is_none()
+                    .then(|| node_ipc::uv_errno(nix::Error::EADDRNOTAVAIL));
+                if local.is_some() {
+                    node.key = Some(query.key.clone());
+                }
+                // Node checks that the port it asked for is the one bound
+                // (else it reports EADDRINUSE): when herd serves `listen(3000)`
+                // on another port, `server.address()` keeps the asked-for port.
+                let sockname = local.map(|addr| match query.port {
+                    0 => addr,
+                    asked => SocketAddr::new(addr.ip(), asked),
+                });
+                let seq = node.next_seq();
+                node.send_line(channel, node_ipc::query_reply(&query, sockname, errno, seq))
+            }
+            Incoming::Listening => {
+                self.make_ready(index, true);
+                Ok(())
+            }
+            Incoming::Accepted { ack, accepted } => {
+                let message = if accepted {
+                    WorkerMessage::Ack(ack)
+                } else {
+                    WorkerMessage::Nack(ack)
+                };
+                self.on_message(index, message);
+                Ok(())
+            }
+            Incoming::HandleAck => node.handle_answered(channel),
+            Incoming::HandleNack => {
+                // The handle never arrived: the newest connection sent goes elsewhere.
+                let refused = worker
+                    .in_flight
+                    .back()
+                    .map(|f| f.conn.handoff.connection_id);
+                let answered = node.handle_answered(channel);
+                if let Some(id) = refused {
+                    self.on_message(index, WorkerMessage::Nack(id));
+                }
+                answered
+            }
+            Incoming::Handle => node.send_line(channel, node_ipc::handle_ack()),
+            Incoming::ExitedAfterDisconnect { seq: theirs } => {
+                let seq = node.next_seq();
+                node.send_line(channel, node_ipc::ack(theirs, seq))
+            }
+            Incoming::Online | Incoming::Close | Incoming::Other => Ok(()),
+        };
+        self.after_node_send(index, sent);
+    }
+
+    /// Watches for room while a Node worker's outbox is not empty; retires
+    /// the worker if its channel failed.
+    fn after_node_send(&mut self, index: usize, sent: io::Result<()>) {
+        match sent {
+            Ok(()) => {
+                let wants_write = self.channels[index]
+                    .as_ref()
+                    .and_then(|w| w.node.as_ref())
+                    .is_some_and(NodeChannel::wants_write);
+                self.watch_writable(index, wants_write);
+            }
+            Err(e) => {
+                debug!("Node worker channel failed on send: {e}");
+                self.retire(index);
             }
         }
     }

@@ -11,11 +11,20 @@
 //! start of a `{"cmd":"NODE_HANDLE",...}` line, and the receiver answers
 //! `NODE_HANDLE_ACK` before the sender may send anything else.
 //!
-//! Not wired into the hand-off loop yet: see the status in the
-//! session notes. The codec is complete and tested against the captured
-//! sequence.
+//! [`NodeChannel`] keeps one worker's framing state for the hand-off loop:
+//! partial lines in, partial writes out, and Node's rule that nothing follows
+//! a handle until the worker has acknowledged it.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::BorrowedFd;
 
 use serde_json::{json, Value};
+
+use crate::fdpass;
+
+/// A line longer than this from a worker is a broken worker, not a message.
+const MAX_LINE: usize = 1 << 20;
 
 /// The worker's cluster id (`cluster.worker.id`): herd passes the slot.
 pub const NODE_UNIQUE_ID_ENV: &str = "NODE_UNIQUE_ID";
@@ -203,6 +212,126 @@ pub fn ack(worker_seq: u64, seq: u64) -> Vec<u8> {
 /// The answer to a handle the worker sent.
 pub fn handle_ack() -> Vec<u8> {
     line(&json!({"cmd": "NODE_HANDLE_ACK"}))
+}
+
+/// One Node worker's side of the channel, as the hand-off loop sees it.
+#[derive(Debug, Default)]
+pub struct NodeChannel {
+    /// Bytes received after the last complete line.
+    inbox: Vec<u8>,
+    /// Bytes accepted for sending that the socket has not taken yet.
+    outbox: Vec<u8>,
+    /// A handle was sent and its NODE_HANDLE_ACK has not come back.
+    awaiting_handle_ack: bool,
+    /// Lines held back until that ack (Node sends nothing else meanwhile).
+    held: VecDeque<Vec<u8>>,
+    /// The key of the server the worker listens on (from its `queryServer`);
+    /// it gets no connection before it has one.
+    pub key: Option<String>,
+    /// herd's `seq` for messages other than `newconn` (which uses the
+    /// connection id, so the worker's `ack` names the connection).
+    seq: u64,
+}
+
+impl NodeChannel {
+    /// Can a `newconn` be sent now?
+    pub fn can_take_handle(&self) -> bool {
+        self.key.is_some() && !self.awaiting_handle_ack && self.outbox.is_empty()
+    }
+
+    /// Bytes are waiting for the socket to have room.
+    pub fn wants_write(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
+    pub fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// Sends `newconn` for connection `id` with `fd` on its first byte.
+    /// Returns `WouldBlock` if nothing could be sent; a partial send keeps
+    /// the rest in the outbox (the fd went with the first byte).
+    pub fn send_handle(
+        &mut self,
+        channel: BorrowedFd<'_>,
+        id: u64,
+        fd: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        let key = self.key.as_deref().unwrap_or_default();
+        let message = newconn(key, id);
+        let sent = fdpass::sendmsg_with_fd(channel, &message, fd)?;
+        self.outbox.extend_from_slice(&message[sent..]);
+        self.awaiting_handle_ack = true;
+        Ok(())
+    }
+
+    /// Sends a line now, or after the pending handle's ack.
+    pub fn send_line(&mut self, channel: BorrowedFd<'_>, line: Vec<u8>) -> io::Result<()> {
+        if self.awaiting_handle_ack {
+            self.held.push_back(line);
+            return Ok(());
+        }
+        self.outbox.extend_from_slice(&line);
+        self.flush(channel)
+    }
+
+    /// The worker acknowledged (or refused) the handle: release what waited.
+    pub fn handle_answered(&mut self, channel: BorrowedFd<'_>) -> io::Result<()> {
+        self.awaiting_handle_ack = false;
+        while let Some(line) = self.held.pop_front() {
+            self.outbox.extend_from_slice(&line);
+        }
+        self.flush(channel)
+    }
+
+    /// Writes what the socket takes of the outbox.
+    pub fn flush(&mut self, channel: BorrowedFd<'_>) -> io::Result<()> {
+        while !self.outbox.is_empty() {
+            match fdpass::send_stream(channel, &self.outbox) {
+                Ok(sent) => {
+                    self.outbox.drain(..sent);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what is waiting and parses every complete line into `out`.
+    /// Returns `false` once the worker closed its end. A handle the worker
+    /// sent is closed at once (it is reported as [`Incoming::Handle`]).
+    pub fn read(&mut self, channel: BorrowedFd<'_>, out: &mut Vec<Incoming>) -> io::Result<bool> {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match fdpass::recv_with_fd(channel, &mut buf, true) {
+                Ok(Some(received)) => {
+                    drop(received.fd);
+                    self.inbox.extend_from_slice(&buf[..received.len]);
+                }
+                Ok(None) => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut start = 0;
+        while let Some(end) = self.inbox[start..].iter().position(|&b| b == b'\n') {
+            let line = &self.inbox[start..start + end];
+            // A line that is not JSON is the app's business, not ours.
+            out.push(parse(line).unwrap_or(Incoming::Other));
+            start += end + 1;
+        }
+        self.inbox.drain(..start);
+        if self.inbox.len() > MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a message line longer than 1 MiB",
+            ));
+        }
+        Ok(true)
+    }
 }
 
 /// libuv's error code (negative errno on Linux) for a failed `listen`.

@@ -29,10 +29,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::activation::{self, WorkerSockets};
-use crate::config::Settings;
+use crate::config::{Settings, WorkerProtocol};
 use crate::fdpass;
 use crate::handoff::{Command, Controller};
 use crate::metrics::{Metrics, RestartReason};
+use crate::node_ipc;
 use crate::procstat::{self, Sample};
 
 /// How long a worker may outlive its channel before herd stops it. Its exit
@@ -460,7 +461,13 @@ impl Supervisor {
 
     fn try_spawn(&mut self, slot: usize, settings: &Settings) -> std::io::Result<(u64, u32)> {
         let listen_fds = self.sockets.for_slot(slot).map_err(std::io::Error::other)?;
-        let (primary_end, child_end) = fdpass::channel_pair()?;
+        let node = settings.protocol == WorkerProtocol::NodeCluster;
+        let (primary_end, child_end) = if node {
+            fdpass::stream_pair()?
+        } else {
+            fdpass::channel_pair()?
+        };
+        let channel_fd = activation::channel_fd(listen_fds.len()).to_string();
         let mut command = if listen_fds.is_empty() {
             tokio::process::Command::new(&settings.program)
         } else {
@@ -474,10 +481,7 @@ impl Supervisor {
         command
             .args(&settings.args)
             .envs(&settings.env)
-            .env(
-                crate::worker::CHANNEL_FD_ENV,
-                activation::channel_fd(listen_fds.len()).to_string(),
-            )
+            .env(crate::worker::CHANNEL_FD_ENV, &channel_fd)
             .env(crate::worker::WORKER_ID_ENV, slot.to_string())
             .env("HERD_WORKERS", self.slots.len().to_string())
             .env("HERD_PROTOCOL", crate::protocol::VERSION.to_string())
@@ -488,6 +492,14 @@ impl Supervisor {
             // herd decides how workers stop; signals go to the whole group,
             // so `sh -c` wrappers and their children stop too.
             .process_group(0);
+        if node {
+            // An unmodified Node cluster app: it finds herd as its cluster primary.
+            command
+                .env_remove(crate::worker::CHANNEL_FD_ENV)
+                .env(node_ipc::NODE_UNIQUE_ID_ENV, slot.to_string())
+                .env(node_ipc::NODE_CHANNEL_FD_ENV, &channel_fd)
+                .env(node_ipc::NODE_CHANNEL_SERIALIZATION_MODE_ENV, "json");
+        }
         if let Some(dir) = &settings.cwd {
             command.current_dir(dir);
         }
@@ -522,6 +534,7 @@ impl Supervisor {
                 uid,
                 pid,
                 channel: primary_end,
+                node,
                 recycle_after,
             })
             .map_err(|e| std::io::Error::other(format!("hand-off loop: {e}")))?;
