@@ -18,12 +18,14 @@
 //! - [`primary`]: wiring it together; herd's own lifecycle and signals.
 //! - [`worker`]: the library Rust workers link to receive connections.
 //! - [`bench`]: `herd bench`, a small bounded HTTP load generator.
+//! - [`compare`]: `herd compare`, the same load against each dispatch mode, side by side.
 
 #![deny(rust_2018_idioms)]
 // Raw system calls live in `fdpass` alone, which opts back in.
 #![deny(unsafe_code)]
 
 pub mod bench;
+pub mod compare;
 pub mod config;
 pub mod control;
 pub mod dispatch;
