@@ -22,6 +22,7 @@
 //! - [`primary`]: wiring it together; herd's own lifecycle and signals.
 //! - [`worker`]: the library Rust workers link to receive connections.
 //! - [`bench`]: `herd bench`, a small bounded HTTP load generator.
+//! - [`compare`]: `herd compare`, the same load against each dispatch mode, side by side.
 
 #![deny(rust_2018_idioms)]
 // Raw system calls live in `fdpass` alone, which opts back in.
@@ -29,6 +30,7 @@
 
 pub mod activation;
 pub mod bench;
+pub mod compare;
 pub mod config;
 pub mod control;
 pub mod dispatch;

@@ -45,6 +45,10 @@ enum Commands {
     /// latency, errors and the spread over workers.
     #[command(after_help = BENCH_HELP)]
     Bench(BenchArgs),
+    /// Run a worker under each dispatch mode in turn, drive the same load
+    /// against each, and print one side-by-side table.
+    #[command(after_help = COMPARE_HELP)]
+    Compare(CompareArgs),
 }
 
 const BENCH_HELP: &str = "\
@@ -56,6 +60,61 @@ and nothing is sent then; 1 if the runtime cannot start.
 Every run is bounded: --duration at most 10m, --requests at most 100000000.
 From 2xx bodies reading `Handled by worker <pid>` (herd's example workers)
 answers are counted per worker pid, with max/min ratio and Jain's index.";
+
+const COMPARE_HELP: &str = "\
+Scenarios: uniform (keep-alive connections, every worker healthy); connect
+(a new connection per request); stalled (a new connection per request, the
+worker in slot 0 SIGSTOPped during the load, so requests sent to it time out).
+
+For each scenario and mode, herd compare starts `herd run -c /dev/null
+--listen 127.0.0.1:0 --workers N --mode MODE -- COMMAND`, waits until every
+worker is ready (at most 30s), runs the load, and stops that herd (SIGKILL
+after 20s). A mode that does not start is a row with a note.
+
+Exit status: 0 when the comparison ran and at least one row was measured;
+1 when no row could be measured, or the output files cannot be written;
+2 for bad arguments, and nothing is started then.";
+
+#[derive(Args)]
+struct CompareArgs {
+    /// Modes to compare, in this order (comma-separated)
+    /// [default: round-robin,sticky,least-conn,shared,reuseport].
+    #[arg(long, value_name = "LIST", value_delimiter = ',',
+          value_parser = clap::builder::PossibleValuesParser::new(herd::compare::MODES))]
+    modes: Option<Vec<String>>,
+    /// Scenarios to run, in this order (comma-separated).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "uniform,stalled",
+          value_parser = clap::builder::PossibleValuesParser::new(herd::compare::Scenario::NAMES))]
+    scenarios: Vec<String>,
+    /// Worker processes in each run (2 or more for the stalled scenario).
+    #[arg(short, long, value_name = "N", default_value_t = 2)]
+    workers: usize,
+    /// Concurrent client tasks of each load (1-10000).
+    #[arg(short, long, value_name = "N", default_value_t = 10)]
+    connections: usize,
+    /// Each run lasts this long, e.g. 3s, 500ms (at most 10m) [default: 3s].
+    #[arg(short, long, value_name = "DUR", value_parser = duration_arg, conflicts_with = "requests")]
+    duration: Option<std::time::Duration>,
+    /// Each run attempts exactly N requests instead (at most 100000000).
+    #[arg(short = 'n', long, value_name = "N")]
+    requests: Option<u64>,
+    /// Per-request timeout [default: a quarter of --duration, at most 1s].
+    #[arg(long, value_name = "DUR", value_parser = duration_arg)]
+    timeout: Option<std::time::Duration>,
+    /// Bind client sockets to this IPv4 range round-robin, e.g.
+    /// 127.0.0.2-127.0.0.51 (so sticky mode sees many clients).
+    #[arg(long, value_name = "A-B")]
+    source_range: Option<String>,
+    /// Also write compare.md, compare.csv and compare.svg into DIR.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// The worker program and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
 
 #[derive(Args)]
 struct BenchArgs {
@@ -229,6 +288,7 @@ fn main() -> ExitCode {
         }
         Commands::Stop(target) => send(&target, Request::Stop, |r| r.message.clone()),
         Commands::Bench(args) => bench(args),
+        Commands::Compare(args) => compare(args),
     }
 }
 
@@ -287,6 +347,104 @@ fn bench(args: BenchArgs) -> ExitCode {
             eprintln!("herd bench: {e}");
             ExitCode::from(EXIT_CONFIG)
         }
+    }
+}
+
+/// `herd compare`: exit 0 when at least one row was measured, 1 when none
+/// was (or the files cannot be written), 2 for bad arguments.
+fn compare(args: CompareArgs) -> ExitCode {
+    use herd::bench::{Limit, SourceRange};
+    use herd::compare::{self, CompareOptions, Scenario};
+    let options = (|| {
+        let limit = match (args.requests, args.duration) {
+            (Some(n), _) => Limit::Requests(n),
+            (None, Some(d)) => Limit::Duration(d),
+            (None, None) => Limit::Duration(std::time::Duration::from_secs(3)),
+        };
+        let herd = std::env::current_exe().map_err(|e| {
+            compare::CompareError::Options(format!("cannot find the herd binary: {e}"))
+        })?;
+        Ok::<_, compare::CompareError>(CompareOptions {
+            herd,
+            modes: args
+                .modes
+                .clone()
+                .unwrap_or_else(|| compare::MODES.iter().map(|m| m.to_string()).collect()),
+            scenarios: args
+                .scenarios
+                .iter()
+                .map(|s| Scenario::parse(s))
+                .collect::<Result<_, _>>()?,
+            workers: args.workers,
+            connections: args.connections,
+            limit,
+            timeout: args.timeout.unwrap_or(compare::default_timeout(limit)),
+            source_range: args
+                .source_range
+                .as_deref()
+                .map(SourceRange::parse)
+                .transpose()?,
+            command: args.command.clone(),
+        })
+    })()
+    .and_then(|options| options.validate().map(|()| options));
+    let options = match options {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("herd compare: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match runtime("herd compare") {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let report = runtime.block_on(compare::run(&options, |row| {
+        let outcome = match &row.bench {
+            Some(b) => format!("{} requests, {} errors", b.requests, b.errors),
+            None => row.note.clone().unwrap_or_default(),
+        };
+        eprintln!(
+            "herd compare: {} / {}: {outcome}",
+            row.scenario.name(),
+            row.mode
+        );
+    }));
+    let report = match report {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("herd compare: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
+    } else {
+        println!("herd compare: {}", report.summary());
+        print!("{}", compare::render_table(&report));
+    }
+    if let Some(dir) = &args.out {
+        let invocation = compare::command_line(&std::env::args().collect::<Vec<_>>());
+        match compare::write_files(&report, dir, &invocation) {
+            Ok(paths) => {
+                for path in paths {
+                    eprintln!("herd compare: wrote {}", path.display());
+                }
+            }
+            Err(e) => {
+                eprintln!("herd compare: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if report.measured_any() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("herd compare: no mode could be measured");
+        ExitCode::FAILURE
     }
 }
 
