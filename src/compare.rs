@@ -31,10 +31,9 @@ use crate::metrics::{fairness, Fairness};
 use crate::procstat;
 use crate::supervisor::SlotState;
 
-/// Every mode name `--modes` accepts. A name this build of herd does not
-/// implement is still accepted here: its `herd run` refuses it, and the
-/// comparison shows that as a row with a note.
-pub const MODES: &[&str] = &["round-robin", "sticky", "least-conn", "shared", "reuseport"];
+/// Every mode name `--modes` accepts. A mode whose herd fails to start
+/// becomes a row with a note, not the end of the comparison.
+pub const MODES: &[&str] = crate::dispatch::Mode::NAMES;
 
 /// How long herd gets to bind, start its workers and see them all ready.
 /// herd's own default `ready_timeout` is 30 s: a slower worker fails anyway.

@@ -55,12 +55,12 @@ fn compare_prints_a_row_per_mode_and_scenario_and_writes_the_files() {
     let dir = scratch_dir("compare-table");
     let out = dir.join("out");
     let out_arg = out.display().to_string();
-    let modes = ["round-robin", "sticky", "least-conn"];
+    let modes = ["round-robin", "sticky", "least-conn", "shared", "reuseport"];
     let run = compare(
         &dir,
         &[
             "--modes",
-            "round-robin,sticky,least-conn",
+            "round-robin,sticky,least-conn,shared,reuseport",
             "--workers",
             "2",
             "--duration",
@@ -77,7 +77,7 @@ fn compare_prints_a_row_per_mode_and_scenario_and_writes_the_files() {
 
     // stdout: one table row per scenario and mode, each with requests.
     let rows = table_rows(&run.stdout);
-    assert_eq!(rows.len(), 6, "{}", run.stdout);
+    assert_eq!(rows.len(), 10, "{}", run.stdout);
     for scenario in ["uniform", "stalled"] {
         for mode in modes {
             let cells = rows
@@ -102,7 +102,7 @@ fn compare_prints_a_row_per_mode_and_scenario_and_writes_the_files() {
     assert_eq!(csv.lines().next(), Some(herd::compare::CSV_HEADER));
     assert!(csv.starts_with("scenario,mode,requests,"), "{csv}");
     let csv = csv_rows(&csv);
-    assert_eq!(csv.len(), 6, "{csv:#?}");
+    assert_eq!(csv.len(), 10, "{csv:#?}");
     for ((scenario, mode), fields) in &csv {
         let number = |name: &str| -> u64 {
             fields[name]
@@ -131,12 +131,12 @@ fn compare_prints_a_row_per_mode_and_scenario_and_writes_the_files() {
     let md = read("compare.md");
     assert!(md.starts_with("# herd compare"), "{md}");
     assert!(
-        md.contains("compare --modes round-robin,sticky,least-conn --workers 2"),
+        md.contains("compare --modes round-robin,sticky,least-conn,shared,reuseport --workers 2"),
         "the exact command: {md}"
     );
     assert_eq!(
         md.lines().filter(|l| l.starts_with("| ")).count(),
-        1 + 6,
+        1 + 10,
         "header and a row per scenario and mode: {md}"
     );
 
