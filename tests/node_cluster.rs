@@ -1,0 +1,198 @@
+//! Unmodified Node.js cluster apps under herd: herd speaks Node's cluster
+//! IPC, so `cluster.isPrimary` is false in the workers and herd's primary
+//! accepts and hands each connection over, in strict rotation, with
+//! restarts, reloads, graceful stops and no connection lost to a worker
+//! that dies or refuses before accepting.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+fn seed_app() -> String {
+    format!(
+        "{}/workers/node/cluster-server.js",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+fn facts_app() -> String {
+    format!(
+        "{}/tests/fixtures/node/cluster-facts.js",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// Sends one `Connection: close` request without reading the answer.
+fn send(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect_timeout(&addr, DEADLINE).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.write_all(REQUEST).unwrap();
+    stream
+}
+
+/// Reads a whole response; returns its body.
+fn body_of(mut stream: TcpStream) -> String {
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response:?}");
+    response.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+fn seed_pid(body: &str) -> u32 {
+    body.strip_prefix("Handled by worker ")
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("{body:?}"))
+}
+
+#[test]
+fn the_seed_app_runs_unmodified_in_strict_rotation() {
+    let app = seed_app();
+    let herd = Herd::launch("node-seed", None, 2, &[], &["node", &app]);
+    let pids = herd.wait_all_ready(2);
+    let order: Vec<u32> = (0..20)
+        .map(|_| seed_pid(&body_of(send(herd.addr()))))
+        .collect();
+    assert_eq!(order.iter().copied().collect::<BTreeSet<_>>(), pids);
+    for pair in order.windows(2) {
+        assert_ne!(pair[0], pair[1], "strict rotation: {order:?}");
+    }
+    let status = herd.status();
+    for worker in workers_of(&status) {
+        assert_eq!(worker["handed_off"], 10, "{status:#}");
+    }
+    // Graceful stop: `disconnect`, the workers close their servers and exit 0.
+    assert!(herd.stop().success());
+}
+
+#[test]
+fn workers_see_themselves_as_cluster_workers_of_their_slot() {
+    let app = facts_app();
+    let herd = Herd::launch("node-facts", None, 2, &[], &["node", &app]);
+    herd.wait_all_ready(2);
+    let slots = pids_of(&herd.status());
+    for _ in 0..4 {
+        let facts: Value = serde_json::from_str(&body_of(send(herd.addr()))).unwrap();
+        let pid = facts["pid"].as_u64().unwrap() as u32;
+        let slot = slots.iter().find(|(_, &p)| p == pid).map(|(&s, _)| s);
+        assert_eq!(facts["isPrimary"], false);
+        assert_eq!(facts["workerId"].as_u64().map(|id| id as usize), slot);
+        // The app asked for port 3000; herd serves it on its own listener.
+        assert_eq!(facts["address"]["port"], 3000, "{facts}");
+        assert_eq!(facts["address"]["address"], "127.0.0.1", "{facts}");
+    }
+    assert!(herd.stop().success());
+}
+
+#[test]
+fn a_killed_worker_is_replaced_and_a_reload_replaces_all() {
+    let app = seed_app();
+    let herd = Herd::launch("node-restart", None, 2, &[], &["node", &app]);
+    let first = herd.wait_all_ready(2);
+    let victim = *first.first().unwrap();
+    signal(victim, Signal::SIGKILL);
+    let status = wait_for_status(&herd.dir, "the slot refilled", |s| {
+        all_ready(s, 2) && !pids_of(s).values().any(|&p| p == victim)
+    });
+    let survivors: BTreeSet<u32> = pids_of(&status).into_values().collect();
+    for _ in 0..6 {
+        assert!(survivors.contains(&seed_pid(&body_of(send(herd.addr())))));
+    }
+    let reload = herd.control(&["reload"]);
+    assert_eq!(reload.code, Some(0), "{}", reload.stderr);
+    let reloaded = herd.wait_all_ready(2);
+    assert!(reloaded.is_disjoint(&survivors));
+    for _ in 0..6 {
+        assert!(reloaded.contains(&seed_pid(&body_of(send(herd.addr())))));
+    }
+    // The replaced workers left cleanly (exit 0 after `disconnect`).
+    assert_eq!(herd.wait_for_lines("worker exited with code 0", 2).len(), 2);
+    assert!(herd.stop().success());
+}
+
+/// Node's own primary leaks a connection handed to a worker that dies
+/// before accepting it: the client hangs forever. herd keeps its copy
+/// until the worker says `accepted`, so the connection goes to another.
+#[test]
+fn a_connection_handed_to_a_dying_worker_is_served_by_another() {
+    let app = seed_app();
+    let herd = Herd::launch("node-no-leak", None, 2, &[], &["node", &app]);
+    herd.wait_all_ready(2);
+    let victim = pids_of(&herd.status())[&0];
+    signal(victim, Signal::SIGSTOP);
+    // Some of these are handed to the stopped worker and wait on its channel.
+    let clients: Vec<TcpStream> = (0..6).map(|_| send(herd.addr())).collect();
+    wait_for_status(&herd.dir, "a hand-off stuck on the stopped worker", |s| {
+        workers_of(s)
+            .iter()
+            .map(|w| w["handed_off"].as_u64().unwrap())
+            .sum::<u64>()
+            >= 5
+    });
+    signal(victim, Signal::SIGKILL);
+    for client in clients {
+        let pid = seed_pid(&body_of(client));
+        assert_ne!(pid, victim);
+    }
+    assert_requeued_at_least(herd, 1);
+}
+
+/// A worker that answers `accepted: false` (here: it reached
+/// `server.maxConnections` = 1) gets its connections handed to another.
+#[test]
+fn connections_a_worker_refuses_go_to_another() {
+    let app = facts_app();
+    let herd = Herd::launch(
+        "node-refuse",
+        Some("[env]\nREFUSE_SLOT = \"0\"\n"),
+        2,
+        &[],
+        &["node", &app],
+    );
+    herd.wait_all_ready(2);
+    let slots = pids_of(&herd.status());
+    // Fill slot 0's one connection with an idle keep-alive (round-robin
+    // reaches slot 0 within two connections).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect_timeout(&herd.addr(), DEADLINE).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut response = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !response.ends_with(b"}") {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0);
+            response.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&response).to_string();
+        let facts: Value = serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+        held.push(stream);
+        if facts["pid"].as_u64() == Some(u64::from(slots[&0])) {
+            break;
+        }
+    }
+    for _ in 0..6 {
+        let facts: Value = serde_json::from_str(&body_of(send(herd.addr()))).unwrap();
+        assert_eq!(facts["pid"].as_u64(), Some(u64::from(slots[&1])), "{facts}");
+    }
+    drop(held);
+    // Round-robin offers at least every other one to slot 0 first.
+    assert_requeued_at_least(herd, 3);
+}
+
+/// Stops herd and checks its closing tally of connections it had to hand
+/// to another worker.
+fn assert_requeued_at_least(herd: Herd, count: u64) {
+    let stopped = herd.control(&["stop"]);
+    assert_eq!(stopped.code, Some(0), "{}", stopped.stderr);
+    let line = herd.wait_for_lines("stopped accepted=", 1).remove(0);
+    assert!(field(&line, "requeued") >= count, "{line}");
+}
