@@ -196,3 +196,33 @@ fn assert_requeued_at_least(herd: Herd, count: u64) {
     let line = herd.wait_for_lines("stopped accepted=", 1).remove(0);
     assert!(field(&line, "requeued") >= count, "{line}");
 }
+
+/// Sticky mode keeps a client IP on one Node worker, as for native workers.
+#[test]
+fn sticky_keeps_a_client_on_one_node_worker() {
+    let app = seed_app();
+    let herd = Herd::launch(
+        "node-sticky",
+        None,
+        2,
+        &["--mode", "sticky"],
+        &["node", &app],
+    );
+    let pids = herd.wait_all_ready(2);
+    let from = |last: u8| -> u32 {
+        let source = std::net::IpAddr::from([127, 0, 0, last]);
+        let stream = send_request_from(herd.addr(), source).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        seed_pid(&body_of(stream))
+    };
+    let mut seen = BTreeSet::new();
+    for last in 2..=21 {
+        let first = from(last);
+        for _ in 0..3 {
+            assert_eq!(from(last), first, "client 127.0.0.{last} moved");
+        }
+        seen.insert(first);
+    }
+    assert_eq!(seen, pids, "20 clients spread over both workers");
+    assert!(herd.stop().success());
+}

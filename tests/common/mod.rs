@@ -279,8 +279,8 @@ pub fn get(addr: SocketAddr) -> Result<Answer, String> {
     read_answer(stream, DEADLINE)
 }
 
-/// One request on a new connection from a chosen source address.
-pub fn get_from(addr: SocketAddr, source: IpAddr) -> Result<Answer, String> {
+/// Opens a connection from a chosen source address and sends one request.
+pub fn send_request_from(addr: SocketAddr, source: IpAddr) -> Result<TcpStream, String> {
     use nix::sys::socket::{
         bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage,
     };
@@ -301,7 +301,12 @@ pub fn get_from(addr: SocketAddr, source: IpAddr) -> Result<Answer, String> {
     stream
         .write_all(REQUEST)
         .map_err(|e| format!("send: {e}"))?;
-    read_answer(stream, DEADLINE)
+    Ok(stream)
+}
+
+/// One request on a new connection from a chosen source address.
+pub fn get_from(addr: SocketAddr, source: IpAddr) -> Result<Answer, String> {
+    read_answer(send_request_from(addr, source)?, DEADLINE)
 }
 
 /// Sends `count` sequential requests and counts answers per worker pid.
