@@ -715,6 +715,36 @@ mod tests {
     }
 
     #[test]
+    fn the_worker_protocol_is_detected_or_named() {
+        assert_eq!(minimal().validate().unwrap().protocol, WorkerProtocol::Herd);
+        let mut config = minimal();
+        config.command = vec!["node".into(), "app.js".into()];
+        if which_node().is_some() {
+            assert_eq!(
+                config.validate().unwrap().protocol,
+                WorkerProtocol::NodeCluster
+            );
+            config.mode = "shared".into();
+            assert!(error_of(&config).starts_with("invalid `mode` = \"shared\": Node cluster"));
+        }
+        let mut config = minimal();
+        config.protocol = "node-cluster".into();
+        assert_eq!(
+            config.validate().unwrap().protocol,
+            WorkerProtocol::NodeCluster
+        );
+        config.protocol = "grpc".into();
+        assert_eq!(
+            error_of(&config),
+            "invalid `protocol` = \"grpc\": expected one of: auto, herd, node-cluster"
+        );
+    }
+
+    fn which_node() -> Option<PathBuf> {
+        resolve_program("node", None).ok()
+    }
+
+    #[test]
     fn unknown_keys_are_refused_by_name() {
         let error = Config::parse("wrokers = 4\n").unwrap_err();
         assert!(error.contains("unknown field `wrokers`"), "{error}");
