@@ -32,12 +32,11 @@ const MAX_FDS_PER_MESSAGE: usize = 8;
 /// Creates a worker channel: a `SOCK_SEQPACKET` socketpair with both ends
 /// close-on-exec. Returns (primary end, non-blocking; child end, blocking).
 pub fn channel_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (primary, child) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )?;
+    socket_pair(SockType::SeqPacket)
+}
+
+fn socket_pair(kind: SockType) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (primary, child) = socketpair(AddressFamily::Unix, kind, None, SockFlag::SOCK_CLOEXEC)?;
     set_nonblocking(primary.as_fd(), true)?;
     Ok((primary, child))
 }
@@ -114,14 +113,7 @@ pub fn send_stream(channel: BorrowedFd<'_>, payload: &[u8]) -> io::Result<usize>
 /// Creates a Node.js IPC channel: an AF_UNIX SOCK_STREAM socketpair, both
 /// ends close-on-exec. Returns (herd's end, non-blocking; the child's end).
 pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (primary, child) = socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )?;
-    set_nonblocking(primary.as_fd(), true)?;
-    Ok((primary, child))
+    socket_pair(SockType::Stream)
 }
 
 /// Sends one message without fds. Never raises SIGPIPE. `dontwait` makes it

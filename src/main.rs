@@ -146,6 +146,12 @@ struct BenchArgs {
     json: bool,
 }
 
+/// Reports bad arguments; nothing was started (exit 2).
+fn bad_arguments(who: &str, error: impl std::fmt::Display) -> ExitCode {
+    eprintln!("{who}: {error}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
 fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
     herd::config::parse_duration(text)
 }
@@ -317,10 +323,7 @@ fn bench(args: BenchArgs) -> ExitCode {
     .and_then(|options| options.validate().map(|()| options));
     let options = match options {
         Ok(options) => options,
-        Err(e) => {
-            eprintln!("herd bench: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(e) => return bad_arguments("herd bench", e),
     };
     // One thread (current_thread runtime): the work per request is a write
     // and a short parse. Measured on a 2-core machine against 2 hello-workers
@@ -390,10 +393,7 @@ fn compare(args: CompareArgs) -> ExitCode {
     .and_then(|options| options.validate().map(|()| options));
     let options = match options {
         Ok(options) => options,
-        Err(e) => {
-            eprintln!("herd compare: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(e) => return bad_arguments("herd compare", e),
     };
     let runtime = match runtime("herd compare") {
         Ok(runtime) => runtime,
