@@ -128,6 +128,16 @@ rss_kib() { # PIDs... -> summed VmRSS in KiB
   done
   echo "$total"
 }
+cpu_ticks() { # PIDs... -> summed user + system CPU time in clock ticks (all threads)
+  local p total=0 v
+  for p in "$@"; do
+    # Fields 14 and 15 of /proc/PID/stat, counted after the ") " that ends
+    # the command name (which may itself contain spaces).
+    v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}' || true)
+    total=$((total + ${v:-0}))
+  done
+  echo "$total"
+}
 
 # ---------------------------------------------------------------- setups
 # start_SETUP sets: front (the PID whose RSS is "the front's": herd's primary,
@@ -220,7 +230,7 @@ stop() { # the current setup: its front first, then what is left of its workers
 
 # ---------------------------------------------------------------- the runs
 index="$out/index.tsv"
-printf 'round\tsetup\tshape\tstatus\tjson\tfront_rss_kib\ttotal_rss_kib\tworkers_expected\n' >"$index"
+printf 'round\tsetup\tshape\tstatus\tjson\tfront_rss_kib\ttotal_rss_kib\tworkers_expected\tfront_cpu_ticks\ttotal_cpu_ticks\n' >"$index"
 {
   echo "date=$(date -u +%Y-%m-%dT%H:%MZ)"
   echo "command=SETUPS=\"${setups[*]}\" WORKERS=$workers ROUNDS=$rounds DURATION=$duration${SOURCE_RANGE:+ SOURCE_RANGE=$source_range} benches/fronts.sh"
@@ -235,6 +245,7 @@ printf 'round\tsetup\tshape\tstatus\tjson\tfront_rss_kib\ttotal_rss_kib\tworkers
   echo "duration=$duration"
   echo "rounds=$rounds"
   echo "source_range=${source_range:-127.0.0.1 only}"
+  echo "clk_tck=$(getconf CLK_TCK)"
   echo "load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$out/env.txt"
 
@@ -250,7 +261,7 @@ for ((round = 1; round <= rounds; round++)); do
     log="$out/logs/r${round}_$s.log"
     if ! start "$s"; then
       echo "round $round: $s FAILED to start: ${exit_code:-?}; log: $log" >&2
-      printf '%s\t%s\t-\tfailed: %s\t-\t\t\t\n' "$round" "$s" "${exit_code:-?}" >>"$index"
+      printf '%s\t%s\t-\t%s\t-\t\t\t\t\t\n' "$round" "$s" "${exit_code:-?}" >>"$index"
       stop
       continue
     fi
@@ -260,13 +271,16 @@ for ((round = 1; round <= rounds; round++)); do
     for shape in "${shapes[@]}"; do
       json="json/r${round}_${s}_$shape.json"
       read -r -a args <<< "$(bench_args "$shape")"
+      # Every process that serves: the front, what it forked, the extra PIDs.
+      pids=("$front" "${extra[@]}"); mapfile -t -O "${#pids[@]}" pids < <(descendants "$front")
+      front_cpu=$(cpu_ticks "$front"); total_cpu=$(cpu_ticks "${pids[@]}")
       status=ok
       "$bin/herd" bench "http://127.0.0.1:$port/" "${args[@]}" -d "$duration" \
-        "${range_args[@]}" --json >"$out/$json" 2>>"$log" || status="failed: herd bench exited $?"
+        "${range_args[@]}" --json >"$out/$json" 2>>"$log" || status="herd bench exited $?"
+      front_cpu=$(($(cpu_ticks "$front") - front_cpu)); total_cpu=$(($(cpu_ticks "${pids[@]}") - total_cpu))
       # RSS right after the load: the front alone, and everything that serves.
-      pids=("$front" "${extra[@]}"); mapfile -t -O "${#pids[@]}" pids < <(descendants "$front")
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$s" "$shape" "$status" "$json" \
-        "$(rss_kib "$front")" "$(rss_kib "${pids[@]}")" "$expect" >>"$index"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$s" "$shape" "$status" "$json" \
+        "$(rss_kib "$front")" "$(rss_kib "${pids[@]}")" "$expect" "$front_cpu" "$total_cpu" >>"$index"
       echo "round $round/$rounds  $s  $shape  $(grep -o '"requests_per_sec": [0-9.]*' "$out/$json" | cut -d' ' -f2 | cut -d. -f1) req/s" >&2
     done
     alive "$front" || echo "round $round: $s died during the load; see $log" >&2

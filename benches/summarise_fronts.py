@@ -12,13 +12,17 @@ shape, the median over rounds of:
   answer counts, padded with zeros up to the number of workers the setup runs
   (a worker that got nothing counts, so one busy worker out of two is max/min
   infinite and Jain 0.5, not 1.0);
+- CPU time per request, from /proc/PID/stat before and after each load:
+  of every process of the setup, and of the front alone (the load generator
+  is not counted);
 - the resident memory of the front's primary process (herd's primary, Node's
   primary, haproxy; for `direct` the worker itself) and of every process of
   the setup, read right after each load; the median over rounds of each
   round's largest reading.
 
 Setups that never started, and runs with request errors, are listed under
-the tables.
+the tables. With --spread, a last table gives the lowest and highest rate of
+the rounds behind each median.
 """
 
 import argparse
@@ -103,7 +107,16 @@ def fmt_delta(v):
     return f"{v:+.0f}"
 
 
-def summarise(rows, env, baseline):
+def cpu_us_per_request(row, column, clk_tck):
+    """CPU µs per successful request of one run, from a *_cpu_ticks column."""
+    ticks = row.get(column) or ""
+    done = row["report"]["succeeded"]
+    if not ticks or not done:
+        return None
+    return int(ticks) / clk_tck * 1e6 / done
+
+
+def summarise(rows, env, baseline, spread=False):
     setups = list(dict.fromkeys(r["setup"] for r in rows))
     ok = {}  # (setup, shape) -> list of rows that produced a report
     failures = {}  # setup -> list of (round, reason)
@@ -217,6 +230,47 @@ def summarise(rows, env, baseline):
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
 
+    # CPU cost.
+    clk_tck = int(env.get("clk_tck") or 100)
+    lines.append(
+        "CPU per request in µs, median: every process of the setup (the front's primary alone); "
+        f"the kernel counts CPU time in ticks of {1e3 / clk_tck:g} ms per process:"
+    )
+    lines.append("")
+    head = ["setup"] + [SHAPE_TITLE[s] for s in SHAPES]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for setup in setups:
+        if failed_row(setup):
+            lines.append(f"| {setup} | " + " | ".join(["failed"] * len(SHAPES)) + " |")
+            continue
+        cells = [setup]
+        for shape in SHAPES:
+            total = med(setup, shape, lambda r: cpu_us_per_request(r, "total_cpu_ticks", clk_tck))
+            front = med(setup, shape, lambda r: cpu_us_per_request(r, "front_cpu_ticks", clk_tck))
+            cell = fmt_num(total, 1)
+            if setup != baseline:
+                cell += f" ({fmt_num(front, 1)})"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+
+    if spread:
+        lines.append("Spread of the rates over the rounds, lowest – highest:")
+        lines.append("")
+        head = ["setup"] + [SHAPE_TITLE[s] for s in SHAPES]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for setup in setups:
+            if failed_row(setup):
+                continue
+            cells = [setup]
+            for shape in SHAPES:
+                rates = [rate(r["report"], shape) for r in ok.get((setup, shape), [])]
+                cells.append(f"{min(rates):.0f} – {max(rates):.0f}" if rates else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+
     # What did not work.
     notes = []
     for setup, items in failures.items():
@@ -248,6 +302,7 @@ def main():
         epilog="Example: python3 benches/summarise_fronts.py /tmp/herd-fronts.abc123",
     )
     parser.add_argument("out", help="the OUT directory of a benches/fronts.sh run")
+    parser.add_argument("--spread", action="store_true", help="also print the lowest and highest rate of the rounds")
     parser.add_argument(
         "--baseline", default="direct", help="setup the ratios and added latency are relative to (default: direct)"
     )
@@ -258,7 +313,7 @@ def main():
         sys.exit(f"summarise_fronts: {e}")
     if not rows:
         sys.exit("summarise_fronts: index.tsv has no runs")
-    print(summarise(rows, load_env(args.out), args.baseline))
+    print(summarise(rows, load_env(args.out), args.baseline, args.spread))
 
 
 if __name__ == "__main__":
