@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # herd side by side with other fronts, on this machine, with `herd bench`.
 #
-# Setups (select with SETUPS="a b ..."; the first should be `direct`, the baseline):
+# Setups (select with SETUPS="a b ..."; include `direct`: ratios are relative to it):
 #   direct           one hello-worker --listen, no front at all
 #   herd-MODE        herd run --mode MODE with $WORKERS hello-workers
 #                    (MODE: round-robin sticky least-conn shared reuseport)
