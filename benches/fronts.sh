@@ -117,7 +117,7 @@ herd_all_ready() { # every worker of the herd on $control says ready
 node_all_started() { # the seed's workers log "Worker PID started" once listening
   local n
   n=$(grep -c '^Worker [0-9]* started' "$log" || true)
-  ((n == node_workers))
+  ((n >= node_workers)) # a worker restarted by the seed's exit handler logs again
 }
 
 rss_kib() { # PIDs... -> summed VmRSS in KiB
