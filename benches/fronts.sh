@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # herd side by side with other fronts, on this machine, with `herd bench`.
 #
-# Setups (select with SETUPS="a b ..."; the first should be `direct`, the baseline):
+# Setups (select with SETUPS="a b ..."; include `direct`: ratios are relative to it):
 #   direct           one hello-worker --listen, no front at all
 #   herd-MODE        herd run --mode MODE with $WORKERS hello-workers
 #                    (MODE: round-robin sticky least-conn shared reuseport)
@@ -117,7 +117,7 @@ herd_all_ready() { # every worker of the herd on $control says ready
 node_all_started() { # the seed's workers log "Worker PID started" once listening
   local n
   n=$(grep -c '^Worker [0-9]* started' "$log" || true)
-  ((n == node_workers))
+  ((n >= node_workers)) # a worker restarted by the seed's exit handler logs again
 }
 
 rss_kib() { # PIDs... -> summed VmRSS in KiB

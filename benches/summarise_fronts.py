@@ -142,7 +142,7 @@ def summarise(rows, env, baseline, spread=False):
 
     lines = []
     rounds = env.get("rounds") or str(len({r["round"] for r in rows}))
-    lines.append(f"Command: `{env.get('command', '?')}`  ")
+    lines.append(f"Run {env.get('date', '?')}: `{env.get('command', '?')}`  ")
     lines.append(
         f"Machine: {env.get('cpus', '?')}, Linux {env.get('kernel', '?')}; "
         f"the load generator (`herd bench`, one thread) shares the cores with the setup under test.  "
@@ -150,7 +150,7 @@ def summarise(rows, env, baseline, spread=False):
     lines.append(
         f"herd {env.get('herd_commit', '?')}, Node {env.get('node', '?')} "
         f"({env.get('node_workers', '?')} cluster workers), HAProxy {env.get('haproxy', '?')} "
-        f"(nbthread {env.get('haproxy_nbthread', '?')}); {env.get('workers', '?')} workers; "
+        f"(nbthread {env.get('haproxy_nbthread', '?')}); {env.get('workers', '?')} hello-worker(s) behind herd and HAProxy; "
         f"{env.get('duration', '?')} per run, {rounds} interleaved rounds, medians; "
         f"clients from {env.get('source_range', '127.0.0.1 only')}; "
         f"load average {env.get('load_at_start', '?')} at start, {env.get('load_at_end', '?')} at end."
