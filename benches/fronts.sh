@@ -5,6 +5,8 @@
 #   direct           one hello-worker --listen, no front at all
 #   herd-MODE        herd run --mode MODE with $WORKERS hello-workers
 #                    (MODE: round-robin sticky least-conn shared reuseport)
+#   herd-node        herd (round-robin) as the primary of the seed's unmodified
+#                    Node cluster example ($WORKERS Node workers)
 #   node-rr          the seed's Node cluster example, NODE_CLUSTER_SCHED_POLICY=rr
 #   node-none        the same, NODE_CLUSTER_SCHED_POLICY=none (the kernel spreads accepts)
 #   haproxy          HAProxy, mode tcp, balance roundrobin, in front of $WORKERS
@@ -29,7 +31,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all_setups="direct herd-round-robin herd-sticky herd-least-conn herd-shared herd-reuseport node-rr node-none haproxy"
+all_setups="direct herd-round-robin herd-sticky herd-least-conn herd-shared herd-reuseport herd-node node-rr node-none haproxy"
 read -r -a setups <<< "${SETUPS:-$all_setups}"
 workers=${WORKERS:-2}
 rounds=${ROUNDS:-3}
@@ -160,6 +162,13 @@ start_herd() { # MODE
   wait_ready "$front" "$port" herd_all_ready
 }
 
+start_herd_node() {
+  port=$(free_port); expect=$workers; control="$tmp/herd-node.sock"
+  RUST_LOG=warn "$bin/herd" run -c /dev/null --listen "127.0.0.1:$port" --workers "$workers" \
+    --control "$control" -- node workers/node/cluster-server.js >"$log" 2>&1 & front=$!; started+=("$front")
+  wait_ready "$front" "$port" herd_all_ready
+}
+
 start_node() { # POLICY
   command -v node >/dev/null || { exit_code="node not installed"; return 1; }
   # The seed forks os.cpus().length workers; say so if that is not $WORKERS.
@@ -205,6 +214,7 @@ start() { # SETUP
   front='' extra=() exit_code=''
   case $1 in
     direct) start_direct ;;
+    herd-node) start_herd_node ;;
     herd-*) start_herd "${1#herd-}" ;;
     node-*) start_node "${1#node-}" ;;
     haproxy) start_haproxy ;;
