@@ -1,4 +1,4 @@
-//! The OS-scheduled modes: `shared` (every worker inherits the same
+//! Every mode, above all the OS-scheduled ones: `shared` (every worker inherits the same
 //! listening sockets, systemd's LISTEN_FDS) and `reuseport` (one
 //! SO_REUSEPORT socket per slot). The example workers run unchanged, herd
 //! still supervises, reloads and counts what the workers report, and a
@@ -247,4 +247,15 @@ fn reuseport_scales_up_and_down() {
     let served = count_pids(herd.addr(), 20);
     assert_eq!(served.keys().copied().collect::<BTreeSet<u32>>(), one);
     assert!(herd.stop().success());
+}
+
+/// The same check in herd's own hand-off modes, so every mode is covered
+/// with both example workers.
+#[test]
+fn every_hand_off_mode_serves_both_workers_through_kill_and_reload() {
+    let script = python_worker();
+    for mode in ["round-robin", "sticky", "least-conn"] {
+        serves_survives_kill_and_reload(&format!("{mode}-rust"), mode, &[hello_worker()]);
+        serves_survives_kill_and_reload(&format!("{mode}-python"), mode, &["python3", &script]);
+    }
 }
