@@ -42,6 +42,19 @@ SHAPE_TITLE = {
 }
 
 
+
+def start_table(lines, title, head):
+    """Appends a table's title, a blank line, its header and the rule under it."""
+    lines.append(title)
+    lines.append("")
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+
+
+def failed_row_line(setup, cells):
+    """A table row for a setup that never started: `failed` in every cell."""
+    return f"| {setup} | " + " | ".join(["failed"] * cells) + " |"
+
 def load(out):
     """Rows of index.tsv, each with its report (None when it failed)."""
     rows = []
@@ -184,14 +197,11 @@ def summarise(rows, env, baseline, spread=False):
     lines.append("")
 
     # Latency.
-    lines.append(f"Latency p50 / p99 in µs, median (added vs `{baseline}`):")
-    lines.append("")
     head = ["setup"] + [SHAPE_TITLE[s] for s in SHAPES]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
+    start_table(lines, f"Latency p50 / p99 in µs, median (added vs `{baseline}`):", head)
     for setup in setups:
         if failed_row(setup):
-            lines.append(f"| {setup} | " + " | ".join(["failed"] * len(SHAPES)) + " |")
+            lines.append(failed_row_line(setup, len(SHAPES)))
             continue
         cells = [setup]
         for shape in SHAPES:
@@ -207,11 +217,8 @@ def summarise(rows, env, baseline, spread=False):
     # Fairness. One keep-alive connection can only ever reach one worker, so
     # that shape says nothing about the spread and is left out.
     fair_shapes = ["close-1", "close-50", "keepalive-50"]
-    lines.append("Spread over workers, median max/min and Jain's index (1 = even, 1/n = all on one):")
-    lines.append("")
     head = ["setup", "workers"] + [SHAPE_TITLE[s] for s in fair_shapes]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
+    start_table(lines, "Spread over workers, median max/min and Jain's index (1 = even, 1/n = all on one):", head)
     for setup in setups:
         if failed_row(setup):
             lines.append(f"| {setup} | " + " | ".join(["failed"] * (len(head) - 1)) + " |")
@@ -242,7 +249,7 @@ def summarise(rows, env, baseline, spread=False):
     lines.append("|" + "---|" * len(head))
     for setup in setups:
         if failed_row(setup):
-            lines.append(f"| {setup} | " + " | ".join(["failed"] * len(SHAPES)) + " |")
+            lines.append(failed_row_line(setup, len(SHAPES)))
             continue
         cells = [setup]
         for shape in SHAPES:
