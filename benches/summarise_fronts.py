@@ -42,7 +42,6 @@ SHAPE_TITLE = {
 }
 
 
-
 def start_table(lines, title, head):
     """Appends a table's title, a blank line, its header and the rule under it."""
     lines.append(title)
@@ -54,6 +53,7 @@ def start_table(lines, title, head):
 def failed_row_line(setup, cells):
     """A table row for a setup that never started: `failed` in every cell."""
     return f"| {setup} | " + " | ".join(["failed"] * cells) + " |"
+
 
 def load(out):
     """Rows of index.tsv, each with its report (None when it failed)."""
