@@ -373,7 +373,7 @@ impl WorkerChannel {
         self.role == Role::Active
             && !self.blocked
             && self.recycle_after.is_none_or(|limit| self.sent < limit)
-            && self.node.as_ref().is_none_or(NodeChannel::can_take_handle)
+            && self.node.as_ref().is_none_or(NodeChannel::listening)
             && self.in_flight.len() < limits.max_unacked
             && self
                 .in_flight
@@ -791,6 +791,12 @@ impl HandoffLoop {
                     conn.handoff.encode(&mut message),
                     conn.stream.as_fd(),
                 ),
+                // Node takes one handle at a time: the others wait their
+                // turn here, already counted as this worker's.
+                Some(node) if !node.can_send_handle() => {
+                    node.waiting_handles.push_back(conn.handoff.connection_id);
+                    Ok(())
+                }
                 Some(node) => node.send_handle(
                     worker.channel.as_fd(),
                     conn.handoff.connection_id,
@@ -854,7 +860,8 @@ impl HandoffLoop {
         if let Some(node) = worker.node.as_mut() {
             let flushed = node.flush(worker.channel.as_fd());
             worker.blocked = false;
-            return self.after_node_send(index, flushed);
+            self.after_node_send(index, flushed);
+            return self.send_next_node_handle(index);
         }
         if worker.blocked {
             worker.blocked = false;
@@ -1053,18 +1060,20 @@ impl HandoffLoop {
                 self.on_message(index, message);
                 Ok(())
             }
-            Incoming::HandleAck => node.handle_answered(channel),
+            Incoming::HandleAck => {
+                let answered = node.handle_answered(channel);
+                self.after_node_send(index, answered);
+                return self.send_next_node_handle(index);
+            }
             Incoming::HandleNack => {
-                // The handle never arrived: the newest connection sent goes elsewhere.
-                let refused = worker
-                    .in_flight
-                    .back()
-                    .map(|f| f.conn.handoff.connection_id);
+                // The handle never arrived: that connection goes elsewhere.
+                let refused = node.handle_in_flight();
                 let answered = node.handle_answered(channel);
                 if let Some(id) = refused {
                     self.on_message(index, WorkerMessage::Nack(id));
                 }
-                answered
+                self.after_node_send(index, answered);
+                return self.send_next_node_handle(index);
             }
             Incoming::Handle => node.send_line(channel, node_ipc::handle_ack()),
             Incoming::ExitedAfterDisconnect { seq: theirs } => {
@@ -1074,6 +1083,32 @@ impl HandoffLoop {
             Incoming::Online | Incoming::Close | Incoming::Other => Ok(()),
         };
         self.after_node_send(index, sent);
+    }
+
+    /// Sends the oldest connection waiting its turn for a Node worker, if
+    /// the worker can take a handle now.
+    fn send_next_node_handle(&mut self, index: usize) {
+        let Some(worker) = self.channels[index].as_mut() else {
+            return;
+        };
+        let Some(node) = worker.node.as_mut() else {
+            return;
+        };
+        while node.can_send_handle() {
+            let Some(id) = node.waiting_handles.pop_front() else {
+                return;
+            };
+            // Gone from in_flight: it was answered or requeued meanwhile.
+            let Some(entry) = worker
+                .in_flight
+                .iter()
+                .find(|f| f.conn.handoff.connection_id == id)
+            else {
+                continue;
+            };
+            let sent = node.send_handle(worker.channel.as_fd(), id, entry.conn.stream.as_fd());
+            return self.after_node_send(index, sent);
+        }
     }
 
     /// Watches for room while a Node worker's outbox is not empty; retires

@@ -221,8 +221,12 @@ pub struct NodeChannel {
     inbox: Vec<u8>,
     /// Bytes accepted for sending that the socket has not taken yet.
     outbox: Vec<u8>,
-    /// A handle was sent and its NODE_HANDLE_ACK has not come back.
-    awaiting_handle_ack: bool,
+    /// The connection whose handle was sent and whose NODE_HANDLE_ACK has
+    /// not come back.
+    handle_in_flight: Option<u64>,
+    /// Connections dispatched to this worker whose handles wait their turn
+    /// (one at a time), oldest first. herd still holds their fds.
+    pub waiting_handles: VecDeque<u64>,
     /// Lines held back until that ack (Node sends nothing else meanwhile).
     held: VecDeque<Vec<u8>>,
     /// The key of the server the worker listens on (from its `queryServer`);
@@ -234,9 +238,19 @@ pub struct NodeChannel {
 }
 
 impl NodeChannel {
-    /// Can a `newconn` be sent now?
-    pub fn can_take_handle(&self) -> bool {
-        self.key.is_some() && !self.awaiting_handle_ack && self.outbox.is_empty()
+    /// Is the worker listening, so that connections may be dispatched to it?
+    pub fn listening(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Can a `newconn` go out now (no handle unanswered, nothing unsent)?
+    pub fn can_send_handle(&self) -> bool {
+        self.handle_in_flight.is_none() && self.outbox.is_empty()
+    }
+
+    /// The connection whose handle awaits the worker's answer.
+    pub fn handle_in_flight(&self) -> Option<u64> {
+        self.handle_in_flight
     }
 
     /// Bytes are waiting for the socket to have room.
@@ -262,13 +276,13 @@ impl NodeChannel {
         let message = newconn(key, id);
         let sent = fdpass::sendmsg_with_fd(channel, &message, fd)?;
         self.outbox.extend_from_slice(&message[sent..]);
-        self.awaiting_handle_ack = true;
+        self.handle_in_flight = Some(id);
         Ok(())
     }
 
     /// Sends a line now, or after the pending handle's ack.
     pub fn send_line(&mut self, channel: BorrowedFd<'_>, line: Vec<u8>) -> io::Result<()> {
-        if self.awaiting_handle_ack {
+        if self.handle_in_flight.is_some() {
             self.held.push_back(line);
             return Ok(());
         }
@@ -278,7 +292,7 @@ impl NodeChannel {
 
     /// The worker acknowledged (or refused) the handle: release what waited.
     pub fn handle_answered(&mut self, channel: BorrowedFd<'_>) -> io::Result<()> {
-        self.awaiting_handle_ack = false;
+        self.handle_in_flight = None;
         while let Some(line) = self.held.pop_front() {
             self.outbox.extend_from_slice(&line);
         }
