@@ -27,7 +27,7 @@ use herd::protocol::{
 
 fn fd_roundtrip(c: &mut Criterion) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let counters = Counters::new(1);
+    let counters = Counters::new(&["127.0.0.1:1".parse().unwrap()]);
     let mut group = c.benchmark_group("handoff");
     group.throughput(Throughput::Elements(1));
     // "metrics off" still keeps the loop's atomic counters (they feed `herd
@@ -95,7 +95,7 @@ fn fd_roundtrip(c: &mut Criterion) {
 
 /// Exactly what metrics add per connection: one clock read and one record.
 fn latency_record(c: &mut Criterion) {
-    let counters = Counters::new(1);
+    let counters = Counters::new(&["127.0.0.1:1".parse().unwrap()]);
     let accepted_at = Instant::now();
     c.bench_function("metrics/record_latency", |b| {
         b.iter(|| {

@@ -343,26 +343,6 @@ impl Config {
 
     /// Checks every value and resolves the worker program.
     pub fn validate(&self) -> Result<Settings, ConfigError> {
-        if self.listen.is_empty() {
-            return Err(invalid(
-                "listen",
-                "[]",
-                "no address to listen on: give --listen ADDR or `listen = [\"127.0.0.1:3000\"]`",
-            ));
-        }
-        let listen = self
-            .listen
-            .iter()
-            .map(|text| {
-                text.parse::<SocketAddr>().map_err(|_| {
-                    invalid(
-                        "listen",
-                        format!("{text:?}"),
-                        "expected IP:PORT, e.g. 127.0.0.1:3000 or [::1]:3000",
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let backlog = in_range("backlog", self.backlog, 1, 65535)? as u32;
         let workers = match &self.workers {
             WorkerCount::Named(name) if name == "max" => available_cores(),
@@ -407,13 +387,34 @@ impl Config {
                 ))
             }
         };
-        if protocol == WorkerProtocol::NodeCluster && !mode.hands_off() {
+        if protocol == WorkerProtocol::NodeCluster && mode == Mode::ReusePort {
             return Err(invalid(
                 "mode",
                 format!("{:?}", mode.name()),
-                "Node cluster workers run in round-robin, sticky or least-conn mode (shared is not supported yet)",
+                "Node cluster workers run in round-robin, sticky, least-conn or shared mode (Node's cluster protocol has no per-worker sockets)",
             ));
         }
+        // Node cluster apps say what they listen on, as with Node's primary.
+        if self.listen.is_empty() && protocol != WorkerProtocol::NodeCluster {
+            return Err(invalid(
+                "listen",
+                "[]",
+                "no address to listen on: give --listen ADDR or `listen = [\"127.0.0.1:3000\"]` (only Node cluster apps may leave it out: herd then binds what they listen on)",
+            ));
+        }
+        let listen = self
+            .listen
+            .iter()
+            .map(|text| {
+                text.parse::<SocketAddr>().map_err(|_| {
+                    invalid(
+                        "listen",
+                        format!("{text:?}"),
+                        "expected IP:PORT, e.g. 127.0.0.1:3000 or [::1]:3000",
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         for key in self.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 return Err(invalid(
@@ -725,7 +726,9 @@ mod tests {
                 WorkerProtocol::NodeCluster
             );
             config.mode = "shared".into();
-            assert!(error_of(&config).starts_with("invalid `mode` = \"shared\": Node cluster"));
+            assert_eq!(config.validate().unwrap().mode, Mode::Shared);
+            config.mode = "reuseport".into();
+            assert!(error_of(&config).starts_with("invalid `mode` = \"reuseport\": Node cluster"));
         }
         let mut config = minimal();
         config.protocol = "node-cluster".into();
@@ -733,6 +736,11 @@ mod tests {
             config.validate().unwrap().protocol,
             WorkerProtocol::NodeCluster
         );
+        // Node apps say what they listen on; herd workers must be told.
+        config.listen.clear();
+        assert!(config.validate().unwrap().listen.is_empty());
+        config.protocol = "herd".into();
+        assert!(error_of(&config).starts_with("invalid `listen` = []: no address"));
         config.protocol = "grpc".into();
         assert_eq!(
             error_of(&config),

@@ -18,7 +18,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,13 +30,15 @@ use tracing::{debug, error, info, warn};
 use crate::config::{HandoffSettings, MAX_WORKERS};
 use crate::dispatch::{Dispatcher, Mode};
 use crate::fdpass;
-use crate::listener::BoundListener;
+use crate::listener::{self, BoundListener};
 use crate::node_ipc::{self, NodeChannel};
 use crate::protocol::{Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN};
 
 const WAKER: Token = Token(usize::MAX);
 /// Listener `i` has token `i`; worker slot `s` has token `WORKER_TOKEN_BASE + s`.
 const WORKER_TOKEN_BASE: usize = 1 << 16;
+/// Listeners herd may hold: configured, plus those Node apps ask for.
+pub const MAX_LISTENERS: usize = 256;
 
 /// First pause after accept fails for lack of fds/memory; doubles up to the max.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -102,7 +104,10 @@ pub enum Event {
 /// Lock-free counters the loop updates and anyone may read.
 #[derive(Debug)]
 pub struct Counters {
-    /// Connections accepted, per listener index.
+    /// Every listener's address, by index: the configured ones, then those
+    /// bound for what Node apps asked. Written only when one is added.
+    listeners: Mutex<Vec<SocketAddr>>,
+    /// Connections accepted, per listener index (room for [`MAX_LISTENERS`]).
     pub accepted: Box<[AtomicU64]>,
     /// Connections a worker acknowledged, per slot.
     pub handed_off: Box<[AtomicU64]>,
@@ -214,10 +219,11 @@ fn accept_error_kind(error: &io::Error) -> usize {
 }
 
 impl Counters {
-    pub fn new(listeners: usize) -> Self {
+    pub fn new(listeners: &[SocketAddr]) -> Self {
         let zeros = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect();
         Counters {
-            accepted: zeros(listeners),
+            listeners: Mutex::new(listeners.to_vec()),
+            accepted: zeros(MAX_LISTENERS),
             handed_off: zeros(MAX_WORKERS),
             requeued_worker_gone: AtomicU64::new(0),
             requeued_refused: AtomicU64::new(0),
@@ -229,6 +235,21 @@ impl Counters {
             accept_errors: Default::default(),
             latency: LatencyHistogram::default(),
         }
+    }
+
+    /// Every listener's address, by index.
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn add_listener(&self, addr: SocketAddr) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(addr);
     }
 }
 
@@ -257,24 +278,18 @@ pub fn spawn(
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     counters: Arc<Counters>,
     measure_latency: bool,
+    backlog: u32,
 ) -> io::Result<(Controller, JoinHandle<()>)> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (commands_tx, commands) = mpsc::channel();
-    let mut listening = Vec::with_capacity(listeners.len());
-    for bound in listeners {
-        let mut socket = mio::net::TcpListener::from_std(bound.socket);
-        poll.registry()
-            .register(&mut socket, Token(bound.index as usize), Interest::READABLE)?;
-        listening.push(Listening {
-            socket,
-            local: bound.local,
-            wildcard: bound.local.ip().is_unspecified(),
-        });
-    }
-    let handoff_loop = HandoffLoop {
+    // No listener configured: Node apps say what to listen on.
+    let listen_on_demand = listeners.is_empty();
+    let mut handoff_loop = HandoffLoop {
         poll,
-        listeners: listening,
+        listeners: Vec::with_capacity(listeners.len()),
+        listen_on_demand,
+        backlog,
         channels: Vec::new(),
         active: Vec::new(),
         dispatcher: Dispatcher::new(mode),
@@ -288,7 +303,11 @@ pub fn spawn(
         accept_paused_until: None,
         accept_backoff: ACCEPT_BACKOFF_MIN,
         shutting_down: false,
+        stopped_accepting: false,
     };
+    for bound in listeners {
+        handoff_loop.add_listener(bound.socket, None)?;
+    }
     let thread = std::thread::Builder::new()
         .name("herd-handoff".into())
         .spawn(move || handoff_loop.run())?;
@@ -306,6 +325,9 @@ struct Listening {
     local: SocketAddr,
     /// Bound to 0.0.0.0/[::]: the local address must be asked per connection.
     wildcard: bool,
+    /// Bound for Node workers that asked for it with this key (see
+    /// [`node_ipc::QueryServer::key`]); `None` for a configured listener.
+    node_key: Option<String>,
 }
 
 /// A connection between accept and a worker's acknowledgement.
@@ -369,11 +391,12 @@ impl WorkerChannel {
         self.in_flight.len() as u64 + open
     }
 
-    fn can_take(&self, now: Instant, limits: &HandoffSettings) -> bool {
+    /// Can the worker be sent a connection from `listener` now?
+    fn can_take(&self, listener: u16, now: Instant, limits: &HandoffSettings) -> bool {
         self.role == Role::Active
             && !self.blocked
             && self.recycle_after.is_none_or(|limit| self.sent < limit)
-            && self.node.as_ref().is_none_or(NodeChannel::listening)
+            && self.node.as_ref().is_none_or(|node| node.serves(listener))
             && self.in_flight.len() < limits.max_unacked
             && self
                 .in_flight
@@ -388,7 +411,13 @@ fn channel_token(index: usize) -> Token {
 
 struct HandoffLoop {
     poll: Poll,
+    /// By index, which is also the listener's token.
     listeners: Vec<Listening>,
+    /// None was configured: bind what Node workers ask for (and hand the
+    /// first configured one out otherwise).
+    listen_on_demand: bool,
+    /// Accept queue length for listeners bound on demand.
+    backlog: u32,
     /// Every worker channel, by index (its token is `WORKER_TOKEN_BASE + index`).
     channels: Vec<Option<WorkerChannel>>,
     /// Per slot, the index of the channel whose worker gets the slot's connections.
@@ -407,6 +436,8 @@ struct HandoffLoop {
     accept_paused_until: Option<Instant>,
     accept_backoff: Duration,
     shutting_down: bool,
+    /// Told to stop accepting: nothing new is bound either.
+    stopped_accepting: bool,
 }
 
 impl HandoffLoop {
@@ -497,6 +528,7 @@ impl HandoffLoop {
                 }
                 Command::SetSlots { count } => self.set_slots(count),
                 Command::StopAccepting => {
+                    self.stopped_accepting = true;
                     self.listeners.clear();
                     self.flush_queue();
                     for index in 0..self.channels.len() {
@@ -778,7 +810,9 @@ impl HandoffLoop {
                         return None;
                     }
                     let worker = active[s].and_then(|i| channels[i].as_ref())?;
-                    worker.can_take(now, limits).then(|| worker.load())
+                    worker
+                        .can_take(conn.handoff.listener, now, limits)
+                        .then(|| worker.load())
                 });
             let Some(slot) = slot else {
                 return Err(conn);
@@ -800,6 +834,7 @@ impl HandoffLoop {
                 Some(node) => node.send_handle(
                     worker.channel.as_fd(),
                     conn.handoff.connection_id,
+                    conn.handoff.listener,
                     conn.stream.as_fd(),
                 ),
             };
@@ -1027,26 +1062,7 @@ impl HandoffLoop {
         let node = worker.node.as_mut().expect("a Node worker");
         let channel = worker.channel.as_fd();
         let sent = match message {
-            Incoming::QueryServer(query) => {
-                // herd's listeners are the app's: `listen(3000)` is served on
-                // what herd was told to listen on.
-                let local = self.listeners.first().map(|l| l.local);
-                let errno = local
-                    .is_none()
-                    .then(|| node_ipc::uv_errno(nix::Error::EADDRNOTAVAIL));
-                if local.is_some() {
-                    node.key = Some(query.key.clone());
-                }
-                // Node checks that the port it asked for is the one bound
-                // (else it reports EADDRINUSE): when herd serves `listen(3000)`
-                // on another port, `server.address()` keeps the asked-for port.
-                let sockname = local.map(|addr| match query.port {
-                    0 => addr,
-                    asked => SocketAddr::new(addr.ip(), asked),
-                });
-                let seq = node.next_seq();
-                node.send_line(channel, node_ipc::query_reply(&query, sockname, errno, seq))
-            }
+            Incoming::QueryServer(query) => return self.answer_query(index, query),
             Incoming::Listening => {
                 self.make_ready(index, true);
                 Ok(())
@@ -1080,9 +1096,183 @@ impl HandoffLoop {
                 let seq = node.next_seq();
                 node.send_line(channel, node_ipc::ack(theirs, seq))
             }
-            Incoming::Online | Incoming::Close | Incoming::Other => Ok(()),
+            Incoming::Close { key } => {
+                node.remove_server(&key);
+                Ok(())
+            }
+            Incoming::Online | Incoming::Other => Ok(()),
         };
         self.after_node_send(index, sent);
+    }
+
+    /// Registers a bound listener (for accepting, in the hand-off modes).
+    /// Returns its index.
+    fn add_listener(
+        &mut self,
+        socket: std::net::TcpListener,
+        node_key: Option<String>,
+    ) -> io::Result<usize> {
+        let index = self.listeners.len();
+        if index >= MAX_LISTENERS {
+            return Err(io::Error::other(format!(
+                "herd holds at most {MAX_LISTENERS} listeners"
+            )));
+        }
+        let local = socket.local_addr()?;
+        let mut socket = mio::net::TcpListener::from_std(socket);
+        // In `shared` mode the workers accept; herd only keeps the socket.
+        if self.dispatcher.mode().hands_off() {
+            self.poll
+                .registry()
+                .register(&mut socket, Token(index), Interest::READABLE)?;
+        }
+        self.listeners.push(Listening {
+            socket,
+            local,
+            wildcard: local.ip().is_unspecified(),
+            node_key,
+        });
+        Ok(index)
+    }
+
+    /// Answers a Node worker's `listen` (its `queryServer`): with the
+    /// listener that serves it (its address as `sockname`; in `shared` mode
+    /// the socket itself), or with the errno of why there is none.
+    fn answer_query(&mut self, index: usize, query: node_ipc::QueryServer) {
+        let listener = self.listener_for(&query);
+        let shared = !self.dispatcher.mode().hands_off();
+        let Some(worker) = self.channels[index].as_mut() else {
+            return;
+        };
+        let node = worker.node.as_mut().expect("a Node worker");
+        let channel = worker.channel.as_fd();
+        let seq = node.next_seq();
+        let refuse = |errno: nix::Error, why: &str| {
+            warn!(
+                slot = worker.slot,
+                pid = worker.pid,
+                key = %query.key,
+                "refused a Node worker's listen ({}): {why}",
+                errno.desc()
+            );
+            node_ipc::query_reply(&query, None, Some(node_ipc::uv_errno(errno)), seq)
+        };
+        let sent = match listener {
+            Err((errno, why)) => node.send_line(channel, refuse(errno, &why)),
+            Ok(listener) if shared => {
+                match self.listeners[listener].socket.as_fd().try_clone_to_owned() {
+                    Ok(socket) => {
+                        node.add_server(listener as u16, query.key.clone());
+                        let line = node_ipc::query_reply_with_server(&query, seq);
+                        node.send_server(channel, line, socket)
+                    }
+                    Err(e) => node.send_line(channel, refuse(nix::Error::EMFILE, &e.to_string())),
+                }
+            }
+            Ok(listener) => {
+                // Node checks that the port it asked for is the one bound
+                // (else EADDRINUSE): when herd serves `listen(3000)` on a
+                // configured listener with another port, `sockname` (and so
+                // `server.address()`) keeps the asked-for port.
+                let local = self.listeners[listener].local;
+                let sockname = match query.port {
+                    Some(asked) if asked != 0 => SocketAddr::new(local.ip(), asked),
+                    _ => local,
+                };
+                node.add_server(listener as u16, query.key.clone());
+                let line = node_ipc::query_reply(&query, Some(sockname), None, seq);
+                node.send_line(channel, line)
+            }
+        };
+        self.after_node_send(index, sent);
+    }
+
+    /// The listener for a Node worker's `listen`. With listeners configured,
+    /// the one on the port the app asked for, else the first. Without, the
+    /// one bound for this key before (so `listen(0)` picks a port once and
+    /// every worker shares it), or one bound now, as Node's primary binds:
+    /// no address means `[::]`, dual-stack, falling back to `0.0.0.0`.
+    fn listener_for(
+        &mut self,
+        query: &node_ipc::QueryServer,
+    ) -> Result<usize, (nix::Error, String)> {
+        use nix::Error as Errno;
+        if self.stopped_accepting {
+            return Err((Errno::ESHUTDOWN, "herd is stopping".into()));
+        }
+        let Some(port) = query.port else {
+            return Err((
+                Errno::EAFNOSUPPORT,
+                "herd serves TCP ports only (not Unix socket paths or UDP)".into(),
+            ));
+        };
+        if query.fd.is_some() {
+            return Err((
+                Errno::EINVAL,
+                "listen({fd}) names a socket of the worker's, which herd cannot share".into(),
+            ));
+        }
+        if !self.listen_on_demand {
+            let by_port = self.listeners.iter().position(|l| l.local.port() == port);
+            let shared = !self.dispatcher.mode().hands_off();
+            return match by_port {
+                Some(index) => Ok(index),
+                // Node checks the real socket's port in `shared` mode.
+                None if shared && port != 0 => Err((
+                    Errno::EADDRINUSE,
+                    format!(
+                        "in shared mode a Node app must listen on the port herd listens on, or 0 (it asked for {port}); or leave `listen` out and herd binds what the app asks"
+                    ),
+                )),
+                None if self.listeners.is_empty() => {
+                    Err((Errno::ESHUTDOWN, "herd is stopping".into()))
+                }
+                None => Ok(0),
+            };
+        }
+        if let Some(index) = self
+            .listeners
+            .iter()
+            .position(|l| l.node_key.as_deref() == Some(query.key.as_str()))
+        {
+            return Ok(index);
+        }
+        let failed = |e: listener::ListenError| (e.source, e.to_string());
+        let socket = match &query.address {
+            None => {
+                let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+                listener::bind_dual_stack(any6, self.backlog, query.ipv6_only).or_else(|e| match e
+                    .source
+                {
+                    Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL => {
+                        let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
+                        listener::bind(any4, self.backlog)
+                    }
+                    _ => Err(e),
+                })
+            }
+            Some(text) => match text.parse::<std::net::IpAddr>() {
+                Ok(ip) => listener::bind_dual_stack(
+                    SocketAddr::new(ip, port),
+                    self.backlog,
+                    query.ipv6_only,
+                ),
+                Err(_) => {
+                    return Err((Errno::EINVAL, format!("{text:?} is not an IP address")));
+                }
+            },
+        }
+        .map_err(failed)?;
+        let index = self
+            .add_listener(socket, Some(query.key.clone()))
+            .map_err(|e| (Errno::EMFILE, e.to_string()))?;
+        let local = self.listeners[index].local;
+        self.counters.add_listener(local);
+        info!(
+            listener = index,
+            "listening on {local} (asked for by a Node worker: {})", query.key
+        );
+        Ok(index)
     }
 
     /// Sends the oldest connection waiting its turn for a Node worker, if
@@ -1106,7 +1296,13 @@ impl HandoffLoop {
             else {
                 continue;
             };
-            let sent = node.send_handle(worker.channel.as_fd(), id, entry.conn.stream.as_fd());
+            let listener = entry.conn.handoff.listener;
+            let sent = node.send_handle(
+                worker.channel.as_fd(),
+                id,
+                listener,
+                entry.conn.stream.as_fd(),
+            );
             return self.after_node_send(index, sent);
         }
     }

@@ -61,17 +61,33 @@ pub fn bind_all(addrs: &[SocketAddr], backlog: u32) -> Result<Vec<BoundListener>
 /// addresses (so `[::]:80` and `0.0.0.0:80` can be listed side by side, as
 /// nginx does), close-on-exec and non-blocking.
 pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ListenError> {
-    open(addr, backlog, false)
+    open(addr, backlog, false, true)
+}
+
+/// Like [`bind`], but an IPv6 socket also takes IPv4 connections (unless
+/// `v6_only`), as Node binds `[::]` when an app listens on no particular
+/// address: one socket for both families.
+pub fn bind_dual_stack(
+    addr: SocketAddr,
+    backlog: u32,
+    v6_only: bool,
+) -> Result<TcpListener, ListenError> {
+    open(addr, backlog, false, v6_only)
 }
 
 /// Like [`bind`], plus SO_REUSEPORT: one more socket in `addr`'s group, with
 /// its own accept queue; the kernel spreads new connections over the group.
 /// Only sockets of the same user can join, and only if every member set it.
 pub fn bind_reuseport(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ListenError> {
-    open(addr, backlog, true)
+    open(addr, backlog, true, true)
 }
 
-fn open(addr: SocketAddr, backlog: u32, reuse_port: bool) -> Result<TcpListener, ListenError> {
+fn open(
+    addr: SocketAddr,
+    backlog: u32,
+    reuse_port: bool,
+    v6_only: bool,
+) -> Result<TcpListener, ListenError> {
     let fail = |source: nix::Error| ListenError {
         addr,
         reason: explain(source),
@@ -93,7 +109,7 @@ fn open(addr: SocketAddr, backlog: u32, reuse_port: bool) -> Result<TcpListener,
         socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(fail)?;
     }
     if addr.is_ipv6() {
-        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(fail)?;
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &v6_only).map_err(fail)?;
     }
     socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(fail)?;
     let backlog = Backlog::new(backlog as i32).map_err(fail)?;
@@ -148,6 +164,15 @@ mod tests {
         assert!(bind(addr, 16).is_err());
         let plain = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
         assert!(bind_reuseport(plain.local_addr().unwrap(), 16).is_err());
+    }
+
+    #[test]
+    fn a_dual_stack_socket_takes_ipv4_clients() {
+        let Ok(socket) = bind_dual_stack("[::]:0".parse().unwrap(), 16, false) else {
+            return; // no IPv6 on this host: Node falls back to 0.0.0.0 too
+        };
+        let port = socket.local_addr().unwrap().port();
+        std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     }
 
     #[test]

@@ -232,7 +232,8 @@ impl Metrics {
         slots: &[SlotStatus],
         cpu_seconds: &[f64],
     ) -> Vec<u8> {
-        for (listener, count) in counters.accepted.iter().enumerate() {
+        let listeners = counters.listen_addrs().len();
+        for (listener, count) in counters.accepted[..listeners].iter().enumerate() {
             sync(
                 &self.accepted.with_label_values(&[&listener.to_string()]),
                 count.load(Relaxed),
@@ -497,7 +498,7 @@ mod tests {
 
     #[test]
     fn render_reflects_the_counters() {
-        let counters = Arc::new(Counters::new(1));
+        let counters = Arc::new(Counters::new(&["127.0.0.1:1".parse().unwrap()]));
         let metrics = Metrics::new(counters.clone());
         counters.accepted[0].fetch_add(3, Relaxed);
         counters.handed_off[1].fetch_add(2, Relaxed);

@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use serde_json::{json, Value};
 
@@ -38,8 +38,6 @@ pub const NODE_CHANNEL_SERIALIZATION_MODE_ENV: &str = "NODE_CHANNEL_SERIALIZATIO
 pub enum NodeIpcError {
     #[error("not a JSON object: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("`queryServer` without a valid {0}")]
-    QueryServer(&'static str),
 }
 
 /// What herd needs from a `queryServer` request (a worker's `listen`).
@@ -47,15 +45,21 @@ pub enum NodeIpcError {
 pub struct QueryServer {
     /// The worker's `seq`, echoed as `ack` in the reply.
     pub seq: u64,
-    /// `null` in the JSON: all interfaces, as Node's primary binds it.
+    /// `None` (JSON `null`): all interfaces, as Node's primary binds it.
     pub address: Option<String>,
-    /// 0 asks for any free port, chosen once and shared by every worker.
-    pub port: u16,
-    /// 4, 6, or -1 for a Unix socket path (which herd refuses).
-    pub address_type: i64,
+    /// The TCP port asked for (0: any free port, chosen once and shared by
+    /// every worker); `None` for what herd does not serve: a Unix socket
+    /// path (`addressType` -1), UDP (`udp4`/`udp6`), a nonsense port.
+    pub port: Option<u16>,
+    /// `listen({ipv6Only: true})` (Node v22's `flags` bit 1): no IPv4 on `::`.
+    pub ipv6_only: bool,
+    /// `listen({fd})`: a socket the worker already has; its number means
+    /// nothing in herd's process.
+    pub fd: Option<i64>,
     /// Echoed back: TLS servers keep their ticket keys in it.
     pub data: Value,
-    /// Node's key for this server: `address:port:addressType:fd:index`.
+    /// Node's key for this server: `address:port:addressType:fd:index`,
+    /// written as Node's template string writes those values.
     pub key: String,
 }
 
@@ -80,8 +84,9 @@ pub enum Incoming {
     /// `act: exitedAfterDisconnect`: the worker is leaving on purpose; it
     /// waits for an `ack` to its `seq` before disconnecting.
     ExitedAfterDisconnect { seq: u64 },
-    /// `act: close`: the worker closed a server; herd keeps the listener for the others.
-    Close,
+    /// `act: close`: the worker closed the server it knows by `key`; herd
+    /// keeps the listener for the others.
+    Close { key: String },
     /// Anything else, such as the app's own `process.send` messages: ignored.
     Other,
 }
@@ -94,19 +99,21 @@ pub fn parse(line: &[u8]) -> Result<Incoming, NodeIpcError> {
         Some("NODE_HANDLE_ACK") => Incoming::HandleAck,
         Some("NODE_HANDLE_NACK") => Incoming::HandleNack,
         Some("NODE_HANDLE") => Incoming::Handle,
-        Some("NODE_CLUSTER") => parse_cluster(&message)?,
+        Some("NODE_CLUSTER") => parse_cluster(&message),
         _ => Incoming::Other,
     })
 }
 
-fn parse_cluster(message: &Value) -> Result<Incoming, NodeIpcError> {
+fn parse_cluster(message: &Value) -> Incoming {
     let seq = message.get("seq").and_then(Value::as_u64).unwrap_or(0);
-    Ok(match message.get("act").and_then(Value::as_str) {
+    match message.get("act").and_then(Value::as_str) {
         Some("online") => Incoming::Online,
         Some("listening") => Incoming::Listening,
-        Some("close") => Incoming::Close,
+        Some("close") => Incoming::Close {
+            key: js_text(message.get("key")),
+        },
         Some("exitedAfterDisconnect") => Incoming::ExitedAfterDisconnect { seq },
-        Some("queryServer") => Incoming::QueryServer(parse_query(message, seq)?),
+        Some("queryServer") => Incoming::QueryServer(parse_query(message, seq)),
         Some(_) => Incoming::Other,
         None => match (
             message.get("ack").and_then(Value::as_u64),
@@ -115,42 +122,44 @@ fn parse_cluster(message: &Value) -> Result<Incoming, NodeIpcError> {
             (Some(ack), Some(accepted)) => Incoming::Accepted { ack, accepted },
             _ => Incoming::Other,
         },
-    })
+    }
 }
 
-fn parse_query(message: &Value, seq: u64) -> Result<QueryServer, NodeIpcError> {
-    let address = match message.get("address") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(text)) => Some(text.clone()),
-        Some(_) => return Err(NodeIpcError::QueryServer("address")),
-    };
-    let port = message
-        .get("port")
-        .and_then(Value::as_i64)
-        .ok_or(NodeIpcError::QueryServer("port"))?;
-    let address_type = message
-        .get("addressType")
-        .and_then(Value::as_i64)
-        .ok_or(NodeIpcError::QueryServer("addressType"))?;
-    // A Unix socket path has port -1: keep it as 0 here, address_type says which.
-    let port = u16::try_from(port.max(0)).map_err(|_| NodeIpcError::QueryServer("port"))?;
-    let index = message.get("index").and_then(Value::as_u64).unwrap_or(0);
-    let fd = message
-        .get("fd")
-        .and_then(Value::as_i64)
-        .map_or("undefined".to_string(), |fd| fd.to_string());
-    let key = format!(
-        "{}:{port}:{address_type}:{fd}:{index}",
-        address.as_deref().unwrap_or("null")
-    );
-    Ok(QueryServer {
+fn parse_query(message: &Value, seq: u64) -> QueryServer {
+    let field = |name: &str| message.get(name);
+    let address_type = field("addressType").and_then(Value::as_i64);
+    let port = field("port")
+        .and_then(Value::as_u64)
+        .and_then(|port| u16::try_from(port).ok())
+        .filter(|_| matches!(address_type, Some(4 | 6)));
+    // Node's primary: `${address}:${port}:${addressType}:${fd}:${index}`.
+    let key = ["address", "port", "addressType", "fd", "index"]
+        .map(|name| js_text(field(name)))
+        .join(":");
+    QueryServer {
         seq,
-        address,
+        address: field("address").and_then(Value::as_str).map(str::to_owned),
         port,
-        address_type,
-        data: message.get("data").cloned().unwrap_or(Value::Null),
+        ipv6_only: field("flags")
+            .and_then(Value::as_u64)
+            .is_some_and(|flags| flags & UV_TCP_IPV6ONLY != 0),
+        fd: field("fd").and_then(Value::as_i64),
+        data: field("data").cloned().unwrap_or(Value::Null),
         key,
-    })
+    }
+}
+
+/// libuv's `UV_TCP_IPV6ONLY`, as Node passes it in `flags`.
+const UV_TCP_IPV6ONLY: u64 = 1;
+
+/// A JSON value as a JavaScript template string shows it (a missing one is
+/// `undefined`), so herd's keys are the ones Node's primary would make.
+fn js_text(value: Option<&Value>) -> String {
+    match value {
+        None => "undefined".into(),
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => other.to_string(),
+    }
 }
 
 /// A line as Node writes it: compact JSON and `\n`.
@@ -172,23 +181,16 @@ pub fn newconn(key: &str, seq: u64) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The reply to a `queryServer`: `sockname` for a listening TCP server
-/// (without it `server.address()` is null), or `errno` (a negative libuv
-/// code, e.g. -98 for EADDRINUSE) when herd could not listen.
+/// The reply to a `queryServer` in the hand-off modes: `sockname` for a
+/// listening TCP server (without it `server.address()` is null), or `errno`
+/// (a negative libuv code, e.g. -98 for EADDRINUSE) when herd could not listen.
 pub fn query_reply(
     query: &QueryServer,
     sockname: Option<std::net::SocketAddr>,
     errno: Option<i32>,
     seq: u64,
 ) -> Vec<u8> {
-    let mut reply = json!({
-        "cmd": "NODE_CLUSTER",
-        "errno": errno,
-        "key": query.key,
-        "ack": query.seq,
-        "data": query.data,
-        "seq": seq,
-    });
+    let mut reply = reply_message(query, errno, seq);
     if let Some(addr) = sockname {
         reply["sockname"] = json!({
             "address": addr.ip().to_string(),
@@ -197,6 +199,28 @@ pub fn query_reply(
         });
     }
     line(&reply)
+}
+
+/// The reply to a `queryServer` in `shared` mode: the listening socket
+/// itself rides on it (a `net.Native` handle, as Node's SharedHandle sends
+/// it), and the worker accepts from it directly.
+pub fn query_reply_with_server(query: &QueryServer, seq: u64) -> Vec<u8> {
+    line(&json!({
+        "cmd": "NODE_HANDLE",
+        "type": "net.Native",
+        "msg": reply_message(query, None, seq),
+    }))
+}
+
+fn reply_message(query: &QueryServer, errno: Option<i32>, seq: u64) -> Value {
+    json!({
+        "cmd": "NODE_CLUSTER",
+        "errno": errno,
+        "key": query.key,
+        "ack": query.seq,
+        "data": query.data,
+        "seq": seq,
+    })
 }
 
 /// Asks the worker to close its servers and leave (herd's DRAIN).
@@ -221,41 +245,75 @@ pub struct NodeChannel {
     inbox: Vec<u8>,
     /// Bytes accepted for sending that the socket has not taken yet.
     outbox: Vec<u8>,
-    /// The connection whose handle was sent and whose NODE_HANDLE_ACK has
-    /// not come back.
-    handle_in_flight: Option<u64>,
+    /// The handle that was sent and whose NODE_HANDLE_ACK has not come back.
+    handle_in_flight: Option<HandleInFlight>,
     /// Connections dispatched to this worker whose handles wait their turn
     /// (one at a time), oldest first. herd still holds their fds.
     pub waiting_handles: VecDeque<u64>,
-    /// Lines held back until that ack (Node sends nothing else meanwhile).
-    held: VecDeque<Vec<u8>>,
-    /// The key of the server the worker listens on (from its `queryServer`);
-    /// it gets no connection before it has one.
-    pub key: Option<String>,
+    /// Messages that wait for that ack (Node sends nothing meanwhile), in order.
+    held: VecDeque<Outgoing>,
+    /// The servers the worker listens on: herd's listener index and the
+    /// worker's key for it (from its `queryServer`). It gets connections
+    /// from these listeners only.
+    servers: Vec<(u16, String)>,
     /// herd's `seq` for messages other than `newconn` (which uses the
     /// connection id, so the worker's `ack` names the connection).
     seq: u64,
 }
 
+/// A handle sent to the worker, awaiting its NODE_HANDLE_ACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HandleInFlight {
+    /// A connection (`newconn`), by id.
+    Connection(u64),
+    /// A listening socket (the `queryServer` reply in `shared` mode).
+    Server,
+}
+
+/// A message waiting its turn; a handle rides on its first byte.
+#[derive(Debug)]
+struct Outgoing {
+    line: Vec<u8>,
+    handle: Option<OwnedFd>,
+}
+
 impl NodeChannel {
-    /// Is the worker listening, so that connections may be dispatched to it?
+    /// Is the worker listening, so that it may be made ready?
     pub fn listening(&self) -> bool {
-        self.key.is_some()
+        !self.servers.is_empty()
+    }
+
+    /// Does the worker listen on herd's listener `listener`?
+    pub fn serves(&self, listener: u16) -> bool {
+        self.servers.iter().any(|(index, _)| *index == listener)
+    }
+
+    /// The worker now listens on `listener`, under its own `key`.
+    pub fn add_server(&mut self, listener: u16, key: String) {
+        self.servers.push((listener, key));
+    }
+
+    /// The worker closed the server it knows as `key`.
+    pub fn remove_server(&mut self, key: &str) {
+        self.servers.retain(|(_, known)| known != key);
     }
 
     /// Can a `newconn` go out now (no handle unanswered, nothing unsent)?
     pub fn can_send_handle(&self) -> bool {
-        self.handle_in_flight.is_none() && self.outbox.is_empty()
+        self.handle_in_flight.is_none() && self.outbox.is_empty() && self.held.is_empty()
     }
 
     /// The connection whose handle awaits the worker's answer.
     pub fn handle_in_flight(&self) -> Option<u64> {
-        self.handle_in_flight
+        match self.handle_in_flight {
+            Some(HandleInFlight::Connection(id)) => Some(id),
+            _ => None,
+        }
     }
 
     /// Bytes are waiting for the socket to have room.
     pub fn wants_write(&self) -> bool {
-        !self.outbox.is_empty()
+        !self.outbox.is_empty() || (self.handle_in_flight.is_none() && !self.held.is_empty())
     }
 
     pub fn next_seq(&mut self) -> u64 {
@@ -263,54 +321,90 @@ impl NodeChannel {
         self.seq
     }
 
-    /// Sends `newconn` for connection `id` with `fd` on its first byte.
+    /// Sends `newconn` for connection `id`, arriving on `listener`, with
+    /// `fd` on its first byte. Call only when [`Self::can_send_handle`].
     /// Returns `WouldBlock` if nothing could be sent; a partial send keeps
     /// the rest in the outbox (the fd went with the first byte).
     pub fn send_handle(
         &mut self,
         channel: BorrowedFd<'_>,
         id: u64,
+        listener: u16,
         fd: BorrowedFd<'_>,
     ) -> io::Result<()> {
-        let key = self.key.as_deref().unwrap_or_default();
+        let key = self
+            .servers
+            .iter()
+            .find(|(index, _)| *index == listener)
+            .map_or("", |(_, key)| key.as_str());
         let message = newconn(key, id);
         let sent = fdpass::sendmsg_with_fd(channel, &message, fd)?;
         self.outbox.extend_from_slice(&message[sent..]);
-        self.handle_in_flight = Some(id);
+        self.handle_in_flight = Some(HandleInFlight::Connection(id));
         Ok(())
     }
 
-    /// Sends a line now, or after the pending handle's ack.
+    /// Sends a line now, or in its turn after a pending handle's ack.
     pub fn send_line(&mut self, channel: BorrowedFd<'_>, line: Vec<u8>) -> io::Result<()> {
-        if self.handle_in_flight.is_some() {
-            self.held.push_back(line);
-            return Ok(());
-        }
-        self.outbox.extend_from_slice(&line);
+        self.held.push_back(Outgoing { line, handle: None });
+        self.flush(channel)
+    }
+
+    /// Sends a line carrying a listening socket, in its turn.
+    pub fn send_server(
+        &mut self,
+        channel: BorrowedFd<'_>,
+        line: Vec<u8>,
+        socket: OwnedFd,
+    ) -> io::Result<()> {
+        self.held.push_back(Outgoing {
+            line,
+            handle: Some(socket),
+        });
         self.flush(channel)
     }
 
     /// The worker acknowledged (or refused) the handle: release what waited.
     pub fn handle_answered(&mut self, channel: BorrowedFd<'_>) -> io::Result<()> {
         self.handle_in_flight = None;
-        while let Some(line) = self.held.pop_front() {
-            self.outbox.extend_from_slice(&line);
-        }
         self.flush(channel)
     }
 
-    /// Writes what the socket takes of the outbox.
+    /// Writes what the socket takes: the outbox, then the messages that
+    /// waited, up to and including the next one that carries a handle.
     pub fn flush(&mut self, channel: BorrowedFd<'_>) -> io::Result<()> {
-        while !self.outbox.is_empty() {
-            match fdpass::send_stream(channel, &self.outbox) {
-                Ok(sent) => {
-                    self.outbox.drain(..sent);
+        loop {
+            while !self.outbox.is_empty() {
+                match fdpass::send_stream(channel, &self.outbox) {
+                    Ok(sent) => {
+                        self.outbox.drain(..sent);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) => return Err(e),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            }
+            if self.handle_in_flight.is_some() {
+                return Ok(());
+            }
+            let Some(next) = self.held.pop_front() else {
+                return Ok(());
+            };
+            let Some(handle) = next.handle.as_ref() else {
+                self.outbox = next.line;
+                continue;
+            };
+            match fdpass::sendmsg_with_fd(channel, &next.line, handle.as_fd()) {
+                Ok(sent) => {
+                    self.outbox.extend_from_slice(&next.line[sent..]);
+                    self.handle_in_flight = Some(HandleInFlight::Server);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.held.push_front(next);
+                    return Ok(());
+                }
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
     }
 
     /// Reads what is waiting and parses every complete line into `out`.
@@ -372,8 +466,11 @@ mod tests {
             panic!("{query:?}")
         };
         assert_eq!(query.key, "null:3000:4:undefined:0");
-        assert_eq!((query.seq, query.port, query.address_type), (1, 3000, 4));
-        assert_eq!(query.address, None);
+        assert_eq!((query.seq, query.port), (1, Some(3000)));
+        assert_eq!(
+            (&query.address, query.fd, query.ipv6_only),
+            (&None, None, false)
+        );
         // v22 adds "flags": still the same request.
         let v22 = br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,"address":null,"port":3000,"addressType":4,"backlog":0,"flags":0,"seq":1}"#;
         assert_eq!(parse(v22).unwrap(), Incoming::QueryServer(query.clone()));
@@ -397,7 +494,9 @@ mod tests {
                 br#"{"cmd":"NODE_CLUSTER","act":"close","key":"null:3000:4:undefined:0","seq":4}"#
             )
             .unwrap(),
-            Incoming::Close
+            Incoming::Close {
+                key: "null:3000:4:undefined:0".into()
+            }
         );
     }
 
@@ -406,8 +505,9 @@ mod tests {
         let query = QueryServer {
             seq: 1,
             address: None,
-            port: 3000,
-            address_type: 4,
+            port: Some(3000),
+            ipv6_only: false,
+            fd: None,
             data: Value::Null,
             key: "null:3000:4:undefined:0".into(),
         };
@@ -429,6 +529,95 @@ mod tests {
         let refused: Value = serde_json::from_slice(&refused).unwrap();
         assert_eq!(refused["errno"], -98);
         assert!(refused.get("sockname").is_none());
+        // Shared mode: the reply is a handle message carrying the socket.
+        let shared: Value = serde_json::from_slice(&query_reply_with_server(&query, 3)).unwrap();
+        assert_eq!(
+            shared,
+            json!({"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","errno":null,"key":"null:3000:4:undefined:0","ack":1,"data":null,"seq":3}})
+        );
+    }
+
+    /// Keys are Node's template strings, whatever the app listened on.
+    #[test]
+    fn queries_for_other_servers_keep_nodes_keys() {
+        let query_of = |line: &[u8]| match parse(line).unwrap() {
+            Incoming::QueryServer(query) => query,
+            other => panic!("{other:?}"),
+        };
+        let local = query_of(br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":1,"data":{"ticketKeys":"x"},"address":"127.0.0.1","port":0,"addressType":4,"backlog":511,"flags":1,"seq":5}"#);
+        assert_eq!(local.key, "127.0.0.1:0:4:undefined:1");
+        assert_eq!(local.address.as_deref(), Some("127.0.0.1"));
+        assert_eq!((local.port, local.ipv6_only), (Some(0), true));
+        assert_eq!(local.data, json!({"ticketKeys": "x"}));
+        // A Unix socket path and UDP are not TCP ports: herd refuses them.
+        let pipe = query_of(br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"address":"/tmp/app.sock","port":-1,"addressType":-1,"seq":1}"#);
+        assert_eq!(
+            (pipe.port, pipe.key.as_str()),
+            (None, "/tmp/app.sock:-1:-1:undefined:0")
+        );
+        let udp = query_of(br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"address":"0.0.0.0","port":41234,"addressType":"udp4","seq":1}"#);
+        assert_eq!(
+            (udp.port, udp.key.as_str()),
+            (None, "0.0.0.0:41234:udp4:undefined:0")
+        );
+        let fd = query_of(br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"address":null,"port":0,"addressType":4,"fd":7,"seq":1}"#);
+        assert_eq!((fd.fd, fd.key.as_str()), (Some(7), "null:0:4:7:0"));
+    }
+
+    /// Reads whatever is waiting on the worker's end: the text and whether
+    /// an fd came with it.
+    fn drain(theirs: &OwnedFd) -> (String, bool) {
+        let mut buf = [0u8; 4096];
+        let (mut text, mut fd) = (String::new(), false);
+        while let Ok(Some(received)) = fdpass::recv_with_fd(theirs.as_fd(), &mut buf, true) {
+            text.push_str(std::str::from_utf8(&buf[..received.len]).unwrap());
+            fd |= received.fd.is_some();
+        }
+        (text, fd)
+    }
+
+    /// Node's rule: after a handle, nothing until the worker's ack. Replies
+    /// queued meanwhile, and the next handle, go out in order after it.
+    #[test]
+    fn nothing_follows_a_handle_until_it_is_acknowledged() {
+        let (ours, theirs) = fdpass::stream_pair().unwrap();
+        let (channel, socket) = (ours.as_fd(), || {
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap().into()
+        });
+        let mut node = NodeChannel::default();
+        node.add_server(0, "k0".into());
+        node.send_server(channel, b"server-1\n".to_vec(), socket())
+            .unwrap();
+        node.send_line(channel, b"line-2\n".to_vec()).unwrap();
+        node.send_server(channel, b"server-3\n".to_vec(), socket())
+            .unwrap();
+        assert_eq!(drain(&theirs), ("server-1\n".into(), true));
+        assert!(!node.can_send_handle());
+        assert_eq!(node.handle_in_flight(), None, "a server, not a connection");
+        node.handle_answered(channel).unwrap();
+        // The line, then the next handle, which again holds what follows.
+        assert_eq!(drain(&theirs), ("line-2\nserver-3\n".into(), true));
+        node.handle_answered(channel).unwrap();
+        assert!(node.can_send_handle());
+        let connection = socket();
+        node.send_handle(channel, 7, 0, connection.as_fd()).unwrap();
+        assert_eq!(node.handle_in_flight(), Some(7));
+        let (text, fd) = drain(&theirs);
+        assert!(
+            fd && text.contains("\"key\":\"k0\"") && text.contains("\"seq\":7"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_worker_serves_the_listeners_it_asked_for() {
+        let mut node = NodeChannel::default();
+        assert!(!node.listening());
+        node.add_server(0, "null:3000:4:undefined:0".into());
+        node.add_server(2, "null:0:4:undefined:0".into());
+        assert!(node.listening() && node.serves(0) && node.serves(2) && !node.serves(1));
+        node.remove_server("null:3000:4:undefined:0");
+        assert!(!node.serves(0) && node.serves(2));
     }
 
     #[test]
@@ -451,6 +640,12 @@ mod tests {
             Incoming::ExitedAfterDisconnect { seq: 7 }
         );
         assert!(parse(b"not json").is_err());
-        assert!(parse(br#"{"cmd":"NODE_CLUSTER","act":"queryServer","seq":1}"#).is_err());
+        // A queryServer without a port still gets an answer (a refusal).
+        let Incoming::QueryServer(bare) =
+            parse(br#"{"cmd":"NODE_CLUSTER","act":"queryServer","seq":1}"#).unwrap()
+        else {
+            panic!("a queryServer")
+        };
+        assert_eq!((bare.port, bare.seq), (None, 1));
     }
 }

@@ -8,6 +8,7 @@
 //! multiplexes supervisor notices, hand-off events, signals and control
 //! requests, so every decision about workers is taken in one place.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::activation::WorkerSockets;
-use crate::config::{ConfigSource, Settings, MAX_WORKERS};
+use crate::config::{ConfigSource, Settings, WorkerProtocol, MAX_WORKERS};
 use crate::control::{self, ControlServer, Incoming, Request, Response, StatusReport};
 use crate::handoff::{self, Command, Counters, Event};
 use crate::listener::{self, ListenError};
@@ -93,18 +94,23 @@ struct Stopping {
 /// Runs herd until it is stopped. `source` is re-read on every reload.
 pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, PrimaryError> {
     let listeners = listener::bind_all(&settings.listen, settings.backlog)?;
-    let listen_addrs: Vec<String> = listeners.iter().map(|l| l.local.to_string()).collect();
+    let listen_addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local).collect();
     for bound in &listeners {
         info!(listener = bound.index, "listening on {}", bound.local);
     }
-    let (sockets, listeners) =
-        WorkerSockets::new(settings.mode, listeners, settings.backlog, settings.workers)?;
+    let (sockets, listeners) = match settings.protocol {
+        // Node workers are sent their server sockets over the cluster channel.
+        WorkerProtocol::NodeCluster => (WorkerSockets::HandOff, listeners),
+        WorkerProtocol::Herd => {
+            WorkerSockets::new(settings.mode, listeners, settings.backlog, settings.workers)?
+        }
+    };
     let metrics_listener = settings.metrics.map(metrics::bind).transpose()?;
     let mut control = ControlServer::bind(&settings.control)?;
     info!(path = %settings.control.display(), "control socket ready");
     let mut signals = Signals::install().map_err(PrimaryError::Signals)?;
 
-    let counters = Arc::new(Counters::new(listen_addrs.len()));
+    let counters = Arc::new(Counters::new(&listen_addrs));
     let metrics = Arc::new(Metrics::new(counters.clone()));
     let (scrapes_tx, mut scrapes) = mpsc::unbounded_channel::<metrics::Scrape>();
     if let Some(listener) = metrics_listener {
@@ -124,6 +130,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
         events_tx,
         counters.clone(),
         measure_latency,
+        settings.backlog,
     )
     .map_err(PrimaryError::HandoffLoop)?;
 
@@ -161,7 +168,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
                 let Incoming { request, reply } = incoming;
                 match request {
                     Request::Status => {
-                        let report = status_report(&supervisor, &counters, &listen_addrs, started);
+                        let report = status_report(&supervisor, &counters, started);
                         let _ = reply.send(Response { ok: true, message: String::new(), status: Some(report) });
                     }
                     Request::Reload => start_reload(&mut supervisor, &source, &metrics, reply),
@@ -334,12 +341,7 @@ fn start_reload(
     });
 }
 
-fn status_report(
-    supervisor: &Supervisor,
-    counters: &Counters,
-    listen: &[String],
-    started: Instant,
-) -> StatusReport {
+fn status_report(supervisor: &Supervisor, counters: &Counters, started: Instant) -> StatusReport {
     let settings = supervisor.settings();
     let workers = supervisor.status(|slot| counters.handed_off[slot].load(Relaxed));
     let handed: Vec<u64> = workers.iter().map(|w| w.handed_off).collect();
@@ -349,7 +351,11 @@ fn status_report(
         phase: control::phase_name(supervisor.phase()),
         uptime_secs: started.elapsed().as_secs_f64(),
         mode: settings.mode.name().to_string(),
-        listen: listen.to_vec(),
+        listen: counters
+            .listen_addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         workers,
     }
 }

@@ -227,3 +227,184 @@ fn sticky_keeps_a_client_on_one_node_worker() {
     assert_eq!(seen, pids, "20 clients spread over both workers");
     assert!(herd.stop().success());
 }
+
+/// Starts herd without `--listen`, so the app's own `listen` decides where
+/// herd listens; `env` is the workers' environment (the config's `[env]`).
+fn launch_listening_where_the_app_asks(
+    name: &str,
+    workers: usize,
+    flags: &[&str],
+    env: &[(&str, String)],
+    app: &str,
+) -> Herd {
+    let dir = scratch_dir(name);
+    let env: String = env.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
+    let config = write_config(&dir, &format!("[env]\n{env}"));
+    let workers = workers.to_string();
+    let mut args = vec!["-c", config.to_str().unwrap(), "--workers", &workers];
+    args.extend_from_slice(flags);
+    args.extend(["--", "node", app]);
+    Herd::start_in(&dir, &args)
+}
+
+/// The port of a listener herd bound, as a loopback address to connect to.
+fn loopback(listener: SocketAddr) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], listener.port()))
+}
+
+fn status_listeners(status: &Value) -> Vec<SocketAddr> {
+    status["listen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// With no `--listen`, herd binds what the seed app asks for, as Node's
+/// primary does: no address means all interfaces, dual-stack `[::]`, and
+/// `listen(0)` picks one port that every worker shares.
+#[test]
+fn without_listen_herd_binds_what_the_app_asks_for() {
+    let app = seed_app();
+    let herd = launch_listening_where_the_app_asks(
+        "node-app-listens",
+        2,
+        &[],
+        &[("PORT", "0".into())],
+        &app,
+    );
+    let pids = herd.wait_all_ready(2);
+    let status = herd.status();
+    let listeners = status_listeners(&status);
+    assert_eq!(listeners.len(), 1, "one port, shared: {status:#}");
+    let bound = listeners[0];
+    assert!(bound.ip().is_unspecified() && bound.port() != 0, "{bound}");
+    let order: Vec<u32> = (0..10)
+        .map(|_| seed_pid(&body_of(send(loopback(bound)))))
+        .collect();
+    assert_eq!(order.iter().copied().collect::<BTreeSet<_>>(), pids);
+    for pair in order.windows(2) {
+        assert_ne!(pair[0], pair[1], "strict rotation: {order:?}");
+    }
+    if bound.is_ipv6() {
+        // Dual-stack: IPv6 clients reach the same socket.
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, bound.port()));
+        assert!(pids.contains(&seed_pid(&body_of(send(v6)))));
+    }
+    assert!(herd.stop().success());
+}
+
+/// An app with two servers on `listen(0)` gets two ports, each bound once
+/// for every worker (and for restarted ones): `server.address()` is right
+/// in each, and each listener's connections go to that server.
+#[test]
+fn each_server_of_the_app_gets_its_own_listener_shared_by_all_workers() {
+    let app = facts_app();
+    let herd = launch_listening_where_the_app_asks(
+        "node-two-servers",
+        2,
+        &[],
+        &[
+            ("HOST", "127.0.0.1".into()),
+            ("PORT", "0".into()),
+            ("SECOND_PORT", "0".into()),
+        ],
+        &app,
+    );
+    herd.wait_all_ready(2);
+    let listeners = status_listeners(&herd.status());
+    assert_eq!(listeners.len(), 2, "{listeners:?}");
+    let check = |herd: &Herd| {
+        let slots = pids_of(&herd.status());
+        for (&listener, name) in listeners.iter().zip(["first", "second"]) {
+            let mut ids = BTreeSet::new();
+            for _ in 0..4 {
+                let facts: Value = serde_json::from_str(&body_of(send(listener))).unwrap();
+                assert_eq!(facts["server"], name, "{facts}");
+                assert_eq!(facts["address"]["port"], listener.port(), "{facts}");
+                assert_eq!(facts["address"]["address"], "127.0.0.1", "{facts}");
+                let pid = facts["pid"].as_u64().unwrap() as u32;
+                assert!(slots.values().any(|&p| p == pid), "{facts} {slots:?}");
+                ids.insert(facts["workerId"].as_u64().unwrap());
+            }
+            assert_eq!(ids.len(), 2, "both workers serve {name}");
+        }
+    };
+    check(&herd);
+    // A restarted worker asks again and is given the same two sockets.
+    let victim = pids_of(&herd.status())[&1];
+    signal(victim, Signal::SIGKILL);
+    let status = wait_for_status(&herd.dir, "slot 1 refilled", |s| {
+        all_ready(s, 2) && pids_of(s)[&1] != victim
+    });
+    assert_eq!(status_listeners(&status), listeners);
+    check(&herd);
+    assert!(herd.stop().success());
+}
+
+/// A port herd cannot bind is answered with Node's errno, so the app's
+/// server emits EADDRINUSE as it would under Node's primary, and herd's log
+/// says why.
+#[test]
+fn a_busy_port_the_app_asks_for_is_refused_with_eaddrinuse() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let app = facts_app();
+    let herd = launch_listening_where_the_app_asks(
+        "node-busy-port",
+        1,
+        &[],
+        &[("HOST", "127.0.0.1".into()), ("PORT", port.to_string())],
+        &app,
+    );
+    herd.wait_for_lines("listen error EADDRINUSE", 1);
+    let refusal = herd.wait_for_lines("refused a Node worker's listen", 1);
+    assert!(refusal[0].contains("address already in use"), "{refusal:?}");
+    assert!(status_listeners(&herd.status()).is_empty());
+    drop(taken);
+}
+
+/// `--mode shared`: herd binds once and sends every worker the listening
+/// socket itself (Node's SharedHandle); the workers accept from it
+/// directly, through restarts and a reload.
+#[test]
+fn shared_mode_gives_node_workers_the_listening_socket() {
+    let app = facts_app();
+    let herd = launch_listening_where_the_app_asks(
+        "node-shared",
+        2,
+        &["--mode", "shared"],
+        &[("HOST", "127.0.0.1".into()), ("PORT", "0".into())],
+        &app,
+    );
+    herd.wait_all_ready(2);
+    let listeners = status_listeners(&herd.status());
+    assert_eq!(listeners.len(), 1, "{listeners:?}");
+    let serves = |herd: &Herd| {
+        let slots = pids_of(&herd.status());
+        for _ in 0..6 {
+            let facts: Value = serde_json::from_str(&body_of(send(listeners[0]))).unwrap();
+            let pid = facts["pid"].as_u64().unwrap() as u32;
+            let slot = slots.iter().find(|(_, &p)| p == pid).map(|(&s, _)| s);
+            assert_eq!(facts["workerId"].as_u64().map(|id| id as usize), slot);
+            // The worker holds the real socket: its own getsockname.
+            assert_eq!(facts["address"]["port"], listeners[0].port(), "{facts}");
+        }
+    };
+    serves(&herd);
+    let victim = pids_of(&herd.status())[&0];
+    signal(victim, Signal::SIGKILL);
+    wait_for_status(&herd.dir, "slot 0 refilled", |s| {
+        all_ready(s, 2) && pids_of(s)[&0] != victim
+    });
+    serves(&herd);
+    let before: BTreeSet<u32> = pids_of(&herd.status()).into_values().collect();
+    assert!(herd.control(&["reload"]).code == Some(0));
+    let status = wait_for_status(&herd.dir, "every worker replaced", |s| {
+        all_ready(s, 2) && pids_of(s).values().all(|p| !before.contains(p))
+    });
+    assert_eq!(status_listeners(&status), listeners);
+    serves(&herd);
+    assert!(herd.stop().success());
+}
