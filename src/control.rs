@@ -237,7 +237,11 @@ pub fn render_table(report: &StatusReport) -> String {
         report.phase,
         human_duration(report.uptime_secs),
         report.mode,
-        report.listen.join(", ")
+        if report.listen.is_empty() {
+            "nothing yet".to_string()
+        } else {
+            report.listen.join(", ")
+        }
     );
     out.push_str(&format!(
         "{:>4}  {:>8}  {:<13}  {:>8}  {:>8}  {:>10}  {:>9}  {:>6}\n",

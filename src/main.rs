@@ -238,16 +238,17 @@ fn main() -> ExitCode {
     match cli.command {
         Commands::Check(args) => match load(args) {
             Ok(settings) => {
+                let listen = if settings.listen.is_empty() {
+                    "the addresses the app listens on".to_string()
+                } else {
+                    let addrs: Vec<String> =
+                        settings.listen.iter().map(ToString::to_string).collect();
+                    addrs.join(", ")
+                };
                 println!(
-                    "config OK: {} worker(s) of {} on {}, mode {}",
+                    "config OK: {} worker(s) of {} on {listen}, mode {}",
                     settings.workers,
                     settings.program.display(),
-                    settings
-                        .listen
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
                     settings.mode.name()
                 );
                 ExitCode::SUCCESS

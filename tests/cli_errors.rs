@@ -151,6 +151,25 @@ fn no_listen_address_and_unknown_flags_exit_2() {
         2,
         "invalid `listen` = []: no address to listen on",
     );
+    // Node cluster apps may leave it out (herd binds what they ask for),
+    // but not in reuseport mode, which Node's protocol cannot express.
+    let dir = scratch_dir("node-no-listen");
+    let app = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/workers/node/cluster-server.js"
+    );
+    let checked = herd(&dir, &["check", "--", "node", app]);
+    let stdout = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success() && stdout.contains("on the addresses the app listens on"),
+        "{checked:?}"
+    );
+    expect_failure(
+        "node-reuseport",
+        &["run", "--mode", "reuseport", "--", "node", app],
+        2,
+        "invalid `mode` = \"reuseport\": Node cluster workers run in round-robin, sticky, least-conn or shared mode",
+    );
     expect_failure(
         "bad-flag",
         &["run", "--wrokers", "4"],
