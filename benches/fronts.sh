@@ -6,7 +6,10 @@
 #   herd-MODE        herd run --mode MODE with $WORKERS hello-workers
 #                    (MODE: round-robin sticky least-conn shared reuseport)
 #   herd-node        herd (round-robin) as the primary of the seed's unmodified
-#                    Node cluster example ($WORKERS Node workers)
+#                    Node cluster example ($WORKERS Node workers); no --listen:
+#                    herd binds what the app asks for (PORT), as Node's primary
+#   herd-node-shared the same with --mode shared: herd sends the workers the
+#                    listening socket and they accept themselves
 #   node-rr          the seed's Node cluster example, NODE_CLUSTER_SCHED_POLICY=rr
 #   node-none        the same, NODE_CLUSTER_SCHED_POLICY=none (the kernel spreads accepts)
 #   haproxy          HAProxy, mode tcp, balance roundrobin, in front of $WORKERS
@@ -31,7 +34,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all_setups="direct herd-round-robin herd-sticky herd-least-conn herd-shared herd-reuseport herd-node node-rr node-none haproxy"
+all_setups="direct herd-round-robin herd-sticky herd-least-conn herd-shared herd-reuseport herd-node herd-node-shared node-rr node-none haproxy"
 read -r -a setups <<< "${SETUPS:-$all_setups}"
 workers=${WORKERS:-2}
 rounds=${ROUNDS:-3}
@@ -162,9 +165,9 @@ start_herd() { # MODE
   wait_ready "$front" "$port" herd_all_ready
 }
 
-start_herd_node() {
-  port=$(free_port); expect=$workers; control="$tmp/herd-node.sock"
-  RUST_LOG=warn "$bin/herd" run -c /dev/null --listen "127.0.0.1:$port" --workers "$workers" \
+start_herd_node() { # MODE
+  port=$(free_port); expect=$workers; control="$tmp/herd-node-$1.sock"
+  PORT=$port RUST_LOG=warn "$bin/herd" run -c /dev/null --workers "$workers" --mode "$1" \
     --control "$control" -- node workers/node/cluster-server.js >"$log" 2>&1 & front=$!; started+=("$front")
   wait_ready "$front" "$port" herd_all_ready
 }
@@ -214,7 +217,8 @@ start() { # SETUP
   front='' extra=() exit_code=''
   case $1 in
     direct) start_direct ;;
-    herd-node) start_herd_node ;;
+    herd-node) start_herd_node round-robin ;;
+    herd-node-shared) start_herd_node shared ;;
     herd-*) start_herd "${1#herd-}" ;;
     node-*) start_node "${1#node-}" ;;
     haproxy) start_haproxy ;;

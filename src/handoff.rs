@@ -31,7 +31,7 @@ use crate::config::{HandoffSettings, MAX_WORKERS};
 use crate::dispatch::{Dispatcher, Mode};
 use crate::fdpass;
 use crate::listener::{self, BoundListener};
-use crate::node_ipc::{self, NodeChannel};
+use crate::node_ipc::{self, NodeChannel, SentHandle};
 use crate::protocol::{Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN};
 
 const WAKER: Token = Token(usize::MAX);
@@ -825,13 +825,9 @@ impl HandoffLoop {
                     conn.handoff.encode(&mut message),
                     conn.stream.as_fd(),
                 ),
-                // Node takes one handle at a time: the others wait their
-                // turn here, already counted as this worker's.
-                Some(node) if !node.can_send_handle() => {
-                    node.waiting_handles.push_back(conn.handoff.connection_id);
-                    Ok(())
-                }
-                Some(node) => node.send_handle(
+                // Sent now, or queued in the channel (bounded by
+                // max_unacked, like everything in flight).
+                Some(node) => node.send_connection(
                     worker.channel.as_fd(),
                     conn.handoff.connection_id,
                     conn.handoff.listener,
@@ -894,9 +890,7 @@ impl HandoffLoop {
         };
         if let Some(node) = worker.node.as_mut() {
             let flushed = node.flush(worker.channel.as_fd());
-            worker.blocked = false;
-            self.after_node_send(index, flushed);
-            return self.send_next_node_handle(index);
+            return self.after_node_send(index, flushed);
         }
         if worker.blocked {
             worker.blocked = false;
@@ -1077,19 +1071,15 @@ impl HandoffLoop {
                 Ok(())
             }
             Incoming::HandleAck => {
-                let answered = node.handle_answered(channel);
-                self.after_node_send(index, answered);
-                return self.send_next_node_handle(index);
+                node.handle_answered();
+                Ok(())
             }
             Incoming::HandleNack => {
                 // The handle never arrived: that connection goes elsewhere.
-                let refused = node.handle_in_flight();
-                let answered = node.handle_answered(channel);
-                if let Some(id) = refused {
+                if let Some(SentHandle::Connection(id)) = node.handle_answered() {
                     self.on_message(index, WorkerMessage::Nack(id));
                 }
-                self.after_node_send(index, answered);
-                return self.send_next_node_handle(index);
+                Ok(())
             }
             Incoming::Handle => node.send_line(channel, node_ipc::handle_ack()),
             Incoming::ExitedAfterDisconnect { seq: theirs } => {
@@ -1160,14 +1150,9 @@ impl HandoffLoop {
         let sent = match listener {
             Err((errno, why)) => node.send_line(channel, refuse(errno, &why)),
             Ok(listener) if shared => {
-                match self.listeners[listener].socket.as_fd().try_clone_to_owned() {
-                    Ok(socket) => {
-                        node.add_server(listener as u16, query.key.clone());
-                        let line = node_ipc::query_reply_with_server(&query, seq);
-                        node.send_server(channel, line, socket)
-                    }
-                    Err(e) => node.send_line(channel, refuse(nix::Error::EMFILE, &e.to_string())),
-                }
+                node.add_server(listener as u16, query.key.clone());
+                let line = node_ipc::query_reply_with_server(&query, seq);
+                node.send_server(channel, line, self.listeners[listener].socket.as_fd())
             }
             Ok(listener) => {
                 // Node checks that the port it asked for is the one bound
@@ -1273,38 +1258,6 @@ impl HandoffLoop {
             "listening on {local} (asked for by a Node worker: {})", query.key
         );
         Ok(index)
-    }
-
-    /// Sends the oldest connection waiting its turn for a Node worker, if
-    /// the worker can take a handle now.
-    fn send_next_node_handle(&mut self, index: usize) {
-        let Some(worker) = self.channels[index].as_mut() else {
-            return;
-        };
-        let Some(node) = worker.node.as_mut() else {
-            return;
-        };
-        while node.can_send_handle() {
-            let Some(id) = node.waiting_handles.pop_front() else {
-                return;
-            };
-            // Gone from in_flight: it was answered or requeued meanwhile.
-            let Some(entry) = worker
-                .in_flight
-                .iter()
-                .find(|f| f.conn.handoff.connection_id == id)
-            else {
-                continue;
-            };
-            let listener = entry.conn.handoff.listener;
-            let sent = node.send_handle(
-                worker.channel.as_fd(),
-                id,
-                listener,
-                entry.conn.stream.as_fd(),
-            );
-            return self.after_node_send(index, sent);
-        }
     }
 
     /// Watches for room while a Node worker's outbox is not empty; retires

@@ -239,19 +239,28 @@ pub fn handle_ack() -> Vec<u8> {
 }
 
 /// One Node worker's side of the channel, as the hand-off loop sees it.
+///
+/// Handles are pipelined: herd does not wait for one NODE_HANDLE_ACK before
+/// sending the next handle, as Node's own primary does. The kernel never
+/// glues an SCM_RIGHTS message to what follows it in one read (a read ends
+/// with the first skb that carries fds), so every chunk Node's worker reads
+/// holds at most one handle, and Node's reader gives it to the NODE_HANDLE
+/// line in that chunk (`lib/internal/child_process.js` relies on exactly
+/// this). What herd must guarantee is that a handle's whole line goes out in
+/// the one `sendmsg` that carries the fd: a line of a few hundred bytes is
+/// one skb on a Unix stream socket, sent whole or not at all, and a handle
+/// never goes out behind a partly sent line. The worker answers handles in
+/// the order it got them, so ACKs and NACKs are matched in order.
 #[derive(Debug, Default)]
 pub struct NodeChannel {
     /// Bytes received after the last complete line.
     inbox: Vec<u8>,
-    /// Bytes accepted for sending that the socket has not taken yet.
+    /// The rest of a line the socket took only part of.
     outbox: Vec<u8>,
-    /// The handle that was sent and whose NODE_HANDLE_ACK has not come back.
-    handle_in_flight: Option<HandleInFlight>,
-    /// Connections dispatched to this worker whose handles wait their turn
-    /// (one at a time), oldest first. herd still holds their fds.
-    pub waiting_handles: VecDeque<u64>,
-    /// Messages that wait for that ack (Node sends nothing meanwhile), in order.
-    held: VecDeque<Outgoing>,
+    /// Handles sent whose NODE_HANDLE_ACK (or NACK) has not come back, oldest first.
+    handles_in_flight: VecDeque<SentHandle>,
+    /// Messages that wait for the socket to have room, in order.
+    queued: VecDeque<Outgoing>,
     /// The servers the worker listens on: herd's listener index and the
     /// worker's key for it (from its `queryServer`). It gets connections
     /// from these listeners only.
@@ -261,20 +270,20 @@ pub struct NodeChannel {
     seq: u64,
 }
 
-/// A handle sent to the worker, awaiting its NODE_HANDLE_ACK.
+/// A handle sent to the worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HandleInFlight {
+pub enum SentHandle {
     /// A connection (`newconn`), by id.
     Connection(u64),
     /// A listening socket (the `queryServer` reply in `shared` mode).
     Server,
 }
 
-/// A message waiting its turn; a handle rides on its first byte.
+/// A message waiting its turn, with the handle that rides on its first byte.
 #[derive(Debug)]
 struct Outgoing {
     line: Vec<u8>,
-    handle: Option<OwnedFd>,
+    handle: Option<(SentHandle, OwnedFd)>,
 }
 
 impl NodeChannel {
@@ -298,22 +307,9 @@ impl NodeChannel {
         self.servers.retain(|(_, known)| known != key);
     }
 
-    /// Can a `newconn` go out now (no handle unanswered, nothing unsent)?
-    pub fn can_send_handle(&self) -> bool {
-        self.handle_in_flight.is_none() && self.outbox.is_empty() && self.held.is_empty()
-    }
-
-    /// The connection whose handle awaits the worker's answer.
-    pub fn handle_in_flight(&self) -> Option<u64> {
-        match self.handle_in_flight {
-            Some(HandleInFlight::Connection(id)) => Some(id),
-            _ => None,
-        }
-    }
-
     /// Bytes are waiting for the socket to have room.
     pub fn wants_write(&self) -> bool {
-        !self.outbox.is_empty() || (self.handle_in_flight.is_none() && !self.held.is_empty())
+        !self.outbox.is_empty() || !self.queued.is_empty()
     }
 
     pub fn next_seq(&mut self) -> u64 {
@@ -322,10 +318,9 @@ impl NodeChannel {
     }
 
     /// Sends `newconn` for connection `id`, arriving on `listener`, with
-    /// `fd` on its first byte. Call only when [`Self::can_send_handle`].
-    /// Returns `WouldBlock` if nothing could be sent; a partial send keeps
-    /// the rest in the outbox (the fd went with the first byte).
-    pub fn send_handle(
+    /// `fd` on its first byte (or queues it, with a copy of `fd`, until the
+    /// socket has room).
+    pub fn send_connection(
         &mut self,
         channel: BorrowedFd<'_>,
         id: u64,
@@ -337,41 +332,59 @@ impl NodeChannel {
             .iter()
             .find(|(index, _)| *index == listener)
             .map_or("", |(_, key)| key.as_str());
-        let message = newconn(key, id);
-        let sent = fdpass::sendmsg_with_fd(channel, &message, fd)?;
-        self.outbox.extend_from_slice(&message[sent..]);
-        self.handle_in_flight = Some(HandleInFlight::Connection(id));
-        Ok(())
+        let line = newconn(key, id);
+        self.send_with_handle(channel, line, SentHandle::Connection(id), fd)
     }
 
-    /// Sends a line now, or in its turn after a pending handle's ack.
-    pub fn send_line(&mut self, channel: BorrowedFd<'_>, line: Vec<u8>) -> io::Result<()> {
-        self.held.push_back(Outgoing { line, handle: None });
-        self.flush(channel)
-    }
-
-    /// Sends a line carrying a listening socket, in its turn.
+    /// Sends a line carrying a listening socket.
     pub fn send_server(
         &mut self,
         channel: BorrowedFd<'_>,
         line: Vec<u8>,
-        socket: OwnedFd,
+        socket: BorrowedFd<'_>,
     ) -> io::Result<()> {
-        self.held.push_back(Outgoing {
+        self.send_with_handle(channel, line, SentHandle::Server, socket)
+    }
+
+    fn send_with_handle(
+        &mut self,
+        channel: BorrowedFd<'_>,
+        line: Vec<u8>,
+        handle: SentHandle,
+        fd: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        if !self.wants_write() {
+            match fdpass::sendmsg_with_fd(channel, &line, fd) {
+                Ok(sent) => {
+                    self.outbox.extend_from_slice(&line[sent..]);
+                    self.handles_in_flight.push_back(handle);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let fd = fd.try_clone_to_owned()?;
+        self.queued.push_back(Outgoing {
             line,
-            handle: Some(socket),
+            handle: Some((handle, fd)),
         });
+        Ok(())
+    }
+
+    /// Sends a line now, or in its turn.
+    pub fn send_line(&mut self, channel: BorrowedFd<'_>, line: Vec<u8>) -> io::Result<()> {
+        self.queued.push_back(Outgoing { line, handle: None });
         self.flush(channel)
     }
 
-    /// The worker acknowledged (or refused) the handle: release what waited.
-    pub fn handle_answered(&mut self, channel: BorrowedFd<'_>) -> io::Result<()> {
-        self.handle_in_flight = None;
-        self.flush(channel)
+    /// The worker answered the oldest handle in flight (ACK or NACK): which was it?
+    pub fn handle_answered(&mut self) -> Option<SentHandle> {
+        self.handles_in_flight.pop_front()
     }
 
-    /// Writes what the socket takes: the outbox, then the messages that
-    /// waited, up to and including the next one that carries a handle.
+    /// Writes what the socket takes: the rest of a partly sent line, then
+    /// the queued messages in order.
     pub fn flush(&mut self, channel: BorrowedFd<'_>) -> io::Result<()> {
         loop {
             while !self.outbox.is_empty() {
@@ -383,23 +396,20 @@ impl NodeChannel {
                     Err(e) => return Err(e),
                 }
             }
-            if self.handle_in_flight.is_some() {
-                return Ok(());
-            }
-            let Some(next) = self.held.pop_front() else {
+            let Some(next) = self.queued.pop_front() else {
                 return Ok(());
             };
-            let Some(handle) = next.handle.as_ref() else {
+            let Some((handle, fd)) = next.handle.as_ref() else {
                 self.outbox = next.line;
                 continue;
             };
-            match fdpass::sendmsg_with_fd(channel, &next.line, handle.as_fd()) {
+            match fdpass::sendmsg_with_fd(channel, &next.line, fd.as_fd()) {
                 Ok(sent) => {
                     self.outbox.extend_from_slice(&next.line[sent..]);
-                    self.handle_in_flight = Some(HandleInFlight::Server);
+                    self.handles_in_flight.push_back(*handle);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.held.push_front(next);
+                    self.queued.push_front(next);
                     return Ok(());
                 }
                 Err(e) => return Err(e),
@@ -576,37 +586,47 @@ mod tests {
         (text, fd)
     }
 
-    /// Node's rule: after a handle, nothing until the worker's ack. Replies
-    /// queued meanwhile, and the next handle, go out in order after it.
+    /// Handles are pipelined, each on its own `sendmsg`, so each arrives
+    /// in a read of its own with its whole line; answers match in order.
     #[test]
-    fn nothing_follows_a_handle_until_it_is_acknowledged() {
+    fn every_handle_arrives_alone_with_its_whole_line() {
         let (ours, theirs) = fdpass::stream_pair().unwrap();
-        let (channel, socket) = (ours.as_fd(), || {
-            std::net::TcpListener::bind("127.0.0.1:0").unwrap().into()
-        });
+        let channel = ours.as_fd();
+        let socket = || -> OwnedFd { std::net::TcpListener::bind("127.0.0.1:0").unwrap().into() };
         let mut node = NodeChannel::default();
         node.add_server(0, "k0".into());
-        node.send_server(channel, b"server-1\n".to_vec(), socket())
+        node.send_line(channel, b"line-1\n".to_vec()).unwrap();
+        node.send_server(channel, b"server-2\n".to_vec(), socket().as_fd())
             .unwrap();
-        node.send_line(channel, b"line-2\n".to_vec()).unwrap();
-        node.send_server(channel, b"server-3\n".to_vec(), socket())
-            .unwrap();
-        assert_eq!(drain(&theirs), ("server-1\n".into(), true));
-        assert!(!node.can_send_handle());
-        assert_eq!(node.handle_in_flight(), None, "a server, not a connection");
-        node.handle_answered(channel).unwrap();
-        // The line, then the next handle, which again holds what follows.
-        assert_eq!(drain(&theirs), ("line-2\nserver-3\n".into(), true));
-        node.handle_answered(channel).unwrap();
-        assert!(node.can_send_handle());
-        let connection = socket();
-        node.send_handle(channel, 7, 0, connection.as_fd()).unwrap();
-        assert_eq!(node.handle_in_flight(), Some(7));
-        let (text, fd) = drain(&theirs);
-        assert!(
-            fd && text.contains("\"key\":\"k0\"") && text.contains("\"seq\":7"),
-            "{text}"
-        );
+        for id in [3, 4] {
+            node.send_connection(channel, id, 0, socket().as_fd())
+                .unwrap();
+        }
+        node.send_line(channel, b"line-5\n".to_vec()).unwrap();
+        assert!(!node.wants_write());
+        // A read ends with the skb that carries fds: one handle per read.
+        let mut buf = [0u8; 4096];
+        let mut reads = Vec::new();
+        while let Ok(Some(received)) = fdpass::recv_with_fd(theirs.as_fd(), &mut buf, true) {
+            let text = String::from_utf8(buf[..received.len].to_vec()).unwrap();
+            reads.push((text, received.fd.is_some()));
+        }
+        assert_eq!(reads.len(), 4, "{reads:?}");
+        assert_eq!(reads[0], ("line-1\nserver-2\n".to_string(), true));
+        for (read, id) in reads[1..3].iter().zip([3, 4]) {
+            assert!(
+                read.1
+                    && read
+                        .0
+                        .ends_with(&format!("\"key\":\"k0\",\"seq\":{id}}}}}\n")),
+                "{read:?}"
+            );
+        }
+        assert_eq!(reads[3], ("line-5\n".to_string(), false));
+        assert_eq!(node.handle_answered(), Some(SentHandle::Server));
+        assert_eq!(node.handle_answered(), Some(SentHandle::Connection(3)));
+        assert_eq!(node.handle_answered(), Some(SentHandle::Connection(4)));
+        assert_eq!(node.handle_answered(), None);
     }
 
     #[test]
