@@ -574,18 +574,6 @@ mod tests {
         assert_eq!((fd.fd, fd.key.as_str()), (Some(7), "null:0:4:7:0"));
     }
 
-    /// Reads whatever is waiting on the worker's end: the text and whether
-    /// an fd came with it.
-    fn drain(theirs: &OwnedFd) -> (String, bool) {
-        let mut buf = [0u8; 4096];
-        let (mut text, mut fd) = (String::new(), false);
-        while let Ok(Some(received)) = fdpass::recv_with_fd(theirs.as_fd(), &mut buf, true) {
-            text.push_str(std::str::from_utf8(&buf[..received.len]).unwrap());
-            fd |= received.fd.is_some();
-        }
-        (text, fd)
-    }
-
     /// Handles are pipelined, each on its own `sendmsg`, so each arrives
     /// in a read of its own with its whole line; answers match in order.
     #[test]
