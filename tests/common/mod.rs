@@ -112,14 +112,27 @@ impl Herd {
 
     /// Waits until `count` log lines contain `needle`; returns those lines.
     pub fn wait_for_lines(&self, needle: &str, count: usize) -> Vec<String> {
+        self.wait_for_matching(needle, count, |l| l.contains(needle))
+    }
+
+    /// Waits until `count` lines of herd's own (not its workers' output,
+    /// which herd prefixes with `[worker N]`) contain `needle`.
+    pub fn wait_for_herd_lines(&self, needle: &str, count: usize) -> Vec<String> {
+        self.wait_for_matching(needle, count, |l| {
+            l.contains(needle) && !l.starts_with("[worker ")
+        })
+    }
+
+    fn wait_for_matching(
+        &self,
+        needle: &str,
+        count: usize,
+        matches: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
         let deadline = Instant::now() + DEADLINE;
         let mut lines = self.log.lines.lock().unwrap();
         loop {
-            let matching: Vec<String> = lines
-                .iter()
-                .filter(|l| l.contains(needle))
-                .cloned()
-                .collect();
+            let matching: Vec<String> = lines.iter().filter(|l| matches(l)).cloned().collect();
             if matching.len() >= count {
                 return matching;
             }
@@ -144,7 +157,7 @@ impl Herd {
 
     /// The bound listener addresses, in config order, once herd logged them.
     pub fn listen_addrs(&self, count: usize) -> Vec<SocketAddr> {
-        self.wait_for_lines("listening on ", count)
+        self.wait_for_herd_lines("listening on ", count)
             .iter()
             .map(|line| {
                 let addr = line.split("listening on ").nth(1).unwrap();
