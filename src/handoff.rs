@@ -1095,6 +1095,11 @@ impl HandoffLoop {
         self.after_node_send(index, sent);
     }
 
+    /// `shared` mode (Node workers): the workers accept from herd's sockets.
+    fn workers_accept(&self) -> bool {
+        !self.dispatcher.mode().hands_off()
+    }
+
     /// Registers a bound listener (for accepting, in the hand-off modes).
     /// Returns its index.
     fn add_listener(
@@ -1111,7 +1116,7 @@ impl HandoffLoop {
         let local = socket.local_addr()?;
         let mut socket = mio::net::TcpListener::from_std(socket);
         // In `shared` mode the workers accept; herd only keeps the socket.
-        if self.dispatcher.mode().hands_off() {
+        if !self.workers_accept() {
             self.poll
                 .registry()
                 .register(&mut socket, Token(index), Interest::READABLE)?;
@@ -1130,25 +1135,25 @@ impl HandoffLoop {
     /// the socket itself), or with the errno of why there is none.
     fn answer_query(&mut self, index: usize, query: node_ipc::QueryServer) {
         let listener = self.listener_for(&query);
-        let shared = !self.dispatcher.mode().hands_off();
+        let shared = self.workers_accept();
         let Some(worker) = self.channels[index].as_mut() else {
             return;
         };
         let node = worker.node.as_mut().expect("a Node worker");
         let channel = worker.channel.as_fd();
         let seq = node.next_seq();
-        let refuse = |errno: nix::Error, why: &str| {
-            warn!(
-                slot = worker.slot,
-                pid = worker.pid,
-                key = %query.key,
-                "refused a Node worker's listen ({}): {why}",
-                errno.desc()
-            );
-            node_ipc::query_reply(&query, None, Some(node_ipc::uv_errno(errno)), seq)
-        };
         let sent = match listener {
-            Err((errno, why)) => node.send_line(channel, refuse(errno, &why)),
+            Err((errno, why)) => {
+                warn!(
+                    slot = worker.slot,
+                    pid = worker.pid,
+                    key = %query.key,
+                    "refused a Node worker's listen ({}): {why}",
+                    errno.desc()
+                );
+                let errno = Some(node_ipc::uv_errno(errno));
+                node.send_line(channel, node_ipc::query_reply(&query, None, errno, seq))
+            }
             Ok(listener) if shared => {
                 node.add_server(listener as u16, query.key.clone());
                 let line = node_ipc::query_reply_with_server(&query, seq);
@@ -1199,7 +1204,7 @@ impl HandoffLoop {
         }
         if !self.listen_on_demand {
             let by_port = self.listeners.iter().position(|l| l.local.port() == port);
-            let shared = !self.dispatcher.mode().hands_off();
+            let shared = self.workers_accept();
             return match by_port {
                 Some(index) => Ok(index),
                 // Node checks the real socket's port in `shared` mode.

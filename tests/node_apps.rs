@@ -274,8 +274,7 @@ fn least_conn_steers_away_from_a_node_worker_whose_event_loop_is_blocked() {
     );
     // Every client is answered, the one that waited for the blocked worker
     // too, once the block ended.
-    let order: Vec<u32> = readers.into_iter().map(handled_by).collect();
-    let to_blocked = order.iter().filter(|&&pid| pid == blocked_pid).count();
+    let (order, to_blocked) = answers_and_count(readers, blocked_pid);
     assert!(
         to_blocked <= 1,
         "{to_blocked} of {sent} went to the blocked worker {blocked_pid}: {order:?}"
@@ -288,9 +287,16 @@ fn least_conn_steers_away_from_a_node_worker_whose_event_loop_is_blocked() {
     assert!(busy.herd.stop().success());
 }
 
+/// Which worker answered each client, in order, and how many were `pid`.
+fn answers_and_count(readers: Vec<Reader>, pid: u32) -> (Vec<u32>, usize) {
+    let order: Vec<u32> = readers.into_iter().map(handled_by).collect();
+    let count = order.iter().filter(|&&p| p == pid).count();
+    (order, count)
+}
+
 /// The contrast: round-robin ignores load and keeps handing the blocked
-/// worker every other connection; herd holds them for it (Node takes one
-/// handle at a time) and they are served once the block ends.
+/// worker every other connection; they wait on its channel (herd still
+/// holds each until the worker accepts it) and are served once the block ends.
 #[test]
 fn round_robin_keeps_handing_connections_to_a_blocked_node_worker() {
     let busy = Busy::launch("node-rr-blocked", "round-robin");
@@ -311,8 +317,7 @@ fn round_robin_keeps_handing_connections_to_a_blocked_node_worker() {
         busy.release(blocked),
         format!("Blocked worker {blocked_pid}")
     );
-    let order: Vec<u32> = readers.into_iter().map(handled_by).collect();
-    let to_blocked = order.iter().filter(|&&pid| pid == blocked_pid).count();
+    let (order, to_blocked) = answers_and_count(readers, blocked_pid);
     assert_eq!(
         to_blocked, 5,
         "strict rotation hands the blocked worker {blocked_pid} half of 10: {order:?}"
