@@ -825,8 +825,6 @@ impl HandoffLoop {
                     conn.handoff.encode(&mut message),
                     conn.stream.as_fd(),
                 ),
-                // Sent now, or queued in the channel (bounded by
-                // max_unacked, like everything in flight).
                 Some(node) => node.send_connection(
                     worker.channel.as_fd(),
                     conn.handoff.connection_id,
@@ -889,6 +887,7 @@ impl HandoffLoop {
             return;
         };
         if let Some(node) = worker.node.as_mut() {
+            worker.blocked = false;
             let flushed = node.flush(worker.channel.as_fd());
             return self.after_node_send(index, flushed);
         }
@@ -1270,10 +1269,10 @@ impl HandoffLoop {
     fn after_node_send(&mut self, index: usize, sent: io::Result<()>) {
         match sent {
             Ok(()) => {
-                let wants_write = self.channels[index]
-                    .as_ref()
-                    .and_then(|w| w.node.as_ref())
-                    .is_some_and(NodeChannel::wants_write);
+                // A worker skipped for a full channel waits for room too.
+                let wants_write = self.channels[index].as_ref().is_some_and(|w| {
+                    w.blocked || w.node.as_ref().is_some_and(NodeChannel::wants_write)
+                });
                 self.watch_writable(index, wants_write);
             }
             Err(e) => {

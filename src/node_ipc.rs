@@ -318,8 +318,9 @@ impl NodeChannel {
     }
 
     /// Sends `newconn` for connection `id`, arriving on `listener`, with
-    /// `fd` on its first byte (or queues it, with a copy of `fd`, until the
-    /// socket has room).
+    /// `fd` on its first byte. `WouldBlock` when the channel has no room (or
+    /// is still busy with earlier messages): the caller tries another
+    /// worker, as for a full herd channel.
     pub fn send_connection(
         &mut self,
         channel: BorrowedFd<'_>,
@@ -332,44 +333,30 @@ impl NodeChannel {
             .iter()
             .find(|(index, _)| *index == listener)
             .map_or("", |(_, key)| key.as_str());
+        if self.wants_write() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         let line = newconn(key, id);
-        self.send_with_handle(channel, line, SentHandle::Connection(id), fd)
+        let sent = fdpass::sendmsg_with_fd(channel, &line, fd)?;
+        self.outbox.extend_from_slice(&line[sent..]);
+        self.handles_in_flight.push_back(SentHandle::Connection(id));
+        Ok(())
     }
 
-    /// Sends a line carrying a listening socket.
+    /// Sends a line carrying a listening socket, now or in its turn (a
+    /// copy of the socket waits with it).
     pub fn send_server(
         &mut self,
         channel: BorrowedFd<'_>,
         line: Vec<u8>,
         socket: BorrowedFd<'_>,
     ) -> io::Result<()> {
-        self.send_with_handle(channel, line, SentHandle::Server, socket)
-    }
-
-    fn send_with_handle(
-        &mut self,
-        channel: BorrowedFd<'_>,
-        line: Vec<u8>,
-        handle: SentHandle,
-        fd: BorrowedFd<'_>,
-    ) -> io::Result<()> {
-        if !self.wants_write() {
-            match fdpass::sendmsg_with_fd(channel, &line, fd) {
-                Ok(sent) => {
-                    self.outbox.extend_from_slice(&line[sent..]);
-                    self.handles_in_flight.push_back(handle);
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let fd = fd.try_clone_to_owned()?;
+        let socket = socket.try_clone_to_owned()?;
         self.queued.push_back(Outgoing {
             line,
-            handle: Some((handle, fd)),
+            handle: Some((SentHandle::Server, socket)),
         });
-        Ok(())
+        self.flush(channel)
     }
 
     /// Sends a line now, or in its turn.
@@ -615,6 +602,34 @@ mod tests {
         assert_eq!(node.handle_answered(), Some(SentHandle::Connection(3)));
         assert_eq!(node.handle_answered(), Some(SentHandle::Connection(4)));
         assert_eq!(node.handle_answered(), None);
+    }
+
+    /// A connection is never queued behind unsent bytes: the caller is told
+    /// WouldBlock and offers it to another worker; once the worker reads,
+    /// the queue drains and handles go out again.
+    #[test]
+    fn a_full_channel_refuses_connections_until_it_drains() {
+        let (ours, theirs) = fdpass::stream_pair().unwrap();
+        let channel = ours.as_fd();
+        let connection: OwnedFd = std::net::TcpListener::bind("127.0.0.1:0").unwrap().into();
+        let mut node = NodeChannel::default();
+        let mut lines = 0;
+        while !node.wants_write() {
+            node.send_line(channel, vec![b'x'; 64 * 1024]).unwrap();
+            lines += 1;
+            assert!(lines < 1000, "the socket never filled");
+        }
+        let refused = node.send_connection(channel, 1, 0, connection.as_fd());
+        assert_eq!(refused.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(node.handle_answered(), None, "nothing was sent");
+        let mut buf = vec![0u8; 64 * 1024];
+        while node.wants_write() {
+            while let Ok(Some(_)) = fdpass::recv_with_fd(theirs.as_fd(), &mut buf, true) {}
+            node.flush(channel).unwrap();
+        }
+        node.send_connection(channel, 2, 0, connection.as_fd())
+            .unwrap();
+        assert_eq!(node.handle_answered(), Some(SentHandle::Connection(2)));
     }
 
     #[test]
