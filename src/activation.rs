@@ -192,7 +192,7 @@ mod tests {
     use super::*;
 
     fn bound(addr: &str) -> Vec<BoundListener> {
-        listener::bind_all(&[addr.parse().unwrap()], 16).unwrap()
+        listener::bind_all(&[addr.parse().unwrap()], 16, false).unwrap()
     }
 
     #[test]
@@ -254,7 +254,7 @@ mod tests {
             listener::bind_reuseport(addr, 16).is_ok(),
             "the risk is real"
         );
-        let error = listener::bind_all(&[addr], 16).unwrap_err();
+        let error = listener::bind_all(&[addr], 16, false).unwrap_err();
         assert!(
             error.to_string().contains("address already in use"),
             "{error}"

@@ -80,6 +80,12 @@ pub struct Config {
     /// What workers speak on their channel: "herd", "node-cluster", or
     /// "auto" (node-cluster when the program is `node` or `nodejs`).
     pub protocol: String,
+    /// How round-robin deals connections to Node cluster workers: "kernel"
+    /// (an eBPF program deals them over per-worker sockets), "handoff" (herd
+    /// accepts each and sends it over the cluster channel), or "auto"
+    /// (kernel for Node workers, falling back to handoff where the kernel
+    /// refuses the program).
+    pub rotation: String,
     /// Extra environment for workers.
     pub env: BTreeMap<String, String>,
     /// Working directory for workers (default: herd's).
@@ -156,6 +162,7 @@ impl Default for Config {
             workers: WorkerCount::Named("max".into()),
             mode: Mode::RoundRobin.name().into(),
             protocol: "auto".into(),
+            rotation: "auto".into(),
             command: Vec::new(),
             env: BTreeMap::new(),
             cwd: None,
@@ -206,6 +213,7 @@ pub struct Overrides {
     pub listen: Vec<String>,
     pub workers: Option<String>,
     pub mode: Option<String>,
+    pub rotation: Option<String>,
     pub backlog: Option<i64>,
     pub command: Vec<String>,
     pub max_unacked: Option<i64>,
@@ -269,6 +277,8 @@ pub struct HandoffSettings {
     pub ack_timeout: Duration,
     pub queue_limit: usize,
     pub queue_timeout: Duration,
+    /// Round-robin over Node workers is dealt by the kernel (see `rotation`).
+    pub kernel_rotation: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -317,6 +327,9 @@ impl Config {
         }
         if let Some(mode) = overrides.mode {
             self.mode = mode;
+        }
+        if let Some(rotation) = overrides.rotation {
+            self.rotation = rotation;
         }
         if let Some(backlog) = overrides.backlog {
             self.backlog = backlog;
@@ -394,6 +407,25 @@ impl Config {
                 "Node cluster workers run in round-robin, sticky, least-conn or shared mode (Node's cluster protocol has no per-worker sockets)",
             ));
         }
+        let kernel_rotation = match self.rotation.as_str() {
+            "auto" => protocol == WorkerProtocol::NodeCluster && mode == Mode::RoundRobin,
+            "handoff" => false,
+            "kernel" if protocol != WorkerProtocol::NodeCluster => {
+                return Err(invalid(
+                    "rotation",
+                    "\"kernel\"",
+                    "kernel rotation is for Node cluster workers; herd workers take hand-offs (or run OS-scheduled with --mode reuseport)",
+                ))
+            }
+            "kernel" => mode == Mode::RoundRobin,
+            other => {
+                return Err(invalid(
+                    "rotation",
+                    format!("{other:?}"),
+                    "expected one of: auto, kernel, handoff",
+                ))
+            }
+        };
         // Node cluster apps say what they listen on, as with Node's primary.
         if self.listen.is_empty() && protocol != WorkerProtocol::NodeCluster {
             return Err(invalid(
@@ -431,6 +463,7 @@ impl Config {
             queue_limit: in_range("handoff.queue_limit", self.handoff.queue_limit, 0, 1 << 20)?
                 as usize,
             queue_timeout: duration("handoff.queue_timeout", &self.handoff.queue_timeout)?,
+            kernel_rotation,
         };
         let restart = RestartSettings {
             backoff_base: duration("restart.backoff_base", &self.restart.backoff_base)?,

@@ -69,6 +69,9 @@ pub struct StatusReport {
     pub workers: Vec<SlotStatus>,
     /// How evenly hand-offs spread over the current slots since start.
     pub fairness: Option<Fairness>,
+    /// Of the hand-offs, those the kernel rotation dealt (Node workers).
+    #[serde(default)]
+    pub kernel_dealt: u64,
 }
 
 /// The serde name of a unit enum variant (e.g. `crash-looping`).
@@ -266,6 +269,12 @@ pub fn render_table(report: &StatusReport) -> String {
         out.push_str(&format!(
             "fairness: max/min {ratio} · Jain's index {:.3}\n",
             fair.jain_index
+        ));
+    }
+    if report.kernel_dealt > 0 {
+        out.push_str(&format!(
+            "kernel rotation: {} connections dealt straight to the workers' own sockets\n",
+            report.kernel_dealt
         ));
     }
     out

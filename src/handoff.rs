@@ -30,13 +30,20 @@ use tracing::{debug, error, info, warn};
 use crate::config::{HandoffSettings, MAX_WORKERS};
 use crate::dispatch::{Dispatcher, Mode};
 use crate::fdpass;
+use crate::fdpass::rotation_bpf::MAX_ROTATION;
 use crate::listener::{self, BoundListener};
 use crate::node_ipc::{self, NodeChannel, SentHandle};
 use crate::protocol::{Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN};
+use crate::rotation::SlotRotation;
 
 const WAKER: Token = Token(usize::MAX);
-/// Listener `i` has token `i`; worker slot `s` has token `WORKER_TOKEN_BASE + s`.
+/// Listener `i` has token `i`; worker channel `c` has token `WORKER_TOKEN_BASE + c`;
+/// the slot socket of slot `s` in listener `i`'s kernel rotation (while herd
+/// accepts from it) has token `SLOT_TOKEN_BASE + i * MAX_ROTATION + s`.
 const WORKER_TOKEN_BASE: usize = 1 << 16;
+const SLOT_TOKEN_BASE: usize = 1 << 24;
+/// How often the kernel rotations' per-slot counts are read into [`Counters`].
+const TALLY_INTERVAL: Duration = Duration::from_millis(500);
 /// Listeners herd may hold: configured, plus those Node apps ask for.
 pub const MAX_LISTENERS: usize = 256;
 
@@ -115,6 +122,9 @@ pub struct Counters {
     pub requeued_worker_gone: AtomicU64,
     /// Connections a worker refused (NACK), handed to another.
     pub requeued_refused: AtomicU64,
+    /// Connections herd accepted from the kernel-rotation socket of a slot
+    /// whose worker died or was stopped, and handed to another.
+    pub requeued_slot_queue: AtomicU64,
     /// Connections sent to a worker and not yet acknowledged, right now.
     pub in_flight: AtomicU64,
     /// Per slot, connections its workers acknowledged and have not reported
@@ -130,6 +140,9 @@ pub struct Counters {
     pub accept_errors: [AtomicU64; ACCEPT_ERROR_KINDS.len()],
     /// Accept-to-ACK time of each connection (recorded only when metrics are served).
     pub latency: LatencyHistogram,
+    /// Connections the kernel dealt to a worker's own socket (kernel rotation),
+    /// also counted in `accepted` and `handed_off`.
+    pub kernel_dealt: AtomicU64,
 }
 
 /// Upper bounds of the hand-off latency buckets in nanoseconds: 5 µs to 100 ms.
@@ -227,6 +240,7 @@ impl Counters {
             handed_off: zeros(MAX_WORKERS),
             requeued_worker_gone: AtomicU64::new(0),
             requeued_refused: AtomicU64::new(0),
+            requeued_slot_queue: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             open_connections: zeros(MAX_WORKERS),
             reports_closed: (0..MAX_WORKERS).map(|_| Default::default()).collect(),
@@ -234,6 +248,7 @@ impl Counters {
             dropped_queue_timeout: AtomicU64::new(0),
             accept_errors: Default::default(),
             latency: LatencyHistogram::default(),
+            kernel_dealt: AtomicU64::new(0),
         }
     }
 
@@ -304,6 +319,7 @@ pub fn spawn(
         accept_backoff: ACCEPT_BACKOFF_MIN,
         shutting_down: false,
         stopped_accepting: false,
+        tally_due: None,
     };
     for bound in listeners {
         handoff_loop.add_listener(bound.socket, None)?;
@@ -328,6 +344,8 @@ struct Listening {
     /// Bound for Node workers that asked for it with this key (see
     /// [`node_ipc::QueryServer::key`]); `None` for a configured listener.
     node_key: Option<String>,
+    /// Round-robin dealt by the kernel over per-slot sockets (Node workers).
+    rotation: Option<SlotRotation>,
 }
 
 /// A connection between accept and a worker's acknowledgement.
@@ -405,6 +423,11 @@ impl WorkerChannel {
     }
 }
 
+/// The token of a kernel rotation's slot socket while herd accepts from it.
+fn slot_token(listener: usize, slot: usize) -> Token {
+    Token(SLOT_TOKEN_BASE + listener * MAX_ROTATION + slot)
+}
+
 fn channel_token(index: usize) -> Token {
     Token(WORKER_TOKEN_BASE + index)
 }
@@ -438,6 +461,8 @@ struct HandoffLoop {
     shutting_down: bool,
     /// Told to stop accepting: nothing new is bound either.
     stopped_accepting: bool,
+    /// When the kernel rotations' counts are read next (`None`: no rotation).
+    tally_due: Option<Instant>,
 }
 
 impl HandoffLoop {
@@ -456,7 +481,11 @@ impl HandoffLoop {
             for event in events.iter() {
                 match event.token() {
                     WAKER => self.run_commands(),
-                    Token(index) if index < WORKER_TOKEN_BASE => self.accept_all(index),
+                    Token(index) if index < WORKER_TOKEN_BASE => self.accept_all(index, None),
+                    Token(token) if token >= SLOT_TOKEN_BASE => {
+                        let token = token - SLOT_TOKEN_BASE;
+                        self.accept_all(token / MAX_ROTATION, Some(token % MAX_ROTATION));
+                    }
                     Token(token) => {
                         let index = token - WORKER_TOKEN_BASE;
                         if event.is_writable() {
@@ -481,7 +510,7 @@ impl HandoffLoop {
             .queue
             .front()
             .map(|conn| conn.accepted_at + self.limits.queue_timeout);
-        [queue_expiry, self.accept_paused_until]
+        [queue_expiry, self.accept_paused_until, self.tally_due]
             .into_iter()
             .flatten()
             .min()
@@ -491,8 +520,20 @@ impl HandoffLoop {
         if self.accept_paused_until.is_some_and(|until| until <= now) {
             self.accept_paused_until = None;
             for index in 0..self.listeners.len() {
-                self.accept_all(index);
+                self.accept_all(index, None);
+                let slots = self.listeners[index]
+                    .rotation
+                    .as_ref()
+                    .map(SlotRotation::herd_accepting)
+                    .unwrap_or_default();
+                for slot in slots {
+                    self.accept_all(index, Some(slot));
+                }
             }
+        }
+        if self.tally_due.is_some_and(|due| due <= now) {
+            self.tally_due = Some(now + TALLY_INTERVAL);
+            self.tally_kernel_rotations();
         }
         while let Some(conn) = self.queue.front() {
             if now.duration_since(conn.accepted_at) < self.limits.queue_timeout {
@@ -643,6 +684,9 @@ impl HandoffLoop {
         if self.active.get(worker.slot) == Some(&Some(index)) {
             self.active[worker.slot] = None;
         }
+        // Its slot socket leaves the kernel's rotation before it is told to
+        // stop: what is queued there by then, herd accepts and hands on.
+        self.update_rotations(index, SlotRotation::stop_turns);
         self.send_pending_drain(index);
     }
 
@@ -690,13 +734,22 @@ impl HandoffLoop {
     }
 
     /// Accepts until the listener says EAGAIN (edge-triggered: we get no
-    /// second wake-up for connections we leave in the kernel queue).
-    fn accept_all(&mut self, index: usize) {
+    /// second wake-up for connections we leave in the kernel queue). With
+    /// `slot`, from that slot's socket in the listener's kernel rotation
+    /// (one whose worker is gone); its connections count as the listener's.
+    fn accept_all(&mut self, index: usize, slot: Option<usize>) {
         while self.accept_paused_until.is_none() {
             let Some(listener) = self.listeners.get(index) else {
                 return;
             };
-            match listener.socket.accept() {
+            let socket = match slot {
+                None => &listener.socket,
+                Some(slot) => match listener.rotation.as_ref().and_then(|r| r.accepting(slot)) {
+                    Some(socket) => socket,
+                    None => return,
+                },
+            };
+            match socket.accept() {
                 Ok((stream, peer)) => {
                     self.accept_backoff = ACCEPT_BACKOFF_MIN;
                     let local = if listener.wildcard {
@@ -706,6 +759,9 @@ impl HandoffLoop {
                     };
                     self.next_connection_id += 1;
                     self.counters.accepted[index].fetch_add(1, Relaxed);
+                    if slot.is_some() {
+                        self.counters.requeued_slot_queue.fetch_add(1, Relaxed);
+                    }
                     self.take_new(Accepted {
                         stream,
                         handoff: Handoff {
@@ -1086,8 +1142,10 @@ impl HandoffLoop {
                 node.send_line(channel, node_ipc::ack(theirs, seq))
             }
             Incoming::Close { key } => {
-                node.remove_server(&key);
-                Ok(())
+                if let Some(listener) = node.remove_server(&key) {
+                    self.update_rotation(usize::from(listener), index, SlotRotation::release);
+                }
+                return;
             }
             Incoming::Online | Incoming::Other => Ok(()),
         };
@@ -1113,6 +1171,7 @@ impl HandoffLoop {
             )));
         }
         let local = socket.local_addr()?;
+        let rotation = self.start_rotation(&socket, local);
         let mut socket = mio::net::TcpListener::from_std(socket);
         // In `shared` mode the workers accept; herd only keeps the socket.
         if !self.workers_accept() {
@@ -1125,8 +1184,112 @@ impl HandoffLoop {
             local,
             wildcard: local.ip().is_unspecified(),
             node_key,
+            rotation,
         });
         Ok(index)
+    }
+
+    /// The kernel rotation for a new listener, if round-robin is to be
+    /// dealt by the kernel. Where the kernel refuses (no CAP_BPF, an old
+    /// kernel, a socket without SO_REUSEPORT), says why once and hands off.
+    fn start_rotation(
+        &mut self,
+        socket: &std::net::TcpListener,
+        local: SocketAddr,
+    ) -> Option<SlotRotation> {
+        if !self.limits.kernel_rotation {
+            return None;
+        }
+        match SlotRotation::start(socket.as_fd(), self.backlog) {
+            Ok(rotation) => {
+                self.tally_due
+                    .get_or_insert(Instant::now() + TALLY_INTERVAL);
+                Some(rotation)
+            }
+            Err(e) => {
+                warn!(
+                    "round-robin on {local} falls back to hand-offs over the cluster channel: {e}"
+                );
+                self.limits.kernel_rotation = false;
+                None
+            }
+        }
+    }
+
+    /// Applies `change` for worker `index` to every listener's rotation.
+    fn update_rotations(&mut self, index: usize, change: fn(&mut SlotRotation, usize)) {
+        for listener in 0..self.listeners.len() {
+            self.update_rotation(listener, index, change);
+        }
+    }
+
+    /// Applies `change` for worker `index` to `listener`'s rotation (if it
+    /// has one and the worker holds a socket of it) and brings the kernel in line.
+    fn update_rotation(
+        &mut self,
+        listener: usize,
+        index: usize,
+        change: fn(&mut SlotRotation, usize),
+    ) {
+        let Some(rotation) = self
+            .listeners
+            .get_mut(listener)
+            .and_then(|l| l.rotation.as_mut())
+        else {
+            return;
+        };
+        if !rotation.holds(index) {
+            return;
+        }
+        change(rotation, index);
+        let applied = rotation.apply(self.poll.registry(), |slot| slot_token(listener, slot));
+        if let Err(e) = applied {
+            error!(listener, "cannot update the kernel rotation: {e}");
+        }
+    }
+
+    /// Reads what the kernel dealt per slot into the counters, as if herd
+    /// had handed those connections off itself.
+    fn tally_kernel_rotations(&mut self) {
+        for listener in 0..self.listeners.len() {
+            let Some(rotation) = self.listeners[listener].rotation.as_mut() else {
+                continue;
+            };
+            let dealt = match rotation.take_dealt() {
+                Ok(dealt) => dealt,
+                Err(e) => {
+                    debug!(listener, "cannot read the kernel rotation's counts: {e}");
+                    continue;
+                }
+            };
+            for (slot, count) in dealt {
+                self.counters.accepted[listener].fetch_add(count, Relaxed);
+                self.counters.kernel_dealt.fetch_add(count, Relaxed);
+                if let Some(handed_off) = self.counters.handed_off.get(slot) {
+                    handed_off.fetch_add(count, Relaxed);
+                }
+                let Some(worker) = self
+                    .active
+                    .get(slot)
+                    .copied()
+                    .flatten()
+                    .and_then(|index| self.channels[index].as_mut())
+                else {
+                    continue;
+                };
+                let before = worker.sent;
+                worker.sent += count;
+                worker.acked += count;
+                if let Some(limit) = worker.recycle_after {
+                    if before < limit && worker.sent >= limit {
+                        let _ = self.events.send(Event::RecycleDue {
+                            slot,
+                            uid: worker.uid,
+                        });
+                    }
+                }
+            }
+        }
     }
 
     /// Answers a Node worker's `listen` (its `queryServer`): with the
@@ -1134,6 +1297,13 @@ impl HandoffLoop {
     /// the socket itself), or with the errno of why there is none.
     fn answer_query(&mut self, index: usize, query: node_ipc::QueryServer) {
         let listener = self.listener_for(&query);
+        if let Ok(listener) = listener {
+            if self.listeners[listener].rotation.is_some()
+                && self.answer_with_slot_socket(index, listener, &query)
+            {
+                return;
+            }
+        }
         let shared = self.workers_accept();
         let Some(worker) = self.channels[index].as_mut() else {
             return;
@@ -1174,6 +1344,56 @@ impl HandoffLoop {
             }
         };
         self.after_node_send(index, sent);
+    }
+
+    /// Kernel rotation: answers a Node worker's `listen` on `listener` with
+    /// its slot's socket, as Node's primary answers in `shared` mode, and
+    /// puts the slot in the rotation. False if the worker must be served by
+    /// hand-offs instead: the app asked for another port than the
+    /// listener's (Node checks the socket's real port), or the slot socket
+    /// could not be bound.
+    fn answer_with_slot_socket(
+        &mut self,
+        index: usize,
+        listener: usize,
+        query: &node_ipc::QueryServer,
+    ) -> bool {
+        let Some(worker) = self.channels[index].as_mut() else {
+            return true;
+        };
+        let Listening {
+            local, rotation, ..
+        } = &mut self.listeners[listener];
+        let Some(rotation) = rotation.as_mut() else {
+            return false;
+        };
+        if query
+            .port
+            .is_some_and(|asked| asked != 0 && asked != local.port())
+        {
+            return false;
+        }
+        let socket = match rotation.hold(worker.slot, index) {
+            Ok(socket) => socket,
+            Err(e) => {
+                warn!(
+                    slot = worker.slot,
+                    "hand-offs instead of kernel rotation for this worker: {e}"
+                );
+                return false;
+            }
+        };
+        let node = worker.node.as_mut().expect("a Node worker");
+        node.add_server(listener as u16, query.key.clone());
+        let seq = node.next_seq();
+        let line = node_ipc::query_reply_with_server(query, seq);
+        let sent = node.send_server(worker.channel.as_fd(), line, socket);
+        let applied = rotation.apply(self.poll.registry(), |slot| slot_token(listener, slot));
+        if let Err(e) = applied {
+            error!(listener, "cannot update the kernel rotation: {e}");
+        }
+        self.after_node_send(index, sent);
+        true
     }
 
     /// The listener for a Node worker's `listen`. With listeners configured,
@@ -1227,24 +1447,27 @@ impl HandoffLoop {
             return Ok(index);
         }
         let failed = |e: listener::ListenError| (e.source, e.to_string());
+        // A kernel rotation needs a SO_REUSEPORT group to deal over.
+        let reuse_port = self.limits.kernel_rotation;
         let socket = match &query.address {
             None => {
                 let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
-                listener::bind_dual_stack(any6, self.backlog, query.ipv6_only).or_else(|e| match e
-                    .source
-                {
-                    Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL => {
-                        let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
-                        listener::bind(any4, self.backlog)
-                    }
-                    _ => Err(e),
-                })
+                listener::bind_dual_stack(any6, self.backlog, query.ipv6_only, reuse_port).or_else(
+                    |e| match e.source {
+                        Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL => {
+                            let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
+                            listener::bind_dual_stack(any4, self.backlog, true, reuse_port)
+                        }
+                        _ => Err(e),
+                    },
+                )
             }
             Some(text) => match text.parse::<std::net::IpAddr>() {
                 Ok(ip) => listener::bind_dual_stack(
                     SocketAddr::new(ip, port),
                     self.backlog,
                     query.ipv6_only,
+                    reuse_port,
                 ),
                 Err(_) => {
                     return Err((Errno::EINVAL, format!("{text:?} is not an IP address")));
@@ -1293,6 +1516,7 @@ impl HandoffLoop {
         if self.active.get(worker.slot) == Some(&Some(index)) {
             self.active[worker.slot] = None;
         }
+        self.update_rotations(index, SlotRotation::release);
         if let Some(closed) = worker.closed {
             // Whatever it still had open ended with its channel.
             self.counters.open_connections[worker.slot].fetch_sub(worker.acked - closed, Relaxed);

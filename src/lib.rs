@@ -13,8 +13,12 @@
 //!   (`shared`, `reuseport`), systemd's `LISTEN_FDS` convention.
 //! - [`dispatch`]: the policies that choose a worker for each connection.
 //! - [`protocol`]: the primary ↔ worker wire format (docs/protocol.md).
-//! - [`fdpass`]: SCM_RIGHTS fd passing; the only `unsafe` code.
+//! - [`fdpass`]: SCM_RIGHTS fd passing, and the eBPF rotation program the
+//!   kernel rotation hands its sockets to; the only `unsafe` code.
 //! - [`handoff`]: the mio loop that accepts and hands connections off.
+//! - [`node_ipc`]: Node.js cluster IPC, so unmodified Node cluster apps are workers.
+//! - [`rotation`]: round-robin for Node workers dealt by the kernel over
+//!   per-slot SO_REUSEPORT sockets, with herd taking over a gone worker's queue.
 //! - [`supervisor`]: spawning, readiness, restarts, reloads, scaling, stopping workers.
 //! - [`procstat`]: worker memory and CPU from `/proc`.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
@@ -42,5 +46,6 @@ pub mod node_ipc;
 pub mod primary;
 pub mod procstat;
 pub mod protocol;
+pub mod rotation;
 pub mod supervisor;
 pub mod worker;

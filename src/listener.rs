@@ -34,13 +34,18 @@ pub struct ListenError {
 }
 
 /// Binds every address in order; the first failure aborts (and closes the
-/// sockets already bound).
-pub fn bind_all(addrs: &[SocketAddr], backlog: u32) -> Result<Vec<BoundListener>, ListenError> {
+/// sockets already bound). With `reuse_port`, each socket starts a
+/// SO_REUSEPORT group that herd's own sockets can join (kernel rotation).
+pub fn bind_all(
+    addrs: &[SocketAddr],
+    backlog: u32,
+    reuse_port: bool,
+) -> Result<Vec<BoundListener>, ListenError> {
     addrs
         .iter()
         .enumerate()
         .map(|(index, &addr)| {
-            let socket = bind(addr, backlog)?;
+            let socket = open(addr, backlog, reuse_port, true)?;
             let local = socket.local_addr().map_err(|e| ListenError {
                 addr,
                 reason: e.to_string(),
@@ -66,13 +71,25 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ListenError> 
 
 /// Like [`bind`], but an IPv6 socket also takes IPv4 connections (unless
 /// `v6_only`), as Node binds `[::]` when an app listens on no particular
-/// address: one socket for both families.
+/// address: one socket for both families. With `reuse_port`, the socket
+/// starts a SO_REUSEPORT group (see [`bind_group_member`]).
 pub fn bind_dual_stack(
     addr: SocketAddr,
     backlog: u32,
     v6_only: bool,
+    reuse_port: bool,
 ) -> Result<TcpListener, ListenError> {
-    open(addr, backlog, false, v6_only)
+    open(addr, backlog, reuse_port, v6_only)
+}
+
+/// One more socket in the SO_REUSEPORT group on `addr`, which must have
+/// been bound with the same `v6_only` (the kernel groups only alike sockets).
+pub fn bind_group_member(
+    addr: SocketAddr,
+    backlog: u32,
+    v6_only: bool,
+) -> Result<TcpListener, ListenError> {
+    open(addr, backlog, true, v6_only)
 }
 
 /// Like [`bind`], plus SO_REUSEPORT: one more socket in `addr`'s group, with
@@ -138,7 +155,7 @@ mod tests {
 
     #[test]
     fn port_zero_is_resolved() {
-        let listeners = bind_all(&["127.0.0.1:0".parse().unwrap()], 16).unwrap();
+        let listeners = bind_all(&["127.0.0.1:0".parse().unwrap()], 16, false).unwrap();
         assert_eq!(listeners[0].index, 0);
         assert_ne!(listeners[0].local.port(), 0);
     }
@@ -168,7 +185,7 @@ mod tests {
 
     #[test]
     fn a_dual_stack_socket_takes_ipv4_clients() {
-        let Ok(socket) = bind_dual_stack("[::]:0".parse().unwrap(), 16, false) else {
+        let Ok(socket) = bind_dual_stack("[::]:0".parse().unwrap(), 16, false, false) else {
             return; // no IPv6 on this host: Node falls back to 0.0.0.0 too
         };
         let port = socket.local_addr().unwrap().port();

@@ -181,6 +181,11 @@ struct ConfigArgs {
     /// connection over), shared or reuseport (the kernel chooses).
     #[arg(short, long)]
     mode: Option<String>,
+    /// How round-robin deals to Node workers: kernel (an eBPF program deals
+    /// over per-worker sockets), handoff (herd hands each over the cluster
+    /// channel) or auto [default: auto: kernel for Node workers].
+    #[arg(long, value_name = "kernel|handoff|auto")]
+    rotation: Option<String>,
     /// Kernel accept-queue length per listener.
     #[arg(long, value_name = "N")]
     backlog: Option<i64>,
@@ -496,6 +501,7 @@ fn config_source(args: ConfigArgs) -> ConfigSource {
             listen: args.listen,
             workers: args.workers,
             mode: args.mode,
+            rotation: args.rotation,
             backlog: args.backlog,
             command: args.command,
             max_unacked: args.max_unacked,

@@ -64,6 +64,7 @@ pub struct Metrics {
     accepted: IntCounterVec,
     handed_off: IntCounterVec,
     redispatched: IntCounterVec,
+    kernel_dealt: prometheus::IntCounter,
     dropped: IntCounterVec,
     in_flight: IntGauge,
     open_connections: IntGaugeVec,
@@ -137,8 +138,16 @@ impl Metrics {
             ),
             redispatched: counter_vec(
                 "herd_connections_redispatched_total",
-                "Connections taken back from a worker and handed to another (worker-gone: it died before acknowledging; refused: it sent NACK).",
+                "Connections taken back from a worker and handed to another (worker-gone: it died before acknowledging; refused: it sent NACK; slot-queue: they waited in the kernel-rotation socket of a worker that died or was stopped).",
                 &["reason"],
+            ),
+            kernel_dealt: add(
+                &registry,
+                prometheus::IntCounter::new(
+                    "herd_connections_kernel_dealt_total",
+                    "Connections the kernel rotation dealt straight to a worker's own socket (also counted as accepted and handed off).",
+                )
+                .expect("valid metric"),
             ),
             dropped: counter_vec(
                 "herd_connections_dropped_total",
@@ -204,7 +213,7 @@ impl Metrics {
         for result in ["success", "failure"] {
             metrics.reloads.with_label_values(&[result]);
         }
-        for reason in ["worker-gone", "refused"] {
+        for reason in ["worker-gone", "refused", "slot-queue"] {
             metrics.redispatched.with_label_values(&[reason]);
         }
         for reason in ["queue-full", "no-worker"] {
@@ -256,6 +265,11 @@ impl Metrics {
             &self.redispatched.with_label_values(&["refused"]),
             counters.requeued_refused.load(Relaxed),
         );
+        sync(
+            &self.redispatched.with_label_values(&["slot-queue"]),
+            counters.requeued_slot_queue.load(Relaxed),
+        );
+        sync(&self.kernel_dealt, counters.kernel_dealt.load(Relaxed));
         sync(
             &self.dropped.with_label_values(&["queue-full"]),
             counters.dropped_queue_full.load(Relaxed),

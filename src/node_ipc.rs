@@ -302,9 +302,11 @@ impl NodeChannel {
         self.servers.push((listener, key));
     }
 
-    /// The worker closed the server it knows as `key`.
-    pub fn remove_server(&mut self, key: &str) {
-        self.servers.retain(|(_, known)| known != key);
+    /// The worker closed the server it knows as `key`; returns herd's
+    /// listener for it.
+    pub fn remove_server(&mut self, key: &str) -> Option<u16> {
+        let position = self.servers.iter().position(|(_, known)| known == key)?;
+        Some(self.servers.remove(position).0)
     }
 
     /// Bytes are waiting for the socket to have room.

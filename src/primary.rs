@@ -93,7 +93,11 @@ struct Stopping {
 
 /// Runs herd until it is stopped. `source` is re-read on every reload.
 pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, PrimaryError> {
-    let listeners = listener::bind_all(&settings.listen, settings.backlog)?;
+    let listeners = listener::bind_all(
+        &settings.listen,
+        settings.backlog,
+        settings.handoff.kernel_rotation,
+    )?;
     let listen_addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local).collect();
     for bound in &listeners {
         info!(listener = bound.index, "listening on {}", bound.local);
@@ -263,8 +267,9 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
             .iter()
             .map(|c| c.load(Relaxed))
             .sum::<u64>(),
-        requeued =
-            counters.requeued_worker_gone.load(Relaxed) + counters.requeued_refused.load(Relaxed),
+        requeued = counters.requeued_worker_gone.load(Relaxed)
+            + counters.requeued_refused.load(Relaxed)
+            + counters.requeued_slot_queue.load(Relaxed),
         dropped_queue_full = counters.dropped_queue_full.load(Relaxed),
         dropped_queue_timeout = counters.dropped_queue_timeout.load(Relaxed),
         accept_errors = counters
@@ -347,6 +352,7 @@ fn status_report(supervisor: &Supervisor, counters: &Counters, started: Instant)
     let handed: Vec<u64> = workers.iter().map(|w| w.handed_off).collect();
     StatusReport {
         fairness: metrics::fairness(&handed),
+        kernel_dealt: counters.kernel_dealt.load(Relaxed),
         pid: std::process::id(),
         phase: control::phase_name(supervisor.phase()),
         uptime_secs: started.elapsed().as_secs_f64(),

@@ -18,6 +18,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use nix::libc;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
+pub mod rotation_bpf;
+
 /// Room for the control message of up to `MAX_FDS_PER_MESSAGE` fds; aligned
 /// for `cmsghdr` because the kernel and the CMSG_* macros require it.
 #[repr(C)]

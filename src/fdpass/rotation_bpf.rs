@@ -1,0 +1,438 @@
+//! Strict rotation in the kernel: an SK_REUSEPORT eBPF program that deals
+//! new connections over a SO_REUSEPORT group's sockets in turn.
+//!
+//! Owns the `bpf(2)` calls (load the program, create and fill its maps) and
+//! attaching the program to a group. The caller decides which sockets take
+//! turns ([`RotationProgram::set_rotation`]); the kernel then puts each new
+//! connection in the accept queue of the next socket in that list, and counts
+//! it for the socket's slot ([`RotationProgram::dealt`]).
+//!
+//! Why: a worker that accepts from its own socket pays nothing per
+//! connection beyond `accept`, where a worker handed each connection over a
+//! channel pays for reading that message (for Node.js workers, its JSON IPC
+//! costs more than the request). The program keeps the rotation strict,
+//! unlike SO_REUSEPORT's own hash of the 4-tuple.
+//!
+//! It is part of the fd-passing module because it is the other place herd
+//! hands file descriptors to someone else, here the kernel's socket array,
+//! and because it needs raw system calls.
+
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::libc;
+
+use crate::config::MAX_WORKERS;
+
+/// `bpf(2)` commands, map and program types, from `<linux/bpf.h>`.
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
+const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
+const BPF_SK_REUSEPORT_SELECT: u32 = 39;
+/// `<asm-generic/socket.h>`; libc does not export it for glibc targets.
+const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
+
+/// Sockets one rotation can hold: one per worker slot.
+pub const MAX_ROTATION: usize = MAX_WORKERS;
+
+/// The `config` map's one value, written by herd: how many sockets take
+/// turns, and whose slot each is (to count per slot).
+const CONFIG_LEN: usize = 4 + 4 * MAX_ROTATION;
+/// The `tally` map's one value, written by the program: the turn counter,
+/// then connections dealt per slot.
+const TALLY_LEN: usize = 8 + 8 * MAX_ROTATION;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    #[error("cannot create a BPF map: {0} (needs CAP_BPF, or root)")]
+    CreateMap(#[source] io::Error),
+    #[error("the kernel refused the rotation program: {error}{}", verifier_note(.log))]
+    LoadProgram {
+        #[source]
+        error: io::Error,
+        log: String,
+    },
+    #[error("cannot attach the rotation program to the listening socket: {0}")]
+    Attach(#[source] io::Error),
+    #[error("cannot update the rotation's sockets: {0}")]
+    Update(#[source] io::Error),
+}
+
+fn verifier_note(log: &str) -> String {
+    let log = log.trim();
+    if log.is_empty() {
+        " (needs CAP_BPF, or root, and Linux 5.12 or later)".into()
+    } else {
+        format!("; verifier said: {}", log.lines().last().unwrap_or(log))
+    }
+}
+
+/// A loaded rotation program with its maps; dropped, everything is freed
+/// (a group it is attached to keeps the program until its last socket closes).
+#[derive(Debug)]
+pub struct RotationProgram {
+    program: OwnedFd,
+    /// REUSEPORT_SOCKARRAY: position in the rotation -> socket.
+    sockets: OwnedFd,
+    config: OwnedFd,
+    tally: OwnedFd,
+    /// Sockets in `sockets` now, to delete the stale ones on the next change.
+    in_rotation: usize,
+}
+
+impl RotationProgram {
+    pub fn load() -> Result<Self, RotationError> {
+        let sockets = create_map(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, MAX_ROTATION as u32)
+            .map_err(RotationError::CreateMap)?;
+        let config = create_map(BPF_MAP_TYPE_ARRAY, 4, CONFIG_LEN as u32, 1)
+            .map_err(RotationError::CreateMap)?;
+        let tally = create_map(BPF_MAP_TYPE_ARRAY, 4, TALLY_LEN as u32, 1)
+            .map_err(RotationError::CreateMap)?;
+        let code = program(sockets.as_raw_fd(), config.as_raw_fd(), tally.as_raw_fd());
+        let program = load_program(&code)?;
+        Ok(RotationProgram {
+            program,
+            sockets,
+            config,
+            tally,
+            in_rotation: 0,
+        })
+    }
+
+    /// Makes the program choose for `member`'s SO_REUSEPORT group (which
+    /// `member` must already be listening in).
+    pub fn attach(&self, member: BorrowedFd<'_>) -> Result<(), RotationError> {
+        let program = self.program.as_raw_fd();
+        // SAFETY: setsockopt reads an int from a pointer to a live local of that size.
+        let rc = unsafe {
+            libc::setsockopt(
+                member.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_ATTACH_REUSEPORT_EBPF,
+                (&program as *const RawFd).cast(),
+                size_of::<RawFd>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(RotationError::Attach(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Sets the sockets that take turns, each with the slot to count its
+    /// connections for; they must be listening in the attached group. With
+    /// none, the kernel picks by its own hash among every socket of the
+    /// group. A connection that arrives during the change may go to any
+    /// member of the group, never nowhere.
+    pub fn set_rotation(
+        &mut self,
+        members: &[(usize, BorrowedFd<'_>)],
+    ) -> Result<(), RotationError> {
+        let members = &members[..members.len().min(MAX_ROTATION)];
+        let mut config = vec![0u8; CONFIG_LEN];
+        config[..4].copy_from_slice(&0u32.to_ne_bytes());
+        // Shrink the turn to none first: a socket may sit at one position
+        // of the array only, so positions are emptied before being refilled.
+        update(&self.config, &config).map_err(RotationError::Update)?;
+        for position in 0..self.in_rotation {
+            delete(&self.sockets, position as u32).map_err(RotationError::Update)?;
+        }
+        self.in_rotation = 0;
+        for (position, (slot, socket)) in members.iter().enumerate() {
+            let value = socket.as_raw_fd() as u64;
+            update_at(&self.sockets, position as u32, &value.to_ne_bytes())
+                .map_err(RotationError::Update)?;
+            self.in_rotation = position + 1;
+            let at = 4 + 4 * position;
+            config[at..at + 4].copy_from_slice(&(*slot as u32).to_ne_bytes());
+        }
+        config[..4].copy_from_slice(&(members.len() as u32).to_ne_bytes());
+        update(&self.config, &config).map_err(RotationError::Update)
+    }
+
+    /// Connections the kernel has dealt to each slot since the program was
+    /// loaded, indexed by slot.
+    pub fn dealt(&self) -> io::Result<Vec<u64>> {
+        let mut tally = vec![0u8; TALLY_LEN];
+        lookup(&self.tally, &mut tally)?;
+        Ok(tally[8..]
+            .chunks_exact(8)
+            .map(|count| u64::from_ne_bytes(count.try_into().expect("8 bytes")))
+            .collect())
+    }
+}
+
+/// One instruction, as `struct bpf_insn`: opcode, dst and src registers,
+/// offset, immediate.
+const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    let off = off.to_le_bytes();
+    let imm = imm.to_le_bytes();
+    u64::from_le_bytes([
+        code,
+        dst | (src << 4),
+        off[0],
+        off[1],
+        imm[0],
+        imm[1],
+        imm[2],
+        imm[3],
+    ])
+}
+
+// Opcodes used below (class | size/op | mode/source).
+const MOV64_REG: u8 = 0xbf;
+const MOV64_IMM: u8 = 0xb7;
+const ADD64_IMM: u8 = 0x07;
+const ADD64_REG: u8 = 0x0f;
+const LSH64_IMM: u8 = 0x67;
+const MOD32_REG: u8 = 0x9c;
+const LOAD_U32: u8 = 0x61;
+const STORE_U32_IMM: u8 = 0x62;
+const STORE_U32_REG: u8 = 0x63;
+const ATOMIC_U64: u8 = 0xdb;
+const ATOMIC_ADD: i32 = 0x00;
+const ATOMIC_FETCH_ADD: i32 = 0x01;
+const LOAD_MAP_FD: u8 = 0x18;
+const PSEUDO_MAP_FD: u8 = 1;
+const JEQ_IMM: u8 = 0x15;
+const JNE_IMM: u8 = 0x55;
+const JGE_IMM: u8 = 0x35;
+const CALL: u8 = 0x85;
+const EXIT: u8 = 0x95;
+const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
+const HELPER_SK_SELECT_REUSEPORT: i32 = 82;
+const SK_PASS: i32 = 1;
+
+/// The program, in eBPF assembly (r1 is the `sk_reuseport_md` context):
+///
+/// ```text
+///     config = lookup(config_map, 0); tally = lookup(tally_map, 0)
+///     live = config.live; if live == 0: goto out
+///     turn = atomic_fetch_add(tally.next, 1) % live
+///     if sk_select_reuseport(ctx, sockets, &turn, 0) != 0: goto out
+///     atomic_add(tally.dealt[config.slot_of[turn]], 1)
+/// out: return SK_PASS   (nothing selected: the kernel's own hash picks)
+/// ```
+fn program(sockets: RawFd, config: RawFd, tally: RawFd) -> Vec<u64> {
+    let max = MAX_ROTATION as i32;
+    // Jump offsets count instructions from the next one; `out` is the
+    // second-to-last instruction, at index 40.
+    let to_out = |from: i16| 40 - from - 1;
+    vec![
+        insn(MOV64_REG, 6, 1, 0, 0),                    // 0: r6 = ctx
+        insn(STORE_U32_IMM, 10, 0, -4, 0),              // 1: key = 0
+        insn(MOV64_REG, 2, 10, 0, 0),                   // 2
+        insn(ADD64_IMM, 2, 0, 0, -4),                   // 3: r2 = &key
+        insn(LOAD_MAP_FD, 1, PSEUDO_MAP_FD, 0, config), // 4-5: r1 = config map
+        insn(0, 0, 0, 0, 0),
+        insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM), // 6
+        insn(JEQ_IMM, 0, 0, to_out(7), 0),           // 7
+        insn(MOV64_REG, 7, 0, 0, 0),                 // 8: r7 = config
+        insn(MOV64_REG, 2, 10, 0, 0),                // 9
+        insn(ADD64_IMM, 2, 0, 0, -4),                // 10: r2 = &key
+        insn(LOAD_MAP_FD, 1, PSEUDO_MAP_FD, 0, tally), // 11-12: r1 = tally map
+        insn(0, 0, 0, 0, 0),
+        insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM), // 13
+        insn(JEQ_IMM, 0, 0, to_out(14), 0),          // 14
+        insn(MOV64_REG, 8, 0, 0, 0),                 // 15: r8 = tally
+        insn(LOAD_U32, 9, 7, 0, 0),                  // 16: r9 = live
+        insn(JEQ_IMM, 9, 0, to_out(17), 0),          // 17
+        insn(MOV64_IMM, 2, 0, 0, 1),                 // 18
+        insn(ATOMIC_U64, 8, 2, 0, ATOMIC_FETCH_ADD), // 19: r2 = tally.next++
+        insn(MOD32_REG, 2, 9, 0, 0),                 // 20: w2 %= live
+        insn(JGE_IMM, 2, 0, to_out(21), max),        // 21: (bounds it for the verifier)
+        insn(STORE_U32_REG, 10, 2, -8, 0),           // 22: turn = w2
+        insn(MOV64_REG, 9, 2, 0, 0),                 // 23: r9 = turn
+        insn(MOV64_REG, 1, 6, 0, 0),                 // 24: r1 = ctx
+        insn(LOAD_MAP_FD, 2, PSEUDO_MAP_FD, 0, sockets), // 25-26: r2 = sockets
+        insn(0, 0, 0, 0, 0),
+        insn(MOV64_REG, 3, 10, 0, 0),                    // 27
+        insn(ADD64_IMM, 3, 0, 0, -8),                    // 28: r3 = &turn
+        insn(MOV64_IMM, 4, 0, 0, 0),                     // 29: flags
+        insn(CALL, 0, 0, 0, HELPER_SK_SELECT_REUSEPORT), // 30
+        insn(JNE_IMM, 0, 0, to_out(31), 0),              // 31
+        insn(LSH64_IMM, 9, 0, 0, 2),                     // 32
+        insn(ADD64_REG, 9, 7, 0, 0),                     // 33: r9 = &config.slot_of[turn] - 4
+        insn(LOAD_U32, 1, 9, 4, 0),                      // 34: r1 = slot
+        insn(JGE_IMM, 1, 0, to_out(35), max),            // 35
+        insn(LSH64_IMM, 1, 0, 0, 3),                     // 36
+        insn(ADD64_REG, 1, 8, 0, 0),                     // 37: r1 = &tally.dealt[slot] - 8
+        insn(MOV64_IMM, 2, 0, 0, 1),                     // 38
+        insn(ATOMIC_U64, 1, 2, 8, ATOMIC_ADD),           // 39
+        insn(MOV64_IMM, 0, 0, 0, SK_PASS),               // 40: out
+        insn(EXIT, 0, 0, 0, 0),                          // 41
+    ]
+}
+
+/// `union bpf_attr`, large enough for every command used here; zeroed, as
+/// the kernel requires of the fields a command does not use.
+#[repr(C, align(8))]
+struct BpfAttr([u8; 128]);
+
+impl BpfAttr {
+    fn new() -> Self {
+        BpfAttr([0; 128])
+    }
+    fn put_u32(&mut self, at: usize, value: u32) -> &mut Self {
+        self.0[at..at + 4].copy_from_slice(&value.to_ne_bytes());
+        self
+    }
+    fn put_u64(&mut self, at: usize, value: u64) -> &mut Self {
+        self.0[at..at + 8].copy_from_slice(&value.to_ne_bytes());
+        self
+    }
+}
+
+fn bpf(command: libc::c_long, attr: &mut BpfAttr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zero-initialised bpf_attr of the size passed, and
+    // every pointer placed in it refers to memory the caller keeps alive
+    // (and large enough) for the duration of this call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            attr.0.as_mut_ptr(),
+            size_of::<BpfAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn bpf_fd(command: libc::c_long, attr: &mut BpfAttr) -> io::Result<OwnedFd> {
+    let fd = bpf(command, attr)? as RawFd;
+    // SAFETY: the kernel just returned this fd to us, close-on-exec, and
+    // nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn create_map(kind: u32, key_size: u32, value_size: u32, entries: u32) -> io::Result<OwnedFd> {
+    let mut attr = BpfAttr::new();
+    attr.put_u32(0, kind)
+        .put_u32(4, key_size)
+        .put_u32(8, value_size)
+        .put_u32(12, entries);
+    bpf_fd(BPF_MAP_CREATE, &mut attr)
+}
+
+fn load_program(code: &[u64]) -> Result<OwnedFd, RotationError> {
+    let license = c"MIT";
+    let mut log = vec![0u8; 64 * 1024];
+    let mut attr = BpfAttr::new();
+    attr.put_u32(0, BPF_PROG_TYPE_SK_REUSEPORT)
+        .put_u32(4, code.len() as u32)
+        .put_u64(8, code.as_ptr() as u64)
+        .put_u64(16, license.as_ptr() as u64)
+        .put_u32(24, 1)
+        .put_u32(28, log.len() as u32)
+        .put_u64(32, log.as_mut_ptr() as u64)
+        .put_u32(68, BPF_SK_REUSEPORT_SELECT);
+    bpf_fd(BPF_PROG_LOAD, &mut attr).map_err(|error| {
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        RotationError::LoadProgram {
+            error,
+            log: String::from_utf8_lossy(&log[..end]).into_owned(),
+        }
+    })
+}
+
+fn element_attr(map: &OwnedFd, key: &u32, value: u64) -> BpfAttr {
+    let mut attr = BpfAttr::new();
+    attr.put_u32(0, map.as_raw_fd() as u32)
+        .put_u64(8, key as *const u32 as u64)
+        .put_u64(16, value);
+    attr
+}
+
+fn update(map: &OwnedFd, value: &[u8]) -> io::Result<()> {
+    update_at(map, 0, value)
+}
+
+fn update_at(map: &OwnedFd, key: u32, value: &[u8]) -> io::Result<()> {
+    let mut attr = element_attr(map, &key, value.as_ptr() as u64);
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+}
+
+fn delete(map: &OwnedFd, key: u32) -> io::Result<()> {
+    let mut attr = element_attr(map, &key, 0);
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+fn lookup(map: &OwnedFd, value: &mut [u8]) -> io::Result<()> {
+    let key = 0u32;
+    let mut attr = element_attr(map, &key, value.as_mut_ptr() as u64);
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsFd;
+
+    use crate::listener;
+
+    /// Waits (up to 5 s) for one connection on one of `listeners`, accepts
+    /// it and says which.
+    fn landed(listeners: &[TcpListener]) -> usize {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let counts: Vec<usize> = listeners
+                .iter()
+                .map(|l| std::iter::from_fn(|| l.accept().ok()).count())
+                .collect();
+            match counts.iter().sum::<usize>() {
+                0 => assert!(
+                    std::time::Instant::now() < deadline,
+                    "no connection arrived"
+                ),
+                1 => return counts.iter().position(|&n| n == 1).expect("one"),
+                _ => panic!("more than one connection: {counts:?}"),
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn the_kernel_deals_connections_in_strict_turns_and_counts_them_per_slot() {
+        let mut rotation = RotationProgram::load().unwrap_or_else(|e| panic!("{e}"));
+        let first = listener::bind_reuseport("127.0.0.1:0".parse().unwrap(), 64).unwrap();
+        let addr = first.local_addr().unwrap();
+        let mut group = vec![first];
+        for _ in 0..2 {
+            group.push(listener::bind_reuseport(addr, 64).unwrap());
+        }
+        rotation.attach(group[0].as_fd()).unwrap();
+        // Slots 5 and 7 take turns; group[0] is out of the rotation.
+        rotation
+            .set_rotation(&[(5, group[1].as_fd()), (7, group[2].as_fd())])
+            .unwrap();
+        let mut order = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            clients.push(TcpStream::connect(addr).unwrap());
+            order.push(landed(&group));
+        }
+        assert!(order.windows(2).all(|w| w[0] != w[1]), "{order:?}");
+        assert!(order.iter().all(|&at| at == 1 || at == 2), "{order:?}");
+        let dealt = rotation.dealt().unwrap();
+        assert_eq!((dealt[5], dealt[7]), (5, 5));
+        // An empty rotation leaves the choice to the kernel's hash: still served.
+        rotation.set_rotation(&[]).unwrap();
+        clients.push(TcpStream::connect(addr).unwrap());
+        landed(&group);
+        assert_eq!(rotation.dealt().unwrap().iter().sum::<u64>(), 10);
+    }
+}

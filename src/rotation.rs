@@ -1,0 +1,293 @@
+//! Kernel rotation: round-robin for Node workers without a hand-off per
+//! connection.
+//!
+//! Owns, for one listener, the SO_REUSEPORT group that replaces the hand-off:
+//! one listening socket per worker slot, bound on the listener's address and
+//! sent to the slot's worker as its server (Node's own `shared` path), and
+//! the eBPF program ([`RotationProgram`]) that deals new connections over the
+//! sockets whose workers take turns, strictly in order. The primary's own
+//! socket stays in the group: the kernel falls back to it, and so to the
+//! hand-off, whenever nobody takes turns.
+//!
+//! Nothing is lost when a worker goes: the primary keeps a copy of every
+//! slot socket, so a dead worker's accept queue outlives it. A slot socket
+//! whose worker is gone (or draining) leaves the rotation and herd accepts
+//! what is queued on it and hands it to the other workers, until the slot's
+//! next worker takes the socket over.
+//!
+//! Why: under Node, a connection handed over the cluster channel costs the
+//! worker ~110 µs of JavaScript (read the JSON line, wrap the fd, write two
+//! answers). Accepting from its own socket costs it nothing of that.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use nix::sys::socket::{getsockopt, sockopt};
+
+use crate::fdpass::rotation_bpf::{RotationError, RotationProgram, MAX_ROTATION};
+use crate::listener::{self, ListenError};
+
+/// One listener's rotation.
+#[derive(Debug)]
+pub struct SlotRotation {
+    program: RotationProgram,
+    local: SocketAddr,
+    v6_only: bool,
+    backlog: u32,
+    /// By slot; bound when the slot's worker first listens.
+    slots: Vec<Option<SlotSocket>>,
+    /// Per slot, what the kernel had dealt at the last [`Self::take_dealt`].
+    dealt_before: Vec<u64>,
+    /// The slots taking turns now, in rotation order.
+    turns: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct SlotSocket {
+    socket: mio::net::TcpListener,
+    /// The workers (by hand-off channel index) sent this socket that have
+    /// not closed it, with whether each takes turns (is not draining).
+    holders: Vec<(usize, bool)>,
+    /// herd accepts from it (it is registered with the poll).
+    herd_accepts: bool,
+}
+
+impl SlotRotation {
+    /// Loads the program and attaches it to `main`'s group: `main` must be
+    /// listening with SO_REUSEPORT.
+    pub fn start(main: BorrowedFd<'_>, backlog: u32) -> Result<Self, RotationError> {
+        let program = RotationProgram::load()?;
+        program.attach(main)?;
+        let local =
+            nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(main.as_raw_fd())
+                .ok()
+                .and_then(|addr| {
+                    addr.as_sockaddr_in()
+                        .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
+                        .or_else(|| {
+                            addr.as_sockaddr_in6()
+                                .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+                        })
+                })
+                .ok_or_else(|| {
+                    RotationError::Attach(io::Error::other("the socket has no address"))
+                })?;
+        let v6_only = local.is_ipv6() && getsockopt(&main, sockopt::Ipv6V6Only).unwrap_or(true);
+        Ok(SlotRotation {
+            program,
+            local,
+            v6_only,
+            backlog,
+            slots: Vec::new(),
+            dealt_before: vec![0; MAX_ROTATION],
+            turns: Vec::new(),
+        })
+    }
+
+    /// The socket for `slot`'s workers, bound now if it is the first time,
+    /// to be sent to worker `holder`, which from now on takes turns.
+    pub fn hold(&mut self, slot: usize, holder: usize) -> Result<BorrowedFd<'_>, ListenError> {
+        if slot >= MAX_ROTATION {
+            return Err(ListenError {
+                addr: self.local,
+                reason: format!("slot {slot} is beyond the rotation's {MAX_ROTATION}"),
+                source: nix::Error::EINVAL,
+            });
+        }
+        if self.slots.len() <= slot {
+            self.slots.resize_with(slot + 1, || None);
+        }
+        if self.slots[slot].is_none() {
+            let socket = listener::bind_group_member(self.local, self.backlog, self.v6_only)?;
+            self.slots[slot] = Some(SlotSocket {
+                socket: mio::net::TcpListener::from_std(socket),
+                holders: Vec::new(),
+                herd_accepts: false,
+            });
+        }
+        let entry = self.slots[slot].as_mut().expect("bound above");
+        entry.holders.retain(|(index, _)| *index != holder);
+        entry.holders.push((holder, true));
+        Ok(entry.socket.as_fd())
+    }
+
+    /// Worker `holder` closed the socket, or is gone.
+    pub fn release(&mut self, holder: usize) {
+        for entry in self.slots.iter_mut().flatten() {
+            entry.holders.retain(|(index, _)| *index != holder);
+        }
+    }
+
+    /// Worker `holder` drains: it keeps accepting what it can, but takes no turns.
+    pub fn stop_turns(&mut self, holder: usize) {
+        for entry in self.slots.iter_mut().flatten() {
+            for (index, takes_turns) in &mut entry.holders {
+                if *index == holder {
+                    *takes_turns = false;
+                }
+            }
+        }
+    }
+
+    /// Does worker `holder` hold a socket of this rotation?
+    pub fn holds(&self, holder: usize) -> bool {
+        self.slots
+            .iter()
+            .flatten()
+            .any(|entry| entry.holders.iter().any(|(index, _)| *index == holder))
+    }
+
+    /// Brings the kernel's rotation and herd's own accepting in line with
+    /// the holders: a slot takes turns while a holder of its socket does;
+    /// herd accepts from every other slot socket (registered with `token_of`).
+    pub fn apply(
+        &mut self,
+        registry: &Registry,
+        token_of: impl Fn(usize) -> Token,
+    ) -> Result<(), RotationError> {
+        let turns: Vec<usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, entry)| {
+                let entry = entry.as_ref()?;
+                entry
+                    .holders
+                    .iter()
+                    .any(|(_, takes_turns)| *takes_turns)
+                    .then_some(slot)
+            })
+            .collect();
+        for (slot, entry) in self.slots.iter_mut().enumerate() {
+            let Some(entry) = entry.as_mut() else {
+                continue;
+            };
+            let herd_accepts = !turns.contains(&slot);
+            if herd_accepts == entry.herd_accepts {
+                continue;
+            }
+            let raw = entry.socket.as_raw_fd();
+            let mut source = SourceFd(&raw);
+            // Registering an edge-triggered socket that already has connections
+            // queued reports it readable at once: nothing waits for the next one.
+            let changed = if herd_accepts {
+                registry.register(&mut source, token_of(slot), Interest::READABLE)
+            } else {
+                registry.deregister(&mut source)
+            };
+            changed.map_err(RotationError::Update)?;
+            entry.herd_accepts = herd_accepts;
+        }
+        if turns != self.turns {
+            let members: Vec<(usize, BorrowedFd<'_>)> = turns
+                .iter()
+                .map(|&slot| {
+                    let entry = self.slots[slot].as_ref().expect("slot taking turns");
+                    (slot, entry.socket.as_fd())
+                })
+                .collect();
+            self.program.set_rotation(&members)?;
+            self.turns = turns;
+        }
+        Ok(())
+    }
+
+    /// The slots whose sockets herd accepts from.
+    pub fn herd_accepting(&self) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|&slot| self.accepting(slot).is_some())
+            .collect()
+    }
+
+    /// The slot socket herd accepts from for `slot`, if herd accepts from it.
+    pub fn accepting(&self, slot: usize) -> Option<&mio::net::TcpListener> {
+        let entry = self.slots.get(slot)?.as_ref()?;
+        entry.herd_accepts.then_some(&entry.socket)
+    }
+
+    /// Connections the kernel dealt per slot since the last call: `(slot, count)`.
+    pub fn take_dealt(&mut self) -> io::Result<Vec<(usize, u64)>> {
+        let dealt = self.program.dealt()?;
+        let mut news = Vec::new();
+        for (slot, (&now, before)) in dealt.iter().zip(&mut self.dealt_before).enumerate() {
+            if now > *before {
+                news.push((slot, now - *before));
+                *before = now;
+            }
+        }
+        Ok(news)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    fn token_of(slot: usize) -> Token {
+        Token(100 + slot)
+    }
+
+    /// Waits (up to 5 s) for a poll event; returns the tokens reported.
+    fn readable(poll: &mut mio::Poll) -> Vec<Token> {
+        let mut events = mio::Events::with_capacity(16);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            poll.poll(&mut events, Some(Duration::from_millis(50)))
+                .unwrap();
+            let tokens: Vec<Token> = events.iter().map(|e| e.token()).collect();
+            if !tokens.is_empty() {
+                return tokens;
+            }
+        }
+        panic!("nothing became readable");
+    }
+
+    #[test]
+    fn slots_take_turns_while_a_worker_holds_them_and_herd_takes_over_the_rest() {
+        let main =
+            listener::bind_dual_stack("127.0.0.1:0".parse().unwrap(), 16, true, true).unwrap();
+        let addr = main.local_addr().unwrap();
+        let mut rotation = SlotRotation::start(main.as_fd(), 16).unwrap_or_else(|e| panic!("{e}"));
+        let mut poll = mio::Poll::new().unwrap();
+        rotation.hold(0, 10).unwrap();
+        rotation.hold(1, 11).unwrap();
+        rotation.apply(poll.registry(), token_of).unwrap();
+        assert_eq!(rotation.turns, [0, 1]);
+        assert!(rotation.herd_accepting().is_empty());
+
+        // Worker 11 drains: slot 1 leaves the rotation and herd accepts from it.
+        rotation.stop_turns(11);
+        rotation.apply(poll.registry(), token_of).unwrap();
+        assert_eq!(rotation.turns, [0]);
+        assert_eq!(rotation.herd_accepting(), [1]);
+        // Its replacement takes the same socket and the slot's turns back.
+        rotation.hold(1, 12).unwrap();
+        rotation.release(11);
+        rotation.apply(poll.registry(), token_of).unwrap();
+        assert_eq!(rotation.turns, [0, 1]);
+        assert!(rotation.herd_accepting().is_empty());
+
+        // Slot 0's worker dies with a connection in its queue: herd is told.
+        let before = rotation.take_dealt().unwrap();
+        let _client = TcpStream::connect(addr).unwrap();
+        let _client2 = TcpStream::connect(addr).unwrap();
+        rotation.release(10);
+        assert!(!rotation.holds(10));
+        rotation.apply(poll.registry(), token_of).unwrap();
+        assert_eq!(rotation.turns, [1]);
+        assert_eq!(readable(&mut poll), [token_of(0)]);
+        let queued = rotation.accepting(0).expect("herd accepts slot 0");
+        assert!(
+            queued.accept().is_ok(),
+            "the connection dealt to slot 0 waits there"
+        );
+        let mut dealt: Vec<(usize, u64)> = before;
+        dealt.extend(rotation.take_dealt().unwrap());
+        assert_eq!(dealt, [(0, 1), (1, 1)]);
+    }
+}
