@@ -749,6 +749,29 @@ mod tests {
     }
 
     #[test]
+    fn kernel_rotation_is_for_node_round_robin_and_named_when_misused() {
+        let mut config = minimal();
+        assert!(!config.validate().unwrap().handoff.kernel_rotation);
+        config.protocol = "node-cluster".into();
+        assert!(config.validate().unwrap().handoff.kernel_rotation);
+        config.mode = "sticky".into();
+        assert!(!config.validate().unwrap().handoff.kernel_rotation);
+        config.mode = "round-robin".into();
+        config.rotation = "handoff".into();
+        assert!(!config.validate().unwrap().handoff.kernel_rotation);
+        config.rotation = "sideways".into();
+        assert_eq!(
+            error_of(&config),
+            "invalid `rotation` = \"sideways\": expected one of: auto, kernel, handoff"
+        );
+        config.rotation = "kernel".into();
+        config.protocol = "herd".into();
+        assert!(error_of(&config).starts_with(
+            "invalid `rotation` = \"kernel\": kernel rotation is for Node cluster workers"
+        ));
+    }
+
+    #[test]
     fn the_worker_protocol_is_detected_or_named() {
         assert_eq!(minimal().validate().unwrap().protocol, WorkerProtocol::Herd);
         let mut config = minimal();

@@ -1,8 +1,9 @@
 //! Unmodified Node.js cluster apps under herd: herd speaks Node's cluster
-//! IPC, so `cluster.isPrimary` is false in the workers and herd's primary
-//! accepts and hands each connection over, in strict rotation, with
-//! restarts, reloads, graceful stops and no connection lost to a worker
-//! that dies or refuses before accepting.
+//! IPC, so `cluster.isPrimary` is false in the workers and herd deals the
+//! connections in strict rotation (the kernel deals them over per-worker
+//! sockets where the app listens where herd does, else herd's primary
+//! accepts and hands each over), with restarts, reloads, graceful stops and
+//! no connection lost to a worker that dies or refuses before accepting.
 
 mod common;
 
@@ -237,6 +238,18 @@ fn launch_listening_where_the_app_asks(
     env: &[(&str, String)],
     app: &str,
 ) -> Herd {
+    launch_under(&[], name, workers, flags, env, app)
+}
+
+/// [`launch_listening_where_the_app_asks`], with herd started under `prefix`.
+fn launch_under(
+    prefix: &[&str],
+    name: &str,
+    workers: usize,
+    flags: &[&str],
+    env: &[(&str, String)],
+    app: &str,
+) -> Herd {
     let dir = scratch_dir(name);
     let env: String = env.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
     let config = write_config(&dir, &format!("[env]\n{env}"));
@@ -244,7 +257,7 @@ fn launch_listening_where_the_app_asks(
     let mut args = vec!["-c", config.to_str().unwrap(), "--workers", &workers];
     args.extend_from_slice(flags);
     args.extend(["--", "node", app]);
-    Herd::start_in(&dir, &args)
+    Herd::start_under(&dir, prefix, &args)
 }
 
 /// The port of a listener herd bound, as a loopback address to connect to.
@@ -406,5 +419,221 @@ fn shared_mode_gives_node_workers_the_listening_socket() {
     });
     assert_eq!(status_listeners(&status), listeners);
     serves(&herd);
+    assert!(herd.stop().success());
+}
+
+/// Connections the kernel rotation has dealt, from `herd status`.
+fn kernel_dealt(status: &Value) -> u64 {
+    status["kernel_dealt"].as_u64().unwrap()
+}
+
+fn handed_off(status: &Value) -> u64 {
+    workers_of(status)
+        .iter()
+        .map(|w| w["handed_off"].as_u64().unwrap())
+        .sum()
+}
+
+/// `count` requests in a row; the pid that answered each.
+fn rotation_of(addr: SocketAddr, count: usize) -> Vec<u32> {
+    (0..count).map(|_| seed_pid(&body_of(send(addr)))).collect()
+}
+
+fn assert_strict(order: &[u32], pids: &BTreeSet<u32>) {
+    assert_eq!(
+        &order.iter().copied().collect::<BTreeSet<_>>(),
+        pids,
+        "{order:?}"
+    );
+    let n = pids.len();
+    for window in order.windows(n) {
+        let distinct: BTreeSet<u32> = window.iter().copied().collect();
+        assert_eq!(distinct.len(), n, "strict rotation: {order:?}");
+    }
+}
+
+/// Where herd listens where the app does, round-robin is dealt by the
+/// kernel over each worker's own socket: no hand-off per connection, still
+/// strict turns, and the connections are counted per worker as hand-offs.
+#[test]
+fn kernel_rotation_deals_strict_turns_and_counts_them_per_worker() {
+    let app = seed_app();
+    let herd = launch_listening_where_the_app_asks(
+        "node-kernel-turns",
+        3,
+        &[],
+        &[("PORT", "0".into())],
+        &app,
+    );
+    let pids = herd.wait_all_ready(3);
+    let addr = loopback(status_listeners(&herd.status())[0]);
+    assert_strict(&rotation_of(addr, 12), &pids);
+    let status = wait_for_status(&herd.dir, "12 dealt by the kernel", |s| {
+        kernel_dealt(s) == 12 && handed_off(s) == 12
+    });
+    for worker in workers_of(&status) {
+        assert_eq!(worker["handed_off"], 4, "{status:#}");
+    }
+    let table = herd.control(&["status"]).stdout;
+    assert!(table.contains("kernel rotation: 12 connections"), "{table}");
+    assert!(herd.stop().success());
+}
+
+/// `--rotation handoff`: the same strict turns, every connection accepted
+/// by herd and handed over Node's cluster channel.
+#[test]
+fn rotation_handoff_keeps_the_primary_handing_each_connection_over() {
+    let app = seed_app();
+    let herd = launch_listening_where_the_app_asks(
+        "node-handoff-turns",
+        2,
+        &["--rotation", "handoff"],
+        &[("PORT", "0".into())],
+        &app,
+    );
+    let pids = herd.wait_all_ready(2);
+    let addr = loopback(status_listeners(&herd.status())[0]);
+    assert_strict(&rotation_of(addr, 10), &pids);
+    let status = wait_for_status(&herd.dir, "10 handed off", |s| handed_off(s) == 10);
+    assert_eq!(kernel_dealt(&status), 0, "{status:#}");
+    assert!(herd.stop().success());
+}
+
+/// The kernel rotation also serves a configured listener, when the app
+/// listens on its port (or on 0): the app's server is herd's socket.
+#[test]
+fn kernel_rotation_serves_a_configured_listener_the_app_listens_on() {
+    let app = facts_app();
+    let herd = Herd::launch(
+        "node-kernel-configured",
+        Some("[env]\nPORT = \"0\"\n"),
+        2,
+        &[],
+        &["node", &app],
+    );
+    herd.wait_all_ready(2);
+    let mut ids = BTreeSet::new();
+    for _ in 0..4 {
+        let facts: Value = serde_json::from_str(&body_of(send(herd.addr()))).unwrap();
+        assert_eq!(facts["address"]["port"], herd.addr().port(), "{facts}");
+        ids.insert(facts["workerId"].as_u64().unwrap());
+    }
+    assert_eq!(ids.len(), 2);
+    wait_for_status(&herd.dir, "4 dealt by the kernel", |s| kernel_dealt(s) == 4);
+    assert!(herd.stop().success());
+}
+
+/// A worker that stops accepting still gets its turns: those connections
+/// wait in its socket's queue. When it dies herd keeps the socket, takes
+/// the queue over and hands each waiting connection to a live worker.
+#[test]
+fn a_dead_workers_queued_turns_are_served_by_the_others() {
+    let app = seed_app();
+    let herd = launch_listening_where_the_app_asks(
+        "node-kernel-no-leak",
+        2,
+        &[],
+        &[("PORT", "0".into())],
+        &app,
+    );
+    herd.wait_all_ready(2);
+    let addr = loopback(status_listeners(&herd.status())[0]);
+    let victim = pids_of(&herd.status())[&0];
+    signal(victim, Signal::SIGSTOP);
+    let clients: Vec<TcpStream> = (0..6).map(|_| send(addr)).collect();
+    wait_for_status(&herd.dir, "6 dealt by the kernel", |s| kernel_dealt(s) == 6);
+    signal(victim, Signal::SIGKILL);
+    for client in clients {
+        assert_ne!(seed_pid(&body_of(client)), victim);
+    }
+    assert_requeued_at_least(herd, 3);
+}
+
+/// A rolling reload and scaling under a steady stream of requests: the
+/// new workers take over the slot sockets (and what waits in them), the
+/// old ones finish what they accepted; no request fails.
+#[test]
+fn reload_and_scaling_under_kernel_rotation_fail_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+    use std::sync::Arc;
+    let app = seed_app();
+    let herd = launch_listening_where_the_app_asks(
+        "node-kernel-reload",
+        2,
+        &[],
+        &[("PORT", "0".into())],
+        &app,
+    );
+    let before = herd.wait_all_ready(2);
+    let addr = loopback(status_listeners(&herd.status())[0]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    // One request after another until told to stop (bounded in count and
+    // time); any failed request panics the thread, and the join below.
+    let load = {
+        let (stop, done) = (stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut answered = Vec::new();
+            let deadline = std::time::Instant::now() + DEADLINE;
+            while !stop.load(Relaxed) && answered.len() < 50_000 {
+                assert!(std::time::Instant::now() < deadline, "load ran too long");
+                answered.push(seed_pid(&body_of(send(addr))));
+                done.fetch_add(1, Relaxed);
+            }
+            answered
+        })
+    };
+    let progressed = |since: usize| {
+        wait_until("more requests answered", || {
+            (done.load(Relaxed) > since).then_some(())
+        })
+    };
+    progressed(0);
+    assert_eq!(herd.control(&["reload"]).code, Some(0));
+    let status = wait_for_status(&herd.dir, "both workers replaced", |s| {
+        all_ready(s, 2) && pids_of(s).values().all(|p| !before.contains(p))
+    });
+    progressed(done.load(Relaxed));
+    let reloaded: BTreeSet<u32> = pids_of(&status).into_values().collect();
+    assert_eq!(herd.control(&["scale", "3"]).code, Some(0));
+    let scaled = herd.wait_all_ready(3);
+    assert!(scaled.is_superset(&reloaded));
+    progressed(done.load(Relaxed));
+    assert_eq!(herd.control(&["scale", "1"]).code, Some(0));
+    let last = herd.wait_all_ready(1);
+    progressed(done.load(Relaxed));
+    stop.store(true, Relaxed);
+    let answered = load.join().expect("every request answered");
+    assert!(answered.iter().any(|pid| last.contains(pid)));
+    // The one worker left takes every turn.
+    assert_strict(&rotation_of(addr, 4), &last);
+    assert!(herd.stop().success());
+}
+
+/// Without CAP_BPF the kernel refuses the program: herd says so once and
+/// hands connections over the cluster channel instead, in the same turns.
+#[test]
+fn without_cap_bpf_round_robin_falls_back_to_hand_offs() {
+    let app = seed_app();
+    let herd = launch_under(
+        &[
+            "setpriv",
+            "--bounding-set",
+            "-bpf,-sys_admin,-perfmon",
+            "--",
+        ],
+        "node-kernel-refused",
+        2,
+        &[],
+        &[("PORT", "0".into())],
+        &app,
+    );
+    let pids = herd.wait_all_ready(2);
+    let warning = herd.wait_for_herd_lines("falls back to hand-offs", 1);
+    assert!(warning[0].contains("CAP_BPF"), "{warning:?}");
+    let addr = loopback(status_listeners(&herd.status())[0]);
+    assert_strict(&rotation_of(addr, 10), &pids);
+    let status = wait_for_status(&herd.dir, "10 handed off", |s| handed_off(s) == 10);
+    assert_eq!(kernel_dealt(&status), 0);
     assert!(herd.stop().success());
 }

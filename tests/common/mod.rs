@@ -86,7 +86,20 @@ impl Herd {
     }
 
     pub fn start_in(dir: &Path, args: &[&str]) -> Herd {
-        let mut child = Command::new(herd_bin())
+        Herd::start_under(dir, &[], args)
+    }
+
+    /// Starts `PREFIX... herd run ARGS` (e.g. under `setpriv`) in `dir`.
+    pub fn start_under(dir: &Path, prefix: &[&str], args: &[&str]) -> Herd {
+        let mut command = match prefix.split_first() {
+            Some((program, prefix_args)) => {
+                let mut command = Command::new(program);
+                command.args(prefix_args).arg(herd_bin());
+                command
+            }
+            None => Command::new(herd_bin()),
+        };
+        let mut child = command
             .arg("run")
             .args(args)
             .current_dir(dir)
