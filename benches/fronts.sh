@@ -7,7 +7,10 @@
 #                    (MODE: round-robin sticky least-conn shared reuseport)
 #   herd-node        herd (round-robin) as the primary of the seed's unmodified
 #                    Node cluster example ($WORKERS Node workers); no --listen:
-#                    herd binds what the app asks for (PORT), as Node's primary
+#                    herd binds what the app asks for (PORT), as Node's primary;
+#                    the kernel rotation deals the turns (--rotation auto)
+#   herd-node-handoff the same with --rotation handoff: herd accepts each
+#                    connection and hands it over Node's cluster channel
 #   herd-node-shared the same with --mode shared: herd sends the workers the
 #                    listening socket and they accept themselves
 #   node-rr          the seed's Node cluster example, NODE_CLUSTER_SCHED_POLICY=rr
@@ -34,7 +37,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all_setups="direct herd-round-robin herd-sticky herd-least-conn herd-shared herd-reuseport herd-node herd-node-shared node-rr node-none haproxy"
+all_setups="direct herd-round-robin herd-sticky herd-least-conn herd-shared herd-reuseport herd-node herd-node-handoff herd-node-shared node-rr node-none haproxy"
 read -r -a setups <<< "${SETUPS:-$all_setups}"
 workers=${WORKERS:-2}
 rounds=${ROUNDS:-3}
@@ -165,10 +168,10 @@ start_herd() { # MODE
   wait_ready "$front" "$port" herd_all_ready
 }
 
-start_herd_node() { # MODE
-  port=$(free_port); expect=$workers; control="$tmp/herd-node-$1.sock"
+start_herd_node() { # MODE ROTATION
+  port=$(free_port); expect=$workers; control="$tmp/herd-node-$1-$2.sock"
   PORT=$port RUST_LOG=warn "$bin/herd" run -c /dev/null --workers "$workers" --mode "$1" \
-    --control "$control" -- node workers/node/cluster-server.js >"$log" 2>&1 & front=$!; started+=("$front")
+    --rotation "$2" --control "$control" -- node workers/node/cluster-server.js >"$log" 2>&1 & front=$!; started+=("$front")
   wait_ready "$front" "$port" herd_all_ready
 }
 
@@ -217,8 +220,9 @@ start() { # SETUP
   front='' extra=() exit_code=''
   case $1 in
     direct) start_direct ;;
-    herd-node) start_herd_node round-robin ;;
-    herd-node-shared) start_herd_node shared ;;
+    herd-node) start_herd_node round-robin auto ;;
+    herd-node-handoff) start_herd_node round-robin handoff ;;
+    herd-node-shared) start_herd_node shared auto ;;
     herd-*) start_herd "${1#herd-}" ;;
     node-*) start_node "${1#node-}" ;;
     haproxy) start_haproxy ;;

@@ -570,6 +570,9 @@ impl HandoffLoop {
                 Command::SetSlots { count } => self.set_slots(count),
                 Command::StopAccepting => {
                     self.stopped_accepting = true;
+                    // Last count of what the kernel dealt, for the closing tally.
+                    self.tally_kernel_rotations();
+                    self.tally_due = None;
                     self.listeners.clear();
                     self.flush_queue();
                     for index in 0..self.channels.len() {

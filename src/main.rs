@@ -251,10 +251,15 @@ fn main() -> ExitCode {
                     addrs.join(", ")
                 };
                 println!(
-                    "config OK: {} worker(s) of {} on {listen}, mode {}",
+                    "config OK: {} worker(s) of {} on {listen}, mode {}{}",
                     settings.workers,
                     settings.program.display(),
-                    settings.mode.name()
+                    settings.mode.name(),
+                    if settings.handoff.kernel_rotation {
+                        " (turns dealt by the kernel)"
+                    } else {
+                        ""
+                    }
                 );
                 ExitCode::SUCCESS
             }

@@ -161,8 +161,24 @@ fn no_listen_address_and_unknown_flags_exit_2() {
     let checked = herd(&dir, &["check", "--", "node", app]);
     let stdout = String::from_utf8_lossy(&checked.stdout);
     assert!(
-        checked.status.success() && stdout.contains("on the addresses the app listens on"),
+        checked.status.success()
+            && stdout.contains("on the addresses the app listens on")
+            && stdout.contains("mode round-robin (turns dealt by the kernel)"),
         "{checked:?}"
+    );
+    expect_failure(
+        "herd-kernel-rotation",
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--rotation",
+            "kernel",
+            "--",
+            hello_worker(),
+        ],
+        2,
+        "invalid `rotation` = \"kernel\": kernel rotation is for Node cluster workers",
     );
     expect_failure(
         "node-reuseport",

@@ -122,7 +122,13 @@ fn a_killed_worker_is_replaced_and_a_reload_replaces_all() {
 #[test]
 fn a_connection_handed_to_a_dying_worker_is_served_by_another() {
     let app = seed_app();
-    let herd = Herd::launch("node-no-leak", None, 2, &[], &["node", &app]);
+    let herd = Herd::launch(
+        "node-no-leak",
+        None,
+        2,
+        &["--rotation", "handoff"],
+        &["node", &app],
+    );
     herd.wait_all_ready(2);
     let victim = pids_of(&herd.status())[&0];
     signal(victim, Signal::SIGSTOP);
@@ -149,11 +155,12 @@ fn a_connection_handed_to_a_dying_worker_is_served_by_another() {
 #[test]
 fn connections_a_worker_refuses_go_to_another() {
     let app = facts_app();
+    // `accepted: false` exists on the hand-off path only.
     let herd = Herd::launch(
         "node-refuse",
         Some("[env]\nREFUSE_SLOT = \"0\"\n"),
         2,
-        &[],
+        &["--rotation", "handoff"],
         &["node", &app],
     );
     herd.wait_all_ready(2);
@@ -422,6 +429,21 @@ fn shared_mode_gives_node_workers_the_listening_socket() {
     assert!(herd.stop().success());
 }
 
+/// The seed app on `listen(0)` with no `--listen`, started under `prefix`:
+/// herd, its ready workers' pids and the loopback address to connect to.
+fn seed_on_any_port(
+    prefix: &[&str],
+    name: &str,
+    workers: usize,
+    flags: &[&str],
+) -> (Herd, BTreeSet<u32>, SocketAddr) {
+    let app = seed_app();
+    let herd = launch_under(prefix, name, workers, flags, &[("PORT", "0".into())], &app);
+    let pids = herd.wait_all_ready(workers);
+    let addr = loopback(status_listeners(&herd.status())[0]);
+    (herd, pids, addr)
+}
+
 /// Connections the kernel rotation has dealt, from `herd status`.
 fn kernel_dealt(status: &Value) -> u64 {
     status["kernel_dealt"].as_u64().unwrap()
@@ -457,16 +479,7 @@ fn assert_strict(order: &[u32], pids: &BTreeSet<u32>) {
 /// strict turns, and the connections are counted per worker as hand-offs.
 #[test]
 fn kernel_rotation_deals_strict_turns_and_counts_them_per_worker() {
-    let app = seed_app();
-    let herd = launch_listening_where_the_app_asks(
-        "node-kernel-turns",
-        3,
-        &[],
-        &[("PORT", "0".into())],
-        &app,
-    );
-    let pids = herd.wait_all_ready(3);
-    let addr = loopback(status_listeners(&herd.status())[0]);
+    let (herd, pids, addr) = seed_on_any_port(&[], "node-kernel-turns", 3, &[]);
     assert_strict(&rotation_of(addr, 12), &pids);
     let status = wait_for_status(&herd.dir, "12 dealt by the kernel", |s| {
         kernel_dealt(s) == 12 && handed_off(s) == 12
@@ -483,16 +496,8 @@ fn kernel_rotation_deals_strict_turns_and_counts_them_per_worker() {
 /// by herd and handed over Node's cluster channel.
 #[test]
 fn rotation_handoff_keeps_the_primary_handing_each_connection_over() {
-    let app = seed_app();
-    let herd = launch_listening_where_the_app_asks(
-        "node-handoff-turns",
-        2,
-        &["--rotation", "handoff"],
-        &[("PORT", "0".into())],
-        &app,
-    );
-    let pids = herd.wait_all_ready(2);
-    let addr = loopback(status_listeners(&herd.status())[0]);
+    let flags = ["--rotation", "handoff"];
+    let (herd, pids, addr) = seed_on_any_port(&[], "node-handoff-turns", 2, &flags);
     assert_strict(&rotation_of(addr, 10), &pids);
     let status = wait_for_status(&herd.dir, "10 handed off", |s| handed_off(s) == 10);
     assert_eq!(kernel_dealt(&status), 0, "{status:#}");
@@ -528,16 +533,7 @@ fn kernel_rotation_serves_a_configured_listener_the_app_listens_on() {
 /// the queue over and hands each waiting connection to a live worker.
 #[test]
 fn a_dead_workers_queued_turns_are_served_by_the_others() {
-    let app = seed_app();
-    let herd = launch_listening_where_the_app_asks(
-        "node-kernel-no-leak",
-        2,
-        &[],
-        &[("PORT", "0".into())],
-        &app,
-    );
-    herd.wait_all_ready(2);
-    let addr = loopback(status_listeners(&herd.status())[0]);
+    let (herd, _, addr) = seed_on_any_port(&[], "node-kernel-no-leak", 2, &[]);
     let victim = pids_of(&herd.status())[&0];
     signal(victim, Signal::SIGSTOP);
     let clients: Vec<TcpStream> = (0..6).map(|_| send(addr)).collect();
@@ -556,16 +552,7 @@ fn a_dead_workers_queued_turns_are_served_by_the_others() {
 fn reload_and_scaling_under_kernel_rotation_fail_no_request() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
     use std::sync::Arc;
-    let app = seed_app();
-    let herd = launch_listening_where_the_app_asks(
-        "node-kernel-reload",
-        2,
-        &[],
-        &[("PORT", "0".into())],
-        &app,
-    );
-    let before = herd.wait_all_ready(2);
-    let addr = loopback(status_listeners(&herd.status())[0]);
+    let (herd, before, addr) = seed_on_any_port(&[], "node-kernel-reload", 2, &[]);
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
     // One request after another until told to stop (bounded in count and
@@ -614,24 +601,15 @@ fn reload_and_scaling_under_kernel_rotation_fail_no_request() {
 /// hands connections over the cluster channel instead, in the same turns.
 #[test]
 fn without_cap_bpf_round_robin_falls_back_to_hand_offs() {
-    let app = seed_app();
-    let herd = launch_under(
-        &[
-            "setpriv",
-            "--bounding-set",
-            "-bpf,-sys_admin,-perfmon",
-            "--",
-        ],
-        "node-kernel-refused",
-        2,
-        &[],
-        &[("PORT", "0".into())],
-        &app,
-    );
-    let pids = herd.wait_all_ready(2);
+    let without_bpf = [
+        "setpriv",
+        "--bounding-set",
+        "-bpf,-sys_admin,-perfmon",
+        "--",
+    ];
+    let (herd, pids, addr) = seed_on_any_port(&without_bpf, "node-kernel-refused", 2, &[]);
     let warning = herd.wait_for_herd_lines("falls back to hand-offs", 1);
     assert!(warning[0].contains("CAP_BPF"), "{warning:?}");
-    let addr = loopback(status_listeners(&herd.status())[0]);
     assert_strict(&rotation_of(addr, 10), &pids);
     let status = wait_for_status(&herd.dir, "10 handed off", |s| handed_off(s) == 10);
     assert_eq!(kernel_dealt(&status), 0);
