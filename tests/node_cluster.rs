@@ -245,12 +245,14 @@ fn launch_listening_where_the_app_asks(
     env: &[(&str, String)],
     app: &str,
 ) -> Herd {
-    launch_under(&[], name, workers, flags, env, app)
+    launch_under(&[], "", name, workers, flags, env, app)
 }
 
-/// [`launch_listening_where_the_app_asks`], with herd started under `prefix`.
+/// [`launch_listening_where_the_app_asks`], with herd started under `prefix`
+/// and `config` (top-level TOML keys) in its config file.
 fn launch_under(
     prefix: &[&str],
+    config: &str,
     name: &str,
     workers: usize,
     flags: &[&str],
@@ -259,7 +261,7 @@ fn launch_under(
 ) -> Herd {
     let dir = scratch_dir(name);
     let env: String = env.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
-    let config = write_config(&dir, &format!("[env]\n{env}"));
+    let config = write_config(&dir, &format!("{config}\n[env]\n{env}"));
     let workers = workers.to_string();
     let mut args = vec!["-c", config.to_str().unwrap(), "--workers", &workers];
     args.extend_from_slice(flags);
@@ -437,8 +439,27 @@ fn seed_on_any_port(
     workers: usize,
     flags: &[&str],
 ) -> (Herd, BTreeSet<u32>, SocketAddr) {
+    seed_configured(prefix, "", name, workers, flags)
+}
+
+/// [`seed_on_any_port`] with `config` (top-level TOML keys) in its config file.
+fn seed_configured(
+    prefix: &[&str],
+    config: &str,
+    name: &str,
+    workers: usize,
+    flags: &[&str],
+) -> (Herd, BTreeSet<u32>, SocketAddr) {
     let app = seed_app();
-    let herd = launch_under(prefix, name, workers, flags, &[("PORT", "0".into())], &app);
+    let herd = launch_under(
+        prefix,
+        config,
+        name,
+        workers,
+        flags,
+        &[("PORT", "0".into())],
+        &app,
+    );
     let pids = herd.wait_all_ready(workers);
     let addr = loopback(status_listeners(&herd.status())[0]);
     (herd, pids, addr)
@@ -613,5 +634,26 @@ fn without_cap_bpf_round_robin_falls_back_to_hand_offs() {
     assert_strict(&rotation_of(addr, 10), &pids);
     let status = wait_for_status(&herd.dir, "10 handed off", |s| handed_off(s) == 10);
     assert_eq!(kernel_dealt(&status), 0);
+    assert!(herd.stop().success());
+}
+
+/// `max_connections_per_worker` counts the connections the kernel dealt
+/// (read twice a second, so a worker may take a few more before it is
+/// replaced): each worker is replaced gracefully once it has served its
+/// share, and no request fails meanwhile.
+#[test]
+fn kernel_dealt_connections_count_towards_recycling() {
+    let config = "max_connections_per_worker = 5";
+    let (herd, before, addr) = seed_configured(&[], config, "node-kernel-recycle", 2, &[]);
+    rotation_of(addr, 10);
+    herd.wait_for_herd_lines(
+        "served its max_connections_per_worker; replacing it gracefully",
+        2,
+    );
+    let status = wait_for_status(&herd.dir, "both workers replaced", |s| {
+        all_ready(s, 2) && pids_of(s).values().all(|p| !before.contains(p))
+    });
+    let after: BTreeSet<u32> = pids_of(&status).into_values().collect();
+    assert_strict(&rotation_of(addr, 4), &after);
     assert!(herd.stop().success());
 }
