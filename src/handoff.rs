@@ -35,6 +35,7 @@ use crate::listener::{self, BoundListener};
 use crate::node_ipc::{self, NodeChannel, SentHandle};
 use crate::protocol::{Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN};
 use crate::rotation::SlotRotation;
+use crate::wait_queue::WaitQueue;
 
 const WAKER: Token = Token(usize::MAX);
 /// Listener `i` has token `i`; worker channel `c` has token `WORKER_TOKEN_BASE + c`;
@@ -308,7 +309,7 @@ pub fn spawn(
         channels: Vec::new(),
         active: Vec::new(),
         dispatcher: Dispatcher::new(mode),
-        queue: VecDeque::with_capacity(limits.queue_limit),
+        queue: WaitQueue::default(),
         limits,
         commands,
         events,
@@ -447,7 +448,7 @@ struct HandoffLoop {
     active: Vec<Option<usize>>,
     dispatcher: Dispatcher,
     /// Accepted connections no worker could take yet, oldest first.
-    queue: VecDeque<Accepted>,
+    queue: WaitQueue<Accepted>,
     limits: HandoffSettings,
     commands: mpsc::Receiver<Command>,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
@@ -508,8 +509,8 @@ impl HandoffLoop {
     fn next_deadline(&self) -> Option<Instant> {
         let queue_expiry = self
             .queue
-            .front()
-            .map(|conn| conn.accepted_at + self.limits.queue_timeout);
+            .oldest(|conn| conn.accepted_at)
+            .map(|oldest| oldest + self.limits.queue_timeout);
         [queue_expiry, self.accept_paused_until, self.tally_due]
             .into_iter()
             .flatten()
@@ -535,11 +536,10 @@ impl HandoffLoop {
             self.tally_due = Some(now + TALLY_INTERVAL);
             self.tally_kernel_rotations();
         }
-        while let Some(conn) = self.queue.front() {
-            if now.duration_since(conn.accepted_at) < self.limits.queue_timeout {
-                break;
-            }
-            self.queue.pop_front();
+        let expired = self
+            .queue
+            .expire(now, self.limits.queue_timeout, |conn| conn.accepted_at);
+        for _ in 0..expired {
             let total = self.counters.dropped_queue_timeout.fetch_add(1, Relaxed) + 1;
             if total.is_power_of_two() {
                 warn!(
@@ -815,9 +815,11 @@ impl HandoffLoop {
         self.accept_backoff = (self.accept_backoff * 2).min(ACCEPT_BACKOFF_MAX);
     }
 
-    /// A new connection: straight to a worker when nothing waits before it.
+    /// A new connection: straight to a worker when nothing from its
+    /// listener waits before it.
     fn take_new(&mut self, conn: Accepted) {
-        let conn = if self.queue.is_empty() {
+        let lane = usize::from(conn.handoff.listener);
+        let conn = if self.queue.lane_is_empty(lane) {
             match self.try_dispatch(conn) {
                 Ok(()) => return,
                 Err(conn) => conn,
@@ -836,15 +838,19 @@ impl HandoffLoop {
                 );
             }
         } else {
-            self.queue.push_back(conn);
+            self.queue.push_back(lane, conn);
         }
     }
 
+    /// Dispatches what waits, each listener's line in order until its front
+    /// finds no worker; a stuck line does not hold up the others.
     fn flush_queue(&mut self) {
-        while let Some(conn) = self.queue.pop_front() {
-            if let Err(conn) = self.try_dispatch(conn) {
-                self.queue.push_front(conn);
-                return;
+        for lane in self.queue.busy_lanes() {
+            while let Some(conn) = self.queue.pop_front(lane) {
+                if let Err(conn) = self.try_dispatch(conn) {
+                    self.queue.push_front(lane, conn);
+                    break;
+                }
             }
         }
     }
@@ -1034,7 +1040,8 @@ impl HandoffLoop {
                     self.counters.requeued_refused.fetch_add(1, Relaxed);
                     self.counters.in_flight.fetch_sub(1, Relaxed);
                     entry.conn.refused_by = Some(worker.slot);
-                    self.queue.push_front(entry.conn);
+                    self.queue
+                        .push_front(usize::from(entry.conn.handoff.listener), entry.conn);
                 }
             }
             WorkerMessage::Ready { reports_closed } => {
@@ -1526,7 +1533,8 @@ impl HandoffLoop {
         }
         let requeued = worker.in_flight.len();
         for entry in worker.in_flight.into_iter().rev() {
-            self.queue.push_front(entry.conn);
+            self.queue
+                .push_front(usize::from(entry.conn.handoff.listener), entry.conn);
         }
         self.counters
             .requeued_worker_gone

@@ -16,6 +16,7 @@
 //! - [`fdpass`]: SCM_RIGHTS fd passing, and the eBPF rotation program the
 //!   kernel rotation hands its sockets to; the only `unsafe` code.
 //! - [`handoff`]: the mio loop that accepts and hands connections off.
+//! - [`wait_queue`]: accepted connections waiting for a worker, one line per listener.
 //! - [`node_ipc`]: Node.js cluster IPC, so unmodified Node cluster apps are workers.
 //! - [`rotation`]: round-robin for Node workers dealt by the kernel over
 //!   per-slot SO_REUSEPORT sockets, with herd taking over a gone worker's queue.
@@ -48,4 +49,5 @@ pub mod procstat;
 pub mod protocol;
 pub mod rotation;
 pub mod supervisor;
+pub mod wait_queue;
 pub mod worker;

@@ -657,3 +657,45 @@ fn kernel_dealt_connections_count_towards_recycling() {
     assert_strict(&rotation_of(addr, 4), &after);
     assert!(herd.stop().success());
 }
+
+/// Connections wait for a worker in one line per listener: one that no
+/// worker serves any more (the app closed that server everywhere) holds up
+/// only its own connections, not those of the app's other server.
+#[test]
+fn a_listener_no_worker_serves_does_not_hold_up_the_others() {
+    let app = facts_app();
+    let herd = launch_under(
+        &[],
+        "[handoff]\nqueue_timeout = \"60s\"",
+        "node-stuck-listener",
+        1,
+        &["--rotation", "handoff", "--metrics", "127.0.0.1:0"],
+        &[
+            ("HOST", "127.0.0.1".into()),
+            ("PORT", "0".into()),
+            ("SECOND_PORT", "0".into()),
+            ("CLOSE_SECOND", "1".into()),
+        ],
+        &app,
+    );
+    herd.wait_all_ready(1);
+    let listeners = wait_until("both listeners bound", || {
+        let listeners = status_listeners(&herd.status());
+        (listeners.len() == 2).then_some(listeners)
+    });
+    // Nobody takes the second server's connections: herd accepts them and
+    // they wait (the worker may first be offered one and refuse it).
+    let _waiting: Vec<TcpStream> = (0..3).map(|_| send(listeners[1])).collect();
+    let metrics = metrics_addr(&herd);
+    wait_until("the second listener's connections waiting", || {
+        let text = http(metrics, "GET", "/metrics").2;
+        let accepted = sample(&text, "herd_connections_accepted_total{listener=\"1\"}");
+        let in_flight = sample(&text, "herd_handoffs_in_flight");
+        (accepted == 3.0 && in_flight == 0.0).then_some(())
+    });
+    for _ in 0..3 {
+        let facts: Value = serde_json::from_str(&body_of(send(listeners[0]))).unwrap();
+        assert_eq!(facts["server"], "first", "{facts}");
+    }
+    assert!(herd.stop().success());
+}
