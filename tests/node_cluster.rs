@@ -554,7 +554,8 @@ fn kernel_rotation_serves_a_configured_listener_the_app_listens_on() {
 /// the queue over and hands each waiting connection to a live worker.
 #[test]
 fn a_dead_workers_queued_turns_are_served_by_the_others() {
-    let (herd, _, addr) = seed_on_any_port(&[], "node-kernel-no-leak", 2, &[]);
+    let flags = ["--metrics", "127.0.0.1:0"];
+    let (herd, _, addr) = seed_on_any_port(&[], "node-kernel-no-leak", 2, &flags);
     let victim = pids_of(&herd.status())[&0];
     signal(victim, Signal::SIGSTOP);
     let clients: Vec<TcpStream> = (0..6).map(|_| send(addr)).collect();
@@ -563,6 +564,10 @@ fn a_dead_workers_queued_turns_are_served_by_the_others() {
     for client in clients {
         assert_ne!(seed_pid(&body_of(client)), victim);
     }
+    let text = http(metrics_addr(&herd), "GET", "/metrics").2;
+    assert_eq!(sample(&text, "herd_connections_kernel_dealt_total"), 6.0);
+    let taken = "herd_connections_redispatched_total{reason=\"slot-queue\"}";
+    assert!(sample(&text, taken) >= 3.0, "{text}");
     assert_requeued_at_least(herd, 3);
 }
 
