@@ -27,9 +27,9 @@ use tokio::time::Instant;
 use crate::bench::{self, BenchError, BenchOptions, BenchReport, Limit, SourceRange, Target};
 use crate::config::MAX_WORKERS;
 use crate::control::{self, ControlError, Request, Response, StatusReport};
+use crate::lifecycle::SlotState;
 use crate::metrics::{fairness, Fairness};
 use crate::procstat;
-use crate::supervisor::SlotState;
 
 /// Every mode name `--modes` accepts. A mode whose herd fails to start
 /// becomes a row with a note, not the end of the comparison.

@@ -96,6 +96,15 @@ pub struct Config {
     pub ready_timeout: String,
     /// For workers that never send READY: count them ready this long after start.
     pub ready_delay: Option<String>,
+    /// A worker whose oldest unacknowledged hand-off is older than this is
+    /// hung: its connections go to other workers, it is killed and
+    /// replaced. "0s" turns it off.
+    pub hang_timeout: String,
+    /// What a worker's processes are: "control-group" (a cgroup v2 leaf per
+    /// worker, which also holds helpers that left its process group),
+    /// "process-group", or "auto" (control-group where herd can create
+    /// cgroups, else process-group).
+    pub kill_mode: String,
     /// Slots replaced at a time during a rolling reload.
     pub reload_batch: i64,
     /// Replace a worker (gracefully) once its resident memory exceeds this, e.g. "512MiB".
@@ -169,6 +178,8 @@ impl Default for Config {
             shutdown_timeout: "10s".into(),
             ready_timeout: "30s".into(),
             ready_delay: None,
+            hang_timeout: "30s".into(),
+            kill_mode: "auto".into(),
             reload_batch: 1,
             max_memory: None,
             max_connections_per_worker: None,
@@ -256,6 +267,9 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     pub ready_timeout: Duration,
     pub ready_delay: Option<Duration>,
+    /// `None`: hung workers are not looked for.
+    pub hang_timeout: Option<Duration>,
+    pub kill_mode: KillMode,
     pub reload_batch: usize,
     /// Bytes.
     pub max_memory: Option<u64>,
@@ -503,6 +517,20 @@ impl Config {
                 Some(text) => Some(duration("ready_delay", text)?),
                 None => None,
             },
+            hang_timeout: Some(duration("hang_timeout", &self.hang_timeout)?)
+                .filter(|timeout| !timeout.is_zero()),
+            kill_mode: match self.kill_mode.as_str() {
+                "auto" => KillMode::Auto,
+                "control-group" => KillMode::ControlGroup,
+                "process-group" => KillMode::ProcessGroup,
+                other => {
+                    return Err(invalid(
+                        "kill_mode",
+                        format!("{other:?}"),
+                        "expected one of: auto, control-group, process-group",
+                    ))
+                }
+            },
             reload_batch: in_range("reload_batch", self.reload_batch, 1, MAX_WORKERS as i64)?
                 as usize,
             max_memory: match &self.max_memory {
@@ -664,6 +692,28 @@ fn resolve_user(
 
 fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
     parse_duration(text).map_err(|reason| invalid(key, format!("{text:?}"), reason))
+}
+
+/// How herd finds every process of a worker, to kill them with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillMode {
+    /// A cgroup per worker where herd can create one, else process groups.
+    Auto,
+    /// A cgroup v2 leaf per worker; herd refuses to start without one.
+    ControlGroup,
+    /// The worker's process group (and, at stop, everything herd adopted
+    /// as the subreaper of its workers' orphans).
+    ProcessGroup,
+}
+
+impl KillMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            KillMode::Auto => "auto",
+            KillMode::ControlGroup => "control-group",
+            KillMode::ProcessGroup => "process-group",
+        }
+    }
 }
 
 /// What a worker speaks on its channel.
@@ -931,6 +981,34 @@ mod tests {
         config.user = None;
         config.group = Some("root".into());
         assert!(error_of(&config).starts_with("invalid `group`"));
+    }
+
+    #[test]
+    fn hang_timeout_defaults_to_30s_and_0s_turns_it_off() {
+        let mut config = minimal();
+        assert_eq!(
+            config.validate().unwrap().hang_timeout,
+            Some(Duration::from_secs(30))
+        );
+        config.hang_timeout = "0s".into();
+        assert_eq!(config.validate().unwrap().hang_timeout, None);
+        config.hang_timeout = "soon".into();
+        assert!(error_of(&config).starts_with("invalid `hang_timeout` = \"soon\""));
+    }
+
+    #[test]
+    fn kill_mode_is_one_of_three_or_named() {
+        let mut config = minimal();
+        assert_eq!(config.validate().unwrap().kill_mode, KillMode::Auto);
+        config.kill_mode = "process-group".into();
+        assert_eq!(config.validate().unwrap().kill_mode, KillMode::ProcessGroup);
+        config.kill_mode = "control-group".into();
+        assert_eq!(config.validate().unwrap().kill_mode, KillMode::ControlGroup);
+        config.kill_mode = "process".into();
+        assert_eq!(
+            error_of(&config),
+            "invalid `kill_mode` = \"process\": expected one of: auto, control-group, process-group"
+        );
     }
 
     #[test]

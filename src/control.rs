@@ -18,8 +18,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
+use crate::lifecycle::{Phase, SlotState};
 use crate::metrics::Fairness;
-use crate::supervisor::{Phase, SlotStatus};
 
 /// A command for the running herd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +72,20 @@ pub struct StatusReport {
     /// Of the hand-offs, those the kernel rotation dealt (Node workers).
     #[serde(default)]
     pub kernel_dealt: u64,
+}
+
+/// One row of `herd status` (and of its JSON): a slot and the worker that
+/// stands for it (serving, else starting, else hung).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SlotStatus {
+    pub slot: usize,
+    pub pid: Option<u32>,
+    pub state: SlotState,
+    pub uptime_secs: Option<f64>,
+    pub restarts: u64,
+    pub handed_off: u64,
+    pub rss_bytes: Option<u64>,
+    pub cpu_percent: Option<f64>,
 }
 
 /// The serde name of a unit enum variant (e.g. `crash-looping`).

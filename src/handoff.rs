@@ -31,6 +31,7 @@ use crate::config::{HandoffSettings, MAX_WORKERS};
 use crate::dispatch::{Dispatcher, Mode};
 use crate::fdpass;
 use crate::fdpass::rotation_bpf::MAX_ROTATION;
+use crate::lifecycle::{Role, WorkerId};
 use crate::listener::{self, BoundListener};
 use crate::node_ipc::{self, NodeChannel, SentHandle};
 use crate::protocol::{Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN};
@@ -45,6 +46,10 @@ const WORKER_TOKEN_BASE: usize = 1 << 16;
 const SLOT_TOKEN_BASE: usize = 1 << 24;
 /// How often the kernel rotations' per-slot counts are read into [`Counters`].
 const TALLY_INTERVAL: Duration = Duration::from_millis(500);
+/// How often workers are checked for a hand-off older than their
+/// `hang_timeout`: a hung worker is found within that plus this. A pass
+/// looks at the oldest hand-off of each worker, so it costs O(workers).
+const HANG_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// Listeners herd may hold: configured, plus those Node apps ask for.
 pub const MAX_LISTENERS: usize = 256;
 
@@ -53,17 +58,15 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// Long enough not to spin, short enough that clients barely notice.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// What the supervisor asks of the hand-off loop.
+/// What the supervisor tells the hand-off loop. The supervisor decides
+/// every worker's [`Role`]; the loop routes connections by it and never
+/// changes it on its own.
 #[derive(Debug)]
 pub enum Command {
-    /// A new worker for `slot`. It gets connections once it is ready (says
-    /// READY, or is marked ready); at that moment it takes the slot over and
-    /// the slot's previous worker, if any, is sent DRAIN. So a restart, a
-    /// reload and a memory recycle are all the same move.
+    /// A new worker for `slot`, starting: it gets nothing until [`Command::Serve`].
     AddWorker {
         slot: usize,
-        /// Unique per spawned process, so events can't be confused across restarts.
-        uid: u64,
+        worker: WorkerId,
         pid: u32,
         channel: OwnedFd,
         /// The worker is a Node.js cluster app: `channel` is Node's IPC
@@ -72,41 +75,42 @@ pub enum Command {
         /// Hand this worker at most this many connections, then report
         /// [`Event::RecycleDue`] (the `max_connections_per_worker` limit).
         recycle_after: Option<u64>,
+        /// A hand-off unacknowledged for this long makes it hung
+        /// ([`Event::Hung`]); `None`: never.
+        hang_timeout: Option<Duration>,
     },
-    /// Treat the worker as ready although it has not said READY (for
-    /// workers configured with `ready_delay`).
-    MarkReady { uid: u64 },
-    /// Set the number of slots; workers in slots at or above `count` are drained.
+    /// The worker holds its slot now and gets the slot's connections.
+    Serve { worker: WorkerId },
+    /// The worker gets nothing more and is sent DRAIN (Node: `disconnect`).
+    Drain { worker: WorkerId },
+    /// The worker's process has exited: what it had not acknowledged goes to
+    /// other workers now, even if a helper still holds its channel open.
+    Forget { worker: WorkerId },
+    /// Only slots below `count` remain (their workers were drained first).
     SetSlots { count: usize },
-    /// Close the listeners, hand off what is queued where possible, and send
-    /// every worker DRAIN. The loop keeps collecting ACKs until [`Command::Exit`].
+    /// Close the listeners and hand off what is queued where possible. The
+    /// loop keeps collecting ACKs until [`Command::Exit`].
     StopAccepting,
     /// End the loop now.
     Exit,
 }
 
-/// What the hand-off loop tells the supervisor.
+/// What the hand-off loop observed, for the supervisor to decide on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The worker is ready and now holds its slot; `replaced` is the uid of
-    /// the worker that held it before and has been sent DRAIN.
-    WorkerReady {
-        slot: usize,
-        uid: u64,
-        pid: u32,
-        /// It said READY itself (rather than being marked ready by `ready_delay`).
-        announced: bool,
-        replaced: Option<u64>,
-    },
-    /// The worker's channel closed (it exited or closed it); `requeued`
-    /// connections it had not acknowledged went back to the queue.
-    ChannelClosed {
-        slot: usize,
-        uid: u64,
-        requeued: usize,
-    },
+    /// The worker said READY (Node: `listening`).
+    Ready { worker: WorkerId },
+    /// [`Command::Serve`] took effect: the worker gets connections now.
+    Serving { worker: WorkerId },
+    /// The worker's channel reached EOF; what it had not acknowledged went
+    /// back to the queue.
+    ChannelClosed { worker: WorkerId },
     /// The worker was sent its `recycle_after` connections and gets no more.
-    RecycleDue { slot: usize, uid: u64 },
+    RecycleDue { worker: WorkerId },
+    /// The worker's oldest unacknowledged hand-off is older than its
+    /// `hang_timeout`: it gets nothing more, and what it had not
+    /// acknowledged went to other workers.
+    Hung { worker: WorkerId },
 }
 
 /// Lock-free counters the loop updates and anyone may read.
@@ -126,6 +130,8 @@ pub struct Counters {
     /// Connections herd accepted from the kernel-rotation socket of a slot
     /// whose worker died or was stopped, and handed to another.
     pub requeued_slot_queue: AtomicU64,
+    /// Connections taken back from a worker found hung, handed to another.
+    pub requeued_hung: AtomicU64,
     /// Connections sent to a worker and not yet acknowledged, right now.
     pub in_flight: AtomicU64,
     /// Per slot, connections its workers acknowledged and have not reported
@@ -242,6 +248,7 @@ impl Counters {
             requeued_worker_gone: AtomicU64::new(0),
             requeued_refused: AtomicU64::new(0),
             requeued_slot_queue: AtomicU64::new(0),
+            requeued_hung: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             open_connections: zeros(MAX_WORKERS),
             reports_closed: (0..MAX_WORKERS).map(|_| Default::default()).collect(),
@@ -321,6 +328,7 @@ pub fn spawn(
         shutting_down: false,
         stopped_accepting: false,
         tally_due: None,
+        hang_check_due: None,
     };
     for bound in listeners {
         handoff_loop.add_listener(bound.socket, None)?;
@@ -365,23 +373,17 @@ struct InFlight {
     sent_at: Instant,
 }
 
-/// Where a worker stands in its slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    /// Started, not yet ready: gets nothing.
-    Standby,
-    /// Ready and holding its slot: gets connections.
-    Active,
-    /// Sent DRAIN: gets nothing more; its ACKs are still collected.
-    Draining,
-}
-
 struct WorkerChannel {
     slot: usize,
-    uid: u64,
+    worker: WorkerId,
     pid: u32,
     channel: OwnedFd,
+    /// As the supervisor last said.
     role: Role,
+    /// Found hung: gets nothing more, whatever its role, until it is gone.
+    hung: bool,
+    /// See [`Command::AddWorker`].
+    hang_timeout: Option<Duration>,
     /// The last send said the channel is full; cleared when it drains.
     blocked: bool,
     /// DRAIN could not be sent yet because the channel was full.
@@ -412,7 +414,8 @@ impl WorkerChannel {
 
     /// Can the worker be sent a connection from `listener` now?
     fn can_take(&self, listener: u16, now: Instant, limits: &HandoffSettings) -> bool {
-        self.role == Role::Active
+        self.role == Role::Serving
+            && !self.hung
             && !self.blocked
             && self.recycle_after.is_none_or(|limit| self.sent < limit)
             && self.node.as_ref().is_none_or(|node| node.serves(listener))
@@ -464,6 +467,9 @@ struct HandoffLoop {
     stopped_accepting: bool,
     /// When the kernel rotations' counts are read next (`None`: no rotation).
     tally_due: Option<Instant>,
+    /// When workers are next checked for a hang (`None`: no worker has a
+    /// `hang_timeout`).
+    hang_check_due: Option<Instant>,
 }
 
 impl HandoffLoop {
@@ -511,10 +517,15 @@ impl HandoffLoop {
             .queue
             .oldest(|conn| conn.accepted_at)
             .map(|oldest| oldest + self.limits.queue_timeout);
-        [queue_expiry, self.accept_paused_until, self.tally_due]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            queue_expiry,
+            self.accept_paused_until,
+            self.tally_due,
+            self.hang_check_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn on_timers(&mut self, now: Instant) {
@@ -536,6 +547,10 @@ impl HandoffLoop {
             self.tally_due = Some(now + TALLY_INTERVAL);
             self.tally_kernel_rotations();
         }
+        if self.hang_check_due.is_some_and(|due| due <= now) {
+            self.hang_check_due = Some(now + HANG_CHECK_INTERVAL);
+            self.find_hung(now);
+        }
         let expired = self
             .queue
             .expire(now, self.limits.queue_timeout, |conn| conn.accepted_at);
@@ -556,18 +571,39 @@ impl HandoffLoop {
             match command {
                 Command::AddWorker {
                     slot,
-                    uid,
+                    worker,
                     pid,
                     channel,
                     node,
                     recycle_after,
-                } => self.add_worker(slot, uid, pid, channel, node, recycle_after),
-                Command::MarkReady { uid } => {
-                    if let Some(index) = self.find(uid) {
-                        self.make_ready(index, false);
+                    hang_timeout,
+                } => {
+                    let added = NewWorker {
+                        slot,
+                        worker,
+                        pid,
+                        node,
+                        recycle_after,
+                        hang_timeout,
+                    };
+                    self.add_worker(added, channel)
+                }
+                Command::Serve { worker } => {
+                    if let Some(index) = self.find(worker) {
+                        self.serve(index);
                     }
                 }
-                Command::SetSlots { count } => self.set_slots(count),
+                Command::Drain { worker } => {
+                    if let Some(index) = self.find(worker) {
+                        self.drain(index);
+                    }
+                }
+                Command::Forget { worker } => {
+                    if let Some(index) = self.find(worker) {
+                        self.retire(index, Retired::ProcessExited);
+                    }
+                }
+                Command::SetSlots { count } => self.active.truncate(count.min(MAX_WORKERS)),
                 Command::StopAccepting => {
                     self.stopped_accepting = true;
                     // Last count of what the kernel dealt, for the closing tally.
@@ -575,30 +611,27 @@ impl HandoffLoop {
                     self.tally_due = None;
                     self.listeners.clear();
                     self.flush_queue();
-                    for index in 0..self.channels.len() {
-                        self.drain(index);
-                    }
                 }
                 Command::Exit => self.shutting_down = true,
             }
         }
     }
 
-    fn find(&self, uid: u64) -> Option<usize> {
+    fn find(&self, worker: WorkerId) -> Option<usize> {
         self.channels
             .iter()
-            .position(|c| c.as_ref().is_some_and(|c| c.uid == uid))
+            .position(|c| c.as_ref().is_some_and(|c| c.worker == worker))
     }
 
-    fn add_worker(
-        &mut self,
-        slot: usize,
-        uid: u64,
-        pid: u32,
-        channel: OwnedFd,
-        node: bool,
-        recycle_after: Option<u64>,
-    ) {
+    fn add_worker(&mut self, added: NewWorker, channel: OwnedFd) {
+        let NewWorker {
+            slot,
+            worker,
+            pid,
+            node,
+            recycle_after,
+            hang_timeout,
+        } = added;
         if slot >= MAX_WORKERS {
             error!(slot, "worker slot out of range; closing its channel");
             return;
@@ -622,12 +655,18 @@ impl HandoffLoop {
             error!(slot, "cannot watch worker channel: {e}");
             return;
         }
+        if hang_timeout.is_some() {
+            self.hang_check_due
+                .get_or_insert(Instant::now() + HANG_CHECK_INTERVAL);
+        }
         self.channels[index] = Some(WorkerChannel {
             slot,
-            uid,
+            worker,
             pid,
             channel,
-            role: Role::Standby,
+            role: Role::Starting,
+            hung: false,
+            hang_timeout,
             blocked: false,
             drain_pending: false,
             in_flight: VecDeque::with_capacity(self.limits.max_unacked),
@@ -642,35 +681,71 @@ impl HandoffLoop {
         self.read_worker(index);
     }
 
-    /// A standby worker became ready: it takes its slot over, and the worker
-    /// that held the slot is drained.
-    fn make_ready(&mut self, index: usize, announced: bool) {
+    /// The worker said READY: the supervisor decides what follows.
+    fn report_ready(&mut self, index: usize) {
+        if let Some(worker) = self.channels[index].as_ref() {
+            let _ = self.events.send(Event::Ready {
+                worker: worker.worker,
+            });
+        }
+    }
+
+    /// The supervisor made the worker its slot's: it gets the slot's
+    /// connections from now on. A worker told to drain stays drained.
+    fn serve(&mut self, index: usize) {
         let Some(worker) = self.channels[index].as_mut() else {
             return;
         };
-        if worker.role != Role::Standby {
+        if worker.role != Role::Starting {
             return;
         }
-        let slot = worker.slot;
-        if slot >= self.active.len() {
-            // The slot was removed while this worker started.
-            return self.drain(index);
+        worker.role = Role::Serving;
+        let (slot, id) = (worker.slot, worker.worker);
+        if self.active.len() <= slot {
+            self.active.resize(slot + 1, None);
         }
-        worker.role = Role::Active;
-        let (uid, pid) = (worker.uid, worker.pid);
-        let replaced = self.active[slot].replace(index);
-        let replaced_uid = replaced.and_then(|old| {
-            let uid = self.channels[old].as_ref().map(|w| w.uid);
-            self.drain(old);
-            uid
-        });
-        let _ = self.events.send(Event::WorkerReady {
-            slot,
-            uid,
-            pid,
-            announced,
-            replaced: replaced_uid,
-        });
+        self.active[slot] = Some(index);
+        let _ = self.events.send(Event::Serving { worker: id });
+    }
+
+    /// Every `hang_timeout` worker whose oldest unacknowledged hand-off is
+    /// older than that is hung: it gets nothing more, its unacknowledged
+    /// connections go back to the front of the queue, and the supervisor
+    /// is told (it kills and replaces it). A late ACK from it is ignored.
+    fn find_hung(&mut self, now: Instant) {
+        for index in 0..self.channels.len() {
+            let Some(worker) = self.channels[index].as_mut() else {
+                continue;
+            };
+            let Some(limit) = worker.hang_timeout else {
+                continue;
+            };
+            let stale = worker
+                .in_flight
+                .front()
+                .is_some_and(|oldest| now.duration_since(oldest.sent_at) >= limit);
+            if worker.hung || !stale {
+                continue;
+            }
+            worker.hung = true;
+            if self.active.get(worker.slot) == Some(&Some(index)) {
+                self.active[worker.slot] = None;
+            }
+            let requeued = self.requeue_in_flight(index);
+            self.counters
+                .requeued_hung
+                .fetch_add(requeued as u64, Relaxed);
+            let worker = self.channels[index].as_ref().expect("looked up above");
+            warn!(
+                slot = worker.slot,
+                pid = worker.pid,
+                requeued,
+                "worker acknowledged nothing for {limit:?} (hang_timeout): it is hung; handing its connections to other workers"
+            );
+            let _ = self.events.send(Event::Hung {
+                worker: worker.worker,
+            });
+        }
     }
 
     /// Stops giving a worker connections and sends it DRAIN (now, or as
@@ -721,19 +796,6 @@ impl HandoffLoop {
             // The worker is gone; its channel's EOF will retire it.
             Err(_) => worker.drain_pending = false,
         }
-    }
-
-    fn set_slots(&mut self, count: usize) {
-        let count = count.min(MAX_WORKERS);
-        for index in 0..self.channels.len() {
-            if self.channels[index]
-                .as_ref()
-                .is_some_and(|w| w.slot >= count)
-            {
-                self.drain(index);
-            }
-        }
-        self.active.resize(count, None);
     }
 
     /// Accepts until the listener says EAGAIN (edge-triggered: we get no
@@ -904,8 +966,7 @@ impl HandoffLoop {
                     self.counters.in_flight.fetch_add(1, Relaxed);
                     if worker.recycle_after == Some(worker.sent) {
                         let _ = self.events.send(Event::RecycleDue {
-                            slot,
-                            uid: worker.uid,
+                            worker: worker.worker,
                         });
                     }
                     if worker.node.as_ref().is_some_and(NodeChannel::wants_write) {
@@ -924,7 +985,7 @@ impl HandoffLoop {
                 }
                 Err(e) => {
                     debug!(slot, "worker channel failed on send: {e}");
-                    self.retire(index);
+                    self.retire(index, Retired::ChannelClosed);
                 }
             }
         }
@@ -992,7 +1053,7 @@ impl HandoffLoop {
                         }
                     }
                 },
-                Ok(None) => return self.retire(index),
+                Ok(None) => return self.retire(index, Retired::ChannelClosed),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
@@ -1004,7 +1065,7 @@ impl HandoffLoop {
                 }
                 Err(e) => {
                     debug!(slot = worker.slot, "worker channel failed on receive: {e}");
-                    return self.retire(index);
+                    return self.retire(index, Retired::ChannelClosed);
                 }
             }
         }
@@ -1049,7 +1110,7 @@ impl HandoffLoop {
                     worker.closed = Some(0);
                     self.counters.reports_closed[worker.slot].store(true, Relaxed);
                 }
-                self.make_ready(index, true)
+                self.report_ready(index)
             }
             WorkerMessage::Accepted { listener, .. } => {
                 // OS-scheduled modes: the worker accepted by itself; count
@@ -1065,8 +1126,7 @@ impl HandoffLoop {
                 }
                 if worker.recycle_after == Some(worker.sent) {
                     let _ = self.events.send(Event::RecycleDue {
-                        slot: worker.slot,
-                        uid: worker.uid,
+                        worker: worker.worker,
                     });
                 }
             }
@@ -1105,10 +1165,10 @@ impl HandoffLoop {
         }
         match open {
             Ok(true) => {}
-            Ok(false) => self.retire(index),
+            Ok(false) => self.retire(index, Retired::ChannelClosed),
             Err(e) => {
                 debug!("Node worker channel failed: {e}");
-                self.retire(index);
+                self.retire(index, Retired::ChannelClosed);
             }
         }
     }
@@ -1123,7 +1183,7 @@ impl HandoffLoop {
         let sent = match message {
             Incoming::QueryServer(query) => return self.answer_query(index, query),
             Incoming::Listening => {
-                self.make_ready(index, true);
+                self.report_ready(index);
                 Ok(())
             }
             Incoming::Accepted { ack, accepted } => {
@@ -1293,8 +1353,7 @@ impl HandoffLoop {
                 if let Some(limit) = worker.recycle_after {
                     if before < limit && worker.sent >= limit {
                         let _ = self.events.send(Event::RecycleDue {
-                            slot,
-                            uid: worker.uid,
+                            worker: worker.worker,
                         });
                     }
                 }
@@ -1510,14 +1569,16 @@ impl HandoffLoop {
             }
             Err(e) => {
                 debug!("Node worker channel failed on send: {e}");
-                self.retire(index);
+                self.retire(index, Retired::ChannelClosed);
             }
         }
     }
 
-    /// Removes a worker whose channel is gone and puts every connection it
-    /// had not acknowledged back at the front of the queue, oldest first.
-    fn retire(&mut self, index: usize) {
+    /// Removes a worker whose channel is gone, or whose process exited, and
+    /// puts every connection it had not acknowledged back at the front of
+    /// the queue, oldest first.
+    fn retire(&mut self, index: usize, why: Retired) {
+        let requeued = self.requeue_in_flight(index);
         let Some(worker) = self.channels[index].take() else {
             return;
         };
@@ -1531,15 +1592,9 @@ impl HandoffLoop {
             // Whatever it still had open ended with its channel.
             self.counters.open_connections[worker.slot].fetch_sub(worker.acked - closed, Relaxed);
         }
-        let requeued = worker.in_flight.len();
-        for entry in worker.in_flight.into_iter().rev() {
-            self.queue
-                .push_front(usize::from(entry.conn.handoff.listener), entry.conn);
-        }
         self.counters
             .requeued_worker_gone
             .fetch_add(requeued as u64, Relaxed);
-        self.counters.in_flight.fetch_sub(requeued as u64, Relaxed);
         if requeued > 0 {
             info!(
                 slot = worker.slot,
@@ -1548,12 +1603,46 @@ impl HandoffLoop {
                 "worker left unacknowledged connections; handing them to other workers"
             );
         }
-        let _ = self.events.send(Event::ChannelClosed {
-            slot: worker.slot,
-            uid: worker.uid,
-            requeued,
-        });
+        if why == Retired::ChannelClosed {
+            let _ = self.events.send(Event::ChannelClosed {
+                worker: worker.worker,
+            });
+        }
     }
+
+    /// Takes back every connection sent to worker `index` and not yet
+    /// acknowledged, to the front of their queues, oldest first.
+    fn requeue_in_flight(&mut self, index: usize) -> usize {
+        let Some(worker) = self.channels[index].as_mut() else {
+            return 0;
+        };
+        let requeued = worker.in_flight.len();
+        for entry in worker.in_flight.drain(..).rev() {
+            self.queue
+                .push_front(usize::from(entry.conn.handoff.listener), entry.conn);
+        }
+        self.counters.in_flight.fetch_sub(requeued as u64, Relaxed);
+        requeued
+    }
+}
+
+/// Why a worker left the hand-off loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retired {
+    /// Its channel reached EOF or failed: the supervisor is told.
+    ChannelClosed,
+    /// The supervisor said its process exited ([`Command::Forget`]).
+    ProcessExited,
+}
+
+/// What the loop needs to know of a worker it is given.
+struct NewWorker {
+    slot: usize,
+    worker: WorkerId,
+    pid: u32,
+    node: bool,
+    recycle_after: Option<u64>,
+    hang_timeout: Option<Duration>,
 }
 
 /// Removes the in-flight entry for `id`: the front in the common case, since

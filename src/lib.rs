@@ -20,7 +20,12 @@
 //! - [`node_ipc`]: Node.js cluster IPC, so unmodified Node cluster apps are workers.
 //! - [`rotation`]: round-robin for Node workers dealt by the kernel over
 //!   per-slot SO_REUSEPORT sockets, with herd taking over a gone worker's queue.
-//! - [`supervisor`]: spawning, readiness, restarts, reloads, scaling, stopping workers.
+//! - [`lifecycle`]: the supervisor's decision core, a pure state machine of
+//!   worker slots and processes (start, restart, replace, drain, kill, reload, stop).
+//! - [`supervisor`]: carries out the core's decisions on real processes.
+//! - [`process`]: starting, signalling and reaping worker processes (herd is their subreaper).
+//! - [`cgroup`]: a cgroup v2 leaf per worker, so nothing it starts outlives it.
+//! - [`worker_output`]: workers' stdout and stderr, forwarded line by line.
 //! - [`procstat`]: worker memory and CPU from `/proc`.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 //! - [`control`]: the control socket behind `herd status`, `reload`, `scale`, `stop`.
@@ -35,19 +40,23 @@
 
 pub mod activation;
 pub mod bench;
+pub mod cgroup;
 pub mod compare;
 pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod fdpass;
 pub mod handoff;
+pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod node_ipc;
 pub mod primary;
+pub mod process;
 pub mod procstat;
 pub mod protocol;
 pub mod rotation;
 pub mod supervisor;
 pub mod wait_queue;
 pub mod worker;
+pub mod worker_output;

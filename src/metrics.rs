@@ -28,35 +28,9 @@ use prometheus::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
+use crate::control::SlotStatus;
 use crate::handoff::{Counters, ACCEPT_ERROR_KINDS, LATENCY_BOUNDS_NANOS};
-use crate::supervisor::{SlotState, SlotStatus};
-
-/// Why a worker slot was restarted or its worker replaced (the `reason` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RestartReason {
-    /// The worker exited with a status code.
-    Exit,
-    /// The worker was killed by a signal.
-    Signal,
-    /// The worker did not become ready within `ready_timeout`.
-    ReadyTimeout,
-    /// The worker exceeded `max_memory`.
-    Memory,
-    /// The worker reached `max_connections_per_worker`.
-    Recycle,
-}
-
-impl RestartReason {
-    fn label(self) -> &'static str {
-        match self {
-            RestartReason::Exit => "exit",
-            RestartReason::Signal => "signal",
-            RestartReason::ReadyTimeout => "ready-timeout",
-            RestartReason::Memory => "memory",
-            RestartReason::Recycle => "recycle",
-        }
-    }
-}
+use crate::lifecycle::{RestartReason, SlotState};
 
 /// Every metric family herd exports.
 pub struct Metrics {
@@ -138,7 +112,7 @@ impl Metrics {
             ),
             redispatched: counter_vec(
                 "herd_connections_redispatched_total",
-                "Connections taken back from a worker and handed to another (worker-gone: it died before acknowledging; refused: it sent NACK; slot-queue: they waited in the kernel-rotation socket of a worker that died or was stopped).",
+                "Connections taken back from a worker and handed to another (worker-gone: it died before acknowledging; refused: it sent NACK; slot-queue: they waited in the kernel-rotation socket of a worker that died or was stopped; hung: its oldest went unacknowledged for hang_timeout).",
                 &["reason"],
             ),
             kernel_dealt: add(
@@ -213,7 +187,7 @@ impl Metrics {
         for result in ["success", "failure"] {
             metrics.reloads.with_label_values(&[result]);
         }
-        for reason in ["worker-gone", "refused", "slot-queue"] {
+        for reason in ["worker-gone", "refused", "slot-queue", "hung"] {
             metrics.redispatched.with_label_values(&[reason]);
         }
         for reason in ["queue-full", "no-worker"] {
@@ -269,6 +243,10 @@ impl Metrics {
             &self.redispatched.with_label_values(&["slot-queue"]),
             counters.requeued_slot_queue.load(Relaxed),
         );
+        sync(
+            &self.redispatched.with_label_values(&["hung"]),
+            counters.requeued_hung.load(Relaxed),
+        );
         sync(&self.kernel_dealt, counters.kernel_dealt.load(Relaxed));
         sync(
             &self.dropped.with_label_values(&["queue-full"]),
@@ -300,6 +278,7 @@ impl Metrics {
             SlotState::Replacing,
             SlotState::Waiting,
             SlotState::CrashLooping,
+            SlotState::Hung,
         ] {
             let count = slots.iter().filter(|s| s.state == state).count();
             self.workers

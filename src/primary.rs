@@ -1,12 +1,15 @@
 //! The primary process: binds, starts the hand-off loop and the workers, and
 //! runs until told to stop.
 //!
-//! Owns herd's own lifecycle (docs/lifecycle.md) and the wiring between the
-//! parts: listeners are bound first (a busy port stops herd before any worker
-//! exists), then the control socket, then the hand-off thread, then the
-//! supervisor fills the worker slots. The main thread's tokio runtime then
-//! multiplexes supervisor notices, hand-off events, signals and control
-//! requests, so every decision about workers is taken in one place.
+//! Owns the wiring between the parts and herd's signals: herd makes itself
+//! the subreaper of its workers' descendants and sets up their cgroups
+//! (killing what a SIGKILLed herd left there), then binds the listeners (a
+//! busy port stops herd before any worker exists), the control socket and
+//! the hand-off thread, and the supervisor fills the worker slots. The main
+//! thread's tokio runtime then multiplexes hand-off events, reaped exits,
+//! timers, signals and control requests, so every decision about workers
+//! is taken in one place, in order; whether herd is stopping is the
+//! supervisor's to say ([`Phase`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -18,11 +21,14 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::activation::WorkerSockets;
-use crate::config::{ConfigSource, Settings, WorkerProtocol, MAX_WORKERS};
+use crate::cgroup::{CgroupError, CgroupTree};
+use crate::config::{ConfigSource, KillMode, Settings, WorkerProtocol, MAX_WORKERS};
 use crate::control::{self, ControlServer, Incoming, Request, Response, StatusReport};
-use crate::handoff::{self, Command, Counters, Event};
+use crate::handoff::{self, Command, Counters};
+use crate::lifecycle::Phase;
 use crate::listener::{self, ListenError};
 use crate::metrics::{self, Metrics, MetricsBindError};
+use crate::process;
 use crate::supervisor::Supervisor;
 
 /// Why herd could not run.
@@ -38,6 +44,8 @@ pub enum PrimaryError {
     HandoffLoop(#[source] std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("`kill_mode` = \"control-group\", but herd cannot give workers cgroups: {0}")]
+    Cgroups(#[source] CgroupError),
 }
 
 impl PrimaryError {
@@ -67,6 +75,8 @@ struct Signals {
     hangup: Signal,
     add_worker: Signal,
     remove_worker: Signal,
+    /// A child exited: reap it.
+    child: Signal,
 }
 
 impl Signals {
@@ -78,21 +88,46 @@ impl Signals {
             hangup: signal(SignalKind::hangup())?,
             add_worker: signal(SignalKind::from_raw(nix::libc::SIGTTIN))?,
             remove_worker: signal(SignalKind::from_raw(nix::libc::SIGTTOU))?,
+            child: signal(SignalKind::child())?,
         })
     }
 }
 
-/// A stop in progress.
-struct Stopping {
-    deadline: tokio::time::Instant,
-    /// Workers were SIGKILLed rather than all exiting in time.
-    forced: bool,
-    /// `herd stop` clients waiting for the outcome.
-    waiters: Vec<oneshot::Sender<Response>>,
+/// Where a worker's processes are: a cgroup per worker where herd can,
+/// else process groups. Killing what a SIGKILLed herd left in its cgroups
+/// comes first, as it may still hold the port herd is about to bind.
+fn worker_cgroups(mode: KillMode) -> Result<Option<CgroupTree>, PrimaryError> {
+    if mode == KillMode::ProcessGroup {
+        return Ok(None);
+    }
+    match CgroupTree::create() {
+        Ok((tree, leftovers)) => {
+            for left in leftovers {
+                warn!(
+                    killed = left.killed,
+                    "killed the processes left behind by herd pid {} (it did not stop cleanly, e.g. it was SIGKILLed)",
+                    left.herd_pid
+                );
+            }
+            info!(path = %tree.path().display(), "a cgroup per worker");
+            Ok(Some(tree))
+        }
+        Err(e) if mode == KillMode::ControlGroup => Err(PrimaryError::Cgroups(e)),
+        Err(e) => {
+            info!("workers' processes are their process groups (no cgroup: {e})");
+            Ok(None)
+        }
+    }
 }
 
 /// Runs herd until it is stopped. `source` is re-read on every reload.
 pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, PrimaryError> {
+    // Orphans among the workers' descendants become herd's, not init's:
+    // herd reaps them, and kills them when it stops.
+    if let Err(e) = process::become_subreaper() {
+        warn!("cannot become the subreaper of the workers' descendants: {e}");
+    }
+    let cgroups = worker_cgroups(settings.kill_mode)?;
     let listeners = listener::bind_all(
         &settings.listen,
         settings.backlog,
@@ -146,24 +181,27 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
     );
     let started = Instant::now();
     let mut monitor = tokio::time::interval(settings.monitor_interval);
-    let (mut supervisor, mut notices) =
-        Supervisor::new(settings, controller.clone(), sockets, metrics.clone());
+    let mut supervisor = Supervisor::new(
+        settings,
+        controller.clone(),
+        sockets,
+        metrics.clone(),
+        cgroups,
+    );
     supervisor.start_all();
     let (requests_tx, mut requests) = mpsc::unbounded_channel::<Incoming>();
-    let mut stopping: Option<Stopping> = None;
+    // `herd stop` clients waiting for the outcome.
+    let mut stop_waiters: Vec<oneshot::Sender<Response>> = Vec::new();
 
-    loop {
-        if stopping.is_some() && supervisor.live() == 0 {
-            break;
-        }
-        let stop_deadline = stopping.as_ref().map(|s| s.deadline);
+    while !supervisor.finished() {
+        let stopping = supervisor.phase() == Phase::Stopping;
+        let due = supervisor
+            .next_deadline()
+            .map(tokio::time::Instant::from_std);
         tokio::select! {
-            Some(notice) = notices.recv() => supervisor.on_notice(notice),
-            Some(event) = events.recv() => match event {
-                Event::WorkerReady { slot, uid, pid, announced, replaced } => supervisor.on_ready(slot, uid, pid, announced, replaced),
-                Event::ChannelClosed { uid, .. } => supervisor.on_channel_closed(uid),
-                Event::RecycleDue { slot, uid } => supervisor.on_recycle_due(slot, uid),
-            },
+            Some(event) = events.recv() => supervisor.on_handoff(event),
+            _ = signals.child.recv() => supervisor.reap(),
+            _ = sleep_until_opt(due) => supervisor.tick(),
             Some(scrape) = scrapes.recv() => {
                 let slots = supervisor.status(|slot| counters.handed_off[slot].load(Relaxed));
                 let _ = scrape.send(metrics.render(&counters, &slots, &supervisor.cpu_seconds()));
@@ -177,7 +215,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
                     }
                     Request::Reload => start_reload(&mut supervisor, &source, &metrics, reply),
                     Request::Scale { workers } => {
-                        let _ = reply.send(if stopping.is_some() {
+                        let _ = reply.send(if stopping {
                             Response::failed("herd is stopping")
                         } else if !(1..=MAX_WORKERS).contains(&workers) {
                             Response::failed(format!("cannot scale to {workers} workers: must be between 1 and {MAX_WORKERS}"))
@@ -186,32 +224,26 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
                         });
                     }
                     Request::Stop => {
-                        begin_stop(&mut stopping, &mut supervisor, &controller, "herd stop");
-                        if let Some(stop) = stopping.as_mut() {
-                            stop.waiters.push(reply);
-                        }
+                        begin_stop(&mut supervisor, "herd stop");
+                        stop_waiters.push(reply);
                     }
                 }
             }
             _ = control.accept(&requests_tx) => {}
             _ = monitor.tick() => supervisor.monitor(),
-            _ = signals.terminate.recv() => begin_stop(&mut stopping, &mut supervisor, &controller, "SIGTERM"),
+            _ = signals.terminate.recv() => begin_stop(&mut supervisor, "SIGTERM"),
             _ = signals.interrupt.recv() => {
-                if let Some(stop) = stopping.as_mut() {
+                if stopping {
                     warn!("second SIGINT: killing the remaining workers now");
                     supervisor.kill_all();
-                    stop.forced = true;
                 } else {
-                    begin_stop(&mut stopping, &mut supervisor, &controller, "SIGINT");
+                    begin_stop(&mut supervisor, "SIGINT");
                 }
             }
             _ = signals.quit.recv() => {
-                begin_stop(&mut stopping, &mut supervisor, &controller, "SIGQUIT (fast stop)");
+                begin_stop(&mut supervisor, "SIGQUIT (fast stop)");
                 warn!("SIGQUIT: killing workers without waiting");
                 supervisor.kill_all();
-                if let Some(stop) = stopping.as_mut() {
-                    stop.forced = true;
-                }
             }
             _ = signals.hangup.recv() => {
                 let (reply, answer) = oneshot::channel();
@@ -224,24 +256,13 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
                     }
                 });
             }
-            _ = signals.add_worker.recv(), if stopping.is_none() => {
+            _ = signals.add_worker.recv(), if !stopping => {
                 let target = supervisor.worker_count() + 1;
                 info!("SIGTTIN: {}", supervisor.scale(target));
             }
-            _ = signals.remove_worker.recv(), if stopping.is_none() => {
+            _ = signals.remove_worker.recv(), if !stopping => {
                 let target = supervisor.worker_count().saturating_sub(1).max(1);
                 info!("SIGTTOU: {}", supervisor.scale(target));
-            }
-            _ = sleep_until_opt(stop_deadline) => {
-                if let Some(stop) = stopping.as_mut() {
-                    if !stop.forced {
-                        warn!(left = supervisor.live(), "workers did not exit within shutdown_timeout; sending SIGKILL");
-                        supervisor.kill_all();
-                        stop.forced = true;
-                    }
-                    // Wait for the kills to be reaped without a deadline in the way.
-                    stop.deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
-                }
             }
         }
     }
@@ -250,8 +271,9 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
     if handoff_thread.join().is_err() {
         warn!("hand-off thread panicked");
     }
-    let stop = stopping.expect("the loop only ends while stopping");
-    let outcome = if stop.forced {
+    supervisor.sweep();
+    let forced = supervisor.forced();
+    let outcome = if forced {
         Outcome::Forced
     } else {
         Outcome::Clean
@@ -269,7 +291,8 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
             .sum::<u64>(),
         requeued = counters.requeued_worker_gone.load(Relaxed)
             + counters.requeued_refused.load(Relaxed)
-            + counters.requeued_slot_queue.load(Relaxed),
+            + counters.requeued_slot_queue.load(Relaxed)
+            + counters.requeued_hung.load(Relaxed),
         dropped_queue_full = counters.dropped_queue_full.load(Relaxed),
         dropped_queue_timeout = counters.dropped_queue_timeout.load(Relaxed),
         accept_errors = counters
@@ -278,13 +301,13 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
             .map(|c| c.load(Relaxed))
             .sum::<u64>(),
         "stopped{}",
-        if stop.forced {
+        if forced {
             " (some workers were killed)"
         } else {
             ""
         }
     );
-    for waiter in stop.waiters {
+    for waiter in stop_waiters {
         let _ = waiter.send(match outcome {
             Outcome::Clean => Response::ok("stopped: every worker finished in time"),
             Outcome::Forced => Response::failed("stopped, but some workers had to be killed"),
@@ -294,26 +317,15 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
     Ok(outcome)
 }
 
-/// Stops accepting and asks every worker to drain; the main loop then waits
-/// for them until `shutdown_timeout`.
-fn begin_stop(
-    stopping: &mut Option<Stopping>,
-    supervisor: &mut Supervisor,
-    controller: &handoff::Controller,
-    why: &str,
-) {
-    if stopping.is_some() {
+/// Stops accepting and asks every worker to drain; they get until
+/// `shutdown_timeout`, then SIGKILL.
+fn begin_stop(supervisor: &mut Supervisor, why: &str) {
+    if supervisor.phase() == Phase::Stopping {
         return;
     }
     let grace = supervisor.settings().shutdown_timeout;
     info!("{why}: stopping (listeners closed, workers drain for up to {grace:?})");
-    let _ = controller.send(Command::StopAccepting);
-    supervisor.begin_stop();
-    *stopping = Some(Stopping {
-        deadline: tokio::time::Instant::now() + grace,
-        forced: false,
-        waiters: Vec::new(),
-    });
+    supervisor.stop();
 }
 
 /// Re-reads the config and starts a rolling reload; an invalid config is

@@ -48,7 +48,9 @@ fn cgroups_available(test: &str) -> bool {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let fstype = line.split(" - ").nth(1).and_then(|s| s.split(' ').next());
         fstype == Some("cgroup2")
-            && fields.get(5).is_some_and(|opts| opts.split(',').any(|o| o == "rw"))
+            && fields
+                .get(5)
+                .is_some_and(|opts| opts.split(',').any(|o| o == "rw"))
     });
     if !writable && std::env::var_os("CI").is_none() {
         eprintln!("skipped {test}: no writable cgroup v2 hierarchy here");
@@ -199,7 +201,16 @@ fn the_next_herd_cleans_up_after_a_sigkilled_one() {
     let addr = addr.to_string();
     let next = Herd::start(
         "sigkilled-herd-next",
-        &["--listen", &addr, "--workers", "1", "--mode", "shared", "--", hello_worker()],
+        &[
+            "--listen",
+            &addr,
+            "--workers",
+            "1",
+            "--mode",
+            "shared",
+            "--",
+            hello_worker(),
+        ],
     );
     next.wait_all_ready(1);
     wait_gone("the old helper to be cleaned up", &[helper]);

@@ -217,21 +217,36 @@ pub const FIRST_INHERITED_FD: RawFd = 3;
 
 /// Arranges for a child process to get `inherited` as fds 3, 4, 5, … in
 /// that order (systemd's convention; everything else herd holds is
-/// close-on-exec) and to be SIGKILLed if herd dies, so no worker outlives
-/// its primary even when herd is SIGKILLed.
+/// close-on-exec), to be SIGKILLed if herd dies, so no worker outlives its
+/// primary even when herd is SIGKILLed, and, given `cgroup_procs` (an open
+/// `cgroup.procs` of the worker's cgroup), to move itself into that cgroup
+/// before it runs a single instruction of the program.
 ///
 /// PR_SET_PDEATHSIG fires when the *thread* that forked dies, so callers must
 /// spawn from a thread that lives as long as herd (the main thread).
-pub fn place_fds_and_die_with_parent(command: &mut tokio::process::Command, inherited: Vec<RawFd>) {
+pub fn prepare_child(
+    command: &mut std::process::Command,
+    inherited: Vec<RawFd>,
+    cgroup_procs: Option<RawFd>,
+) {
+    use std::os::unix::process::CommandExt;
     let parent = std::process::id() as libc::pid_t;
     // Copies are made above the target range first, so that placing fd i
     // can never overwrite a source not yet placed.
     let above_targets = FIRST_INHERITED_FD + inherited.len() as RawFd;
     // SAFETY: the closure runs between fork and exec, so it only makes
-    // async-signal-safe system calls (fcntl, dup2, prctl, getppid) and
-    // touches no locks or allocator; `inherited` is read, not mutated.
+    // async-signal-safe system calls (write, fcntl, dup2, prctl, getppid)
+    // and touches no locks or allocator; `inherited` is read, not mutated.
+    // `cgroup_procs` is written before any dup2, which could otherwise
+    // have replaced that fd number with an inherited socket.
     unsafe {
         command.pre_exec(move || {
+            if let Some(procs) = cgroup_procs {
+                // "0" moves the writing process itself (cgroup v2).
+                if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             for (offset, &fd) in inherited.iter().enumerate() {
                 let copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, above_targets);
                 if copy < 0 {

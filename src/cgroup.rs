@@ -1,0 +1,320 @@
+//! cgroup v2 leaves, one per worker process: how herd finds every process
+//! a worker started, even those that left its process group (`setsid`,
+//! double-forking daemons), to kill them with it.
+//!
+//! Owns `<herd's cgroup>/herd.<pid>/`, and in it `slot<N>.w<id>` for each
+//! worker. A leaf per worker rather than per slot, because during a reload
+//! or a recycle a slot has two workers and only the old one is to die. A
+//! worker joins its leaf between fork and exec, so even its first child is
+//! inside. No controller is enabled, so creating the leaves needs only
+//! write access to herd's own cgroup (root, or a delegated cgroup under
+//! systemd); where that is missing, `kill_mode = "auto"` falls back to
+//! process groups.
+//!
+//! A herd that was SIGKILLed leaves its `herd.<pid>` behind, with whatever
+//! its workers' helpers were; the next herd in the same cgroup kills those
+//! and removes the directory before it binds, so a leftover cannot hold
+//! the port. (A `herd.<pid>` whose herd is alive is never touched.)
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long herd waits for a killed cgroup to empty before giving up on
+/// removing it (SIGKILL lands at once unless a process is stuck in the kernel).
+const EMPTY_WAIT: Duration = Duration::from_secs(2);
+
+/// Why herd cannot give workers cgroups of their own.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 hierarchy is mounted")]
+    NoHierarchy,
+    #[error("herd's own cgroup is unknown (/proc/self/cgroup has no v2 entry)")]
+    NoOwnCgroup,
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What was left behind by a herd that did not stop cleanly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    /// The pid that herd had.
+    pub herd_pid: u32,
+    /// Processes still in its cgroups, now killed.
+    pub killed: usize,
+}
+
+/// `herd.<pid>`: the parent of every worker's leaf. Removed on drop.
+#[derive(Debug)]
+pub struct CgroupTree {
+    dir: PathBuf,
+}
+
+/// One worker's cgroup.
+#[derive(Debug)]
+pub struct Leaf {
+    dir: PathBuf,
+    /// `cgroup.procs`, open for writing: the child writes "0" to it.
+    procs: OwnedFd,
+}
+
+impl CgroupTree {
+    /// Creates herd's tree under its own cgroup, after killing what herds
+    /// that died without stopping left there.
+    pub fn create() -> Result<(CgroupTree, Vec<Leftover>), CgroupError> {
+        let own = own_cgroup_dir()?;
+        let leftovers = clean_leftovers(&own);
+        let dir = own.join(format!("herd.{}", std::process::id()));
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(CgroupError::Create { path: dir, source }),
+        }
+        let tree = CgroupTree { dir };
+        // Prove a process can be moved in: the leaf is useless otherwise.
+        tree.leaf("probe")
+            .and_then(|leaf| leaf.remove())
+            .map_err(|source| CgroupError::Create {
+                path: tree.dir.clone(),
+                source,
+            })?;
+        Ok((tree, leftovers))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates the leaf `name`, ready for a child to join.
+    pub fn leaf(&self, name: &str) -> io::Result<Leaf> {
+        let dir = self.dir.join(name);
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"))?;
+        Ok(Leaf {
+            dir,
+            procs: procs.into(),
+        })
+    }
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                if entry.path().is_dir() {
+                    kill_and_remove(&entry.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+impl Leaf {
+    /// The fd of `cgroup.procs`, for [`crate::fdpass::prepare_child`].
+    pub fn procs_fd(&self) -> RawFd {
+        self.procs.as_raw_fd()
+    }
+
+    /// SIGKILLs every process in the leaf.
+    pub fn kill(&self) {
+        kill_cgroup(&self.dir);
+    }
+
+    /// No process is left in it.
+    pub fn is_empty(&self) -> bool {
+        is_empty(&self.dir)
+    }
+
+    /// Removes the (empty) leaf.
+    pub fn remove(&self) -> io::Result<()> {
+        fs::remove_dir(&self.dir)
+    }
+}
+
+/// SIGKILLs every process in the cgroup at `dir` and its descendants:
+/// `cgroup.kill` (Linux 5.14) or, before it, each pid in `cgroup.procs`.
+fn kill_cgroup(dir: &Path) {
+    let killed = fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.kill"))
+        .and_then(|mut file| file.write_all(b"1"));
+    if killed.is_ok() {
+        return;
+    }
+    for pid in pids(dir) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.path().is_dir() {
+                kill_cgroup(&entry.path());
+            }
+        }
+    }
+}
+
+/// The processes directly in the cgroup at `dir`.
+fn pids(dir: &Path) -> Vec<u32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.trim().parse().ok())
+        .collect()
+}
+
+fn is_empty(dir: &Path) -> bool {
+    match fs::read_to_string(dir.join("cgroup.events")) {
+        Ok(events) => events.lines().any(|line| line == "populated 0"),
+        // Without cgroup.events (an old kernel), an empty cgroup.procs.
+        Err(_) => pids(dir).is_empty(),
+    }
+}
+
+/// Kills what is in `dir`, waits (bounded) for it to empty, removes it and
+/// its leaves. Returns how many processes it held.
+fn kill_and_remove(dir: &Path) -> usize {
+    let mut held = pids(dir).len();
+    let leaves: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default();
+    held += leaves.iter().map(|leaf| pids(leaf).len()).sum::<usize>();
+    kill_cgroup(dir);
+    let deadline = Instant::now() + EMPTY_WAIT;
+    while !is_empty(dir) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for leaf in &leaves {
+        let _ = fs::remove_dir(leaf);
+    }
+    let _ = fs::remove_dir(dir);
+    held
+}
+
+/// Kills and removes every `herd.<pid>` under `own` whose herd is gone.
+fn clean_leftovers(own: &Path) -> Vec<Leftover> {
+    let Ok(entries) = fs::read_dir(own) else {
+        return Vec::new();
+    };
+    let mut cleaned = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(herd_pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("herd."))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if herd_pid == std::process::id() || Path::new(&format!("/proc/{herd_pid}")).exists() {
+            continue;
+        }
+        let killed = kill_and_remove(&entry.path());
+        cleaned.push(Leftover { herd_pid, killed });
+    }
+    cleaned
+}
+
+/// herd's own cgroup directory: the cgroup2 mount point joined with the
+/// `0::` path of /proc/self/cgroup (relative to the mount's root, for a
+/// cgroup namespace).
+fn own_cgroup_dir() -> Result<PathBuf, CgroupError> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let (root, mount) = mountinfo
+        .lines()
+        .find_map(cgroup2_mount)
+        .ok_or(CgroupError::NoHierarchy)?;
+    let cgroup = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let own = cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .ok_or(CgroupError::NoOwnCgroup)?;
+    let relative = own.strip_prefix(root.as_str()).unwrap_or(own);
+    Ok(mount.join(relative.trim_start_matches('/')))
+}
+
+/// (root, mount point) of a mountinfo line for a cgroup2 file system.
+fn cgroup2_mount(line: &str) -> Option<(String, PathBuf)> {
+    let (mount, fs_part) = line.split_once(" - ")?;
+    if fs_part.split_whitespace().next()? != "cgroup2" {
+        return None;
+    }
+    let fields: Vec<&str> = mount.split_whitespace().collect();
+    Some((fields.get(3)?.to_string(), PathBuf::from(fields.get(4)?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_in_mountinfo() {
+        let hybrid = "35 24 0:30 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw";
+        assert_eq!(
+            cgroup2_mount(hybrid),
+            Some(("/".into(), PathBuf::from("/sys/fs/cgroup/unified")))
+        );
+        let v1 = "36 24 0:31 / /sys/fs/cgroup/cpu rw,relatime shared:11 - cgroup cgroup rw,cpu";
+        assert_eq!(cgroup2_mount(v1), None);
+        let namespaced = "40 30 0:26 /kubepods/pod1 /sys/fs/cgroup ro,nosuid - cgroup2 cgroup2 rw";
+        assert_eq!(
+            cgroup2_mount(namespaced),
+            Some(("/kubepods/pod1".into(), PathBuf::from("/sys/fs/cgroup")))
+        );
+    }
+
+    /// Needs a writable cgroup v2 hierarchy (root here); says so and skips elsewhere.
+    #[test]
+    fn a_leaf_holds_a_child_and_kills_what_it_holds() {
+        let (tree, _) = match CgroupTree::create() {
+            Ok(created) => created,
+            Err(e) => {
+                eprintln!("skipped: no cgroup for this test ({e})");
+                return;
+            }
+        };
+        let leaf = tree.leaf("test-leaf").unwrap();
+        let mut command = std::process::Command::new("sleep");
+        command.arg("60");
+        crate::fdpass::prepare_child(&mut command, Vec::new(), Some(leaf.procs_fd()));
+        let mut child = command.spawn().unwrap();
+        assert_eq!(pids(&leaf.dir), [child.id()]);
+        assert!(!leaf.is_empty());
+        leaf.kill();
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        let deadline = Instant::now() + EMPTY_WAIT;
+        while !leaf.is_empty() {
+            assert!(Instant::now() < deadline, "the leaf never emptied");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        leaf.remove().unwrap();
+        let dir = tree.path().to_owned();
+        drop(tree);
+        assert!(!dir.exists());
+    }
+}

@@ -1,0 +1,235 @@
+//! Worker processes as the operating system sees them: starting one (its
+//! fds, environment, process group, cgroup and death signal), signalling
+//! it, reaping exits, and sweeping up what a worker left behind.
+//!
+//! herd reaps its children itself instead of leaving it to tokio: when a
+//! worker's main process exits, herd first *looks* (`waitid` with
+//! `WNOWAIT`), kills the rest of its process group while the zombie still
+//! holds the group id (so the id cannot have been reused), and only then
+//! reaps it. herd is also a *subreaper* (`PR_SET_CHILD_SUBREAPER`): a
+//! helper whose worker died is re-parented to herd rather than to init, so
+//! herd reaps it and, when it stops, can find and kill it.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{ExitStatus, Stdio};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::activation;
+use crate::config::{Settings, WorkerProtocol};
+use crate::fdpass;
+use crate::node_ipc;
+
+/// A worker process just started.
+#[derive(Debug)]
+pub struct Started {
+    pub pid: u32,
+    /// herd's end of the worker's channel.
+    pub channel: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// What a worker process is started with.
+#[derive(Debug)]
+pub struct Launch<'a> {
+    pub settings: &'a Settings,
+    pub slot: usize,
+    /// The slot count, as `HERD_WORKERS`.
+    pub workers: usize,
+    /// The listening sockets it inherits (OS-scheduled modes), as fds 3, 4, …
+    pub listen_fds: Vec<RawFd>,
+    /// `cgroup.procs` of the cgroup it joins before exec.
+    pub cgroup_procs: Option<RawFd>,
+}
+
+/// Starts a worker: its own process group, the channel after the
+/// inherited sockets, stdio piped to herd, dying with herd.
+pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
+    let Launch {
+        settings,
+        slot,
+        workers,
+        listen_fds,
+        cgroup_procs,
+    } = launch;
+    let node = settings.protocol == WorkerProtocol::NodeCluster;
+    let (primary_end, child_end) = if node {
+        fdpass::stream_pair()?
+    } else {
+        fdpass::channel_pair()?
+    };
+    let channel_fd = activation::channel_fd(listen_fds.len()).to_string();
+    let mut command = if listen_fds.is_empty() {
+        std::process::Command::new(&settings.program)
+    } else {
+        // Through the shim, which sets LISTEN_PID to the worker's pid.
+        let mut shim = std::process::Command::new("/proc/self/exe");
+        shim.arg(activation::EXEC_WORKER_ARG)
+            .arg(&settings.program)
+            .envs(activation::listen_env(listen_fds.len()));
+        shim
+    };
+    command
+        .args(&settings.args)
+        .envs(&settings.env)
+        .env(crate::worker::CHANNEL_FD_ENV, &channel_fd)
+        .env(crate::worker::WORKER_ID_ENV, slot.to_string())
+        .env("HERD_WORKERS", workers.to_string())
+        .env("HERD_PROTOCOL", crate::protocol::VERSION.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Own process group: a terminal's Ctrl-C reaches herd only, and
+        // herd decides how workers stop; signals go to the whole group,
+        // so `sh -c` wrappers and their children stop too.
+        .process_group(0);
+    if node {
+        // An unmodified Node cluster app: it finds herd as its cluster primary.
+        command
+            .env_remove(crate::worker::CHANNEL_FD_ENV)
+            .env(node_ipc::NODE_UNIQUE_ID_ENV, slot.to_string())
+            .env(node_ipc::NODE_CHANNEL_FD_ENV, &channel_fd)
+            .env(node_ipc::NODE_CHANNEL_SERIALIZATION_MODE_ENV, "json");
+    }
+    if let Some(dir) = &settings.cwd {
+        command.current_dir(dir);
+    }
+    if let Some((uid, gid)) = settings.run_as {
+        command.uid(uid).gid(gid);
+    }
+    let mut inherited = listen_fds;
+    inherited.push(child_end.as_raw_fd());
+    fdpass::prepare_child(&mut command, inherited, cgroup_procs);
+    let mut child = command.spawn()?;
+    drop(child_end);
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(io::Error::other("the worker's output pipes are missing"));
+    };
+    // `child` is dropped without waiting: herd reaps by pid (see `next_exited`).
+    Ok(Started {
+        pid: child.id(),
+        channel: primary_end,
+        stdout: stdout.into(),
+        stderr: stderr.into(),
+    })
+}
+
+/// Sends `signal` to the process group a worker leads.
+pub fn signal_group(pid: u32, signal: Signal) {
+    let _ = killpg(Pid::from_raw(pid as i32), signal);
+}
+
+/// Makes herd the reaper of every orphan among its descendants.
+pub fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// The next child that has exited, not yet reaped (it stays a zombie, so
+/// its pid and process group id stay taken until [`reap`]).
+pub fn next_exited() -> Option<u32> {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    loop {
+        match waitid(Id::All, flags) {
+            Ok(status) => return status.pid().map(|pid| pid.as_raw() as u32),
+            Err(nix::Error::EINTR) => continue,
+            // ECHILD: no children at all.
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Reaps the exited child `pid`; its exit status.
+pub fn reap(pid: u32) -> Option<ExitStatus> {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG;
+    loop {
+        match waitid(Id::Pid(Pid::from_raw(pid as i32)), flags) {
+            Ok(WaitStatus::Exited(_, code)) => {
+                return Some(ExitStatus::from_raw((code & 0xff) << 8))
+            }
+            Ok(WaitStatus::Signaled(_, signal, core)) => {
+                return Some(ExitStatus::from_raw(
+                    signal as i32 | if core { 0x80 } else { 0 },
+                ))
+            }
+            Ok(_) => return None,
+            Err(nix::Error::EINTR) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// herd's live children by pid, with their command lines: workers, and
+/// whatever herd adopted as a subreaper.
+pub fn children() -> BTreeMap<u32, String> {
+    let me = std::process::id();
+    let mut found = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces and parens.
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let mut fields = rest.split(' ');
+        let (state, ppid) = (
+            fields.next(),
+            fields.next().and_then(|p| p.parse::<u32>().ok()),
+        );
+        if ppid == Some(me) && state != Some("Z") {
+            let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .replace('\0', " ");
+            found.insert(pid, cmdline.trim_end().to_string());
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    // The child is reaped by pid below, which is the point of the test.
+    #[allow(clippy::zombie_processes)]
+    fn an_exited_child_is_seen_before_it_is_reaped_and_its_status_kept() {
+        let child = std::process::Command::new("sh")
+            .args(["-c", "exit 7"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // Other tests' children may exit too: look until ours is seen.
+        loop {
+            if std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat.contains(") Z "))
+            {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // Still a zombie after a look with WNOWAIT.
+        let _ = next_exited();
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        assert_eq!(reap(pid).and_then(|s| s.code()), Some(7));
+        assert!(reap(pid).is_none(), "reaped once");
+    }
+}
