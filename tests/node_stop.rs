@@ -130,8 +130,10 @@ fn assert_gone(procs: &[Proc], what: &str, herd: &Herd) {
 /// herd exited with 0 within the deadline (so before `shutdown_timeout`),
 /// never logging that it waited for the timeout.
 fn assert_clean_exit(status: ExitStatus, herd: &Herd) {
-    // herd's last line: once it is read, so is every line before it.
-    herd.wait_for_herd_lines("stopped accepted=", 1);
+    // herd's last line, its closing tally (`stopped accepted=…` or `stopped
+    // (some workers were killed) accepted=…`, ending in `accept_errors=`):
+    // once it is read, so is every line before it.
+    herd.wait_for_herd_lines(" accept_errors=", 1);
     let log = herd.log_text();
     assert_eq!(status.code(), Some(0), "herd's exit: {status}; log:\n{log}");
     assert!(!log.contains(STOP_TIMED_OUT), "{log}");
