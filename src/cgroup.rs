@@ -70,6 +70,16 @@ impl CgroupTree {
     pub fn create() -> Result<(CgroupTree, Vec<Leftover>), CgroupError> {
         let own = own_cgroup_dir()?;
         let leftovers = clean_leftovers(&own);
+        Ok((CgroupTree::create_in(&own)?, leftovers))
+    }
+
+    /// Whether herd could give workers cgroups here (for `herd check`):
+    /// creates a tree and removes it, touching nothing else.
+    pub fn probe() -> Result<(), CgroupError> {
+        CgroupTree::create_in(&own_cgroup_dir()?).map(drop)
+    }
+
+    fn create_in(own: &Path) -> Result<CgroupTree, CgroupError> {
         let dir = own.join(format!("herd.{}", std::process::id()));
         match fs::create_dir(&dir) {
             Ok(()) => {}
@@ -77,14 +87,14 @@ impl CgroupTree {
             Err(source) => return Err(CgroupError::Create { path: dir, source }),
         }
         let tree = CgroupTree { dir };
-        // Prove a process can be moved in: the leaf is useless otherwise.
+        // Prove a leaf can be made and opened: the tree is useless otherwise.
         tree.leaf("probe")
             .and_then(|leaf| leaf.remove())
             .map_err(|source| CgroupError::Create {
                 path: tree.dir.clone(),
                 source,
             })?;
-        Ok((tree, leftovers))
+        Ok(tree)
     }
 
     pub fn path(&self) -> &Path {

@@ -3,14 +3,14 @@
 //! Owns the comparison runs and what they produce. For every scenario and
 //! mode it starts `herd run` as a child process (on 127.0.0.1 port 0, with a
 //! private control socket), waits through the control socket until every
-//! worker is ready, drives one [`bench`] load at the bound address, samples
+//! worker is ready, drives one [`mod@bench`] load at the bound address, samples
 //! the primary's memory, and stops herd through the control socket again.
 //! A mode whose herd does not start, or not in time, becomes a row with a
 //! note instead of ending the comparison. The rows render as a text table,
 //! Markdown, CSV and a hand-written SVG bar chart.
 //!
 //! Every wait is bounded: herd's readiness by [`READY_DEADLINE`], its stop by
-//! [`STOP_DEADLINE`] (then SIGKILL), each load by the [`bench`] limits.
+//! [`STOP_DEADLINE`] (then SIGKILL), each load by the [`mod@bench`] limits.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -67,7 +67,7 @@ pub enum WorkerCount {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Addresses to accept connections on, e.g. "127.0.0.1:3000", "[::]:8080".
+    /// Addresses to accept connections on, e.g. `127.0.0.1:3000`, `[::]:8080`.
     pub listen: Vec<String>,
     /// Kernel accept-queue length per listener.
     pub backlog: i64,

@@ -31,7 +31,7 @@
 //! - [`control`]: the control socket behind `herd status`, `reload`, `scale`, `stop`.
 //! - [`primary`]: wiring it together; herd's own lifecycle and signals.
 //! - [`worker`]: the library Rust workers link to receive connections.
-//! - [`bench`]: `herd bench`, a small bounded HTTP load generator.
+//! - [`mod@bench`]: `herd bench`, a small bounded HTTP load generator.
 //! - [`compare`]: `herd compare`, the same load against each dispatch mode, side by side.
 
 #![deny(rust_2018_idioms)]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use herd::config::{Config, ConfigSource, Overrides};
+use herd::config::{Config, ConfigSource, KillMode, Overrides};
 use herd::control::{self, Request};
 
 /// A multi-core front for server processes.
@@ -250,6 +250,14 @@ fn main() -> ExitCode {
                         settings.listen.iter().map(ToString::to_string).collect();
                     addrs.join(", ")
                 };
+                // `herd run` refuses to start without cgroups in this mode: so does check.
+                let cgroups = herd::cgroup::CgroupTree::probe();
+                if let (KillMode::ControlGroup, Err(e)) = (settings.kill_mode, &cgroups) {
+                    eprintln!(
+                        "herd: `kill_mode` = \"control-group\", but herd cannot give workers cgroups here: {e}"
+                    );
+                    return ExitCode::from(1);
+                }
                 println!(
                     "config OK: {} worker(s) of {} on {listen}, mode {}{}",
                     settings.workers,
@@ -260,6 +268,20 @@ fn main() -> ExitCode {
                     } else {
                         ""
                     }
+                );
+                let processes = match (settings.kill_mode, cgroups) {
+                    (KillMode::ProcessGroup, _) | (KillMode::Auto, Err(_)) => "process group",
+                    _ => "cgroup",
+                };
+                let hung = match settings.hang_timeout {
+                    Some(timeout) => format!(
+                        "hung once a hand-off waits {timeout:?} unacknowledged (hang_timeout)"
+                    ),
+                    None => "never found hung (hang_timeout = \"0s\")".to_string(),
+                };
+                println!(
+                    "supervision: a worker is killed with its {processes} (kill_mode {}); {hung}",
+                    settings.kill_mode.name()
                 );
                 ExitCode::SUCCESS
             }

@@ -255,6 +255,12 @@ fn check_accepts_the_repository_config_and_reports_it() {
     );
     assert!(stdout.starts_with("config OK: "), "{stdout}");
     assert!(stdout.contains("127.0.0.1:3000"), "{stdout}");
+    // What supervision will do, as `herd run` would do it.
+    assert!(stdout.contains("(kill_mode auto)"), "{stdout}");
+    assert!(
+        stdout.contains("30s unacknowledged (hang_timeout)"),
+        "{stdout}"
+    );
 }
 
 /// `herd run` with no arguments reads ./config.toml (here: the repository's

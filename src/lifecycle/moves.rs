@@ -239,7 +239,8 @@ impl Lifecycle {
         let Some(w) = self.workers.get(&id).cloned() else {
             return;
         };
-        if matches!(w.stage, Stage::Killed { .. }) {
+        // Only a worker that was handed connections can hang on them.
+        if matches!(w.stage, Stage::Killed { .. } | Stage::Starting { .. }) {
             return;
         }
         let _span = slot_span(w.slot).entered();

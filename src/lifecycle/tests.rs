@@ -1028,3 +1028,105 @@ fn the_next_deadline_is_the_earliest_timer() {
         "a serving worker runs no timer"
     );
 }
+
+// ---- the whole table at once ----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Starting,
+    Serving,
+    Draining,
+    Killed,
+    Gone,
+}
+
+fn kind(stage: Option<Stage>) -> Kind {
+    match stage {
+        Some(Stage::Starting { .. }) => Kind::Starting,
+        Some(Stage::Serving { .. }) => Kind::Serving,
+        Some(Stage::Draining { .. }) => Kind::Draining,
+        Some(Stage::Killed { .. }) => Kind::Killed,
+        None => Kind::Gone,
+    }
+}
+
+/// A world with one worker (slot 0) in `wanted`; returns it.
+fn worker_in(wanted: Kind) -> (World, WorkerId) {
+    let mut world = World::new(1, policy());
+    let first = world.worker(0, Role::Starting);
+    match wanted {
+        Kind::Starting => {}
+        Kind::Serving => {
+            world.all_ready();
+        }
+        Kind::Draining => {
+            world.all_ready();
+            world.handle(Event::RecycleDue { worker: first });
+            world.all_ready();
+        }
+        Kind::Killed => {
+            world.advance(Duration::from_secs(1));
+        }
+        Kind::Gone => unreachable!(),
+    }
+    assert_eq!(kind(world.stage(first)), wanted);
+    (world, first)
+}
+
+/// docs/lifecycle.md's table, row by row: the stage each event leaves a
+/// worker in.
+#[test]
+fn every_stage_and_event_pair_does_what_the_lifecycle_table_says() {
+    use Kind::*;
+    type MakeEvent = fn(WorkerId) -> Event;
+    let events: [(&str, MakeEvent); 9] = [
+        ("Ready", |w| Event::Ready { worker: w }),
+        ("ChannelClosed", |w| Event::ChannelClosed { worker: w }),
+        ("Exited", |w| Event::Exited {
+            worker: w,
+            status: exit(0),
+        }),
+        ("RecycleDue", |w| Event::RecycleDue { worker: w }),
+        ("Memory", |w| Event::Memory {
+            worker: w,
+            rss: u64::MAX,
+        }),
+        ("Hung", |w| Event::Hung { worker: w }),
+        ("Scale", |_| Event::Scale { workers: 1 }),
+        ("Stop", |_| Event::Stop),
+        ("KillAll", |_| Event::KillAll),
+    ];
+    let table = [
+        (
+            Starting,
+            [
+                Serving, Starting, Gone, Starting, Starting, Starting, Starting, Draining, Killed,
+            ],
+        ),
+        (
+            Serving,
+            [
+                Serving, Serving, Gone, Serving, Serving, Killed, Serving, Draining, Killed,
+            ],
+        ),
+        (
+            Draining,
+            [
+                Draining, Draining, Gone, Draining, Draining, Killed, Draining, Draining, Killed,
+            ],
+        ),
+        (
+            Killed,
+            [
+                Killed, Killed, Gone, Killed, Killed, Killed, Killed, Killed, Killed,
+            ],
+        ),
+    ];
+    for (stage, after) in table {
+        for ((name, event), expected) in events.iter().zip(after) {
+            let (mut world, id) = worker_in(stage);
+            world.handle(event(id));
+            assert_eq!(kind(world.stage(id)), expected, "{stage:?} + {name}");
+        }
+    }
+}
