@@ -63,22 +63,8 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// changes it on its own.
 #[derive(Debug)]
 pub enum Command {
-    /// A new worker for `slot`, starting: it gets nothing until [`Command::Serve`].
-    AddWorker {
-        slot: usize,
-        worker: WorkerId,
-        pid: u32,
-        channel: OwnedFd,
-        /// The worker is a Node.js cluster app: `channel` is Node's IPC
-        /// socket, spoken in [`node_ipc`]'s JSON lines.
-        node: bool,
-        /// Hand this worker at most this many connections, then report
-        /// [`Event::RecycleDue`] (the `max_connections_per_worker` limit).
-        recycle_after: Option<u64>,
-        /// A hand-off unacknowledged for this long makes it hung
-        /// ([`Event::Hung`]); `None`: never.
-        hang_timeout: Option<Duration>,
-    },
+    /// A new worker, starting: it gets nothing until [`Command::Serve`].
+    AddWorker { worker: NewWorker, channel: OwnedFd },
     /// The worker holds its slot now and gets the slot's connections.
     Serve { worker: WorkerId },
     /// The worker gets nothing more and is sent DRAIN (Node: `disconnect`).
@@ -569,25 +555,7 @@ impl HandoffLoop {
     fn run_commands(&mut self) {
         while let Ok(command) = self.commands.try_recv() {
             match command {
-                Command::AddWorker {
-                    slot,
-                    worker,
-                    pid,
-                    channel,
-                    node,
-                    recycle_after,
-                    hang_timeout,
-                } => {
-                    let added = NewWorker {
-                        slot,
-                        worker,
-                        pid,
-                        node,
-                        recycle_after,
-                        hang_timeout,
-                    };
-                    self.add_worker(added, channel)
-                }
+                Command::AddWorker { worker, channel } => self.add_worker(worker, channel),
                 Command::Serve { worker } => {
                     if let Some(index) = self.find(worker) {
                         self.serve(index);
@@ -1636,13 +1604,20 @@ enum Retired {
 }
 
 /// What the loop needs to know of a worker it is given.
-struct NewWorker {
-    slot: usize,
-    worker: WorkerId,
-    pid: u32,
-    node: bool,
-    recycle_after: Option<u64>,
-    hang_timeout: Option<Duration>,
+#[derive(Debug)]
+pub struct NewWorker {
+    pub slot: usize,
+    pub worker: WorkerId,
+    pub pid: u32,
+    /// The worker is a Node.js cluster app: its channel is Node's IPC
+    /// socket, spoken in [`node_ipc`]'s JSON lines.
+    pub node: bool,
+    /// Hand this worker at most this many connections, then report
+    /// [`Event::RecycleDue`] (the `max_connections_per_worker` limit).
+    pub recycle_after: Option<u64>,
+    /// A hand-off unacknowledged for this long makes it hung
+    /// ([`Event::Hung`]); `None`: never.
+    pub hang_timeout: Option<Duration>,
 }
 
 /// Removes the in-flight entry for `id`: the front in the common case, since

@@ -23,7 +23,7 @@ use crate::activation::WorkerSockets;
 use crate::cgroup::{CgroupTree, Leaf};
 use crate::config::Settings;
 use crate::control::SlotStatus;
-use crate::handoff::{self, Command, Controller};
+use crate::handoff::{self, Command, Controller, NewWorker};
 use crate::lifecycle::{self, Action, Event, Lifecycle, Phase, Policy, Version, WorkerId};
 use crate::metrics::Metrics;
 use crate::process::{self, Launch};
@@ -264,8 +264,8 @@ impl Supervisor {
             process.last_sample = Some(sample);
             samples.push((*id, sample.rss));
         }
-        for (worker, rss) in samples {
-            self.handle(Event::Memory { worker, rss });
+        if !samples.is_empty() {
+            self.handle(Event::Memory { samples });
         }
     }
 
@@ -451,13 +451,15 @@ impl Supervisor {
         );
         self.by_pid.insert(pid, id);
         let added = self.handoff.send(Command::AddWorker {
-            slot,
-            worker: id,
-            pid,
+            worker: NewWorker {
+                slot,
+                worker: id,
+                pid,
+                node: Policy::of(&settings).node,
+                recycle_after,
+                hang_timeout: settings.hang_timeout,
+            },
             channel: started.channel,
-            node: Policy::of(&settings).node,
-            recycle_after,
-            hang_timeout: settings.hang_timeout,
         });
         if let Err(e) = added {
             // No channel, no worker: it is killed and reaped like any other.

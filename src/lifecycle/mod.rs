@@ -181,8 +181,9 @@ pub enum Event {
     },
     /// The worker was sent its `max_connections_per_worker`.
     RecycleDue { worker: WorkerId },
-    /// The worker's resident memory, as sampled.
-    Memory { worker: WorkerId, rss: u64 },
+    /// Resident memory of every worker sampled, in bytes: one event per
+    /// monitor tick, not one per worker.
+    Memory { samples: Vec<(WorkerId, u64)> },
     /// The worker's oldest unacknowledged hand-off is older than
     /// `hang_timeout`; the hand-off loop already sent its connections on.
     Hung { worker: WorkerId },
@@ -317,11 +318,13 @@ impl Lifecycle {
                 let why = "served its max_connections_per_worker".to_string();
                 self.request_replacement(worker, ReplaceCause::Recycle, why, &mut out)
             }
-            Event::Memory { worker, rss } => {
-                let limit = self.policy_of(worker).and_then(|p| p.max_memory);
-                if limit.is_some_and(|limit| rss > limit) {
-                    let why = format!("uses {} MiB, over max_memory", rss >> 20);
-                    self.request_replacement(worker, ReplaceCause::Memory, why, &mut out);
+            Event::Memory { samples } => {
+                for (worker, rss) in samples {
+                    let limit = self.policy_of(worker).and_then(|p| p.max_memory);
+                    if limit.is_some_and(|limit| rss > limit) {
+                        let why = format!("uses {} MiB, over max_memory", rss >> 20);
+                        self.request_replacement(worker, ReplaceCause::Memory, why, &mut out);
+                    }
                 }
             }
             Event::Hung { worker } => self.on_hung(now, worker, &mut out),

@@ -322,6 +322,11 @@ impl Lifecycle {
         let uptime = now.saturating_duration_since(w.started);
         let failed_start = w.is_starting() || uptime < restart.min_uptime;
         let slot = &mut self.slots[w.slot];
+        if w.is_starting() {
+            // A replacement for a hung worker that fails is a failed start
+            // like any other: the slot says waiting or crash-looping again.
+            slot.hung = false;
+        }
         if failed_start {
             if slot.record_failure(now, &restart) {
                 error!(

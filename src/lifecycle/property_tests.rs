@@ -80,8 +80,7 @@ fn play(seed: u64, steps: usize) {
             },
             9 => match any {
                 Some(worker) => Event::Memory {
-                    worker,
-                    rss: dice.below(2) << 30,
+                    samples: vec![(worker, dice.below(2) << 30)],
                 },
                 None => Event::Tick,
             },

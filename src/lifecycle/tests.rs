@@ -179,6 +179,22 @@ fn spawns_within(world: &mut World, limit: Duration) -> Vec<usize> {
     Vec::new()
 }
 
+/// How many SIGKILLs `actions` send.
+fn kills(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Action::Signal {
+                    signal: Signal::SIGKILL,
+                    ..
+                }
+            )
+        })
+        .count()
+}
+
 fn has(actions: &[Action], wanted: &Action) -> bool {
     actions.contains(wanted)
 }
@@ -311,8 +327,7 @@ fn starting_ignores_recycle_memory_and_hung() {
     let id = world.worker(0, Role::Starting);
     world.handle(Event::RecycleDue { worker: id });
     world.handle(Event::Memory {
-        worker: id,
-        rss: 1 << 40,
+        samples: vec![(id, 1 << 40)],
     });
     assert_eq!(
         world.stage(id).map(|s| matches!(s, Stage::Starting { .. })),
@@ -429,13 +444,11 @@ fn serving_memory_over_the_limit_is_replaced_and_under_it_is_not() {
     let mut world = serving_world(1);
     let id = world.worker(0, Role::Serving);
     assert!(spawns(&world.handle(Event::Memory {
-        worker: id,
-        rss: 100 << 20
+        samples: vec![(id, 100 << 20)]
     }))
     .is_empty());
     let actions = world.handle(Event::Memory {
-        worker: id,
-        rss: (100 << 20) + 1,
+        samples: vec![(id, (100 << 20) + 1)],
     });
     assert!(has(
         &actions,
@@ -467,8 +480,7 @@ fn a_failed_replacement_whose_old_worker_died_meanwhile_refills_the_slot() {
             worker: WorkerId(1),
         },
         Event::Memory {
-            worker: WorkerId(1),
-            rss: u64::MAX,
+            samples: vec![(WorkerId(1), u64::MAX)],
         },
     ] {
         let mut world = serving_world(1);
@@ -930,19 +942,7 @@ fn stop_kills_at_shutdown_timeout_and_is_then_forced() {
     let mut world = serving_world(2);
     world.handle(Event::Stop);
     let actions = world.advance(Duration::from_secs(10));
-    assert_eq!(
-        actions
-            .iter()
-            .filter(|a| matches!(
-                a,
-                Action::Signal {
-                    signal: Signal::SIGKILL,
-                    ..
-                }
-            ))
-            .count(),
-        2
-    );
+    assert_eq!(kills(&actions), 2);
     assert!(world.core.forced());
 }
 
@@ -951,19 +951,7 @@ fn kill_all_kills_at_once_and_stops() {
     let mut world = serving_world(2);
     let actions = world.handle(Event::KillAll);
     assert!(has(&actions, &Action::StopAccepting));
-    assert_eq!(
-        actions
-            .iter()
-            .filter(|a| matches!(
-                a,
-                Action::Signal {
-                    signal: Signal::SIGKILL,
-                    ..
-                }
-            ))
-            .count(),
-        2
-    );
+    assert_eq!(kills(&actions), 2);
     assert!(world.core.forced());
 }
 
@@ -1088,8 +1076,7 @@ fn every_stage_and_event_pair_does_what_the_lifecycle_table_says() {
         }),
         ("RecycleDue", |w| Event::RecycleDue { worker: w }),
         ("Memory", |w| Event::Memory {
-            worker: w,
-            rss: u64::MAX,
+            samples: vec![(w, u64::MAX)],
         }),
         ("Hung", |w| Event::Hung { worker: w }),
         ("Scale", |_| Event::Scale { workers: 1 }),
