@@ -1,0 +1,1053 @@
+//! Chaos (issue 12, point 8): for a while (60 s; `HERD_CHAOS_SECS`) under
+//! steady bounded load, at random: SIGKILL a worker, SIGSTOP/SIGCONT one,
+//! `herd scale N`, `herd reload`; once with herd-protocol workers
+//! (hello-worker) and once with Node cluster workers (the seed app).
+//!
+//! At the end: herd never panicked, every slot has a ready worker, no
+//! process other than herd and its current workers descends from the test,
+//! herd's fd count and RSS are back within a small bound of the start, and
+//! failed requests are at most the requests that were in progress in the
+//! workers we killed (counted from /proc just before each kill).
+//!
+//! The actions come from a seeded xorshift PRNG; the seed is printed first
+//! and `HERD_CHAOS_SEED` replays it (the same action choices; the timing of
+//! the processes is of course not replayed).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// Chaos duration unless `HERD_CHAOS_SECS` says otherwise.
+const DEFAULT_SECS: u64 = 60;
+/// Client threads, each with one request in progress at a time.
+const CLIENTS: usize = 3;
+/// Upper bound on requests over the whole run, whatever the duration (a
+/// 60 s run on a 2-core machine makes well under a tenth of this).
+const MAX_REQUESTS: u64 = 2_000_000;
+/// Per request, for connect, send and each read. Longer than a worker is
+/// ever SIGSTOPped (800 ms) and than herd's 1 s ack_timeout, so a request
+/// to a stopped worker is slow, not failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const START_WORKERS: usize = 2;
+/// `herd scale N` picks N in 1..=MAX_SCALE.
+const MAX_SCALE: u64 = 4;
+/// How long herd gets, after the chaos, to fill every slot with a ready
+/// worker, reap what it stopped and close transient fds. The restart
+/// backoff is capped at 200 ms and a worker starts in well under a second,
+/// so this is generous for a loaded 2-core machine.
+const SETTLE: Duration = Duration::from_secs(30);
+/// A control command that takes longer than this is recorded as hung.
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+/// herd's fds at the end may exceed the start by this many. The end has
+/// the same number of slots as the start (the last action scales back to
+/// START_WORKERS), so the steady-state count is the same; the slack covers
+/// what legitimately comes and goes while idle (a control connection being
+/// closed, a client connection herd accepted just as the load stopped, a
+/// timer or signal fd of the runtime). A leak of one fd per kill, restart,
+/// reload or request exceeds it by far: a run makes hundreds of each.
+const FD_SLACK: usize = 8;
+/// herd's RSS at the end may exceed the start by this much: allocator
+/// arenas and caches that grew under load and are not returned to the OS,
+/// the log and status buffers. A leak per request (tens of thousands of
+/// them) or per worker (hundreds) of even a few hundred bytes exceeds it.
+const RSS_SLACK: u64 = 16 << 20;
+
+/// The config of both tests: restarts at once, a crash loop never marks a
+/// slot as given up, and a drain that takes too long is cut short.
+const CONFIG: &str = "shutdown_timeout = \"5s\"\n\
+[restart]\n\
+min_uptime = \"50ms\"\n\
+max_restarts = 100000\n\
+backoff_base = \"10ms\"\n\
+backoff_max = \"200ms\"\n";
+
+/// Under `cargo test` both tests share one process; the descendant check
+/// must not see the other test's herd, so they take turns. (Under nextest
+/// each test has its own process and this lock is uncontended.)
+static SERIAL: Mutex<()> = Mutex::new(());
+
+#[test]
+fn chaos_with_herd_workers() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    chaos(Kind::Herd);
+}
+
+#[test]
+fn chaos_with_node_workers() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    chaos(Kind::Node);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The Rust hello-worker, speaking herd's protocol (hand-offs).
+    Herd,
+    /// The unmodified Node seed app, speaking Node's cluster IPC. It listens
+    /// on port 0, so herd serves it on the configured listener with the
+    /// kernel rotation (where herd may use it), Node's default path.
+    Node,
+}
+
+fn chaos(kind: Kind) {
+    let secs: u64 = env_number("HERD_CHAOS_SECS").unwrap_or(DEFAULT_SECS);
+    let seed = env_number("HERD_CHAOS_SEED").unwrap_or_else(fresh_seed);
+    println!("chaos {kind:?}: seed={seed} secs={secs} (replay with HERD_CHAOS_SEED={seed})");
+    let mut rng = XorShift::new(seed);
+
+    let app = format!(
+        "{}/workers/node/cluster-server.js",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let herd = match kind {
+        Kind::Herd => Herd::launch(
+            "chaos-herd",
+            Some(CONFIG),
+            START_WORKERS,
+            &[],
+            &[hello_worker()],
+        ),
+        Kind::Node => Herd::launch(
+            "chaos-node",
+            Some(&format!("{CONFIG}[env]\nPORT = \"0\"\n")),
+            START_WORKERS,
+            &[],
+            &["node", &app],
+        ),
+    };
+    let herd_pid = herd.pid();
+    let addr = herd.addr();
+    herd.wait_all_ready(START_WORKERS);
+
+    // Warm up, so the baseline includes what herd allocates once (buffers,
+    // the runtime's threads, the first status reports), not only its start.
+    for i in 0..200 {
+        if let Err(e) = request(addr) {
+            panic!("warm-up request {i} failed: {e}\n{}", herd.log_text());
+        }
+    }
+    herd.wait_all_ready(START_WORKERS);
+    let start = Usage::of(herd_pid).expect("herd's /proc entry");
+    println!("chaos: herd pid {herd_pid} on {addr}; at start {start:?}");
+
+    let mut tally = Tally::default();
+    let load = Load::start(addr, Duration::from_secs(secs) + SETTLE);
+    let mut stopped = Stopped::new(herd_pid);
+    let mut reloads: Vec<JoinHandle<Result<CliRun, String>>> = Vec::new();
+    let began = Instant::now();
+    let end = began + Duration::from_secs(secs);
+    let mut target = START_WORKERS;
+    let mut next_action = began + rng.millis(200, 600);
+    // Each pass either acts, or resumes a stopped worker, or ends the run;
+    // there are at most 5 actions a second, each stopping at most one
+    // worker: this bound is never reached by a correct loop.
+    let max_passes = secs * 20 + 100;
+    let mut passes = 0;
+    loop {
+        passes += 1;
+        assert!(passes <= max_passes, "the chaos loop did not end");
+        let wake = stopped
+            .next_due()
+            .map_or(next_action, |due| due.min(next_action));
+        let now = Instant::now();
+        // The chaos cadence, not a synchronisation.
+        std::thread::sleep(wake.min(end).saturating_duration_since(now));
+        stopped.resume_due(Instant::now());
+        reap_reloads(&mut reloads, &mut tally);
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        if now < next_action {
+            continue;
+        }
+        next_action = now + rng.millis(200, 600);
+        let at = began.elapsed().as_secs_f64();
+        if !process_running(herd_pid) {
+            tally.note(format!("+{at:.3}s herd is gone; ending the chaos early"));
+            break;
+        }
+        let pids = match status_of(&herd.dir) {
+            Ok(status) => worker_pids(&status),
+            Err(e) => {
+                tally.note(format!("+{at:.3}s status failed: {e}"));
+                tally.status_failures += 1;
+                continue;
+            }
+        };
+        match rng.below(100) {
+            0..=29 => {
+                let Some(&victim) = rng.pick(&pids) else {
+                    continue;
+                };
+                stopped.forget(victim);
+                match kill_counting(herd_pid, victim, addr.port()) {
+                    Some(held) => {
+                        tally.kills += 1;
+                        tally.allowed_failures += held;
+                        println!("chaos +{at:.3}s: SIGKILL pid {victim} holding {held}");
+                    }
+                    None => tally.kills_skipped += 1,
+                }
+            }
+            30..=54 => {
+                let Some(&victim) = rng.pick(&pids) else {
+                    continue;
+                };
+                let pause = rng.millis(100, 800);
+                if stopped.stop(victim, Instant::now() + pause) {
+                    tally.stops += 1;
+                    println!("chaos +{at:.3}s: SIGSTOP pid {victim} for {pause:?}");
+                }
+            }
+            55..=79 => {
+                let n = rng.range(1, MAX_SCALE) as usize;
+                if scale(&herd.dir, n, &mut tally, at) {
+                    target = n;
+                }
+            }
+            _ => {
+                // In the background, so kills, stops and scales race the
+                // reload (and a second reload meets the first).
+                println!("chaos +{at:.3}s: herd reload");
+                if reloads.len() < 3 {
+                    let dir = herd.dir.clone();
+                    reloads.push(std::thread::spawn(move || {
+                        cli(&dir, &["reload"], CLI_TIMEOUT)
+                    }));
+                }
+            }
+        }
+    }
+    // The last action: back to the starting count, so the end state is
+    // comparable with the start (herd holds fds per slot).
+    let at = began.elapsed().as_secs_f64();
+    if scale(&herd.dir, START_WORKERS, &mut tally, at) {
+        target = START_WORKERS;
+    }
+
+    // The end: stop the load, resume what is stopped, collect the reloads.
+    let stats = load.finish();
+    stopped.resume_all();
+    for handle in reloads.drain(..) {
+        record_reload(handle.join().unwrap(), &mut tally);
+    }
+
+    let mut problems = Vec::new();
+    // 2. Every slot has a ready worker.
+    let settled = wait_for(SETTLE, || {
+        let status = status_of(&herd.dir).ok()?;
+        let workers = workers_of(&status);
+        let full = workers.len() == target
+            && workers
+                .iter()
+                .all(|w| w["state"] == "ready" && w["pid"].is_u64());
+        Some((full, status))
+    });
+    let final_status = match settled {
+        Ok(status) => Some(status),
+        Err(last) => {
+            problems.push(format!(
+                "slots not all ready within {SETTLE:?} (want {target} ready); last status: {}",
+                last.map_or("none".into(), |s| format!("{s:#}"))
+            ));
+            None
+        }
+    };
+    // 3. No process other than herd and its current workers descends from
+    // the test (draining workers get shutdown_timeout to go).
+    let strays = wait_for(SETTLE, || {
+        let mut allowed: BTreeSet<u32> = status_of(&herd.dir)
+            .map(|s| worker_pids(&s).into_iter().collect())
+            .unwrap_or_default();
+        allowed.insert(herd_pid);
+        let strays: Vec<Proc> = descendants(std::process::id())
+            .into_iter()
+            .filter(|p| !allowed.contains(&p.pid))
+            .collect();
+        Some((strays.is_empty(), strays))
+    });
+    if let Err(Some(strays)) = strays {
+        let list: Vec<String> = strays.iter().map(|p| format!("{p}")).collect();
+        problems.push(format!(
+            "processes other than herd and its current workers descend from the test after {SETTLE:?}:\n  {}",
+            list.join("\n  ")
+        ));
+    }
+    // 4. herd's fds and RSS are back near the start.
+    let usage = wait_for(SETTLE, || {
+        let usage = Usage::of(herd_pid)?;
+        let ok = usage.fds <= start.fds + FD_SLACK && usage.rss <= start.rss + RSS_SLACK;
+        Some((ok, usage))
+    });
+    let end_usage = match usage {
+        Ok(usage) => Some(usage),
+        Err(last) => {
+            problems.push(format!(
+                "herd's fds/RSS not back within +{FD_SLACK} fds / +{} MiB of the start {start:?}: {last:?}; fds now: {}",
+                RSS_SLACK >> 20,
+                last.map_or(String::new(), |_| fd_targets(herd_pid))
+            ));
+            last
+        }
+    };
+    // 1. herd still runs and never panicked.
+    let log = herd.log_text();
+    if !process_running(herd_pid) {
+        problems.push("herd is no longer running".into());
+    }
+    let panics: Vec<&str> = log.lines().filter(|l| l.contains("panicked")).collect();
+    if !panics.is_empty() {
+        problems.push(format!("herd's log has panics:\n  {}", panics.join("\n  ")));
+    }
+    // 5. Only requests in progress in killed workers failed.
+    if stats.failed > tally.allowed_failures {
+        problems.push(format!(
+            "{} requests failed, more than the {} in progress in killed workers; first failures:\n  {}",
+            stats.failed,
+            tally.allowed_failures,
+            stats.reasons.join("\n  ")
+        ));
+    }
+
+    let end_text = end_usage.map_or("?".into(), |u| format!("{}", u.fds));
+    let end_rss = end_usage.map_or("?".into(), |u| format!("{}", u.rss >> 10));
+    println!(
+        "chaos tally: kind={kind:?} seed={seed} secs={secs} requests={} ok={} failed={} allowed={} \
+         kills={} (skipped {}) stops={} scales=(ok {}, failed {}) \
+         reloads=(ok {}, refused {}, failed {}, other {}) status_failures={} target={target} \
+         fds start/end={}/{end_text} rss start/end={}/{end_rss} KiB",
+        stats.requests,
+        stats.ok,
+        stats.failed,
+        tally.allowed_failures,
+        tally.kills,
+        tally.kills_skipped,
+        tally.stops,
+        tally.scales_ok,
+        tally.scales_failed,
+        tally.reloads_ok,
+        tally.reloads_refused,
+        tally.reloads_failed,
+        tally.reloads_other,
+        tally.status_failures,
+        start.fds,
+        start.rss >> 10,
+    );
+    if !stats.reasons.is_empty() {
+        println!(
+            "chaos: first failed requests:\n  {}",
+            stats.reasons.join("\n  ")
+        );
+    }
+    if !tally.notes.is_empty() {
+        println!("chaos: notes:\n  {}", tally.notes.join("\n  "));
+    }
+    if let Some(status) = &final_status {
+        println!("chaos: final slots {:?}", pids_of_rows(status));
+    }
+    if !problems.is_empty() {
+        let tail: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.starts_with("[worker "))
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        panic!(
+            "chaos {kind:?} (seed {seed}) failed:\n- {}\nlast lines of herd's own log:\n{}",
+            problems.join("\n- "),
+            tail.join("\n")
+        );
+    }
+}
+
+// ---- the random source ----
+
+/// xorshift64: small, seedable, good enough to pick actions.
+struct XorShift(u64);
+
+impl XorShift {
+    fn new(seed: u64) -> XorShift {
+        // Zero is xorshift's one fixed point.
+        XorShift(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// Uniform enough in `0..n` (n > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// In `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(self.range(lo, hi))
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
+        if items.is_empty() {
+            return None;
+        }
+        items.get(self.below(items.len() as u64) as usize)
+    }
+}
+
+fn fresh_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ u64::from(std::process::id()) << 32
+}
+
+/// A decimal (or 0x-hex) number from the environment, if set.
+fn env_number(name: &str) -> Option<u64> {
+    let text = std::env::var(name).ok()?;
+    let text = text.trim();
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    Some(parsed.unwrap_or_else(|e| panic!("{name}={text:?}: {e}")))
+}
+
+// ---- the load ----
+
+/// What the clients did.
+struct LoadStats {
+    requests: u64,
+    ok: u64,
+    failed: u64,
+    /// The first few failures, with when they happened.
+    reasons: Vec<String>,
+}
+
+/// CLIENTS threads, each sending one request after another on a new
+/// connection, until stopped, until MAX_REQUESTS in all, or until their own
+/// time limit (should the test die without stopping them).
+struct Load {
+    stop: Arc<AtomicBool>,
+    requests: Arc<AtomicU64>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    reasons: Arc<Mutex<Vec<String>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, limit: Duration) -> Load {
+        let mut load = Load {
+            stop: Arc::default(),
+            requests: Arc::default(),
+            ok: Arc::default(),
+            failed: Arc::default(),
+            reasons: Arc::default(),
+            threads: Vec::new(),
+        };
+        let began = Instant::now();
+        for _ in 0..CLIENTS {
+            let (stop, requests, ok, failed, reasons) = (
+                load.stop.clone(),
+                load.requests.clone(),
+                load.ok.clone(),
+                load.failed.clone(),
+                load.reasons.clone(),
+            );
+            load.threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) && began.elapsed() < limit {
+                    if requests.fetch_add(1, Ordering::SeqCst) >= MAX_REQUESTS {
+                        requests.fetch_sub(1, Ordering::SeqCst);
+                        break;
+                    }
+                    match request(addr) {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::SeqCst);
+                            let mut reasons = reasons.lock().unwrap();
+                            if reasons.len() < 10 {
+                                let at = began.elapsed().as_secs_f64();
+                                reasons.push(format!("+{at:.3}s {e}"));
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        load
+    }
+
+    /// Stops the clients (each finishes the request it has in progress).
+    fn finish(mut self) -> LoadStats {
+        self.stop.store(true, Ordering::SeqCst);
+        for thread in self.threads.drain(..) {
+            thread.join().unwrap();
+        }
+        LoadStats {
+            requests: self.requests.load(Ordering::SeqCst),
+            ok: self.ok.load(Ordering::SeqCst),
+            failed: self.failed.load(Ordering::SeqCst),
+            reasons: self.reasons.lock().unwrap().clone(),
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        // A panicking test stops its clients too.
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One `Connection: close` request on a new connection; Ok if a whole 200
+/// response from a worker came back.
+fn request(addr: SocketAddr) -> Result<(), String> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+    stream
+        .write_all(REQUEST)
+        .map_err(|e| format!("send: {e}"))?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .map_err(|e| format!("read: {e} after {} bytes", response.len()))?;
+    let text = String::from_utf8_lossy(&response);
+    if text.starts_with("HTTP/1.1 200 ") && text.contains("Handled by worker ") {
+        Ok(())
+    } else {
+        Err(format!("unexpected response {text:?}"))
+    }
+}
+
+// ---- the actions ----
+
+#[derive(Default)]
+struct Tally {
+    kills: u64,
+    /// The victim was gone (or no longer herd's) before we could stop it.
+    kills_skipped: u64,
+    /// Requests in progress in the killed workers: the failures allowed.
+    allowed_failures: u64,
+    stops: u64,
+    scales_ok: u64,
+    scales_failed: u64,
+    reloads_ok: u64,
+    /// "a reload is already in progress"
+    reloads_refused: u64,
+    /// "reload failed: ..." (a new worker died: we may have killed it)
+    reloads_failed: u64,
+    /// Anything else: a hang, an unexpected answer.
+    reloads_other: u64,
+    status_failures: u64,
+    /// Unusual outcomes, printed at the end.
+    notes: Vec<String>,
+}
+
+impl Tally {
+    fn note(&mut self, note: String) {
+        println!("chaos: {note}");
+        if self.notes.len() < 20 {
+            self.notes.push(note);
+        }
+    }
+}
+
+/// `herd scale n`; true if herd took it.
+fn scale(dir: &Path, n: usize, tally: &mut Tally, at: f64) -> bool {
+    let n_text = n.to_string();
+    let run = cli(dir, &["scale", &n_text], CLI_TIMEOUT);
+    println!("chaos +{at:.3}s: herd scale {n}: {}", summary(&run));
+    match run {
+        Ok(run) if run.code == Some(0) => {
+            tally.scales_ok += 1;
+            true
+        }
+        other => {
+            tally.scales_failed += 1;
+            tally.note(format!("+{at:.3}s scale {n}: {}", summary(&other)));
+            false
+        }
+    }
+}
+
+fn reap_reloads(reloads: &mut Vec<JoinHandle<Result<CliRun, String>>>, tally: &mut Tally) {
+    let mut i = 0;
+    while i < reloads.len() {
+        if reloads[i].is_finished() {
+            let outcome = reloads.swap_remove(i).join().unwrap();
+            record_reload(outcome, tally);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+fn record_reload(outcome: Result<CliRun, String>, tally: &mut Tally) {
+    println!("chaos: herd reload: {}", summary(&outcome));
+    match &outcome {
+        Ok(run) if run.code == Some(0) => tally.reloads_ok += 1,
+        Ok(run) if run.code == Some(1) && run.stderr.contains("already in progress") => {
+            tally.reloads_refused += 1
+        }
+        Ok(run) if run.code == Some(1) && run.stderr.contains("reload failed") => {
+            tally.reloads_failed += 1
+        }
+        _ => {
+            tally.reloads_other += 1;
+            tally.note(format!("reload: {}", summary(&outcome)));
+        }
+    }
+}
+
+/// SIGSTOPs `victim` (a worker of herd's), counts the client connections
+/// it holds on herd's listening port, and SIGKILLs it. Stopped, it can no
+/// longer accept, answer or close anything, so what it holds at that moment
+/// is exactly what its death loses: connections herd has not handed over,
+/// or whose hand-off it has not acknowledged, or that wait in a kernel
+/// queue, stay herd's and go to another worker. None if it was gone.
+fn kill_counting(herd_pid: u32, victim: u32, port: u16) -> Option<u64> {
+    if !is_child_of(victim, herd_pid) || !send(victim, Signal::SIGSTOP) {
+        return None;
+    }
+    wait_stopped(victim);
+    // These workers have no processes of their own, but a worker's process
+    // group is what herd stops, so count whatever is in it.
+    let mut holders: Vec<u32> = processes()
+        .into_iter()
+        .filter(|p| p.pgrp == victim)
+        .map(|p| p.pid)
+        .collect();
+    if !holders.contains(&victim) {
+        holders.push(victim);
+    }
+    let held = connections_held(&holders, port);
+    send(victim, Signal::SIGKILL);
+    Some(held)
+}
+
+/// Waits until every thread of `pid` is stopped (or it is gone), so that
+/// its fd table no longer changes: a SIGSTOP is delivered asynchronously.
+fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return;
+        };
+        let all_stopped = tasks.filter_map(Result::ok).all(|task| {
+            std::fs::read_to_string(task.path().join("stat"))
+                .ok()
+                .and_then(|stat| parse_stat(&stat))
+                .is_none_or(|p| matches!(p.state, 'T' | 't' | 'Z' | 'X'))
+        });
+        if all_stopped {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    println!("chaos: pid {pid} did not stop within {DEADLINE:?}; counting anyway");
+}
+
+/// TCP connections, ESTABLISHED or CLOSE_WAIT, with local port `port`, that
+/// any of `pids` has open: the requests it holds (a CLOSE_WAIT one is a
+/// client that gave up, or a request read but not yet answered).
+fn connections_held(pids: &[u32], port: u16) -> u64 {
+    let mut inodes = BTreeSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.filter_map(Result::ok) {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy();
+            if let Some(inode) = target
+                .strip_prefix("socket:[")
+                .and_then(|rest| rest.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                inodes.insert(inode);
+            }
+        }
+    }
+    let mut held = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 10 {
+                continue;
+            }
+            let local_port = fields[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            let inode = fields[9].parse::<u64>().ok();
+            if local_port == Some(port)
+                && matches!(fields[3], "01" | "08")
+                && inode.is_some_and(|i| inodes.contains(&i))
+            {
+                held += 1;
+            }
+        }
+    }
+    held
+}
+
+/// Workers we SIGSTOPped and when each is due its SIGCONT. Every one gets
+/// it, if need be on drop (a panicking test must not leave one stopped).
+struct Stopped {
+    herd_pid: u32,
+    due: Vec<(u32, Instant)>,
+}
+
+impl Stopped {
+    fn new(herd_pid: u32) -> Stopped {
+        Stopped {
+            herd_pid,
+            due: Vec::new(),
+        }
+    }
+
+    fn stop(&mut self, pid: u32, resume_at: Instant) -> bool {
+        if !is_child_of(pid, self.herd_pid) || !send(pid, Signal::SIGSTOP) {
+            return false;
+        }
+        self.due.push((pid, resume_at));
+        true
+    }
+
+    /// A worker we are about to kill needs no SIGCONT (and its pid may be reused).
+    fn forget(&mut self, pid: u32) {
+        self.due.retain(|(p, _)| *p != pid);
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.due.iter().map(|(_, at)| *at).min()
+    }
+
+    fn resume_due(&mut self, now: Instant) {
+        let herd_pid = self.herd_pid;
+        self.due.retain(|&(pid, at)| {
+            if at > now {
+                return true;
+            }
+            resume(pid, herd_pid);
+            false
+        });
+    }
+
+    fn resume_all(&mut self) {
+        for (pid, _) in self.due.drain(..) {
+            resume(pid, self.herd_pid);
+        }
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.resume_all();
+    }
+}
+
+/// SIGCONT, unless the pid is no longer one of herd's (it exited meanwhile).
+fn resume(pid: u32, herd_pid: u32) {
+    if is_child_of(pid, herd_pid) {
+        send(pid, Signal::SIGCONT);
+    }
+}
+
+fn send(pid: u32, signal: Signal) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).is_ok()
+}
+
+// ---- herd's control CLI ----
+
+/// What one control command printed and how it exited.
+#[derive(Debug)]
+struct CliRun {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `herd ARGS` in `dir`; Err if it did not finish within `timeout`
+/// (then it is killed). Unlike common's `herd_cli`, a failure is an outcome
+/// to record, not a panic: herd may legitimately refuse under chaos.
+fn cli(dir: &Path, args: &[&str], timeout: Duration) -> Result<CliRun, String> {
+    let mut child = Command::new(herd_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("start herd {}: {e}", args.join(" ")))?;
+    let drain = |mut stream: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stream.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("`herd {}` hung for {timeout:?}", args.join(" ")));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Ok(CliRun {
+        code: status.code(),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    })
+}
+
+fn summary(run: &Result<CliRun, String>) -> String {
+    match run {
+        Ok(run) => format!(
+            "exit {:?} {}{}",
+            run.code,
+            run.stdout.trim(),
+            run.stderr.trim()
+        ),
+        Err(e) => e.clone(),
+    }
+}
+
+fn status_of(dir: &Path) -> Result<Value, String> {
+    let run = cli(dir, &["status", "--json"], CLI_TIMEOUT)?;
+    if run.code != Some(0) {
+        return Err(format!("exit {:?}: {}", run.code, run.stderr.trim()));
+    }
+    serde_json::from_str(&run.stdout).map_err(|e| format!("status JSON: {e} in {:?}", run.stdout))
+}
+
+/// The pids status shows (a slot's serving worker, else its starting one).
+fn worker_pids(status: &Value) -> Vec<u32> {
+    workers_of(status)
+        .iter()
+        .filter_map(|w| w["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect()
+}
+
+/// slot → (state, pid), for the final report.
+fn pids_of_rows(status: &Value) -> BTreeMap<u64, (String, Option<u64>)> {
+    workers_of(status)
+        .iter()
+        .map(|w| {
+            (
+                w["slot"].as_u64().unwrap_or(u64::MAX),
+                (
+                    w["state"].as_str().unwrap_or("?").to_string(),
+                    w["pid"].as_u64(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Polls `check` (every 50 ms, for at most `limit`) until it says done;
+/// Ok with its last value, or Err with the last value it gave.
+fn wait_for<T>(
+    limit: Duration,
+    mut check: impl FnMut() -> Option<(bool, T)>,
+) -> Result<T, Option<T>> {
+    let deadline = Instant::now() + limit;
+    let mut last = None;
+    loop {
+        if let Some((done, value)) = check() {
+            if done {
+                return Ok(value);
+            }
+            last = Some(value);
+        }
+        if Instant::now() >= deadline {
+            return Err(last);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---- /proc ----
+
+/// One process, from `/proc/<pid>/stat` (and its command line).
+#[derive(Debug, Clone)]
+struct Proc {
+    pid: u32,
+    ppid: u32,
+    pgrp: u32,
+    state: char,
+}
+
+impl std::fmt::Display for Proc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid))
+            .map(|bytes| String::from_utf8_lossy(&bytes).replace('\0', " "))
+            .unwrap_or_default();
+        write!(
+            f,
+            "pid {} ppid {} state {}: {}",
+            self.pid,
+            self.ppid,
+            self.state,
+            cmdline.trim()
+        )
+    }
+}
+
+/// Parses `pid (comm) state ppid pgrp ...`; comm may hold spaces and parens.
+fn parse_stat(stat: &str) -> Option<Proc> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let pid = head.split_whitespace().next()?.parse().ok()?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    Some(Proc {
+        pid,
+        ppid,
+        pgrp,
+        state,
+    })
+}
+
+/// Every process (not thread: /proc lists thread-group leaders only, and
+/// the Tgid check makes sure).
+fn processes() -> Vec<Proc> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let proc = parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let tgid = status_field(&status, "Tgid:")?;
+            (tgid == u64::from(pid)).then_some(proc)
+        })
+        .collect()
+}
+
+/// Every process descending from `root` (not `root` itself).
+fn descendants(root: u32) -> Vec<Proc> {
+    let all = processes();
+    let mut found = Vec::new();
+    let mut parents = BTreeSet::from([root]);
+    // A tree no deeper than the number of processes.
+    for _ in 0..=all.len() {
+        let next: Vec<&Proc> = all
+            .iter()
+            .filter(|p| parents.contains(&p.ppid) && !parents.contains(&p.pid))
+            .collect();
+        if next.is_empty() {
+            break;
+        }
+        for p in next {
+            parents.insert(p.pid);
+            found.push(p.clone());
+        }
+    }
+    found
+}
+
+fn is_child_of(pid: u32, parent: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| parse_stat(&stat))
+        .is_some_and(|p| p.ppid == parent && p.state != 'Z')
+}
+
+/// Alive and not a zombie.
+fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| parse_stat(&stat))
+        .is_some_and(|p| !matches!(p.state, 'Z' | 'X'))
+}
+
+fn status_field(status: &str, name: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// herd's open fds and resident memory.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    fds: usize,
+    /// Bytes.
+    rss: u64,
+}
+
+impl Usage {
+    fn of(pid: u32) -> Option<Usage> {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let rss = status_field(&status, "VmRSS:")? << 10;
+        Some(Usage { fds, rss })
+    }
+}
+
+/// What herd's fds point at, counted by kind, for a failure report.
+fn fd_targets(pid: u32) -> String {
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.filter_map(Result::ok) {
+            let target = std::fs::read_link(fd.path())
+                .map(|t| t.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let kind = target.split(':').next().unwrap_or("").to_string();
+            *kinds.entry(kind).or_insert(0) += 1;
+        }
+    }
+    format!("{kinds:?}")
+}
