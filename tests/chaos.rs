@@ -138,6 +138,7 @@ fn chaos(kind: Kind) {
     };
     let herd_pid = herd.pid();
     let addr = herd.addr();
+    let port = addr.port();
     herd.wait_all_ready(START_WORKERS);
 
     // Warm up, so the baseline includes what herd allocates once (buffers,
@@ -152,8 +153,8 @@ fn chaos(kind: Kind) {
     println!("chaos: herd pid {herd_pid} on {addr}; at start {start:?}");
 
     let mut tally = Tally::default();
-    let load = Load::start(addr, Duration::from_secs(secs) + SETTLE);
-    let mut stopped = Stopped::new(herd_pid);
+    let load = Load::start(addr, Duration::from_secs(secs) + 2 * SETTLE);
+    let mut victims = Victims::new(herd_pid, port);
     let mut reloads: Vec<JoinHandle<Result<CliRun, String>>> = Vec::new();
     let began = Instant::now();
     let end = began + Duration::from_secs(secs);
@@ -168,13 +169,13 @@ fn chaos(kind: Kind) {
     loop {
         passes += 1;
         assert!(passes <= max_passes, "the chaos loop did not end");
-        let wake = stopped
+        let wake = victims
             .next_due()
             .map_or(next_action, |due| due.min(next_action));
         let now = Instant::now();
         // The chaos cadence, not a synchronisation.
         std::thread::sleep(wake.min(end).saturating_duration_since(now));
-        stopped.resume_due(Instant::now());
+        tally.lost_while_stopped(victims.resume_due(Instant::now()));
         reap_reloads(&mut reloads, &mut tally);
         let now = Instant::now();
         if now >= end {
@@ -189,9 +190,12 @@ fn chaos(kind: Kind) {
             tally.note(format!("{at} herd is gone; ending the chaos early"));
             break;
         }
-        let pids = match status_of(&herd.dir) {
-            Ok(status) => worker_pids(&status),
+        let rows = match status_of(&herd.dir) {
+            Ok(status) => slot_pids(&status),
             Err(e) => {
+                if e.contains(HUNG) {
+                    tally.hung.push(format!("{at} status: {e}"));
+                }
                 tally.note(format!("{at} status failed: {e}"));
                 tally.status_failures += 1;
                 continue;
@@ -199,27 +203,28 @@ fn chaos(kind: Kind) {
         };
         match rng.below(100) {
             0..=29 => {
-                let Some(&victim) = rng.pick(&pids) else {
+                let Some(&(slot, victim)) = rng.pick(&rows) else {
                     continue;
                 };
-                stopped.forget(victim);
-                match kill_counting(herd_pid, victim, addr.port()) {
-                    Some(held) => {
-                        tally.kills += 1;
-                        tally.allowed_failures += held;
-                        println!("chaos {}: SIGKILL pid {victim} holding {held}", clock());
+                kill(&mut victims, &mut tally, victim);
+                // One kill in three also kills whatever herd puts in that
+                // slot next: a restart that fails to start, or, during a
+                // reload, the replacement that was starting while the
+                // worker it was to replace died.
+                if rng.below(3) == 0 {
+                    if let Some(next) = next_in_slot(&herd.dir, slot, victim) {
+                        kill(&mut victims, &mut tally, next);
                     }
-                    None => tally.kills_skipped += 1,
                 }
             }
             30..=54 => {
-                let Some(&victim) = rng.pick(&pids) else {
+                let Some(&(_, victim)) = rng.pick(&rows) else {
                     continue;
                 };
                 let pause = rng.millis(100, 800);
-                if stopped.stop(victim, Instant::now() + pause) {
+                if let Some(held) = victims.stop(victim, Instant::now() + pause) {
                     tally.stops += 1;
-                    println!("chaos {at}: SIGSTOP pid {victim} for {pause:?}");
+                    println!("chaos {at}: SIGSTOP pid {victim} holding {held} for {pause:?}");
                 }
             }
             55..=79 => {
@@ -241,18 +246,12 @@ fn chaos(kind: Kind) {
             }
         }
     }
-    // The last action: back to the starting count, so the end state is
-    // comparable with the start (herd holds fds per slot).
-    let at = clock();
-    if scale(&herd.dir, START_WORKERS, &mut tally, &at) {
-        target = START_WORKERS;
-    }
 
     // The end: stop the load, resume what is stopped, collect the reloads.
     // The SIGCONTs come before waiting for the clients: a request in
     // progress on a stopped worker completes only once it runs again.
     load.stop();
-    stopped.resume_all();
+    tally.lost_while_stopped(victims.resume_all());
     let stats = load.finish();
     for handle in reloads.drain(..) {
         record_reload(handle.join().unwrap(), &mut tally);
@@ -265,27 +264,22 @@ fn chaos(kind: Kind) {
     } else {
         Duration::ZERO
     };
-    // 2. Every slot has a ready worker: status says so, and that worker is
-    // a live child of herd.
-    let settled = wait_for(settle, || {
-        let status = status_of(&herd.dir).ok()?;
-        let workers = workers_of(&status);
-        let full = workers.len() == target
-            && workers.iter().all(|w| {
-                w["state"] == "ready"
-                    && w["pid"]
-                        .as_u64()
-                        .is_some_and(|pid| is_child_of(pid as u32, herd_pid))
-            });
-        Some((full, status))
-    });
-    let final_status = match settled {
+    // 2. Every slot has a ready worker: first as the chaos left them (the
+    // last successful scale), then back at the starting count, so that
+    // herd's fds compare with the start (herd holds some per slot).
+    let after_chaos = wait_all_ready(&herd.dir, herd_pid, target, settle);
+    if let Err(why) = &after_chaos {
+        problems.push(format!("after the chaos: {why}"));
+    }
+    let at = clock();
+    let scaled_back = scale(&herd.dir, START_WORKERS, &mut tally, &at);
+    if scaled_back {
+        target = START_WORKERS;
+    }
+    let final_status = match wait_all_ready(&herd.dir, herd_pid, target, settle) {
         Ok(status) => Some(status),
-        Err(last) => {
-            problems.push(format!(
-                "slots not all ready within {SETTLE:?} (want {target} ready); last status: {}",
-                last.map_or("none".into(), |s| format!("{s:#}"))
-            ));
+        Err(why) => {
+            problems.push(format!("after scaling back to {START_WORKERS}: {why}"));
             None
         }
     };
@@ -294,7 +288,7 @@ fn chaos(kind: Kind) {
     let (mut family, mut reaped) = (0, 0);
     let strays = wait_for(settle, || {
         let mut allowed: BTreeSet<u32> = status_of(&herd.dir)
-            .map(|s| worker_pids(&s).into_iter().collect())
+            .map(|s| slot_pids(&s).into_iter().map(|(_, pid)| pid).collect())
             .unwrap_or_default();
         allowed.insert(herd_pid);
         reaped += reap_orphans(herd_pid);
@@ -309,7 +303,7 @@ fn chaos(kind: Kind) {
     if let Err(Some(strays)) = strays {
         let list: Vec<String> = strays.iter().map(|p| format!("{p}")).collect();
         problems.push(format!(
-            "processes other than herd and its current workers descend from the test after {SETTLE:?}:\n  {}",
+            "processes other than herd and its current workers descend from the test after {settle:?}:\n  {}",
             list.join("\n  ")
         ));
     }
@@ -322,8 +316,13 @@ fn chaos(kind: Kind) {
     let end_usage = match usage {
         Ok(usage) => Some(usage),
         Err(last) => {
+            let caveat = if scaled_back {
+                ""
+            } else {
+                " (the scale back to the starting count failed)"
+            };
             problems.push(format!(
-                "herd's fds/RSS not back within +{FD_SLACK} fds / +{} MiB of the start {start:?}: {last:?}; fds now: {}",
+                "herd's fds/RSS not back within +{FD_SLACK} fds / +{} MiB of the start {start:?}{caveat}: {last:?}; fds now: {}",
                 RSS_SLACK >> 20,
                 last.map_or(String::new(), |_| fd_targets(herd_pid))
             ));
@@ -347,6 +346,13 @@ fn chaos(kind: Kind) {
     if !panics.is_empty() {
         problems.push(format!("herd's log has panics:\n  {}", panics.join("\n  ")));
     }
+    // herd answers every control command, if only to refuse it.
+    if !tally.hung.is_empty() {
+        problems.push(format!(
+            "control commands got no answer:\n  {}",
+            tally.hung.join("\n  ")
+        ));
+    }
     // 5. Only requests in progress in killed workers failed.
     if stats.failed > tally.allowed_failures {
         problems.push(format!(
@@ -357,19 +363,21 @@ fn chaos(kind: Kind) {
         ));
     }
 
-    let end_text = end_usage.map_or("?".into(), |u| format!("{}", u.fds));
+    let end_fds = end_usage.map_or("?".into(), |u| format!("{}", u.fds));
     let end_rss = end_usage.map_or("?".into(), |u| format!("{}", u.rss >> 10));
     println!(
         "chaos tally: kind={kind:?} seed={seed} secs={secs} requests={} ok={} failed={} allowed={} \
-         kills={} (skipped {}) stops={} scales=(ok {}, failed {}) \
-         reloads=(ok {}, refused {}, failed {}, other {}) status_failures={} target={target} descendants={family} orphans_reaped={reaped} \
-         fds start/end={}/{end_text} rss start/end={}/{end_rss} KiB",
+         kills={} (skipped {}, died while stopped {}) stops={} scales=(ok {}, failed {}) \
+         reloads=(ok {}, refused {}, failed {}, other {}) status_failures={} \
+         descendants={family} orphans_reaped={reaped} \
+         fds start/end={}/{end_fds} rss start/end={}/{end_rss} KiB",
         stats.requests,
         stats.ok,
         stats.failed,
         tally.allowed_failures,
         tally.kills,
         tally.kills_skipped,
+        tally.died_while_stopped,
         tally.stops,
         tally.scales_ok,
         tally.scales_failed,
@@ -391,7 +399,7 @@ fn chaos(kind: Kind) {
         println!("chaos: notes:\n  {}", tally.notes.join("\n  "));
     }
     if let Some(status) = &final_status {
-        println!("chaos: final slots {:?}", pids_of_rows(status));
+        println!("chaos: final slots {:?}", slot_pids(status));
     }
     if !problems.is_empty() {
         let tail: Vec<&str> = log
@@ -409,6 +417,61 @@ fn chaos(kind: Kind) {
             tail.join("\n")
         );
     }
+}
+
+/// Waits until status shows `count` slots, each `ready` with a worker that
+/// is a live descendant of herd; Err says what it showed last.
+fn wait_all_ready(
+    dir: &Path,
+    herd_pid: u32,
+    count: usize,
+    limit: Duration,
+) -> Result<Value, String> {
+    let settled = wait_for(limit, || {
+        let status = status_of(dir).ok()?;
+        let workers = workers_of(&status);
+        let full = workers.len() == count
+            && workers.iter().all(|w| {
+                w["state"] == "ready"
+                    && w["pid"]
+                        .as_u64()
+                        .is_some_and(|pid| descends_from(pid as u32, herd_pid))
+            });
+        Some((full, status))
+    });
+    settled.map_err(|last| {
+        format!(
+            "not {count} ready slots within {limit:?}; last status: {}",
+            last.map_or("none".into(), |s| format!("{s:#}"))
+        )
+    })
+}
+
+/// SIGKILLs `victim`, counting what it held (see `kill_counting`).
+fn kill(victims: &mut Victims, tally: &mut Tally, victim: u32) {
+    match victims.kill(victim) {
+        Some(held) => {
+            tally.kills += 1;
+            tally.allowed_failures += held;
+            println!("chaos {}: SIGKILL pid {victim} holding {held}", clock());
+        }
+        None => tally.kills_skipped += 1,
+    }
+}
+
+/// The worker herd puts in `slot` after `gone`, once status shows one
+/// (polled for at most a second: herd sees a SIGKILL within milliseconds).
+fn next_in_slot(dir: &Path, slot: u64, gone: u32) -> Option<u32> {
+    wait_for(Duration::from_secs(1), || {
+        let status = status_of(dir).ok()?;
+        let pid = slot_pids(&status)
+            .into_iter()
+            .find(|&(s, _)| s == slot)
+            .map(|(_, pid)| pid);
+        Some((pid.is_some_and(|p| p != gone), pid))
+    })
+    .ok()
+    .flatten()
 }
 
 /// The time to the next action: mostly a few hundred ms, so herd has time
@@ -627,6 +690,10 @@ struct Tally {
     kills: u64,
     /// The victim was gone (or no longer herd's) before we could stop it.
     kills_skipped: u64,
+    /// Workers that died while we had them stopped: herd may kill a worker
+    /// that does not respond (after `shutdown_timeout` if it drains, or as
+    /// hung). Killed all the same, so what they held counts as allowed.
+    died_while_stopped: u64,
     /// Requests in progress in the killed workers: the failures allowed.
     allowed_failures: u64,
     stops: u64,
@@ -640,11 +707,19 @@ struct Tally {
     /// Anything else: a hang, an unexpected answer.
     reloads_other: u64,
     status_failures: u64,
+    /// Control commands herd never answered (within CLI_TIMEOUT): never
+    /// legitimate, unlike a refusal.
+    hung: Vec<String>,
     /// Unusual outcomes, printed at the end.
     notes: Vec<String>,
 }
 
 impl Tally {
+    fn lost_while_stopped(&mut self, (died, held): (u64, u64)) {
+        self.died_while_stopped += died;
+        self.allowed_failures += held;
+    }
+
     fn note(&mut self, note: String) {
         println!("chaos: {note}");
         if self.notes.len() < 20 {
@@ -662,6 +737,11 @@ fn scale(dir: &Path, n: usize, tally: &mut Tally, at: &str) -> bool {
         Ok(run) if run.code == Some(0) => {
             tally.scales_ok += 1;
             true
+        }
+        Err(e) => {
+            tally.scales_failed += 1;
+            tally.hung.push(format!("{at} scale {n}: {e}"));
+            false
         }
         other => {
             tally.scales_failed += 1;
@@ -693,6 +773,10 @@ fn record_reload(outcome: Result<CliRun, String>, tally: &mut Tally) {
         Ok(run) if run.code == Some(1) && run.stderr.contains("reload failed") => {
             tally.reloads_failed += 1
         }
+        Err(e) => {
+            tally.reloads_other += 1;
+            tally.hung.push(format!("reload: {e}"));
+        }
         _ => {
             tally.reloads_other += 1;
             tally.note(format!("reload: {}", summary(&outcome)));
@@ -707,7 +791,16 @@ fn record_reload(outcome: Result<CliRun, String>, tally: &mut Tally) {
 /// or whose hand-off it has not acknowledged, or that wait in a kernel
 /// queue, stay herd's and go to another worker. None if it was gone.
 fn kill_counting(herd_pid: u32, victim: u32, port: u16) -> Option<u64> {
-    if !is_child_of(victim, herd_pid) || !send(victim, Signal::SIGSTOP) {
+    let held = stop_counting(herd_pid, victim, port)?;
+    send(victim, Signal::SIGKILL);
+    Some(held)
+}
+
+/// SIGSTOPs `victim` if it is one of herd's, waits until it is stopped and
+/// counts the client connections it (or its process group) holds on
+/// herd's port; its fd table cannot change until it runs again.
+fn stop_counting(herd_pid: u32, victim: u32, port: u16) -> Option<u64> {
+    if !descends_from(victim, herd_pid) || !send(victim, Signal::SIGSTOP) {
         return None;
     }
     wait_stopped(victim);
@@ -721,9 +814,7 @@ fn kill_counting(herd_pid: u32, victim: u32, port: u16) -> Option<u64> {
     if !holders.contains(&victim) {
         holders.push(victim);
     }
-    let held = connections_held(&holders, port);
-    send(victim, Signal::SIGKILL);
-    Some(held)
+    Some(connections_held(&holders, port))
 }
 
 /// Waits until every thread of `pid` is stopped (or it is gone), so that
@@ -798,66 +889,128 @@ fn connections_held(pids: &[u32], port: u16) -> u64 {
     held
 }
 
-/// Workers we SIGSTOPped and when each is due its SIGCONT. Every one gets
-/// it, if need be on drop (a panicking test must not leave one stopped).
-struct Stopped {
+/// The workers we SIGSTOPped, each with when it is due its SIGCONT (every
+/// one gets it, if need be on drop: a panicking test must not leave one
+/// stopped), and those we SIGKILLed.
+struct Victims {
     herd_pid: u32,
-    due: Vec<(u32, Instant)>,
+    /// herd's listening port, whose connections a worker holds.
+    port: u16,
+    frozen: Vec<Frozen>,
+    /// (pid, start time) of the workers we SIGKILLed: until herd has seen
+    /// one die, status still shows it, and it must not be counted twice.
+    killed: BTreeSet<(u32, u64)>,
 }
 
-impl Stopped {
-    fn new(herd_pid: u32) -> Stopped {
-        Stopped {
+struct Frozen {
+    pid: u32,
+    /// Its start time, so that a pid reused meanwhile is never signalled.
+    started: u64,
+    resume_at: Instant,
+    /// The connections it held when stopped (it cannot take more).
+    held: u64,
+}
+
+impl Victims {
+    fn new(herd_pid: u32, port: u16) -> Victims {
+        Victims {
             herd_pid,
-            due: Vec::new(),
+            port,
+            frozen: Vec::new(),
+            killed: BTreeSet::new(),
         }
     }
 
-    fn stop(&mut self, pid: u32, resume_at: Instant) -> bool {
-        if !is_child_of(pid, self.herd_pid) || !send(pid, Signal::SIGSTOP) {
-            return false;
+    /// Stops `pid` until `resume_at`; returns what it holds.
+    fn stop(&mut self, pid: u32, resume_at: Instant) -> Option<u64> {
+        let started = proc_of(pid)?.started;
+        if self.killed.contains(&(pid, started)) {
+            return None;
         }
-        self.due.push((pid, resume_at));
-        true
+        let held = stop_counting(self.herd_pid, pid, self.port)?;
+        self.frozen.push(Frozen {
+            pid,
+            started,
+            resume_at,
+            held,
+        });
+        Some(held)
     }
 
-    /// A worker we are about to kill needs no SIGCONT (and its pid may be reused).
-    fn forget(&mut self, pid: u32) {
-        self.due.retain(|(p, _)| *p != pid);
+    /// SIGKILLs `victim`, counting what it held (see `kill_counting`);
+    /// None if it was gone, or killed already.
+    fn kill(&mut self, victim: u32) -> Option<u64> {
+        let started = proc_of(victim)?.started;
+        if !self.killed.insert((victim, started)) {
+            return None;
+        }
+        // It needs no SIGCONT after this.
+        self.frozen.retain(|f| f.pid != victim);
+        kill_counting(self.herd_pid, victim, self.port)
     }
 
     fn next_due(&self) -> Option<Instant> {
-        self.due.iter().map(|(_, at)| *at).min()
+        self.frozen.iter().map(|f| f.resume_at).min()
     }
 
-    fn resume_due(&mut self, now: Instant) {
-        let herd_pid = self.herd_pid;
-        self.due.retain(|&(pid, at)| {
-            if at > now {
-                return true;
+    /// SIGCONTs those due; returns how many had died meanwhile and the
+    /// connections they held.
+    fn resume_due(&mut self, now: Instant) -> (u64, u64) {
+        let due: BTreeSet<u32> = self
+            .frozen
+            .iter()
+            .filter(|f| f.resume_at <= now)
+            .map(|f| f.pid)
+            .collect();
+        // A worker stopped twice runs again at the first SIGCONT: its later
+        // entry goes too, or its exit after running would look like a death
+        // while stopped.
+        let (resumed, still) = std::mem::take(&mut self.frozen)
+            .into_iter()
+            .partition(|f| due.contains(&f.pid));
+        self.frozen = still;
+        self.resume(resumed)
+    }
+
+    fn resume_all(&mut self) -> (u64, u64) {
+        let all = std::mem::take(&mut self.frozen);
+        self.resume(all)
+    }
+
+    fn resume(&self, frozen: Vec<Frozen>) -> (u64, u64) {
+        let (mut died, mut held) = (0, 0);
+        // A pid stopped twice is resumed (and counted) once.
+        let mut seen = BTreeSet::new();
+        for f in frozen {
+            if !seen.insert(f.pid) {
+                continue;
             }
-            resume(pid, herd_pid);
-            false
-        });
-    }
-
-    fn resume_all(&mut self) {
-        for (pid, _) in self.due.drain(..) {
-            resume(pid, self.herd_pid);
+            let same = proc_of(f.pid).is_some_and(|p| {
+                p.started == f.started
+                    && !matches!(p.state, 'Z' | 'X')
+                    && descends_from(f.pid, self.herd_pid)
+            });
+            if same {
+                send(f.pid, Signal::SIGCONT);
+                println!("chaos {}: SIGCONT pid {}", clock(), f.pid);
+            } else {
+                println!(
+                    "chaos {}: pid {} died while stopped, holding {}",
+                    clock(),
+                    f.pid,
+                    f.held
+                );
+                died += 1;
+                held += f.held;
+            }
         }
+        (died, held)
     }
 }
 
-impl Drop for Stopped {
+impl Drop for Victims {
     fn drop(&mut self) {
         self.resume_all();
-    }
-}
-
-/// SIGCONT, unless the pid is no longer one of herd's (it exited meanwhile).
-fn resume(pid: u32, herd_pid: u32) {
-    if is_child_of(pid, herd_pid) && send(pid, Signal::SIGCONT) {
-        println!("chaos {}: SIGCONT pid {pid}", clock());
     }
 }
 
@@ -866,6 +1019,9 @@ fn send(pid: u32, signal: Signal) -> bool {
 }
 
 // ---- herd's control CLI ----
+
+/// How `cli` says that herd did not answer in time.
+const HUNG: &str = "got no answer within";
 
 /// What one control command printed and how it exited.
 #[derive(Debug)]
@@ -904,7 +1060,7 @@ fn cli(dir: &Path, args: &[&str], timeout: Duration) -> Result<CliRun, String> {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!("`herd {}` hung for {timeout:?}", args.join(" ")));
+            return Err(format!("`herd {}` {HUNG} {timeout:?}", args.join(" ")));
         }
         std::thread::sleep(Duration::from_millis(5));
     };
@@ -935,28 +1091,12 @@ fn status_of(dir: &Path) -> Result<Value, String> {
     serde_json::from_str(&run.stdout).map_err(|e| format!("status JSON: {e} in {:?}", run.stdout))
 }
 
-/// The pids status shows (a slot's serving worker, else its starting one).
-fn worker_pids(status: &Value) -> Vec<u32> {
+/// (slot, pid) of each row that has a worker: the slot's serving worker,
+/// else its starting one.
+fn slot_pids(status: &Value) -> Vec<(u64, u32)> {
     workers_of(status)
         .iter()
-        .filter_map(|w| w["pid"].as_u64())
-        .map(|p| p as u32)
-        .collect()
-}
-
-/// slot → (state, pid), for the final report.
-fn pids_of_rows(status: &Value) -> BTreeMap<u64, (String, Option<u64>)> {
-    workers_of(status)
-        .iter()
-        .map(|w| {
-            (
-                w["slot"].as_u64().unwrap_or(u64::MAX),
-                (
-                    w["state"].as_str().unwrap_or("?").to_string(),
-                    w["pid"].as_u64(),
-                ),
-            )
-        })
+        .filter_map(|w| Some((w["slot"].as_u64()?, w["pid"].as_u64()? as u32)))
         .collect()
 }
 
@@ -991,6 +1131,9 @@ struct Proc {
     ppid: u32,
     pgrp: u32,
     state: char,
+    /// When it started, in clock ticks since boot: with the pid, it names
+    /// one process for good.
+    started: u64,
 }
 
 impl std::fmt::Display for Proc {
@@ -1017,11 +1160,14 @@ fn parse_stat(stat: &str) -> Option<Proc> {
     let state = fields.next()?.chars().next()?;
     let ppid = fields.next()?.parse().ok()?;
     let pgrp = fields.next()?.parse().ok()?;
+    // Field 22 of stat(5); we have read fields 3 to 5.
+    let started = fields.nth(16)?.parse().ok()?;
     Some(Proc {
         pid,
         ppid,
         pgrp,
         state,
+        started,
     })
 }
 
@@ -1081,19 +1227,37 @@ fn reap_orphans(herd_pid: u32) -> usize {
         .count()
 }
 
-fn is_child_of(pid: u32, parent: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| parse_stat(&stat))
-        .is_some_and(|p| p.ppid == parent && p.state != 'Z')
+fn proc_of(pid: u32) -> Option<Proc> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// `pid` is alive (not a zombie) and `ancestor` is its parent, or its
+/// parent's parent...: herd's worker, even if herd starts it through a
+/// helper process of its own.
+fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let Some(first) = proc_of(pid) else {
+        return false;
+    };
+    if matches!(first.state, 'Z' | 'X') {
+        return false;
+    }
+    let mut parent = first.ppid;
+    // Bounded: a chain of ppid links cannot be longer than a few dozen.
+    for _ in 0..64 {
+        if parent == ancestor {
+            return true;
+        }
+        match proc_of(parent) {
+            Some(p) if parent > 1 => parent = p.ppid,
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Alive and not a zombie.
 fn process_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| parse_stat(&stat))
-        .is_some_and(|p| !matches!(p.state, 'Z' | 'X'))
+    proc_of(pid).is_some_and(|p| !matches!(p.state, 'Z' | 'X'))
 }
 
 fn status_field(status: &str, name: &str) -> Option<u64> {
