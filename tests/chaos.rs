@@ -190,8 +190,8 @@ fn chaos(kind: Kind) {
             tally.note(format!("{at} herd is gone; ending the chaos early"));
             break;
         }
-        let rows = match status_of(&herd.dir) {
-            Ok(status) => slot_pids(&status),
+        let (rows, changing) = match status_of(&herd.dir) {
+            Ok(status) => (slot_pids(&status), changing_slots(&status)),
             Err(e) => {
                 if e.contains(HUNG) {
                     tally.hung.push(format!("{at} status: {e}"));
@@ -203,15 +203,23 @@ fn chaos(kind: Kind) {
         };
         match rng.below(100) {
             0..=29 => {
-                let Some(&(slot, victim)) = rng.pick(&rows) else {
+                // Supervision races live where a slot is changing (a
+                // worker starting, a reload's replacement starting): half
+                // the kills go there when there is such a slot.
+                let pool = if !changing.is_empty() && rng.below(2) == 0 {
+                    &changing
+                } else {
+                    &rows
+                };
+                let Some(&(slot, victim)) = rng.pick(pool) else {
                     continue;
                 };
                 kill(&mut victims, &mut tally, victim);
-                // One kill in three also kills whatever herd puts in that
-                // slot next: a restart that fails to start, or, during a
+                // Half the kills also kill whatever herd puts in that slot
+                // next: a restart that fails to start, or, during a
                 // reload, the replacement that was starting while the
                 // worker it was to replace died.
-                if rng.below(3) == 0 {
+                if rng.below(2) == 0 {
                     match next_in_slot(&herd.dir, slot, victim) {
                         Some(next) => {
                             println!("chaos {}: slot {slot} now has pid {next}", clock());
@@ -1200,6 +1208,16 @@ fn status_of(dir: &Path) -> Result<Value, String> {
 fn slot_pids(status: &Value) -> Vec<(u64, u32)> {
     workers_of(status)
         .iter()
+        .filter_map(|w| Some((w["slot"].as_u64()?, w["pid"].as_u64()? as u32)))
+        .collect()
+}
+
+/// (slot, pid) of the rows whose slot is not simply `ready`: a worker is
+/// starting there (a restart, a scale-up), or a reload is replacing it.
+fn changing_slots(status: &Value) -> Vec<(u64, u32)> {
+    workers_of(status)
+        .iter()
+        .filter(|w| w["state"] != "ready")
         .filter_map(|w| Some((w["slot"].as_u64()?, w["pid"].as_u64()? as u32)))
         .collect()
 }
