@@ -7,13 +7,16 @@
 //! process other than herd and its current workers descends from the test,
 //! herd's fd count and RSS are back within a small bound of the start, and
 //! failed requests are at most the requests that were in progress in the
-//! workers we killed (counted from /proc just before each kill).
+//! workers that were killed (each victim is SIGSTOPped first, and the
+//! client connections in its fd table counted, then SIGKILLed).
 //!
 //! The actions come from a seeded xorshift PRNG; the seed is printed first
-//! and `HERD_CHAOS_SEED` replays it (the same action choices; the timing of
-//! the processes is of course not replayed). The actions and failed
-//! requests are printed with the UTC time of day, as herd logs it;
-//! `HERD_CHAOS_LOG=PATH` writes herd's whole log to `PATH.Herd` / `PATH.Node`.
+//! and `HERD_CHAOS_SEED` replays it: the same actions in the same order
+//! and at the same intervals (which worker each one hits depends on what
+//! herd shows then, and the processes' timing is not replayed). The
+//! actions and failed requests are printed with the UTC time of day, as
+//! herd logs it; `HERD_CHAOS_LOG=PATH` writes herd's whole log to
+//! `PATH.Herd` / `PATH.Node`.
 
 mod common;
 
@@ -53,8 +56,8 @@ const SETTLE: Duration = Duration::from_secs(30);
 /// A control command that takes longer than this is recorded as hung.
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 /// herd's fds at the end may exceed the start by this many. The end has
-/// the same number of slots as the start (the last action scales back to
-/// START_WORKERS), so the steady-state count is the same, except that with
+/// the same number of slots as the start (after the chaos, herd is scaled
+/// back to START_WORKERS), so the steady-state count is the same, except that with
 /// Node workers herd keeps the kernel rotation's socket of each slot a
 /// scale-up created (+2 here: slots 2 and 3). The rest of the slack covers
 /// what legitimately comes and goes while idle (a control connection being
@@ -184,6 +187,10 @@ fn chaos(kind: Kind) {
         if now < next_action {
             continue;
         }
+        // Every action draws the same four numbers, whatever it turns out
+        // to be, so a replayed seed makes the same choices in the same
+        // order; only the pids they land on depend on what herd shows.
+        let (what, pick, coin, extra) = (rng.below(100), rng.next(), rng.next(), rng.next());
         next_action = now + gap(&mut rng);
         let at = clock();
         if !process_running(herd_pid) {
@@ -201,17 +208,17 @@ fn chaos(kind: Kind) {
                 continue;
             }
         };
-        match rng.below(100) {
+        match what {
             0..=29 => {
                 // Supervision races live where a slot is changing (a
                 // worker starting, a reload's replacement starting): half
                 // the kills go there when there is such a slot.
-                let pool = if !changing.is_empty() && rng.below(2) == 0 {
+                let pool = if !changing.is_empty() && extra % 2 == 0 {
                     &changing
                 } else {
                     &rows
                 };
-                let Some(&(slot, victim)) = rng.pick(pool) else {
+                let Some(&(slot, victim)) = choose(pool, pick) else {
                     continue;
                 };
                 kill(&mut victims, &mut tally, victim);
@@ -219,7 +226,7 @@ fn chaos(kind: Kind) {
                 // next: a restart that fails to start, or, during a
                 // reload, the replacement that was starting while the
                 // worker it was to replace died.
-                if rng.below(2) == 0 {
+                if coin % 2 == 0 {
                     match next_in_slot(&herd.dir, slot, victim) {
                         Some(next) => {
                             println!("chaos {}: slot {slot} now has pid {next}", clock());
@@ -230,26 +237,27 @@ fn chaos(kind: Kind) {
                 }
             }
             30..=54 => {
-                let Some(&(_, victim)) = rng.pick(&rows) else {
+                let Some(&(_, victim)) = choose(&rows, pick) else {
                     continue;
                 };
-                let pause = rng.millis(100, 800);
+                let pause = Duration::from_millis(100 + extra % 701);
                 if let Some(held) = victims.stop(victim, Instant::now() + pause) {
                     tally.stops += 1;
                     println!("chaos {at}: SIGSTOP pid {victim} holding {held} for {pause:?}");
                 }
             }
             55..=79 => {
-                let n = rng.range(1, MAX_SCALE) as usize;
+                let n = (1 + pick % MAX_SCALE) as usize;
                 if scale(&herd.dir, n, &mut tally, &at) {
                     target = n;
                 }
             }
             _ => {
                 // In the background, so kills, stops and scales race the
-                // reload (and a second reload meets the first).
-                println!("chaos {at}: herd reload");
+                // reload (and a second reload meets the first). At most
+                // three at a time: each is a thread and a process.
                 if reloads.len() < 3 {
+                    println!("chaos {at}: herd reload");
                     let dir = herd.dir.clone();
                     reloads.push(std::thread::spawn(move || {
                         cli(&dir, &["reload"], CLI_TIMEOUT)
@@ -354,9 +362,20 @@ fn chaos(kind: Kind) {
     if !process_running(herd_pid) {
         problems.push("herd is no longer running".into());
     }
-    let panics: Vec<&str> = log.lines().filter(|l| l.contains("panicked")).collect();
-    if !panics.is_empty() {
-        problems.push(format!("herd's log has panics:\n  {}", panics.join("\n  ")));
+    // A panic's message follows on the next line; a worker's own output
+    // comes prefixed `[worker N]` (a worker panicking is a bug too: the
+    // Rust worker library is part of herd).
+    let lines: Vec<&str> = log.lines().collect();
+    for (whose, is_worker) in [("herd", false), ("a worker", true)] {
+        let panics: Vec<String> = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains("panicked") && l.starts_with("[worker ") == is_worker)
+            .map(|(i, _)| lines[i..lines.len().min(i + 2)].join(" / "))
+            .collect();
+        if !panics.is_empty() {
+            problems.push(format!("{whose} panicked:\n  {}", panics.join("\n  ")));
+        }
     }
     // herd answers every control command, if only to refuse it.
     if !tally.hung.is_empty() {
@@ -536,13 +555,6 @@ impl XorShift {
     fn millis(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(self.range(lo, hi))
     }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
-        if items.is_empty() {
-            return None;
-        }
-        items.get(self.below(items.len() as u64) as usize)
-    }
 }
 
 /// The UTC time of day, as herd's log prints it, so that the actions and
@@ -559,6 +571,14 @@ fn clock() -> String {
         secs % 60,
         now.subsec_micros()
     )
+}
+
+/// The item a random number lands on, if there is any.
+fn choose<T>(items: &[T], random: u64) -> Option<&T> {
+    if items.is_empty() {
+        return None;
+    }
+    items.get((random % items.len() as u64) as usize)
 }
 
 fn fresh_seed() -> u64 {
@@ -799,9 +819,11 @@ fn record_reload(outcome: Result<CliRun, String>, tally: &mut Tally) {
 /// SIGSTOPs `victim` (a worker of herd's), counts the client connections
 /// it holds on herd's listening port, and SIGKILLs it. Stopped, it can no
 /// longer accept, answer or close anything, so what it holds at that moment
-/// is exactly what its death loses: connections herd has not handed over,
-/// or whose hand-off it has not acknowledged, or that wait in a kernel
-/// queue, stay herd's and go to another worker. None if it was gone.
+/// is all its death can lose: connections herd has not handed over, or
+/// whose hand-off the worker has not received, or that wait in a kernel
+/// accept queue, are not in its fd table; herd keeps them and gives them to
+/// another worker. (Some it holds may survive all the same: an answer
+/// already written, a hand-off herd also still holds.) None if it was gone.
 fn kill_counting(herd_pid: u32, victim: u32, port: u16) -> Option<u64> {
     let held = stop_counting(herd_pid, victim, port)?;
     send(victim, Signal::SIGKILL);
