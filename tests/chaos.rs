@@ -41,20 +41,29 @@ const CLIENTS: usize = 3;
 /// Upper bound on requests over the whole run, whatever the duration (a
 /// 60 s run on a 2-core machine makes well under a tenth of this).
 const MAX_REQUESTS: u64 = 2_000_000;
-/// Per request, for connect, send and each read. Longer than a worker is
-/// ever SIGSTOPped (800 ms) and than herd's 1 s ack_timeout, so a request
-/// to a stopped worker is slow, not failed.
+/// Per request, from connecting to the end of the answer. Longer than a
+/// worker is ever SIGSTOPped (800 ms) and than herd's 1 s ack_timeout, so
+/// a request to a stopped worker is slow, not failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const START_WORKERS: usize = 2;
 /// `herd scale N` picks N in 1..=MAX_SCALE.
 const MAX_SCALE: u64 = 4;
 /// How long herd gets, after the chaos, to fill every slot with a ready
-/// worker, reap what it stopped and close transient fds. The restart
-/// backoff is capped at 200 ms and a worker starts in well under a second,
-/// so this is generous for a loaded 2-core machine.
-const SETTLE: Duration = Duration::from_secs(30);
-/// A control command that takes longer than this is recorded as hung.
-const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+/// worker, and then to let its drained workers go (they have
+/// `shutdown_timeout`, 5 s). The restart backoff is capped at 200 ms and a
+/// worker starts in well under a second, so this is generous for a loaded
+/// 2-core machine.
+const SETTLE: Duration = Duration::from_secs(10);
+/// Once one check has failed, the later ones wait only this long: herd is
+/// broken already, and the report must come out before nextest's limit.
+/// The whole test stays under the 120 s that .config/nextest.toml allows
+/// with the default 60 s of chaos: about 62 s to the end of the chaos, up to
+/// 10 s for the last requests, then 10 + 10 + 10 + 5 s of checks at most if
+/// all pass slowly, 10 + 3 x 2 s if the first fails.
+const SETTLE_AFTER_FAILURE: Duration = Duration::from_secs(2);
+/// A control command that takes longer than this is recorded as hung. A
+/// reload of 4 Node workers takes about a second here.
+const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 /// herd's fds at the end may exceed the start by this many. The end has
 /// the same number of slots as the start (after the chaos, herd is scaled
 /// back to START_WORKERS), so the steady-state count is the same, except that with
@@ -156,7 +165,7 @@ fn chaos(kind: Kind) {
     println!("chaos: herd pid {herd_pid} on {addr}; at start {start:?}");
 
     let mut tally = Tally::default();
-    let load = Load::start(addr, Duration::from_secs(secs) + 2 * SETTLE);
+    let load = Load::start(addr, Duration::from_secs(secs) + SETTLE);
     let mut victims = Victims::new(herd_pid, port);
     let mut reloads: Vec<JoinHandle<Result<CliRun, String>>> = Vec::new();
     let began = Instant::now();
@@ -277,36 +286,30 @@ fn chaos(kind: Kind) {
         record_reload(handle.join().unwrap(), &mut tally);
     }
 
-    let mut problems = Vec::new();
-    // A dead herd settles nothing: report at once instead of waiting.
-    let settle = if process_running(herd_pid) {
-        SETTLE
-    } else {
-        Duration::ZERO
-    };
+    let mut checks = Checks::new(herd_pid);
     // 2. Every slot has a ready worker: first as the chaos left them (the
     // last successful scale), then back at the starting count, so that
     // herd's fds compare with the start (herd holds some per slot).
-    let after_chaos = wait_all_ready(&herd.dir, herd_pid, target, settle);
-    if let Err(why) = &after_chaos {
-        problems.push(format!("after the chaos: {why}"));
+    if let Err(why) = wait_all_ready(&herd.dir, herd_pid, target, checks.limit(SETTLE)) {
+        checks.fail(format!("after the chaos: {why}"));
     }
     let at = clock();
     let scaled_back = scale(&herd.dir, START_WORKERS, &mut tally, &at);
     if scaled_back {
         target = START_WORKERS;
     }
-    let final_status = match wait_all_ready(&herd.dir, herd_pid, target, settle) {
+    let final_status = match wait_all_ready(&herd.dir, herd_pid, target, checks.limit(SETTLE)) {
         Ok(status) => Some(status),
         Err(why) => {
-            problems.push(format!("after scaling back to {START_WORKERS}: {why}"));
+            checks.fail(format!("after scaling back to {START_WORKERS}: {why}"));
             None
         }
     };
     // 3. No process other than herd and its current workers descends from
-    // the test (draining workers get shutdown_timeout to go).
+    // the test (drained workers get shutdown_timeout to go).
     let (mut family, mut reaped) = (0, 0);
-    let strays = wait_for(settle, || {
+    let limit = checks.limit(SETTLE);
+    let strays = wait_for(limit, || {
         let mut allowed: BTreeSet<u32> = status_of(&herd.dir)
             .map(|s| slot_pids(&s).into_iter().map(|(_, pid)| pid).collect())
             .unwrap_or_default();
@@ -322,13 +325,14 @@ fn chaos(kind: Kind) {
     });
     if let Err(Some(strays)) = strays {
         let list: Vec<String> = strays.iter().map(|p| format!("{p}")).collect();
-        problems.push(format!(
-            "processes other than herd and its current workers descend from the test after {settle:?}:\n  {}",
+        checks.fail(format!(
+            "processes other than herd and its current workers descend from the test after {limit:?}:\n  {}",
             list.join("\n  ")
         ));
     }
-    // 4. herd's fds and RSS are back near the start.
-    let usage = wait_for(settle, || {
+    // 4. herd's fds and RSS are back near the start (transient fds, such
+    // as a closing control connection, get a few seconds to go).
+    let usage = wait_for(checks.limit(Duration::from_secs(5)), || {
         let usage = Usage::of(herd_pid)?;
         let ok = usage.fds <= start.fds + FD_SLACK && usage.rss <= start.rss + RSS_SLACK;
         Some((ok, usage))
@@ -341,7 +345,7 @@ fn chaos(kind: Kind) {
             } else {
                 " (the scale back to the starting count failed)"
             };
-            problems.push(format!(
+            checks.fail(format!(
                 "herd's fds/RSS not back within +{FD_SLACK} fds / +{} MiB of the start {start:?}{caveat}: {last:?}; fds now: {}",
                 RSS_SLACK >> 20,
                 last.map_or(String::new(), |_| fd_targets(herd_pid))
@@ -360,7 +364,7 @@ fn chaos(kind: Kind) {
         }
     }
     if !process_running(herd_pid) {
-        problems.push("herd is no longer running".into());
+        checks.fail("herd is no longer running".into());
     }
     // A panic's message follows on the next line; a worker's own output
     // comes prefixed `[worker N]` (a worker panicking is a bug too: the
@@ -374,19 +378,19 @@ fn chaos(kind: Kind) {
             .map(|(i, _)| lines[i..lines.len().min(i + 2)].join(" / "))
             .collect();
         if !panics.is_empty() {
-            problems.push(format!("{whose} panicked:\n  {}", panics.join("\n  ")));
+            checks.fail(format!("{whose} panicked:\n  {}", panics.join("\n  ")));
         }
     }
     // herd answers every control command, if only to refuse it.
     if !tally.hung.is_empty() {
-        problems.push(format!(
+        checks.fail(format!(
             "control commands got no answer:\n  {}",
             tally.hung.join("\n  ")
         ));
     }
     // 5. Only requests in progress in killed workers failed.
     if stats.failed > tally.allowed_failures {
-        problems.push(format!(
+        checks.fail(format!(
             "{} requests failed, more than the {} in progress in killed workers; first failures:\n  {}",
             stats.failed,
             tally.allowed_failures,
@@ -432,7 +436,7 @@ fn chaos(kind: Kind) {
     if let Some(status) = &final_status {
         println!("chaos: final slots {:?}", slot_pids(status));
     }
-    if !problems.is_empty() {
+    if !checks.problems.is_empty() {
         let tail: Vec<&str> = log
             .lines()
             .filter(|l| !l.starts_with("[worker "))
@@ -444,9 +448,42 @@ fn chaos(kind: Kind) {
             .collect();
         panic!(
             "chaos {kind:?} (seed {seed}) failed:\n- {}\nlast lines of herd's own log:\n{}",
-            problems.join("\n- "),
+            checks.problems.join("\n- "),
             tail.join("\n")
         );
+    }
+}
+
+/// The end checks' findings. Each is printed at once, so that it shows
+/// even if the test is then killed for taking too long.
+struct Checks {
+    herd_pid: u32,
+    problems: Vec<String>,
+}
+
+impl Checks {
+    fn new(herd_pid: u32) -> Checks {
+        Checks {
+            herd_pid,
+            problems: Vec::new(),
+        }
+    }
+
+    fn fail(&mut self, problem: String) {
+        println!("chaos {}: FAILED: {problem}", clock());
+        self.problems.push(problem);
+    }
+
+    /// How long the next check may wait: `normal`, or little once herd is
+    /// known broken (nothing if it is gone: a dead herd settles nothing).
+    fn limit(&self, normal: Duration) -> Duration {
+        if !process_running(self.herd_pid) {
+            Duration::ZERO
+        } else if self.problems.is_empty() {
+            normal
+        } else {
+            normal.min(SETTLE_AFTER_FAILURE)
+        }
     }
 }
 
@@ -694,19 +731,35 @@ impl Drop for Load {
 }
 
 /// One `Connection: close` request on a new connection; Ok if a whole 200
-/// response from a worker came back.
+/// response from a worker came back within REQUEST_TIMEOUT.
 fn request(addr: SocketAddr) -> Result<(), String> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
     let mut stream =
-        TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
-    stream.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+        TcpStream::connect_timeout(&addr, left()).map_err(|e| format!("connect: {e}"))?;
+    stream.set_write_timeout(Some(left())).unwrap();
     stream
         .write_all(REQUEST)
         .map_err(|e| format!("send: {e}"))?;
     let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
-        .map_err(|e| format!("read: {e} after {} bytes", response.len()))?;
+    let mut buf = [0u8; 4096];
+    // Bounded by the deadline: every read waits at most what is left of it.
+    loop {
+        if Instant::now() >= deadline {
+            return Err(format!("no whole answer within {REQUEST_TIMEOUT:?}"));
+        }
+        stream.set_read_timeout(Some(left())).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read: {e} after {} bytes", response.len())),
+        }
+    }
     let text = String::from_utf8_lossy(&response);
     if text.starts_with("HTTP/1.1 200 ") && text.contains("Handled by worker ") {
         Ok(())
@@ -854,7 +907,9 @@ fn stop_counting(herd_pid: u32, victim: u32, port: u16) -> Option<u64> {
 /// Waits until every thread of `pid` is stopped (or it is gone), so that
 /// its fd table no longer changes: a SIGSTOP is delivered asynchronously.
 fn wait_stopped(pid: u32) {
-    let deadline = Instant::now() + DEADLINE;
+    // Milliseconds normally; a task in uninterruptible sleep stops later.
+    let limit = Duration::from_secs(2);
+    let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             return;
@@ -870,7 +925,7 @@ fn wait_stopped(pid: u32) {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    println!("chaos: pid {pid} did not stop within {DEADLINE:?}; counting anyway");
+    println!("chaos: pid {pid} did not stop within {limit:?}; counting anyway");
 }
 
 /// TCP connections, ESTABLISHED or CLOSE_WAIT, with local port `port`, that
