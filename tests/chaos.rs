@@ -75,8 +75,8 @@ const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 /// makes dozens to hundreds of each.
 const FD_SLACK: usize = 8;
 /// herd's RSS at the end may exceed the start by this much. Measured: at
-/// most +0.3 MiB after 60 s (a debug build; glibc keeps some of what the
-/// load and the restarts allocated). The bound is over 25 times that, for
+/// most +0.4 MiB after 60 s (a debug build; glibc keeps some of what the
+/// load and the restarts allocated). The bound is 20 times that, for
 /// other allocators and machines, yet a leak of 50 bytes per request (a
 /// 60 s run makes 100 000 or more) or 40 KiB per worker started (a run
 /// starts a couple of hundred) exceeds it.
