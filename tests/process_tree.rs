@@ -7,6 +7,7 @@ mod common;
 
 use std::net::TcpListener;
 
+use common::procs::{descendants, process_running as alive};
 use common::*;
 use nix::sys::signal::Signal;
 
@@ -15,16 +16,6 @@ fn fixture() -> String {
         "{}/tests/fixtures/lifecycle_worker.py",
         env!("CARGO_MANIFEST_DIR")
     )
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie is dead for our purpose: it holds no socket and runs no code.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
 }
 
 fn wait_gone(what: &str, pids: &[u32]) {
@@ -107,45 +98,12 @@ fn a_helper_that_left_the_process_group_dies_with_its_worker() {
     herd.wait_all_ready(1);
 }
 
-/// Every process that descends from `root`, by walking /proc's ppid links.
-fn descendants(root: u32) -> Vec<(u32, String)> {
-    let mut parents = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split(' ').collect();
-        if fields[0] == "Z" {
-            continue;
-        }
-        let ppid: u32 = fields[1].parse().unwrap_or(0);
-        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-            .unwrap_or_default()
-            .replace('\0', " ");
-        parents.push((pid, ppid, cmdline));
-    }
-    let mut found = vec![root];
-    let mut out = Vec::new();
-    while let Some(parent) = found.pop() {
-        for (pid, ppid, cmdline) in &parents {
-            if *ppid == parent {
-                found.push(*pid);
-                out.push((*pid, cmdline.clone()));
-            }
-        }
-    }
-    out
-}
-
 /// `herd stop` leaves no descendant behind, helpers that left the process
 /// group included, and the port is free for the next `herd run` at once.
 fn stop_leaves_nothing(name: &str, kill_mode: &str) {
+    // Orphans become this test's children rather than init's, so one that
+    // escaped herd would still be seen below.
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
     let mut herd = start(
         name,
         &format!("kill_mode = \"{kill_mode}\"\nshutdown_timeout = \"2s\"\n"),
@@ -159,7 +117,10 @@ fn stop_leaves_nothing(name: &str, kill_mode: &str) {
     herd_ok(&herd.dir, &["stop"]);
     herd.wait_exit();
     wait_gone("every helper to be gone after herd stop", &helpers);
-    let left = descendants(herd_pid);
+    let left: Vec<String> = descendants(herd_pid)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     // The next herd can bind the port: no helper holds it.
     let probe = TcpListener::bind(addr);

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::procs::process_running as alive;
 use common::*;
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -45,10 +46,6 @@ fn wait_refilled(herd: &Herd, slot: usize, gone: &[u32]) -> u32 {
                 .is_some_and(|pid| !gone.contains(&(pid as u32)))
     });
     slot_row(&status, slot)["pid"].as_u64().unwrap() as u32
-}
-
-fn alive(pid: u32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }
 
 /// A reload whose new worker never becomes ready, while the worker it was

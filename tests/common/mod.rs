@@ -6,6 +6,9 @@
 
 #![allow(dead_code)]
 
+pub mod procs;
+pub mod sockets;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
