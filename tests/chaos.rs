@@ -24,7 +24,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -213,7 +212,7 @@ fn chaos(kind: Kind) {
         let (rows, changing) = match status_of(&herd.dir) {
             Ok(status) => (slot_pids(&status), changing_slots(&status)),
             Err(e) => {
-                if e.contains(HUNG) {
+                if e.contains(NO_ANSWER) {
                     tally.hung.push(format!("{at} status: {e}"));
                 }
                 tally.note(format!("{at} status failed: {e}"));
@@ -1063,55 +1062,11 @@ fn send(pid: u32, signal: Signal) -> bool {
 
 // ---- herd's control CLI ----
 
-/// How `cli` says that herd did not answer in time.
-const HUNG: &str = "got no answer within";
-
-/// What one control command printed and how it exited.
-#[derive(Debug)]
-struct CliRun {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `herd ARGS` in `dir`; Err if it did not finish within `timeout`
-/// (then it is killed). Unlike common's `herd_cli`, a failure is an outcome
-/// to record, not a panic: herd may legitimately refuse under chaos.
+/// Runs `herd ARGS` in `dir`; Err if it did not finish within `timeout`.
+/// Unlike common's `herd_cli`, a failure is an outcome to record, not a
+/// panic: herd may legitimately refuse under chaos.
 fn cli(dir: &Path, args: &[&str], timeout: Duration) -> Result<CliRun, String> {
-    let mut child = Command::new(herd_bin())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("start herd {}: {e}", args.join(" ")))?;
-    let drain = |mut stream: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stream.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("`herd {}` {HUNG} {timeout:?}", args.join(" ")));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Ok(CliRun {
-        code: status.code(),
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    })
+    herd_cli_within(dir, args, timeout)
 }
 
 fn summary(run: &Result<CliRun, String>) -> String {

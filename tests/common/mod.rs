@@ -368,6 +368,15 @@ pub struct CliRun {
 /// Runs `herd ARGS` in `dir` (so the default `herd.sock` resolves there) and
 /// waits for it, at most `DEADLINE`.
 pub fn herd_cli(dir: &Path, args: &[&str]) -> CliRun {
+    herd_cli_within(dir, args, DEADLINE).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// How [`herd_cli_within`] says that herd did not answer in time.
+pub const NO_ANSWER: &str = "got no answer within";
+
+/// Runs `herd ARGS` in `dir`; Err if it did not finish within `timeout`
+/// (then it is killed), so a caller may record that rather than panic.
+pub fn herd_cli_within(dir: &Path, args: &[&str], timeout: Duration) -> Result<CliRun, String> {
     let mut child = Command::new(herd_bin())
         .args(args)
         .current_dir(dir)
@@ -375,7 +384,7 @@ pub fn herd_cli(dir: &Path, args: &[&str]) -> CliRun {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start herd CLI");
+        .map_err(|e| format!("start herd {}: {e}", args.join(" ")))?;
     let drain = |mut stream: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut text = String::new();
@@ -385,7 +394,7 @@ pub fn herd_cli(dir: &Path, args: &[&str]) -> CliRun {
     };
     let stdout = drain(Box::new(child.stdout.take().unwrap()));
     let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + DEADLINE;
+    let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
@@ -393,15 +402,15 @@ pub fn herd_cli(dir: &Path, args: &[&str]) -> CliRun {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("`herd {}` did not finish in {DEADLINE:?}", args.join(" "));
+            return Err(format!("`herd {}` {NO_ANSWER} {timeout:?}", args.join(" ")));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     };
-    CliRun {
+    Ok(CliRun {
         code: status.code(),
         stdout: stdout.join().unwrap(),
         stderr: stderr.join().unwrap(),
-    }
+    })
 }
 
 /// Runs a control command that must succeed; returns its stdout.
