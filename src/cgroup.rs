@@ -327,4 +327,57 @@ mod tests {
         drop(tree);
         assert!(!dir.exists());
     }
+
+    /// What a SIGKILLed herd leaves: `herd.<pid>` with a live process in a
+    /// leaf. Cleaning kills it and removes the tree; a live herd's tree is
+    /// left alone. Runs in a parent of its own, so no herd starting
+    /// meanwhile (they clean their own cgroup's children) can get there first.
+    #[test]
+    fn leftovers_of_a_dead_herd_are_killed_and_removed_and_a_live_ones_kept() {
+        let Ok(own) = own_cgroup_dir() else {
+            eprintln!("skipped: no cgroup v2 hierarchy");
+            return;
+        };
+        let parent = own.join(format!("herd-test-{}", std::process::id()));
+        if let Err(e) = fs::create_dir(&parent) {
+            eprintln!("skipped: cannot create cgroups here ({e})");
+            return;
+        }
+        // Above the kernel's largest pid_max: no such process can exist.
+        let dead = parent.join("herd.4194305");
+        let alive = parent.join(format!("herd.{}", std::process::id()));
+        for dir in [&dead, &alive] {
+            fs::create_dir(dir).unwrap();
+            fs::create_dir(dir.join("slot0.w1")).unwrap();
+        }
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(dead.join("slot0.w1/cgroup.procs"))
+            .unwrap();
+        let mut command = std::process::Command::new("sleep");
+        command.arg("60");
+        crate::fdpass::prepare_child(&mut command, Vec::new(), Some(procs.as_raw_fd()));
+        let mut child = command.spawn().unwrap();
+        let cleaned = clean_leftovers(&parent);
+        assert_eq!(
+            cleaned,
+            [Leftover {
+                herd_pid: 4_194_305,
+                killed: 1
+            }]
+        );
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        assert!(!dead.exists(), "the dead herd's tree is removed");
+        assert!(
+            alive.join("slot0.w1").exists(),
+            "a live herd's tree is kept"
+        );
+        for dir in [alive.join("slot0.w1"), alive, parent] {
+            fs::remove_dir(dir).unwrap();
+        }
+    }
 }

@@ -145,7 +145,9 @@ fn herd_stop_leaves_no_descendant_behind_with_process_groups_only() {
 /// herd itself SIGKILLed: its workers die with it (PR_SET_PDEATHSIG), and a
 /// helper that left the process group, which nothing could reach then, is
 /// killed by the next herd that starts in the same cgroup, so it can bind
-/// the port.
+/// the port. (Any herd starting in that cgroup may be the one to clean up,
+/// another test's too, so this checks the outcome; `cgroup::tests` checks
+/// the clean-up itself.)
 #[test]
 fn the_next_herd_cleans_up_after_a_sigkilled_one() {
     if !cgroups_available("the_next_herd_cleans_up_after_a_sigkilled_one") {
@@ -158,7 +160,6 @@ fn the_next_herd_cleans_up_after_a_sigkilled_one() {
     signal(herd.pid(), Signal::SIGKILL);
     herd.wait_exit();
     wait_gone("the worker to die with herd", &[worker]);
-    assert!(alive(helper), "the helper was expected to outlive herd");
     let addr = addr.to_string();
     let next = Herd::start(
         "sigkilled-herd-next",
@@ -175,5 +176,5 @@ fn the_next_herd_cleans_up_after_a_sigkilled_one() {
     );
     next.wait_all_ready(1);
     wait_gone("the old helper to be cleaned up", &[helper]);
-    next.wait_for_herd_lines("left behind by herd", 1);
+    assert!(get(next.addr()).is_ok());
 }
