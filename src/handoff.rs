@@ -35,6 +35,7 @@ use crate::lifecycle::{Role, WorkerId};
 use crate::listener::{self, BoundListener};
 use crate::node_ipc::{self, NodeChannel, SentHandle};
 use crate::protocol::{Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN};
+use crate::rate_limit::Occurrences;
 use crate::rotation::SlotRotation;
 use crate::wait_queue::WaitQueue;
 
@@ -46,6 +47,17 @@ const WORKER_TOKEN_BASE: usize = 1 << 16;
 const SLOT_TOKEN_BASE: usize = 1 << 24;
 /// How often the kernel rotations' per-slot counts are read into [`Counters`].
 const TALLY_INTERVAL: Duration = Duration::from_millis(500);
+/// Messages read from one herd-protocol channel per turn of the loop. A
+/// worker that sends more gets another turn after every other ready fd
+/// had one, so a flood from one worker cannot starve the others (nor grow
+/// anything: each message is handled as it is read).
+const READ_BUDGET_MESSAGES: usize = 256;
+/// Refused connections wait at least this long before they are offered
+/// again (unless a worker's state changes first), doubling per round of
+/// refusals up to [`REFUSED_RETRY_MAX`]: no bouncing between workers that
+/// all refuse.
+const REFUSED_RETRY_MIN: Duration = Duration::from_millis(10);
+const REFUSED_RETRY_MAX: Duration = Duration::from_secs(1);
 /// How often workers are checked for a hand-off older than their
 /// `hang_timeout`: a hung worker is found within that plus this. A pass
 /// looks at the oldest hand-off of each worker, so it costs O(workers).
@@ -103,8 +115,9 @@ pub enum Event {
 #[derive(Debug)]
 pub struct Counters {
     /// Every listener's address, by index: the configured ones, then those
-    /// bound for what Node apps asked. Written only when one is added.
-    listeners: Mutex<Vec<SocketAddr>>,
+    /// bound for what Node apps asked (`None`: released, the index free for
+    /// the next). Written only when one is added or released.
+    listeners: Mutex<Vec<Option<SocketAddr>>>,
     /// Connections accepted, per listener index (room for [`MAX_LISTENERS`]).
     pub accepted: Box<[AtomicU64]>,
     /// Connections a worker acknowledged, per slot.
@@ -228,7 +241,7 @@ impl Counters {
     pub fn new(listeners: &[SocketAddr]) -> Self {
         let zeros = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect();
         Counters {
-            listeners: Mutex::new(listeners.to_vec()),
+            listeners: Mutex::new(listeners.iter().copied().map(Some).collect()),
             accepted: zeros(MAX_LISTENERS),
             handed_off: zeros(MAX_WORKERS),
             requeued_worker_gone: AtomicU64::new(0),
@@ -246,19 +259,32 @@ impl Counters {
         }
     }
 
-    /// Every listener's address, by index.
+    /// Every listener's address, in index order (released ones left out).
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .iter()
+            .flatten()
+            .copied()
+            .collect()
     }
 
-    fn add_listener(&self, addr: SocketAddr) {
+    /// How many listener indices have been used (released ones included):
+    /// `accepted[..listener_indices()]` holds every count there is.
+    pub fn listener_indices(&self) -> usize {
         self.listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(addr);
+            .len()
+    }
+
+    fn set_listener(&self, index: usize, addr: Option<SocketAddr>) {
+        let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        if listeners.len() <= index {
+            listeners.resize(index + 1, None);
+        }
+        listeners[index] = addr;
     }
 }
 
@@ -315,9 +341,13 @@ pub fn spawn(
         stopped_accepting: false,
         tally_due: None,
         hang_check_due: None,
+        more_to_read: Vec::new(),
+        capacity_epoch: 0,
     };
     for bound in listeners {
-        handoff_loop.add_listener(bound.socket, None)?;
+        handoff_loop
+            .add_listener(bound.socket, None)
+            .map_err(io::Error::other)?;
     }
     let thread = std::thread::Builder::new()
         .name("herd-handoff".into())
@@ -351,6 +381,44 @@ struct Accepted {
     /// The slot that refused this connection with NACK; it is not offered
     /// the connection again, so a refusal can't bounce back and forth.
     refused_by: Option<usize>,
+    refusals: Refusals,
+}
+
+/// How a connection has been refused, so that one every worker refuses
+/// waits (parks) instead of bouncing between them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Refusals {
+    /// The capacity epoch of the refusals counted in `count`.
+    epoch: u64,
+    /// Refusals since the epoch last changed.
+    count: u32,
+    /// Times it was parked; sets the next wait.
+    rounds: u32,
+    /// Parked: not offered again before then, unless the epoch changes.
+    retry_at: Option<Instant>,
+}
+
+impl Refusals {
+    /// Counts one more refusal; once as many workers as there are have
+    /// refused it with nothing changed since, it parks.
+    fn refused(&mut self, epoch: u64, serving: usize, now: Instant) {
+        if self.epoch != epoch {
+            self.epoch = epoch;
+            self.count = 0;
+        }
+        self.count += 1;
+        if self.count as usize >= serving.max(1) {
+            let wait = REFUSED_RETRY_MIN.saturating_mul(1 << self.rounds.min(16));
+            self.retry_at = Some(now + wait.min(REFUSED_RETRY_MAX));
+            self.rounds = self.rounds.saturating_add(1);
+            self.count = 0;
+        }
+    }
+
+    /// Parked at `now`: its wait has not run out and no worker changed.
+    fn parked(&self, epoch: u64, now: Instant) -> bool {
+        self.epoch == epoch && self.retry_at.is_some_and(|at| at > now)
+    }
 }
 
 /// A connection sent to a worker, awaiting its ACK.
@@ -384,17 +452,39 @@ struct WorkerChannel {
     closed: Option<u64>,
     /// Send at most this many, then report RecycleDue (`max_connections_per_worker`).
     recycle_after: Option<u64>,
-    /// Malformed messages already logged, so a broken worker can't flood the log.
-    protocol_errors: u32,
+    /// What it sent that herd could not use, by kind: logged at the 1st,
+    /// 2nd, 4th, ... time, so a broken worker cannot flood the log.
+    errors: ProtocolErrors,
+    /// It had more to read than one turn's budget: it is read again next turn.
+    more_to_read: bool,
     /// A Node.js cluster worker: its framing state (`None`: herd's protocol).
     node: Option<NodeChannel>,
 }
 
 impl WorkerChannel {
+    /// Notes a message herd ignores; logs it at the 1st, 2nd, 4th, ... time.
+    fn bad_message(&mut self, kind: BadMessage, what: impl std::fmt::Display) {
+        let seen = match kind {
+            BadMessage::Malformed => &mut self.errors.malformed,
+            BadMessage::StrayFd => &mut self.errors.stray_fds,
+            BadMessage::UnknownId => &mut self.errors.unknown_ids,
+        };
+        if let Some(total) = seen.record() {
+            warn!(
+                slot = self.slot,
+                pid = self.pid,
+                total,
+                "ignoring what the worker sent: {what}"
+            );
+        }
+    }
+
     /// Connections this worker holds, for least-conn: those in flight, plus
     /// the acknowledged ones not yet reported closed (if it reports CLOSED).
     fn load(&self) -> u64 {
-        let open = self.closed.map_or(0, |closed| self.acked - closed);
+        let open = self
+            .closed
+            .map_or(0, |closed| self.acked.saturating_sub(closed));
         self.in_flight.len() as u64 + open
     }
 
@@ -413,6 +503,26 @@ impl WorkerChannel {
     }
 }
 
+/// What was wrong with a message a worker sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BadMessage {
+    Malformed,
+    StrayFd,
+    UnknownId,
+}
+
+/// The kinds of bad message a worker can send, each counted on its own.
+#[derive(Debug, Default)]
+struct ProtocolErrors {
+    /// Too long, truncated, or not a message of the protocol.
+    malformed: Occurrences,
+    /// A file descriptor attached (herd never asks a worker for one).
+    stray_fds: Occurrences,
+    /// An ACK, NACK or CLOSED for a connection herd has not got in flight
+    /// to it (never sent, already answered, or taken back).
+    unknown_ids: Occurrences,
+}
+
 /// The token of a kernel rotation's slot socket while herd accepts from it.
 fn slot_token(listener: usize, slot: usize) -> Token {
     Token(SLOT_TOKEN_BASE + listener * MAX_ROTATION + slot)
@@ -424,8 +534,9 @@ fn channel_token(index: usize) -> Token {
 
 struct HandoffLoop {
     poll: Poll,
-    /// By index, which is also the listener's token.
-    listeners: Vec<Listening>,
+    /// By index, which is also the listener's token; `None`: released (a
+    /// Node app closed that server everywhere), free for the next.
+    listeners: Vec<Option<Listening>>,
     /// None was configured: bind what Node workers ask for (and hand the
     /// first configured one out otherwise).
     listen_on_demand: bool,
@@ -456,15 +567,24 @@ struct HandoffLoop {
     /// When workers are next checked for a hang (`None`: no worker has a
     /// `hang_timeout`).
     hang_check_due: Option<Instant>,
+    /// Channels that had more to read than one turn's budget.
+    more_to_read: Vec<usize>,
+    /// Bumped whenever a worker may have become able to take a connection
+    /// it could not before (it became serving, acknowledged, unblocked, was
+    /// added): refused connections are offered again then.
+    capacity_epoch: u64,
 }
 
 impl HandoffLoop {
     fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         while !self.shutting_down {
-            let timeout = self
-                .next_deadline()
-                .map(|at| at.saturating_duration_since(Instant::now()));
+            let timeout = if self.more_to_read.is_empty() {
+                self.next_deadline()
+                    .map(|at| at.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     error!("hand-off loop cannot poll: {e}");
@@ -490,6 +610,11 @@ impl HandoffLoop {
                     }
                 }
             }
+            // Another turn for workers that sent more than one turn's
+            // worth, now that every other ready fd has had its turn.
+            for index in std::mem::take(&mut self.more_to_read) {
+                self.read_worker(index);
+            }
             self.on_timers(Instant::now());
             if !self.queue.is_empty() {
                 self.flush_queue();
@@ -503,11 +628,19 @@ impl HandoffLoop {
             .queue
             .oldest(|conn| conn.accepted_at)
             .map(|oldest| oldest + self.limits.queue_timeout);
+        let epoch = self.capacity_epoch;
+        let unpark = self
+            .queue
+            .fronts()
+            .filter(|conn| conn.refusals.epoch == epoch)
+            .filter_map(|conn| conn.refusals.retry_at)
+            .min();
         [
             queue_expiry,
             self.accept_paused_until,
             self.tally_due,
             self.hang_check_due,
+            unpark,
         ]
         .into_iter()
         .flatten()
@@ -519,9 +652,9 @@ impl HandoffLoop {
             self.accept_paused_until = None;
             for index in 0..self.listeners.len() {
                 self.accept_all(index, None);
-                let slots = self.listeners[index]
-                    .rotation
-                    .as_ref()
+                let slots = self
+                    .listener(index)
+                    .and_then(|l| l.rotation.as_ref())
                     .map(SlotRotation::herd_accepting)
                     .unwrap_or_default();
                 for slot in slots {
@@ -642,7 +775,8 @@ impl HandoffLoop {
             acked: 0,
             closed: None,
             recycle_after,
-            protocol_errors: 0,
+            errors: ProtocolErrors::default(),
+            more_to_read: false,
             node: node.then(NodeChannel::default),
         });
         // READY may already be waiting on the channel.
@@ -668,6 +802,7 @@ impl HandoffLoop {
             return;
         }
         worker.role = Role::Serving;
+        self.capacity_epoch += 1;
         let (slot, id) = (worker.slot, worker.worker);
         if self.active.len() <= slot {
             self.active.resize(slot + 1, None);
@@ -772,7 +907,7 @@ impl HandoffLoop {
     /// (one whose worker is gone); its connections count as the listener's.
     fn accept_all(&mut self, index: usize, slot: Option<usize>) {
         while self.accept_paused_until.is_none() {
-            let Some(listener) = self.listeners.get(index) else {
+            let Some(listener) = self.listeners.get(index).and_then(Option::as_ref) else {
                 return;
             };
             let socket = match slot {
@@ -805,6 +940,7 @@ impl HandoffLoop {
                         },
                         accepted_at: Instant::now(),
                         refused_by: None,
+                        refusals: Refusals::default(),
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -875,8 +1011,15 @@ impl HandoffLoop {
     /// Dispatches what waits, each listener's line in order until its front
     /// finds no worker; a stuck line does not hold up the others.
     fn flush_queue(&mut self) {
+        let now = Instant::now();
         for lane in self.queue.busy_lanes() {
             while let Some(conn) = self.queue.pop_front(lane) {
+                // A connection every worker refused waits its turn (and
+                // so does its line: first in, first out).
+                if conn.refusals.parked(self.capacity_epoch, now) {
+                    self.queue.push_front(lane, conn);
+                    break;
+                }
                 if let Err(conn) = self.try_dispatch(conn) {
                     self.queue.push_front(lane, conn);
                     break;
@@ -980,6 +1123,8 @@ impl HandoffLoop {
         let Some(worker) = self.channels.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
+        // Room on a channel is capacity: refused connections may go there now.
+        self.capacity_epoch += 1;
         if let Some(node) = worker.node.as_mut() {
             worker.blocked = false;
             let flushed = node.flush(worker.channel.as_fd());
@@ -992,49 +1137,60 @@ impl HandoffLoop {
         }
     }
 
-    /// Reads every message waiting on a worker's channel; retires the worker
-    /// if the channel has closed.
+    /// Reads what waits on a worker's channel, a turn's budget at most
+    /// (the rest on the next turn); retires the worker if the channel closed.
     fn read_worker(&mut self, index: usize) {
-        if self.channels[index]
-            .as_ref()
-            .is_some_and(|w| w.node.is_some())
-        {
+        let Some(worker) = self.channels.get_mut(index).and_then(Option::as_mut) else {
+            return;
+        };
+        worker.more_to_read = false;
+        if worker.node.is_some() {
             return self.read_node_worker(index);
         }
         let mut buf = [0u8; MAX_MESSAGE_LEN];
-        loop {
+        for _ in 0..READ_BUDGET_MESSAGES {
             let Some(worker) = self.channels.get_mut(index).and_then(Option::as_mut) else {
                 return;
             };
             match fdpass::recv_with_fd(worker.channel.as_fd(), &mut buf, true) {
-                // A worker has no business sending fds: the one it sent is closed on drop.
-                Ok(Some(received)) => match WorkerMessage::decode(&buf[..received.len]) {
-                    Ok(message) => self.on_message(index, message),
-                    Err(e) => {
-                        worker.protocol_errors += 1;
-                        if worker.protocol_errors.is_power_of_two() {
-                            warn!(
-                                slot = worker.slot,
-                                pid = worker.pid,
-                                "ignoring malformed message from worker: {e}"
-                            );
-                        }
+                Ok(Some(received)) => {
+                    if received.fd.is_some() {
+                        // Closed when `received` is dropped.
+                        worker.bad_message(
+                            BadMessage::StrayFd,
+                            "a file descriptor (herd never asks a worker for one); closed it",
+                        );
                     }
-                },
+                    match WorkerMessage::decode(&buf[..received.len]) {
+                        Ok(message) => self.on_message(index, message),
+                        Err(e) => worker.bad_message(
+                            BadMessage::Malformed,
+                            format!("a malformed message: {e}"),
+                        ),
+                    }
+                }
                 Ok(None) => return self.retire(index, Retired::ChannelClosed),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    warn!(
-                        slot = worker.slot,
-                        pid = worker.pid,
-                        "ignoring malformed message from worker: {e}"
-                    );
+                    worker.bad_message(BadMessage::Malformed, format!("a malformed message: {e}"));
                 }
                 Err(e) => {
                     debug!(slot = worker.slot, "worker channel failed on receive: {e}");
                     return self.retire(index, Retired::ChannelClosed);
                 }
+            }
+        }
+        self.read_again(index);
+    }
+
+    /// The channel may hold more than this turn read: with edge-triggered
+    /// polling no new wake-up comes for it, so it is read again next turn.
+    fn read_again(&mut self, index: usize) {
+        if let Some(worker) = self.channels.get_mut(index).and_then(Option::as_mut) {
+            if !worker.more_to_read {
+                worker.more_to_read = true;
+                self.more_to_read.push(index);
             }
         }
     }
@@ -1045,33 +1201,47 @@ impl HandoffLoop {
         };
         match message {
             WorkerMessage::Ack(id) => {
-                if let Some(entry) = take_in_flight(&mut worker.in_flight, id) {
-                    if self.measure_latency {
-                        let nanos = entry.conn.accepted_at.elapsed().as_nanos() as u64;
-                        self.counters.latency.record(nanos);
-                    }
-                    // Dropping the entry closes the primary's copy of the fd.
-                    drop(entry);
-                    self.counters.in_flight.fetch_sub(1, Relaxed);
-                    self.counters.handed_off[worker.slot].fetch_add(1, Relaxed);
-                    worker.acked += 1;
-                    if worker.closed.is_some() {
-                        self.counters.open_connections[worker.slot].fetch_add(1, Relaxed);
-                    }
-                    if worker.blocked {
-                        worker.blocked = false;
-                        self.send_pending_drain(index);
-                    }
+                let Some(entry) = take_in_flight(&mut worker.in_flight, id) else {
+                    return worker.bad_message(
+                        BadMessage::UnknownId,
+                        format!("an ACK for connection {id}, which it has not got in flight"),
+                    );
+                };
+                self.capacity_epoch += 1;
+                if self.measure_latency {
+                    let nanos = entry.conn.accepted_at.elapsed().as_nanos() as u64;
+                    self.counters.latency.record(nanos);
+                }
+                // Dropping the entry closes the primary's copy of the fd.
+                drop(entry);
+                self.counters.in_flight.fetch_sub(1, Relaxed);
+                self.counters.handed_off[worker.slot].fetch_add(1, Relaxed);
+                worker.acked += 1;
+                if worker.closed.is_some() {
+                    self.counters.open_connections[worker.slot].fetch_add(1, Relaxed);
+                }
+                if worker.blocked {
+                    worker.blocked = false;
+                    self.send_pending_drain(index);
                 }
             }
             WorkerMessage::Nack(id) => {
-                if let Some(mut entry) = take_in_flight(&mut worker.in_flight, id) {
-                    self.counters.requeued_refused.fetch_add(1, Relaxed);
-                    self.counters.in_flight.fetch_sub(1, Relaxed);
-                    entry.conn.refused_by = Some(worker.slot);
-                    self.queue
-                        .push_front(usize::from(entry.conn.handoff.listener), entry.conn);
-                }
+                let Some(mut entry) = take_in_flight(&mut worker.in_flight, id) else {
+                    return worker.bad_message(
+                        BadMessage::UnknownId,
+                        format!("a NACK for connection {id}, which it has not got in flight"),
+                    );
+                };
+                self.counters.requeued_refused.fetch_add(1, Relaxed);
+                self.counters.in_flight.fetch_sub(1, Relaxed);
+                entry.conn.refused_by = Some(worker.slot);
+                let serving = self.active.iter().flatten().count();
+                entry
+                    .conn
+                    .refusals
+                    .refused(self.capacity_epoch, serving, Instant::now());
+                self.queue
+                    .push_front(usize::from(entry.conn.handoff.listener), entry.conn);
             }
             WorkerMessage::Ready { reports_closed } => {
                 if reports_closed && worker.closed.is_none() {
@@ -1098,30 +1268,39 @@ impl HandoffLoop {
                     });
                 }
             }
-            WorkerMessage::Closed(_) => {
+            WorkerMessage::Closed(id) => {
                 let slot = worker.slot;
                 let open = &self.counters.open_connections[slot];
-                match worker.closed.as_mut() {
-                    Some(closed) if *closed < worker.acked => {
-                        *closed += 1;
-                        open.fetch_sub(1, Relaxed);
-                    }
-                    Some(_) => {} // more CLOSED than ACKs: a confused worker; ignore
-                    None => {
-                        // First report: from now on this worker's count is tracked.
-                        worker.closed = Some(1);
-                        self.counters.reports_closed[slot].store(true, Relaxed);
-                        open.fetch_add(worker.acked.saturating_sub(1), Relaxed);
-                    }
+                if worker.closed.is_none() {
+                    // The first report: from now on this worker's count is
+                    // tracked, and all it acknowledged so far counts as open.
+                    worker.closed = Some(0);
+                    self.counters.reports_closed[slot].store(true, Relaxed);
+                    open.fetch_add(worker.acked, Relaxed);
+                }
+                let closed = worker.closed.as_mut().expect("set above");
+                if *closed < worker.acked {
+                    *closed += 1;
+                    open.fetch_sub(1, Relaxed);
+                } else {
+                    // Never more closed than acknowledged: the count cannot
+                    // wrap, so least-conn cannot be fooled into starving it.
+                    worker.bad_message(
+                        BadMessage::UnknownId,
+                        format!(
+                            "a CLOSED for connection {id}, beyond every connection it acknowledged"
+                        ),
+                    );
                 }
             }
         }
     }
 
-    /// Reads and acts on what a Node cluster worker sent.
+    /// Reads and acts on what a Node cluster worker sent, a turn's budget
+    /// at most (see [`node_ipc::NodeChannel::read`]).
     fn read_node_worker(&mut self, index: usize) {
         let mut messages = Vec::new();
-        let open = {
+        let read = {
             let Some(worker) = self.channels[index].as_mut() else {
                 return;
             };
@@ -1131,9 +1310,10 @@ impl HandoffLoop {
         for message in messages {
             self.on_node_message(index, message);
         }
-        match open {
-            Ok(true) => {}
-            Ok(false) => self.retire(index, Retired::ChannelClosed),
+        match read {
+            Ok(node_ipc::Read::Drained) => {}
+            Ok(node_ipc::Read::More) => self.read_again(index),
+            Ok(node_ipc::Read::Closed) => self.retire(index, Retired::ChannelClosed),
             Err(e) => {
                 debug!("Node worker channel failed: {e}");
                 self.retire(index, Retired::ChannelClosed);
@@ -1182,6 +1362,7 @@ impl HandoffLoop {
             Incoming::Close { key } => {
                 if let Some(listener) = node.remove_server(&key) {
                     self.update_rotation(usize::from(listener), index, SlotRotation::release);
+                    self.release_if_unused(usize::from(listener));
                 }
                 return;
             }
@@ -1195,19 +1376,29 @@ impl HandoffLoop {
         !self.dispatcher.mode().hands_off()
     }
 
-    /// Registers a bound listener (for accepting, in the hand-off modes).
-    /// Returns its index.
+    fn listener(&self, index: usize) -> Option<&Listening> {
+        self.listeners.get(index).and_then(Option::as_ref)
+    }
+
+    fn listener_mut(&mut self, index: usize) -> Option<&mut Listening> {
+        self.listeners.get_mut(index).and_then(Option::as_mut)
+    }
+
+    /// Registers a bound listener (for accepting, in the hand-off modes)
+    /// at the first free index; returns it.
     fn add_listener(
         &mut self,
         socket: std::net::TcpListener,
         node_key: Option<String>,
-    ) -> io::Result<usize> {
-        let index = self.listeners.len();
-        if index >= MAX_LISTENERS {
-            return Err(io::Error::other(format!(
-                "herd holds at most {MAX_LISTENERS} listeners"
-            )));
-        }
+    ) -> Result<usize, AddListenerError> {
+        let index = match self.listeners.iter().position(Option::is_none) {
+            Some(free) => free,
+            None if self.listeners.len() < MAX_LISTENERS => {
+                self.listeners.push(None);
+                self.listeners.len() - 1
+            }
+            None => return Err(AddListenerError::TableFull),
+        };
         let local = socket.local_addr()?;
         let rotation = self.start_rotation(&socket, local);
         let mut socket = mio::net::TcpListener::from_std(socket);
@@ -1217,14 +1408,46 @@ impl HandoffLoop {
                 .registry()
                 .register(&mut socket, Token(index), Interest::READABLE)?;
         }
-        self.listeners.push(Listening {
+        self.listeners[index] = Some(Listening {
             socket,
             local,
             wildcard: local.ip().is_unspecified(),
             node_key,
             rotation,
         });
+        self.counters.set_listener(index, Some(local));
         Ok(index)
+    }
+
+    /// Closes a listener bound for Node apps once no worker listens on it
+    /// any more, as Node's primary closes a server then; what still waits
+    /// for it is closed (no worker will ever take it). Configured
+    /// listeners stay for herd's lifetime. A worker that exits keeps its
+    /// servers: its replacement asks for the same ones, and a port that
+    /// closed between the two would refuse clients.
+    fn release_if_unused(&mut self, index: usize) {
+        let Some(listening) = self.listener(index) else {
+            return;
+        };
+        let served = self.channels.iter().flatten().any(|w| {
+            w.node
+                .as_ref()
+                .is_some_and(|node| node.serves(index as u16))
+        });
+        if listening.node_key.is_none() || served {
+            return;
+        }
+        let mut listening = self.listeners[index].take().expect("looked up above");
+        let _ = self.poll.registry().deregister(&mut listening.socket);
+        self.counters.set_listener(index, None);
+        let closed = self.queue.clear_lane(index);
+        self.counters
+            .dropped_queue_timeout
+            .fetch_add(closed as u64, Relaxed);
+        info!(
+            listener = index,
+            closed, "released {} (no Node worker listens on it any more)", listening.local
+        );
     }
 
     /// The kernel rotation for a new listener, if round-robin is to be
@@ -1255,6 +1478,7 @@ impl HandoffLoop {
     }
 
     /// Applies `change` for worker `index` to every listener's rotation.
+    /// (Index, not iterator: `update_rotation` borrows the loop mutably.)
     fn update_rotations(&mut self, index: usize, change: fn(&mut SlotRotation, usize)) {
         for listener in 0..self.listeners.len() {
             self.update_rotation(listener, index, change);
@@ -1272,6 +1496,7 @@ impl HandoffLoop {
         let Some(rotation) = self
             .listeners
             .get_mut(listener)
+            .and_then(Option::as_mut)
             .and_then(|l| l.rotation.as_mut())
         else {
             return;
@@ -1290,7 +1515,10 @@ impl HandoffLoop {
     /// had handed those connections off itself.
     fn tally_kernel_rotations(&mut self) {
         for listener in 0..self.listeners.len() {
-            let Some(rotation) = self.listeners[listener].rotation.as_mut() else {
+            let Some(rotation) = self
+                .listener_mut(listener)
+                .and_then(|l| l.rotation.as_mut())
+            else {
                 continue;
             };
             let dealt = match rotation.take_dealt() {
@@ -1335,7 +1563,9 @@ impl HandoffLoop {
     fn answer_query(&mut self, index: usize, query: node_ipc::QueryServer) {
         let listener = self.listener_for(&query);
         if let Ok(listener) = listener {
-            if self.listeners[listener].rotation.is_some()
+            if self
+                .listener(listener)
+                .is_some_and(|l| l.rotation.is_some())
                 && self.answer_with_slot_socket(index, listener, &query)
             {
                 return;
@@ -1361,16 +1591,21 @@ impl HandoffLoop {
                 node.send_line(channel, node_ipc::query_reply(&query, None, errno, seq))
             }
             Ok(listener) if shared => {
+                let Some(listening) = self.listeners[listener].as_ref() else {
+                    return;
+                };
                 node.add_server(listener as u16, query.key.clone());
                 let line = node_ipc::query_reply_with_server(&query, seq);
-                node.send_server(channel, line, self.listeners[listener].socket.as_fd())
+                node.send_server(channel, line, listening.socket.as_fd())
             }
             Ok(listener) => {
                 // Node checks that the port it asked for is the one bound
                 // (else EADDRINUSE): when herd serves `listen(3000)` on a
                 // configured listener with another port, `sockname` (and so
                 // `server.address()`) keeps the asked-for port.
-                let local = self.listeners[listener].local;
+                let Some(local) = self.listeners[listener].as_ref().map(|l| l.local) else {
+                    return;
+                };
                 let sockname = match query.port {
                     Some(asked) if asked != 0 => SocketAddr::new(local.ip(), asked),
                     _ => local,
@@ -1398,9 +1633,12 @@ impl HandoffLoop {
         let Some(worker) = self.channels[index].as_mut() else {
             return true;
         };
-        let Listening {
+        let Some(Listening {
             local, rotation, ..
-        } = &mut self.listeners[listener];
+        }) = self.listeners[listener].as_mut()
+        else {
+            return false;
+        };
         let Some(rotation) = rotation.as_mut() else {
             return false;
         };
@@ -1459,7 +1697,10 @@ impl HandoffLoop {
             ));
         }
         if !self.listen_on_demand {
-            let by_port = self.listeners.iter().position(|l| l.local.port() == port);
+            let by_port = self
+                .listeners
+                .iter()
+                .position(|l| l.as_ref().is_some_and(|l| l.local.port() == port));
             let shared = self.workers_accept();
             return match by_port {
                 Some(index) => Ok(index),
@@ -1470,18 +1711,26 @@ impl HandoffLoop {
                         "in shared mode a Node app must listen on the port herd listens on, or 0 (it asked for {port}); or leave `listen` out and herd binds what the app asks"
                     ),
                 )),
-                None if self.listeners.is_empty() => {
+                None if self.listener(0).is_none() => {
                     Err((Errno::ESHUTDOWN, "herd is stopping".into()))
                 }
                 None => Ok(0),
             };
         }
-        if let Some(index) = self
-            .listeners
-            .iter()
-            .position(|l| l.node_key.as_deref() == Some(query.key.as_str()))
-        {
+        if let Some(index) = self.listeners.iter().position(|l| {
+            l.as_ref()
+                .is_some_and(|l| l.node_key.as_deref() == Some(query.key.as_str()))
+        }) {
             return Ok(index);
+        }
+        if self.listeners.len() >= MAX_LISTENERS && self.listeners.iter().all(Option::is_some) {
+            // Not EMFILE: herd has fds; its listener table is what is full.
+            return Err((
+                Errno::ENOBUFS,
+                format!(
+                    "herd holds at most {MAX_LISTENERS} listeners (MAX_LISTENERS), and as many servers are open; close one, or listen on a shared port"
+                ),
+            ));
         }
         let failed = |e: listener::ListenError| (e.source, e.to_string());
         // A kernel rotation needs a SO_REUSEPORT group to deal over.
@@ -1514,9 +1763,14 @@ impl HandoffLoop {
         .map_err(failed)?;
         let index = self
             .add_listener(socket, Some(query.key.clone()))
-            .map_err(|e| (Errno::EMFILE, e.to_string()))?;
-        let local = self.listeners[index].local;
-        self.counters.add_listener(local);
+            .map_err(|e| match e {
+                AddListenerError::TableFull => (Errno::ENOBUFS, e.to_string()),
+                AddListenerError::Io(io) => (
+                    io.raw_os_error().map_or(Errno::EIO, Errno::from_raw),
+                    io.to_string(),
+                ),
+            })?;
+        let local = self.listener(index).expect("just added").local;
         info!(
             listener = index,
             "listening on {local} (asked for by a Node worker: {})", query.key
@@ -1592,6 +1846,15 @@ impl HandoffLoop {
         self.counters.in_flight.fetch_sub(requeued as u64, Relaxed);
         requeued
     }
+}
+
+/// Why a listener could not be added.
+#[derive(Debug, thiserror::Error)]
+enum AddListenerError {
+    #[error("herd holds at most {MAX_LISTENERS} listeners (MAX_LISTENERS)")]
+    TableFull,
+    #[error(transparent)]
+    Io(#[from] io::Error),
 }
 
 /// Why a worker left the hand-off loop.

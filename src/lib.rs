@@ -13,6 +13,7 @@
 //!   (`shared`, `reuseport`), systemd's `LISTEN_FDS` convention.
 //! - [`dispatch`]: the policies that choose a worker for each connection.
 //! - [`protocol`]: the primary ↔ worker wire format (docs/protocol.md).
+//! - [`rate_limit`]: logging an error that can repeat at the 1st, 2nd, 4th, ... time.
 //! - [`fdpass`]: SCM_RIGHTS fd passing, and the eBPF rotation program the
 //!   kernel rotation hands its sockets to; the only `unsafe` code.
 //! - [`handoff`]: the mio loop that accepts and hands connections off.
@@ -55,6 +56,7 @@ pub mod primary;
 pub mod process;
 pub mod procstat;
 pub mod protocol;
+pub mod rate_limit;
 pub mod rotation;
 pub mod supervisor;
 pub mod wait_queue;

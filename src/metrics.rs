@@ -215,7 +215,7 @@ impl Metrics {
         slots: &[SlotStatus],
         cpu_seconds: &[f64],
     ) -> Vec<u8> {
-        let listeners = counters.listen_addrs().len();
+        let listeners = counters.listener_indices();
         for (listener, count) in counters.accepted[..listeners].iter().enumerate() {
             sync(
                 &self.accepted.with_label_values(&[&listener.to_string()]),

@@ -406,28 +406,41 @@ impl NodeChannel {
         }
     }
 
-    /// Reads what is waiting and parses every complete line into `out`.
-    /// Returns `false` once the worker closed its end. A handle the worker
-    /// sent is closed at once (it is reported as [`Incoming::Handle`]).
-    pub fn read(&mut self, channel: BorrowedFd<'_>, out: &mut Vec<Incoming>) -> io::Result<bool> {
+    /// Reads what is waiting, at most [`READ_BUDGET`] bytes, and parses
+    /// each complete line as it comes into `out` (lines herd does not act
+    /// on, an app's own messages, are dropped at once), so memory stays
+    /// flat however fast the worker writes. A handle the worker sent is
+    /// closed at once (it is reported as [`Incoming::Handle`]).
+    pub fn read(&mut self, channel: BorrowedFd<'_>, out: &mut Vec<Incoming>) -> io::Result<Read> {
         let mut buf = [0u8; 16 * 1024];
-        loop {
+        let mut budget = READ_BUDGET;
+        while budget > 0 {
             match fdpass::recv_with_fd(channel, &mut buf, true) {
                 Ok(Some(received)) => {
                     drop(received.fd);
-                    self.inbox.extend_from_slice(&buf[..received.len]);
+                    budget = budget.saturating_sub(received.len.max(1));
+                    self.take_lines(&buf[..received.len], out)?;
                 }
-                Ok(None) => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Ok(None) => return Ok(Read::Closed),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Read::Drained),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
+        Ok(Read::More)
+    }
+
+    /// Appends `bytes` to the partial line and parses what completes.
+    fn take_lines(&mut self, bytes: &[u8], out: &mut Vec<Incoming>) -> io::Result<()> {
+        self.inbox.extend_from_slice(bytes);
         let mut start = 0;
         while let Some(end) = self.inbox[start..].iter().position(|&b| b == b'\n') {
-            let line = &self.inbox[start..start + end];
-            // A line that is not JSON is the app's business, not ours.
-            out.push(parse(line).unwrap_or(Incoming::Other));
+            // A line that is not JSON, or not for the primary, is the app's
+            // business, not ours.
+            match parse(&self.inbox[start..start + end]) {
+                Ok(Incoming::Other) | Err(_) => {}
+                Ok(message) => out.push(message),
+            }
             start += end + 1;
         }
         self.inbox.drain(..start);
@@ -437,9 +450,25 @@ impl NodeChannel {
                 "a message line longer than 1 MiB",
             ));
         }
-        Ok(true)
+        Ok(())
     }
 }
+
+/// How a [`NodeChannel::read`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// Everything waiting was read.
+    Drained,
+    /// The budget ran out: more may wait; read again on the next turn.
+    More,
+    /// The worker closed its end.
+    Closed,
+}
+
+/// Bytes read from one Node channel per turn of the hand-off loop: a
+/// worker writing faster than herd parses gets its next turn after every
+/// other ready fd had one.
+pub const READ_BUDGET: usize = 64 * 1024;
 
 /// libuv's error code (negative errno on Linux) for a failed `listen`.
 pub fn uv_errno(error: nix::Error) -> i32 {

@@ -62,6 +62,27 @@ impl<T> WaitQueue<T> {
         Some(item)
     }
 
+    /// The item at the front of `lane`, next to go.
+    pub fn front(&self, lane: usize) -> Option<&T> {
+        self.lanes.get(lane)?.front()
+    }
+
+    /// The front item of every lane.
+    pub fn fronts(&self) -> impl Iterator<Item = &T> + '_ {
+        self.lanes.iter().filter_map(VecDeque::front)
+    }
+
+    /// Removes everything waiting in `lane`; returns how many there were.
+    pub fn clear_lane(&mut self, lane: usize) -> usize {
+        let Some(items) = self.lanes.get_mut(lane) else {
+            return 0;
+        };
+        let cleared = items.len();
+        items.clear();
+        self.len -= cleared;
+        cleared
+    }
+
     /// The lanes that have something waiting.
     pub fn busy_lanes(&self) -> Vec<usize> {
         (0..self.lanes.len())
