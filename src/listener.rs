@@ -35,7 +35,8 @@ pub struct ListenError {
 
 /// Binds every address in order; the first failure aborts (and closes the
 /// sockets already bound). With `reuse_port`, each socket starts a
-/// SO_REUSEPORT group that herd's own sockets can join (kernel rotation).
+/// SO_REUSEPORT group that herd's own sockets can join (kernel rotation),
+/// on an address proven free first (see [`start_group`]).
 pub fn bind_all(
     addrs: &[SocketAddr],
     backlog: u32,
@@ -45,7 +46,11 @@ pub fn bind_all(
         .iter()
         .enumerate()
         .map(|(index, &addr)| {
-            let socket = open(addr, backlog, reuse_port, true)?;
+            let socket = if reuse_port {
+                start_group(addr, backlog, true)?
+            } else {
+                open(addr, backlog, false, true)?
+            };
             let local = socket.local_addr().map_err(|e| ListenError {
                 addr,
                 reason: e.to_string(),
@@ -79,7 +84,30 @@ pub fn bind_dual_stack(
     v6_only: bool,
     reuse_port: bool,
 ) -> Result<TcpListener, ListenError> {
-    open(addr, backlog, reuse_port, v6_only)
+    if reuse_port {
+        start_group(addr, backlog, v6_only)
+    } else {
+        open(addr, backlog, false, v6_only)
+    }
+}
+
+/// Starts a SO_REUSEPORT group on `addr` that no one else is in. A socket
+/// with SO_REUSEPORT may join any group of the same user on its address,
+/// so binding one straight away would put herd into another program's
+/// group (a second herd on the port of a first would take its traffic, and
+/// its eBPF program the first's place). A plain bind first proves the
+/// address free, and resolves port 0; it is closed and the group bound on
+/// the same address at once (the gap is a few system calls, and a
+/// stranger that took the port in it makes the group's bind fail, plainly).
+fn start_group(addr: SocketAddr, backlog: u32, v6_only: bool) -> Result<TcpListener, ListenError> {
+    let probe = open(addr, backlog, false, v6_only)?;
+    let free = probe.local_addr().map_err(|e| ListenError {
+        addr,
+        reason: e.to_string(),
+        source: nix::Error::last(),
+    })?;
+    drop(probe);
+    open(free, backlog, true, v6_only)
 }
 
 /// One more socket in the SO_REUSEPORT group on `addr`, which must have
@@ -181,6 +209,18 @@ mod tests {
         assert!(bind(addr, 16).is_err());
         let plain = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
         assert!(bind_reuseport(plain.local_addr().unwrap(), 16).is_err());
+    }
+
+    #[test]
+    fn a_group_starts_only_on_a_free_address() {
+        let first = bind_dual_stack("127.0.0.1:0".parse().unwrap(), 16, true, true).unwrap();
+        let addr = first.local_addr().unwrap();
+        // Another group on the same address (another herd) is refused...
+        let error = bind_dual_stack(addr, 16, true, true).unwrap_err();
+        assert_eq!(error.source, nix::Error::EADDRINUSE);
+        assert!(bind_all(&[addr], 16, true).is_err());
+        // ...while herd's own sockets still join its group.
+        assert!(bind_group_member(addr, 16, true).is_ok());
     }
 
     #[test]
