@@ -307,7 +307,7 @@ mod tests {
         let leaf = tree.leaf("test-leaf").unwrap();
         let mut command = std::process::Command::new("sleep");
         command.arg("60");
-        crate::fdpass::prepare_child(&mut command, Vec::new(), Some(leaf.procs_fd()));
+        crate::fdpass::prepare_child(&mut command, Vec::new(), Some(leaf.procs_fd()), None);
         let mut child = command.spawn().unwrap();
         assert_eq!(pids(&leaf.dir), [child.id()]);
         assert!(!leaf.is_empty());
@@ -356,7 +356,7 @@ mod tests {
             .unwrap();
         let mut command = std::process::Command::new("sleep");
         command.arg("60");
-        crate::fdpass::prepare_child(&mut command, Vec::new(), Some(procs.as_raw_fd()));
+        crate::fdpass::prepare_child(&mut command, Vec::new(), Some(procs.as_raw_fd()), None);
         let mut child = command.spawn().unwrap();
         let cleaned = clean_leftovers(&parent);
         assert_eq!(

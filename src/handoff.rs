@@ -52,6 +52,9 @@ const TALLY_INTERVAL: Duration = Duration::from_millis(500);
 /// had one, so a flood from one worker cannot starve the others (nor grow
 /// anything: each message is handled as it is read).
 const READ_BUDGET_MESSAGES: usize = 256;
+/// Connections shed at most per accept attempt while herd is out of fds
+/// (the next attempt, after the accept backoff, sheds more).
+const SHED_BATCH: usize = 64;
 /// Refused connections wait at least this long before they are offered
 /// again (unless a worker's state changes first), doubling per round of
 /// refusals up to [`REFUSED_RETRY_MAX`]: no bouncing between workers that
@@ -142,6 +145,9 @@ pub struct Counters {
     pub dropped_queue_full: AtomicU64,
     /// Connections closed because no worker took them within `queue_timeout`.
     pub dropped_queue_timeout: AtomicU64,
+    /// Connections closed unserved because herd was out of file descriptors
+    /// for `queue_timeout` (accepted with the reserve fd and closed).
+    pub dropped_fd_limit: AtomicU64,
     /// accept(2) failures other than "nothing to accept", by [`ACCEPT_ERROR_KINDS`].
     pub accept_errors: [AtomicU64; ACCEPT_ERROR_KINDS.len()],
     /// Accept-to-ACK time of each connection (recorded only when metrics are served).
@@ -253,6 +259,7 @@ impl Counters {
             reports_closed: (0..MAX_WORKERS).map(|_| Default::default()).collect(),
             dropped_queue_full: AtomicU64::new(0),
             dropped_queue_timeout: AtomicU64::new(0),
+            dropped_fd_limit: AtomicU64::new(0),
             accept_errors: Default::default(),
             latency: LatencyHistogram::default(),
             kernel_dealt: AtomicU64::new(0),
@@ -342,6 +349,8 @@ pub fn spawn(
         tally_due: None,
         hang_check_due: None,
         more_to_read: Vec::new(),
+        reserve_fd: reserve_fd(),
+        fd_short_since: None,
         capacity_epoch: 0,
     };
     for bound in listeners {
@@ -569,6 +578,11 @@ struct HandoffLoop {
     hang_check_due: Option<Instant>,
     /// Channels that had more to read than one turn's budget.
     more_to_read: Vec<usize>,
+    /// A spare fd, given up to accept and close a connection when herd is
+    /// out of fds for longer than `queue_timeout`.
+    reserve_fd: Option<OwnedFd>,
+    /// Since when accepting has failed for lack of fds.
+    fd_short_since: Option<Instant>,
     /// Bumped whenever a worker may have become able to take a connection
     /// it could not before (it became serving, acknowledged, unblocked, was
     /// added): refused connections are offered again then.
@@ -920,6 +934,7 @@ impl HandoffLoop {
             match socket.accept() {
                 Ok((stream, peer)) => {
                     self.accept_backoff = ACCEPT_BACKOFF_MIN;
+                    self.fd_short_since = None;
                     let local = if listener.wildcard {
                         stream.local_addr().unwrap_or(listener.local)
                     } else {
@@ -946,10 +961,57 @@ impl HandoffLoop {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Queue drained without a resource error: any fd shortage is over.
                     self.accept_backoff = ACCEPT_BACKOFF_MIN;
+                    self.fd_short_since = None;
                     return;
                 }
-                Err(e) => self.on_accept_error(index, e),
+                Err(e) => {
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                        let now = Instant::now();
+                        let since = *self.fd_short_since.get_or_insert(now);
+                        if now.duration_since(since) >= self.limits.queue_timeout {
+                            self.shed(index, slot);
+                        }
+                    }
+                    self.on_accept_error(index, e);
+                }
             }
+        }
+    }
+
+    /// herd has been out of fds for `queue_timeout`: the connections in the
+    /// kernel's queue would wait for good. Each is accepted with the
+    /// reserve fd, closed at once (the client gets an answer, a closed
+    /// connection, rather than a hang), and the reserve taken again.
+    fn shed(&mut self, index: usize, slot: Option<usize>) {
+        for _ in 0..SHED_BATCH {
+            drop(self.reserve_fd.take());
+            let Some(listener) = self.listeners.get(index).and_then(Option::as_ref) else {
+                break;
+            };
+            let socket = match slot {
+                None => Some(&listener.socket),
+                Some(slot) => listener.rotation.as_ref().and_then(|r| r.accepting(slot)),
+            };
+            let Some(Ok((stream, _))) = socket.map(|s| s.accept()) else {
+                break;
+            };
+            drop(stream);
+            let total = self.counters.dropped_fd_limit.fetch_add(1, Relaxed) + 1;
+            if total.is_power_of_two() {
+                warn!(
+                    listener = index,
+                    total,
+                    "out of file descriptors for {:?} (queue_timeout): closed a connection waiting in the kernel queue",
+                    self.limits.queue_timeout
+                );
+            }
+            self.reserve_fd = reserve_fd();
+            if self.reserve_fd.is_none() {
+                break;
+            }
+        }
+        if self.reserve_fd.is_none() {
+            self.reserve_fd = reserve_fd();
         }
     }
 
@@ -1846,6 +1908,11 @@ impl HandoffLoop {
         self.counters.in_flight.fetch_sub(requeued as u64, Relaxed);
         requeued
     }
+}
+
+/// A spare file descriptor ([`HandoffLoop::shed`] gives it up for a moment).
+fn reserve_fd() -> Option<OwnedFd> {
+    std::fs::File::open("/dev/null").ok().map(OwnedFd::from)
 }
 
 /// Why a listener could not be added.

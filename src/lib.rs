@@ -14,6 +14,7 @@
 //! - [`dispatch`]: the policies that choose a worker for each connection.
 //! - [`protocol`]: the primary ↔ worker wire format (docs/protocol.md).
 //! - [`rate_limit`]: logging an error that can repeat at the 1st, 2nd, 4th, ... time.
+//! - [`fd_budget`]: herd's open-file limit, raised at start, and what a configuration may need of it.
 //! - [`fdpass`]: SCM_RIGHTS fd passing, and the eBPF rotation program the
 //!   kernel rotation hands its sockets to; the only `unsafe` code.
 //! - [`handoff`]: the mio loop that accepts and hands connections off.
@@ -46,6 +47,7 @@ pub mod compare;
 pub mod config;
 pub mod control;
 pub mod dispatch;
+pub mod fd_budget;
 pub mod fdpass;
 pub mod handoff;
 pub mod lifecycle;

@@ -283,6 +283,15 @@ fn main() -> ExitCode {
                     "supervision: a worker is killed with its {processes} (kill_mode {}); {hung}",
                     settings.kill_mode.name()
                 );
+                // As `herd run` would start: with its soft limit raised.
+                let fds = herd::fd_budget::FdLimit::raise();
+                let need = herd::fd_budget::Plan::of(&settings, settings.workers).need();
+                if need.total > fds.soft {
+                    println!(
+                        "warning: this configuration may need {need}, over the open-file limit of {} (RLIMIT_NOFILE)",
+                        fds.soft
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -125,7 +125,7 @@ impl Metrics {
             ),
             dropped: counter_vec(
                 "herd_connections_dropped_total",
-                "Accepted connections closed without a worker (queue-full: the wait queue was full; no-worker: none could take it within queue_timeout).",
+                "Accepted connections closed without a worker (queue-full: the wait queue was full; no-worker: none could take it within queue_timeout; fd-limit: herd was out of file descriptors for queue_timeout and closed it from the kernel queue).",
                 &["reason"],
             ),
             in_flight: add(
@@ -190,7 +190,7 @@ impl Metrics {
         for reason in ["worker-gone", "refused", "slot-queue", "hung"] {
             metrics.redispatched.with_label_values(&[reason]);
         }
-        for reason in ["queue-full", "no-worker"] {
+        for reason in ["queue-full", "no-worker", "fd-limit"] {
             metrics.dropped.with_label_values(&[reason]);
         }
         metrics
@@ -255,6 +255,10 @@ impl Metrics {
         sync(
             &self.dropped.with_label_values(&["no-worker"]),
             counters.dropped_queue_timeout.load(Relaxed),
+        );
+        sync(
+            &self.dropped.with_label_values(&["fd-limit"]),
+            counters.dropped_fd_limit.load(Relaxed),
         );
         self.in_flight.set(counters.in_flight.load(Relaxed) as i64);
         self.open_connections.reset();

@@ -24,6 +24,7 @@ use crate::activation::WorkerSockets;
 use crate::cgroup::{CgroupError, CgroupTree};
 use crate::config::{ConfigSource, KillMode, Settings, WorkerProtocol, MAX_WORKERS};
 use crate::control::{self, ControlServer, Incoming, Request, Response, StatusReport};
+use crate::fd_budget::{FdLimit, Plan};
 use crate::handoff::{self, Command, Counters};
 use crate::lifecycle::Phase;
 use crate::listener::{self, ListenError};
@@ -128,6 +129,21 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
         warn!("cannot become the subreaper of the workers' descendants: {e}");
     }
     let cgroups = worker_cgroups(settings.kill_mode)?;
+    let fd_limit = FdLimit::raise();
+    info!(
+        soft = fd_limit.soft,
+        hard = fd_limit.hard,
+        "open-file limit (RLIMIT_NOFILE): {} (workers get {})",
+        fd_limit.soft,
+        fd_limit.original
+    );
+    let need = Plan::of(&settings, settings.workers).need();
+    if need.total > fd_limit.soft {
+        warn!(
+            "this configuration may need {need}, over herd's open-file limit of {} (RLIMIT_NOFILE): lower those keys, or raise the limit (LimitNOFILE= under systemd, ulimit -n); past it, accepting pauses",
+            fd_limit.soft
+        );
+    }
     let listeners = listener::bind_all(
         &settings.listen,
         settings.backlog,
@@ -187,6 +203,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
         sockets,
         metrics.clone(),
         cgroups,
+        fd_limit,
     );
     supervisor.start_all();
     let (requests_tx, mut requests) = mpsc::unbounded_channel::<Incoming>();
@@ -220,7 +237,10 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
                         } else if !(1..=MAX_WORKERS).contains(&workers) {
                             Response::failed(format!("cannot scale to {workers} workers: must be between 1 and {MAX_WORKERS}"))
                         } else {
-                            Response::ok(supervisor.scale(workers))
+                            match supervisor.scale(workers) {
+                                Ok(done) => Response::ok(done),
+                                Err(refused) => Response::failed(refused),
+                            }
                         });
                     }
                     Request::Stop => {
@@ -258,11 +278,17 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
             }
             _ = signals.add_worker.recv(), if !stopping => {
                 let target = supervisor.worker_count() + 1;
-                info!("SIGTTIN: {}", supervisor.scale(target));
+                match supervisor.scale(target) {
+                    Ok(done) => info!("SIGTTIN: {done}"),
+                    Err(refused) => warn!("SIGTTIN: {refused}"),
+                }
             }
             _ = signals.remove_worker.recv(), if !stopping => {
                 let target = supervisor.worker_count().saturating_sub(1).max(1);
-                info!("SIGTTOU: {}", supervisor.scale(target));
+                match supervisor.scale(target) {
+                    Ok(done) => info!("SIGTTOU: {done}"),
+                    Err(refused) => warn!("SIGTTOU: {refused}"),
+                }
             }
         }
     }
@@ -346,6 +372,15 @@ fn start_reload(
             return;
         }
     };
+    // The new limits (or count) must fit in herd's fds, as a scale must.
+    let workers = settings.workers.max(supervisor.worker_count());
+    if let Err(why) = supervisor.fits_with(&settings, workers) {
+        metrics.reload_finished(false, std::time::Duration::ZERO);
+        let message = format!("reload refused, keeping the running config: {why}");
+        error!("{message}");
+        let _ = reply.send(Response::failed(message));
+        return;
+    }
     let (done, outcome) = oneshot::channel();
     supervisor.reload(settings, done);
     tokio::spawn(async move {

@@ -46,6 +46,8 @@ pub struct Launch<'a> {
     pub listen_fds: Vec<RawFd>,
     /// `cgroup.procs` of the cgroup it joins before exec.
     pub cgroup_procs: Option<RawFd>,
+    /// The `RLIMIT_NOFILE` (soft, hard) it gets: herd's original one.
+    pub nofile: Option<(u64, u64)>,
 }
 
 /// Starts a worker: its own process group, the channel after the
@@ -57,6 +59,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         workers,
         listen_fds,
         cgroup_procs,
+        nofile,
     } = launch;
     let node = settings.protocol == WorkerProtocol::NodeCluster;
     let (primary_end, child_end) = if node {
@@ -105,7 +108,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
     }
     let mut inherited = listen_fds;
     inherited.push(child_end.as_raw_fd());
-    fdpass::prepare_child(&mut command, inherited, cgroup_procs);
+    fdpass::prepare_child(&mut command, inherited, cgroup_procs, nofile);
     let mut child = command.spawn()?;
     drop(child_end);
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {

@@ -23,6 +23,7 @@ use crate::activation::WorkerSockets;
 use crate::cgroup::{CgroupTree, Leaf};
 use crate::config::Settings;
 use crate::control::SlotStatus;
+use crate::fd_budget::{FdLimit, Plan};
 use crate::handoff::{self, Command, Controller, NewWorker};
 use crate::lifecycle::{self, Action, Event, Lifecycle, Phase, Policy, Version, WorkerId};
 use crate::metrics::Metrics;
@@ -70,6 +71,9 @@ pub struct Supervisor {
     cgroups: Option<CgroupTree>,
     /// Cgroups of exited workers, removed once empty.
     dead_leaves: Vec<Leaf>,
+    /// herd's open-file limit: scaling past it is refused, and workers get
+    /// the original soft limit back.
+    fd_limit: FdLimit,
 }
 
 impl Supervisor {
@@ -79,6 +83,7 @@ impl Supervisor {
         sockets: WorkerSockets,
         metrics: Arc<Metrics>,
         cgroups: Option<CgroupTree>,
+        fd_limit: FdLimit,
     ) -> Supervisor {
         let core = Lifecycle::new(Policy::of(&settings), settings.workers);
         Supervisor {
@@ -95,6 +100,7 @@ impl Supervisor {
             next_ticket: 0,
             cgroups,
             dead_leaves: Vec::new(),
+            fd_limit,
         }
     }
 
@@ -158,11 +164,36 @@ impl Supervisor {
         });
     }
 
-    /// Sets the number of worker slots; returns what changed.
-    pub fn scale(&mut self, workers: usize) -> String {
+    /// Sets the number of worker slots; returns what changed. More slots
+    /// than herd's fd limit can hold (each worker's channel, pipes and the
+    /// connections it may have in flight) is refused with the numbers.
+    pub fn scale(&mut self, workers: usize) -> Result<String, String> {
         let before = self.core.slot_count();
+        if workers > before {
+            self.fits(workers)?;
+        }
         self.handle(Event::Scale { workers });
-        format!("workers: {before} -> {}", self.core.slot_count())
+        Ok(format!("workers: {before} -> {}", self.core.slot_count()))
+    }
+
+    /// Whether `workers` slots of `settings` (default: the running ones)
+    /// fit in herd's fd limit; the refusal says why.
+    pub fn fits_with(&self, settings: &Settings, workers: usize) -> Result<(), String> {
+        let plan = Plan::of(settings, workers);
+        let need = plan.need();
+        if need.total <= self.fd_limit.soft {
+            return Ok(());
+        }
+        Err(format!(
+            "{workers} workers may need {need}, and herd's limit (RLIMIT_NOFILE) is {}: at most {} workers fit (raise the limit, or lower handoff.max_unacked or handoff.queue_limit)",
+            self.fd_limit.soft,
+            plan.max_workers(self.fd_limit.soft)
+        ))
+    }
+
+    fn fits(&self, workers: usize) -> Result<(), String> {
+        self.fits_with(self.settings(), workers)
+            .map_err(|why| format!("cannot scale to {workers} workers: {why}"))
     }
 
     /// Starts a rolling reload to `settings`; the reply comes when it is
@@ -429,6 +460,8 @@ impl Supervisor {
             workers: self.core.slot_count(),
             listen_fds,
             cgroup_procs: leaf.as_ref().map(Leaf::procs_fd),
+            nofile: (self.fd_limit.soft != self.fd_limit.original)
+                .then_some((self.fd_limit.original, self.fd_limit.hard)),
         })
         .map_err(|e| format!("{program}: {e}"))?;
         let pid = started.pid;

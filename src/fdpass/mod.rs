@@ -220,7 +220,9 @@ pub const FIRST_INHERITED_FD: RawFd = 3;
 /// close-on-exec), to be SIGKILLed if herd dies, so no worker outlives its
 /// primary even when herd is SIGKILLed, and, given `cgroup_procs` (an open
 /// `cgroup.procs` of the worker's cgroup), to move itself into that cgroup
-/// before it runs a single instruction of the program.
+/// before it runs a single instruction of the program. Given `nofile`
+/// (soft, hard), the child gets that `RLIMIT_NOFILE` back: herd raises its
+/// own soft limit, which a `select(2)`-based worker must not inherit.
 ///
 /// PR_SET_PDEATHSIG fires when the *thread* that forked dies, so callers must
 /// spawn from a thread that lives as long as herd (the main thread).
@@ -228,6 +230,7 @@ pub fn prepare_child(
     command: &mut std::process::Command,
     inherited: Vec<RawFd>,
     cgroup_procs: Option<RawFd>,
+    nofile: Option<(u64, u64)>,
 ) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id() as libc::pid_t;
@@ -235,8 +238,9 @@ pub fn prepare_child(
     // can never overwrite a source not yet placed.
     let above_targets = FIRST_INHERITED_FD + inherited.len() as RawFd;
     // SAFETY: the closure runs between fork and exec, so it only makes
-    // async-signal-safe system calls (write, fcntl, dup2, prctl, getppid)
-    // and touches no locks or allocator; `inherited` is read, not mutated.
+    // async-signal-safe system calls (write, fcntl, dup2, setrlimit, prctl,
+    // getppid) and touches no locks or allocator; `inherited` is read, not
+    // mutated, and the rlimit is a plain struct on the closure's stack.
     // `cgroup_procs` is written before any dup2, which could otherwise
     // have replaced that fd number with an inherited socket.
     unsafe {
@@ -255,6 +259,15 @@ pub fn prepare_child(
                 // dup2 leaves the new fd without FD_CLOEXEC: it survives exec.
                 // The close-on-exec copy goes away with the exec.
                 if libc::dup2(copy, FIRST_INHERITED_FD + offset as RawFd) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some((soft, hard)) = nofile {
+                let limit = libc::rlimit {
+                    rlim_cur: soft as libc::rlim_t,
+                    rlim_max: hard as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }
