@@ -120,7 +120,7 @@ fn check_refuses_what_run_would_crash_or_crash_loop_on() {
         ),
         (
             format!("listen = [{}]\n", listen_many.join(", ")),
-            "invalid `listen`: 257 addresses; herd holds at most 256".to_string(),
+            "invalid `listen` = [257 addresses]: herd holds at most 256 listeners".to_string(),
         ),
         // Spawning would fail on the NUL byte, for every worker.
         (
@@ -428,14 +428,15 @@ fn user_with_supplementary_groups() -> Option<nix::unistd::User> {
         .filter(|user| groups_of(user).len() > 1)
 }
 
-/// Runs one worker as `user` and checks its ids, groups and environment.
-fn worker_runs_as(user: &nix::unistd::User) {
+/// Runs one worker as `user` in `mode` and checks its ids, groups and
+/// environment.
+fn worker_runs_as(user: &nix::unistd::User, mode: &str) {
     let config = format!("user = {:?}\n[env]\nLOGNAME = \"from-env\"\n", user.name);
     let herd = Herd::launch(
-        &format!("parity-user-{}", user.name),
+        &format!("parity-user-{}-{mode}", user.name),
         Some(&config),
         1,
-        &[],
+        &["--mode", mode],
         &[hello_worker()],
     );
     let pid = *herd.wait_all_ready(1).first().unwrap();
@@ -465,9 +466,11 @@ fn workers_get_the_users_home_name_and_groups() {
     let nobody = nix::unistd::User::from_name("nobody")
         .unwrap()
         .expect("user nobody");
-    worker_runs_as(&nobody);
+    worker_runs_as(&nobody, "round-robin");
+    // Started through herd's own binary (the LISTEN_PID shim), as the user.
+    worker_runs_as(&nobody, "shared");
     match user_with_supplementary_groups() {
-        Some(user) => worker_runs_as(&user),
+        Some(user) => worker_runs_as(&user, "round-robin"),
         None => eprintln!("no user with supplementary groups on this host: checked nobody only"),
     }
 }
