@@ -541,39 +541,9 @@ impl Config {
                 ))
             }
         };
-        // In these modes a worker starts as herd's own binary (the shim that
-        // sets LISTEN_PID), reached through /proc/self/exe: only the file's
-        // own permission bits count on that path.
         if !mode.hands_off() && protocol == WorkerProtocol::Herd {
             if let Some(user) = run_as.as_ref().filter(|user| !user.is_herds_own()) {
-                let herd = std::env::current_exe().map_err(|e| {
-                    invalid(
-                        "user",
-                        format!("{:?}", user.name),
-                        format!("cannot find herd's own binary: {e}"),
-                    )
-                })?;
-                let meta = std::fs::metadata(&herd).map_err(|e| {
-                    invalid(
-                        "user",
-                        format!("{:?}", user.name),
-                        format!("{}: {e}", herd.display()),
-                    )
-                })?;
-                let identity = user.identity();
-                if !identity.may(&meta, Access::Execute) {
-                    return Err(invalid(
-                        "user",
-                        format!("{:?}", user.name),
-                        format!(
-                            "in mode {} workers start through herd's own binary {}, which is not executable{} ({})",
-                            mode.name(),
-                            herd.display(),
-                            identity.who,
-                            describe(&meta)
-                        ),
-                    ));
-                }
+                shim_runnable_by(user, mode)?;
             }
         }
         // Node cluster apps say what they listen on, as with Node's primary.
@@ -1154,6 +1124,27 @@ impl Identity {
         }
         Ok(())
     }
+}
+
+/// In the OS-scheduled modes a worker starts as herd's own binary (the shim
+/// that sets `LISTEN_PID`), reached through `/proc/self/exe`: only the
+/// file's own permission bits count on that path.
+fn shim_runnable_by(user: &RunAs, mode: Mode) -> Result<(), ConfigError> {
+    let refuse = |reason: String| invalid("user", format!("{:?}", user.name), reason);
+    let herd = std::env::current_exe()
+        .map_err(|e| refuse(format!("cannot find herd's own binary: {e}")))?;
+    let meta = std::fs::metadata(&herd).map_err(|e| refuse(format!("{}: {e}", herd.display())))?;
+    let identity = user.identity();
+    if identity.may(&meta, Access::Execute) {
+        return Ok(());
+    }
+    Err(refuse(format!(
+        "in mode {} workers start through herd's own binary {}, which is not executable{} ({})",
+        mode.name(),
+        herd.display(),
+        identity.who,
+        describe(&meta)
+    )))
 }
 
 /// `mode 0700, owner uid 0 gid 0`.
