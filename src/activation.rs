@@ -14,6 +14,16 @@
 //! herd's own binary ([`EXEC_WORKER_ARG`]), which sets `LISTEN_PID` to its own
 //! pid and `exec`s the real program: same pid, same fds, same process group.
 //!
+//! The sockets are blocking, as systemd passes them, and herd makes them so
+//! exactly once, when it binds them, and never touches their flags again. A
+//! socket's O_NONBLOCK lives in its open file description, which herd and
+//! every worker holding the socket share: a worker that wants it
+//! non-blocking (asyncio, libuv, tokio, … all do) sets it for everyone, and
+//! herd making it blocking again for the next worker would make it blocking
+//! under the workers already accepting from it. Their event loop's last
+//! `accept` (the one that should say EAGAIN) then blocks, with the request it
+//! has just accepted unanswered until another connection comes.
+//!
 //! - `shared`: the sockets herd bound are given to every worker; one accept
 //!   queue per listener, and whichever worker calls `accept` first wins.
 //! - `reuseport`: one `SO_REUSEPORT` socket per slot and listener, bound when
@@ -26,7 +36,7 @@
 
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 
 use crate::dispatch::Mode;
@@ -70,7 +80,10 @@ impl WorkerSockets {
         match mode {
             _ if mode.hands_off() => Ok((WorkerSockets::HandOff, listeners)),
             Mode::Shared => {
-                let sockets = listeners.into_iter().map(|l| l.socket).collect();
+                let sockets: Vec<TcpListener> = listeners.into_iter().map(|l| l.socket).collect();
+                for socket in &sockets {
+                    make_blocking(socket)?;
+                }
                 Ok((WorkerSockets::Shared(sockets), Vec::new()))
             }
             _ => {
@@ -89,8 +102,10 @@ impl WorkerSockets {
     }
 
     /// The listening fds the worker in `slot` inherits, in listener order
-    /// (empty when herd hands connections over). They are blocking, as
-    /// systemd passes them; a worker that wants non-blocking sets it itself.
+    /// (empty when herd hands connections over). They were made blocking
+    /// when bound, as systemd passes them, and are passed as they are now:
+    /// a worker that wants them non-blocking sets that itself, and other
+    /// workers may be accepting from them with that flag (module docs).
     pub fn for_slot(&mut self, slot: usize) -> Result<Vec<RawFd>, ListenError> {
         self.bind_slots(slot + 1)?;
         let sockets = match self {
@@ -98,15 +113,6 @@ impl WorkerSockets {
             WorkerSockets::Shared(sockets) => &sockets[..],
             WorkerSockets::ReusePort { slots, .. } => &slots[slot][..],
         };
-        for socket in sockets {
-            fdpass::set_nonblocking(socket.as_fd(), false).map_err(|e| ListenError {
-                addr: socket
-                    .local_addr()
-                    .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
-                reason: format!("cannot make the socket blocking: {e}"),
-                source: nix::Error::last(),
-            })?;
-        }
         Ok(sockets.iter().map(AsRawFd::as_raw_fd).collect())
     }
 
@@ -130,13 +136,33 @@ impl WorkerSockets {
             while slots.len() < count {
                 let group = addrs
                     .iter()
-                    .map(|&addr| listener::bind_reuseport(addr, *backlog))
-                    .collect::<Result<_, _>>()?;
+                    .map(|&addr| {
+                        let socket = listener::bind_reuseport(addr, *backlog)?;
+                        make_blocking(&socket)?;
+                        Ok(socket)
+                    })
+                    .collect::<Result<_, ListenError>>()?;
                 slots.push(group);
             }
         }
         Ok(())
     }
+}
+
+/// Clears O_NONBLOCK on a socket no worker holds yet: the one time herd
+/// sets a worker socket's flags (see the module docs for why only then).
+fn make_blocking(socket: &TcpListener) -> Result<(), ListenError> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let fail = |source: nix::Error| ListenError {
+        addr: socket
+            .local_addr()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+        reason: format!("cannot make the socket blocking: {}", source.desc()),
+        source,
+    };
+    let flags = OFlag::from_bits_truncate(fcntl(socket, FcntlArg::F_GETFL).map_err(fail)?);
+    fcntl(socket, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK)).map_err(fail)?;
+    Ok(())
 }
 
 /// The environment describing `count` inherited sockets (all but
@@ -190,6 +216,43 @@ pub fn inherited_listen_fds() -> Result<Vec<RawFd>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
+
+    fn nonblocking(socket: &TcpListener) -> bool {
+        let flags = nix::fcntl::fcntl(socket.as_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        flags & nix::libc::O_NONBLOCK != 0
+    }
+
+    /// Every socket a worker in `slot` would inherit.
+    fn sockets_of(sockets: &WorkerSockets, slot: usize) -> Vec<&TcpListener> {
+        match sockets {
+            WorkerSockets::HandOff => Vec::new(),
+            WorkerSockets::Shared(all) => all.iter().collect(),
+            WorkerSockets::ReusePort { slots, .. } => slots[slot].iter().collect(),
+        }
+    }
+
+    #[test]
+    fn a_worker_start_never_changes_the_flags_of_a_socket_in_use() {
+        for mode in [Mode::Shared, Mode::ReusePort] {
+            let (mut sockets, _) = WorkerSockets::new(mode, bound("127.0.0.1:0"), 16, 1).unwrap();
+            sockets.for_slot(0).unwrap();
+            // Bound blocking, as systemd passes them.
+            assert!(!nonblocking(sockets_of(&sockets, 0)[0]), "{mode:?}");
+            // The first worker's event loop makes it non-blocking, for
+            // every holder of the socket.
+            fdpass::set_nonblocking(sockets_of(&sockets, 0)[0].as_fd(), true).unwrap();
+            // Its slot restarts (reuseport) or another worker starts (shared):
+            // the live worker's socket keeps its flag.
+            sockets.for_slot(0).unwrap();
+            sockets.for_slot(1).unwrap();
+            assert!(nonblocking(sockets_of(&sockets, 0)[0]), "{mode:?}");
+            // A slot bound later starts blocking, whatever the others do.
+            if mode == Mode::ReusePort {
+                assert!(!nonblocking(sockets_of(&sockets, 1)[0]));
+            }
+        }
+    }
 
     fn bound(addr: &str) -> Vec<BoundListener> {
         listener::bind_all(&[addr.parse().unwrap()], 16, false).unwrap()

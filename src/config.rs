@@ -10,13 +10,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::dispatch::Mode;
+use crate::handoff::MAX_LISTENERS;
 
 /// The most worker slots herd runs; fixed so per-slot state can live in arrays.
 pub const MAX_WORKERS: usize = 1024;
@@ -26,6 +26,15 @@ pub const DEFAULT_CONTROL_PATH: &str = "herd.sock";
 
 /// The config file `herd run` reads when no `-c` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
+
+/// The longest control socket path: `sockaddr_un.sun_path` is 108 bytes on
+/// Linux, the last one the closing NUL.
+pub const MAX_CONTROL_PATH_LEN: usize = 107;
+
+/// The shortest `monitor_interval`: each tick reads `/proc` for every
+/// worker (and reaps) on the main thread, which also decides every
+/// supervision step; tokio's interval panics on zero.
+pub const MIN_MONITOR_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -275,14 +284,85 @@ pub struct Settings {
     pub max_memory: Option<u64>,
     pub max_connections_per_worker: Option<u64>,
     pub max_connections_jitter: u64,
-    /// (uid, gid) workers run as; `None` = herd's own.
-    pub run_as: Option<(u32, u32)>,
+    /// Who workers run as; `None` = as herd.
+    pub run_as: Option<RunAs>,
     pub control: PathBuf,
     pub monitor_interval: Duration,
     /// Where `/metrics` is served; `None`: not served.
     pub metrics: Option<SocketAddr>,
     pub handoff: HandoffSettings,
     pub restart: RestartSettings,
+}
+
+impl Settings {
+    /// The keys `new` changes that only a restart of herd can apply, each as
+    /// ``"`key` (old -> new)"``; empty when a reload can apply all of `new`.
+    ///
+    /// A reload starts new workers, so everything herd reads when it starts
+    /// a worker applies (`command`, `env`, `cwd`, `user`, `group`, the
+    /// timeouts, `max_*`, `restart.*`, `workers`, `reload_batch`), and the
+    /// `[handoff]` limits are handed to the hand-off loop. What herd set up
+    /// once at start does not: the listeners (`listen`, `backlog`), how they
+    /// are served (`mode`, `protocol`, `rotation`), where workers' processes
+    /// are kept (`kill_mode`), the control socket, the metrics endpoint, and
+    /// the monitor's timer.
+    pub fn restart_needed(&self, new: &Settings) -> Vec<String> {
+        fn addrs(list: &[SocketAddr]) -> String {
+            let list: Vec<String> = list.iter().map(ToString::to_string).collect();
+            format!("[{}]", list.join(", "))
+        }
+        fn rotation(kernel: bool) -> &'static str {
+            if kernel {
+                "kernel"
+            } else {
+                "handoff"
+            }
+        }
+        let metrics = |addr: Option<SocketAddr>| addr.map_or("none".to_string(), |a| a.to_string());
+        let mut changed = Vec::new();
+        let mut compare = |key: &str, old: String, new: String| {
+            if old != new {
+                changed.push(format!("`{key}` ({old} -> {new})"));
+            }
+        };
+        compare("listen", addrs(&self.listen), addrs(&new.listen));
+        compare("backlog", self.backlog.to_string(), new.backlog.to_string());
+        compare("mode", self.mode.name().into(), new.mode.name().into());
+        compare(
+            "protocol",
+            self.protocol.name().into(),
+            new.protocol.name().into(),
+        );
+        // `rotation` follows from mode and protocol too: named only when it is the change.
+        if self.mode == new.mode && self.protocol == new.protocol {
+            compare(
+                "rotation",
+                rotation(self.handoff.kernel_rotation).into(),
+                rotation(new.handoff.kernel_rotation).into(),
+            );
+        }
+        compare(
+            "kill_mode",
+            self.kill_mode.name().into(),
+            new.kill_mode.name().into(),
+        );
+        compare(
+            "control",
+            self.control.display().to_string(),
+            new.control.display().to_string(),
+        );
+        compare(
+            "metrics.address",
+            metrics(self.metrics),
+            metrics(new.metrics),
+        );
+        compare(
+            "monitor_interval",
+            format!("{:?}", self.monitor_interval),
+            format!("{:?}", new.monitor_interval),
+        );
+        changed
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -386,11 +466,25 @@ impl Config {
             .mode
             .parse::<Mode>()
             .map_err(|reason| invalid("mode", format!("{:?}", self.mode), reason))?;
+        let run_as = resolve_user(self.user.as_deref(), self.group.as_deref())?;
+        // Paths are checked as the workers will use them: as their user.
+        let identity = match &run_as {
+            Some(user) => user.identity(),
+            None => herds_identity(),
+        };
         let cwd = self.cwd.as_ref().map(PathBuf::from);
         if let Some(dir) = &cwd {
-            if !dir.is_dir() {
-                return Err(invalid("cwd", format!("{dir:?}"), "not a directory"));
+            let value = format!("{:?}", dir.display().to_string());
+            if dir.as_os_str().as_encoded_bytes().contains(&0) {
+                return Err(invalid("cwd", value, "contains a NUL byte"));
             }
+            if !dir.is_dir() {
+                return Err(invalid("cwd", value, "not a directory"));
+            }
+            // The worker must be able to stay in it: search on the way and on it.
+            identity
+                .can_enter(dir)
+                .map_err(|reason| invalid("cwd", value, reason))?;
         }
         let (program, args) = match self.command.split_first() {
             Some((program, args)) if !program.is_empty() => (program, args.to_vec()),
@@ -400,7 +494,14 @@ impl Config {
                 "no worker program: give `-- PROGRAM ARGS...` or `command = [\"PROGRAM\", ...]`",
             )),
         };
-        let program = resolve_program(program, cwd.as_deref())?;
+        if let Some(index) = self.command.iter().position(|arg| arg.contains('\0')) {
+            return Err(invalid(
+                "command",
+                format!("{:?}", self.command),
+                format!("argument {index} contains a NUL byte"),
+            ));
+        }
+        let program = resolve_program(program, cwd.as_deref(), &identity)?;
         let protocol = match self.protocol.as_str() {
             "herd" => WorkerProtocol::Herd,
             "node-cluster" => WorkerProtocol::NodeCluster,
@@ -440,6 +541,11 @@ impl Config {
                 ))
             }
         };
+        if !mode.hands_off() && protocol == WorkerProtocol::Herd {
+            if let Some(user) = run_as.as_ref().filter(|user| !user.is_herds_own()) {
+                shim_runnable_by(user, mode)?;
+            }
+        }
         // Node cluster apps say what they listen on, as with Node's primary.
         if self.listen.is_empty() && protocol != WorkerProtocol::NodeCluster {
             return Err(invalid(
@@ -461,12 +567,38 @@ impl Config {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        for key in self.env.keys() {
+        if listen.len() > MAX_LISTENERS {
+            return Err(invalid(
+                "listen",
+                format!("[{} addresses]", listen.len()),
+                format!("herd holds at most {MAX_LISTENERS} listeners"),
+            ));
+        }
+        for (index, addr) in listen.iter().enumerate() {
+            if let Some(earlier) = listen[..index].iter().find(|a| overlaps(**a, *addr)) {
+                return Err(invalid(
+                    "listen",
+                    format!("{:?}", addr.to_string()),
+                    format!(
+                        "overlaps {:?}: the second bind would fail as a busy port",
+                        earlier.to_string()
+                    ),
+                ));
+            }
+        }
+        for (key, value) in &self.env {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 return Err(invalid(
                     "env",
                     format!("{key:?}"),
                     "not a valid environment variable name",
+                ));
+            }
+            if value.contains('\0') {
+                return Err(invalid(
+                    &format!("env.{key}"),
+                    format!("{value:?}"),
+                    "contains a NUL byte, which no environment variable can hold",
                 ));
             }
         }
@@ -491,6 +623,13 @@ impl Config {
             )? as u32,
             window: duration("restart.window", &self.restart.window)?,
         };
+        if restart.backoff_base.is_zero() {
+            return Err(invalid(
+                "restart.backoff_base",
+                format!("{:?}", self.restart.backoff_base),
+                "must be more than 0s: a crash-looping worker would be restarted without a pause",
+            ));
+        }
         if restart.backoff_max < restart.backoff_base {
             return Err(invalid(
                 "restart.backoff_max",
@@ -500,6 +639,57 @@ impl Config {
                     self.restart.backoff_base
                 ),
             ));
+        }
+        let ready_timeout = duration("ready_timeout", &self.ready_timeout)?;
+        if ready_timeout.is_zero() {
+            return Err(invalid(
+                "ready_timeout",
+                format!("{:?}", self.ready_timeout),
+                "must be more than 0s: every worker would be killed as it starts",
+            ));
+        }
+        let ready_delay = match &self.ready_delay {
+            Some(text) => Some(duration("ready_delay", text)?),
+            None => None,
+        };
+        if let (Some(delay), Some(text)) = (ready_delay, &self.ready_delay) {
+            if delay >= ready_timeout {
+                return Err(invalid(
+                    "ready_delay",
+                    format!("{text:?}"),
+                    format!(
+                        "must be shorter than `ready_timeout` ({}): a worker that never says READY would be killed before it counts as ready",
+                        self.ready_timeout
+                    ),
+                ));
+            }
+        }
+        let monitor_interval = duration("monitor_interval", &self.monitor_interval)?;
+        if monitor_interval < MIN_MONITOR_INTERVAL {
+            return Err(invalid(
+                "monitor_interval",
+                format!("{:?}", self.monitor_interval),
+                format!(
+                    "must be at least {MIN_MONITOR_INTERVAL:?}: each tick reads /proc for every worker on herd's main thread"
+                ),
+            ));
+        }
+        let control = control_path(&self.control)?;
+        let metrics = match &self.metrics.address {
+            Some(text) => Some(parse_metrics_address(text)?),
+            None => None,
+        };
+        if let Some(addr) = metrics {
+            if let Some(taken) = listen.iter().find(|a| overlaps(**a, addr)) {
+                return Err(invalid(
+                    "metrics.address",
+                    format!("{:?}", addr.to_string()),
+                    format!(
+                        "overlaps `listen` {:?}: herd would fail to bind it",
+                        taken.to_string()
+                    ),
+                ));
+            }
         }
         Ok(Settings {
             listen,
@@ -512,11 +702,8 @@ impl Config {
             env: self.env.clone(),
             cwd,
             shutdown_timeout: duration("shutdown_timeout", &self.shutdown_timeout)?,
-            ready_timeout: duration("ready_timeout", &self.ready_timeout)?,
-            ready_delay: match &self.ready_delay {
-                Some(text) => Some(duration("ready_delay", text)?),
-                None => None,
-            },
+            ready_timeout,
+            ready_delay,
             hang_timeout: Some(duration("hang_timeout", &self.hang_timeout)?)
                 .filter(|timeout| !timeout.is_zero()),
             kill_mode: match self.kill_mode.as_str() {
@@ -550,17 +737,45 @@ impl Config {
                 0,
                 i64::MAX,
             )? as u64,
-            run_as: resolve_user(self.user.as_deref(), self.group.as_deref())?,
-            control: PathBuf::from(&self.control),
-            monitor_interval: duration("monitor_interval", &self.monitor_interval)?,
-            metrics: match &self.metrics.address {
-                Some(text) => Some(parse_metrics_address(text)?),
-                None => None,
-            },
+            run_as,
+            control,
+            monitor_interval,
+            metrics,
             handoff,
             restart,
         })
     }
+}
+
+/// Two listening sockets on these addresses cannot both be bound: the same
+/// port (not 0, which picks a free one each time) on the same address, or
+/// on a wildcard and any address of its family. IPv6 listeners are
+/// IPv6-only, so the families never collide.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// The control socket's path, which must fit a `sockaddr_un`.
+fn control_path(text: &str) -> Result<PathBuf, ConfigError> {
+    let refuse = |reason: String| invalid("control", format!("{text:?}"), reason);
+    if text.is_empty() {
+        return Err(refuse("empty: give a path such as \"herd.sock\"".into()));
+    }
+    if text.contains('\0') {
+        return Err(refuse("contains a NUL byte".into()));
+    }
+    // Bound as written (relative to herd's directory), so its own length counts.
+    if text.len() > MAX_CONTROL_PATH_LEN {
+        return Err(refuse(format!(
+            "{} bytes long; a Unix socket path holds at most {MAX_CONTROL_PATH_LEN} (sun_path is {} bytes with the closing NUL): use a shorter or relative path",
+            text.len(),
+            MAX_CONTROL_PATH_LEN + 1
+        )));
+    }
+    Ok(PathBuf::from(text))
 }
 
 /// The number of cores herd may use (honours CPU affinity and cgroup limits).
@@ -640,11 +855,52 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| "out of range".to_string())
 }
 
+/// Who workers run as (`user`, `group`): resolved when the config is
+/// loaded, so starting a worker needs no lookup between `fork` and `exec`
+/// (the group database is read through NSS, which is not async-signal-safe).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// The passwd name, as `USER` and `LOGNAME`.
+    pub name: String,
+    pub uid: u32,
+    /// `group`, or the user's primary group.
+    pub gid: u32,
+    /// The supplementary groups, as `initgroups(3)` (and so `su -` and
+    /// systemd's `User=`) sets them: `gid` and every group the group
+    /// database lists the user in. Without them a worker would lose the
+    /// access its user has through a group (e.g. `ssl-cert` for keys).
+    pub groups: Vec<u32>,
+    /// The passwd home directory, as `HOME`.
+    pub home: PathBuf,
+}
+
+impl RunAs {
+    /// herd already runs with exactly these ids: there is nothing to switch
+    /// (and an unprivileged herd could not call setgroups).
+    pub fn is_herds_own(&self) -> bool {
+        let own = herds_identity();
+        own.uid == self.uid && own.gid == self.gid && own.groups == sorted(&self.groups)
+    }
+
+    fn identity(&self) -> Identity {
+        Identity {
+            uid: self.uid,
+            gid: self.gid,
+            groups: sorted(&self.groups),
+            who: format!(" by user {:?} (uid {})", self.name, self.uid),
+        }
+    }
+}
+
+fn sorted(groups: &[u32]) -> Vec<u32> {
+    let mut groups = groups.to_vec();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
+}
+
 /// Looks up `user` and `group` (names or numeric ids) for the privilege drop.
-fn resolve_user(
-    user: Option<&str>,
-    group: Option<&str>,
-) -> Result<Option<(u32, u32)>, ConfigError> {
+fn resolve_user(user: Option<&str>, group: Option<&str>) -> Result<Option<RunAs>, ConfigError> {
     use nix::unistd::{Gid, Group, Uid, User};
     let Some(user_name) = user else {
         return match group {
@@ -687,7 +943,234 @@ fn resolve_user(
                 .gid
         }
     };
-    Ok(Some((user.uid.as_raw(), gid.as_raw())))
+    let groups = std::ffi::CString::new(user.name.as_str())
+        .ok()
+        .and_then(|name| nix::unistd::getgrouplist(&name, gid).ok())
+        .ok_or_else(|| {
+            invalid(
+                "user",
+                format!("{user_name:?}"),
+                "cannot read its groups from the group database",
+            )
+        })?;
+    let run_as = RunAs {
+        name: user.name,
+        uid: user.uid.as_raw(),
+        gid: gid.as_raw(),
+        groups: groups.into_iter().map(Gid::as_raw).collect(),
+        home: user.dir,
+    };
+    if !run_as.is_herds_own() && !can_switch_user() {
+        return Err(invalid(
+            "user",
+            format!("{user_name:?}"),
+            format!(
+                "herd runs as uid {} without CAP_SETUID and CAP_SETGID, so it cannot start workers as another user or group: run herd as root, or leave `user` out",
+                nix::unistd::geteuid()
+            ),
+        ));
+    }
+    Ok(Some(run_as))
+}
+
+/// herd has CAP_SETUID and CAP_SETGID (root normally has every capability).
+fn can_switch_user() -> bool {
+    const CAP_SETGID: u32 = 6;
+    const CAP_SETUID: u32 = 7;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return nix::unistd::geteuid().is_root();
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SETGID) != 0 && caps & (1 << CAP_SETUID) != 0)
+}
+
+/// The ids a path's permission bits are checked against: the worker's.
+#[derive(Debug)]
+struct Identity {
+    uid: u32,
+    gid: u32,
+    /// Sorted.
+    groups: Vec<u32>,
+    /// How a refusal names it: ` by user "nobody" (uid 65534)`, or nothing
+    /// for herd itself as root.
+    who: String,
+}
+
+/// Workers run as herd does when no `user` is set.
+fn herds_identity() -> Identity {
+    let uid = nix::unistd::geteuid().as_raw();
+    let groups = nix::unistd::getgroups()
+        .map(|groups| groups.into_iter().map(|g| g.as_raw()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    Identity {
+        uid,
+        gid: nix::unistd::getegid().as_raw(),
+        groups: sorted(&groups),
+        who: if uid == 0 {
+            String::new()
+        } else {
+            format!(" by herd's user (uid {uid})")
+        },
+    }
+}
+
+/// What a process needs on a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Search,
+    Read,
+    Execute,
+}
+
+impl Identity {
+    /// The permission bits `meta` grants this identity for `access`, as the
+    /// kernel decides (owner class, else group class, else others; root
+    /// needs an execute bit on files only). ACLs and LSMs are not looked at.
+    fn may(&self, meta: &std::fs::Metadata, access: Access) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let bit = match access {
+            Access::Read => 0o4,
+            Access::Search | Access::Execute => 0o1,
+        };
+        let mode = meta.mode();
+        if self.uid == 0 {
+            return access != Access::Execute || mode & 0o111 != 0;
+        }
+        let class = if meta.uid() == self.uid {
+            mode >> 6
+        } else if meta.gid() == self.gid || self.groups.binary_search(&meta.gid()).is_ok() {
+            mode >> 3
+        } else {
+            mode
+        };
+        class & bit != 0
+    }
+
+    /// Every directory on the way to `path` (as written, and with symlinks
+    /// resolved) can be searched.
+    fn can_reach(&self, path: &Path) -> Result<(), String> {
+        let absolute = std::env::current_dir()
+            .map(|dir| dir.join(path))
+            .unwrap_or_else(|_| path.to_owned());
+        let resolved = std::fs::canonicalize(&absolute).ok();
+        for way in std::iter::once(&absolute).chain(resolved.as_ref()) {
+            for dir in way.ancestors().skip(1) {
+                let Ok(meta) = std::fs::metadata(dir) else {
+                    continue;
+                };
+                if !self.may(&meta, Access::Search) {
+                    return Err(format!(
+                        "{} is not searchable{} ({})",
+                        dir.display(),
+                        self.who,
+                        describe(&meta)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `dir` can be made the working directory: reached and searched.
+    fn can_enter(&self, dir: &Path) -> Result<(), String> {
+        self.can_reach(dir)?;
+        let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !self.may(&meta, Access::Search) {
+            return Err(format!(
+                "{} is not searchable{} ({})",
+                dir.display(),
+                self.who,
+                describe(&meta)
+            ));
+        }
+        Ok(())
+    }
+
+    /// The kernel would `execve` `path` for this identity: directories
+    /// searchable, the file executable, and a script also readable (its
+    /// interpreter opens it) with an interpreter that can be run in turn.
+    fn can_execute(&self, path: &Path, depth: u32) -> Result<(), String> {
+        self.can_reach(path)?;
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !meta.is_file() {
+            return Err(format!("{} is not a file", path.display()));
+        }
+        if !self.may(&meta, Access::Execute) {
+            return Err(format!(
+                "{} is not executable{} ({})",
+                path.display(),
+                self.who,
+                describe(&meta)
+            ));
+        }
+        let Some(interpreter) = interpreter_of(path) else {
+            return Ok(());
+        };
+        if !self.may(&meta, Access::Read) {
+            return Err(format!(
+                "{} is a script and not readable{} ({})",
+                path.display(),
+                self.who,
+                describe(&meta)
+            ));
+        }
+        // The kernel follows at most a few interpreters (binfmt_script).
+        if depth < 4 {
+            self.can_execute(&interpreter, depth + 1)
+                .map_err(|e| format!("its interpreter: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// In the OS-scheduled modes a worker starts as herd's own binary (the shim
+/// that sets `LISTEN_PID`), reached through `/proc/self/exe`: only the
+/// file's own permission bits count on that path.
+fn shim_runnable_by(user: &RunAs, mode: Mode) -> Result<(), ConfigError> {
+    let refuse = |reason: String| invalid("user", format!("{:?}", user.name), reason);
+    let herd = std::env::current_exe()
+        .map_err(|e| refuse(format!("cannot find herd's own binary: {e}")))?;
+    let meta = std::fs::metadata(&herd).map_err(|e| refuse(format!("{}: {e}", herd.display())))?;
+    let identity = user.identity();
+    if identity.may(&meta, Access::Execute) {
+        return Ok(());
+    }
+    Err(refuse(format!(
+        "in mode {} workers start through herd's own binary {}, which is not executable{} ({})",
+        mode.name(),
+        herd.display(),
+        identity.who,
+        describe(&meta)
+    )))
+}
+
+/// `mode 0700, owner uid 0 gid 0`.
+fn describe(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "mode {:04o}, owner uid {} gid {}",
+        meta.mode() & 0o7777,
+        meta.uid(),
+        meta.gid()
+    )
+}
+
+/// The interpreter a `#!` line names, if `path` starts with one.
+fn interpreter_of(path: &Path) -> Option<PathBuf> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.read(&mut head).ok()?;
+    let line = head[..len].strip_prefix(b"#!")?;
+    let line = line.split(|&b| b == b'\n').next()?;
+    let interpreter = String::from_utf8_lossy(line)
+        .split_whitespace()
+        .next()?
+        .to_string();
+    Some(PathBuf::from(interpreter))
 }
 
 fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
@@ -725,6 +1208,15 @@ pub enum WorkerProtocol {
     NodeCluster,
 }
 
+impl WorkerProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerProtocol::Herd => "herd",
+            WorkerProtocol::NodeCluster => "node-cluster",
+        }
+    }
+}
+
 /// `node` or `nodejs`, however it was found.
 fn is_node(program: &Path) -> bool {
     program
@@ -732,8 +1224,13 @@ fn is_node(program: &Path) -> bool {
         .is_some_and(|name| name == "node" || name == "nodejs")
 }
 
-/// Finds the worker program the way a shell would and checks it can be run.
-fn resolve_program(program: &str, cwd: Option<&Path>) -> Result<PathBuf, ConfigError> {
+/// Finds the worker program the way a shell would and checks that the
+/// workers' identity can run it.
+fn resolve_program(
+    program: &str,
+    cwd: Option<&Path>,
+    identity: &Identity,
+) -> Result<PathBuf, ConfigError> {
     let not_runnable = |reason: String| invalid("command", format!("{program:?}"), reason);
     let candidate = if program.contains('/') {
         let path = PathBuf::from(program);
@@ -745,31 +1242,20 @@ fn resolve_program(program: &str, cwd: Option<&Path>) -> Result<PathBuf, ConfigE
         let path_var = std::env::var_os("PATH").unwrap_or_default();
         std::env::split_paths(&path_var)
             .map(|dir| dir.join(program))
-            .find(|path| is_executable_file(path))
-            .ok_or_else(|| not_runnable("not found in PATH".into()))?
+            .find(|path| identity.can_execute(path, 0).is_ok())
+            .ok_or_else(|| not_runnable(format!("not found in PATH{}", identity.who)))?
     };
-    match std::fs::metadata(&candidate) {
-        Err(e) => Err(not_runnable(format!("{}: {e}", candidate.display()))),
-        Ok(meta) if !meta.is_file() => Err(not_runnable(format!(
-            "{} is not a file",
-            candidate.display()
-        ))),
-        Ok(_) if !is_executable_file(&candidate) => Err(not_runnable(format!(
-            "{} is not executable",
-            candidate.display()
-        ))),
-        Ok(_) => Ok(candidate),
+    if let Err(e) = std::fs::metadata(&candidate) {
+        return Err(not_runnable(format!("{}: {e}", candidate.display())));
     }
-}
-
-fn is_executable_file(path: &Path) -> bool {
-    std::fs::metadata(path)
-        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    identity.can_execute(&candidate, 0).map_err(not_runnable)?;
+    Ok(candidate)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn minimal() -> Config {
         Config::parse("listen = [\"127.0.0.1:0\"]\ncommand = [\"true\"]\n").unwrap()
@@ -855,7 +1341,7 @@ mod tests {
     }
 
     fn which_node() -> Option<PathBuf> {
-        resolve_program("node", None).ok()
+        resolve_program("node", None, &herds_identity()).ok()
     }
 
     #[test]
@@ -917,7 +1403,12 @@ mod tests {
         config.command = vec![plain.display().to_string()];
         let error = error_of(&config);
         std::fs::remove_file(&plain).unwrap();
-        assert!(error.ends_with("is not executable"), "{error}");
+        assert!(
+            error.ends_with("is not executable (mode 0644, owner uid 0 gid 0)")
+                || !nix::unistd::geteuid().is_root(),
+            "{error}"
+        );
+        assert!(error.contains("is not executable"), "{error}");
         config.command = vec![std::env::temp_dir().display().to_string()];
         assert!(error_of(&config).ends_with("is not a file"));
         config.command = vec![];
@@ -972,7 +1463,9 @@ mod tests {
     fn users_and_groups_resolve_or_are_refused() {
         let mut config = minimal();
         config.user = Some("root".into());
-        assert_eq!(config.validate().unwrap().run_as, Some((0, 0)));
+        let root = config.validate().unwrap().run_as.unwrap();
+        assert_eq!((root.uid, root.gid, root.name.as_str()), (0, 0, "root"));
+        assert!(root.groups.contains(&0), "{root:?}");
         config.user = Some("no-such-user-herd".into());
         assert_eq!(
             error_of(&config),
@@ -1018,5 +1511,250 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn values_run_would_crash_or_spin_on_are_refused() {
+        let refused = |edit: &dyn Fn(&mut Config)| {
+            let mut config = minimal();
+            edit(&mut config);
+            error_of(&config)
+        };
+        assert!(refused(&|c| c.monitor_interval = "0s".into())
+            .starts_with("invalid `monitor_interval` = \"0s\": must be at least 10ms"));
+        assert!(refused(&|c| c.monitor_interval = "0.0000000001s".into())
+            .starts_with("invalid `monitor_interval`"));
+        assert!(minimal_with(|c| c.monitor_interval = "10ms".into()).is_ok());
+        assert!(refused(&|c| c.ready_timeout = "0s".into())
+            .starts_with("invalid `ready_timeout` = \"0s\": must be more than 0s"));
+        assert!(refused(&|c| {
+            c.ready_timeout = "2s".into();
+            c.ready_delay = Some("2s".into());
+        })
+        .starts_with("invalid `ready_delay` = \"2s\": must be shorter than `ready_timeout` (2s)"));
+        assert!(minimal_with(|c| c.ready_delay = Some("200ms".into())).is_ok());
+        assert!(refused(&|c| c.restart.backoff_base = "0ms".into())
+            .starts_with("invalid `restart.backoff_base` = \"0ms\": must be more than 0s"));
+        assert!(refused(&|c| {
+            c.env.insert("A".into(), "x\0y".into());
+        })
+        .starts_with("invalid `env.A` = \"x\\0y\": contains a NUL byte"));
+        assert!(
+            refused(&|c| c.command.push("a\0b".into())).ends_with("argument 1 contains a NUL byte")
+        );
+    }
+
+    fn minimal_with(edit: impl Fn(&mut Config)) -> Result<Settings, ConfigError> {
+        let mut config = minimal();
+        edit(&mut config);
+        config.validate()
+    }
+
+    #[test]
+    fn the_control_path_must_fit_sun_path() {
+        let fits = "s".repeat(MAX_CONTROL_PATH_LEN);
+        assert!(minimal_with(|c| c.control = fits.clone()).is_ok());
+        let long = "s".repeat(MAX_CONTROL_PATH_LEN + 1);
+        let error = minimal_with(|c| c.control = long.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with(&format!(
+                "invalid `control` = {long:?}: 108 bytes long; a Unix socket path holds at most 107"
+            )),
+            "{error}"
+        );
+        let error = minimal_with(|c| c.control = String::new()).unwrap_err();
+        assert!(error
+            .to_string()
+            .starts_with("invalid `control` = \"\": empty"));
+    }
+
+    #[test]
+    fn listeners_that_cannot_all_be_bound_are_refused() {
+        let listen = |addrs: &[&str]| {
+            minimal_with(|c| c.listen = addrs.iter().map(|a| a.to_string()).collect())
+        };
+        assert!(
+            listen(&["127.0.0.1:0", "127.0.0.1:0"]).is_ok(),
+            "port 0 picks two ports"
+        );
+        assert!(listen(&["127.0.0.1:3000", "127.0.0.2:3000"]).is_ok());
+        assert!(
+            listen(&["0.0.0.0:3000", "[::]:3000"]).is_ok(),
+            "IPv6 listeners are IPv6-only"
+        );
+        for pair in [
+            ["127.0.0.1:3000", "127.0.0.1:3000"],
+            ["127.0.0.1:3000", "0.0.0.0:3000"],
+            ["[::]:3000", "[::1]:3000"],
+        ] {
+            let error = listen(&pair).unwrap_err().to_string();
+            assert_eq!(
+                error,
+                format!(
+                    "invalid `listen` = {:?}: overlaps {:?}: the second bind would fail as a busy port",
+                    pair[1], pair[0]
+                )
+            );
+        }
+        let many = vec!["127.0.0.1:0"; MAX_LISTENERS + 1];
+        assert!(listen(&many)
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid `listen` = [257 addresses]"));
+        let error = minimal_with(|c| {
+            c.listen = vec!["0.0.0.0:9464".into()];
+            c.metrics.address = Some("9464".into());
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.starts_with("invalid `metrics.address` = \"127.0.0.1:9464\": overlaps `listen` \"0.0.0.0:9464\""),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn permission_bits_are_read_as_the_kernel_does() {
+        let nobody = Identity {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534],
+            who: " by user \"nobody\" (uid 65534)".into(),
+        };
+        let root = Identity {
+            uid: 0,
+            gid: 0,
+            groups: vec![0],
+            who: String::new(),
+        };
+        let dir = std::env::temp_dir().join(format!("herd-perm-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("f");
+        std::fs::write(&file, "#!/bin/sh\n").unwrap();
+        let mode = |m: u32| {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(m)).unwrap();
+            std::fs::metadata(&file).unwrap()
+        };
+        if nix::unistd::geteuid().is_root() {
+            // Owned by root: nobody is in the "others" class.
+            assert!(!nobody.may(&mode(0o750), Access::Execute));
+            assert!(nobody.may(&mode(0o701), Access::Execute));
+            assert!(!nobody.may(&mode(0o701), Access::Read));
+            assert!(nobody.may(&mode(0o705), Access::Read));
+            // Root needs one execute bit on a file, none to search or read.
+            assert!(root.may(&mode(0o100), Access::Execute));
+            assert!(!root.may(&mode(0o600), Access::Execute));
+            assert!(root.may(&mode(0o000), Access::Read));
+            // A script needs reading too, and a runnable interpreter.
+            mode(0o711);
+            assert!(nobody
+                .can_execute(&file, 0)
+                .unwrap_err()
+                .contains("is a script and not readable by user \"nobody\""));
+            mode(0o755);
+            assert!(nobody.can_execute(&file, 0).is_ok());
+            std::fs::write(&file, "#!/nonexistent/interpreter\n").unwrap();
+            assert!(nobody
+                .can_execute(&file, 0)
+                .unwrap_err()
+                .starts_with("its interpreter: /nonexistent/interpreter"));
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+            let error = nobody.can_reach(&file).unwrap_err();
+            assert!(
+                error.starts_with(&format!("{} is not searchable by user", dir.display())),
+                "{error}"
+            );
+        }
+        // The owner class wins even when "others" would allow more.
+        let owner = Identity {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: u32::MAX - 1,
+            groups: vec![],
+            who: " by its owner".into(),
+        };
+        if owner.uid != 0 {
+            assert!(!owner.may(&mode(0o605), Access::Read));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_reload_names_every_key_only_a_restart_can_change() {
+        let running = minimal().validate().unwrap();
+        let same = minimal().validate().unwrap();
+        assert!(running.restart_needed(&same).is_empty());
+        // What a reload applies itself.
+        let applied = minimal_with(|c| {
+            c.workers = WorkerCount::Count(3);
+            c.env.insert("A".into(), "b".into());
+            c.command = vec!["sh".into()];
+            c.hang_timeout = "1s".into();
+            c.ready_timeout = "5s".into();
+            c.shutdown_timeout = "1s".into();
+            c.handoff.max_unacked = 3;
+            c.handoff.queue_limit = 0;
+            c.restart.backoff_base = "1s".into();
+            c.reload_batch = 2;
+            c.user = Some("root".into());
+        })
+        .unwrap();
+        assert_eq!(running.restart_needed(&applied), Vec::<String>::new());
+        for (edit, named) in [
+            (
+                Box::new(|c: &mut Config| c.listen = vec!["127.0.0.2:0".into()])
+                    as Box<dyn Fn(&mut Config)>,
+                "`listen` ([127.0.0.1:0] -> [127.0.0.2:0])",
+            ),
+            (Box::new(|c| c.backlog = 64), "`backlog` (511 -> 64)"),
+            (
+                Box::new(|c| c.mode = "sticky".into()),
+                "`mode` (round-robin -> sticky)",
+            ),
+            (
+                Box::new(|c| c.kill_mode = "process-group".into()),
+                "`kill_mode` (auto -> process-group)",
+            ),
+            (
+                Box::new(|c| c.protocol = "node-cluster".into()),
+                "`protocol` (herd -> node-cluster)",
+            ),
+            (
+                Box::new(|c| c.control = "other.sock".into()),
+                "`control` (herd.sock -> other.sock)",
+            ),
+            (
+                Box::new(|c| c.metrics.address = Some("9000".into())),
+                "`metrics.address` (none -> 127.0.0.1:9000)",
+            ),
+            (
+                Box::new(|c| c.monitor_interval = "2s".into()),
+                "`monitor_interval` (1s -> 2s)",
+            ),
+        ] {
+            let new = minimal_with(edit).unwrap();
+            assert_eq!(running.restart_needed(&new), [named]);
+        }
+        // Node workers: rotation on its own, and not again when mode changes it.
+        let node = minimal_with(|c| c.protocol = "node-cluster".into()).unwrap();
+        let handoff = minimal_with(|c| {
+            c.protocol = "node-cluster".into();
+            c.rotation = "handoff".into();
+        })
+        .unwrap();
+        assert_eq!(
+            node.restart_needed(&handoff),
+            ["`rotation` (kernel -> handoff)"]
+        );
+        let sticky = minimal_with(|c| {
+            c.protocol = "node-cluster".into();
+            c.mode = "sticky".into();
+        })
+        .unwrap();
+        assert_eq!(
+            node.restart_needed(&sticky),
+            ["`mode` (round-robin -> sticky)"]
+        );
     }
 }

@@ -89,6 +89,8 @@ pub enum Command {
     Forget { worker: WorkerId },
     /// Only slots below `count` remain (their workers were drained first).
     SetSlots { count: usize },
+    /// A reload's `[handoff]` limits, from now on (`kernel_rotation` excepted).
+    SetLimits(HandoffSettings),
     /// Close the listeners and hand off what is queued where possible. The
     /// loop keeps collecting ACKs until [`Command::Exit`].
     StopAccepting,
@@ -719,6 +721,7 @@ impl HandoffLoop {
                     }
                 }
                 Command::SetSlots { count } => self.active.truncate(count.min(MAX_WORKERS)),
+                Command::SetLimits(limits) => self.set_limits(limits),
                 Command::StopAccepting => {
                     self.stopped_accepting = true;
                     // Last count of what the kernel dealt, for the closing tally.
@@ -730,6 +733,17 @@ impl HandoffLoop {
                 Command::Exit => self.shutting_down = true,
             }
         }
+    }
+
+    /// New `[handoff]` limits (a reload); they apply to what is dispatched
+    /// and expired from now on. `kernel_rotation` stays: it was fixed when
+    /// the listeners were bound, and may have been turned off since because
+    /// the kernel refused the program.
+    fn set_limits(&mut self, limits: HandoffSettings) {
+        self.limits = HandoffSettings {
+            kernel_rotation: self.limits.kernel_rotation,
+            ..limits
+        };
     }
 
     fn find(&self, worker: WorkerId) -> Option<usize> {

@@ -78,8 +78,16 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
             .envs(activation::listen_env(listen_fds.len()));
         shim
     };
+    command.args(&settings.args);
+    if let Some(user) = &settings.run_as {
+        // What a login as the user sets (`su -`, systemd's `User=`), so the
+        // program finds its own files, not root's; `env` may override them.
+        command
+            .env("HOME", &user.home)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name);
+    }
     command
-        .args(&settings.args)
         .envs(&settings.env)
         .env(crate::worker::CHANNEL_FD_ENV, &channel_fd)
         .env(crate::worker::WORKER_ID_ENV, slot.to_string())
@@ -103,8 +111,9 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
     if let Some(dir) = &settings.cwd {
         command.current_dir(dir);
     }
-    if let Some((uid, gid)) = settings.run_as {
-        command.uid(uid).gid(gid);
+    if let Some(user) = settings.run_as.as_ref().filter(|user| !user.is_herds_own()) {
+        // Before `prepare_child`: switching ids clears the death signal.
+        fdpass::run_as_user(&mut command, user.uid, user.gid, user.groups.clone());
     }
     let mut inherited = listen_fds;
     inherited.push(child_end.as_raw_fd());

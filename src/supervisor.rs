@@ -199,16 +199,21 @@ impl Supervisor {
     /// Starts a rolling reload to `settings`; the reply comes when it is
     /// done or has failed.
     pub fn reload(&mut self, settings: Settings, reply: oneshot::Sender<Result<String, String>>) {
-        let running = self.settings();
-        if settings.listen != running.listen
-            || settings.mode != running.mode
-            || settings.backlog != running.backlog
-            || settings.kill_mode != running.kill_mode
-        {
-            let _ = reply.send(Err(
-                "reload cannot change `listen`, `backlog`, `mode` or `kill_mode`: restart herd for that"
-                    .into(),
-            ));
+        // Refused as a whole, so nothing of the new config is half applied.
+        let changed = self.settings().restart_needed(&settings);
+        if !changed.is_empty() {
+            let (them, changes) = match changed.len() {
+                1 => ("it", changed[0].clone()),
+                n => (
+                    "them",
+                    format!("{} and {}", changed[..n - 1].join(", "), changed[n - 1]),
+                ),
+            };
+            let message = format!(
+                "reload refused, keeping the running config: {changes} cannot change by reload: restart herd to change {them}"
+            );
+            warn!("{message}");
+            let _ = reply.send(Err(message));
             return;
         }
         let version = Version(self.next_version);
@@ -415,6 +420,11 @@ impl Supervisor {
             } => {
                 if let Some(took) = took {
                     self.metrics.reload_finished(result.is_ok(), took);
+                }
+                // The reload is done and its version current: its `[handoff]`
+                // limits apply from now on (a failed one keeps the old ones).
+                if result.is_ok() {
+                    self.tell(Command::SetLimits(self.settings().handoff));
                 }
                 if let Some(reply) = self.reload_replies.remove(&ticket) {
                     let _ = reply.send(result);

@@ -285,6 +285,37 @@ pub fn prepare_child(
     }
 }
 
+/// Arranges for a child process to run as `uid`:`gid` with exactly the
+/// supplementary `groups` (as `initgroups(3)` computed them, before the
+/// fork: reading the group database is not async-signal-safe).
+///
+/// `std::process::Command::uid` cannot do this on stable Rust: it clears
+/// the supplementary groups and has no way to set them. The switch happens
+/// in this order because each step needs the privilege the next drops:
+/// setgroups, setgid, then setuid. Call this before [`prepare_child`]: a
+/// change of credentials clears `PR_SET_PDEATHSIG`, so the death signal
+/// must be set after the switch, and `pre_exec` hooks run in the order they
+/// were added.
+pub fn run_as_user(command: &mut std::process::Command, uid: u32, gid: u32, groups: Vec<u32>) {
+    use std::os::unix::process::CommandExt;
+    let groups: Vec<libc::gid_t> = groups.into_iter().map(|g| g as libc::gid_t).collect();
+    // SAFETY: the closure runs between fork and exec, so it only makes
+    // async-signal-safe system calls (setgroups, setgid, setuid) and
+    // touches no locks or allocator: `groups` was built before the fork and
+    // is only read, its pointer and length valid for the whole call.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                || libc::setgid(gid as libc::gid_t) < 0
+                || libc::setuid(uid as libc::uid_t) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Registers a worker's channel end with the tokio reactor (readable and
 /// writable), non-blocking. Must be called inside a tokio runtime.
 pub fn async_channel(channel: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
