@@ -292,26 +292,12 @@ fn main() -> ExitCode {
         },
         Commands::Run(args) => {
             init_logging(args.log_format);
-            let source = config_source(args.config);
-            let settings = match source.load() {
-                Ok(settings) => settings,
-                Err(e) => {
-                    eprintln!("herd: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let runtime = match runtime("herd") {
-                Ok(runtime) => runtime,
-                Err(code) => return code,
-            };
-            match runtime.block_on(herd::primary::run(source, settings)) {
-                Ok(herd::primary::Outcome::Clean) => ExitCode::SUCCESS,
-                Ok(herd::primary::Outcome::Forced) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("herd: {e}");
-                    ExitCode::from(e.exit_code())
-                }
-            }
+            let code = run(args.config);
+            // herd's output goes out through bounded queues (worker_output):
+            // let what is queued reach the reader, but never wait for good
+            // on one that stalled.
+            herd::worker_output::flush(herd::worker_output::EXIT_FLUSH_TIMEOUT);
+            code
         }
         Commands::Status { target, json } => send(&target, Request::Status, |response| {
             let report = response.status.as_ref().expect("status carries a report");
@@ -328,6 +314,33 @@ fn main() -> ExitCode {
         Commands::Stop(target) => send(&target, Request::Stop, |r| r.message.clone()),
         Commands::Bench(args) => bench(args),
         Commands::Compare(args) => compare(args),
+    }
+}
+
+/// `herd run`: the exit code of the run (README, "Signals and exit codes").
+/// Messages go through herd's stderr queue, as its log does, so a stderr
+/// nobody reads cannot keep herd from exiting.
+fn run(args: ConfigArgs) -> ExitCode {
+    use herd::worker_output::eprint_line;
+    let source = config_source(args);
+    let settings = match source.load() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprint_line(&format!("herd: {e}"));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match runtime("herd") {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(herd::primary::run(source, settings)) {
+        Ok(herd::primary::Outcome::Clean) => ExitCode::SUCCESS,
+        Ok(herd::primary::Outcome::Forced) => ExitCode::FAILURE,
+        Err(e) => {
+            eprint_line(&format!("herd: {e}"));
+            ExitCode::from(e.exit_code())
+        }
     }
 }
 
@@ -560,7 +573,8 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Never blocks: a stderr that cannot keep up drops lines, counted.
+        .with_writer(herd::worker_output::LogWriter)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),

@@ -31,6 +31,7 @@ use tracing::warn;
 use crate::control::SlotStatus;
 use crate::handoff::{Counters, ACCEPT_ERROR_KINDS, LATENCY_BOUNDS_NANOS};
 use crate::lifecycle::{RestartReason, SlotState};
+use crate::worker_output::{self, Stream};
 
 /// Every metric family herd exports.
 pub struct Metrics {
@@ -50,6 +51,7 @@ pub struct Metrics {
     reloads: IntCounterVec,
     reload_duration: Histogram,
     fairness_jain: prometheus::Gauge,
+    log_lines_dropped: IntCounterVec,
 }
 
 /// How evenly connections were spread over the slots.
@@ -175,6 +177,11 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            log_lines_dropped: counter_vec(
+                "herd_log_lines_dropped_total",
+                "Lines of output (workers' and herd's own log) dropped because herd's stdout or stderr could not take them fast enough, per stream.",
+                &["stream"],
+            ),
             registry: registry.clone(),
         };
         let build_info = gauge_vec("herd_build_info", "herd's version; always 1.", &["version"]);
@@ -192,6 +199,11 @@ impl Metrics {
         }
         for reason in ["queue-full", "no-worker"] {
             metrics.dropped.with_label_values(&[reason]);
+        }
+        for stream in Stream::ALL {
+            metrics
+                .log_lines_dropped
+                .with_label_values(&[stream.name()]);
         }
         metrics
     }
@@ -299,6 +311,12 @@ impl Metrics {
             if *seconds > counter.get() {
                 counter.inc_by(seconds - counter.get());
             }
+        }
+        for stream in Stream::ALL {
+            sync(
+                &self.log_lines_dropped.with_label_values(&[stream.name()]),
+                worker_output::lines_dropped(stream),
+            );
         }
         if let Some(fair) = fairness(&handed) {
             self.fairness_jain.set(fair.jain_index);
