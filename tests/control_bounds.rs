@@ -375,3 +375,44 @@ fn hammering_metrics_under_an_fd_limit_does_not_starve_service_requests() {
     stop.store(true, Ordering::SeqCst);
     hammering.join().unwrap();
 }
+
+/// A reload that waits for a worker: herd tells the client every 2 s that
+/// it is at it, then answers; so the client's timeout bounds herd's
+/// silence, not the reload.
+#[test]
+fn a_long_reload_sends_heartbeats_until_its_answer() {
+    use std::io::{BufRead, BufReader};
+    let dir = scratch_dir("control-heartbeat");
+    let hello = hello_worker();
+    let config = write_config(&dir, &format!("workers = 1\ncommand = [{hello:?}]\n"));
+    let config = config.display().to_string();
+    let herd = Herd::start_in(&dir, &["-c", &config, "--listen", "127.0.0.1:0"]);
+    herd.wait_all_ready(1);
+    // The new worker starts only once the file `go` exists.
+    let gated = r#"while [ ! -e go ]; do sleep 0.02; done; exec \"$0\""#;
+    let reloaded = format!(
+        "workers = 1\nready_timeout = \"20s\"\ncommand = [\"sh\", \"-c\", \"{gated}\", {hello:?}]\n"
+    );
+    std::fs::write(&config, reloaded).unwrap();
+
+    let mut client = UnixStream::connect(dir.join("herd.sock")).unwrap();
+    client.write_all(b"{\"command\":\"reload\"}\n").unwrap();
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut lines = BufReader::new(client);
+    for _ in 0..2 {
+        let mut line = String::new();
+        lines.read_line(&mut line).expect("a heartbeat");
+        assert_eq!(line, "{\"waiting\":\"reload\"}\n");
+    }
+    std::fs::write(dir.join("go"), "").unwrap();
+    // Bounded: heartbeats until the new worker is ready, then the answer.
+    let answer = (0..20)
+        .find_map(|_| {
+            let mut line = String::new();
+            lines.read_line(&mut line).expect("a line");
+            line.contains("\"ok\"").then_some(line)
+        })
+        .expect("an answer within 20 lines");
+    assert!(answer.contains("\"ok\":true"), "{answer}");
+    herd.stop();
+}
