@@ -60,6 +60,8 @@ pub const MAX_CLIENTS: usize = 64;
 /// pauses this long, doubling up to [`ACCEPT_BACKOFF_MAX`], instead of
 /// retrying at once and spinning a core; a success resets it.
 pub const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+/// The longest pause between two tries of a failing `accept`: how late a
+/// control client may be served once fds are free again.
 pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The client's default bound on each wait: for herd to accept the
