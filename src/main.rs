@@ -1,6 +1,6 @@
 //! The `herd` command: parses arguments, sets up logging, and calls the library.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -164,6 +164,49 @@ struct ControlArgs {
     /// Control socket path (overrides the config's `control`).
     #[arg(long, value_name = "PATH")]
     control: Option<String>,
+    /// Give up after waiting this long for herd: to accept the connection,
+    /// to read the request, or between the lines of its answer (herd sends
+    /// a heartbeat every 2s while a reload or stop goes on), e.g. 500ms.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = positive_duration_arg)]
+    timeout: std::time::Duration,
+}
+
+fn positive_duration_arg(text: &str) -> Result<std::time::Duration, String> {
+    match duration_arg(text)? {
+        std::time::Duration::ZERO => Err("must be more than 0".into()),
+        duration => Ok(duration),
+    }
+}
+
+/// `print!` that neither panics nor fails when stdout's reader went away
+/// (`herd status | head -1`): the rest of the output is dropped quietly and
+/// the command exits as it would have. Any other write error ends the
+/// command with exit 1 and a message.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        if let Err(code) = write_stdout(format_args!($($arg)*)) {
+            return code;
+        }
+    };
+}
+
+/// [`out!`] with a newline, like `println!`.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        out!("{}\n", format_args!($($arg)*))
+    };
+}
+
+fn write_stdout(text: std::fmt::Arguments<'_>) -> Result<(), ExitCode> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => {
+            eprintln!("herd: cannot write to stdout: {e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
 }
 
 #[derive(Args)]
@@ -258,7 +301,7 @@ fn main() -> ExitCode {
                     );
                     return ExitCode::from(1);
                 }
-                println!(
+                outln!(
                     "config OK: {} worker(s) of {} on {listen}, mode {}{}",
                     settings.workers,
                     settings.program.display(),
@@ -279,7 +322,7 @@ fn main() -> ExitCode {
                     ),
                     None => "never found hung (hang_timeout = \"0s\")".to_string(),
                 };
-                println!(
+                outln!(
                     "supervision: a worker is killed with its {processes} (kill_mode {}); {hung}",
                     settings.kill_mode.name()
                 );
@@ -301,26 +344,12 @@ fn main() -> ExitCode {
         },
         Commands::Run(args) => {
             init_logging(args.log_format);
-            let source = config_source(args.config);
-            let settings = match source.load() {
-                Ok(settings) => settings,
-                Err(e) => {
-                    eprintln!("herd: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let runtime = match runtime("herd") {
-                Ok(runtime) => runtime,
-                Err(code) => return code,
-            };
-            match runtime.block_on(herd::primary::run(source, settings)) {
-                Ok(herd::primary::Outcome::Clean) => ExitCode::SUCCESS,
-                Ok(herd::primary::Outcome::Forced) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("herd: {e}");
-                    ExitCode::from(e.exit_code())
-                }
-            }
+            let code = run(args.config);
+            // herd's output goes out through bounded queues (worker_output):
+            // let what is queued reach the reader, but never wait for good
+            // on one that stalled.
+            herd::worker_output::flush(herd::worker_output::EXIT_FLUSH_TIMEOUT);
+            code
         }
         Commands::Status { target, json } => send(&target, Request::Status, |response| {
             let report = response.status.as_ref().expect("status carries a report");
@@ -337,6 +366,33 @@ fn main() -> ExitCode {
         Commands::Stop(target) => send(&target, Request::Stop, |r| r.message.clone()),
         Commands::Bench(args) => bench(args),
         Commands::Compare(args) => compare(args),
+    }
+}
+
+/// `herd run`: the exit code of the run (README, "Signals and exit codes").
+/// Messages go through herd's stderr queue, as its log does, so a stderr
+/// nobody reads cannot keep herd from exiting.
+fn run(args: ConfigArgs) -> ExitCode {
+    use herd::worker_output::eprint_line;
+    let source = config_source(args);
+    let settings = match source.load() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprint_line(&format!("herd: {e}"));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match runtime("herd") {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(herd::primary::run(source, settings)) {
+        Ok(herd::primary::Outcome::Clean) => ExitCode::SUCCESS,
+        Ok(herd::primary::Outcome::Forced) => ExitCode::FAILURE,
+        Err(e) => {
+            eprint_line(&format!("herd: {e}"));
+            ExitCode::from(e.exit_code())
+        }
     }
 }
 
@@ -378,14 +434,14 @@ fn bench(args: BenchArgs) -> ExitCode {
     };
     match runtime.block_on(bench::run(options)) {
         Ok(report) if args.json => {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&report).expect("report serializes")
             );
             ExitCode::SUCCESS
         }
         Ok(report) => {
-            print!("{report}");
+            out!("{report}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -460,13 +516,13 @@ fn compare(args: CompareArgs) -> ExitCode {
         }
     };
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("report serializes")
         );
     } else {
-        println!("herd compare: {}", report.summary());
-        print!("{}", compare::render_table(&report));
+        outln!("herd compare: {}", report.summary());
+        out!("{}", compare::render_table(&report));
     }
     if let Some(dir) = &args.out {
         let invocation = compare::command_line(&std::env::args().collect::<Vec<_>>());
@@ -504,9 +560,9 @@ fn send(
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match control::request(&path, &request) {
+    match control::request_within(&path, &request, target.timeout) {
         Ok(response) if response.ok => {
-            println!("{}", render(&response).trim_end());
+            outln!("{}", render(&response).trim_end());
             ExitCode::SUCCESS
         }
         Ok(response) => {
@@ -569,7 +625,8 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Never blocks: a stderr that cannot keep up drops lines, counted.
+        .with_writer(herd::worker_output::LogWriter)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),

@@ -31,6 +31,7 @@ use tracing::warn;
 use crate::control::SlotStatus;
 use crate::handoff::{Counters, ACCEPT_ERROR_KINDS, LATENCY_BOUNDS_NANOS};
 use crate::lifecycle::{RestartReason, SlotState};
+use crate::worker_output::{self, Stream};
 
 /// Every metric family herd exports.
 pub struct Metrics {
@@ -50,6 +51,7 @@ pub struct Metrics {
     reloads: IntCounterVec,
     reload_duration: Histogram,
     fairness_jain: prometheus::Gauge,
+    log_lines_dropped: IntCounterVec,
 }
 
 /// How evenly connections were spread over the slots.
@@ -175,6 +177,11 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            log_lines_dropped: counter_vec(
+                "herd_log_lines_dropped_total",
+                "Lines of output (workers' and herd's own log) dropped because herd's stdout or stderr could not take them fast enough, per stream.",
+                &["stream"],
+            ),
             registry: registry.clone(),
         };
         let build_info = gauge_vec("herd_build_info", "herd's version; always 1.", &["version"]);
@@ -192,6 +199,11 @@ impl Metrics {
         }
         for reason in ["queue-full", "no-worker", "fd-limit"] {
             metrics.dropped.with_label_values(&[reason]);
+        }
+        for stream in Stream::ALL {
+            metrics
+                .log_lines_dropped
+                .with_label_values(&[stream.name()]);
         }
         metrics
     }
@@ -304,6 +316,12 @@ impl Metrics {
                 counter.inc_by(seconds - counter.get());
             }
         }
+        for stream in Stream::ALL {
+            sync(
+                &self.log_lines_dropped.with_label_values(&[stream.name()]),
+                worker_output::lines_dropped(stream),
+            );
+        }
         if let Some(fair) = fairness(&handed) {
             self.fairness_jain.set(fair.jain_index);
         }
@@ -401,29 +419,104 @@ pub fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsBindErro
     tokio::net::TcpListener::from_std(listener).map_err(fail)
 }
 
-/// Serves `GET /metrics` (404 elsewhere, 405 for other methods) until herd exits.
+/// Connections `/metrics` serves at once. Prometheus needs one; the bound
+/// keeps a client that opens many, or leaves them idle, from taking herd's
+/// fds and its main thread. Past it, further connections wait in the
+/// kernel's accept queue (costing herd nothing) until one closes.
+pub const MAX_METRICS_CONNECTIONS: usize = 32;
+
+/// File descriptors `/metrics` leaves to the rest of herd: it accepts only
+/// while at least this many are free under herd's `RLIMIT_NOFILE`, so
+/// scrapes never take the fds that hand-offs, workers' pipes and the
+/// control socket need. Below it, scrapes wait in the kernel's queue.
+pub const METRICS_FD_RESERVE: usize = 64;
+
+/// How long a client has to send its request headers, on a new connection
+/// and between the requests of a kept-alive one; then hyper closes it, so
+/// an idle client holds one of the [`MAX_METRICS_CONNECTIONS`] for no longer.
+pub const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `/metrics` pauses before it looks again when `accept` failed or
+/// herd was short of fds: retrying at once would spin.
+const METRICS_RETRY: Duration = Duration::from_millis(100);
+
+/// Serves `GET /metrics` (404 elsewhere, 405 for other methods) until herd
+/// exits: at most [`MAX_METRICS_CONNECTIONS`] at once, and only while herd
+/// has [`METRICS_FD_RESERVE`] fds to spare.
 pub async fn serve(listener: tokio::net::TcpListener, scrapes: mpsc::UnboundedSender<Scrape>) {
     use hyper::server::conn::http1;
     use hyper_util::rt::{TokioIo, TokioTimer};
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+    // Warn once per episode, not once per retry.
+    let mut accept_failing = false;
+    let mut short_of_fds = false;
     loop {
+        let Ok(permit) = connections.clone().acquire_owned().await else {
+            return; // never closed
+        };
+        if !fds_to_spare(METRICS_FD_RESERVE) {
+            if !short_of_fds {
+                warn!(
+                    "metrics endpoint: fewer than {METRICS_FD_RESERVE} file descriptors free; not accepting scrapes until there are (they wait in the kernel's queue)"
+                );
+                short_of_fds = true;
+            }
+            tokio::time::sleep(METRICS_RETRY).await;
+            continue;
+        }
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                warn!("metrics endpoint: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                if !accept_failing {
+                    warn!("metrics endpoint: accept failed: {e}; retrying every {METRICS_RETRY:?} (logged once until it works again)");
+                    accept_failing = true;
+                }
+                tokio::time::sleep(METRICS_RETRY).await;
                 continue;
             }
         };
+        accept_failing = false;
+        // The wait in `accept` may have been long: look again, and give the
+        // fd back at once if herd is short of them now.
+        if !fds_to_spare(METRICS_FD_RESERVE) {
+            drop(stream);
+            continue;
+        }
+        short_of_fds = false;
         let scrapes = scrapes.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service =
                 hyper::service::service_fn(move |request| respond(request, scrapes.clone()));
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// Whether herd has at least `reserve` fds free under its soft
+/// `RLIMIT_NOFILE` (as `/proc/self` shows them; the limit can change at
+/// run time, e.g. by `prlimit`). Not when it cannot even open `/proc`.
+fn fds_to_spare(reserve: usize) -> bool {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return false;
+    };
+    let soft = limits.lines().find_map(|line| {
+        line.strip_prefix("Max open files")?
+            .split_whitespace()
+            .next()
+            .map(str::to_owned)
+    });
+    let Some(Ok(limit)) = soft.map(|soft| soft.parse::<usize>()) else {
+        return true; // "unlimited", or a format we do not know
+    };
+    match std::fs::read_dir("/proc/self/fd") {
+        // The count includes the directory's own fd: one more to spare.
+        Ok(open) => open.count() + reserve <= limit,
+        Err(_) => false,
     }
 }
 
@@ -511,5 +604,15 @@ mod tests {
             text.contains("herd_connections_accepted_total{listener=\"0\"} 5"),
             "{text}"
         );
+        assert!(
+            text.contains("herd_log_lines_dropped_total{stream=\"stderr\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_test_process_has_fds_to_spare_but_not_its_whole_limit() {
+        assert!(fds_to_spare(METRICS_FD_RESERVE));
+        assert!(!fds_to_spare(usize::MAX / 2));
     }
 }
