@@ -27,7 +27,7 @@
 //! - [`supervisor`]: carries out the core's decisions on real processes.
 //! - [`process`]: starting, signalling and reaping worker processes (herd is their subreaper).
 //! - [`cgroup`]: a cgroup v2 leaf per worker, so nothing it starts outlives it.
-//! - [`worker_output`]: workers' stdout and stderr, forwarded line by line.
+//! - [`worker_output`]: workers' stdout and stderr (and herd's own log) forwarded through bounded queues, long lines split, drops counted; nothing waits on herd's output.
 //! - [`procstat`]: worker memory and CPU from `/proc`.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 //! - [`control`]: the control socket behind `herd status`, `reload`, `scale`, `stop`.
