@@ -36,7 +36,7 @@ pub struct ListenError {
 /// Binds every address in order; the first failure aborts (and closes the
 /// sockets already bound). With `reuse_port`, each socket starts a
 /// SO_REUSEPORT group that herd's own sockets can join (kernel rotation),
-/// on an address proven free first (see [`start_group`]).
+/// on an address proven free first (see `start_group`).
 pub fn bind_all(
     addrs: &[SocketAddr],
     backlog: u32,
