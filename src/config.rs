@@ -1061,31 +1061,30 @@ impl Identity {
                 let Ok(meta) = std::fs::metadata(dir) else {
                     continue;
                 };
-                if !self.may(&meta, Access::Search) {
-                    return Err(format!(
-                        "{} is not searchable{} ({})",
-                        dir.display(),
-                        self.who,
-                        describe(&meta)
-                    ));
-                }
+                self.may_search(dir, &meta)?;
             }
         }
         Ok(())
+    }
+
+    /// `dir` (whose metadata is `meta`) can be searched by this identity.
+    fn may_search(&self, dir: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
+        if self.may(meta, Access::Search) {
+            return Ok(());
+        }
+        Err(format!(
+            "{} is not searchable{} ({})",
+            dir.display(),
+            self.who,
+            describe(meta)
+        ))
     }
 
     /// `dir` can be made the working directory: reached and searched.
     fn can_enter(&self, dir: &Path) -> Result<(), String> {
         self.can_reach(dir)?;
         let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        if !self.may(&meta, Access::Search) {
-            return Err(format!(
-                "{} is not searchable{} ({})",
-                dir.display(),
-                self.who,
-                describe(&meta)
-            ));
-        }
+        self.may_search(dir, &meta)?;
         Ok(())
     }
 

@@ -43,20 +43,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-fn set_fd_limit(pid: u32, limit: usize) {
-    let status = Command::new("prlimit")
-        .args([format!("--pid={pid}"), format!("--nofile={limit}:{limit}")])
-        .status()
-        .expect("prlimit (util-linux)");
-    assert!(status.success(), "prlimit failed");
-}
-
 /// A client sends an endless request without a newline, another connects
 /// and says nothing. Today herd reads the first until its 5 s timeout,
 /// growing by all it was sent. Now it stops reading past 64 KiB and closes

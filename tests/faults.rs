@@ -145,18 +145,7 @@ fn fd_exhaustion_pauses_accepting_and_loses_nothing() {
     let herd = Herd::launch("emfile", None, 2, &[], &[hello_worker()]);
     let ready = herd.wait_ready(2);
     let addr = herd.addr();
-    let open_fds = std::fs::read_dir(format!("/proc/{}/fd", herd.pid()))
-        .unwrap()
-        .count();
-    let limit = open_fds + 10;
-    let status = std::process::Command::new("prlimit")
-        .args([
-            format!("--pid={}", herd.pid()),
-            format!("--nofile={limit}:{limit}"),
-        ])
-        .status()
-        .expect("prlimit (util-linux)");
-    assert!(status.success());
+    squeeze_fds(herd.pid(), 10);
     for pid in ready.values() {
         signal(*pid, Signal::SIGSTOP);
     }

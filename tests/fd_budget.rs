@@ -112,18 +112,7 @@ fn out_of_fds_for_queue_timeout_the_waiting_connections_are_closed_not_left_hang
     );
     let ready = herd.wait_ready(2);
     let addr = herd.addr();
-    let open_fds = std::fs::read_dir(format!("/proc/{}/fd", herd.pid()))
-        .unwrap()
-        .count();
-    let limit = open_fds + 10;
-    let status = std::process::Command::new("prlimit")
-        .args([
-            format!("--pid={}", herd.pid()),
-            format!("--nofile={limit}:{limit}"),
-        ])
-        .status()
-        .expect("prlimit (util-linux)");
-    assert!(status.success());
+    squeeze_fds(herd.pid(), 10);
     for pid in ready.values() {
         signal(*pid, Signal::SIGSTOP);
     }

@@ -539,3 +539,24 @@ pub fn sum_of(text: &str, name: &str) -> f64 {
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// How many fds process `pid` has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Sets `pid`'s open-file limit (soft and hard) with prlimit (util-linux).
+pub fn set_fd_limit(pid: u32, limit: usize) {
+    let status = Command::new("prlimit")
+        .args([format!("--pid={pid}"), format!("--nofile={limit}:{limit}")])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success(), "prlimit failed");
+}
+
+/// Leaves `pid` only `headroom` fds above what it has open now.
+pub fn squeeze_fds(pid: u32, headroom: usize) {
+    set_fd_limit(pid, open_fds(pid) + headroom);
+}
