@@ -29,7 +29,11 @@ mod worker;
 #[cfg(test)]
 mod property_tests;
 #[cfg(test)]
+mod scenario_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod world;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use super::tests::{exit, killed_by, policy, World};
+use super::world::{exit, killed_by, policy, World};
 use super::*;
 
 /// A small deterministic generator (xorshift64*), so a seed replays exactly.

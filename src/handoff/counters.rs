@@ -1,0 +1,209 @@
+//! What the hand-off loop counts, lock-free: one writer (the loop), any
+//! number of readers (status, metrics, the closing tally). Below both the
+//! loop and `metrics`, so neither needs the other to know the numbers.
+
+use super::*;
+
+/// Lock-free counters the loop updates and anyone may read.
+#[derive(Debug)]
+pub struct Counters {
+    /// Every listener's address, by index: the configured ones, then those
+    /// bound for what Node apps asked (`None`: released, the index free for
+    /// the next). Written only when one is added or released.
+    listeners: Mutex<Vec<Option<SocketAddr>>>,
+    /// Connections accepted, per listener index (room for [`MAX_LISTENERS`]).
+    pub accepted: Box<[AtomicU64]>,
+    /// Connections a worker acknowledged, per slot.
+    pub handed_off: Box<[AtomicU64]>,
+    /// Connections taken back from a worker that died before acknowledging them.
+    pub requeued_worker_gone: AtomicU64,
+    /// Connections a worker refused (NACK), handed to another.
+    pub requeued_refused: AtomicU64,
+    /// Connections herd accepted from the kernel-rotation socket of a slot
+    /// whose worker died or was stopped, and handed to another.
+    pub requeued_slot_queue: AtomicU64,
+    /// Connections taken back from a worker found hung, handed to another.
+    pub requeued_hung: AtomicU64,
+    /// Connections sent to a worker and not yet acknowledged, right now.
+    pub in_flight: AtomicU64,
+    /// Per slot, connections its workers acknowledged and have not reported
+    /// CLOSED; only meaningful where `reports_closed` is set.
+    pub open_connections: Box<[AtomicU64]>,
+    /// Per slot, whether its worker reports CLOSED (it sent at least one).
+    pub reports_closed: Box<[std::sync::atomic::AtomicBool]>,
+    /// Connections closed because the wait queue was full.
+    pub dropped_queue_full: AtomicU64,
+    /// Connections closed because no worker took them within `queue_timeout`.
+    pub dropped_queue_timeout: AtomicU64,
+    /// Connections closed unserved because herd was out of file descriptors
+    /// for `queue_timeout` (accepted with the reserve fd and closed).
+    pub dropped_fd_limit: AtomicU64,
+    /// accept(2) failures other than "nothing to accept", by [`ACCEPT_ERROR_KINDS`].
+    pub accept_errors: [AtomicU64; ACCEPT_ERROR_KINDS.len()],
+    /// Accept-to-ACK time of each connection (recorded only when metrics are served).
+    pub latency: LatencyHistogram,
+    /// Connections the kernel dealt to a worker's own socket (kernel rotation),
+    /// also counted in `accepted` and `handed_off`.
+    pub kernel_dealt: AtomicU64,
+}
+
+/// Upper bounds of the hand-off latency buckets in nanoseconds: 5 µs to 100 ms.
+pub const LATENCY_BOUNDS_NANOS: [u64; 14] = [
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+];
+
+/// A fixed-bucket histogram written by the hand-off thread alone. With one
+/// writer, a plain load and store replace locked read-modify-writes, so a
+/// recording costs a few ordinary memory operations. A concurrent reader may
+/// see a count one observation behind its buckets; a scrape tolerates that.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Per bucket (not cumulative); the last one is above every bound.
+    buckets: [AtomicU64; LATENCY_BOUNDS_NANOS.len() + 1],
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+/// What a reader sees of a [`LatencyHistogram`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatencySnapshot {
+    /// Per bucket, not cumulative, aligned with [`LATENCY_BOUNDS_NANOS`] plus +Inf.
+    pub buckets: Vec<u64>,
+    pub sum_nanos: u64,
+    pub count: u64,
+}
+
+impl LatencyHistogram {
+    /// Records one observation. Only the hand-off thread may call this.
+    pub fn record(&self, nanos: u64) {
+        let bucket = LATENCY_BOUNDS_NANOS
+            .iter()
+            .position(|&bound| nanos <= bound)
+            .unwrap_or(LATENCY_BOUNDS_NANOS.len());
+        bump(&self.buckets[bucket], 1);
+        bump(&self.sum_nanos, nanos);
+        bump(&self.count, 1);
+    }
+
+    pub fn snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot {
+            buckets: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+            sum_nanos: self.sum_nanos.load(Relaxed),
+            count: self.count.load(Relaxed),
+        }
+    }
+}
+
+/// Adds to a counter that only the calling thread writes.
+pub(super) fn bump(counter: &AtomicU64, by: u64) {
+    counter.store(counter.load(Relaxed).wrapping_add(by), Relaxed);
+}
+
+/// The `kind` label of accept errors, in the order of `Counters::accept_errors`.
+pub const ACCEPT_ERROR_KINDS: [&str; 6] = [
+    "EMFILE",
+    "ENFILE",
+    "ENOBUFS",
+    "ENOMEM",
+    "ECONNABORTED",
+    "other",
+];
+
+pub(super) fn accept_error_kind(error: &io::Error) -> usize {
+    match error.raw_os_error() {
+        Some(libc::EMFILE) => 0,
+        Some(libc::ENFILE) => 1,
+        Some(libc::ENOBUFS) => 2,
+        Some(libc::ENOMEM) => 3,
+        Some(libc::ECONNABORTED) => 4,
+        _ => 5,
+    }
+}
+
+impl Counters {
+    pub fn new(listeners: &[SocketAddr]) -> Self {
+        let zeros = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect();
+        Counters {
+            listeners: Mutex::new(listeners.iter().copied().map(Some).collect()),
+            accepted: zeros(MAX_LISTENERS),
+            handed_off: zeros(MAX_WORKERS),
+            requeued_worker_gone: AtomicU64::new(0),
+            requeued_refused: AtomicU64::new(0),
+            requeued_slot_queue: AtomicU64::new(0),
+            requeued_hung: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            open_connections: zeros(MAX_WORKERS),
+            reports_closed: (0..MAX_WORKERS).map(|_| Default::default()).collect(),
+            dropped_queue_full: AtomicU64::new(0),
+            dropped_queue_timeout: AtomicU64::new(0),
+            dropped_fd_limit: AtomicU64::new(0),
+            accept_errors: Default::default(),
+            latency: LatencyHistogram::default(),
+            kernel_dealt: AtomicU64::new(0),
+        }
+    }
+
+    /// Every listener's address, in index order (released ones left out).
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flatten()
+            .copied()
+            .collect()
+    }
+
+    /// How many listener indices have been used (released ones included):
+    /// `accepted[..listener_indices()]` holds every count there is.
+    pub fn listener_indices(&self) -> usize {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    pub(super) fn set_listener(&self, index: usize, addr: Option<SocketAddr>) {
+        let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        if listeners.len() <= index {
+            listeners.resize(index + 1, None);
+        }
+        listeners[index] = addr;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_lands_in_the_right_buckets() {
+        let histogram = LatencyHistogram::default();
+        for nanos in [1, 5_000, 5_001, 99_000_000, 500_000_000] {
+            histogram.record(nanos);
+        }
+        let snapshot = histogram.snapshot();
+        assert_eq!(snapshot.count, 5);
+        assert_eq!(
+            snapshot.sum_nanos,
+            1 + 5_000 + 5_001 + 99_000_000 + 500_000_000
+        );
+        assert_eq!(snapshot.buckets[0], 2, "<= 5 µs");
+        assert_eq!(snapshot.buckets[1], 1, "<= 10 µs");
+        assert_eq!(snapshot.buckets[13], 1, "<= 100 ms");
+        assert_eq!(snapshot.buckets[14], 1, "+Inf");
+    }
+}

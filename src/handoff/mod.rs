@@ -1,0 +1,481 @@
+//! The hand-off loop: accept → choose a worker → send the fd → wait for the ack.
+//!
+//! Owns the listening sockets, the primary's end of every worker channel and
+//! every connection between `accept` and the worker's acknowledgement. It runs
+//! on one dedicated thread with a plain mio event loop: no async runtime, no
+//! lock and no allocation per connection (queues are preallocated and the
+//! message is encoded on the stack). The supervisor talks to it through
+//! [`Controller`] (commands in, woken by a mio `Waker`) and hears back through
+//! an [`Event`] channel; neither is used per connection.
+//!
+//! A connection stays owned here until its worker acknowledges it, so a
+//! worker that dies with connections still queued on its channel costs no
+//! client anything: they go back to the front of the queue and on to another
+//! worker.
+//!
+//! # Layout
+//! - this module: the commands and events, the loop itself, its timers.
+//! - [`counters`]: what the loop counts, for status and metrics.
+//! - `channel`: one worker's channel (role, in flight, acknowledged, bad messages).
+//! - `workers`: workers added, made serving, drained, found hung, retired.
+//! - `accepting`: accept, the wait queue, parked refusals, sending to a worker.
+//! - `messages`: reading what workers send, herd's protocol and Node's.
+//! - `listeners`: the listener table, on demand for Node apps, kernel rotations.
+
+mod accepting;
+mod channel;
+pub mod counters;
+mod listeners;
+mod messages;
+mod workers;
+
+use accepting::{reserve_fd, Refusals};
+use channel::{take_in_flight, BadMessage, ProtocolErrors, WorkerChannel};
+use counters::accept_error_kind;
+pub use counters::{
+    Counters, LatencyHistogram, LatencySnapshot, ACCEPT_ERROR_KINDS, LATENCY_BOUNDS_NANOS,
+};
+use workers::Retired;
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use nix::libc;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{HandoffSettings, MAX_WORKERS};
+use crate::dispatch::{Dispatcher, Mode};
+use crate::fdpass;
+use crate::fdpass::rotation_bpf::MAX_ROTATION;
+use crate::lifecycle::{Role, WorkerId};
+use crate::listener::{self, BoundListener};
+use crate::node_ipc::{self, NodeChannel, SentHandle};
+use crate::protocol::{Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN};
+use crate::rate_limit::Occurrences;
+use crate::rotation::SlotRotation;
+use crate::wait_queue::WaitQueue;
+
+const WAKER: Token = Token(usize::MAX);
+/// Listener `i` has token `i`; worker channel `c` has token `WORKER_TOKEN_BASE + c`;
+/// the slot socket of slot `s` in listener `i`'s kernel rotation (while herd
+/// accepts from it) has token `SLOT_TOKEN_BASE + i * MAX_ROTATION + s`.
+const WORKER_TOKEN_BASE: usize = 1 << 16;
+const SLOT_TOKEN_BASE: usize = 1 << 24;
+/// How often the kernel rotations' per-slot counts are read into [`Counters`].
+const TALLY_INTERVAL: Duration = Duration::from_millis(500);
+/// Messages read from one herd-protocol channel per turn of the loop. A
+/// worker that sends more gets another turn after every other ready fd
+/// had one, so a flood from one worker cannot starve the others (nor grow
+/// anything: each message is handled as it is read).
+const READ_BUDGET_MESSAGES: usize = 256;
+/// Connections shed at most per accept attempt while herd is out of fds
+/// (the next attempt, after the accept backoff, sheds more).
+const SHED_BATCH: usize = 64;
+/// Refused connections wait at least this long before they are offered
+/// again (unless a worker's state changes first), doubling per round of
+/// refusals up to [`REFUSED_RETRY_MAX`]: no bouncing between workers that
+/// all refuse.
+const REFUSED_RETRY_MIN: Duration = Duration::from_millis(10);
+const REFUSED_RETRY_MAX: Duration = Duration::from_secs(1);
+/// How often workers are checked for a hand-off older than their
+/// `hang_timeout`: a hung worker is found within that plus this. A pass
+/// looks at the oldest hand-off of each worker, so it costs O(workers).
+const HANG_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// Listeners herd may hold: configured, plus those Node apps ask for.
+pub const MAX_LISTENERS: usize = 256;
+
+/// First pause after accept fails for lack of fds/memory; doubles up to the max.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Long enough not to spin, short enough that clients barely notice.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// What the supervisor tells the hand-off loop. The supervisor decides
+/// every worker's [`Role`]; the loop routes connections by it and never
+/// changes it on its own.
+#[derive(Debug)]
+pub enum Command {
+    /// A new worker, starting: it gets nothing until [`Command::Serve`].
+    AddWorker { worker: NewWorker, channel: OwnedFd },
+    /// The worker holds its slot now and gets the slot's connections.
+    Serve { worker: WorkerId },
+    /// The worker gets nothing more and is sent DRAIN (Node: `disconnect`).
+    Drain { worker: WorkerId },
+    /// The worker's process has exited: what it had not acknowledged goes to
+    /// other workers now, even if a helper still holds its channel open.
+    Forget { worker: WorkerId },
+    /// Only slots below `count` remain (their workers were drained first).
+    SetSlots { count: usize },
+    /// A reload's `[handoff]` limits, from now on (`kernel_rotation` excepted).
+    SetLimits(HandoffSettings),
+    /// Close the listeners and hand off what is queued where possible. The
+    /// loop keeps collecting ACKs until [`Command::Exit`].
+    StopAccepting,
+    /// End the loop now.
+    Exit,
+}
+
+/// What the hand-off loop observed, for the supervisor to decide on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The worker said READY (Node: `listening`).
+    Ready { worker: WorkerId },
+    /// [`Command::Serve`] took effect: the worker gets connections now.
+    Serving { worker: WorkerId },
+    /// The worker's channel reached EOF; what it had not acknowledged went
+    /// back to the queue.
+    ChannelClosed { worker: WorkerId },
+    /// The worker was sent its `recycle_after` connections and gets no more.
+    RecycleDue { worker: WorkerId },
+    /// The worker's oldest unacknowledged hand-off is older than its
+    /// `hang_timeout`: it gets nothing more, and what it had not
+    /// acknowledged went to other workers.
+    Hung { worker: WorkerId },
+}
+
+/// The supervisor's handle on the loop.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    commands: mpsc::Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+impl Controller {
+    /// Queues a command and wakes the loop. Fails only once the loop has ended.
+    pub fn send(&self, command: Command) -> io::Result<()> {
+        self.commands
+            .send(command)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "hand-off loop has stopped"))?;
+        self.waker.wake()
+    }
+}
+
+/// Starts the loop on its own thread.
+pub fn spawn(
+    listeners: Vec<BoundListener>,
+    mode: Mode,
+    limits: HandoffSettings,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    counters: Arc<Counters>,
+    measure_latency: bool,
+    backlog: u32,
+) -> io::Result<(Controller, JoinHandle<()>)> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let (commands_tx, commands) = mpsc::channel();
+    // No listener configured: Node apps say what to listen on.
+    let listen_on_demand = listeners.is_empty();
+    let mut handoff_loop = HandoffLoop {
+        poll,
+        listeners: Vec::with_capacity(listeners.len()),
+        listen_on_demand,
+        backlog,
+        channels: Vec::new(),
+        active: Vec::new(),
+        dispatcher: Dispatcher::new(mode),
+        queue: WaitQueue::default(),
+        limits,
+        commands,
+        events,
+        counters,
+        measure_latency,
+        next_connection_id: 0,
+        accept_paused_until: None,
+        accept_backoff: ACCEPT_BACKOFF_MIN,
+        shutting_down: false,
+        stopped_accepting: false,
+        tally_due: None,
+        hang_check_due: None,
+        more_to_read: Vec::new(),
+        reserve_fd: reserve_fd(),
+        fd_short_since: None,
+        capacity_epoch: 0,
+    };
+    for bound in listeners {
+        handoff_loop
+            .add_listener(bound.socket, None)
+            .map_err(io::Error::other)?;
+    }
+    let thread = std::thread::Builder::new()
+        .name("herd-handoff".into())
+        .spawn(move || handoff_loop.run())?;
+    Ok((
+        Controller {
+            commands: commands_tx,
+            waker,
+        },
+        thread,
+    ))
+}
+
+struct Listening {
+    socket: mio::net::TcpListener,
+    local: SocketAddr,
+    /// Bound to 0.0.0.0/[::]: the local address must be asked per connection.
+    wildcard: bool,
+    /// Bound for Node workers that asked for it with this key (see
+    /// [`node_ipc::QueryServer::key`]); `None` for a configured listener.
+    node_key: Option<String>,
+    /// Round-robin dealt by the kernel over per-slot sockets (Node workers).
+    rotation: Option<SlotRotation>,
+}
+
+/// A connection between accept and a worker's acknowledgement.
+struct Accepted {
+    stream: mio::net::TcpStream,
+    handoff: Handoff,
+    accepted_at: Instant,
+    /// The slot that refused this connection with NACK; it is not offered
+    /// the connection again, so a refusal can't bounce back and forth.
+    refused_by: Option<usize>,
+    refusals: Refusals,
+}
+
+/// A connection sent to a worker, awaiting its ACK.
+struct InFlight {
+    conn: Accepted,
+    sent_at: Instant,
+}
+
+/// The token of a kernel rotation's slot socket while herd accepts from it.
+fn slot_token(listener: usize, slot: usize) -> Token {
+    Token(SLOT_TOKEN_BASE + listener * MAX_ROTATION + slot)
+}
+
+fn channel_token(index: usize) -> Token {
+    Token(WORKER_TOKEN_BASE + index)
+}
+
+struct HandoffLoop {
+    poll: Poll,
+    /// By index, which is also the listener's token; `None`: released (a
+    /// Node app closed that server everywhere), free for the next.
+    listeners: Vec<Option<Listening>>,
+    /// None was configured: bind what Node workers ask for (and hand the
+    /// first configured one out otherwise).
+    listen_on_demand: bool,
+    /// Accept queue length for listeners bound on demand.
+    backlog: u32,
+    /// Every worker channel, by index (its token is `WORKER_TOKEN_BASE + index`).
+    channels: Vec<Option<WorkerChannel>>,
+    /// Per slot, the index of the channel whose worker gets the slot's connections.
+    active: Vec<Option<usize>>,
+    dispatcher: Dispatcher,
+    /// Accepted connections no worker could take yet, oldest first.
+    queue: WaitQueue<Accepted>,
+    limits: HandoffSettings,
+    commands: mpsc::Receiver<Command>,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    counters: Arc<Counters>,
+    /// Record accept-to-ACK times (only when metrics are served).
+    measure_latency: bool,
+    next_connection_id: u64,
+    /// Set after accept failed for lack of resources; accepting resumes then.
+    accept_paused_until: Option<Instant>,
+    accept_backoff: Duration,
+    shutting_down: bool,
+    /// Told to stop accepting: nothing new is bound either.
+    stopped_accepting: bool,
+    /// When the kernel rotations' counts are read next (`None`: no rotation).
+    tally_due: Option<Instant>,
+    /// When workers are next checked for a hang (`None`: no worker has a
+    /// `hang_timeout`).
+    hang_check_due: Option<Instant>,
+    /// Channels that had more to read than one turn's budget.
+    more_to_read: Vec<usize>,
+    /// A spare fd, given up to accept and close a connection when herd is
+    /// out of fds for longer than `queue_timeout`.
+    reserve_fd: Option<OwnedFd>,
+    /// Since when accepting has failed for lack of fds.
+    fd_short_since: Option<Instant>,
+    /// Bumped whenever a worker may have become able to take a connection
+    /// it could not before (it became serving, acknowledged, unblocked, was
+    /// added): refused connections are offered again then.
+    capacity_epoch: u64,
+}
+
+impl HandoffLoop {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        while !self.shutting_down {
+            let timeout = if self.more_to_read.is_empty() {
+                self.next_deadline()
+                    .map(|at| at.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    error!("hand-off loop cannot poll: {e}");
+                    break;
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => self.run_commands(),
+                    Token(index) if index < WORKER_TOKEN_BASE => self.accept_all(index, None),
+                    Token(token) if token >= SLOT_TOKEN_BASE => {
+                        let token = token - SLOT_TOKEN_BASE;
+                        self.accept_all(token / MAX_ROTATION, Some(token % MAX_ROTATION));
+                    }
+                    Token(token) => {
+                        let index = token - WORKER_TOKEN_BASE;
+                        if event.is_writable() {
+                            self.unblock(index);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.read_worker(index);
+                        }
+                    }
+                }
+            }
+            // Another turn for workers that sent more than one turn's
+            // worth, now that every other ready fd has had its turn.
+            for index in std::mem::take(&mut self.more_to_read) {
+                self.read_worker(index);
+            }
+            self.on_timers(Instant::now());
+            if !self.queue.is_empty() {
+                self.flush_queue();
+            }
+        }
+        debug!("hand-off loop stopped");
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let queue_expiry = self
+            .queue
+            .oldest(|conn| conn.accepted_at)
+            .map(|oldest| oldest + self.limits.queue_timeout);
+        let epoch = self.capacity_epoch;
+        let unpark = self
+            .queue
+            .fronts()
+            .filter(|conn| conn.refusals.epoch == epoch)
+            .filter_map(|conn| conn.refusals.retry_at)
+            .min();
+        [
+            queue_expiry,
+            self.accept_paused_until,
+            self.tally_due,
+            self.hang_check_due,
+            unpark,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some_and(|until| until <= now) {
+            self.accept_paused_until = None;
+            for index in 0..self.listeners.len() {
+                self.accept_all(index, None);
+                let slots = self
+                    .listener(index)
+                    .and_then(|l| l.rotation.as_ref())
+                    .map(SlotRotation::herd_accepting)
+                    .unwrap_or_default();
+                for slot in slots {
+                    self.accept_all(index, Some(slot));
+                }
+            }
+        }
+        if self.tally_due.is_some_and(|due| due <= now) {
+            self.tally_due = Some(now + TALLY_INTERVAL);
+            self.tally_kernel_rotations();
+        }
+        if self.hang_check_due.is_some_and(|due| due <= now) {
+            self.hang_check_due = Some(now + HANG_CHECK_INTERVAL);
+            self.find_hung(now);
+        }
+        let expired = self
+            .queue
+            .expire(now, self.limits.queue_timeout, |conn| conn.accepted_at);
+        for _ in 0..expired {
+            let total = self.counters.dropped_queue_timeout.fetch_add(1, Relaxed) + 1;
+            if total.is_power_of_two() {
+                warn!(
+                    total,
+                    "closed a connection that waited {:?} with no worker able to take it",
+                    self.limits.queue_timeout
+                );
+            }
+        }
+    }
+
+    fn run_commands(&mut self) {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::AddWorker { worker, channel } => self.add_worker(worker, channel),
+                Command::Serve { worker } => {
+                    if let Some(index) = self.find(worker) {
+                        self.serve(index);
+                    }
+                }
+                Command::Drain { worker } => {
+                    if let Some(index) = self.find(worker) {
+                        self.drain(index);
+                    }
+                }
+                Command::Forget { worker } => {
+                    if let Some(index) = self.find(worker) {
+                        self.retire(index, Retired::ProcessExited);
+                    }
+                }
+                Command::SetSlots { count } => self.active.truncate(count.min(MAX_WORKERS)),
+                Command::SetLimits(limits) => self.set_limits(limits),
+                Command::StopAccepting => {
+                    self.stopped_accepting = true;
+                    // Last count of what the kernel dealt, for the closing tally.
+                    self.tally_kernel_rotations();
+                    self.tally_due = None;
+                    self.listeners.clear();
+                    self.flush_queue();
+                }
+                Command::Exit => self.shutting_down = true,
+            }
+        }
+    }
+
+    /// New `[handoff]` limits (a reload); they apply to what is dispatched
+    /// and expired from now on. `kernel_rotation` stays: it was fixed when
+    /// the listeners were bound, and may have been turned off since because
+    /// the kernel refused the program.
+    fn set_limits(&mut self, limits: HandoffSettings) {
+        self.limits = HandoffSettings {
+            kernel_rotation: self.limits.kernel_rotation,
+            ..limits
+        };
+    }
+
+    fn find(&self, worker: WorkerId) -> Option<usize> {
+        self.channels
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| c.worker == worker))
+    }
+}
+
+/// What the loop needs to know of a worker it is given.
+#[derive(Debug)]
+pub struct NewWorker {
+    pub slot: usize,
+    pub worker: WorkerId,
+    pub pid: u32,
+    /// The worker is a Node.js cluster app: its channel is Node's IPC
+    /// socket, spoken in [`node_ipc`]'s JSON lines.
+    pub node: bool,
+    /// Hand this worker at most this many connections, then report
+    /// [`Event::RecycleDue`] (the `max_connections_per_worker` limit).
+    pub recycle_after: Option<u64>,
+    /// A hand-off unacknowledged for this long makes it hung
+    /// ([`Event::Hung`]); `None`: never.
+    pub hang_timeout: Option<Duration>,
+}

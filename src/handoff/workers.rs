@@ -1,0 +1,278 @@
+//! Workers coming and going: a channel added, made serving, drained,
+//! found hung, unblocked, retired, and what it had in flight taken back.
+
+use super::*;
+
+/// Why a worker left the hand-off loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Retired {
+    /// Its channel reached EOF or failed: the supervisor is told.
+    ChannelClosed,
+    /// The supervisor said its process exited ([`Command::Forget`]).
+    ProcessExited,
+}
+
+impl HandoffLoop {
+    pub(super) fn add_worker(&mut self, added: NewWorker, channel: OwnedFd) {
+        let NewWorker {
+            slot,
+            worker,
+            pid,
+            node,
+            recycle_after,
+            hang_timeout,
+        } = added;
+        if slot >= MAX_WORKERS {
+            error!(slot, "worker slot out of range; closing its channel");
+            return;
+        }
+        if self.active.len() <= slot {
+            self.active.resize(slot + 1, None);
+        }
+        let index = match self.channels.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => {
+                self.channels.push(None);
+                self.channels.len() - 1
+            }
+        };
+        let raw = channel.as_raw_fd();
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&raw),
+            channel_token(index),
+            Interest::READABLE,
+        ) {
+            error!(slot, "cannot watch worker channel: {e}");
+            return;
+        }
+        if hang_timeout.is_some() {
+            self.hang_check_due
+                .get_or_insert(Instant::now() + HANG_CHECK_INTERVAL);
+        }
+        self.channels[index] = Some(WorkerChannel {
+            slot,
+            worker,
+            pid,
+            channel,
+            role: Role::Starting,
+            hung: false,
+            hang_timeout,
+            blocked: false,
+            drain_pending: false,
+            in_flight: VecDeque::with_capacity(self.limits.max_unacked),
+            sent: 0,
+            acked: 0,
+            closed: None,
+            recycle_after,
+            errors: ProtocolErrors::default(),
+            more_to_read: false,
+            node: node.then(NodeChannel::default),
+        });
+        // READY may already be waiting on the channel.
+        self.read_worker(index);
+    }
+
+    /// The worker said READY: the supervisor decides what follows.
+    pub(super) fn report_ready(&mut self, index: usize) {
+        if let Some(worker) = self.channels[index].as_ref() {
+            let _ = self.events.send(Event::Ready {
+                worker: worker.worker,
+            });
+        }
+    }
+
+    /// The supervisor made the worker its slot's: it gets the slot's
+    /// connections from now on. A worker told to drain stays drained.
+    pub(super) fn serve(&mut self, index: usize) {
+        let Some(worker) = self.channels[index].as_mut() else {
+            return;
+        };
+        if worker.role != Role::Starting {
+            return;
+        }
+        worker.role = Role::Serving;
+        self.capacity_epoch += 1;
+        let (slot, id) = (worker.slot, worker.worker);
+        if self.active.len() <= slot {
+            self.active.resize(slot + 1, None);
+        }
+        self.active[slot] = Some(index);
+        let _ = self.events.send(Event::Serving { worker: id });
+    }
+
+    /// Every `hang_timeout` worker whose oldest unacknowledged hand-off is
+    /// older than that is hung: it gets nothing more, its unacknowledged
+    /// connections go back to the front of the queue, and the supervisor
+    /// is told (it kills and replaces it). A late ACK from it is ignored.
+    pub(super) fn find_hung(&mut self, now: Instant) {
+        for index in 0..self.channels.len() {
+            let Some(worker) = self.channels[index].as_mut() else {
+                continue;
+            };
+            let Some(limit) = worker.hang_timeout else {
+                continue;
+            };
+            let stale = worker
+                .in_flight
+                .front()
+                .is_some_and(|oldest| now.duration_since(oldest.sent_at) >= limit);
+            if worker.hung || !stale {
+                continue;
+            }
+            worker.hung = true;
+            if self.active.get(worker.slot) == Some(&Some(index)) {
+                self.active[worker.slot] = None;
+            }
+            let requeued = self.requeue_in_flight(index);
+            self.counters
+                .requeued_hung
+                .fetch_add(requeued as u64, Relaxed);
+            let worker = self.channels[index].as_ref().expect("looked up above");
+            warn!(
+                slot = worker.slot,
+                pid = worker.pid,
+                requeued,
+                "worker acknowledged nothing for {limit:?} (hang_timeout): it is hung; handing its connections to other workers"
+            );
+            let _ = self.events.send(Event::Hung {
+                worker: worker.worker,
+            });
+        }
+    }
+
+    /// Stops giving a worker connections and sends it DRAIN (now, or as
+    /// soon as its channel has room).
+    pub(super) fn drain(&mut self, index: usize) {
+        let Some(worker) = self.channels[index].as_mut() else {
+            return;
+        };
+        if worker.role == Role::Draining {
+            return;
+        }
+        worker.role = Role::Draining;
+        worker.drain_pending = true;
+        if self.active.get(worker.slot) == Some(&Some(index)) {
+            self.active[worker.slot] = None;
+        }
+        // Its slot socket leaves the kernel's rotation before it is told to
+        // stop: what is queued there by then, herd accepts and hands on.
+        self.update_rotations(index, SlotRotation::stop_turns);
+        self.send_pending_drain(index);
+    }
+
+    pub(super) fn send_pending_drain(&mut self, index: usize) {
+        let Some(worker) = self.channels[index].as_mut() else {
+            return;
+        };
+        if !worker.drain_pending {
+            return;
+        }
+        if let Some(node) = worker.node.as_mut() {
+            // Node's primary says `disconnect`: the worker closes its servers,
+            // then its end of the channel, and exits once idle.
+            worker.drain_pending = false;
+            let seq = node.next_seq();
+            let sent = node.send_line(worker.channel.as_fd(), node_ipc::disconnect(seq));
+            return self.after_node_send(index, sent);
+        }
+        match fdpass::send(
+            worker.channel.as_fd(),
+            &PrimaryMessage::encode_drain(),
+            true,
+        ) {
+            Ok(()) => worker.drain_pending = false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                worker.blocked = true;
+                self.watch_writable(index, true);
+            }
+            // The worker is gone; its channel's EOF will retire it.
+            Err(_) => worker.drain_pending = false,
+        }
+    }
+
+    /// Adds or removes WRITABLE interest; only wanted while a channel is full.
+    pub(super) fn watch_writable(&mut self, index: usize, writable: bool) {
+        let Some(worker) = self.channels[index].as_ref() else {
+            return;
+        };
+        let interest = if writable {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        let raw = worker.channel.as_raw_fd();
+        let _ =
+            self.poll
+                .registry()
+                .reregister(&mut SourceFd(&raw), channel_token(index), interest);
+    }
+
+    pub(super) fn unblock(&mut self, index: usize) {
+        let Some(worker) = self.channels.get_mut(index).and_then(Option::as_mut) else {
+            return;
+        };
+        // Room on a channel is capacity: refused connections may go there now.
+        self.capacity_epoch += 1;
+        if let Some(node) = worker.node.as_mut() {
+            worker.blocked = false;
+            let flushed = node.flush(worker.channel.as_fd());
+            return self.after_node_send(index, flushed);
+        }
+        if worker.blocked {
+            worker.blocked = false;
+            self.watch_writable(index, false);
+            self.send_pending_drain(index);
+        }
+    }
+
+    /// Removes a worker whose channel is gone, or whose process exited, and
+    /// puts every connection it had not acknowledged back at the front of
+    /// the queue, oldest first.
+    pub(super) fn retire(&mut self, index: usize, why: Retired) {
+        let requeued = self.requeue_in_flight(index);
+        let Some(worker) = self.channels[index].take() else {
+            return;
+        };
+        let raw = worker.channel.as_raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        if self.active.get(worker.slot) == Some(&Some(index)) {
+            self.active[worker.slot] = None;
+        }
+        self.update_rotations(index, SlotRotation::release);
+        if let Some(closed) = worker.closed {
+            // Whatever it still had open ended with its channel.
+            self.counters.open_connections[worker.slot].fetch_sub(worker.acked - closed, Relaxed);
+        }
+        self.counters
+            .requeued_worker_gone
+            .fetch_add(requeued as u64, Relaxed);
+        if requeued > 0 {
+            info!(
+                slot = worker.slot,
+                pid = worker.pid,
+                requeued,
+                "worker left unacknowledged connections; handing them to other workers"
+            );
+        }
+        if why == Retired::ChannelClosed {
+            let _ = self.events.send(Event::ChannelClosed {
+                worker: worker.worker,
+            });
+        }
+    }
+
+    /// Takes back every connection sent to worker `index` and not yet
+    /// acknowledged, to the front of their queues, oldest first.
+    pub(super) fn requeue_in_flight(&mut self, index: usize) -> usize {
+        let Some(worker) = self.channels[index].as_mut() else {
+            return 0;
+        };
+        let requeued = worker.in_flight.len();
+        for entry in worker.in_flight.drain(..).rev() {
+            self.queue
+                .push_front(usize::from(entry.conn.handoff.listener), entry.conn);
+        }
+        self.counters.in_flight.fetch_sub(requeued as u64, Relaxed);
+        requeued
+    }
+}
