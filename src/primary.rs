@@ -372,15 +372,6 @@ fn start_reload(
             return;
         }
     };
-    // The new limits (or count) must fit in herd's fds, as a scale must.
-    let workers = settings.workers.max(supervisor.worker_count());
-    if let Err(why) = supervisor.fits_with(&settings, workers) {
-        metrics.reload_finished(false, std::time::Duration::ZERO);
-        let message = format!("reload refused, keeping the running config: {why}");
-        error!("{message}");
-        let _ = reply.send(Response::failed(message));
-        return;
-    }
     let (done, outcome) = oneshot::channel();
     supervisor.reload(settings, done);
     tokio::spawn(async move {

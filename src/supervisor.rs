@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use tokio::sync::oneshot;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::activation::WorkerSockets;
 use crate::cgroup::{CgroupTree, Leaf};
@@ -176,9 +176,9 @@ impl Supervisor {
         Ok(format!("workers: {before} -> {}", self.core.slot_count()))
     }
 
-    /// Whether `workers` slots of `settings` (default: the running ones)
-    /// fit in herd's fd limit; the refusal says why.
-    pub fn fits_with(&self, settings: &Settings, workers: usize) -> Result<(), String> {
+    /// Whether `workers` slots of `settings` fit in herd's fd limit; the
+    /// refusal says why.
+    fn fits_with(&self, settings: &Settings, workers: usize) -> Result<(), String> {
         let plan = Plan::of(settings, workers);
         let need = plan.need();
         if need.total <= self.fd_limit.soft {
@@ -213,6 +213,15 @@ impl Supervisor {
                 "reload refused, keeping the running config: {changes} cannot change by reload: restart herd to change {them}"
             );
             warn!("{message}");
+            let _ = reply.send(Err(message));
+            return;
+        }
+        // The new limits (or count) must fit in herd's fds, as a scale must.
+        let workers = settings.workers.max(self.core.slot_count());
+        if let Err(why) = self.fits_with(&settings, workers) {
+            self.metrics.reload_finished(false, Duration::ZERO);
+            let message = format!("reload refused, keeping the running config: {why}");
+            error!("{message}");
             let _ = reply.send(Err(message));
             return;
         }

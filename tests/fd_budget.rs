@@ -149,3 +149,23 @@ fn out_of_fds_for_queue_timeout_the_waiting_connections_are_closed_not_left_hang
     assert!(served >= 1, "the connections the workers held are served");
     assert!(get(addr).is_ok());
 }
+
+/// A reload whose limits would not fit is refused as a scale is, and the
+/// running config kept.
+#[test]
+fn a_reload_past_the_fd_budget_is_refused_with_the_numbers() {
+    let herd = start_limited("fd-reload", "1400:1400", "", "2");
+    let before = herd.wait_all_ready(2);
+    let config = herd.dir.join("herd-test.toml");
+    std::fs::write(&config, "[handoff]\nqueue_limit = 100000\n").unwrap();
+    let refused = herd.control(&["reload"]);
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(
+        refused.stderr.contains("reload refused")
+            && refused.stderr.contains("handoff.queue_limit = 100000")
+            && refused.stderr.contains("1400"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(herd.wait_all_ready(2), before);
+}
