@@ -267,9 +267,8 @@ impl HandoffLoop {
             match sent {
                 Ok(()) => {
                     worker.in_flight.push_back(InFlight { conn, sent_at: now });
-                    worker.sent += 1;
                     self.counters.in_flight.fetch_add(1, Relaxed);
-                    if worker.recycle_after == Some(worker.sent) {
+                    if worker.count_sent(1) {
                         let _ = self.events.send(Event::RecycleDue {
                             worker: worker.worker,
                         });

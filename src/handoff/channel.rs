@@ -56,6 +56,16 @@ impl WorkerChannel {
         }
     }
 
+    /// Counts `n` more connections sent to (or accepted by) this worker;
+    /// true when that reaches its `recycle_after` (`max_connections_per_worker`),
+    /// which happens once.
+    pub(super) fn count_sent(&mut self, n: u64) -> bool {
+        let before = self.sent;
+        self.sent += n;
+        self.recycle_after
+            .is_some_and(|limit| before < limit && self.sent >= limit)
+    }
+
     /// Connections this worker holds, for least-conn: those in flight, plus
     /// the acknowledged ones not yet reported closed (if it reports CLOSED).
     pub(super) fn load(&self) -> u64 {

@@ -186,15 +186,11 @@ impl HandoffLoop {
                 else {
                     continue;
                 };
-                let before = worker.sent;
-                worker.sent += count;
                 worker.acked += count;
-                if let Some(limit) = worker.recycle_after {
-                    if before < limit && worker.sent >= limit {
-                        let _ = self.events.send(Event::RecycleDue {
-                            worker: worker.worker,
-                        });
-                    }
+                if worker.count_sent(count) {
+                    let _ = self.events.send(Event::RecycleDue {
+                        worker: worker.worker,
+                    });
                 }
             }
         }

@@ -125,12 +125,11 @@ impl HandoffLoop {
                     accepted.fetch_add(1, Relaxed);
                 }
                 self.counters.handed_off[worker.slot].fetch_add(1, Relaxed);
-                worker.sent += 1;
                 worker.acked += 1;
                 if worker.closed.is_some() {
                     self.counters.open_connections[worker.slot].fetch_add(1, Relaxed);
                 }
-                if worker.recycle_after == Some(worker.sent) {
+                if worker.count_sent(1) {
                     let _ = self.events.send(Event::RecycleDue {
                         worker: worker.worker,
                     });
