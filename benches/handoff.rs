@@ -19,9 +19,9 @@ use std::time::Instant;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use herd::dispatch::{Dispatcher, Mode};
-use herd::fdpass;
 use herd::handoff::Counters;
-use herd::protocol::{
+use herd_protocol::fdpass;
+use herd_protocol::wire::{
     Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN, WORKER_MESSAGE_MAX_LEN,
 };
 

@@ -80,11 +80,11 @@ struct CompareArgs {
     /// Modes to compare, in this order (comma-separated)
     /// [default: round-robin,sticky,least-conn,shared,reuseport].
     #[arg(long, value_name = "LIST", value_delimiter = ',',
-          value_parser = clap::builder::PossibleValuesParser::new(herd::compare::MODES))]
+          value_parser = clap::builder::PossibleValuesParser::new(herd_tooling::compare::MODES))]
     modes: Option<Vec<String>>,
     /// Scenarios to run, in this order (comma-separated).
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "uniform,stalled",
-          value_parser = clap::builder::PossibleValuesParser::new(herd::compare::Scenario::NAMES))]
+          value_parser = clap::builder::PossibleValuesParser::new(herd_tooling::compare::Scenario::NAMES))]
     scenarios: Vec<String>,
     /// Worker processes in each run (2 or more for the stalled scenario).
     #[arg(short, long, value_name = "N", default_value_t = 2)]
@@ -399,7 +399,7 @@ fn run(args: ConfigArgs) -> ExitCode {
 /// `herd bench`: exit 0 when the run completed (failed requests are in the
 /// report), 2 for bad arguments, 1 if the runtime cannot start.
 fn bench(args: BenchArgs) -> ExitCode {
-    use herd::bench::{self, BenchOptions, Limit, SourceRange, Target};
+    use herd_tooling::bench::{self, BenchOptions, Limit, SourceRange, Target};
     let options = (|| {
         Ok::<_, bench::BenchError>(BenchOptions {
             target: Target::parse(&args.target)?,
@@ -454,8 +454,8 @@ fn bench(args: BenchArgs) -> ExitCode {
 /// `herd compare`: exit 0 when at least one row was measured, 1 when none
 /// was (or the files cannot be written), 2 for bad arguments.
 fn compare(args: CompareArgs) -> ExitCode {
-    use herd::bench::{Limit, SourceRange};
-    use herd::compare::{self, CompareOptions, Scenario};
+    use herd_tooling::bench::{Limit, SourceRange};
+    use herd_tooling::compare::{self, CompareOptions, Scenario};
     let options = (|| {
         let limit = match (args.requests, args.duration) {
             (Some(n), _) => Limit::Requests(n),

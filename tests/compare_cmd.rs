@@ -99,7 +99,7 @@ fn compare_prints_a_row_per_mode_and_scenario_and_writes_the_files() {
         std::fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
     };
     let csv = read("compare.csv");
-    assert_eq!(csv.lines().next(), Some(herd::compare::CSV_HEADER));
+    assert_eq!(csv.lines().next(), Some(herd_tooling::compare::CSV_HEADER));
     assert!(csv.starts_with("scenario,mode,requests,"), "{csv}");
     let csv = csv_rows(&csv);
     assert_eq!(csv.len(), 10, "{csv:#?}");

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 
 use herd::config::{Config, ConfigError};
 use herd::node_ipc::{self, NodeChannel, Read};
-use herd::protocol::{WorkerMessage, WORKER_MESSAGE_MAX_LEN};
+use herd_protocol::wire::{WorkerMessage, WORKER_MESSAGE_MAX_LEN};
 use proptest::prelude::*;
 
 fn budget() -> ProptestConfig {
@@ -79,7 +79,7 @@ proptest! {
             sent_lines += chunk.iter().filter(|&&b| b == b'\n').count();
             if *with_fd && !chunk.is_empty() {
                 let (spare, _) = UnixStream::pair().unwrap();
-                herd::fdpass::sendmsg_with_fd(ours.as_fd(), chunk, spare.as_fd()).unwrap();
+                herd_protocol::fdpass::sendmsg_with_fd(ours.as_fd(), chunk, spare.as_fd()).unwrap();
             } else {
                 ours.write_all(chunk).unwrap();
             }

@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use herd::worker::{Connection, Worker};
+use herd_worker::{Connection, Worker};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};

@@ -53,15 +53,15 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{HandoffSettings, MAX_WORKERS};
 use crate::dispatch::{Dispatcher, Mode};
-use crate::fdpass;
-use crate::fdpass::rotation_bpf::MAX_ROTATION;
 use crate::lifecycle::{Role, WorkerId};
 use crate::listener::{self, BoundListener};
 use crate::node_ipc::{self, NodeChannel, SentHandle};
-use crate::protocol::{Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN};
 use crate::rate_limit::Occurrences;
 use crate::rotation::SlotRotation;
 use crate::wait_queue::WaitQueue;
+use herd_protocol::bpf::MAX_ROTATION;
+use herd_protocol::fdpass;
+use herd_protocol::wire::{Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN};
 
 const WAKER: Token = Token(usize::MAX);
 /// Listener `i` has token `i`; worker channel `c` has token `WORKER_TOKEN_BASE + c`;

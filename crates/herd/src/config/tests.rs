@@ -14,7 +14,7 @@ fn error_of(config: &Config) -> String {
 #[test]
 fn the_repository_config_parses() {
     let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config.toml")).unwrap();
     let config = Config::parse(&text).unwrap();
     assert_eq!(config.workers, WorkerCount::Named("max".into()));
     assert_eq!(config.listen, ["127.0.0.1:3000"]);

@@ -133,7 +133,7 @@ impl Drop for CgroupTree {
 }
 
 impl Leaf {
-    /// The fd of `cgroup.procs`, for [`crate::fdpass::prepare_child`].
+    /// The fd of `cgroup.procs`, for [`herd_protocol::fdpass::prepare_child`].
     pub fn procs_fd(&self) -> RawFd {
         self.procs.as_raw_fd()
     }
@@ -307,7 +307,7 @@ mod tests {
         let leaf = tree.leaf("test-leaf").unwrap();
         let mut command = std::process::Command::new("sleep");
         command.arg("60");
-        crate::fdpass::prepare_child(&mut command, Vec::new(), Some(leaf.procs_fd()), None);
+        herd_protocol::fdpass::prepare_child(&mut command, Vec::new(), Some(leaf.procs_fd()), None);
         let mut child = command.spawn().unwrap();
         assert_eq!(pids(&leaf.dir), [child.id()]);
         assert!(!leaf.is_empty());
@@ -356,7 +356,12 @@ mod tests {
             .unwrap();
         let mut command = std::process::Command::new("sleep");
         command.arg("60");
-        crate::fdpass::prepare_child(&mut command, Vec::new(), Some(procs.as_raw_fd()), None);
+        herd_protocol::fdpass::prepare_child(
+            &mut command,
+            Vec::new(),
+            Some(procs.as_raw_fd()),
+            None,
+        );
         let mut child = command.spawn().unwrap();
         let cleaned = clean_leftovers(&parent);
         assert_eq!(

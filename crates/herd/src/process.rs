@@ -22,8 +22,8 @@ use nix::unistd::Pid;
 
 use crate::activation;
 use crate::config::{Settings, WorkerProtocol};
-use crate::fdpass;
 use crate::node_ipc;
+use herd_protocol::fdpass;
 
 /// A worker process just started.
 #[derive(Debug)]
@@ -67,7 +67,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
     } else {
         fdpass::channel_pair()?
     };
-    let channel_fd = activation::channel_fd(listen_fds.len()).to_string();
+    let channel_fd = herd_protocol::env::channel_fd(listen_fds.len()).to_string();
     let mut command = if listen_fds.is_empty() {
         std::process::Command::new(&settings.program)
     } else {
@@ -75,7 +75,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         let mut shim = std::process::Command::new("/proc/self/exe");
         shim.arg(activation::EXEC_WORKER_ARG)
             .arg(&settings.program)
-            .envs(activation::listen_env(listen_fds.len()));
+            .envs(herd_protocol::env::listen_env(listen_fds.len()));
         shim
     };
     command.args(&settings.args);
@@ -89,10 +89,10 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
     }
     command
         .envs(&settings.env)
-        .env(crate::worker::CHANNEL_FD_ENV, &channel_fd)
-        .env(crate::worker::WORKER_ID_ENV, slot.to_string())
+        .env(herd_protocol::env::CHANNEL_FD_ENV, &channel_fd)
+        .env(herd_protocol::env::WORKER_ID_ENV, slot.to_string())
         .env("HERD_WORKERS", workers.to_string())
-        .env("HERD_PROTOCOL", crate::protocol::VERSION.to_string())
+        .env("HERD_PROTOCOL", herd_protocol::wire::VERSION.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -103,7 +103,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
     if node {
         // An unmodified Node cluster app: it finds herd as its cluster primary.
         command
-            .env_remove(crate::worker::CHANNEL_FD_ENV)
+            .env_remove(herd_protocol::env::CHANNEL_FD_ENV)
             .env(node_ipc::NODE_UNIQUE_ID_ENV, slot.to_string())
             .env(node_ipc::NODE_CHANNEL_FD_ENV, &channel_fd)
             .env(node_ipc::NODE_CHANNEL_SERIALIZATION_MODE_ENV, "json");

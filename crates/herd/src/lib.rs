@@ -1,4 +1,4 @@
-//! herd: a multi-core front for server processes.
+//! herd: a multi-core front for server processes; the primary, as a library.
 //!
 //! The primary binds the listeners, accepts every connection and passes its
 //! file descriptor over a Unix-domain socket to a worker process chosen by a
@@ -12,11 +12,8 @@
 //! - [`activation`]: the sockets workers inherit in the OS-scheduled modes
 //!   (`shared`, `reuseport`), systemd's `LISTEN_FDS` convention.
 //! - [`dispatch`]: the policies that choose a worker for each connection.
-//! - [`protocol`]: the primary ↔ worker wire format (docs/protocol.md).
 //! - [`rate_limit`]: logging an error that can repeat at the 1st, 2nd, 4th, ... time.
 //! - [`fd_budget`]: herd's open-file limit, raised at start, and what a configuration may need of it.
-//! - [`fdpass`]: SCM_RIGHTS fd passing, and the eBPF rotation program the
-//!   kernel rotation hands its sockets to; the only `unsafe` code.
 //! - [`handoff`]: the mio loop that accepts and hands connections off.
 //! - [`wait_queue`]: accepted connections waiting for a worker, one line per listener.
 //! - [`node_ipc`]: Node.js cluster IPC, so unmodified Node cluster apps are workers.
@@ -32,23 +29,16 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 //! - [`control`]: the control socket behind `herd status`, `reload`, `scale`, `stop`.
 //! - [`primary`]: wiring it together; herd's own lifecycle and signals.
-//! - [`worker`]: the library Rust workers link to receive connections.
-//! - [`mod@bench`]: `herd bench`, a small bounded HTTP load generator.
-//! - [`compare`]: `herd compare`, the same load against each dispatch mode, side by side.
 
-#![deny(rust_2018_idioms)]
-// Raw system calls live in `fdpass` alone, which opts back in.
-#![deny(unsafe_code)]
+// Raw system calls live in herd-protocol alone.
+#![forbid(unsafe_code)]
 
 pub mod activation;
-pub mod bench;
 pub mod cgroup;
-pub mod compare;
 pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod fd_budget;
-pub mod fdpass;
 pub mod handoff;
 pub mod lifecycle;
 pub mod listener;
@@ -57,10 +47,8 @@ pub mod node_ipc;
 pub mod primary;
 pub mod process;
 pub mod procstat;
-pub mod protocol;
 pub mod rate_limit;
 pub mod rotation;
 pub mod supervisor;
 pub mod wait_queue;
-pub mod worker;
 pub mod worker_output;

@@ -25,15 +25,15 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::bench::{self, BenchError, BenchOptions, BenchReport, Limit, SourceRange, Target};
-use crate::config::MAX_WORKERS;
-use crate::control::{self, ControlError, Request, Response, StatusReport};
-use crate::lifecycle::SlotState;
-use crate::metrics::{fairness, Fairness};
-use crate::procstat;
+use herd::config::MAX_WORKERS;
+use herd::control::{self, ControlError, Request, Response, StatusReport};
+use herd::lifecycle::SlotState;
+use herd::metrics::{fairness, Fairness};
+use herd::procstat;
 
 /// Every mode name `--modes` accepts. A mode whose herd fails to start
 /// becomes a row with a note, not the end of the comparison.
-pub const MODES: &[&str] = crate::dispatch::Mode::NAMES;
+pub const MODES: &[&str] = herd::dispatch::Mode::NAMES;
 
 /// How long herd gets to bind, start its workers and see them all ready.
 /// herd's own default `ready_timeout` is 30 s: a slower worker fails anyway.

@@ -27,7 +27,12 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use nix::sys::socket::{getsockopt, sockopt};
 
-use crate::fdpass::rotation_bpf::{RotationError, RotationProgram, MAX_ROTATION};
+use herd_protocol::bpf::{RotationError, RotationProgram, MAX_ROTATION};
+
+use crate::config::MAX_WORKERS;
+
+// Every slot of the largest pool must fit in one rotation.
+const _: () = assert!(MAX_WORKERS <= MAX_ROTATION);
 use crate::listener::{self, ListenError};
 
 /// One listener's rotation.

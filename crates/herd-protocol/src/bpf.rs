@@ -13,17 +13,17 @@
 //! costs more than the request). The program keeps the rotation strict,
 //! unlike SO_REUSEPORT's own hash of the 4-tuple.
 //!
-//! It is part of the fd-passing module because it is the other place herd
-//! hands file descriptors to someone else, here the kernel's socket array,
-//! and because it needs raw system calls.
+//! It lives in this crate, beside fd passing, because it is the other place
+//! herd hands file descriptors to someone else, here the kernel's socket
+//! array, and because it needs raw system calls.
+
+#![allow(unsafe_code)]
 
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::libc;
-
-use crate::config::MAX_WORKERS;
 
 /// `bpf(2)` commands, map and program types, from `<linux/bpf.h>`.
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -38,8 +38,9 @@ const BPF_SK_REUSEPORT_SELECT: u32 = 39;
 /// `<asm-generic/socket.h>`; libc does not export it for glibc targets.
 const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
 
-/// Sockets one rotation can hold: one per worker slot.
-pub const MAX_ROTATION: usize = MAX_WORKERS;
+/// Sockets one rotation can hold: one per worker slot (herd's
+/// `MAX_WORKERS` is checked against it at compile time).
+pub const MAX_ROTATION: usize = 1024;
 
 /// The `config` map's one value, written by herd: how many sockets take
 /// turns, and whose slot each is (to count per slot).
@@ -382,7 +383,24 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsFd;
 
-    use crate::listener;
+    /// A listening `SO_REUSEPORT` socket on `addr`, non-blocking.
+    fn bind_reuseport(addr: std::net::SocketAddr) -> TcpListener {
+        use nix::sys::socket::{
+            bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+            SockaddrStorage,
+        };
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).unwrap();
+        listen(&fd, Backlog::new(64).unwrap()).unwrap();
+        TcpListener::from(fd)
+    }
 
     /// Waits (up to 5 s) for one connection on one of `listeners`, accepts
     /// it and says which.
@@ -408,11 +426,11 @@ mod tests {
     #[test]
     fn the_kernel_deals_connections_in_strict_turns_and_counts_them_per_slot() {
         let mut rotation = RotationProgram::load().unwrap_or_else(|e| panic!("{e}"));
-        let first = listener::bind_reuseport("127.0.0.1:0".parse().unwrap(), 64).unwrap();
+        let first = bind_reuseport("127.0.0.1:0".parse().unwrap());
         let addr = first.local_addr().unwrap();
         let mut group = vec![first];
         for _ in 0..2 {
-            group.push(listener::bind_reuseport(addr, 64).unwrap());
+            group.push(bind_reuseport(addr));
         }
         rotation.attach(group[0].as_fd()).unwrap();
         // Slots 5 and 7 take turns; group[0] is out of the rotation.

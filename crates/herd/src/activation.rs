@@ -40,18 +40,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 
 use crate::dispatch::Mode;
-use crate::fdpass;
 use crate::listener::{self, BoundListener, ListenError};
+use herd_protocol::env::LISTEN_PID_ENV;
 
 /// argv\[1\] that makes `herd` the worker-start shim (see the module docs).
 pub const EXEC_WORKER_ARG: &str = "__exec-worker";
-/// How many listening sockets the worker inherited (from fd 3 on).
-pub const LISTEN_FDS_ENV: &str = "LISTEN_FDS";
-/// The pid the inherited sockets are meant for.
-pub const LISTEN_PID_ENV: &str = "LISTEN_PID";
-/// Colon-separated names of the inherited sockets.
-pub const LISTEN_FDNAMES_ENV: &str = "LISTEN_FDNAMES";
-
 /// The listening sockets workers inherit, per mode.
 #[derive(Debug)]
 pub enum WorkerSockets {
@@ -165,21 +158,6 @@ fn make_blocking(socket: &TcpListener) -> Result<(), ListenError> {
     Ok(())
 }
 
-/// The environment describing `count` inherited sockets (all but
-/// `LISTEN_PID`, which the shim adds).
-pub fn listen_env(count: usize) -> [(&'static str, String); 2] {
-    let names: Vec<String> = (0..count).map(|i| format!("listen{i}")).collect();
-    [
-        (LISTEN_FDS_ENV, count.to_string()),
-        (LISTEN_FDNAMES_ENV, names.join(":")),
-    ]
-}
-
-/// The fd number of the channel when `listen_fds` sockets come first.
-pub fn channel_fd(listen_fds: usize) -> RawFd {
-    fdpass::FIRST_INHERITED_FD + listen_fds as RawFd
-}
-
 /// The shim: `herd __exec-worker PROGRAM ARGS…` sets `LISTEN_PID` to this
 /// process's pid and becomes PROGRAM. Returns only if exec failed.
 pub fn exec_worker(mut args: impl Iterator<Item = OsString>) -> std::io::Error {
@@ -190,27 +168,6 @@ pub fn exec_worker(mut args: impl Iterator<Item = OsString>) -> std::io::Error {
         .args(args)
         .env(LISTEN_PID_ENV, std::process::id().to_string())
         .exec()
-}
-
-/// The listening sockets this process inherited for itself by the systemd
-/// convention: fds 3.. if `LISTEN_PID` is our pid, else none. (A program
-/// this one starts sees a `LISTEN_PID` that is not its own and ignores them,
-/// so the variables need not be removed, which would race other threads.)
-pub fn inherited_listen_fds() -> Result<Vec<RawFd>, String> {
-    let Ok(pid) = std::env::var(LISTEN_PID_ENV) else {
-        return Ok(Vec::new());
-    };
-    if pid.trim() != std::process::id().to_string() {
-        return Ok(Vec::new());
-    }
-    let count = std::env::var(LISTEN_FDS_ENV).unwrap_or_default();
-    let count: usize = count
-        .trim()
-        .parse()
-        .map_err(|_| format!("{LISTEN_FDS_ENV}={count:?} is not a count"))?;
-    Ok((0..count)
-        .map(|i| fdpass::FIRST_INHERITED_FD + i as RawFd)
-        .collect())
 }
 
 #[cfg(test)]
@@ -241,7 +198,8 @@ mod tests {
             assert!(!nonblocking(sockets_of(&sockets, 0)[0]), "{mode:?}");
             // The first worker's event loop makes it non-blocking, for
             // every holder of the socket.
-            fdpass::set_nonblocking(sockets_of(&sockets, 0)[0].as_fd(), true).unwrap();
+            herd_protocol::fdpass::set_nonblocking(sockets_of(&sockets, 0)[0].as_fd(), true)
+                .unwrap();
             // Its slot restarts (reuseport) or another worker starts (shared):
             // the live worker's socket keeps its flag.
             sockets.for_slot(0).unwrap();
@@ -322,18 +280,5 @@ mod tests {
             error.to_string().contains("address already in use"),
             "{error}"
         );
-    }
-
-    #[test]
-    fn listen_env_names_every_socket() {
-        assert_eq!(
-            listen_env(2),
-            [
-                (LISTEN_FDS_ENV, "2".to_string()),
-                (LISTEN_FDNAMES_ENV, "listen0:listen1".to_string())
-            ]
-        );
-        assert_eq!(channel_fd(2), 5);
-        assert_eq!(channel_fd(0), 3);
     }
 }

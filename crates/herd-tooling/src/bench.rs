@@ -26,7 +26,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::metrics::{fairness, Fairness};
+use herd::metrics::{fairness, Fairness};
 
 /// Longest run `--duration` accepts.
 pub const MAX_DURATION: Duration = Duration::from_secs(600);

@@ -1,4 +1,4 @@
-//! The worker side, for Rust workers: receive connections from herd.
+//! herd-worker: the library a Rust server links to run under herd.
 //!
 //! Owns the worker's end of the channel. A worker started by herd finds its
 //! channel in `HERD_CHANNEL_FD`; [`Worker::accept`] says READY on first use,
@@ -14,14 +14,16 @@
 //! (ACCEPTED), so the same worker code runs unchanged in every mode.
 //!
 //! ```no_run
-//! # async fn serve(_: herd::worker::Connection) {}
-//! # async fn example() -> Result<(), herd::worker::WorkerError> {
-//! let mut worker = herd::worker::Worker::from_env()?;
+//! # async fn serve(_: herd_worker::Connection) {}
+//! # async fn example() -> Result<(), herd_worker::WorkerError> {
+//! let mut worker = herd_worker::Worker::from_env()?;
 //! while let Some(connection) = worker.accept().await? {
 //!     tokio::spawn(serve(connection));
 //! }
 //! # Ok(()) }
 //! ```
+
+#![forbid(unsafe_code)]
 
 use std::io;
 use std::net::SocketAddr;
@@ -35,15 +37,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::fdpass;
-use crate::protocol::{
+use herd_protocol::fdpass;
+use herd_protocol::wire::{
     PrimaryMessage, ProtocolError, WorkerMessage, MAX_MESSAGE_LEN, WORKER_MESSAGE_MAX_LEN,
 };
 
-/// Environment variable naming the inherited channel fd.
-pub const CHANNEL_FD_ENV: &str = "HERD_CHANNEL_FD";
-/// Environment variable with the worker's slot, 0..N-1; stable across restarts.
-pub const WORKER_ID_ENV: &str = "HERD_WORKER_ID";
+pub use herd_protocol::env::{CHANNEL_FD_ENV, WORKER_ID_ENV};
 
 /// Why the worker side failed.
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +190,7 @@ impl Worker {
             value: slot.clone(),
         })?;
         let channel = fdpass::adopt_inherited_fd(fd)?;
-        let listeners = crate::activation::inherited_listen_fds()
+        let listeners = herd_protocol::env::inherited_listen_fds()
             .map_err(WorkerError::Listeners)?
             .into_iter()
             .map(|fd| {

@@ -1,4 +1,4 @@
-//! File-descriptor passing: the only module in herd with `unsafe`.
+//! File-descriptor passing, and preparing a child's fds before `exec`.
 //!
 //! Owns the raw system calls that move file descriptors between processes:
 //! creating a worker channel, `sendmsg`/`recvmsg` with one SCM_RIGHTS fd, and
@@ -17,8 +17,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::libc;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-
-pub mod rotation_bpf;
 
 /// Room for the control message of up to `MAX_FDS_PER_MESSAGE` fds; aligned
 /// for `cmsghdr` because the kernel and the CMSG_* macros require it.

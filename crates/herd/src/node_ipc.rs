@@ -21,7 +21,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use serde_json::{json, Value};
 
-use crate::fdpass;
+use herd_protocol::fdpass;
 
 /// A line longer than this from a worker is a broken worker, not a message.
 const MAX_LINE: usize = 1 << 20;

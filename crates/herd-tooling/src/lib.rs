@@ -1,0 +1,15 @@
+//! herd-tooling: load generation against herd, kept out of the primary.
+//!
+//! `herd bench` and `herd compare` are subcommands of the one `herd` binary,
+//! but nothing here is linked into the primary's library: a primary never
+//! generates load, and its dependency tree stays free of the histogram and
+//! the HTTP client this needs.
+//!
+//! # Layout
+//! - [`mod@bench`]: a small bounded HTTP/1.1 load generator, with per-worker
+//!   shares read from each response's `X-Worker` header.
+//! - [`compare`]: the same load against each of herd's distribution modes in
+//!   turn, one table (and Markdown, CSV, SVG) side by side.
+
+pub mod bench;
+pub mod compare;
