@@ -18,8 +18,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use herd::counters::Counters;
 use herd::dispatch::{Dispatcher, Mode};
-use herd::handoff::Counters;
 use herd_protocol::fdpass;
 use herd_protocol::wire::{
     Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN, WORKER_MESSAGE_MAX_LEN,

@@ -26,7 +26,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use herd::metrics::{fairness, Fairness};
+use herd::status::{fairness, Fairness};
 
 /// Longest run `--duration` accepts.
 pub const MAX_DURATION: Duration = Duration::from_secs(600);

@@ -26,10 +26,10 @@ use tokio::time::Instant;
 
 use crate::bench::{self, BenchError, BenchOptions, BenchReport, Limit, SourceRange, Target};
 use herd::config::MAX_WORKERS;
-use herd::control::{self, ControlError, Request, Response, StatusReport};
-use herd::lifecycle::SlotState;
-use herd::metrics::{fairness, Fairness};
+use herd::control::{self, ControlError, Request, Response};
 use herd::procstat;
+use herd::status::{self, SlotState, StatusReport};
+use herd::status::{fairness, Fairness};
 
 /// Every mode name `--modes` accepts. A mode whose herd fails to start
 /// becomes a row with a note, not the end of the comparison.
@@ -606,7 +606,7 @@ impl RunningHerd {
                 states = report
                     .workers
                     .iter()
-                    .map(|w| format!("slot {} {}", w.slot, control::kebab(&w.state)))
+                    .map(|w| format!("slot {} {}", w.slot, status::kebab(&w.state)))
                     .collect::<Vec<_>>()
                     .join(", ");
             }

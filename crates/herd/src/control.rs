@@ -28,8 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
-use crate::lifecycle::{Phase, SlotState};
-use crate::metrics::Fairness;
+use crate::status::{kebab, StatusReport};
 
 /// The largest request herd reads, newline included. Requests are a few
 /// dozen bytes; the bound keeps a client that sends without end (or
@@ -128,48 +127,6 @@ impl Response {
             status: None,
         }
     }
-}
-
-/// What `herd status` shows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StatusReport {
-    pub pid: u32,
-    pub phase: String,
-    pub uptime_secs: f64,
-    pub mode: String,
-    pub listen: Vec<String>,
-    pub workers: Vec<SlotStatus>,
-    /// How evenly hand-offs spread over the current slots since start.
-    pub fairness: Option<Fairness>,
-    /// Of the hand-offs, those the kernel rotation dealt (Node workers).
-    #[serde(default)]
-    pub kernel_dealt: u64,
-}
-
-/// One row of `herd status` (and of its JSON): a slot and the worker that
-/// stands for it (serving, else starting, else hung).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SlotStatus {
-    pub slot: usize,
-    pub pid: Option<u32>,
-    pub state: SlotState,
-    pub uptime_secs: Option<f64>,
-    pub restarts: u64,
-    pub handed_off: u64,
-    pub rss_bytes: Option<u64>,
-    pub cpu_percent: Option<f64>,
-}
-
-/// The serde name of a unit enum variant (e.g. `crash-looping`).
-pub fn kebab(value: &impl Serialize) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
-pub fn phase_name(phase: Phase) -> String {
-    kebab(&phase)
 }
 
 /// A request from a client, with the way back.

@@ -11,6 +11,9 @@ use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
 };
 
+/// Listeners herd may hold: configured, plus those Node apps ask for.
+pub const MAX_LISTENERS: usize = 256;
+
 /// A bound, listening, non-blocking socket.
 #[derive(Debug)]
 pub struct BoundListener {

@@ -28,9 +28,9 @@ use prometheus::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use crate::control::SlotStatus;
-use crate::handoff::{Counters, ACCEPT_ERROR_KINDS, LATENCY_BOUNDS_NANOS};
-use crate::lifecycle::{RestartReason, SlotState};
+use crate::counters::{Counters, ACCEPT_ERROR_KINDS, LATENCY_BOUNDS_NANOS};
+use crate::lifecycle::RestartReason;
+use crate::status::{fairness, SlotState, SlotStatus};
 use crate::worker_output::{self, Stream};
 
 /// Every metric family herd exports.
@@ -52,29 +52,6 @@ pub struct Metrics {
     reload_duration: Histogram,
     fairness_jain: prometheus::Gauge,
     log_lines_dropped: IntCounterVec,
-}
-
-/// How evenly connections were spread over the slots.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Fairness {
-    /// Most hand-offs to one slot divided by the fewest; `None` while a slot has none.
-    pub max_min_ratio: Option<f64>,
-    /// Jain's fairness index: 1 = perfectly even, 1/n = all on one slot.
-    pub jain_index: f64,
-}
-
-/// Fairness of per-slot counts; `None` when nothing was handed off yet.
-pub fn fairness(counts: &[u64]) -> Option<Fairness> {
-    let sum: f64 = counts.iter().map(|&c| c as f64).sum();
-    if counts.is_empty() || sum == 0.0 {
-        return None;
-    }
-    let squares: f64 = counts.iter().map(|&c| (c as f64).powi(2)).sum();
-    let (max, min) = (counts.iter().max()?, counts.iter().min()?);
-    Some(Fairness {
-        max_min_ratio: (*min > 0).then(|| *max as f64 / *min as f64),
-        jain_index: sum * sum / (counts.len() as f64 * squares),
-    })
 }
 
 impl Metrics {
@@ -298,7 +275,7 @@ impl Metrics {
         ] {
             let count = slots.iter().filter(|s| s.state == state).count();
             self.workers
-                .with_label_values(&[&crate::control::kebab(&state)])
+                .with_label_values(&[&crate::status::kebab(&state)])
                 .set(count as i64);
         }
         // Slots come and go with scaling: show only the current ones.
@@ -569,22 +546,6 @@ async fn respond<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fairness_of_even_and_skewed_spreads() {
-        assert_eq!(
-            fairness(&[1000, 1000, 1000, 1000]),
-            Some(Fairness {
-                max_min_ratio: Some(1.0),
-                jain_index: 1.0
-            })
-        );
-        let skewed = fairness(&[700, 100, 100, 100]).unwrap();
-        assert_eq!(skewed.max_min_ratio, Some(7.0));
-        assert!((skewed.jain_index - 1_000_000.0 / (4.0 * 520_000.0)).abs() < 1e-9);
-        assert_eq!(fairness(&[5, 0]).unwrap().max_min_ratio, None);
-        assert_eq!(fairness(&[0, 0]), None);
-    }
 
     #[test]
     fn render_reflects_the_counters() {

@@ -23,13 +23,14 @@ use tracing::{error, info, warn};
 use crate::activation::WorkerSockets;
 use crate::cgroup::{CgroupError, CgroupTree};
 use crate::config::{ConfigSource, KillMode, Settings, WorkerProtocol, MAX_WORKERS};
-use crate::control::{self, ControlServer, Incoming, Request, Response, StatusReport};
+use crate::control::{self, ControlServer, Incoming, Request, Response};
+use crate::counters::Counters;
 use crate::fd_budget::{FdLimit, Plan};
-use crate::handoff::{self, Command, Counters};
-use crate::lifecycle::Phase;
+use crate::handoff::{self, Command};
 use crate::listener::{self, ListenError};
 use crate::metrics::{self, Metrics, MetricsBindError};
 use crate::process;
+use crate::status::{self, Phase, StatusReport};
 use crate::supervisor::Supervisor;
 
 /// Why herd could not run.
@@ -389,10 +390,10 @@ fn status_report(supervisor: &Supervisor, counters: &Counters, started: Instant)
     let workers = supervisor.status(|slot| counters.handed_off[slot].load(Relaxed));
     let handed: Vec<u64> = workers.iter().map(|w| w.handed_off).collect();
     StatusReport {
-        fairness: metrics::fairness(&handed),
+        fairness: status::fairness(&handed),
         kernel_dealt: counters.kernel_dealt.load(Relaxed),
         pid: std::process::id(),
-        phase: control::phase_name(supervisor.phase()),
+        phase: status::phase_name(supervisor.phase()),
         uptime_secs: started.elapsed().as_secs_f64(),
         mode: settings.mode.name().to_string(),
         listen: counters

@@ -22,13 +22,13 @@ use tracing::{debug, error, info, warn};
 use crate::activation::WorkerSockets;
 use crate::cgroup::{CgroupTree, Leaf};
 use crate::config::Settings;
-use crate::control::SlotStatus;
 use crate::fd_budget::{FdLimit, Plan};
 use crate::handoff::{self, Command, Controller, NewWorker};
-use crate::lifecycle::{self, Action, Event, Lifecycle, Phase, Policy, Version, WorkerId};
+use crate::lifecycle::{self, Action, Event, Lifecycle, Policy, Version, WorkerId};
 use crate::metrics::Metrics;
 use crate::process::{self, Launch};
 use crate::procstat::{self, Sample};
+use crate::status::{Phase, SlotStatus};
 use crate::worker_output;
 
 /// How long the last sweep at exit waits for leftover processes to die.

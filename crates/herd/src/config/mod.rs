@@ -33,7 +33,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::dispatch::Mode;
-use crate::handoff::MAX_LISTENERS;
+use crate::listener::MAX_LISTENERS;
 
 /// The most worker slots herd runs; fixed so per-slot state can live in arrays.
 pub const MAX_WORKERS: usize = 1024;

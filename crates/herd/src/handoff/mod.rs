@@ -24,25 +24,21 @@
 
 mod accepting;
 mod channel;
-pub mod counters;
 mod listeners;
 mod messages;
 mod workers;
 
+use crate::counters::{accept_error_kind, Counters};
 use accepting::{reserve_fd, Refusals};
 use channel::{take_in_flight, BadMessage, ProtocolErrors, WorkerChannel};
-use counters::accept_error_kind;
-pub use counters::{
-    Counters, LatencyHistogram, LatencySnapshot, ACCEPT_ERROR_KINDS, LATENCY_BOUNDS_NANOS,
-};
 use workers::Retired;
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -54,7 +50,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{HandoffSettings, MAX_WORKERS};
 use crate::dispatch::{Dispatcher, Mode};
 use crate::lifecycle::{Role, WorkerId};
-use crate::listener::{self, BoundListener};
+use crate::listener::{self, BoundListener, MAX_LISTENERS};
 use crate::node_ipc::{self, NodeChannel, SentHandle};
 use crate::rate_limit::Occurrences;
 use crate::rotation::SlotRotation;
@@ -89,8 +85,6 @@ const REFUSED_RETRY_MAX: Duration = Duration::from_secs(1);
 /// `hang_timeout`: a hung worker is found within that plus this. A pass
 /// looks at the oldest hand-off of each worker, so it costs O(workers).
 const HANG_CHECK_INTERVAL: Duration = Duration::from_millis(100);
-/// Listeners herd may hold: configured, plus those Node apps ask for.
-pub const MAX_LISTENERS: usize = 256;
 
 /// First pause after accept fails for lack of fds/memory; doubles up to the max.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);

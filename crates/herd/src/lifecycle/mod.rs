@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::config::{RestartSettings, Settings, MAX_WORKERS};
+use crate::status::{Phase, SlotState};
 use reload::Reload;
 pub use slot::restart_delay;
 use slot::Slot;
@@ -75,33 +76,6 @@ pub enum Role {
     /// Asked to stop (or killed): gets nothing more; what it was sent and
     /// has not acknowledged is still collected.
     Draining,
-}
-
-/// What herd as a whole is doing (docs/lifecycle.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    Running,
-    Reloading,
-    Stopping,
-}
-
-/// What a slot is doing, as `herd status` shows it (docs/lifecycle.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SlotState {
-    /// A worker was started and has not said READY yet.
-    Starting,
-    /// A ready worker holds the slot and gets connections.
-    Ready,
-    /// A ready worker serves while its replacement starts (reload, memory, recycle).
-    Replacing,
-    /// No worker: waiting out the restart delay.
-    Waiting,
-    /// Waiting, after more than `max_restarts` failed starts within `window`.
-    CrashLooping,
-    /// Its worker stopped acknowledging hand-offs: killed, being replaced.
-    Hung,
 }
 
 /// Why a slot's worker had to be replaced, for `herd_worker_restarts_total{reason}`.

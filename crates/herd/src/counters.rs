@@ -2,7 +2,14 @@
 //! number of readers (status, metrics, the closing tally). Below both the
 //! loop and `metrics`, so neither needs the other to know the numbers.
 
-use super::*;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use std::io;
+
+use crate::config::MAX_WORKERS;
+use crate::listener::MAX_LISTENERS;
 
 /// Lock-free counters the loop updates and anyone may read.
 #[derive(Debug)]
@@ -122,7 +129,7 @@ pub const ACCEPT_ERROR_KINDS: [&str; 6] = [
     "other",
 ];
 
-pub(super) fn accept_error_kind(error: &io::Error) -> usize {
+pub(crate) fn accept_error_kind(error: &io::Error) -> usize {
     match error.raw_os_error() {
         Some(libc::EMFILE) => 0,
         Some(libc::ENFILE) => 1,
