@@ -161,28 +161,35 @@ impl Metrics {
             ),
             registry: registry.clone(),
         };
-        let build_info = gauge_vec("herd_build_info", "herd's version; always 1.", &["version"]);
+        metrics.preset_labels(gauge_vec(
+            "herd_build_info",
+            "herd's version; always 1.",
+            &["version"],
+        ));
+        metrics
+    }
+
+    /// Every label value a series can have shows from the first scrape
+    /// (at 0), so `rate()` and alerts see a series before its first event.
+    fn preset_labels(&self, build_info: IntGaugeVec) {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        let _ = metrics.registry.register(Box::new(
+        let _ = self.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));
         for result in ["success", "failure"] {
-            metrics.reloads.with_label_values(&[result]);
+            self.reloads.with_label_values(&[result]);
         }
         for reason in ["worker-gone", "refused", "slot-queue", "hung"] {
-            metrics.redispatched.with_label_values(&[reason]);
+            self.redispatched.with_label_values(&[reason]);
         }
         for reason in ["queue-full", "no-worker", "fd-limit"] {
-            metrics.dropped.with_label_values(&[reason]);
+            self.dropped.with_label_values(&[reason]);
         }
         for stream in Stream::ALL {
-            metrics
-                .log_lines_dropped
-                .with_label_values(&[stream.name()]);
+            self.log_lines_dropped.with_label_values(&[stream.name()]);
         }
-        metrics
     }
 
     pub fn restart(&self, slot: usize, reason: RestartReason) {
@@ -204,6 +211,21 @@ impl Metrics {
         slots: &[SlotStatus],
         cpu_seconds: &[f64],
     ) -> Vec<u8> {
+        let handed = self.sync_connections(counters, slots.len());
+        self.sync_slots(counters, slots, cpu_seconds);
+        if let Some(fair) = fairness(&handed) {
+            self.fairness_jain.set(fair.jain_index);
+        }
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            warn!("cannot encode metrics: {e}");
+        }
+        out
+    }
+
+    /// The connection counters, from the hand-off loop's; returns the
+    /// hand-offs per current slot.
+    fn sync_connections(&self, counters: &Counters, slots: usize) -> Vec<u64> {
         let listeners = counters.listener_indices();
         for (listener, count) in counters.accepted[..listeners].iter().enumerate() {
             sync(
@@ -211,7 +233,7 @@ impl Metrics {
                 count.load(Relaxed),
             );
         }
-        let handed: Vec<u64> = (0..slots.len())
+        let handed: Vec<u64> = (0..slots)
             .map(|slot| counters.handed_off[slot].load(Relaxed))
             .collect();
         for (slot, count) in handed.iter().enumerate() {
@@ -250,6 +272,23 @@ impl Metrics {
             counters.dropped_fd_limit.load(Relaxed),
         );
         self.in_flight.set(counters.in_flight.load(Relaxed) as i64);
+        for (kind, count) in ACCEPT_ERROR_KINDS.iter().zip(&counters.accept_errors) {
+            sync(
+                &self.accept_errors.with_label_values(&[kind]),
+                count.load(Relaxed),
+            );
+        }
+        for stream in Stream::ALL {
+            sync(
+                &self.log_lines_dropped.with_label_values(&[stream.name()]),
+                worker_output::lines_dropped(stream),
+            );
+        }
+        handed
+    }
+
+    /// The per-slot gauges: open connections, states, memory, CPU.
+    fn sync_slots(&self, counters: &Counters, slots: &[SlotStatus], cpu_seconds: &[f64]) {
         self.open_connections.reset();
         for slot in 0..slots.len() {
             if counters.reports_closed[slot].load(Relaxed) {
@@ -258,12 +297,6 @@ impl Metrics {
                     .with_label_values(&[&slot.to_string()])
                     .set(open);
             }
-        }
-        for (kind, count) in ACCEPT_ERROR_KINDS.iter().zip(&counters.accept_errors) {
-            sync(
-                &self.accept_errors.with_label_values(&[kind]),
-                count.load(Relaxed),
-            );
         }
         for state in [
             SlotState::Starting,
@@ -293,20 +326,6 @@ impl Metrics {
                 counter.inc_by(seconds - counter.get());
             }
         }
-        for stream in Stream::ALL {
-            sync(
-                &self.log_lines_dropped.with_label_values(&[stream.name()]),
-                worker_output::lines_dropped(stream),
-            );
-        }
-        if let Some(fair) = fairness(&handed) {
-            self.fairness_jain.set(fair.jain_index);
-        }
-        let mut out = Vec::with_capacity(16 * 1024);
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            warn!("cannot encode metrics: {e}");
-        }
-        out
     }
 }
 

@@ -230,7 +230,6 @@ impl HandoffLoop {
     #[allow(clippy::result_large_err)]
     pub(super) fn try_dispatch(&mut self, conn: Accepted) -> Result<(), Accepted> {
         let now = Instant::now();
-        let mut message = [0u8; HANDOFF_LEN];
         loop {
             let channels = &self.channels;
             let active = &self.active;
@@ -251,19 +250,7 @@ impl HandoffLoop {
             };
             let index = self.active[slot].expect("chosen slot is live");
             let worker = self.channels[index].as_mut().expect("chosen slot is live");
-            let sent = match worker.node.as_mut() {
-                None => fdpass::send_with_fd(
-                    worker.channel.as_fd(),
-                    conn.handoff.encode(&mut message),
-                    conn.stream.as_fd(),
-                ),
-                Some(node) => node.send_connection(
-                    worker.channel.as_fd(),
-                    conn.handoff.connection_id,
-                    conn.handoff.listener,
-                    conn.stream.as_fd(),
-                ),
-            };
+            let sent = worker.send_connection(&conn.handoff, conn.stream.as_fd());
             match sent {
                 Ok(()) => {
                     worker.in_flight.push_back(InFlight { conn, sent_at: now });
@@ -273,7 +260,7 @@ impl HandoffLoop {
                             worker: worker.worker,
                         });
                     }
-                    if worker.node.as_ref().is_some_and(NodeChannel::wants_write) {
+                    if worker.wants_write() {
                         self.watch_writable(index, true);
                     }
                     return Ok(());

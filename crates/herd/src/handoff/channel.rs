@@ -1,6 +1,12 @@
 //! One worker's channel as the hand-off loop holds it: its role, what is
 //! in flight to it, what it acknowledged and closed, what it may take next,
 //! and the bad messages it sent (counted and rate-limited).
+//!
+//! The channel speaks one of two protocols ([`Protocol`]): herd's own
+//! (docs/protocol.md) or Node.js cluster IPC. Each act on it is one method
+//! ([`WorkerChannel::send_connection`], [`WorkerChannel::send_drain`],
+//! [`WorkerChannel::read_messages`], [`WorkerChannel::flush`]) that matches
+//! on the protocol, so the loop above never asks which one it has.
 
 use super::*;
 
@@ -34,8 +40,34 @@ pub(super) struct WorkerChannel {
     pub(super) errors: ProtocolErrors,
     /// It had more to read than one turn's budget: it is read again next turn.
     pub(super) more_to_read: bool,
-    /// A Node.js cluster worker: its framing state (`None`: herd's protocol).
-    pub(super) node: Option<NodeChannel>,
+    /// The protocol the worker speaks, with that protocol's own state.
+    pub(super) protocol: Protocol,
+}
+
+/// The protocol on a worker's channel.
+pub(super) enum Protocol {
+    /// herd protocol v1: one SEQPACKET message per send, fds in SCM_RIGHTS.
+    Herd,
+    /// Node.js cluster IPC: JSON lines, an outbox for what did not fit, and
+    /// the servers (listeners) the worker asked for.
+    Node(NodeChannel),
+}
+
+/// One message a worker sent, in its protocol.
+pub(super) enum Message {
+    Herd(WorkerMessage),
+    Node(node_ipc::Incoming),
+}
+
+/// How a turn of reading a channel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ReadEnd {
+    /// Nothing more to read now.
+    Drained,
+    /// The turn's budget ran out with more waiting.
+    More,
+    /// The worker closed its end (or the channel failed).
+    Closed,
 }
 
 impl WorkerChannel {
@@ -56,6 +88,128 @@ impl WorkerChannel {
         }
     }
 
+    /// Sends one connection: a HANDOFF message with the fd (herd), or a
+    /// `NODE_HANDLE` line with it (Node, queued if the channel is full).
+    pub(super) fn send_connection(
+        &mut self,
+        handoff: &Handoff,
+        stream: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        match &mut self.protocol {
+            Protocol::Herd => {
+                let mut message = [0u8; HANDOFF_LEN];
+                fdpass::send_with_fd(self.channel.as_fd(), handoff.encode(&mut message), stream)
+            }
+            Protocol::Node(node) => node.send_connection(
+                self.channel.as_fd(),
+                handoff.connection_id,
+                handoff.listener,
+                stream,
+            ),
+        }
+    }
+
+    /// Asks the worker to stop taking connections: DRAIN (herd), or Node's
+    /// `disconnect` (the worker closes its servers, then its end of the
+    /// channel, and exits once idle).
+    pub(super) fn send_drain(&mut self) -> io::Result<()> {
+        match &mut self.protocol {
+            Protocol::Herd => {
+                fdpass::send(self.channel.as_fd(), &PrimaryMessage::encode_drain(), true)
+            }
+            Protocol::Node(node) => {
+                let seq = node.next_seq();
+                node.send_line(self.channel.as_fd(), node_ipc::disconnect(seq))
+            }
+        }
+    }
+
+    /// Reads what waits on the channel, one turn's budget at most, into
+    /// `out`. What herd cannot use is counted and logged here, not returned.
+    pub(super) fn read_messages(&mut self, out: &mut Vec<Message>) -> ReadEnd {
+        match &mut self.protocol {
+            Protocol::Node(node) => {
+                let mut messages = Vec::new();
+                let read = node.read(self.channel.as_fd(), &mut messages);
+                out.extend(messages.into_iter().map(Message::Node));
+                match read {
+                    Ok(node_ipc::Read::Drained) => ReadEnd::Drained,
+                    Ok(node_ipc::Read::More) => ReadEnd::More,
+                    Ok(node_ipc::Read::Closed) => ReadEnd::Closed,
+                    Err(e) => {
+                        debug!(slot = self.slot, "Node worker channel failed: {e}");
+                        ReadEnd::Closed
+                    }
+                }
+            }
+            Protocol::Herd => self.read_herd_messages(out),
+        }
+    }
+
+    fn read_herd_messages(&mut self, out: &mut Vec<Message>) -> ReadEnd {
+        let mut buf = [0u8; MAX_MESSAGE_LEN];
+        for _ in 0..READ_BUDGET_MESSAGES {
+            match fdpass::recv_with_fd(self.channel.as_fd(), &mut buf, true) {
+                Ok(Some(received)) => {
+                    if received.fd.is_some() {
+                        // Closed when `received` is dropped.
+                        self.bad_message(
+                            BadMessage::StrayFd,
+                            "a file descriptor (herd never asks a worker for one); closed it",
+                        );
+                    }
+                    match WorkerMessage::decode(&buf[..received.len]) {
+                        Ok(message) => out.push(Message::Herd(message)),
+                        Err(e) => self.bad_message(
+                            BadMessage::Malformed,
+                            format!("a malformed message: {e}"),
+                        ),
+                    }
+                }
+                Ok(None) => return ReadEnd::Closed,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadEnd::Drained,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    self.bad_message(BadMessage::Malformed, format!("a malformed message: {e}"));
+                }
+                Err(e) => {
+                    debug!(slot = self.slot, "worker channel failed on receive: {e}");
+                    return ReadEnd::Closed;
+                }
+            }
+        }
+        ReadEnd::More
+    }
+
+    /// Sends what a full channel kept back (Node's outbox; herd's protocol
+    /// keeps nothing back, a full channel only blocks the worker).
+    pub(super) fn flush(&mut self) -> io::Result<()> {
+        match &mut self.protocol {
+            Protocol::Herd => Ok(()),
+            Protocol::Node(node) => node.flush(self.channel.as_fd()),
+        }
+    }
+
+    /// Does the loop need to hear when the channel has room?
+    pub(super) fn wants_write(&self) -> bool {
+        self.blocked || matches!(&self.protocol, Protocol::Node(node) if node.wants_write())
+    }
+
+    /// Does the worker take connections from `listener`? A herd-protocol
+    /// worker takes them from every listener; a Node worker from those it
+    /// asked to listen on.
+    pub(super) fn serves(&self, listener: u16) -> bool {
+        match &self.protocol {
+            Protocol::Herd => true,
+            Protocol::Node(node) => node.serves(listener),
+        }
+    }
+
+    /// Is this a Node worker that listens on `listener`?
+    pub(super) fn node_serves(&self, listener: u16) -> bool {
+        matches!(&self.protocol, Protocol::Node(node) if node.serves(listener))
+    }
+
     /// Counts `n` more connections sent to (or accepted by) this worker;
     /// true when that reaches its `recycle_after` (`max_connections_per_worker`),
     /// which happens once.
@@ -64,6 +218,40 @@ impl WorkerChannel {
         self.sent += n;
         self.recycle_after
             .is_some_and(|limit| before < limit && self.sent >= limit)
+    }
+
+    /// Counts one connection the worker has (acknowledged, or accepted by
+    /// itself): handed off, and open while it reports CLOSED.
+    pub(super) fn count_acknowledged(&mut self, counters: &Counters) {
+        counters.handed_off[self.slot].fetch_add(1, Relaxed);
+        self.acked += 1;
+        if self.closed.is_some() {
+            counters.open_connections[self.slot].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Counts one connection the worker reported closed. Never more closed
+    /// than acknowledged: the count cannot wrap, so least-conn cannot be
+    /// fooled into starving it.
+    pub(super) fn count_closed(&mut self, id: u64, counters: &Counters) {
+        let open = &counters.open_connections[self.slot];
+        if self.closed.is_none() {
+            // The first report: from now on this worker's count is
+            // tracked, and all it acknowledged so far counts as open.
+            self.closed = Some(0);
+            counters.reports_closed[self.slot].store(true, Relaxed);
+            open.fetch_add(self.acked, Relaxed);
+        }
+        match self.closed.as_mut() {
+            Some(closed) if *closed < self.acked => {
+                *closed += 1;
+                open.fetch_sub(1, Relaxed);
+            }
+            _ => self.bad_message(
+                BadMessage::UnknownId,
+                format!("a CLOSED for connection {id}, beyond every connection it acknowledged"),
+            ),
+        }
     }
 
     /// Connections this worker holds, for least-conn: those in flight, plus
@@ -81,7 +269,7 @@ impl WorkerChannel {
             && !self.hung
             && !self.blocked
             && self.recycle_after.is_none_or(|limit| self.sent < limit)
-            && self.node.as_ref().is_none_or(|node| node.serves(listener))
+            && self.serves(listener)
             && self.in_flight.len() < limits.max_unacked
             && self
                 .in_flight

@@ -72,11 +72,11 @@ impl HandoffLoop {
         let Some(listening) = self.listener(index) else {
             return;
         };
-        let served = self.channels.iter().flatten().any(|w| {
-            w.node
-                .as_ref()
-                .is_some_and(|node| node.serves(index as u16))
-        });
+        let served = self
+            .channels
+            .iter()
+            .flatten()
+            .any(|w| w.node_serves(index as u16));
         if listening.node_key.is_none() || served {
             return;
         }
@@ -214,7 +214,9 @@ impl HandoffLoop {
         let Some(worker) = self.channels[index].as_mut() else {
             return;
         };
-        let node = worker.node.as_mut().expect("a Node worker");
+        let Protocol::Node(node) = &mut worker.protocol else {
+            return;
+        };
         let channel = worker.channel.as_fd();
         let seq = node.next_seq();
         let sent = match listener {
@@ -297,7 +299,9 @@ impl HandoffLoop {
                 return false;
             }
         };
-        let node = worker.node.as_mut().expect("a Node worker");
+        let Protocol::Node(node) = &mut worker.protocol else {
+            return true;
+        };
         node.add_server(listener as u16, query.key.clone());
         let seq = node.next_seq();
         let line = node_ipc::query_reply_with_server(query, seq);
@@ -336,25 +340,7 @@ impl HandoffLoop {
             ));
         }
         if !self.listen_on_demand {
-            let by_port = self
-                .listeners
-                .iter()
-                .position(|l| l.as_ref().is_some_and(|l| l.local.port() == port));
-            let shared = self.workers_accept();
-            return match by_port {
-                Some(index) => Ok(index),
-                // Node checks the real socket's port in `shared` mode.
-                None if shared && port != 0 => Err((
-                    Errno::EADDRINUSE,
-                    format!(
-                        "in shared mode a Node app must listen on the port herd listens on, or 0 (it asked for {port}); or leave `listen` out and herd binds what the app asks"
-                    ),
-                )),
-                None if self.listener(0).is_none() => {
-                    Err((Errno::ESHUTDOWN, "herd is stopping".into()))
-                }
-                None => Ok(0),
-            };
+            return self.configured_listener_for(port);
         }
         if let Some(index) = self.listeners.iter().position(|l| {
             l.as_ref()
@@ -371,10 +357,61 @@ impl HandoffLoop {
                 ),
             ));
         }
+        let socket = self.bind_for_node(query, port)?;
+        let index = self
+            .add_listener(socket, Some(query.key.clone()))
+            .map_err(|e| match e {
+                AddListenerError::TableFull => (Errno::ENOBUFS, e.to_string()),
+                AddListenerError::Io(io) => (
+                    io.raw_os_error().map_or(Errno::EIO, Errno::from_raw),
+                    io.to_string(),
+                ),
+            })?;
+        let local = self.listener(index).expect("just added").local;
+        info!(
+            listener = index,
+            "listening on {local} (asked for by a Node worker: {})", query.key
+        );
+        Ok(index)
+    }
+
+    /// With listeners configured: the one on the port a Node app asked
+    /// for, else the first.
+    fn configured_listener_for(&self, port: u16) -> Result<usize, (nix::Error, String)> {
+        use nix::Error as Errno;
+        let by_port = self
+            .listeners
+            .iter()
+            .position(|l| l.as_ref().is_some_and(|l| l.local.port() == port));
+        let shared = self.workers_accept();
+        match by_port {
+            Some(index) => Ok(index),
+            // Node checks the real socket's port in `shared` mode.
+            None if shared && port != 0 => Err((
+                Errno::EADDRINUSE,
+                format!(
+                    "in shared mode a Node app must listen on the port herd listens on, or 0 (it asked for {port}); or leave `listen` out and herd binds what the app asks"
+                ),
+            )),
+            None if self.listener(0).is_none() => {
+                Err((Errno::ESHUTDOWN, "herd is stopping".into()))
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// Binds what a Node app asked for, as Node's primary binds: no
+    /// address means `[::]`, dual-stack, falling back to `0.0.0.0`.
+    fn bind_for_node(
+        &self,
+        query: &node_ipc::QueryServer,
+        port: u16,
+    ) -> Result<std::net::TcpListener, (nix::Error, String)> {
+        use nix::Error as Errno;
         let failed = |e: listener::ListenError| (e.source, e.to_string());
         // A kernel rotation needs a SO_REUSEPORT group to deal over.
         let reuse_port = self.limits.kernel_rotation;
-        let socket = match &query.address {
+        match &query.address {
             None => {
                 let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
                 listener::bind_dual_stack(any6, self.backlog, query.ipv6_only, reuse_port).or_else(
@@ -399,21 +436,6 @@ impl HandoffLoop {
                 }
             },
         }
-        .map_err(failed)?;
-        let index = self
-            .add_listener(socket, Some(query.key.clone()))
-            .map_err(|e| match e {
-                AddListenerError::TableFull => (Errno::ENOBUFS, e.to_string()),
-                AddListenerError::Io(io) => (
-                    io.raw_os_error().map_or(Errno::EIO, Errno::from_raw),
-                    io.to_string(),
-                ),
-            })?;
-        let local = self.listener(index).expect("just added").local;
-        info!(
-            listener = index,
-            "listening on {local} (asked for by a Node worker: {})", query.key
-        );
-        Ok(index)
+        .map_err(failed)
     }
 }

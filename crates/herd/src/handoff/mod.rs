@@ -30,13 +30,15 @@ mod workers;
 
 use crate::counters::{accept_error_kind, Counters};
 use accepting::{reserve_fd, Refusals};
-use channel::{take_in_flight, BadMessage, ProtocolErrors, WorkerChannel};
+use channel::{
+    take_in_flight, BadMessage, Message, Protocol, ProtocolErrors, ReadEnd, WorkerChannel,
+};
 use workers::Retired;
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -188,6 +190,7 @@ pub fn spawn(
         tally_due: None,
         hang_check_due: None,
         more_to_read: Vec::new(),
+        scratch: Vec::with_capacity(READ_BUDGET_MESSAGES),
         reserve_fd: reserve_fd(),
         fd_short_since: None,
         capacity_epoch: 0,
@@ -284,6 +287,8 @@ struct HandoffLoop {
     hang_check_due: Option<Instant>,
     /// Channels that had more to read than one turn's budget.
     more_to_read: Vec<usize>,
+    /// The messages of one channel's read turn, reused from turn to turn.
+    scratch: Vec<Message>,
     /// A spare fd, given up to accept and close a connection when herd is
     /// out of fds for longer than `queue_timeout`.
     reserve_fd: Option<OwnedFd>,

@@ -66,7 +66,11 @@ impl HandoffLoop {
             recycle_after,
             errors: ProtocolErrors::default(),
             more_to_read: false,
-            node: node.then(NodeChannel::default),
+            protocol: if node {
+                Protocol::Node(NodeChannel::default())
+            } else {
+                Protocol::Herd
+            },
         });
         // READY may already be waiting on the channel.
         self.read_worker(index);
@@ -167,19 +171,14 @@ impl HandoffLoop {
         if !worker.drain_pending {
             return;
         }
-        if let Some(node) = worker.node.as_mut() {
-            // Node's primary says `disconnect`: the worker closes its servers,
-            // then its end of the channel, and exits once idle.
+        if let Protocol::Node(_) = worker.protocol {
+            // A Node worker's outbox takes the line whether or not the
+            // channel has room now.
             worker.drain_pending = false;
-            let seq = node.next_seq();
-            let sent = node.send_line(worker.channel.as_fd(), node_ipc::disconnect(seq));
+            let sent = worker.send_drain();
             return self.after_node_send(index, sent);
         }
-        match fdpass::send(
-            worker.channel.as_fd(),
-            &PrimaryMessage::encode_drain(),
-            true,
-        ) {
+        match worker.send_drain() {
             Ok(()) => worker.drain_pending = false,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 worker.blocked = true;
@@ -213,9 +212,9 @@ impl HandoffLoop {
         };
         // Room on a channel is capacity: refused connections may go there now.
         self.capacity_epoch += 1;
-        if let Some(node) = worker.node.as_mut() {
+        if let Protocol::Node(_) = worker.protocol {
             worker.blocked = false;
-            let flushed = node.flush(worker.channel.as_fd());
+            let flushed = worker.flush();
             return self.after_node_send(index, flushed);
         }
         if worker.blocked {
