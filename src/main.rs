@@ -386,7 +386,7 @@ fn run(args: ConfigArgs) -> ExitCode {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    match runtime.block_on(herd::primary::run(source, settings)) {
+    match runtime.block_on(herd::primary::run_with_os_signals(source, settings)) {
         Ok(herd::primary::Outcome::Clean) => ExitCode::SUCCESS,
         Ok(herd::primary::Outcome::Forced) => ExitCode::FAILURE,
         Err(e) => {

@@ -28,7 +28,8 @@
 //! - [`procstat`]: worker memory and CPU from `/proc`.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 //! - [`control`]: the control socket behind `herd status`, `reload`, `scale`, `stop`.
-//! - [`primary`]: wiring it together; herd's own lifecycle and signals.
+//! - [`primary`]: wiring it together: [`primary::bind`], then [`primary::run`] until stopped.
+//! - [`signals`]: the signals herd acts on, as the [`signals::SignalEvent`] a test can inject.
 
 // Raw system calls live in herd-protocol alone.
 #![forbid(unsafe_code)]
@@ -50,6 +51,7 @@ pub mod process;
 pub mod procstat;
 pub mod rate_limit;
 pub mod rotation;
+pub mod signals;
 pub mod status;
 pub mod supervisor;
 pub mod wait_queue;

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
@@ -27,9 +27,10 @@ use crate::control::{self, ControlServer, Incoming, Request, Response};
 use crate::counters::Counters;
 use crate::fd_budget::{FdLimit, Plan};
 use crate::handoff::{self, Command};
-use crate::listener::{self, ListenError};
+use crate::listener::{self, BoundListener, ListenError};
 use crate::metrics::{self, Metrics, MetricsBindError};
 use crate::process;
+use crate::signals::{self, SignalEvent};
 use crate::status::{self, Phase, StatusReport};
 use crate::supervisor::Supervisor;
 
@@ -69,32 +70,6 @@ pub enum Outcome {
     Forced,
 }
 
-/// The signals herd acts on (README "Signals").
-struct Signals {
-    terminate: Signal,
-    interrupt: Signal,
-    quit: Signal,
-    hangup: Signal,
-    add_worker: Signal,
-    remove_worker: Signal,
-    /// A child exited: reap it.
-    child: Signal,
-}
-
-impl Signals {
-    fn install() -> std::io::Result<Signals> {
-        Ok(Signals {
-            terminate: signal(SignalKind::terminate())?,
-            interrupt: signal(SignalKind::interrupt())?,
-            quit: signal(SignalKind::quit())?,
-            hangup: signal(SignalKind::hangup())?,
-            add_worker: signal(SignalKind::from_raw(nix::libc::SIGTTIN))?,
-            remove_worker: signal(SignalKind::from_raw(nix::libc::SIGTTOU))?,
-            child: signal(SignalKind::child())?,
-        })
-    }
-}
-
 /// Where a worker's processes are: a cgroup per worker where herd can,
 /// else process groups. Killing what a SIGKILLed herd left in its cgroups
 /// comes first, as it may still hold the port herd is about to bind.
@@ -122,8 +97,39 @@ fn worker_cgroups(mode: KillMode) -> Result<Option<CgroupTree>, PrimaryError> {
     }
 }
 
-/// Runs herd until it is stopped. `source` is re-read on every reload.
-pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, PrimaryError> {
+/// Everything herd holds before its first worker starts: a busy port, a
+/// control socket in use or a refused cgroup stops herd here, with
+/// nothing started. Tests read the bound addresses from it before
+/// [`run`].
+pub struct Bound {
+    /// The configured listeners, as bound (port 0 resolved).
+    listen_addrs: Vec<SocketAddr>,
+    /// The listeners the hand-off loop accepts from (none in the OS modes).
+    listeners: Vec<BoundListener>,
+    /// The sockets workers inherit in the OS modes.
+    sockets: WorkerSockets,
+    metrics: Option<tokio::net::TcpListener>,
+    control: ControlServer,
+    cgroups: Option<CgroupTree>,
+    fd_limit: FdLimit,
+}
+
+impl Bound {
+    /// The addresses herd listens on, in `listen` order.
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen_addrs
+    }
+
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+}
+
+/// Prepares the process (subreaper, cgroups, open-file limit) and binds
+/// the listeners, `/metrics` and the control socket. Call it inside a
+/// tokio runtime.
+pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
     // Orphans among the workers' descendants become herd's, not init's:
     // herd reaps them, and kills them when it stops.
     if let Err(e) = process::become_subreaper() {
@@ -138,7 +144,7 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
         fd_limit.soft,
         fd_limit.original
     );
-    let need = Plan::of(&settings, settings.workers).need();
+    let need = Plan::of(settings, settings.workers).need();
     if need.total > fd_limit.soft {
         warn!(
             "this configuration may need {need}, over herd's open-file limit of {} (RLIMIT_NOFILE): lower those keys, or raise the limit (LimitNOFILE= under systemd, ulimit -n); past it, accepting pauses",
@@ -161,26 +167,51 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
             WorkerSockets::new(settings.mode, listeners, settings.backlog, settings.workers)?
         }
     };
-    let metrics_listener = settings.metrics.map(metrics::bind).transpose()?;
-    let mut control = ControlServer::bind(&settings.control)?;
+    let metrics = settings.metrics.map(metrics::bind).transpose()?;
+    let control = ControlServer::bind(&settings.control)?;
     info!(path = %settings.control.display(), "control socket ready");
-    let mut signals = Signals::install().map_err(PrimaryError::Signals)?;
+    Ok(Bound {
+        listen_addrs,
+        listeners,
+        sockets,
+        metrics,
+        control,
+        cgroups,
+        fd_limit,
+    })
+}
 
-    let counters = Arc::new(Counters::new(&listen_addrs));
+/// `herd run`: binds, forwards the process's signals, and runs until
+/// stopped. `source` is re-read on every reload.
+pub async fn run_with_os_signals(
+    source: ConfigSource,
+    settings: Settings,
+) -> Result<Outcome, PrimaryError> {
+    let bound = bind(&settings)?;
+    let signals = signals::forward_os_signals().map_err(PrimaryError::Signals)?;
+    run(bound, signals, source, settings).await
+}
+
+/// Runs herd on what [`bind`] bound until it is stopped: by a
+/// [`SignalEvent`] from `signals`, or by `herd stop`. `source` is re-read
+/// on every reload. Reaping needs SIGCHLD, which this installs itself.
+pub async fn run(
+    bound: Bound,
+    mut signals: mpsc::Receiver<SignalEvent>,
+    source: ConfigSource,
+    settings: Settings,
+) -> Result<Outcome, PrimaryError> {
+    let mut children = signal(SignalKind::child()).map_err(PrimaryError::Signals)?;
+    let mut control = bound.control;
+    let counters = Arc::new(Counters::new(&bound.listen_addrs));
     let metrics = Arc::new(Metrics::new(counters.clone()));
-    let (scrapes_tx, mut scrapes) = mpsc::unbounded_channel::<metrics::Scrape>();
-    if let Some(listener) = metrics_listener {
-        if let Ok(addr) = listener.local_addr() {
-            info!("metrics on http://{addr}/metrics");
-        }
-        tokio::spawn(metrics::serve(listener, scrapes_tx));
-    }
+    let mut scrapes = serve_metrics(bound.metrics);
     // The hand-off thread times each hand-off only when someone can read it.
     // In the OS modes it has no listeners: it only keeps the worker channels.
     let measure_latency = settings.metrics.is_some();
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (controller, handoff_thread) = handoff::spawn(
-        listeners,
+        bound.listeners,
         settings.mode,
         settings.handoff,
         events_tx,
@@ -189,86 +220,150 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
         settings.backlog,
     )
     .map_err(PrimaryError::HandoffLoop)?;
-
     info!(
         workers = settings.workers,
         mode = settings.mode.name(),
         program = %settings.program.display(),
         "starting workers"
     );
-    let started = Instant::now();
     let mut monitor = tokio::time::interval(settings.monitor_interval);
-    let mut supervisor = Supervisor::new(
+    let supervisor = Supervisor::new(
         settings,
         controller.clone(),
-        sockets,
+        bound.sockets,
         metrics.clone(),
-        cgroups,
-        fd_limit,
+        bound.cgroups,
+        bound.fd_limit,
     );
-    supervisor.start_all();
+    let mut primary = Primary {
+        supervisor,
+        counters,
+        metrics,
+        source,
+        started: Instant::now(),
+        stop_waiters: Vec::new(),
+    };
+    primary.supervisor.start_all();
     let (requests_tx, mut requests) = mpsc::unbounded_channel::<Incoming>();
-    // `herd stop` clients waiting for the outcome.
-    let mut stop_waiters: Vec<oneshot::Sender<Response>> = Vec::new();
-
-    while !supervisor.finished() {
-        let stopping = supervisor.phase() == Phase::Stopping;
-        let due = supervisor
+    while !primary.supervisor.finished() {
+        let due = primary
+            .supervisor
             .next_deadline()
             .map(tokio::time::Instant::from_std);
         tokio::select! {
-            Some(event) = events.recv() => supervisor.on_handoff(event),
-            _ = signals.child.recv() => supervisor.reap(),
-            _ = sleep_until_opt(due) => supervisor.tick(),
-            Some(scrape) = scrapes.recv() => {
-                let slots = supervisor.status(|slot| counters.handed_off[slot].load(Relaxed));
-                let _ = scrape.send(metrics.render(&counters, &slots, &supervisor.cpu_seconds()));
-            }
-            Some(incoming) = requests.recv() => {
-                let Incoming { request, reply } = incoming;
-                match request {
-                    Request::Status => {
-                        let report = status_report(&supervisor, &counters, started);
-                        let _ = reply.send(Response { ok: true, message: String::new(), status: Some(report) });
-                    }
-                    Request::Reload => start_reload(&mut supervisor, &source, &metrics, reply),
-                    Request::Scale { workers } => {
-                        let _ = reply.send(if stopping {
-                            Response::failed("herd is stopping")
-                        } else if !(1..=MAX_WORKERS).contains(&workers) {
-                            Response::failed(format!("cannot scale to {workers} workers: must be between 1 and {MAX_WORKERS}"))
-                        } else {
-                            match supervisor.scale(workers) {
-                                Ok(done) => Response::ok(done),
-                                Err(refused) => Response::failed(refused),
-                            }
-                        });
-                    }
-                    Request::Stop => {
-                        begin_stop(&mut supervisor, "herd stop");
-                        stop_waiters.push(reply);
-                    }
-                }
-            }
+            Some(event) = events.recv() => primary.supervisor.on_handoff(event),
+            _ = children.recv() => primary.supervisor.reap(),
+            _ = sleep_until_opt(due) => primary.supervisor.tick(),
+            Some(scrape) = scrapes.recv() => primary.scrape(scrape),
+            Some(incoming) = requests.recv() => primary.on_request(incoming),
             _ = control.accept(&requests_tx) => {}
-            _ = monitor.tick() => supervisor.monitor(),
-            _ = signals.terminate.recv() => begin_stop(&mut supervisor, "SIGTERM"),
-            _ = signals.interrupt.recv() => {
-                if stopping {
-                    warn!("second SIGINT: killing the remaining workers now");
-                    supervisor.kill_all();
+            _ = monitor.tick() => primary.supervisor.monitor(),
+            Some(event) = signals.recv() => primary.on_signal(event),
+        }
+    }
+    let _ = controller.send(Command::Exit);
+    if handoff_thread.join().is_err() {
+        warn!("hand-off thread panicked");
+    }
+    let outcome = primary.finish();
+    control.close().await;
+    Ok(outcome)
+}
+
+/// Serves `/metrics` if it was bound; scrapes arrive on the returned
+/// channel, to be answered by the main thread.
+fn serve_metrics(
+    listener: Option<tokio::net::TcpListener>,
+) -> mpsc::UnboundedReceiver<metrics::Scrape> {
+    let (scrapes_tx, scrapes) = mpsc::unbounded_channel();
+    if let Some(listener) = listener {
+        if let Ok(addr) = listener.local_addr() {
+            info!("metrics on http://{addr}/metrics");
+        }
+        tokio::spawn(metrics::serve(listener, scrapes_tx));
+    }
+    scrapes
+}
+
+/// The main thread's state while herd runs: every decision about workers
+/// is taken here, one event at a time.
+struct Primary {
+    supervisor: Supervisor,
+    counters: Arc<Counters>,
+    metrics: Arc<Metrics>,
+    /// Where the config is re-read from on reload.
+    source: ConfigSource,
+    started: Instant,
+    /// `herd stop` clients waiting for the outcome.
+    stop_waiters: Vec<oneshot::Sender<Response>>,
+}
+
+impl Primary {
+    fn stopping(&self) -> bool {
+        self.supervisor.phase() == Phase::Stopping
+    }
+
+    fn scrape(&self, scrape: metrics::Scrape) {
+        let counters = &self.counters;
+        let slots = self
+            .supervisor
+            .status(|slot| counters.handed_off[slot].load(Relaxed));
+        let cpu = self.supervisor.cpu_seconds();
+        let _ = scrape.send(self.metrics.render(counters, &slots, &cpu));
+    }
+
+    fn on_request(&mut self, incoming: Incoming) {
+        let Incoming { request, reply } = incoming;
+        match request {
+            Request::Status => {
+                let report = status_report(&self.supervisor, &self.counters, self.started);
+                let _ = reply.send(Response {
+                    ok: true,
+                    message: String::new(),
+                    status: Some(report),
+                });
+            }
+            Request::Reload => {
+                start_reload(&mut self.supervisor, &self.source, &self.metrics, reply)
+            }
+            Request::Scale { workers } => {
+                let _ = reply.send(if self.stopping() {
+                    Response::failed("herd is stopping")
+                } else if !(1..=MAX_WORKERS).contains(&workers) {
+                    Response::failed(format!(
+                        "cannot scale to {workers} workers: must be between 1 and {MAX_WORKERS}"
+                    ))
                 } else {
-                    begin_stop(&mut supervisor, "SIGINT");
-                }
+                    match self.supervisor.scale(workers) {
+                        Ok(done) => Response::ok(done),
+                        Err(refused) => Response::failed(refused),
+                    }
+                });
             }
-            _ = signals.quit.recv() => {
-                begin_stop(&mut supervisor, "SIGQUIT (fast stop)");
+            Request::Stop => {
+                begin_stop(&mut self.supervisor, "herd stop");
+                self.stop_waiters.push(reply);
+            }
+        }
+    }
+
+    fn on_signal(&mut self, event: SignalEvent) {
+        let name = event.signal_name();
+        match event {
+            SignalEvent::Terminate => begin_stop(&mut self.supervisor, name),
+            SignalEvent::Interrupt if self.stopping() => {
+                warn!("second SIGINT: killing the remaining workers now");
+                self.supervisor.kill_all();
+            }
+            SignalEvent::Interrupt => begin_stop(&mut self.supervisor, name),
+            SignalEvent::Quit => {
+                begin_stop(&mut self.supervisor, "SIGQUIT (fast stop)");
                 warn!("SIGQUIT: killing workers without waiting");
-                supervisor.kill_all();
+                self.supervisor.kill_all();
             }
-            _ = signals.hangup.recv() => {
+            SignalEvent::Reload => {
                 let (reply, answer) = oneshot::channel();
-                start_reload(&mut supervisor, &source, &metrics, reply);
+                start_reload(&mut self.supervisor, &self.source, &self.metrics, reply);
                 tokio::spawn(async move {
                     match answer.await {
                         Ok(response) if response.ok => info!("SIGHUP: {}", response.message),
@@ -277,56 +372,62 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
                     }
                 });
             }
-            _ = signals.add_worker.recv(), if !stopping => {
-                let target = supervisor.worker_count() + 1;
-                match supervisor.scale(target) {
-                    Ok(done) => info!("SIGTTIN: {done}"),
-                    Err(refused) => warn!("SIGTTIN: {refused}"),
-                }
+            // Scaling by signal is ignored while stopping, as before.
+            SignalEvent::AddWorker | SignalEvent::RemoveWorker if self.stopping() => {}
+            SignalEvent::AddWorker => {
+                let target = self.supervisor.worker_count() + 1;
+                self.scale_by_signal(name, target);
             }
-            _ = signals.remove_worker.recv(), if !stopping => {
-                let target = supervisor.worker_count().saturating_sub(1).max(1);
-                match supervisor.scale(target) {
-                    Ok(done) => info!("SIGTTOU: {done}"),
-                    Err(refused) => warn!("SIGTTOU: {refused}"),
-                }
+            SignalEvent::RemoveWorker => {
+                let target = self.supervisor.worker_count().saturating_sub(1).max(1);
+                self.scale_by_signal(name, target);
             }
         }
     }
 
-    let _ = controller.send(Command::Exit);
-    if handoff_thread.join().is_err() {
-        warn!("hand-off thread panicked");
+    fn scale_by_signal(&mut self, name: &str, target: usize) {
+        match self.supervisor.scale(target) {
+            Ok(done) => info!("{name}: {done}"),
+            Err(refused) => warn!("{name}: {refused}"),
+        }
     }
-    supervisor.sweep();
-    let forced = supervisor.forced();
-    let outcome = if forced {
-        Outcome::Forced
-    } else {
-        Outcome::Clean
+
+    /// After the last worker is gone: the tally, and the answer to every
+    /// `herd stop` that waited for it.
+    fn finish(mut self) -> Outcome {
+        self.supervisor.sweep();
+        let forced = self.supervisor.forced();
+        let outcome = if forced {
+            Outcome::Forced
+        } else {
+            Outcome::Clean
+        };
+        log_tally(&self.counters, forced);
+        for waiter in self.stop_waiters {
+            let _ = waiter.send(match outcome {
+                Outcome::Clean => Response::ok("stopped: every worker finished in time"),
+                Outcome::Forced => Response::failed("stopped, but some workers had to be killed"),
+            });
+        }
+        outcome
+    }
+}
+
+/// The closing line: what herd did over its whole run.
+fn log_tally(counters: &Counters, forced: bool) {
+    let sum = |values: &[std::sync::atomic::AtomicU64]| -> u64 {
+        values.iter().map(|c| c.load(Relaxed)).sum()
     };
     info!(
-        accepted = counters
-            .accepted
-            .iter()
-            .map(|c| c.load(Relaxed))
-            .sum::<u64>(),
-        handed_off = counters
-            .handed_off
-            .iter()
-            .map(|c| c.load(Relaxed))
-            .sum::<u64>(),
+        accepted = sum(&counters.accepted),
+        handed_off = sum(&counters.handed_off),
         requeued = counters.requeued_worker_gone.load(Relaxed)
             + counters.requeued_refused.load(Relaxed)
             + counters.requeued_slot_queue.load(Relaxed)
             + counters.requeued_hung.load(Relaxed),
         dropped_queue_full = counters.dropped_queue_full.load(Relaxed),
         dropped_queue_timeout = counters.dropped_queue_timeout.load(Relaxed),
-        accept_errors = counters
-            .accept_errors
-            .iter()
-            .map(|c| c.load(Relaxed))
-            .sum::<u64>(),
+        accept_errors = sum(&counters.accept_errors),
         "stopped{}",
         if forced {
             " (some workers were killed)"
@@ -334,14 +435,6 @@ pub async fn run(source: ConfigSource, settings: Settings) -> Result<Outcome, Pr
             ""
         }
     );
-    for waiter in stop_waiters {
-        let _ = waiter.send(match outcome {
-            Outcome::Clean => Response::ok("stopped: every worker finished in time"),
-            Outcome::Forced => Response::failed("stopped, but some workers had to be killed"),
-        });
-    }
-    control.close().await;
-    Ok(outcome)
 }
 
 /// Stops accepting and asks every worker to drain; they get until
