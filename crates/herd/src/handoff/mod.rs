@@ -15,12 +15,15 @@
 //!
 //! # Layout
 //! - this module: the commands and events, the loop itself, its timers.
-//! - [`counters`]: what the loop counts, for status and metrics.
-//! - `channel`: one worker's channel (role, in flight, acknowledged, bad messages).
+//! - `channel`: one worker's channel (role, in flight, acknowledged, bad
+//!   messages) and its protocol, herd's or Node's, one method per act.
 //! - `workers`: workers added, made serving, drained, found hung, retired.
 //! - `accepting`: accept, the wait queue, parked refusals, sending to a worker.
 //! - `messages`: reading what workers send, herd's protocol and Node's.
 //! - `listeners`: the listener table, on demand for Node apps, kernel rotations.
+//!
+//! What the loop counts lives in [`crate::counters`], below this module
+//! and [`crate::metrics`] both.
 
 mod accepting;
 mod channel;
