@@ -22,6 +22,16 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! `examples/echo.rs` is a whole server in 30 lines.
+//!
+//! # Layout
+//! One module, small on purpose: [`Worker`] (the channel: READY, receive
+//! and acknowledge hand-offs, accept from inherited sockets, DRAIN),
+//! [`Connection`] and its [`HerdStream`] (a `TcpStream` that reports
+//! CLOSED when dropped), and [`WorkerError`]. The bytes on the channel and
+//! the fd passing are herd-protocol's; this crate has no `unsafe` and no
+//! dependency beyond tokio, thiserror and herd-protocol.
 
 #![forbid(unsafe_code)]
 
