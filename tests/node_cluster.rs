@@ -4,6 +4,10 @@
 //! sockets where the app listens where herd does, else herd's primary
 //! accepts and hands each over), with restarts, reloads, graceful stops and
 //! no connection lost to a worker that dies or refuses before accepting.
+//!
+//! The kernel rotation tests need CAP_BPF (root has it): without it they
+//! are skipped (`require_cap_bpf`), except in CI (`CI` set), where they
+//! fail. The fallback to hand-offs without CAP_BPF is tested either way.
 
 mod common;
 
@@ -523,6 +527,9 @@ fn assert_strict(order: &[u32], pids: &BTreeSet<u32>) {
 /// strict turns, and the connections are counted per worker as hand-offs.
 #[test]
 fn kernel_rotation_deals_strict_turns_and_counts_them_per_worker() {
+    if !require_cap_bpf("kernel_rotation_deals_strict_turns_and_counts_them_per_worker") {
+        return;
+    }
     let (herd, pids, addr) = seed_on_any_port(&[], "node-kernel-turns", 3, &[]);
     assert_strict(&rotation_of(addr, 12), &pids);
     let status = wait_for_status(&herd.dir, "12 dealt by the kernel", |s| {
@@ -552,6 +559,9 @@ fn rotation_handoff_keeps_the_primary_handing_each_connection_over() {
 /// listens on its port (or on 0): the app's server is herd's socket.
 #[test]
 fn kernel_rotation_serves_a_configured_listener_the_app_listens_on() {
+    if !require_cap_bpf("kernel_rotation_serves_a_configured_listener_the_app_listens_on") {
+        return;
+    }
     let app = facts_app();
     let herd = Herd::launch(
         "node-kernel-configured",
@@ -577,6 +587,9 @@ fn kernel_rotation_serves_a_configured_listener_the_app_listens_on() {
 /// the queue over and hands each waiting connection to a live worker.
 #[test]
 fn a_dead_workers_queued_turns_are_served_by_the_others() {
+    if !require_cap_bpf("a_dead_workers_queued_turns_are_served_by_the_others") {
+        return;
+    }
     let flags = ["--metrics", "127.0.0.1:0"];
     let (herd, _, addr) = seed_on_any_port(&[], "node-kernel-no-leak", 2, &flags);
     let victim = pids_of(&herd.status())[&0];
@@ -601,6 +614,9 @@ fn a_dead_workers_queued_turns_are_served_by_the_others() {
 fn reload_and_scaling_under_kernel_rotation_fail_no_request() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
     use std::sync::Arc;
+    if !require_cap_bpf("reload_and_scaling_under_kernel_rotation_fail_no_request") {
+        return;
+    }
     let (herd, before, addr) = seed_on_any_port(&[], "node-kernel-reload", 2, &[]);
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
@@ -643,6 +659,9 @@ fn reload_and_scaling_under_kernel_rotation_fail_no_request() {
     assert!(answered.iter().any(|pid| last.contains(pid)));
     // The one worker left takes every turn.
     assert_strict(&rotation_of(addr, 4), &last);
+    wait_for_status(&herd.dir, "some dealt by the kernel", |s| {
+        kernel_dealt(s) > 0
+    });
     assert!(herd.stop().success());
 }
 
@@ -671,9 +690,15 @@ fn without_cap_bpf_round_robin_falls_back_to_hand_offs() {
 /// share, and no request fails meanwhile.
 #[test]
 fn kernel_dealt_connections_count_towards_recycling() {
+    if !require_cap_bpf("kernel_dealt_connections_count_towards_recycling") {
+        return;
+    }
     let config = "max_connections_per_worker = 5";
     let (herd, before, addr) = seed_configured(&[], config, "node-kernel-recycle", 2, &[]);
     rotation_of(addr, 10);
+    wait_for_status(&herd.dir, "some dealt by the kernel", |s| {
+        kernel_dealt(s) > 0
+    });
     herd.wait_for_herd_lines(
         "served its max_connections_per_worker; replacing it gracefully",
         2,

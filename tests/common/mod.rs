@@ -46,6 +46,25 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// Whether herd can deal turns in the kernel here: this process (whose
+/// capabilities the herd it starts inherits) may load the rotation's eBPF
+/// program. Without CAP_BPF, says `skipped {test}` and returns false, except
+/// in CI (`CI` set, as .ci/run does), where it fails. Any other refusal by
+/// the kernel fails everywhere: herd would fall back to hand-offs unseen.
+pub fn require_cap_bpf(test: &str) -> bool {
+    match herd_protocol::bpf::RotationProgram::load() {
+        Ok(_) => true,
+        Err(e) if !e.lacks_privilege() => panic!("{test}: the kernel refused the rotation: {e}"),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("{test} needs CAP_BPF, and CI is set, so it fails rather than skips: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped {test}: needs CAP_BPF ({e})");
+            false
+        }
+    }
+}
+
 /// Lines herd wrote to stdout and stderr, shared with the reader threads.
 #[derive(Default)]
 struct Log {

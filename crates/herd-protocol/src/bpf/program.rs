@@ -1,0 +1,196 @@
+//! The rotation program itself, written with the assembler ([`super::asm`]).
+//!
+//! Owns what the program does with the three maps [`super::RotationProgram`]
+//! creates: read the `config` map (how many sockets take turns, whose slot
+//! each is), take the next turn from the `tally` map's counter, select that
+//! socket of the `sockets` map, and count the connection for its slot.
+//!
+//! In eBPF assembly (R1 is the `sk_reuseport_md` context):
+//!
+//! ```text
+//!     config = lookup(config_map, 0); tally = lookup(tally_map, 0)
+//!     live = config.live; if live == 0: goto out
+//!     turn = atomic_fetch_add(tally.next, 1) % live
+//!     if sk_select_reuseport(ctx, sockets, &turn, 0) != 0: goto out
+//!     atomic_add(tally.dealt[config.slot_of[turn]], 1)
+//! out: return SK_PASS   (nothing selected: the kernel's own hash picks)
+//! ```
+
+// The `bpf(2)` calls are in `super`; nothing here needs `unsafe`.
+#![deny(unsafe_code)]
+
+use std::os::fd::RawFd;
+
+use super::asm::{Alu, Asm, Atomic, Cond, Helper, Insn, Reg, Size};
+use super::MAX_ROTATION;
+
+/// Where every failed check goes: pass, selecting nothing.
+const OUT: &str = "out";
+/// The context, kept past the calls that clobber R1.
+const SAVED_CTX: Reg = Reg::R6;
+/// The `config` map's value: `live: u32`, then `slot_of: [u32; MAX_ROTATION]`.
+const CONFIG: Reg = Reg::R7;
+/// The `tally` map's value: `next: u64`, then `dealt: [u64; MAX_ROTATION]`.
+const TALLY: Reg = Reg::R8;
+/// `live`, until the turn is taken; then the turn (one register for both).
+const LIVE: Reg = Reg::R9;
+const TURN: Reg = Reg::R9;
+/// Stack slots below the frame pointer: the maps' one key (0), and the
+/// turn, as the key into `sockets`.
+const KEY: i16 = -4;
+const TURN_KEY: i16 = -8;
+/// `SK_PASS`: let the connection in (to the selected socket, if any).
+const SK_PASS: i32 = 1;
+
+/// The program, with the maps' file descriptors in its `ld_imm64`s.
+pub(super) fn rotation(sockets: RawFd, config: RawFd, tally: RawFd) -> Vec<Insn> {
+    // The turn and the slot are checked against MAX_ROTATION for the
+    // verifier, which cannot know that `live` and every slot are below it.
+    let max = MAX_ROTATION as i32;
+    let mut asm = Asm::new();
+    // The key 0, for both lookups.
+    asm.mov64(SAVED_CTX, Reg::CTX)
+        .store(Size::W, Reg::FRAME, KEY, 0);
+    lookup_or_out(&mut asm, config, CONFIG);
+    lookup_or_out(&mut asm, tally, TALLY);
+    // R2 = tally.next++ % live, kept in TURN and at TURN_KEY.
+    asm.load(Size::W, LIVE, CONFIG, 0)
+        .jump_if(Cond::Eq, LIVE, 0, OUT)
+        .mov64(Reg::R2, 1)
+        .atomic(Atomic::FetchAdd, Size::Dw, TALLY, 0, Reg::R2)
+        .alu32(Alu::Mod, Reg::R2, LIVE)
+        .jump_if(Cond::Ge, Reg::R2, max, OUT)
+        .store(Size::W, Reg::FRAME, TURN_KEY, Reg::R2)
+        .mov64(TURN, Reg::R2);
+    // sk_select_reuseport(ctx, sockets, &turn, 0)
+    asm.mov64(Reg::R1, SAVED_CTX)
+        .load_map_fd(Reg::R2, sockets)
+        .mov64(Reg::R3, Reg::FRAME)
+        .alu64(Alu::Add, Reg::R3, i32::from(TURN_KEY))
+        .mov64(Reg::R4, 0)
+        .call(Helper::SkSelectReuseport)
+        .jump_if(Cond::Ne, Reg::RET, 0, OUT);
+    // TURN = &config.slot_of[turn] - 4; R1 = the slot.
+    asm.alu64(Alu::Lsh, TURN, 2)
+        .alu64(Alu::Add, TURN, CONFIG)
+        .load(Size::W, Reg::R1, TURN, 4)
+        .jump_if(Cond::Ge, Reg::R1, max, OUT);
+    // R1 = &tally.dealt[slot] - 8; count one.
+    asm.alu64(Alu::Lsh, Reg::R1, 3)
+        .alu64(Alu::Add, Reg::R1, TALLY)
+        .mov64(Reg::R2, 1)
+        .atomic(Atomic::Add, Size::Dw, Reg::R1, 8, Reg::R2);
+    asm.label(OUT).mov64(Reg::RET, SK_PASS).exit();
+    asm.finish()
+        .expect("the rotation program assembles (its unit tests say so)")
+}
+
+/// `into = lookup(map, &KEY)`, or to `out` where the map has no value.
+fn lookup_or_out(asm: &mut Asm, map: RawFd, into: Reg) {
+    asm.mov64(Reg::R2, Reg::FRAME)
+        .alu64(Alu::Add, Reg::R2, i32::from(KEY))
+        .load_map_fd(Reg::R1, map)
+        .call(Helper::MapLookupElem)
+        .jump_if(Cond::Eq, Reg::RET, 0, OUT)
+        .mov64(into, Reg::RET);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rotation program's bytes with map fds 0x11 (sockets), 0x22
+    /// (config) and 0x33 (tally), one row per instruction slot: what the
+    /// kernel verified and ran when the program was assembled by hand.
+    const ROTATION_BYTES: [[u8; 8]; 42] = [
+        [0xbf, 0x16, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 0
+        [0x62, 0x0a, 0xfc, 0xff, 0x00, 0x00, 0x00, 0x00], // 1
+        [0xbf, 0xa2, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 2
+        [0x07, 0x02, 0x00, 0x00, 0xfc, 0xff, 0xff, 0xff], // 3
+        [0x18, 0x11, 0x00, 0x00, 0x22, 0x00, 0x00, 0x00], // 4
+        [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 5
+        [0x85, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 6
+        [0x15, 0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00], // 7
+        [0xbf, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 8
+        [0xbf, 0xa2, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 9
+        [0x07, 0x02, 0x00, 0x00, 0xfc, 0xff, 0xff, 0xff], // 10
+        [0x18, 0x11, 0x00, 0x00, 0x33, 0x00, 0x00, 0x00], // 11
+        [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 12
+        [0x85, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 13
+        [0x15, 0x00, 0x19, 0x00, 0x00, 0x00, 0x00, 0x00], // 14
+        [0xbf, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 15
+        [0x61, 0x79, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 16
+        [0x15, 0x09, 0x16, 0x00, 0x00, 0x00, 0x00, 0x00], // 17
+        [0xb7, 0x02, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 18
+        [0xdb, 0x28, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 19
+        [0x9c, 0x92, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 20
+        [0x35, 0x02, 0x12, 0x00, 0x00, 0x04, 0x00, 0x00], // 21
+        [0x63, 0x2a, 0xf8, 0xff, 0x00, 0x00, 0x00, 0x00], // 22
+        [0xbf, 0x29, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 23
+        [0xbf, 0x61, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 24
+        [0x18, 0x12, 0x00, 0x00, 0x11, 0x00, 0x00, 0x00], // 25
+        [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 26
+        [0xbf, 0xa3, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 27
+        [0x07, 0x03, 0x00, 0x00, 0xf8, 0xff, 0xff, 0xff], // 28
+        [0xb7, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 29
+        [0x85, 0x00, 0x00, 0x00, 0x52, 0x00, 0x00, 0x00], // 30
+        [0x55, 0x00, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00], // 31
+        [0x67, 0x09, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00], // 32
+        [0x0f, 0x79, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 33
+        [0x61, 0x91, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00], // 34
+        [0x35, 0x01, 0x04, 0x00, 0x00, 0x04, 0x00, 0x00], // 35
+        [0x67, 0x01, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00], // 36
+        [0x0f, 0x81, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 37
+        [0xb7, 0x02, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 38
+        [0xdb, 0x21, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00], // 39
+        [0xb7, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 40
+        [0x95, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 41
+    ];
+
+    fn bytes() -> Vec<[u8; 8]> {
+        rotation(0x11, 0x22, 0x33)
+            .into_iter()
+            .map(Insn::to_bytes)
+            .collect()
+    }
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn the_rotation_program_encodes_to_the_bytes_the_kernel_verified() {
+        assert_eq!(bytes(), ROTATION_BYTES);
+    }
+
+    /// Read from the bytes, not from the assembler: every jump lands on
+    /// the first slot of an instruction inside the program, and the last
+    /// instruction is `exit`.
+    #[test]
+    fn every_jump_lands_on_an_instruction_and_the_program_ends_in_exit() {
+        const LD_IMM64: u8 = 0x18;
+        const CALL: u8 = 0x85;
+        const EXIT: u8 = 0x95;
+        let code = bytes();
+        // Slots an instruction starts at: not the second half of an ld_imm64.
+        let mut starts = vec![true; code.len()];
+        for at in 0..code.len() {
+            if starts[at] && code[at][0] == LD_IMM64 {
+                assert!(at + 1 < code.len(), "ld_imm64 cut short at {at}");
+                starts[at + 1] = false;
+            }
+        }
+        let mut jumps = 0;
+        for (at, insn) in code.iter().enumerate().filter(|&(at, _)| starts[at]) {
+            let class = insn[0] & 0x07;
+            let is_jump = (class == 0x05 || class == 0x06) && ![CALL, EXIT].contains(&insn[0]);
+            if is_jump {
+                let off = i16::from_ne_bytes([insn[2], insn[3]]);
+                let target = at as i64 + 1 + i64::from(off);
+                let lands = usize::try_from(target)
+                    .is_ok_and(|target| target < code.len() && starts[target]);
+                assert!(lands, "the jump at {at} lands at {target}");
+                jumps += 1;
+            }
+        }
+        assert!(jumps > 0, "found no jump: the decoding above is wrong");
+        assert_eq!(code.last().map(|insn| insn[0]), Some(EXIT));
+    }
+}
