@@ -43,10 +43,7 @@ fn cgroups_available(test: &str) -> bool {
                 .get(5)
                 .is_some_and(|opts| opts.split(',').any(|o| o == "rw"))
     });
-    if !writable && std::env::var_os("CI").is_none() {
-        eprintln!("skipped {test}: no writable cgroup v2 hierarchy here");
-    }
-    writable || std::env::var_os("CI").is_some()
+    writable || skip_unless_ci(test, "needs a writable cgroup v2 hierarchy")
 }
 
 /// `shared` mode (the helper accepts from the inherited socket, as a

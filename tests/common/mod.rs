@@ -55,14 +55,20 @@ pub fn require_cap_bpf(test: &str) -> bool {
     match herd_protocol::bpf::RotationProgram::load() {
         Ok(_) => true,
         Err(e) if !e.lacks_privilege() => panic!("{test}: the kernel refused the rotation: {e}"),
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("{test} needs CAP_BPF, and CI is set, so it fails rather than skips: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped {test}: needs CAP_BPF ({e})");
-            false
-        }
+        Err(e) => skip_unless_ci(test, &format!("needs CAP_BPF ({e})")),
     }
+}
+
+/// A test that cannot run here for `why` (a missing program or
+/// capability): says `skipped {test}: {why}` and returns false, except in
+/// CI (`CI` set, as .ci/run does), where the test fails instead.
+pub fn skip_unless_ci(test: &str, why: &str) -> bool {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} {why}, and CI is set, so it fails rather than skips"
+    );
+    eprintln!("skipped {test}: {why}");
+    false
 }
 
 /// Lines herd wrote to stdout and stderr, shared with the reader threads.
