@@ -1,11 +1,12 @@
 //! `herd bench`: a small, bounded HTTP/1.1 load generator.
 //!
-//! Owns the target and source-range parsing, the client tasks, the minimal
-//! response parser and the [`BenchReport`]. It sends `GET` requests to one
-//! explicit address (an IP, or `localhost`; never a name that needs DNS), from
-//! `connections` concurrent tasks, on keep-alive connections or on a fresh
-//! connection per request, optionally binding each new client socket to the
-//! next address of a source range so that sticky mode sees many clients.
+//! Owns the target and source-range parsing, the client tasks, reading
+//! responses (heads parsed by httparse) and the [`BenchReport`]. It sends
+//! `GET` requests to one explicit address (an IP, or `localhost`; never a
+//! name that needs DNS), from `connections` concurrent tasks, on keep-alive
+//! connections or on a fresh connection per request, optionally binding each
+//! new client socket to the next address of a source range so that sticky
+//! mode sees many clients.
 //!
 //! Every run is bounded: by a duration (at most [`MAX_DURATION`]) or by an
 //! exact request budget (at most [`MAX_REQUESTS`]) that the tasks claim one
@@ -14,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -36,6 +38,8 @@ pub const MAX_REQUESTS: u64 = 100_000_000;
 pub const MAX_CONNECTIONS: usize = 10_000;
 /// A response whose header block is larger than this is an error.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// A response with more header lines than this is an error.
+const MAX_HEADERS: usize = 100;
 /// A response whose body is larger than this is an error.
 const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 /// Latencies are recorded in microseconds up to one hour (longer saturate).
@@ -620,33 +624,37 @@ pub struct ResponseHead {
     pub head_len: usize,
 }
 
-/// Parses a response head from the start of `buf`: `Ok(None)` while the blank
-/// line that ends it has not arrived yet.
+/// Parses a response head from the start of `buf` with httparse: `Ok(None)`
+/// while the blank line that ends it has not arrived yet. Only HTTP/1.0 and
+/// HTTP/1.1, a status from 100 to 599, UTF-8 header values, and a body
+/// framed by `Content-Length` (or by the end of the connection).
 pub fn parse_head(buf: &[u8]) -> Result<Option<ResponseHead>, String> {
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Ok(None);
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut headers,
+    );
+    let head_len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e @ (httparse::Error::Version | httparse::Error::Status)) => {
+            return Err(format!("malformed status line: {e}"))
+        }
+        Err(e) => return Err(format!("malformed response head: {e}")),
     };
-    let text = std::str::from_utf8(&buf[..end]).map_err(|_| "non-UTF-8 response head")?;
-    let mut lines = text.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return Err(format!("malformed status line {status_line:?}"));
-    }
-    let status = parts
-        .next()
-        .filter(|s| s.len() == 3)
-        .and_then(|s| s.parse::<u16>().ok())
+    let status = response
+        .code
         .filter(|s| (100..600).contains(s))
-        .ok_or_else(|| format!("malformed status line {status_line:?}"))?;
+        .ok_or("malformed status line: status out of range")?;
     let mut content_length = None;
-    let mut close = version == "HTTP/1.0";
-    for line in lines {
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| format!("malformed header line {line:?}"))?;
-        let value = value.trim();
+    let mut close = response.version == Some(0);
+    for header in response.headers.iter() {
+        let name = header.name;
+        let value = std::str::from_utf8(header.value)
+            .map_err(|_| "non-UTF-8 response head")?
+            .trim();
         if name.eq_ignore_ascii_case("content-length") {
             let length: usize = value
                 .parse()
@@ -671,7 +679,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<ResponseHead>, String> {
         status,
         content_length,
         close,
-        head_len: end + 4,
+        head_len,
     }))
 }
 
@@ -935,6 +943,10 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/2.0 200 OK\r\n\r\n",
+            b"HTTP/1.1 099 Early\r\n\r\n",
+            b"HTTP/1.1 600 Late\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX: \xff\r\n\r\n",
         ] {
             assert!(
                 parse_head(bad).is_err(),
@@ -942,6 +954,11 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+        let many = format!(
+            "HTTP/1.1 200 OK\r\n{}\r\n",
+            "X: y\r\n".repeat(MAX_HEADERS + 1)
+        );
+        assert!(parse_head(many.as_bytes()).is_err());
     }
 
     #[test]
@@ -991,7 +1008,12 @@ mod tests {
             for _ in 0..20 {
                 let (mut stream, _) = listener.accept().await.unwrap();
                 let mut buf = Vec::new();
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let whole = |buf: &[u8]| {
+                    let mut headers = [httparse::EMPTY_HEADER; 16];
+                    let parsed = httparse::Request::new(&mut headers).parse(buf);
+                    parsed.is_ok_and(|status| status.is_complete())
+                };
+                while !whole(&buf) {
                     if stream.read_buf(&mut buf).await.unwrap() == 0 {
                         break;
                     }
