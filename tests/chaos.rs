@@ -763,11 +763,14 @@ fn request(addr: SocketAddr) -> Result<(), String> {
             Err(e) => return Err(format!("read: {e} after {} bytes", response.len())),
         }
     }
-    let text = String::from_utf8_lossy(&response);
-    if text.starts_with("HTTP/1.1 200 ") && text.contains("Handled by worker ") {
-        Ok(())
-    } else {
-        Err(format!("unexpected response {text:?}"))
+    match responses::parse(&response) {
+        Ok(r) if (r.version, r.status) == (1, 200) && r.body.contains("Handled by worker ") => {
+            Ok(())
+        }
+        _ => Err(format!(
+            "unexpected response {:?}",
+            String::from_utf8_lossy(&response)
+        )),
     }
 }
 

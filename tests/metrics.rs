@@ -205,7 +205,7 @@ impl Prometheus {
         .ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;
-        serde_json::from_str(response.split_once("\r\n\r\n")?.1).ok()
+        serde_json::from_str(&responses::parse(response.as_bytes()).ok()?.body).ok()
     }
 }
 

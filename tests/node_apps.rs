@@ -65,15 +65,11 @@ fn answer(mut stream: TcpStream) -> Result<(u16, String), String> {
     stream
         .read_to_string(&mut response)
         .map_err(|e| format!("read: {e}"))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no end of headers in {response:?}"))?;
-    let code = head
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| format!("no status line in {response:?}"))?;
-    Ok((code, body.to_string()))
+    let parsed = responses::parse(response.as_bytes())?;
+    if parsed.version != 1 {
+        return Err(format!("no HTTP/1.1 status line in {response:?}"));
+    }
+    Ok((parsed.status, parsed.body))
 }
 
 /// One request that must be answered 200 with JSON; returns the JSON.

@@ -45,8 +45,13 @@ fn send(addr: SocketAddr) -> TcpStream {
 fn body_of(mut stream: TcpStream) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response:?}");
-    response.split_once("\r\n\r\n").unwrap().1.to_string()
+    let parsed = responses::parse(response.as_bytes()).unwrap();
+    assert_eq!(
+        (parsed.version, parsed.status, parsed.reason.as_str()),
+        (1, 200, "OK"),
+        "{response:?}"
+    );
+    parsed.body
 }
 
 fn seed_pid(body: &str) -> u32 {
@@ -201,15 +206,8 @@ fn connections_a_worker_refuses_go_to_another() {
         stream
             .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             .unwrap();
-        let mut response = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !response.ends_with(b"}") {
-            let n = stream.read(&mut buf).unwrap();
-            assert!(n > 0);
-            response.extend_from_slice(&buf[..n]);
-        }
-        let text = String::from_utf8_lossy(&response).to_string();
-        let facts: Value = serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+        let response = responses::read_one(&mut stream).unwrap();
+        let facts: Value = serde_json::from_str(&response.body).unwrap();
         held.push(stream);
         if facts["pid"].as_u64() == Some(u64::from(slots[&0])) {
             break;

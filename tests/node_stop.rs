@@ -143,8 +143,8 @@ fn assert_clean_exit(status: ExitStatus, herd: &Herd) {
 // ---- HTTP ----
 
 /// One `GET /` on a new connection, with `cookie` if given; returns the
-/// response's head and body.
-fn get_page(addr: SocketAddr, cookie: Option<&str>) -> (String, String) {
+/// response.
+fn get_page(addr: SocketAddr, cookie: Option<&str>) -> responses::Response {
     let mut stream = TcpStream::connect_timeout(&addr, DEADLINE).unwrap();
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
     let cookie = cookie
@@ -159,16 +159,16 @@ fn get_page(addr: SocketAddr, cookie: Option<&str>) -> (String, String) {
     stream
         .read_to_string(&mut response)
         .unwrap_or_else(|e| panic!("read: {e} after {response:?}"));
-    assert!(response.starts_with("HTTP/1.1 200 "), "{response:?}");
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (head.to_string(), body.to_string())
+    let parsed = responses::parse(response.as_bytes()).unwrap();
+    assert_eq!((parsed.version, parsed.status), (1, 200), "{response:?}");
+    parsed
 }
 
 /// The pids of the interval app's workers that answer `count` requests.
 fn interval_pids(addr: SocketAddr, count: usize) -> BTreeSet<u32> {
     (0..count)
         .map(|_| {
-            let (_, body) = get_page(addr, None);
+            let body = get_page(addr, None).body;
             body.strip_prefix("Handled by worker ")
                 .and_then(|pid| pid.parse().ok())
                 .unwrap_or_else(|| panic!("{body:?}"))
@@ -362,15 +362,12 @@ struct Visitor {
 impl Visitor {
     /// One visit: the answering worker's pid and the session's view count.
     fn visit(&mut self, addr: SocketAddr) -> (u32, u64) {
-        let (head, body) = get_page(addr, self.cookie.as_deref());
+        let page = get_page(addr, self.cookie.as_deref());
         // `Set-Cookie: connect.sid=s%3A...; Path=/; Expires=...; HttpOnly`
-        if let Some(cookie) = head.lines().find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("set-cookie")
-                .then(|| value.trim().split(';').next().unwrap().to_string())
-        }) {
-            self.cookie = Some(cookie);
+        if let Some(cookie) = page.header("set-cookie") {
+            self.cookie = Some(cookie.split(';').next().unwrap().to_string());
         }
+        let body = page.body;
         // `PID: 123 | Views: 4`
         let parsed = body.strip_prefix("PID: ").and_then(|rest| {
             let (pid, views) = rest.split_once(" | Views: ")?;

@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 
 use common::*;
@@ -174,16 +174,14 @@ fn plain_get(addr: SocketAddr) -> String {
     let mut stream = TcpStream::connect_timeout(&addr, DEADLINE).unwrap();
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
     stream.write_all(REQUEST).unwrap();
-    let mut response = String::new();
     // The example keeps the connection open (HTTP/1.1); read the one answer.
-    let mut buf = [0u8; 1024];
-    while !response.contains("(LISTEN_PID=") || !response.ends_with(')') {
-        let n = stream.read(&mut buf).unwrap();
-        assert!(n > 0, "connection closed early: {response:?}");
-        response.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-    response.split("\r\n\r\n").nth(1).unwrap().to_string()
+    let response = responses::read_one(&mut stream).unwrap();
+    assert_eq!(
+        (response.version, response.status, response.reason.as_str()),
+        (1, 200, "OK"),
+        "{response:?}"
+    );
+    response.body
 }
 
 /// A server with no herd code: it refuses to start unless LISTEN_PID is its

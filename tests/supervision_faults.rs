@@ -214,11 +214,13 @@ fn fire(addr: SocketAddr, count: usize) -> Vec<JoinHandle<Result<u32, String>>> 
                 stream
                     .read_to_string(&mut response)
                     .map_err(|e| format!("read: {e}"))?;
-                response
-                    .starts_with("HTTP/1.1 200 ")
-                    .then(|| response.rsplit("Handled by worker ").next())
-                    .flatten()
-                    .and_then(|pid| pid.trim().parse().ok())
+                responses::parse(response.as_bytes())
+                    .ok()
+                    .filter(|r| (r.version, r.status) == (1, 200))
+                    .and_then(|r| {
+                        let pid = r.body.trim().strip_prefix("Handled by worker ")?;
+                        pid.parse().ok()
+                    })
                     .ok_or_else(|| format!("unexpected response {response:?}"))
             })
         })

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod procs;
+pub mod responses;
 pub mod sockets;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -290,20 +291,21 @@ pub struct Answer {
 
 /// Parses a hello-worker response: status 200, `X-Herd-Worker`, `Handled by worker <pid>`.
 pub fn parse_answer(response: &str) -> Result<Answer, String> {
-    if !response.starts_with("HTTP/1.1 200 ") {
+    let parsed = responses::parse(response.as_bytes())?;
+    if (parsed.version, parsed.status) != (1, 200) {
         return Err(format!("unexpected response {response:?}"));
     }
-    let slot = response
-        .lines()
-        .find_map(|l| l.strip_prefix("X-Herd-Worker: "))
+    let slot = parsed
+        .header("X-Herd-Worker")
         .ok_or_else(|| format!("no X-Herd-Worker in {response:?}"))?
         .trim()
         .parse()
         .map_err(|e| format!("bad slot: {e}"))?;
-    let pid = response
-        .rsplit("Handled by worker ")
-        .next()
-        .and_then(|p| p.trim().parse().ok())
+    let pid = parsed
+        .body
+        .trim()
+        .strip_prefix("Handled by worker ")
+        .and_then(|p| p.parse().ok())
         .ok_or_else(|| format!("no pid in {response:?}"))?;
     Ok(Answer { pid, slot })
 }
@@ -543,9 +545,13 @@ pub fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String)
     .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, head.to_lowercase(), body.to_string())
+    let parsed = if method == "HEAD" {
+        responses::parse_answer_to_head(response.as_bytes())
+    } else {
+        responses::parse(response.as_bytes())
+    };
+    let parsed = parsed.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (parsed.status, parsed.head.to_lowercase(), parsed.body)
 }
 
 /// The value of the one sample named exactly `series` (name plus labels).

@@ -19,6 +19,7 @@
 //! - `--ignore-drain`: ignore DRAIN and SIGTERM; serve until killed.
 //! - `--memory-mb N`: allocate and touch N MiB at start (for `max_memory`).
 
+use std::mem::MaybeUninit;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ use tokio::task::JoinSet;
 
 /// Requests with a header block larger than this are refused (431) and closed.
 const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Requests with more header lines than this are refused (431) and closed.
+const MAX_HEADERS: usize = 64;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -261,31 +264,36 @@ async fn serve(mut stream: Box<dyn Io>, response: Response, mut draining: watch:
     }
 }
 
+const BAD_REQUEST: &str =
+    "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+const TOO_LARGE: &str =
+    "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+/// Chunked bodies are not supported by this tiny server.
+const NOT_IMPLEMENTED: &str =
+    "HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
 /// Parses a request head once it is complete. `Err` carries the error response.
+///
+/// httparse reads the head in place: the header slots live on the stack,
+/// uninitialised, so a request costs no allocation and no clearing.
 fn parse_head(buffer: &[u8]) -> Result<Option<RequestHead>, &'static str> {
-    let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
-        if buffer.len() > MAX_HEADER_BYTES {
-            return Err("HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        }
-        return Ok(None);
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let head_len = match request.parse_with_uninit_headers(buffer, &mut headers) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buffer.len() > MAX_HEADER_BYTES => return Err(TOO_LARGE),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(TOO_LARGE),
+        Err(_) => return Err(BAD_REQUEST),
     };
-    const BAD_REQUEST: &str =
-        "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-    let head = std::str::from_utf8(&buffer[..end]).map_err(|_| BAD_REQUEST)?;
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or_default();
-    let version = request_line.rsplit(' ').next().unwrap_or_default();
-    let mut keep_alive = match version {
-        "HTTP/1.1" => true,
-        "HTTP/1.0" => false,
-        _ => return Err(BAD_REQUEST),
-    };
+    // httparse knows HTTP/1.0 and HTTP/1.1 only.
+    let mut keep_alive = request.version == Some(1);
     let mut body_len = 0;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(BAD_REQUEST);
-        };
-        let value = value.trim();
+    for header in request.headers.iter() {
+        let value = std::str::from_utf8(header.value)
+            .map_err(|_| BAD_REQUEST)?
+            .trim();
+        let name = header.name;
         if name.eq_ignore_ascii_case("connection") {
             if value.eq_ignore_ascii_case("close") {
                 keep_alive = false;
@@ -295,14 +303,11 @@ fn parse_head(buffer: &[u8]) -> Result<Option<RequestHead>, &'static str> {
         } else if name.eq_ignore_ascii_case("content-length") {
             body_len = value.parse().map_err(|_| BAD_REQUEST)?;
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            // Chunked bodies are not supported by this tiny server.
-            return Err(
-                "HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            );
+            return Err(NOT_IMPLEMENTED);
         }
     }
     Ok(Some(RequestHead {
-        head_len: end + 4,
+        head_len,
         body_len,
         keep_alive,
     }))
@@ -333,7 +338,29 @@ mod tests {
 
     #[test]
     fn garbage_is_refused() {
-        assert!(parse_head(b"hello\r\n\r\n").is_err());
-        assert!(parse_head(&[b'a'; MAX_HEADER_BYTES + 1]).is_err());
+        assert_eq!(parse_head(b"hello\r\n\r\n"), Err(BAD_REQUEST));
+        assert_eq!(parse_head(b"GET / HTTP/2.0\r\n\r\n"), Err(BAD_REQUEST));
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nno colon\r\n\r\n"),
+            Err(BAD_REQUEST)
+        );
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
+            Err(BAD_REQUEST)
+        );
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nX: \xff\r\n\r\n"),
+            Err(BAD_REQUEST)
+        );
+        assert_eq!(parse_head(&[b'a'; MAX_HEADER_BYTES + 1]), Err(TOO_LARGE));
+        let many = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "X: y\r\n".repeat(MAX_HEADERS + 1)
+        );
+        assert_eq!(parse_head(many.as_bytes()), Err(TOO_LARGE));
+        assert_eq!(
+            parse_head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Err(NOT_IMPLEMENTED)
+        );
     }
 }
