@@ -18,9 +18,9 @@ use tokio::time::Instant;
 use super::{one_line, CompareError, CompareOptions, Row, Scenario};
 use crate::bench::{self, BenchError, BenchReport, Target};
 use herd::control::{self, ControlError, Request, Response};
+use herd::procstat;
 use herd::status::{self, SlotState, StatusReport};
 use herd::status::{fairness, Fairness};
-use herd::procstat;
 
 /// How long herd gets to bind, start its workers and see them all ready.
 /// herd's own default `ready_timeout` is 30 s: a slower worker fails anyway.
