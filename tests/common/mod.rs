@@ -53,11 +53,7 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 /// in CI (`CI` set, as .ci/run does), where it fails. Any other refusal by
 /// the kernel fails everywhere: herd would fall back to hand-offs unseen.
 pub fn require_cap_bpf(test: &str) -> bool {
-    match herd_protocol::bpf::RotationProgram::load() {
-        Ok(_) => true,
-        Err(e) if !e.lacks_privilege() => panic!("{test}: the kernel refused the rotation: {e}"),
-        Err(e) => skip_unless_ci(test, &format!("needs CAP_BPF ({e})")),
-    }
+    herd_protocol::bpf::testable_here(test)
 }
 
 /// A test that cannot run here for `why` (a missing program or

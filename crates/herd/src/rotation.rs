@@ -252,32 +252,16 @@ mod tests {
         panic!("nothing became readable");
     }
 
-    /// The rotation on `main`; None where the kernel refuses the program for
-    /// want of CAP_BPF: the test says so and skips, except in CI (`CI` set),
-    /// where that fails. Any other refusal fails everywhere.
-    fn start_or_skip(main: BorrowedFd<'_>, test: &str) -> Option<SlotRotation> {
-        match SlotRotation::start(main, 16) {
-            Ok(rotation) => Some(rotation),
-            Err(e) if e.lacks_privilege() && std::env::var_os("CI").is_none() => {
-                eprintln!("skipped {test}: needs CAP_BPF ({e})");
-                None
-            }
-            Err(e) if e.lacks_privilege() => {
-                panic!("{test} needs CAP_BPF, and CI is set, so it fails rather than skips: {e}")
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-
     #[test]
     fn slots_take_turns_while_a_worker_holds_them_and_herd_takes_over_the_rest() {
         let main =
             listener::bind_dual_stack("127.0.0.1:0".parse().unwrap(), 16, true, true).unwrap();
         let addr = main.local_addr().unwrap();
         let test = "slots_take_turns_while_a_worker_holds_them_and_herd_takes_over_the_rest";
-        let Some(mut rotation) = start_or_skip(main.as_fd(), test) else {
+        if !herd_protocol::bpf::testable_here(test) {
             return;
-        };
+        }
+        let mut rotation = SlotRotation::start(main.as_fd(), 16).unwrap_or_else(|e| panic!("{e}"));
         let mut poll = mio::Poll::new().unwrap();
         rotation.hold(0, 10).unwrap();
         rotation.hold(1, 11).unwrap();
