@@ -194,7 +194,7 @@ impl Metrics {
 
     pub fn restart(&self, slot: usize, reason: RestartReason) {
         self.restarts
-            .with_label_values(&[&slot.to_string(), reason.label()])
+            .with_label_values(&[slot.to_string().as_str(), reason.label()])
             .inc();
     }
 
