@@ -8,7 +8,7 @@
 //!
 //! # Layout
 //! - [`config`]: the config file and CLI overrides, typed as read, validated
-//!   and resolved into `Settings`.
+//!   and resolved into `Settings`; what a reload does with each key.
 //! - [`listener`]: binding the listening sockets.
 //! - [`activation`]: the sockets workers inherit in the OS-scheduled modes
 //!   (`shared`, `reuseport`), systemd's `LISTEN_FDS` convention.

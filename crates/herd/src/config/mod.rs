@@ -14,7 +14,8 @@
 //!
 //! Every refusal names the key, the value and the reason. [`ConfigSource`]
 //! runs all three for `herd run`, `herd check` and every reload, so `check`
-//! refuses exactly what `run` would. The repository's `config.toml` documents every key.
+//! refuses exactly what `run` would. [`RELOAD`] says per key whether a
+//! reload applies it. The repository's `config.toml` documents every key.
 //!
 //! # Layout
 //! - this module: errors, [`Settings`], [`ConfigSource`].
@@ -25,10 +26,12 @@
 //! - `validate`: the rules that span several keys.
 //! - `resolve`: users, paths and the program, on this host.
 //! - `users`: who workers run as and what they may reach.
+//! - `reload`: what a reload does with each key ([`RELOAD`]).
 
 mod file;
 mod keys;
 mod overrides;
+mod reload;
 mod resolve;
 mod users;
 mod validate;
@@ -36,6 +39,7 @@ mod values;
 
 pub use file::{Config, HandoffConfig, MetricsConfig, ParseError, RestartConfig};
 pub use overrides::Overrides;
+pub use reload::{Reload, RELOAD};
 pub use resolve::resolve;
 pub use users::RunAs;
 use users::*;
@@ -166,77 +170,6 @@ pub struct Settings {
     pub restart: RestartSettings,
 }
 
-impl Settings {
-    /// The keys `new` changes that only a restart of herd can apply, each as
-    /// ``"`key` (old -> new)"``; empty when a reload can apply all of `new`.
-    ///
-    /// A reload starts new workers, so everything herd reads when it starts
-    /// a worker applies (`command`, `env`, `cwd`, `user`, `group`, the
-    /// timeouts, `max_*`, `restart.*`, `workers`, `reload_batch`), and the
-    /// `[handoff]` limits are handed to the hand-off loop. What herd set up
-    /// once at start does not: the listeners (`listen`, `backlog`), how they
-    /// are served (`mode`, `protocol`, `rotation`), where workers' processes
-    /// are kept (`kill_mode`), the control socket, the metrics endpoint, and
-    /// the monitor's timer.
-    pub fn restart_needed(&self, new: &Settings) -> Vec<String> {
-        fn addrs(list: &[SocketAddr]) -> String {
-            let list: Vec<String> = list.iter().map(ToString::to_string).collect();
-            format!("[{}]", list.join(", "))
-        }
-        fn rotation(kernel: bool) -> &'static str {
-            if kernel {
-                "kernel"
-            } else {
-                "handoff"
-            }
-        }
-        let metrics = |addr: Option<SocketAddr>| addr.map_or("none".to_string(), |a| a.to_string());
-        let mut changed = Vec::new();
-        let mut compare = |key: &str, old: String, new: String| {
-            if old != new {
-                changed.push(format!("`{key}` ({old} -> {new})"));
-            }
-        };
-        compare("listen", addrs(&self.listen), addrs(&new.listen));
-        compare("backlog", self.backlog.to_string(), new.backlog.to_string());
-        compare("mode", self.mode.name().into(), new.mode.name().into());
-        compare(
-            "protocol",
-            self.protocol.name().into(),
-            new.protocol.name().into(),
-        );
-        // `rotation` follows from mode and protocol too: named only when it is the change.
-        if self.mode == new.mode && self.protocol == new.protocol {
-            compare(
-                "rotation",
-                rotation(self.handoff.kernel_rotation).into(),
-                rotation(new.handoff.kernel_rotation).into(),
-            );
-        }
-        compare(
-            "kill_mode",
-            self.kill_mode.name().into(),
-            new.kill_mode.name().into(),
-        );
-        compare(
-            "control",
-            self.control.display().to_string(),
-            new.control.display().to_string(),
-        );
-        compare(
-            "metrics.address",
-            metrics(self.metrics),
-            metrics(new.metrics),
-        );
-        compare(
-            "monitor_interval",
-            format!("{:?}", self.monitor_interval),
-            format!("{:?}", new.monitor_interval),
-        );
-        changed
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 pub struct HandoffSettings {
     pub max_unacked: usize,
@@ -256,5 +189,7 @@ pub struct RestartSettings {
     pub window: Duration,
 }
 
+#[cfg(test)]
+mod reload_tests;
 #[cfg(test)]
 mod tests;
