@@ -581,9 +581,7 @@ fn control_path(target: &ControlArgs) -> anyhow::Result<PathBuf> {
     if let Some(path) = &target.control {
         return Ok(PathBuf::from(path));
     }
-    Ok(PathBuf::from(
-        Config::load(target.config.as_deref())?.control,
-    ))
+    Ok(Config::control_of(target.config.as_deref())?)
 }
 
 fn config_source(args: ConfigArgs) -> ConfigSource {

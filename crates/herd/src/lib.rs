@@ -7,7 +7,8 @@
 //! the listening sockets and accept themselves.
 //!
 //! # Layout
-//! - [`config`]: the config file, CLI overrides and validation into `Settings`.
+//! - [`config`]: the config file and CLI overrides, typed as read, validated
+//!   and resolved into `Settings`; what a reload does with each key.
 //! - [`listener`]: binding the listening sockets.
 //! - [`activation`]: the sockets workers inherit in the OS-scheduled modes
 //!   (`shared`, `reuseport`), systemd's `LISTEN_FDS` convention.

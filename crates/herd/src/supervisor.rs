@@ -200,18 +200,7 @@ impl Supervisor {
     /// done or has failed.
     pub fn reload(&mut self, settings: Settings, reply: oneshot::Sender<Result<String, String>>) {
         // Refused as a whole, so nothing of the new config is half applied.
-        let changed = self.settings().restart_needed(&settings);
-        if !changed.is_empty() {
-            let (them, changes) = match changed.len() {
-                1 => ("it", changed[0].clone()),
-                n => (
-                    "them",
-                    format!("{} and {}", changed[..n - 1].join(", "), changed[n - 1]),
-                ),
-            };
-            let message = format!(
-                "reload refused, keeping the running config: {changes} cannot change by reload: restart herd to change {them}"
-            );
+        if let Some(message) = self.settings().reload_refusal(&settings) {
             warn!("{message}");
             let _ = reply.send(Err(message));
             return;

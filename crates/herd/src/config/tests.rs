@@ -1,14 +1,32 @@
-//! Validation, key by key: every refusal names the key, the value and why.
+//! Reading, validation and resolution, key by key: every refusal names the
+//! key, the value and why, and a refusal from the file says where.
 
 use super::*;
 use std::os::unix::fs::PermissionsExt;
 
-fn minimal() -> Config {
-    Config::parse("listen = [\"127.0.0.1:0\"]\ncommand = [\"true\"]\n").unwrap()
+/// Settings from `text`, or the refusal (a file's without its position).
+fn load(text: &str) -> Result<Settings, String> {
+    let config = Config::parse(text).map_err(|e| e.message)?;
+    let valid = config.validate().map_err(|e| e.to_string())?;
+    resolve(valid).map_err(|e| e.to_string())
 }
 
-fn error_of(config: &Config) -> String {
-    config.validate().unwrap_err().to_string()
+/// A minimal usable file (`listen` and `command`, unless `extra` sets
+/// them) with `extra` after it.
+pub(super) fn with(extra: &str) -> Result<Settings, String> {
+    let sets = |key: &str| extra.lines().any(|l| l.starts_with(&format!("{key} =")));
+    let mut text = String::new();
+    if !sets("listen") {
+        text.push_str("listen = [\"127.0.0.1:0\"]\n");
+    }
+    if !sets("command") {
+        text.push_str("command = [\"true\"]\n");
+    }
+    load(&(text + extra))
+}
+
+fn refused(extra: &str) -> String {
+    with(extra).unwrap_err()
 }
 
 #[test]
@@ -16,72 +34,69 @@ fn the_repository_config_parses() {
     let text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config.toml")).unwrap();
     let config = Config::parse(&text).unwrap();
-    assert_eq!(config.workers, WorkerCount::Named("max".into()));
-    assert_eq!(config.listen, ["127.0.0.1:3000"]);
+    assert_eq!(config.workers, WorkerCount::Max);
+    assert_eq!(config.listen, ["127.0.0.1:3000".parse().unwrap()]);
 }
 
 #[test]
 fn defaults_fill_what_is_not_written() {
-    let settings = minimal().validate().unwrap();
+    let settings = with("").unwrap();
     assert_eq!(settings.workers, available_cores());
     assert_eq!(settings.mode, Mode::RoundRobin);
     assert_eq!(settings.backlog, 511);
     assert_eq!(settings.handoff.max_unacked, 64);
+    assert_eq!(settings.restart.backoff_base, Duration::from_millis(100));
+    assert_eq!(settings.control, Path::new(DEFAULT_CONTROL_PATH));
     assert!(settings.program.ends_with("true"));
+    // Nothing written is the defaults.
+    assert_eq!(
+        format!("{:?}", Config::parse("").unwrap()),
+        format!("{:?}", Config::default())
+    );
 }
 
 #[test]
 fn kernel_rotation_is_for_node_round_robin_and_named_when_misused() {
-    let mut config = minimal();
-    assert!(!config.validate().unwrap().handoff.kernel_rotation);
-    config.protocol = "node-cluster".into();
-    assert!(config.validate().unwrap().handoff.kernel_rotation);
-    config.mode = "sticky".into();
-    assert!(!config.validate().unwrap().handoff.kernel_rotation);
-    config.mode = "round-robin".into();
-    config.rotation = "handoff".into();
-    assert!(!config.validate().unwrap().handoff.kernel_rotation);
-    config.rotation = "sideways".into();
+    let kernel = |extra: &str| with(extra).unwrap().handoff.kernel_rotation;
+    assert!(!kernel(""));
+    assert!(kernel("protocol = \"node-cluster\"\n"));
+    assert!(!kernel("protocol = \"node-cluster\"\nmode = \"sticky\"\n"));
+    assert!(!kernel(
+        "protocol = \"node-cluster\"\nrotation = \"handoff\"\n"
+    ));
     assert_eq!(
-        error_of(&config),
+        refused("rotation = \"sideways\"\n"),
         "invalid `rotation` = \"sideways\": expected one of: auto, kernel, handoff"
     );
-    config.rotation = "kernel".into();
-    config.protocol = "herd".into();
-    assert!(error_of(&config).starts_with(
-        "invalid `rotation` = \"kernel\": kernel rotation is for Node cluster workers"
-    ));
+    assert!(
+        refused("rotation = \"kernel\"\nprotocol = \"herd\"\n").starts_with(
+            "invalid `rotation` = \"kernel\": kernel rotation is for Node cluster workers"
+        )
+    );
 }
 
 #[test]
 fn the_worker_protocol_is_detected_or_named() {
-    assert_eq!(minimal().validate().unwrap().protocol, WorkerProtocol::Herd);
-    let mut config = minimal();
-    config.command = vec!["node".into(), "app.js".into()];
+    assert_eq!(with("").unwrap().protocol, WorkerProtocol::Herd);
     if which_node().is_some() {
-        assert_eq!(
-            config.validate().unwrap().protocol,
-            WorkerProtocol::NodeCluster
-        );
-        config.mode = "shared".into();
-        assert_eq!(config.validate().unwrap().mode, Mode::Shared);
-        config.mode = "reuseport".into();
-        assert!(error_of(&config).starts_with("invalid `mode` = \"reuseport\": Node cluster"));
+        let node = "command = [\"node\", \"app.js\"]\n";
+        assert_eq!(with(node).unwrap().protocol, WorkerProtocol::NodeCluster);
+        let shared = with(&format!("{node}mode = \"shared\"\n")).unwrap();
+        assert_eq!(shared.mode, Mode::Shared);
+        assert!(refused(&format!("{node}mode = \"reuseport\"\n"))
+            .starts_with("invalid `mode` = \"reuseport\": Node cluster"));
     }
-    let mut config = minimal();
-    config.protocol = "node-cluster".into();
-    assert_eq!(
-        config.validate().unwrap().protocol,
-        WorkerProtocol::NodeCluster
-    );
+    let node = "protocol = \"node-cluster\"\n";
+    assert_eq!(with(node).unwrap().protocol, WorkerProtocol::NodeCluster);
     // Node apps say what they listen on; herd workers must be told.
-    config.listen.clear();
-    assert!(config.validate().unwrap().listen.is_empty());
-    config.protocol = "herd".into();
-    assert!(error_of(&config).starts_with("invalid `listen` = []: no address"));
-    config.protocol = "grpc".into();
+    assert!(with(&format!("listen = []\n{node}"))
+        .unwrap()
+        .listen
+        .is_empty());
+    assert!(refused("listen = []\nprotocol = \"herd\"\n")
+        .starts_with("invalid `listen` = []: no address"));
     assert_eq!(
-        error_of(&config),
+        refused("protocol = \"grpc\"\n"),
         "invalid `protocol` = \"grpc\": expected one of: auto, herd, node-cluster"
     );
 }
@@ -91,59 +106,117 @@ fn which_node() -> Option<PathBuf> {
 }
 
 #[test]
-fn unknown_keys_are_refused_by_name() {
-    let error = Config::parse("wrokers = 4\n").unwrap_err();
-    assert!(error.contains("unknown field `wrokers`"), "{error}");
+fn unknown_keys_are_refused_by_name_and_place() {
+    let error = Config::parse("workers = 2\nwrokers = 4\n").unwrap_err();
+    assert!(error.message.contains("unknown field `wrokers`"), "{error}");
+    assert_eq!(error.position, Some((2, 1)));
     let error = Config::parse("[handoff]\nmax_unaked = 4\n").unwrap_err();
-    assert!(error.contains("max_unaked"), "{error}");
+    assert!(error.message.contains("max_unaked"), "{error}");
+    let error = Config::parse("backlog = 1\nbacklog = 2\n").unwrap_err();
+    assert_eq!(error.message, "duplicate key `backlog`");
+    let error = Config::parse("handoff = 5\n").unwrap_err();
+    assert!(
+        error.message.ends_with("expected the `[handoff]` table"),
+        "{error}"
+    );
 }
 
 #[test]
-fn wrong_types_name_the_key() {
-    let error = Config::parse("backlog = \"lots\"\n").unwrap_err();
-    assert!(error.contains("backlog"), "{error}");
+fn a_refusal_from_the_file_says_where_it_is() {
+    let error = Config::parse("workers = 4\n[handoff]\nmax_unacked = 0\n").unwrap_err();
+    assert_eq!(
+        error,
+        ParseError {
+            message: "invalid `handoff.max_unacked` = 0: must be between 1 and 4096".into(),
+            position: Some((3, 15)),
+        }
+    );
+    assert_eq!(
+        error.to_string(),
+        "invalid `handoff.max_unacked` = 0: must be between 1 and 4096 (line 3, column 15)"
+    );
+    let error = ConfigError::Parse {
+        path: "herd.toml".into(),
+        error,
+    };
+    assert_eq!(
+        error.to_string(),
+        "invalid `handoff.max_unacked` = 0: must be between 1 and 4096 (config file herd.toml, line 3, column 15)"
+    );
+    // Not TOML at all: where TOML stopped.
+    let error = Config::parse("listen = [\"127.0.0.1:0\"\n").unwrap_err();
+    assert!(error.position.is_some(), "{error}");
+}
+
+#[test]
+fn wrong_types_are_refused_by_the_key() {
+    for (text, message) in [
+        (
+            "backlog = \"lots\"",
+            "invalid `backlog` = \"lots\": expected a number from 1 to 65535",
+        ),
+        (
+            "mode = 3",
+            "invalid `mode` = 3: expected one of: round-robin, sticky, least-conn, shared, reuseport",
+        ),
+        (
+            "max_memory = 512",
+            "invalid `max_memory` = 512: expected a size in quotes, e.g. \"64KiB\", \"512MiB\", \"1G\"",
+        ),
+        (
+            "ready_timeout = 30",
+            "invalid `ready_timeout` = 30: expected a duration in quotes, e.g. \"500ms\", \"10s\", \"2m\"",
+        ),
+        (
+            "listen = \"127.0.0.1:0\"",
+            "invalid `listen` = \"127.0.0.1:0\": expected a list of addresses, e.g. [\"127.0.0.1:3000\"]",
+        ),
+        (
+            "command = [\"true\", 1]",
+            "invalid `command` = 1: expected a list: the program and its arguments, e.g. [\"./server\", \"--port\", \"0\"]",
+        ),
+        ("env = { A = 1 }", "invalid `env.A` = 1: expected a string"),
+        (
+            "workers = true",
+            "invalid `workers` = true: expected a number from 1 to 1024 or \"max\"",
+        ),
+    ] {
+        assert_eq!(Config::parse(text).unwrap_err().message, message);
+    }
 }
 
 #[test]
 fn bad_values_name_key_value_and_reason() {
-    let mut config = minimal();
-    config.workers = WorkerCount::Count(0);
     assert_eq!(
-        error_of(&config),
+        refused("workers = 0\n"),
         "invalid `workers` = 0: must be between 1 and 1024"
     );
-    config.workers = WorkerCount::Named("many".into());
-    assert!(error_of(&config).starts_with("invalid `workers` = \"many\""));
-
-    let mut config = minimal();
-    config.listen = vec!["localhost:80".into()];
-    assert!(error_of(&config).starts_with("invalid `listen` = \"localhost:80\": expected IP:PORT"));
-
-    let mut config = minimal();
-    config.mode = "fastest".into();
+    assert!(refused("workers = \"many\"\n").starts_with("invalid `workers` = \"many\""));
+    assert!(refused("listen = [\"localhost:80\"]\n")
+        .starts_with("invalid `listen` = \"localhost:80\": expected IP:PORT"));
     assert_eq!(
-        error_of(&config),
+        refused("mode = \"fastest\"\n"),
         "invalid `mode` = \"fastest\": expected one of: round-robin, sticky, least-conn, shared, reuseport"
     );
-
-    let mut config = minimal();
-    config.handoff.ack_timeout = "10".into();
-    assert!(error_of(&config).starts_with("invalid `handoff.ack_timeout` = \"10\": missing unit"));
+    assert!(refused("[handoff]\nack_timeout = \"10\"\n")
+        .starts_with("invalid `handoff.ack_timeout` = \"10\": missing unit"));
+    assert_eq!(
+        refused("[restart]\nbackoff_base = \"2s\"\nbackoff_max = \"1s\"\n"),
+        "invalid `restart.backoff_max` = \"1s\": must not be less than restart.backoff_base (2s)"
+    );
 }
 
 #[test]
 fn worker_program_must_exist_and_be_executable() {
-    let mut config = minimal();
-    config.command = vec!["no-such-herd-worker".into()];
+    let command = |program: &str| refused(&format!("command = [{program:?}]\n"));
     assert_eq!(
-        error_of(&config),
+        command("no-such-herd-worker"),
         "invalid `command` = \"no-such-herd-worker\": not found in PATH"
     );
     let plain = std::env::temp_dir().join(format!("herd-config-test-{}", std::process::id()));
     std::fs::write(&plain, "not a program").unwrap();
     std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
-    config.command = vec![plain.display().to_string()];
-    let error = error_of(&config);
+    let error = command(&plain.display().to_string());
     std::fs::remove_file(&plain).unwrap();
     assert!(
         error.ends_with("is not executable (mode 0644, owner uid 0 gid 0)")
@@ -151,23 +224,23 @@ fn worker_program_must_exist_and_be_executable() {
         "{error}"
     );
     assert!(error.contains("is not executable"), "{error}");
-    config.command = vec![std::env::temp_dir().display().to_string()];
-    assert!(error_of(&config).ends_with("is not a file"));
-    config.command = vec![];
-    assert!(error_of(&config).starts_with("invalid `command` = []: no worker program"));
+    assert!(command(&std::env::temp_dir().display().to_string()).ends_with("is not a file"));
+    assert!(refused("command = []\n").starts_with("invalid `command` = []: no worker program"));
 }
 
 #[test]
 fn overrides_replace_file_values() {
-    let mut config = minimal();
-    config.apply(Overrides {
-        listen: vec!["[::1]:0".into()],
-        workers: Some("3".into()),
-        mode: Some("sticky".into()),
-        command: vec!["sh".into(), "-c".into(), "exit".into()],
-        ..Overrides::default()
-    });
-    let settings = config.validate().unwrap();
+    let mut config = Config::parse("listen = [\"127.0.0.1:0\"]\ncommand = [\"true\"]\n").unwrap();
+    config
+        .apply(Overrides {
+            listen: vec!["[::1]:0".into()],
+            workers: Some("3".into()),
+            mode: Some("sticky".into()),
+            command: vec!["sh".into(), "-c".into(), "exit".into()],
+            ..Overrides::default()
+        })
+        .unwrap();
+    let settings = resolve(config.validate().unwrap()).unwrap();
     assert_eq!(settings.listen, ["[::1]:0".parse().unwrap()]);
     assert_eq!(settings.workers, 3);
     assert_eq!(settings.mode, Mode::Sticky);
@@ -175,21 +248,80 @@ fn overrides_replace_file_values() {
 }
 
 #[test]
+fn overrides_are_refused_in_the_words_of_their_key() {
+    let refused =
+        |overrides: Overrides| Config::default().apply(overrides).unwrap_err().to_string();
+    assert_eq!(
+        refused(Overrides {
+            workers: Some("0".into()),
+            ..Overrides::default()
+        }),
+        "invalid `workers` = 0: must be between 1 and 1024"
+    );
+    assert_eq!(
+        refused(Overrides {
+            workers: Some("lots".into()),
+            ..Overrides::default()
+        }),
+        "invalid `workers` = \"lots\": expected a number from 1 to 1024 or \"max\""
+    );
+    assert!(refused(Overrides {
+        listen: vec!["localhost:99999".into()],
+        ..Overrides::default()
+    })
+    .starts_with("invalid `listen` = \"localhost:99999\": expected IP:PORT"));
+    assert_eq!(
+        refused(Overrides {
+            max_unacked: Some(0),
+            ..Overrides::default()
+        }),
+        "invalid `handoff.max_unacked` = 0: must be between 1 and 4096"
+    );
+    assert!(refused(Overrides {
+        ready_delay: Some("soon".into()),
+        ..Overrides::default()
+    })
+    .starts_with("invalid `ready_delay` = \"soon\""));
+}
+
+#[test]
+fn control_commands_read_the_control_key_alone() {
+    let dir = std::env::temp_dir().join(format!("herd-control-of-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("herd.toml");
+    std::fs::write(&file, "workers = 0\ncontrol = \"there.sock\"\n").unwrap();
+    assert_eq!(
+        Config::control_of(Some(&file)).unwrap(),
+        Path::new("there.sock")
+    );
+    std::fs::write(&file, "workers = 0\n").unwrap();
+    assert_eq!(
+        Config::control_of(Some(&file)).unwrap(),
+        Path::new(DEFAULT_CONTROL_PATH)
+    );
+    std::fs::write(&file, "control = \"\"\n").unwrap();
+    let error = Config::control_of(Some(&file)).unwrap_err().to_string();
+    assert!(
+        error.starts_with("invalid `control` = \"\": empty"),
+        "{error}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn metrics_address_defaults_to_loopback() {
-    let mut config = minimal();
-    assert_eq!(config.validate().unwrap().metrics, None);
-    config.metrics.address = Some("9464".into());
+    let metrics = |extra: &str| with(extra).map(|s| s.metrics);
+    assert_eq!(metrics(""), Ok(None));
     assert_eq!(
-        config.validate().unwrap().metrics,
-        Some("127.0.0.1:9464".parse().unwrap())
+        metrics("[metrics]\naddress = \"9464\"\n"),
+        Ok(Some("127.0.0.1:9464".parse().unwrap()))
     );
-    config.metrics.address = Some("[::1]:9000".into());
     assert_eq!(
-        config.validate().unwrap().metrics,
-        Some("[::1]:9000".parse().unwrap())
+        metrics("[metrics]\naddress = \"[::1]:9000\"\n"),
+        Ok(Some("[::1]:9000".parse().unwrap()))
     );
-    config.metrics.address = Some("everywhere".into());
-    assert!(error_of(&config).starts_with("invalid `metrics.address` = \"everywhere\""));
+    assert!(refused("[metrics]\naddress = \"everywhere\"\n")
+        .starts_with("invalid `metrics.address` = \"everywhere\""));
 }
 
 #[test]
@@ -199,49 +331,46 @@ fn sizes_parse() {
     assert_eq!(parse_size("4096"), Ok(4096));
     assert!(parse_size("lots").is_err());
     assert!(parse_size("0").is_err());
+    assert_eq!(
+        with("max_memory = \"64KiB\"\n").unwrap().max_memory,
+        Some(64 << 10)
+    );
 }
 
 #[test]
 fn users_and_groups_resolve_or_are_refused() {
-    let mut config = minimal();
-    config.user = Some("root".into());
-    let root = config.validate().unwrap().run_as.unwrap();
+    let root = with("user = \"root\"\n").unwrap().run_as.unwrap();
     assert_eq!((root.uid, root.gid, root.name.as_str()), (0, 0, "root"));
     assert!(root.groups.contains(&0), "{root:?}");
-    config.user = Some("no-such-user-herd".into());
     assert_eq!(
-        error_of(&config),
+        refused("user = \"no-such-user-herd\"\n"),
         "invalid `user` = \"no-such-user-herd\": no such user on this host"
     );
-    config.user = None;
-    config.group = Some("root".into());
-    assert!(error_of(&config).starts_with("invalid `group`"));
+    assert!(refused("group = \"root\"\n").starts_with("invalid `group`"));
 }
 
 #[test]
 fn hang_timeout_defaults_to_30s_and_0s_turns_it_off() {
-    let mut config = minimal();
-    assert_eq!(
-        config.validate().unwrap().hang_timeout,
-        Some(Duration::from_secs(30))
-    );
-    config.hang_timeout = "0s".into();
-    assert_eq!(config.validate().unwrap().hang_timeout, None);
-    config.hang_timeout = "soon".into();
-    assert!(error_of(&config).starts_with("invalid `hang_timeout` = \"soon\""));
+    let hang = |extra: &str| with(extra).unwrap().hang_timeout;
+    assert_eq!(hang(""), Some(Duration::from_secs(30)));
+    assert_eq!(hang("hang_timeout = \"0s\"\n"), None);
+    assert!(refused("hang_timeout = \"soon\"\n").starts_with("invalid `hang_timeout` = \"soon\""));
 }
 
 #[test]
 fn kill_mode_is_one_of_three_or_named() {
-    let mut config = minimal();
-    assert_eq!(config.validate().unwrap().kill_mode, KillMode::Auto);
-    config.kill_mode = "process-group".into();
-    assert_eq!(config.validate().unwrap().kill_mode, KillMode::ProcessGroup);
-    config.kill_mode = "control-group".into();
-    assert_eq!(config.validate().unwrap().kill_mode, KillMode::ControlGroup);
-    config.kill_mode = "process".into();
+    let kill_mode = |extra: &str| with(extra).unwrap().kill_mode;
+    assert_eq!(kill_mode(""), KillMode::Auto);
     assert_eq!(
-        error_of(&config),
+        kill_mode("kill_mode = \"process-group\"\n"),
+        KillMode::ProcessGroup
+    );
+    assert_eq!(
+        kill_mode("kill_mode = \"control-group\"\n"),
+        KillMode::ControlGroup
+    );
+    assert_eq!(
+        refused("kill_mode = \"process\"\n"),
         "invalid `kill_mode` = \"process\": expected one of: auto, control-group, process-group"
     );
 }
@@ -253,67 +382,62 @@ fn durations_parse() {
     assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
     assert!(parse_duration("5 parsecs").is_err());
     assert!(parse_duration("s").is_err());
+    // A refusal quotes a duration as written.
+    let written: ConfigDuration = "2m".parse().unwrap();
+    assert_eq!(
+        (written.get(), written.to_string()),
+        (Duration::from_secs(120), "2m".into())
+    );
 }
 
 #[test]
 fn values_run_would_crash_or_spin_on_are_refused() {
-    let refused = |edit: &dyn Fn(&mut Config)| {
-        let mut config = minimal();
-        edit(&mut config);
-        error_of(&config)
-    };
-    assert!(refused(&|c| c.monitor_interval = "0s".into())
+    assert!(refused("monitor_interval = \"0s\"\n")
         .starts_with("invalid `monitor_interval` = \"0s\": must be at least 10ms"));
-    assert!(refused(&|c| c.monitor_interval = "0.0000000001s".into())
-        .starts_with("invalid `monitor_interval`"));
-    assert!(minimal_with(|c| c.monitor_interval = "10ms".into()).is_ok());
-    assert!(refused(&|c| c.ready_timeout = "0s".into())
+    assert!(
+        refused("monitor_interval = \"0.0000000001s\"\n").starts_with("invalid `monitor_interval`")
+    );
+    assert!(with("monitor_interval = \"10ms\"\n").is_ok());
+    assert!(refused("ready_timeout = \"0s\"\n")
         .starts_with("invalid `ready_timeout` = \"0s\": must be more than 0s"));
-    assert!(refused(&|c| {
-        c.ready_timeout = "2s".into();
-        c.ready_delay = Some("2s".into());
-    })
-    .starts_with("invalid `ready_delay` = \"2s\": must be shorter than `ready_timeout` (2s)"));
-    assert!(minimal_with(|c| c.ready_delay = Some("200ms".into())).is_ok());
-    assert!(refused(&|c| c.restart.backoff_base = "0ms".into())
+    assert!(refused("ready_timeout = \"2s\"\nready_delay = \"2s\"\n")
+        .starts_with("invalid `ready_delay` = \"2s\": must be shorter than `ready_timeout` (2s)"));
+    assert!(with("ready_delay = \"200ms\"\n").is_ok());
+    assert!(refused("[restart]\nbackoff_base = \"0ms\"\n")
         .starts_with("invalid `restart.backoff_base` = \"0ms\": must be more than 0s"));
-    assert!(refused(&|c| {
-        c.env.insert("A".into(), "x\0y".into());
-    })
-    .starts_with("invalid `env.A` = \"x\\0y\": contains a NUL byte"));
-    assert!(refused(&|c| c.command.push("a\0b".into())).ends_with("argument 1 contains a NUL byte"));
-}
-
-fn minimal_with(edit: impl Fn(&mut Config)) -> Result<Settings, ConfigError> {
-    let mut config = minimal();
-    edit(&mut config);
-    config.validate()
+    assert!(refused("[env]\nA = \"x\\u0000y\"\n")
+        .starts_with("invalid `env.A` = \"x\\0y\": contains a NUL byte"));
+    assert!(refused("env = { \"A=B\" = \"c\" }\n")
+        .starts_with("invalid `env` = \"A=B\": not a valid environment variable name"));
+    assert!(refused("command = [\"true\", \"a\\u0000b\"]\n")
+        .ends_with("argument 1 contains a NUL byte"));
+    assert!(refused("cwd = \"/tm\\u0000p\"\n").ends_with("contains a NUL byte"));
 }
 
 #[test]
 fn the_control_path_must_fit_sun_path() {
+    let control = |path: &str| with(&format!("control = {path:?}\n"));
     let fits = "s".repeat(MAX_CONTROL_PATH_LEN);
-    assert!(minimal_with(|c| c.control = fits.clone()).is_ok());
+    assert!(control(&fits).is_ok());
     let long = "s".repeat(MAX_CONTROL_PATH_LEN + 1);
-    let error = minimal_with(|c| c.control = long.clone())
-        .unwrap_err()
-        .to_string();
+    let error = control(&long).unwrap_err();
     assert!(
         error.starts_with(&format!(
             "invalid `control` = {long:?}: 108 bytes long; a Unix socket path holds at most 107"
         )),
         "{error}"
     );
-    let error = minimal_with(|c| c.control = String::new()).unwrap_err();
-    assert!(error
-        .to_string()
+    assert!(control("")
+        .unwrap_err()
         .starts_with("invalid `control` = \"\": empty"));
 }
 
 #[test]
 fn listeners_that_cannot_all_be_bound_are_refused() {
-    let listen =
-        |addrs: &[&str]| minimal_with(|c| c.listen = addrs.iter().map(|a| a.to_string()).collect());
+    let listen = |addrs: &[&str]| {
+        let addrs: Vec<String> = addrs.iter().map(|a| format!("{a:?}")).collect();
+        with(&format!("listen = [{}]\n", addrs.join(", ")))
+    };
     assert!(
         listen(&["127.0.0.1:0", "127.0.0.1:0"]).is_ok(),
         "port 0 picks two ports"
@@ -328,9 +452,8 @@ fn listeners_that_cannot_all_be_bound_are_refused() {
         ["127.0.0.1:3000", "0.0.0.0:3000"],
         ["[::]:3000", "[::1]:3000"],
     ] {
-        let error = listen(&pair).unwrap_err().to_string();
         assert_eq!(
-            error,
+            listen(&pair).unwrap_err(),
             format!(
                 "invalid `listen` = {:?}: overlaps {:?}: the second bind would fail as a busy port",
                 pair[1], pair[0]
@@ -340,14 +463,8 @@ fn listeners_that_cannot_all_be_bound_are_refused() {
     let many = vec!["127.0.0.1:0"; MAX_LISTENERS + 1];
     assert!(listen(&many)
         .unwrap_err()
-        .to_string()
         .starts_with("invalid `listen` = [257 addresses]"));
-    let error = minimal_with(|c| {
-        c.listen = vec!["0.0.0.0:9464".into()];
-        c.metrics.address = Some("9464".into());
-    })
-    .unwrap_err()
-    .to_string();
+    let error = refused("listen = [\"0.0.0.0:9464\"]\n[metrics]\naddress = \"9464\"\n");
     assert!(
         error.starts_with(
             "invalid `metrics.address` = \"127.0.0.1:9464\": overlaps `listen` \"0.0.0.0:9464\""
@@ -419,82 +536,4 @@ fn permission_bits_are_read_as_the_kernel_does() {
         assert!(!owner.may(&mode(0o605), Access::Read));
     }
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-#[test]
-fn a_reload_names_every_key_only_a_restart_can_change() {
-    let running = minimal().validate().unwrap();
-    let same = minimal().validate().unwrap();
-    assert!(running.restart_needed(&same).is_empty());
-    // What a reload applies itself.
-    let applied = minimal_with(|c| {
-        c.workers = WorkerCount::Count(3);
-        c.env.insert("A".into(), "b".into());
-        c.command = vec!["sh".into()];
-        c.hang_timeout = "1s".into();
-        c.ready_timeout = "5s".into();
-        c.shutdown_timeout = "1s".into();
-        c.handoff.max_unacked = 3;
-        c.handoff.queue_limit = 0;
-        c.restart.backoff_base = "1s".into();
-        c.reload_batch = 2;
-        c.user = Some("root".into());
-    })
-    .unwrap();
-    assert_eq!(running.restart_needed(&applied), Vec::<String>::new());
-    for (edit, named) in [
-        (
-            Box::new(|c: &mut Config| c.listen = vec!["127.0.0.2:0".into()])
-                as Box<dyn Fn(&mut Config)>,
-            "`listen` ([127.0.0.1:0] -> [127.0.0.2:0])",
-        ),
-        (Box::new(|c| c.backlog = 64), "`backlog` (511 -> 64)"),
-        (
-            Box::new(|c| c.mode = "sticky".into()),
-            "`mode` (round-robin -> sticky)",
-        ),
-        (
-            Box::new(|c| c.kill_mode = "process-group".into()),
-            "`kill_mode` (auto -> process-group)",
-        ),
-        (
-            Box::new(|c| c.protocol = "node-cluster".into()),
-            "`protocol` (herd -> node-cluster)",
-        ),
-        (
-            Box::new(|c| c.control = "other.sock".into()),
-            "`control` (herd.sock -> other.sock)",
-        ),
-        (
-            Box::new(|c| c.metrics.address = Some("9000".into())),
-            "`metrics.address` (none -> 127.0.0.1:9000)",
-        ),
-        (
-            Box::new(|c| c.monitor_interval = "2s".into()),
-            "`monitor_interval` (1s -> 2s)",
-        ),
-    ] {
-        let new = minimal_with(edit).unwrap();
-        assert_eq!(running.restart_needed(&new), [named]);
-    }
-    // Node workers: rotation on its own, and not again when mode changes it.
-    let node = minimal_with(|c| c.protocol = "node-cluster".into()).unwrap();
-    let handoff = minimal_with(|c| {
-        c.protocol = "node-cluster".into();
-        c.rotation = "handoff".into();
-    })
-    .unwrap();
-    assert_eq!(
-        node.restart_needed(&handoff),
-        ["`rotation` (kernel -> handoff)"]
-    );
-    let sticky = minimal_with(|c| {
-        c.protocol = "node-cluster".into();
-        c.mode = "sticky".into();
-    })
-    .unwrap();
-    assert_eq!(
-        node.restart_needed(&sticky),
-        ["`mode` (round-robin -> sticky)"]
-    );
 }

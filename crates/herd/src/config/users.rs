@@ -51,21 +51,8 @@ pub(super) fn sorted(groups: &[u32]) -> Vec<u32> {
 }
 
 /// Looks up `user` and `group` (names or numeric ids) for the privilege drop.
-pub(super) fn resolve_user(
-    user: Option<&str>,
-    group: Option<&str>,
-) -> Result<Option<RunAs>, ConfigError> {
+pub(super) fn resolve_user(user_name: &str, group: Option<&str>) -> Result<RunAs, ConfigError> {
     use nix::unistd::{Gid, Group, Uid, User};
-    let Some(user_name) = user else {
-        return match group {
-            Some(group) => Err(invalid(
-                "group",
-                format!("{group:?}"),
-                "set `user` too: herd drops privileges to a user",
-            )),
-            None => Ok(None),
-        };
-    };
     let found = match user_name.parse::<u32>() {
         Ok(id) => User::from_uid(Uid::from_raw(id)),
         Err(_) => User::from_name(user_name),
@@ -124,7 +111,7 @@ pub(super) fn resolve_user(
             ),
         ));
     }
-    Ok(Some(run_as))
+    Ok(run_as)
 }
 
 /// herd has CAP_SETUID and CAP_SETGID (root normally has every capability).

@@ -1,7 +1,195 @@
-//! The value syntaxes of the config: durations, sizes, ranges, the metrics
-//! and control addresses, and which addresses overlap.
+//! The value syntaxes of the config, as types: durations ([`ConfigDuration`])
+//! and sizes ([`ByteSize`]) with their parsers, the named choices
+//! ([`WorkerCount`], [`ProtocolChoice`], [`Rotation`], [`KillMode`],
+//! [`WorkerProtocol`]) with the names they accept, and which addresses
+//! overlap. Each parses with `FromStr`, whose error is the reason a value is
+//! refused; `keys` adds the key and the value.
 
 use super::*;
+
+use std::str::FromStr;
+
+/// A duration as written in the config ("250ms", "10s", "1.5m", "1h"):
+/// its value, and its text for the messages that quote it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigDuration {
+    duration: Duration,
+    /// As written, so a refusal quotes what the user wrote ("2m", not "120s").
+    written: String,
+}
+
+impl ConfigDuration {
+    pub fn get(&self) -> Duration {
+        self.duration
+    }
+
+    pub fn written(&self) -> &str {
+        &self.written
+    }
+
+    /// A built-in default, written as the docs write it.
+    pub(super) fn default_of(text: &'static str) -> ConfigDuration {
+        text.parse()
+            .unwrap_or_else(|why| panic!("the default {text:?} is no duration: {why}"))
+    }
+}
+
+impl FromStr for ConfigDuration {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(ConfigDuration {
+            duration: parse_duration(text)?,
+            written: text.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for ConfigDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.written)
+    }
+}
+
+/// A size in bytes, written "512MiB", "1G", "100M", "64KiB" or a plain number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(u64);
+
+impl ByteSize {
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_size(text).map(ByteSize)
+    }
+}
+
+/// `workers = 4` or `workers = "max"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerCount {
+    /// One per available core, counted when the config is resolved.
+    Max,
+    /// From 1 to [`MAX_WORKERS`].
+    Count(usize),
+}
+
+/// `protocol`: what workers speak, as the config chooses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolChoice {
+    /// Node cluster when the program is `node` or `nodejs`, else herd's.
+    Auto,
+    Herd,
+    NodeCluster,
+}
+
+impl ProtocolChoice {
+    pub const NAMES: &'static [&'static str] = &["auto", "herd", "node-cluster"];
+}
+
+impl FromStr for ProtocolChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(ProtocolChoice::Auto),
+            "herd" => Ok(ProtocolChoice::Herd),
+            "node-cluster" => Ok(ProtocolChoice::NodeCluster),
+            _ => Err(expected_one_of(Self::NAMES)),
+        }
+    }
+}
+
+/// `rotation`: how round-robin deals connections to Node cluster workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// The kernel for Node workers, hand-offs for herd's.
+    Auto,
+    /// An eBPF program deals them over per-worker sockets (Node workers only).
+    Kernel,
+    /// herd accepts each one and hands it over the worker's channel.
+    Handoff,
+}
+
+impl Rotation {
+    pub const NAMES: &'static [&'static str] = &["auto", "kernel", "handoff"];
+}
+
+impl FromStr for Rotation {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(Rotation::Auto),
+            "kernel" => Ok(Rotation::Kernel),
+            "handoff" => Ok(Rotation::Handoff),
+            _ => Err(expected_one_of(Self::NAMES)),
+        }
+    }
+}
+
+/// How herd finds every process of a worker, to kill them with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillMode {
+    /// A cgroup per worker where herd can create one, else process groups.
+    Auto,
+    /// A cgroup v2 leaf per worker; herd refuses to start without one.
+    ControlGroup,
+    /// The worker's process group (and, at stop, everything herd adopted
+    /// as the subreaper of its workers' orphans).
+    ProcessGroup,
+}
+
+impl KillMode {
+    pub const NAMES: &'static [&'static str] = &["auto", "control-group", "process-group"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KillMode::Auto => "auto",
+            KillMode::ControlGroup => "control-group",
+            KillMode::ProcessGroup => "process-group",
+        }
+    }
+}
+
+impl FromStr for KillMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(KillMode::Auto),
+            "control-group" => Ok(KillMode::ControlGroup),
+            "process-group" => Ok(KillMode::ProcessGroup),
+            _ => Err(expected_one_of(Self::NAMES)),
+        }
+    }
+}
+
+/// What a worker speaks on its channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerProtocol {
+    /// herd's own binary protocol (docs/protocol.md).
+    Herd,
+    /// Node.js `cluster` IPC: the worker is an unmodified Node cluster app.
+    NodeCluster,
+}
+
+impl WorkerProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerProtocol::Herd => "herd",
+            WorkerProtocol::NodeCluster => "node-cluster",
+        }
+    }
+}
+
+fn expected_one_of(names: &[&str]) -> String {
+    format!("expected one of: {}", names.join(", "))
+}
 
 /// Two listening sockets on these addresses cannot both be bound: the same
 /// port (not 0, which picks a free one each time) on the same address, or
@@ -14,41 +202,9 @@ pub(super) fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-/// The control socket's path, which must fit a `sockaddr_un`.
-pub(super) fn control_path(text: &str) -> Result<PathBuf, ConfigError> {
-    let refuse = |reason: String| invalid("control", format!("{text:?}"), reason);
-    if text.is_empty() {
-        return Err(refuse("empty: give a path such as \"herd.sock\"".into()));
-    }
-    if text.contains('\0') {
-        return Err(refuse("contains a NUL byte".into()));
-    }
-    // Bound as written (relative to herd's directory), so its own length counts.
-    if text.len() > MAX_CONTROL_PATH_LEN {
-        return Err(refuse(format!(
-            "{} bytes long; a Unix socket path holds at most {MAX_CONTROL_PATH_LEN} (sun_path is {} bytes with the closing NUL): use a shorter or relative path",
-            text.len(),
-            MAX_CONTROL_PATH_LEN + 1
-        )));
-    }
-    Ok(PathBuf::from(text))
-}
-
 /// The number of cores herd may use (honours CPU affinity and cgroup limits).
 pub fn available_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-pub(super) fn in_range(key: &str, value: i64, min: i64, max: i64) -> Result<i64, ConfigError> {
-    if (min..=max).contains(&value) {
-        Ok(value)
-    } else {
-        Err(invalid(
-            key,
-            value,
-            format!("must be between {min} and {max}"),
-        ))
-    }
 }
 
 /// Parses "250ms", "10s", "1.5s", "2m", "1h".
@@ -74,20 +230,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-/// "IP:PORT", or "PORT" alone for 127.0.0.1: metrics stay on loopback unless asked.
-pub(super) fn parse_metrics_address(text: &str) -> Result<SocketAddr, ConfigError> {
-    if let Ok(port) = text.parse::<u16>() {
-        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
-    }
-    text.parse().map_err(|_| {
-        invalid(
-            "metrics.address",
-            format!("{text:?}"),
-            "expected IP:PORT (e.g. 127.0.0.1:9464) or a port for 127.0.0.1",
-        )
-    })
-}
-
 /// Parses "512MiB", "1G", "100M", "64KiB" or a plain number of bytes.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
@@ -109,8 +251,4 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .checked_mul(scale)
         .filter(|&n| n > 0)
         .ok_or_else(|| "out of range".to_string())
-}
-
-pub(super) fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
-    parse_duration(text).map_err(|reason| invalid(key, format!("{text:?}"), reason))
 }

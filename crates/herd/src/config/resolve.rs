@@ -1,0 +1,111 @@
+//! What the host says about a [`ValidConfig`]: who the workers' user and
+//! group are, whether they can enter `cwd` and run the program (found in
+//! PATH as a shell would), how many cores "max" workers is. The one step of
+//! loading that does I/O; `herd run`, `herd check` and every reload go
+//! through it ([`ConfigSource::load`]), so `check` refuses what `run` would.
+
+use super::*;
+
+/// Resolves `valid` on this host into the [`Settings`] herd runs on.
+pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
+    let ValidConfig {
+        config,
+        protocol,
+        kernel_rotation,
+    } = valid;
+    let run_as = match &config.user {
+        Some(user) => Some(resolve_user(user, config.group.as_deref())?),
+        None => None,
+    };
+    // Paths are checked as the workers will use them: as their user.
+    let identity = match &run_as {
+        Some(user) => user.identity(),
+        None => herds_identity(),
+    };
+    if let Some(dir) = &config.cwd {
+        let value = format!("{:?}", dir.display().to_string());
+        if !dir.is_dir() {
+            return Err(invalid("cwd", value, "not a directory"));
+        }
+        // The worker must be able to stay in it: search on the way and on it.
+        identity
+            .can_enter(dir)
+            .map_err(|reason| invalid("cwd", value, reason))?;
+    }
+    let (program, args) = program_of(&config.command)?;
+    let args = args.to_vec();
+    let program = resolve_program(program, config.cwd.as_deref(), &identity)?;
+    if !config.mode.hands_off() && protocol == WorkerProtocol::Herd {
+        if let Some(user) = run_as.as_ref().filter(|user| !user.is_herds_own()) {
+            shim_runnable_by(user, config.mode)?;
+        }
+    }
+    let workers = match config.workers {
+        WorkerCount::Max => available_cores(),
+        WorkerCount::Count(n) => n,
+    };
+    Ok(settings(
+        config,
+        Resolved {
+            workers,
+            program,
+            args,
+            protocol,
+            kernel_rotation,
+            run_as,
+        },
+    ))
+}
+
+/// What validation and the host decided, beside the config's own values.
+struct Resolved {
+    workers: usize,
+    program: PathBuf,
+    args: Vec<String>,
+    protocol: WorkerProtocol,
+    kernel_rotation: bool,
+    run_as: Option<RunAs>,
+}
+
+fn settings(config: Config, resolved: Resolved) -> Settings {
+    let handoff = HandoffSettings {
+        max_unacked: config.handoff.max_unacked,
+        ack_timeout: config.handoff.ack_timeout.get(),
+        queue_limit: config.handoff.queue_limit,
+        queue_timeout: config.handoff.queue_timeout.get(),
+        kernel_rotation: resolved.kernel_rotation,
+    };
+    let restart = RestartSettings {
+        backoff_base: config.restart.backoff_base.get(),
+        backoff_max: config.restart.backoff_max.get(),
+        min_uptime: config.restart.min_uptime.get(),
+        max_restarts: config.restart.max_restarts,
+        window: config.restart.window.get(),
+    };
+    Settings {
+        listen: config.listen,
+        backlog: config.backlog,
+        workers: resolved.workers,
+        mode: config.mode,
+        program: resolved.program,
+        args: resolved.args,
+        protocol: resolved.protocol,
+        env: config.env,
+        cwd: config.cwd,
+        shutdown_timeout: config.shutdown_timeout.get(),
+        ready_timeout: config.ready_timeout.get(),
+        ready_delay: config.ready_delay.map(|delay| delay.get()),
+        hang_timeout: Some(config.hang_timeout.get()).filter(|timeout| !timeout.is_zero()),
+        kill_mode: config.kill_mode,
+        reload_batch: config.reload_batch,
+        max_memory: config.max_memory.map(ByteSize::bytes),
+        max_connections_per_worker: config.max_connections_per_worker,
+        max_connections_jitter: config.max_connections_jitter,
+        run_as: resolved.run_as,
+        control: config.control,
+        monitor_interval: config.monitor_interval.get(),
+        metrics: config.metrics.address,
+        handoff,
+        restart,
+    }
+}

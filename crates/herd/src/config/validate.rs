@@ -1,0 +1,131 @@
+//! The rules that span several keys, checked once every key has been read
+//! on its own (`keys`) and the flags merged: what a worker speaks and how
+//! its connections are dealt, which addresses may be left out or must not
+//! meet, and the durations that must stay in order. No I/O: what the host
+//! says is `resolve`'s.
+
+use super::*;
+
+/// A [`Config`] whose keys agree with each other, and what they decide
+/// together; [`resolve`] turns it into [`Settings`].
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    pub(super) config: Config,
+    /// `protocol`, with "auto" decided by the program's name.
+    pub(super) protocol: WorkerProtocol,
+    /// `rotation`, decided for this mode and protocol.
+    pub(super) kernel_rotation: bool,
+}
+
+impl Config {
+    /// Checks the rules that span several keys.
+    pub fn validate(self) -> Result<ValidConfig, ConfigError> {
+        if let (None, Some(group)) = (&self.user, &self.group) {
+            return Err(invalid(
+                "group",
+                format!("{group:?}"),
+                "set `user` too: herd drops privileges to a user",
+            ));
+        }
+        let (program, _) = program_of(&self.command)?;
+        let protocol = match self.protocol {
+            ProtocolChoice::Herd => WorkerProtocol::Herd,
+            ProtocolChoice::NodeCluster => WorkerProtocol::NodeCluster,
+            // The name decides, as it will of the program found in PATH.
+            ProtocolChoice::Auto if is_node(Path::new(program)) => WorkerProtocol::NodeCluster,
+            ProtocolChoice::Auto => WorkerProtocol::Herd,
+        };
+        let kernel_rotation = self.dealing(protocol)?;
+        // Node cluster apps say what they listen on, as with Node's primary.
+        if self.listen.is_empty() && protocol != WorkerProtocol::NodeCluster {
+            return Err(invalid(
+                "listen",
+                "[]",
+                "no address to listen on: give --listen ADDR or `listen = [\"127.0.0.1:3000\"]` (only Node cluster apps may leave it out: herd then binds what they listen on)",
+            ));
+        }
+        self.durations_in_order()?;
+        if let Some(addr) = self.metrics.address {
+            if let Some(taken) = self.listen.iter().find(|a| overlaps(**a, addr)) {
+                return Err(invalid(
+                    "metrics.address",
+                    format!("{:?}", addr.to_string()),
+                    format!(
+                        "overlaps `listen` {:?}: herd would fail to bind it",
+                        taken.to_string()
+                    ),
+                ));
+            }
+        }
+        Ok(ValidConfig {
+            config: self,
+            protocol,
+            kernel_rotation,
+        })
+    }
+
+    /// Whether round-robin is dealt by the kernel (`rotation`), for this
+    /// mode and `protocol`; refused where the two cannot go together.
+    fn dealing(&self, protocol: WorkerProtocol) -> Result<bool, ConfigError> {
+        let node = protocol == WorkerProtocol::NodeCluster;
+        if node && self.mode == Mode::ReusePort {
+            return Err(invalid(
+                "mode",
+                format!("{:?}", self.mode.name()),
+                "Node cluster workers run in round-robin, sticky, least-conn or shared mode (Node's cluster protocol has no per-worker sockets)",
+            ));
+        }
+        match self.rotation {
+            Rotation::Auto => Ok(node && self.mode == Mode::RoundRobin),
+            Rotation::Handoff => Ok(false),
+            Rotation::Kernel if !node => Err(invalid(
+                "rotation",
+                "\"kernel\"",
+                "kernel rotation is for Node cluster workers; herd workers take hand-offs (or run OS-scheduled with --mode reuseport)",
+            )),
+            Rotation::Kernel => Ok(self.mode == Mode::RoundRobin),
+        }
+    }
+
+    /// `restart.backoff_max` is not below `restart.backoff_base`, and a
+    /// `ready_delay` makes a worker ready before `ready_timeout` kills it.
+    fn durations_in_order(&self) -> Result<(), ConfigError> {
+        let restart = &self.restart;
+        if restart.backoff_max.get() < restart.backoff_base.get() {
+            return Err(invalid(
+                "restart.backoff_max",
+                format!("{:?}", restart.backoff_max.written()),
+                format!(
+                    "must not be less than restart.backoff_base ({})",
+                    restart.backoff_base
+                ),
+            ));
+        }
+        if let Some(delay) = &self.ready_delay {
+            if delay.get() >= self.ready_timeout.get() {
+                return Err(invalid(
+                    "ready_delay",
+                    format!("{:?}", delay.written()),
+                    format!(
+                        "must be shorter than `ready_timeout` ({}): a worker that never says READY would be killed before it counts as ready",
+                        self.ready_timeout
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The worker program and its arguments; an empty `command` (the default,
+/// when neither the file nor the flags give one) is refused.
+pub(super) fn program_of(command: &[String]) -> Result<(&str, &[String]), ConfigError> {
+    match command.split_first() {
+        Some((program, args)) if !program.is_empty() => Ok((program, args)),
+        _ => Err(invalid(
+            "command",
+            format!("{command:?}"),
+            "no worker program: give `-- PROGRAM ARGS...` or `command = [\"PROGRAM\", ...]`",
+        )),
+    }
+}
