@@ -368,6 +368,7 @@ impl Lifecycle {
                 error!(
                     slot = w.slot,
                     failures = slot.failures,
+                    max_restarts = restart.max_restarts,
                     event = "crash_looping",
                     "worker is crash-looping: more than {} failed starts within {:?}; retrying every {:?}",
                     restart.max_restarts,
