@@ -280,7 +280,7 @@ fn run_without_arguments_reads_config_toml_in_the_current_directory() {
     let herd = Herd::start_in(&dir, &[]);
     let cores = std::thread::available_parallelism().unwrap().get();
     herd.wait_ready(cores);
-    herd.wait_for_lines("metrics on http://127.0.0.1:", 1);
+    assert_eq!(metrics_addr(&herd).ip().to_string(), "127.0.0.1");
     assert!(get(herd.addr()).is_ok());
     assert!(herd.stop().success());
 }

@@ -119,7 +119,7 @@ fn out_of_fds_the_control_socket_backs_off_and_recovers() {
     let held: Vec<TcpStream> = (0..12)
         .map(|_| send_request(herd.addr()).unwrap())
         .collect();
-    herd.wait_for_lines("pausing accepts", 1);
+    herd.wait_for_event("accept_paused", &[], 1);
 
     // A control client waits in the control socket's queue meanwhile: the
     // socket is readable, and each accept fails with EMFILE.
@@ -149,11 +149,7 @@ fn out_of_fds_the_control_socket_backs_off_and_recovers() {
         .expect("the waiting client is answered once fds are free");
     assert!(answer.contains("\"ok\":true"), "answer: {answer:?}");
     herd_ok(&herd.dir, &["status"]);
-    let warnings = herd
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("control socket") && l.contains("cannot accept"))
-        .count();
+    let warnings = herd.events("control_accept_failed", &[]).len();
     assert!(
         (1..=3).contains(&warnings),
         "{warnings} control accept warnings: one per episode"

@@ -12,29 +12,21 @@ use std::path::Path;
 use common::*;
 use nix::sys::signal::Signal;
 
-/// The log line saying how worker `pid` ended, once there is one.
-fn exit_line_of(herd: &Herd, pid: u32) -> String {
-    let needle = format!("pid={pid} ");
-    wait_until(&format!("the exit of pid {pid}"), || {
-        herd.log_text()
-            .lines()
-            .find(|l| {
-                l.contains(&needle)
-                    && (l.contains("worker exited") || l.contains("worker was killed"))
-            })
-            .map(str::to_string)
-    })
+/// The event saying how worker `pid` ended, once there is one.
+fn exit_of(herd: &Herd, pid: u32) -> Value {
+    herd.wait_for_event("worker_exited", &[("pid", json!(pid))], 1)
+        .remove(0)
 }
 
-/// Seconds since midnight (UTC) of a log line's leading RFC 3339 timestamp,
+/// Seconds since midnight (UTC) of a log event's RFC 3339 timestamp,
 /// e.g. `2026-11-23T22:32:19.010947Z`.
-fn log_seconds(line: &str) -> f64 {
-    let stamp = line.split_whitespace().next().expect("timestamp");
+fn log_seconds(event: &Value) -> f64 {
+    let stamp = event["timestamp"].as_str().expect("timestamp");
     let time = stamp
         .split('T')
         .nth(1)
         .and_then(|t| t.strip_suffix('Z'))
-        .unwrap_or_else(|| panic!("no RFC 3339 timestamp in {line:?}"));
+        .unwrap_or_else(|| panic!("no RFC 3339 timestamp in {event}"));
     let parts: Vec<f64> = time.split(':').map(|p| p.parse().unwrap()).collect();
     parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
 }
@@ -47,12 +39,13 @@ fn expect_refusal(dir: &Path, extra: &[&str], message: &str) -> Herd {
     args.extend(["--", hello_worker()]);
     let mut herd = Herd::start_in(dir, &args);
     // Wait for the line itself: the process may exit before its output is read.
-    herd.wait_for_lines(message, 1);
+    herd.wait_for_error_message(message);
     let status = herd.wait_exit();
     let log = herd.log_text();
     assert_eq!(status.code(), Some(3), "exit status; log:\n{log}");
     // stderr is one ordered stream: a worker start would precede the error.
-    assert!(!log.contains("worker started"), "a worker started:\n{log}");
+    let started = herd.events("worker_started", &[]);
+    assert!(started.is_empty(), "a worker started:\n{log}");
     herd
 }
 
@@ -142,11 +135,8 @@ fn scale_up_and_down_at_runtime() {
     assert!(all_ready(&status, 1), "{status:#}");
     assert_eq!(pids_of(&status), BTreeMap::from([(0, ready[&0])]));
     for slot in 1..4 {
-        let line = exit_line_of(&herd, ready[&slot]);
-        assert!(
-            line.contains("worker exited with code 0"),
-            "slot {slot} did not drain cleanly: {line}"
-        );
+        let exit = exit_of(&herd, ready[&slot]);
+        assert_eq!(exit["code"], 0, "slot {slot} did not drain cleanly: {exit}");
     }
     for i in 0..4 {
         let answer = get(herd.addr()).unwrap_or_else(|e| panic!("request {i}: {e}"));
@@ -163,20 +153,27 @@ fn sigttin_and_sigttou_change_the_worker_count() {
     let dir = &herd.dir;
 
     signal(herd.pid(), Signal::SIGTTIN);
-    herd.wait_for_lines("SIGTTIN: workers: 2 -> 3", 1);
+    let ttin = [("signal", json!("SIGTTIN")), ("workers", json!(3))];
+    herd.wait_for_event("signal_scaled", &ttin, 1);
+    herd.wait_for_event("scaled", &[("from", json!(2)), ("to", json!(3))], 1);
     let ready = herd.wait_ready(3);
     wait_for_status(dir, "3 ready slots", |s| all_ready(s, 3));
 
     // One at a time: the kernel may merge a pending signal with the next.
-    for (from, to) in [(3, 2), (2, 1), (1, 1)] {
+    for (i, (from, to)) in [(3, 2), (2, 1), (1, 1)].into_iter().enumerate() {
         signal(herd.pid(), Signal::SIGTTOU);
-        herd.wait_for_lines(&format!("SIGTTOU: workers: {from} -> {to}"), 1);
+        // This SIGTTOU is answered, with `to` workers.
+        let ttou = herd.wait_for_event("signal_scaled", &[("signal", json!("SIGTTOU"))], i + 1);
+        assert_eq!(ttou[i]["workers"], to, "{ttou:?}");
+        if from != to {
+            herd.wait_for_event("scaled", &[("from", json!(from)), ("to", json!(to))], 1);
+        }
     }
     let status = status_json(dir);
     assert_eq!(pids_of(&status), BTreeMap::from([(0, ready[&0])]));
     for slot in 1..3 {
-        let line = exit_line_of(&herd, ready[&slot]);
-        assert!(line.contains("worker exited with code 0"), "{line}");
+        let exit = exit_of(&herd, ready[&slot]);
+        assert_eq!(exit["code"], 0, "{exit}");
     }
     assert_eq!(get(herd.addr()).unwrap().pid, ready[&0]);
     herd.stop();
@@ -290,8 +287,8 @@ fn reload_re_reads_the_config_and_refuses_an_invalid_one() {
     assert_eq!(after.len(), 2);
     for slot in 0..2 {
         assert_ne!(before[&slot], after[&slot], "slot {slot} was not replaced");
-        let line = exit_line_of(&herd, before[&slot]);
-        assert!(line.contains("worker exited with code 0"), "{line}");
+        let exit = exit_of(&herd, before[&slot]);
+        assert_eq!(exit["code"], 0, "{exit}");
     }
     let status = wait_for_status(&dir, "2 ready slots", |s| all_ready(s, 2));
     assert_eq!(pids_of(&status), after);
@@ -320,7 +317,10 @@ fn reload_re_reads_the_config_and_refuses_an_invalid_one() {
     }
 
     signal(herd.pid(), Signal::SIGHUP);
-    herd.wait_for_lines("SIGHUP: reloaded 3 worker(s)", 1);
+    herd.wait_for_event("sighup_reloaded", &[], 1);
+    // The SIGHUP's answer follows the end of the reload it started.
+    let finished = herd.events("reload_finished", &[]);
+    assert_eq!(finished.last().unwrap()["replaced"], 3, "{finished:?}");
     let status = wait_for_status(&dir, "3 ready slots", |s| all_ready(s, 3));
     for (slot, pid) in pids_of(&status) {
         assert_ne!(pid, third[&slot], "SIGHUP did not replace slot {slot}");
@@ -342,18 +342,20 @@ fn a_crash_looping_slot_backs_off_and_is_reported() {
         &[],
         &["sh", "-c", script, hello_worker()],
     );
-    herd.wait_for_lines("worker is crash-looping: more than 3 failed starts", 1);
-    let exits = herd.wait_for_lines("worker exited with code 7", 6);
-    assert!(exits.iter().all(|l| l.contains("slot=1 ")), "{exits:#?}");
+    let looping = [("slot", json!(1)), ("max_restarts", json!(3))];
+    herd.wait_for_event("crash_looping", &looping, 1);
+    let exits = herd.wait_for_event("worker_exited", &[("code", json!(7))], 6);
+    assert!(exits.iter().all(|e| e["slot"] == 1), "{exits:#?}");
 
     // Each restart waits the logged delay, which doubles from 50 ms to 400 ms.
+    let restart = [("slot", json!(1)), ("replacement", json!(false))];
     let delays: Vec<u64> = herd
-        .wait_for_lines("restarting worker after backoff slot=1", 5)
+        .wait_for_event("restart_scheduled", &restart, 5)
         .iter()
-        .map(|l| field(l, "delay_ms"))
+        .map(|e| number(e, "delay_ms"))
         .collect();
     assert_eq!(delays[..5], [50, 100, 200, 400, 400], "{delays:?}");
-    let times: Vec<f64> = exits.iter().map(|l| log_seconds(l)).collect();
+    let times: Vec<f64> = exits.iter().map(log_seconds).collect();
     let gaps: Vec<f64> = times
         .windows(2)
         .map(|w| (w[1] - w[0]).rem_euclid(86_400.0))
@@ -470,13 +472,13 @@ fn scale_down_during_a_reload_keeps_herd_running() {
     );
     std::fs::write(&config, reloaded).unwrap();
     signal(herd.pid(), Signal::SIGHUP);
-    herd.wait_for_lines("reloading workers=3", 1);
+    herd.wait_for_event("reloading", &[("workers", json!(3))], 1);
     assert_eq!(herd_ok(&dir, &["scale", "1"]).trim(), "workers: 3 -> 1");
     std::fs::write(dir.join("go"), "").unwrap();
     let status = wait_for_status(&dir, "the reload to finish", |s| {
         s["phase"] == "running" && all_ready(s, 1)
     });
-    herd.wait_for_lines("SIGHUP: ", 1);
+    herd.wait_for_event("sighup_reloaded", &[], 1);
     assert_eq!(get(herd.addr()).unwrap().pid, pids_of(&status)[&0]);
     herd.stop();
 }

@@ -72,7 +72,7 @@ fn a_hung_worker_is_skipped_and_its_connections_are_served_after_it_dies() {
         &[hello_worker(), "--stall-slot", "0"],
     );
     let ready = herd.wait_ready(4);
-    herd.wait_for_lines("[worker 0] stalling on purpose", 1);
+    herd.wait_for_worker_output("[worker 0] stalling on purpose", 1);
     let stalled = ready[&0];
     let addr = herd.addr();
 
@@ -99,7 +99,11 @@ fn a_hung_worker_is_skipped_and_its_connections_are_served_after_it_dies() {
             .expect("every accepted connection is answered");
         assert_ne!(answer.pid, stalled);
     }
-    herd.wait_for_lines("requeued=4", 1);
+    herd.wait_for_event(
+        "requeued",
+        &[("pid", json!(stalled)), ("requeued", json!(4))],
+        1,
+    );
 }
 
 /// The scenario: SIGSTOP a worker, send connections until some are
@@ -134,7 +138,11 @@ fn connections_queued_on_a_worker_that_dies_before_acknowledging_are_served_by_o
         );
     }
     assert!(answers.iter().all(|a| a.pid != victim));
-    herd.wait_for_lines("requeued=10", 1);
+    herd.wait_for_event(
+        "requeued",
+        &[("pid", json!(victim)), ("requeued", json!(10))],
+        1,
+    );
 }
 
 /// With its fd limit lowered, herd runs out of descriptors while workers are
@@ -153,7 +161,7 @@ fn fd_exhaustion_pauses_accepting_and_loses_nothing() {
     // 30 connections while no worker reads: herd can hold about 10, then accept fails.
     let answered = Arc::new(AtomicUsize::new(0));
     let handles = fire(addr, 30, &answered);
-    herd.wait_for_lines("pausing accepts", 1);
+    herd.wait_for_event("accept_paused", &[], 1);
 
     for pid in ready.values() {
         signal(*pid, Signal::SIGCONT);
@@ -164,7 +172,7 @@ fn fd_exhaustion_pauses_accepting_and_loses_nothing() {
             .unwrap()
             .expect("every connection is served once fds free up");
     }
-    let pauses = herd.log_text().matches("pausing accepts").count();
+    let pauses = herd.events("accept_paused", &[]).len();
     assert!(
         pauses <= 3,
         "logged {pauses} times: should log once per episode, not per retry"
@@ -192,7 +200,7 @@ fn past_the_queue_bound_new_connections_are_closed_and_queued_ones_served() {
     let (answered, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let handles = fire_counting(herd.addr(), 20, &answered, &refused);
     wait_count(&refused, 13);
-    herd.wait_for_lines("the queue is full", 1);
+    herd.wait_for_event("queue_full", &[], 1);
     for pid in ready.values() {
         signal(*pid, Signal::SIGCONT);
     }

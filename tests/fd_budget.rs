@@ -52,10 +52,8 @@ fn start_limited(name: &str, nofile: &str, config: &str, workers: &str) -> Herd 
 fn herd_raises_its_open_file_limit_and_its_workers_keep_the_original() {
     let herd = start_limited("fd-raise", "1024:8192", "", "2");
     let workers = herd.wait_all_ready(2);
-    herd.wait_for_herd_lines(
-        "open-file limit (RLIMIT_NOFILE): 8192 (workers get 1024)",
-        1,
-    );
+    let limit = [("soft", json!(8192)), ("worker_soft", json!(1024))];
+    herd.wait_for_event("fd_limit", &limit, 1);
     assert_eq!(open_file_limits(herd.pid()), (8192, 8192));
     for pid in workers {
         assert_eq!(open_file_limits(pid), (1024, 8192), "worker {pid}");
@@ -70,11 +68,16 @@ fn a_configuration_that_may_run_out_of_fds_is_warned_about_naming_the_keys() {
         "[handoff]\nqueue_limit = 100000\n",
         "2",
     );
-    let line = herd
-        .wait_for_herd_lines("over herd's open-file limit of 2048", 1)
+    let warning = herd
+        .wait_for_event("fd_budget_exceeded", &[("limit", json!(2048))], 1)
         .remove(0);
-    assert!(line.contains("handoff.queue_limit = 100000"), "{line}");
-    assert!(line.contains("handoff.max_unacked = 64"), "{line}");
+    // The point of the warning is that it names the keys to lower.
+    let message = warning["message"].as_str().unwrap();
+    assert!(
+        message.contains("handoff.queue_limit = 100000"),
+        "{warning}"
+    );
+    assert!(message.contains("handoff.max_unacked = 64"), "{warning}");
     herd.wait_all_ready(2);
 }
 
@@ -136,7 +139,7 @@ fn out_of_fds_for_queue_timeout_the_waiting_connections_are_closed_not_left_hang
     wait_until("the queued connections to be closed", || {
         (closed.load(Ordering::SeqCst) >= 15).then_some(())
     });
-    herd.wait_for_herd_lines("out of file descriptors for", 1);
+    herd.wait_for_event("out_of_fds", &[], 1);
     for pid in ready.values() {
         signal(*pid, Signal::SIGCONT);
     }

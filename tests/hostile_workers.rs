@@ -67,13 +67,13 @@ fn a_flooding_node_worker_neither_grows_herd_nor_starves_the_others() {
         &["--rotation", "handoff"],
         &["sh", "-c", &script],
     );
-    herd.wait_for_lines("worker ready slot=1", 1);
+    herd.wait_for_event("worker_ready", &[("slot", json!(1))], 1);
     let before = rss(herd.pid());
     let addr = herd.addr();
     // Requests while the flood runs, each answered within 5 s.
     let started = Instant::now();
     let mut served = 0;
-    while herd.log_text().matches("flooded ").count() == 0 {
+    while herd.worker_output("flooded ").is_empty() {
         assert!(started.elapsed() < DEADLINE * 3, "the flood never ended");
         answered_by(addr).unwrap_or_else(|e| panic!("request {served} during the flood: {e}"));
         served += 1;
@@ -109,8 +109,11 @@ fn servers_a_node_app_closed_are_released() {
             &fixture("node/many-listens.js"),
         ],
     );
-    herd.wait_for_lines("opened 300 servers", 1);
-    assert!(!herd.log_text().contains("failed:"), "{}", herd.log_text());
+    herd.wait_for_worker_output("opened 300 servers", 1);
+    let failed = herd.worker_output("failed:");
+    assert!(failed.is_empty(), "{}", herd.log_text());
+    let refused = herd.events("listen_refused", &[]);
+    assert!(refused.is_empty(), "{}", herd.log_text());
 }
 
 /// 300 servers open at once: past herd's listener limit the app's listen
@@ -128,9 +131,12 @@ fn past_the_listener_limit_a_node_listen_fails_naming_it() {
             &fixture("node/many-listens.js"),
         ],
     );
-    let failed = herd.wait_for_lines("failed:", 1).remove(0);
+    let failed = herd.wait_for_worker_output("failed:", 1).remove(0);
     assert!(!failed.contains("EMFILE"), "{failed}");
-    herd.wait_for_herd_lines("MAX_LISTENERS", 1);
+    let refusal = herd.wait_for_event("listen_refused", &[], 1).remove(0);
+    // The point: the refusal names the limit.
+    let message = refusal["message"].as_str().unwrap();
+    assert!(message.contains("MAX_LISTENERS"), "{refusal}");
 }
 
 /// 20 000 each of oversized messages, messages with an fd and ACKs for ids
@@ -146,7 +152,7 @@ fn a_worker_flooding_bad_messages_is_logged_sparingly() {
         &[],
         &["python3", &fixture("hostile_worker.py"), "oversized", COUNT],
     );
-    herd.wait_for_lines("sent 20000 of each", 1);
+    herd.wait_for_worker_output("sent 20000 of each", 1);
     // The flood is read: slot 0 answers requests again (it reads its
     // channel after the flood), so herd has got past it.
     let ready = herd.wait_all_ready(2);
@@ -159,9 +165,9 @@ fn a_worker_flooding_bad_messages_is_logged_sparingly() {
         answered_by(herd.addr()).unwrap();
     }
     let logged = herd
-        .log_text()
-        .lines()
-        .filter(|l| !l.starts_with("[worker ") && l.contains("slot=0") && l.contains("WARN"))
+        .log_events()
+        .iter()
+        .filter(|e| e["level"] == "WARN" && e["slot"] == 0)
         .count();
     // log2(20 000) is about 15: three kinds of error, ~15 lines each.
     assert!(
@@ -194,7 +200,7 @@ fn a_connection_every_worker_refuses_waits_instead_of_bouncing() {
     let spent = cpu_ticks(herd.pid()) - before;
     // 3 s of bouncing costs herd most of a core; waiting costs nothing.
     assert!(spent < 30, "herd used {spent} ticks of CPU in 3 s");
-    let refusals = herd.log_text().matches("] refused ").count();
+    let refusals = herd.worker_output("] refused ").len();
     assert_eq!(refusals, 0, "a worker refused over 1000 times");
 }
 
@@ -211,7 +217,7 @@ fn a_closed_report_for_a_connection_never_sent_is_ignored() {
         &["python3", &fixture("hostile_worker.py"), "closed-first"],
     );
     let ready = herd.wait_all_ready(2);
-    herd.wait_for_lines("sent a CLOSED for a connection never sent", 2);
+    herd.wait_for_worker_output("sent a CLOSED for a connection never sent", 2);
     let mut served = std::collections::BTreeSet::new();
     for _ in 0..20 {
         served.insert(answered_by(herd.addr()).unwrap());

@@ -32,7 +32,7 @@ fn a_refused_connection_goes_to_another_worker() {
         assert_eq!(answer.pid, ready[&1], "only slot 1 serves");
     }
     // Slot 0 was offered (and refused) its sticky clients' connections once each.
-    let refusals = herd.log_text().matches("[worker 0] refused").count();
+    let refusals = herd.worker_output("[worker 0] refused").len();
     assert!((1..=20).contains(&refusals), "{refusals} refusals");
 }
 
@@ -47,9 +47,9 @@ fn a_worker_that_closes_its_channel_is_replaced() {
         &[],
         &["python3", &odd_worker(), "close-channel"],
     );
-    herd.wait_for_lines("[worker 0] closed my channel", 1);
-    herd.wait_for_lines("closed its channel but is still running; stopping it", 1);
-    let restarts = herd.wait_for_lines("worker started slot=0", 2);
+    herd.wait_for_worker_output("[worker 0] closed my channel", 1);
+    herd.wait_for_event("channel_lost", &[("slot", json!(0))], 1);
+    let restarts = herd.wait_for_event("worker_started", &[("slot", json!(0))], 2);
     assert_eq!(restarts.len(), 2);
     // Meanwhile slot 1 serves everything.
     assert_eq!(get(herd.addr()).unwrap().slot, 1);

@@ -124,19 +124,11 @@ fn a_killed_worker_is_replaced_and_a_reload_replaces_all() {
     // channel closed, SIGTERM (Node's worker.kill()), unless they exited
     // first; never killed at the shutdown timeout.
     for pid in &survivors {
-        let line = herd
-            .wait_for_herd_lines(
-                &format!("slot={} pid={pid} uptime_ms", slot_of(&status, *pid)),
-                1,
-            )
-            .remove(0);
-        assert!(
-            line.contains("worker exited with code 0")
-                || line.contains("worker was killed by signal 15 (SIGTERM)"),
-            "{line}"
-        );
+        let old = [("slot", json!(slot_of(&status, *pid))), ("pid", json!(pid))];
+        let exit = herd.wait_for_event("worker_exited", &old, 1).remove(0);
+        assert!(exit["code"] == 0 || exit["signal"] == 15, "{exit}");
     }
-    assert!(!herd.log_text().contains("did not stop in time"));
+    assert!(herd.events("drain_timeout", &[]).is_empty());
     assert!(herd.stop().success());
 }
 
@@ -227,8 +219,8 @@ fn connections_a_worker_refuses_go_to_another() {
 fn assert_requeued_at_least(herd: Herd, count: u64) {
     let stopped = herd.control(&["stop"]);
     assert_eq!(stopped.code, Some(0), "{}", stopped.stderr);
-    let line = herd.wait_for_lines("stopped accepted=", 1).remove(0);
-    assert!(field(&line, "requeued") >= count, "{line}");
+    let tally = herd.wait_for_event("stopped", &[], 1).remove(0);
+    assert!(number(&tally, "requeued") >= count, "{tally}");
 }
 
 /// Sticky mode keeps a client IP on one Node worker, as for native workers.
@@ -405,9 +397,8 @@ fn a_busy_port_the_app_asks_for_is_refused_with_eaddrinuse() {
         &[("HOST", "127.0.0.1".into()), ("PORT", port.to_string())],
         &app,
     );
-    herd.wait_for_lines("listen error EADDRINUSE", 1);
-    let refusal = herd.wait_for_lines("refused a Node worker's listen", 1);
-    assert!(refusal[0].contains("address already in use"), "{refusal:?}");
+    herd.wait_for_worker_output("listen error EADDRINUSE", 1);
+    herd.wait_for_event("listen_refused", &[("errno", json!("EADDRINUSE"))], 1);
     assert!(status_listeners(&herd.status()).is_empty());
     drop(taken);
 }
@@ -674,8 +665,14 @@ fn without_cap_bpf_round_robin_falls_back_to_hand_offs() {
         "--",
     ];
     let (herd, pids, addr) = seed_on_any_port(&without_bpf, "node-kernel-refused", 2, &[]);
-    let warning = herd.wait_for_herd_lines("falls back to hand-offs", 1);
-    assert!(warning[0].contains("CAP_BPF"), "{warning:?}");
+    let warning = herd
+        .wait_for_event("kernel_rotation_unavailable", &[], 1)
+        .remove(0);
+    // The point: the warning says what is missing.
+    assert!(
+        warning["message"].as_str().unwrap().contains("CAP_BPF"),
+        "{warning}"
+    );
     assert_strict(&rotation_of(addr, 10), &pids);
     let status = wait_for_status(&herd.dir, "10 handed off", |s| handed_off(s) == 10);
     assert_eq!(kernel_dealt(&status), 0);
@@ -697,10 +694,7 @@ fn kernel_dealt_connections_count_towards_recycling() {
     wait_for_status(&herd.dir, "some dealt by the kernel", |s| {
         kernel_dealt(s) > 0
     });
-    herd.wait_for_herd_lines(
-        "served its max_connections_per_worker; replacing it gracefully",
-        2,
-    );
+    herd.wait_for_event("recycling", &[], 2);
     let status = wait_for_status(&herd.dir, "both workers replaced", |s| {
         all_ready(s, 2) && pids_of(s).values().all(|p| !before.contains(p))
     });
@@ -731,15 +725,7 @@ fn a_server_the_app_closed_everywhere_is_released() {
         &app,
     );
     herd.wait_all_ready(1);
-    let released = herd
-        .wait_for_herd_lines("(no Node worker listens on it any more)", 1)
-        .remove(0);
-    let addr: SocketAddr = released
-        .split("released ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("{released}"));
+    let addr = address(&herd.wait_for_event("listener_released", &[], 1)[0]);
     let refused = TcpStream::connect(addr).map(|_| ()).unwrap_err();
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     let listeners = status_listeners(&herd.status());

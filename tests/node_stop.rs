@@ -31,11 +31,11 @@ use nix::sys::signal::Signal;
 /// Far longer than DEADLINE: see the module comment.
 const LONG_SHUTDOWN: &str = "shutdown_timeout = \"60s\"\n";
 
-/// What herd logs when a stop had to wait for `shutdown_timeout`.
-const STOP_TIMED_OUT: &str = "did not exit within shutdown_timeout";
+/// The event herd logs when a stop had to wait for `shutdown_timeout`.
+const STOP_TIMED_OUT: &str = "shutdown_timeout";
 
-/// What herd logs when one draining worker outlived `shutdown_timeout`.
-const DRAIN_TIMED_OUT: &str = "worker did not stop in time";
+/// The event herd logs when one draining worker outlived `shutdown_timeout`.
+const DRAIN_TIMED_OUT: &str = "drain_timeout";
 
 fn fixture(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -130,14 +130,13 @@ fn assert_gone(procs: &[Proc], what: &str, herd: &Herd) {
 /// herd exited with 0 within the deadline (so before `shutdown_timeout`),
 /// never logging that it waited for the timeout.
 fn assert_clean_exit(status: ExitStatus, herd: &Herd) {
-    // herd's last line, its closing tally (`stopped accepted=…` or `stopped
-    // (some workers were killed) accepted=…`, ending in `accept_errors=`):
-    // once it is read, so is every line before it.
-    herd.wait_for_herd_lines(" accept_errors=", 1);
+    // herd's last event, its closing tally: once it is read, so is every
+    // line before it.
+    herd.wait_for_event("stopped", &[], 1);
     let log = herd.log_text();
     assert_eq!(status.code(), Some(0), "herd's exit: {status}; log:\n{log}");
-    assert!(!log.contains(STOP_TIMED_OUT), "{log}");
-    assert!(!log.contains(DRAIN_TIMED_OUT), "{log}");
+    assert!(herd.events(STOP_TIMED_OUT, &[]).is_empty(), "{log}");
+    assert!(herd.events(DRAIN_TIMED_OUT, &[]).is_empty(), "{log}");
 }
 
 // ---- HTTP ----
@@ -224,7 +223,7 @@ fn a_reload_leaves_no_old_node_worker_holding_a_timer_running() {
     assert_gone(&old_workers, "the old workers after the reload", &herd);
     // herd itself runs on, and serves with the new workers only.
     assert_eq!(interval_pids(herd.addr(), 4), new);
-    assert!(!herd.log_text().contains(DRAIN_TIMED_OUT));
+    assert!(herd.events(DRAIN_TIMED_OUT, &[]).is_empty());
     assert_eq!(herd.wait_all_ready(2), new);
     assert!(herd.stop().success());
 }
@@ -437,6 +436,6 @@ fn the_seeds_express_redis_session_app_reloads_without_leftover_workers() {
     assert_gone(&old_workers, "the old workers after the reload", &herd);
     // The session outlives the workers that served it: it is in Redis.
     shared_sessions(&herd, &mut visitor, 6, &new);
-    assert!(!herd.log_text().contains(DRAIN_TIMED_OUT));
+    assert!(herd.events(DRAIN_TIMED_OUT, &[]).is_empty());
     assert!(herd.stop().success());
 }

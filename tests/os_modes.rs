@@ -240,7 +240,7 @@ fn reuseport_scales_up_and_down() {
     let one = herd.wait_all_ready(1);
     // The removed slots' workers drain and exit, closing the last copies of
     // their sockets (connections queued there then are reset: docs).
-    herd.wait_for_lines("worker exited with code 0", 2);
+    herd.wait_for_event("worker_exited", &[("code", json!(0))], 2);
     // With one socket left in the group, every connection reaches the one worker.
     let served = count_pids(herd.addr(), 20);
     assert_eq!(served.keys().copied().collect::<BTreeSet<u32>>(), one);

@@ -82,7 +82,7 @@ fn a_line_without_a_newline_is_split_and_herd_stays_small() {
     wait_until("the helper to have written its line", || {
         done.exists().then_some(())
     });
-    herd.wait_for_lines("huge line done", 1);
+    herd.wait_for_worker_output("huge line done", 1);
     let grew = peak_rss(herd.pid()).saturating_sub(before);
     eprintln!(
         "herd's peak RSS grew by {:.1} MiB for a {} MiB line",
@@ -147,6 +147,8 @@ fn a_stalled_stdout_and_stderr_block_nothing_and_drops_are_counted() {
     let child = Command::new(herd_bin())
         .args([
             "run",
+            "--log-format",
+            "json",
             "--listen",
             "127.0.0.1:0",
             "--workers",
@@ -168,44 +170,42 @@ fn a_stalled_stdout_and_stderr_block_nothing_and_drops_are_counted() {
         .expect("start herd");
     let pid = child.id();
 
-    // Read herd's first lines, up to where it is about to start the workers
-    // (the addresses), then never read again.
-    let (lines_tx, lines) = mpsc::channel();
+    // Read herd's first events, up to where it is about to start the
+    // workers (the addresses), then never read again.
+    let (events_tx, events) = mpsc::channel();
     let reader = std::thread::spawn(move || {
         let mut reader = BufReader::new(std::fs::File::from(read_end));
         let mut line = String::new();
         while reader.read_line(&mut line).unwrap_or(0) > 0 {
-            let last = line.contains("starting workers");
-            let _ = lines_tx.send(std::mem::take(&mut line));
-            if last {
-                break;
+            if let Some(event) = output::parse_event(line.trim_end()) {
+                let last = event["event"] == "starting_workers";
+                let _ = events_tx.send(event);
+                if last {
+                    break;
+                }
             }
+            line.clear();
         }
         reader
     });
-    let mut startup = String::new();
+    let mut startup = Vec::new();
     let deadline = Instant::now() + DEADLINE;
-    while !startup.contains("starting workers") {
+    while !startup
+        .iter()
+        .any(|e: &Value| e["event"] == "starting_workers")
+    {
         let wait = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(wait) {
-            Ok(line) => startup.push_str(&line),
-            Err(e) => panic!("herd's startup lines ({e}); so far:\n{startup}"),
+        match events.recv_timeout(wait) {
+            Ok(event) => startup.push(event),
+            Err(e) => panic!("herd's startup events ({e}); so far: {startup:?}"),
         }
     }
     let herd = StalledHerd {
         child,
         _unread: reader.join().unwrap(),
     };
-    let after = |needle: &str| {
-        let line = startup.lines().find(|l| l.contains(needle)).unwrap();
-        let rest = line.split(needle).nth(1).unwrap();
-        rest.split(|c: char| c.is_whitespace() || c == '/')
-            .next()
-            .unwrap()
-            .parse::<std::net::SocketAddr>()
-            .unwrap()
-    };
-    let (addr, metrics) = (after("listening on "), after("metrics on http://"));
+    let logged = |name: &str| address(startup.iter().find(|e| e["event"] == name).unwrap());
+    let (addr, metrics) = (logged("listening"), logged("metrics_listening"));
 
     // The workers print far more than the pipe holds; herd keeps working.
     let status = wait_for_status(&dir, "2 ready workers", |s| all_ready(s, 2));

@@ -24,7 +24,7 @@ fn wait_gone(what: &str, pids: &[u32]) {
 
 /// The pids of the helpers the workers logged forking.
 fn helpers(herd: &Herd, count: usize) -> Vec<u32> {
-    herd.wait_for_lines("helper pid=", count)
+    herd.wait_for_worker_output("helper pid=", count)
         .iter()
         .map(|line| field(line, "pid") as u32)
         .collect()
@@ -74,7 +74,7 @@ fn a_workers_helper_dies_with_it() {
         assert!(alive(helper));
         signal(worker, Signal::SIGKILL);
         wait_gone("the helper to die with its worker", &[helper]);
-        herd.wait_for_lines("helper pid=", 2);
+        herd.wait_for_worker_output("helper pid=", 2);
         herd.wait_all_ready(1);
         assert!(get(herd.addr()).is_ok());
     }

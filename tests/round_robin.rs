@@ -100,6 +100,6 @@ fn worker_output_is_forwarded_with_its_slot() {
         ],
     );
     herd.wait_ready(2);
-    herd.wait_for_lines("[worker 0] out-0", 1);
-    herd.wait_for_lines("[worker 1] err-1", 1);
+    herd.wait_for_worker_output("[worker 0] out-0", 1);
+    herd.wait_for_worker_output("[worker 1] err-1", 1);
 }

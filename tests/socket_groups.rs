@@ -56,8 +56,9 @@ fn a_second_herd_cannot_join_a_kernel_rotation_group() {
         ],
     );
     assert_eq!(second.wait_exit().code(), Some(3), "{}", second.log_text());
-    assert!(second.log_text().contains("address already in use"));
-    assert!(!second.log_text().contains("worker started"));
+    // What the user sees; it comes after every event herd logged.
+    second.wait_for_error_message("address already in use");
+    assert!(second.events("worker_started", &[]).is_empty());
     assert_eq!(served_by(addr, &pids, 20), 20);
 }
 
@@ -81,7 +82,7 @@ fn a_second_herd_cannot_join_a_group_bound_for_a_node_app() {
         &["env", &format!("PORT={port}")],
         &["--workers", "1", "--", "node", &seed_app()],
     );
-    second.wait_for_herd_lines("refused a Node worker's listen (Address already in use)", 1);
+    second.wait_for_event("listen_refused", &[("errno", json!("EADDRINUSE"))], 1);
     assert_eq!(served_by(addr, &pids, 20), 20);
 }
 

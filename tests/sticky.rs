@@ -41,9 +41,9 @@ fn fifty_clients_each_stay_on_one_worker_and_return_to_their_slot_after_a_restar
     // Kill slot 1's worker; once its replacement is ready, slot 1's clients come back to it.
     let old_pid = ready[&1];
     signal(old_pid, nix::sys::signal::Signal::SIGKILL);
-    let lines = herd.wait_for_lines("worker ready", 5);
-    let new_pid = field(lines.last().unwrap(), "pid") as u32;
-    assert_eq!(field(lines.last().unwrap(), "slot"), 1);
+    let ready = herd.wait_for_event("worker_ready", &[], 5);
+    let new_pid = number(ready.last().unwrap(), "pid") as u32;
+    assert_eq!(number(ready.last().unwrap(), "slot"), 1);
     assert_ne!(new_pid, old_pid);
     for (i, slot) in &slot_of {
         let answer = get_from(addr, client(*i)).unwrap();

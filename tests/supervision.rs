@@ -163,7 +163,7 @@ fn crashes_under_load_lose_at_most_the_requests_in_progress() {
     );
     herd.wait_all_ready(4);
     // Every kill was followed by exactly one restart of that slot.
-    herd.wait_for_lines("worker started", 4 + kills);
+    herd.wait_for_event("worker_started", &[], 4 + kills);
 }
 
 /// SIGTERM while a slow request is in progress: the request completes, every
@@ -216,10 +216,7 @@ fn a_worker_that_ignores_the_stop_is_killed_after_the_timeout() {
     let pids: Vec<u32> = herd.wait_ready(2).values().copied().collect();
     let mut herd = herd;
     signal(herd.pid(), Signal::SIGTERM);
-    herd.wait_for_lines(
-        "workers did not exit within shutdown_timeout; sending SIGKILL",
-        1,
-    );
+    herd.wait_for_event("shutdown_timeout", &[], 1);
     assert_eq!(herd.wait_exit().code(), Some(1));
     wait_gone(pids);
 }
@@ -243,7 +240,7 @@ fn second_sigint_and_sigquit_stop_without_waiting() {
         for (i, sig) in signals.iter().enumerate() {
             signal(herd.pid(), *sig);
             if i == 0 && signals.len() > 1 {
-                herd.wait_for_lines("[worker 1] ignoring the request to stop", 1);
+                herd.wait_for_worker_output("[worker 1] ignoring the request to stop", 1);
             }
         }
         // Well before the 60 s shutdown timeout.
@@ -328,8 +325,18 @@ fn a_worker_that_never_becomes_ready_is_killed_and_retried() {
         &[],
         &[hello_worker(), "--unready-slot", "1"],
     );
-    herd.wait_for_lines("worker not ready within 200ms; killing it slot=1", 2);
-    herd.wait_for_lines("restarting worker after backoff slot=1 failures=2", 1);
+    let slot_1 = ("slot", json!(1));
+    herd.wait_for_event(
+        "ready_timeout",
+        &[slot_1.clone(), ("timeout_ms", json!(200))],
+        2,
+    );
+    let restart = [
+        slot_1,
+        ("failures", json!(2)),
+        ("replacement", json!(false)),
+    ];
+    herd.wait_for_event("restart_scheduled", &restart, 1);
     let status = herd.status();
     assert_eq!(status["workers"][0]["state"], "ready");
     assert_ne!(status["workers"][1]["state"], "ready");
@@ -373,12 +380,11 @@ fn a_worker_over_max_memory_is_replaced_gracefully() {
     );
     let first = herd.wait_ready(2)[&0];
     let load = Load::start(herd.addr());
-    let line = herd
-        .wait_for_lines("over max_memory; replacing it gracefully", 1)
-        .remove(0);
-    assert_eq!(field(&line, "pid") as u32, first);
-    herd.wait_for_lines(&format!("worker draining slot=0 pid={first}"), 1);
-    herd.wait_for_lines(&format!("slot=0 pid={first} uptime_ms"), 1);
+    let over = herd.wait_for_event("memory_exceeded", &[], 1).remove(0);
+    assert_eq!(number(&over, "pid") as u32, first, "{over}");
+    let old = [("slot", json!(0)), ("pid", json!(first))];
+    herd.wait_for_event("worker_draining", &old, 1);
+    herd.wait_for_event("worker_exited", &old, 1);
     load.wait_for(load.done.load(Ordering::SeqCst) + 50);
     let (requests, failed, _) = load.finish();
     assert_eq!(failed, 0, "{failed} of {requests} failed");
@@ -397,10 +403,7 @@ fn workers_are_recycled_after_max_connections() {
         "a worker served more than 50: {per_pid:?}"
     );
     assert!(per_pid.len() >= 6, "{per_pid:?}");
-    herd.wait_for_lines(
-        "served its max_connections_per_worker; replacing it gracefully",
-        5,
-    );
+    herd.wait_for_event("recycling", &[], 5);
 }
 
 /// `reload_batch` replaces several slots at a time; the reload still

@@ -78,12 +78,12 @@ fn a_failed_reload_whose_old_worker_died_meanwhile_refills_the_slot() {
         ),
     )
     .unwrap();
-    herd.wait_for_lines("control socket ready", 1);
+    herd.wait_for_event("control_ready", &[], 1);
     let reload = {
         let dir = dir.clone();
         std::thread::spawn(move || herd_cli(&dir, &["reload"]))
     };
-    herd.wait_for_lines("never saying READY", 1);
+    herd.wait_for_worker_output("never saying READY", 1);
     signal(old, Signal::SIGKILL);
     let output = reload.join().unwrap();
     assert_eq!(output.code, Some(1), "{output:?}");
@@ -111,8 +111,8 @@ fn a_failed_memory_replacement_whose_old_worker_died_refills_the_slot() {
         &["sh", "-c", GENERATIONS, hello_worker(), "--memory-mb 64"],
     );
     let fat = herd.wait_ready(1)[&0];
-    herd.wait_for_lines("over max_memory; replacing it gracefully", 1);
-    herd.wait_for_lines("never saying READY", 1);
+    herd.wait_for_event("memory_exceeded", &[("pid", json!(fat))], 1);
+    herd.wait_for_worker_output("never saying READY", 1);
     signal(fat, Signal::SIGKILL);
     let new = wait_refilled(&herd, 0, &[fat]);
     assert_eq!(get(herd.addr()).unwrap().pid, new);
@@ -133,8 +133,8 @@ fn a_failed_recycle_whose_old_worker_died_refills_the_slot() {
     for _ in 0..5 {
         assert_eq!(get(herd.addr()).unwrap().pid, first);
     }
-    herd.wait_for_lines("served its max_connections_per_worker", 1);
-    herd.wait_for_lines("never saying READY", 1);
+    herd.wait_for_event("recycling", &[("pid", json!(first))], 1);
+    herd.wait_for_worker_output("never saying READY", 1);
     signal(first, Signal::SIGKILL);
     let new = wait_refilled(&herd, 0, &[first]);
     assert_eq!(get(herd.addr()).unwrap().pid, new);
@@ -153,12 +153,12 @@ fn scaling_down_as_a_worker_becomes_ready_never_crashes_herd() {
         &["python3", &fixture(), "ready-on-usr1"],
     );
     let first = herd.wait_ready(1)[&0];
-    herd.wait_for_lines("control socket ready", 1);
+    herd.wait_for_event("control_ready", &[], 1);
     const ROUNDS: usize = 24;
     for round in 1..=ROUNDS {
         herd_ok(&herd.dir, &["scale", "2"]);
         let line = herd
-            .wait_for_lines("waiting for SIGUSR1", round)
+            .wait_for_worker_output("waiting for SIGUSR1", round)
             .pop()
             .unwrap();
         let newcomer = field(&line, "pid") as u32;
@@ -185,7 +185,7 @@ fn scaling_down_as_a_worker_becomes_ready_never_crashes_herd() {
     }
     // The drained workers finish and exit; herd outlives every one of them.
     wait_until("the drained workers to exit", || {
-        let draining = herd.wait_for_lines("draining pid=", 1);
+        let draining = herd.wait_for_worker_output("draining pid=", 1);
         draining
             .iter()
             .all(|l| !alive(field(l, "pid") as u32))
@@ -250,8 +250,12 @@ fn connections_follow_the_process(name: &str, config: Option<&str>) {
         .collect();
     assert!(answers.iter().all(|&pid| pid != holder), "{answers:?}");
     assert!(ready.contains(&holder));
-    herd.wait_for_lines("exiting with 3 unacknowledged hand-offs", 1);
-    herd.wait_for_herd_lines("requeued=3", 1);
+    herd.wait_for_worker_output("exiting with 3 unacknowledged hand-offs", 1);
+    herd.wait_for_event(
+        "requeued",
+        &[("pid", json!(holder)), ("requeued", json!(3))],
+        1,
+    );
 }
 
 #[test]
@@ -305,7 +309,9 @@ fn a_hung_worker_is_replaced(name: &str, extra_config: &str, flags: &[&str], com
         ),
         1.0
     );
-    herd.wait_for_herd_lines("hung", 1);
+    let victim_fields = [("slot", json!(0)), ("pid", json!(victim))];
+    herd.wait_for_event("worker_hung", &victim_fields, 1);
+    herd.wait_for_event("hung_worker_killed", &victim_fields, 1);
 }
 
 /// The slow second start keeps the slot `hung` long enough to be seen.

@@ -1,25 +1,32 @@
 //! Shared helpers for the process-level tests: start a real `herd` with real
 //! workers on 127.0.0.1 port 0, follow its log, send real HTTP requests.
 //!
-//! Every wait has a deadline and waits on a condition (a log line, a
-//! response), never on a fixed sleep.
+//! herd runs with `--log-format json`; tests wait on its log events by
+//! name and fields (`herd.wait_for_event("worker_ready", &[("slot",
+//! json!(1))], 1)`), never on a sentence. Every wait has a deadline and
+//! waits on a condition (a log event, a response), never on a fixed sleep.
 
 #![allow(dead_code)]
 
+pub mod output;
 pub mod procs;
 pub mod responses;
 pub mod sockets;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+// For the fields tests match events on: `&[("slot", json!(1))]`.
+#[allow(unused_imports)]
+pub use serde_json::{json, Value};
+
+use output::Log;
 
 /// Long enough for a loaded 2-core CI machine; a healthy run takes milliseconds.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -68,13 +75,6 @@ pub fn skip_unless_ci(test: &str, why: &str) -> bool {
     false
 }
 
-/// Lines herd wrote to stdout and stderr, shared with the reader threads.
-#[derive(Default)]
-struct Log {
-    lines: Mutex<Vec<String>>,
-    changed: Condvar,
-}
-
 /// A running `herd run`, killed on drop.
 pub struct Herd {
     child: Child,
@@ -114,8 +114,16 @@ impl Herd {
         Herd::start_under(dir, &[], args)
     }
 
-    /// Starts `PREFIX... herd run ARGS` (e.g. under `setpriv`) in `dir`.
+    /// Starts `PREFIX... herd run ARGS` (e.g. under `setpriv`) in `dir`,
+    /// logging JSON unless ARGS choose a `--log-format`.
     pub fn start_under(dir: &Path, prefix: &[&str], args: &[&str]) -> Herd {
+        let herd_args = args.iter().take_while(|&&arg| arg != "--");
+        let chosen = herd_args.clone().any(|&arg| arg == "--log-format");
+        let format: &[&str] = if chosen {
+            &[]
+        } else {
+            &["--log-format", "json"]
+        };
         let mut command = match prefix.split_first() {
             Some((program, prefix_args)) => {
                 let mut command = Command::new(program);
@@ -126,6 +134,7 @@ impl Herd {
         };
         let mut child = command
             .arg("run")
+            .args(format)
             .args(args)
             .current_dir(dir)
             .env("RUST_LOG", "info")
@@ -135,8 +144,8 @@ impl Herd {
             .spawn()
             .expect("start herd");
         let log = Arc::new(Log::default());
-        follow(child.stdout.take().unwrap(), log.clone());
-        follow(child.stderr.take().unwrap(), log.clone());
+        log.follow(child.stdout.take().unwrap());
+        log.follow(child.stderr.take().unwrap());
         Herd {
             child,
             log,
@@ -148,59 +157,66 @@ impl Herd {
         self.child.id()
     }
 
-    /// Waits until `count` log lines contain `needle`; returns those lines.
-    pub fn wait_for_lines(&self, needle: &str, count: usize) -> Vec<String> {
-        self.wait_for_matching(needle, count, |l| l.contains(needle))
-    }
-
-    /// Waits until `count` lines of herd's own (not its workers' output,
-    /// which herd prefixes with `[worker N]`) contain `needle`.
-    pub fn wait_for_herd_lines(&self, needle: &str, count: usize) -> Vec<String> {
-        self.wait_for_matching(needle, count, |l| {
-            l.contains(needle) && !l.starts_with("[worker ")
-        })
-    }
-
-    fn wait_for_matching(
+    /// Waits until herd has logged `count` events named `event` with every
+    /// value in `fields`; returns them all (flat: see [`output::parse_event`]).
+    pub fn wait_for_event(
         &self,
-        needle: &str,
+        event: &str,
+        fields: &[(&str, Value)],
         count: usize,
-        matches: impl Fn(&str) -> bool,
-    ) -> Vec<String> {
-        let deadline = Instant::now() + DEADLINE;
-        let mut lines = self.log.lines.lock().unwrap();
-        loop {
-            let matching: Vec<String> = lines.iter().filter(|l| matches(l)).cloned().collect();
-            if matching.len() >= count {
-                return matching;
-            }
-            let now = Instant::now();
-            assert!(
-                now < deadline,
-                "timed out waiting for {count} log lines containing {needle:?}; log so far:\n{}",
-                lines.join("\n")
-            );
-            lines = self
-                .log
-                .changed
-                .wait_timeout(lines, deadline - now)
-                .unwrap()
-                .0;
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        self.log.lines.lock().unwrap().join("\n")
-    }
-
-    /// The bound listener addresses, in config order, once herd logged them.
-    pub fn listen_addrs(&self, count: usize) -> Vec<SocketAddr> {
-        self.wait_for_herd_lines("listening on ", count)
-            .iter()
-            .map(|line| {
-                let addr = line.split("listening on ").nth(1).unwrap();
-                addr.split_whitespace().next().unwrap().parse().unwrap()
+    ) -> Vec<Value> {
+        self.log
+            .wait_for(&output::describe(event, fields), count, |lines| {
+                lines.events(event, fields)
             })
+    }
+
+    /// The events named `event` with every value in `fields` logged so
+    /// far, without waiting: for counting them, or checking there is none.
+    pub fn events(&self, event: &str, fields: &[(&str, Value)]) -> Vec<Value> {
+        self.log.read(|lines| lines.events(event, fields))
+    }
+
+    /// Every event herd has logged so far, in order.
+    pub fn log_events(&self) -> Vec<Value> {
+        self.log.read(|lines| lines.events.clone())
+    }
+
+    /// Waits until `count` lines of workers' own output (which herd
+    /// forwards prefixed `[worker N] `) contain `needle`; returns them.
+    pub fn wait_for_worker_output(&self, needle: &str, count: usize) -> Vec<String> {
+        self.log.wait_for(
+            &format!("worker output lines containing {needle:?}"),
+            count,
+            |lines| lines.worker_output(needle),
+        )
+    }
+
+    /// The lines of workers' own output so far that contain `needle`.
+    pub fn worker_output(&self, needle: &str) -> Vec<String> {
+        self.log.read(|lines| lines.worker_output(needle))
+    }
+
+    /// Waits for herd's plain-text message when it cannot run (`herd: ...`,
+    /// what a user sees) containing `needle`; returns it.
+    pub fn wait_for_error_message(&self, needle: &str) -> String {
+        self.log
+            .wait_for(&format!("herd's message {needle:?}"), 1, |lines| {
+                lines.error_messages(needle)
+            })
+            .remove(0)
+    }
+
+    /// Everything herd and its workers wrote, as written: for diagnostics.
+    pub fn log_text(&self) -> String {
+        self.log.read(|lines| lines.raw.join("\n"))
+    }
+
+    /// The bound listener addresses, in the order herd logged them.
+    pub fn listen_addrs(&self, count: usize) -> Vec<SocketAddr> {
+        self.wait_for_event("listening", &[], count)
+            .iter()
+            .map(address)
             .collect()
     }
 
@@ -211,10 +227,12 @@ impl Herd {
     /// Waits until `count` workers have said READY; returns slot → pid of the
     /// latest ready worker in each slot.
     pub fn wait_ready(&self, count: usize) -> BTreeMap<usize, u32> {
-        let lines = self.wait_for_lines("worker ready", count);
         let mut slots = BTreeMap::new();
-        for line in lines {
-            slots.insert(field(&line, "slot") as usize, field(&line, "pid") as u32);
+        for event in self.wait_for_event("worker_ready", &[], count) {
+            slots.insert(
+                number(&event, "slot") as usize,
+                number(&event, "pid") as u32,
+            );
         }
         slots
     }
@@ -250,16 +268,22 @@ impl Drop for Herd {
     }
 }
 
-fn follow(stream: impl Read + Send + 'static, log: Arc<Log>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            log.lines.lock().unwrap().push(line);
-            log.changed.notify_all();
-        }
-    });
+/// The number in field `name` of a log event.
+pub fn number(event: &Value, name: &str) -> u64 {
+    event[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number {name} in {event}"))
 }
 
-/// Reads `name=123` from a log line.
+/// The socket address in field `addr` of a log event.
+pub fn address(event: &Value) -> SocketAddr {
+    event["addr"]
+        .as_str()
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {event}"))
+}
+
+/// Reads `name=123` from a line of a worker's output.
 pub fn field(line: &str, name: &str) -> u64 {
     let key = format!("{name}=");
     let start = line
@@ -503,19 +527,19 @@ pub fn all_ready(status: &Value, count: usize) -> bool {
 impl Herd {
     /// Runs a control command against this herd, once its socket is up.
     pub fn control(&self, args: &[&str]) -> CliRun {
-        self.wait_for_lines("control socket ready", 1);
+        self.wait_for_event("control_ready", &[], 1);
         herd_cli(&self.dir, args)
     }
 
     /// `herd status --json` of this herd.
     pub fn status(&self) -> Value {
-        self.wait_for_lines("control socket ready", 1);
+        self.wait_for_event("control_ready", &[], 1);
         status_json(&self.dir)
     }
 
     /// Waits until status shows `count` slots, all ready; returns their pids.
     pub fn wait_all_ready(&self, count: usize) -> BTreeSet<u32> {
-        self.wait_for_lines("control socket ready", 1);
+        self.wait_for_event("control_ready", &[], 1);
         let status = wait_for_status(&self.dir, &format!("{count} ready workers"), |s| {
             all_ready(s, count)
         });
@@ -525,9 +549,7 @@ impl Herd {
 
 /// The address herd logged for its metrics endpoint.
 pub fn metrics_addr(herd: &Herd) -> SocketAddr {
-    let line = herd.wait_for_lines("metrics on http://", 1).remove(0);
-    let rest = line.split("metrics on http://").nth(1).unwrap();
-    rest.split('/').next().unwrap().parse().unwrap()
+    address(&herd.wait_for_event("metrics_listening", &[], 1)[0])
 }
 
 /// One plain HTTP/1.1 request; returns (status code, headers, body).

@@ -245,6 +245,7 @@ impl ControlServer {
                 let pause = match self.backoff {
                     None => {
                         warn!(
+                            event = "control_accept_failed",
                             "control socket: cannot accept a client ({e}); retrying after {ACCEPT_BACKOFF_FIRST:?}, doubling up to {ACCEPT_BACKOFF_MAX:?} (logged once until accepting works again)"
                         );
                         ACCEPT_BACKOFF_FIRST

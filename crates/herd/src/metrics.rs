@@ -218,7 +218,10 @@ impl Metrics {
         }
         let mut out = Vec::with_capacity(16 * 1024);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            warn!("cannot encode metrics: {e}");
+            warn!(
+                event = "metrics_encode_failed",
+                "cannot encode metrics: {e}"
+            );
         }
         out
     }
@@ -453,6 +456,7 @@ pub async fn serve(listener: tokio::net::TcpListener, scrapes: mpsc::UnboundedSe
         if !fds_to_spare(METRICS_FD_RESERVE) {
             if !short_of_fds {
                 warn!(
+                    event = "metrics_paused",
                     "metrics endpoint: fewer than {METRICS_FD_RESERVE} file descriptors free; not accepting scrapes until there are (they wait in the kernel's queue)"
                 );
                 short_of_fds = true;
@@ -464,7 +468,10 @@ pub async fn serve(listener: tokio::net::TcpListener, scrapes: mpsc::UnboundedSe
             Ok((stream, _)) => stream,
             Err(e) => {
                 if !accept_failing {
-                    warn!("metrics endpoint: accept failed: {e}; retrying every {METRICS_RETRY:?} (logged once until it works again)");
+                    warn!(
+                        event = "metrics_accept_failed",
+                        "metrics endpoint: accept failed: {e}; retrying every {METRICS_RETRY:?} (logged once until it works again)"
+                    );
                     accept_failing = true;
                 }
                 tokio::time::sleep(METRICS_RETRY).await;

@@ -82,16 +82,21 @@ fn worker_cgroups(mode: KillMode) -> Result<Option<CgroupTree>, PrimaryError> {
             for left in leftovers {
                 warn!(
                     killed = left.killed,
+                    herd_pid = left.herd_pid,
+                    event = "previous_run_killed",
                     "killed the processes left behind by herd pid {} (it did not stop cleanly, e.g. it was SIGKILLed)",
                     left.herd_pid
                 );
             }
-            info!(path = %tree.path().display(), "a cgroup per worker");
+            info!(path = %tree.path().display(), event = "cgroups", "a cgroup per worker");
             Ok(Some(tree))
         }
         Err(e) if mode == KillMode::ControlGroup => Err(PrimaryError::Cgroups(e)),
         Err(e) => {
-            info!("workers' processes are their process groups (no cgroup: {e})");
+            info!(
+                event = "no_cgroups",
+                "workers' processes are their process groups (no cgroup: {e})"
+            );
             Ok(None)
         }
     }
@@ -133,13 +138,18 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
     // Orphans among the workers' descendants become herd's, not init's:
     // herd reaps them, and kills them when it stops.
     if let Err(e) = process::become_subreaper() {
-        warn!("cannot become the subreaper of the workers' descendants: {e}");
+        warn!(
+            event = "subreaper_failed",
+            "cannot become the subreaper of the workers' descendants: {e}"
+        );
     }
     let cgroups = worker_cgroups(settings.kill_mode)?;
     let fd_limit = FdLimit::raise();
     info!(
         soft = fd_limit.soft,
         hard = fd_limit.hard,
+        worker_soft = fd_limit.original,
+        event = "fd_limit",
         "open-file limit (RLIMIT_NOFILE): {} (workers get {})",
         fd_limit.soft,
         fd_limit.original
@@ -147,6 +157,9 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
     let need = Plan::of(settings, settings.workers).need();
     if need.total > fd_limit.soft {
         warn!(
+            need = need.total,
+            limit = fd_limit.soft,
+            event = "fd_budget_exceeded",
             "this configuration may need {need}, over herd's open-file limit of {} (RLIMIT_NOFILE): lower those keys, or raise the limit (LimitNOFILE= under systemd, ulimit -n); past it, accepting pauses",
             fd_limit.soft
         );
@@ -158,7 +171,13 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
     )?;
     let listen_addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local).collect();
     for bound in &listeners {
-        info!(listener = bound.index, "listening on {}", bound.local);
+        info!(
+            listener = bound.index,
+            addr = %bound.local,
+            event = "listening",
+            "listening on {}",
+            bound.local
+        );
     }
     let (sockets, listeners) = match settings.protocol {
         // Node workers are sent their server sockets over the cluster channel.
@@ -169,7 +188,7 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
     };
     let metrics = settings.metrics.map(metrics::bind).transpose()?;
     let control = ControlServer::bind(&settings.control)?;
-    info!(path = %settings.control.display(), "control socket ready");
+    info!(path = %settings.control.display(), event = "control_ready", "control socket ready");
     Ok(Bound {
         listen_addrs,
         listeners,
@@ -224,6 +243,7 @@ pub async fn run(
         workers = settings.workers,
         mode = settings.mode.name(),
         program = %settings.program.display(),
+        event = "starting_workers",
         "starting workers"
     );
     let mut monitor = tokio::time::interval(settings.monitor_interval);
@@ -263,7 +283,7 @@ pub async fn run(
     }
     let _ = controller.send(Command::Exit);
     if handoff_thread.join().is_err() {
-        warn!("hand-off thread panicked");
+        warn!(event = "handoff_panicked", "hand-off thread panicked");
     }
     let outcome = primary.finish();
     control.close().await;
@@ -278,7 +298,7 @@ fn serve_metrics(
     let (scrapes_tx, scrapes) = mpsc::unbounded_channel();
     if let Some(listener) = listener {
         if let Ok(addr) = listener.local_addr() {
-            info!("metrics on http://{addr}/metrics");
+            info!(addr = %addr, event = "metrics_listening", "metrics on http://{addr}/metrics");
         }
         tokio::spawn(metrics::serve(listener, scrapes_tx));
     }
@@ -352,13 +372,21 @@ impl Primary {
         match event {
             SignalEvent::Terminate => begin_stop(&mut self.supervisor, name),
             SignalEvent::Interrupt if self.stopping() => {
-                warn!("second SIGINT: killing the remaining workers now");
+                warn!(
+                    signal = "SIGINT",
+                    event = "fast_stop",
+                    "second SIGINT: killing the remaining workers now"
+                );
                 self.supervisor.kill_all();
             }
             SignalEvent::Interrupt => begin_stop(&mut self.supervisor, name),
             SignalEvent::Quit => {
                 begin_stop(&mut self.supervisor, "SIGQUIT (fast stop)");
-                warn!("SIGQUIT: killing workers without waiting");
+                warn!(
+                    signal = "SIGQUIT",
+                    event = "fast_stop",
+                    "SIGQUIT: killing workers without waiting"
+                );
                 self.supervisor.kill_all();
             }
             SignalEvent::Reload => {
@@ -366,8 +394,15 @@ impl Primary {
                 start_reload(&mut self.supervisor, &self.source, &self.metrics, reply);
                 tokio::spawn(async move {
                     match answer.await {
-                        Ok(response) if response.ok => info!("SIGHUP: {}", response.message),
-                        Ok(response) => error!("SIGHUP: {}", response.message),
+                        Ok(response) if response.ok => {
+                            info!(event = "sighup_reloaded", "SIGHUP: {}", response.message)
+                        }
+                        Ok(response) => {
+                            error!(
+                                event = "sighup_reload_failed",
+                                "SIGHUP: {}", response.message
+                            )
+                        }
                         Err(_) => {}
                     }
                 });
@@ -387,8 +422,17 @@ impl Primary {
 
     fn scale_by_signal(&mut self, name: &str, target: usize) {
         match self.supervisor.scale(target) {
-            Ok(done) => info!("{name}: {done}"),
-            Err(refused) => warn!("{name}: {refused}"),
+            Ok(done) => info!(
+                signal = name,
+                workers = self.supervisor.worker_count(),
+                event = "signal_scaled",
+                "{name}: {done}"
+            ),
+            Err(refused) => warn!(
+                signal = name,
+                event = "signal_scale_refused",
+                "{name}: {refused}"
+            ),
         }
     }
 
@@ -428,6 +472,7 @@ fn log_tally(counters: &Counters, forced: bool) {
         dropped_queue_full = counters.dropped_queue_full.load(Relaxed),
         dropped_queue_timeout = counters.dropped_queue_timeout.load(Relaxed),
         accept_errors = sum(&counters.accept_errors),
+        event = "stopped",
         "stopped{}",
         if forced {
             " (some workers were killed)"
@@ -444,7 +489,10 @@ fn begin_stop(supervisor: &mut Supervisor, why: &str) {
         return;
     }
     let grace = supervisor.settings().shutdown_timeout;
-    info!("{why}: stopping (listeners closed, workers drain for up to {grace:?})");
+    info!(
+        event = "stopping",
+        "{why}: stopping (listeners closed, workers drain for up to {grace:?})"
+    );
     supervisor.stop();
 }
 
@@ -461,7 +509,7 @@ fn start_reload(
         Err(e) => {
             metrics.reload_finished(false, std::time::Duration::ZERO);
             let message = format!("reload refused, keeping the running config: {e}");
-            error!("{message}");
+            error!(event = "reload_refused", "{message}");
             let _ = reply.send(Response::failed(message));
             return;
         }

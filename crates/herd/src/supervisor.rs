@@ -151,7 +151,12 @@ impl Supervisor {
             // gets connections (tests and operators rely on that order).
             if let Some(process) = self.processes.get(&worker) {
                 let _span = lifecycle::slot_span(process.slot).entered();
-                info!(slot = process.slot, pid = process.pid, "worker ready");
+                info!(
+                    slot = process.slot,
+                    pid = process.pid,
+                    event = "worker_ready",
+                    "worker ready"
+                );
             }
             return;
         }
@@ -201,7 +206,7 @@ impl Supervisor {
     pub fn reload(&mut self, settings: Settings, reply: oneshot::Sender<Result<String, String>>) {
         // Refused as a whole, so nothing of the new config is half applied.
         if let Some(message) = self.settings().reload_refusal(&settings) {
-            warn!("{message}");
+            warn!(event = "reload_refused", "{message}");
             let _ = reply.send(Err(message));
             return;
         }
@@ -210,7 +215,7 @@ impl Supervisor {
         if let Err(why) = self.fits_with(&settings, workers) {
             self.metrics.reload_finished(false, Duration::ZERO);
             let message = format!("reload refused, keeping the running config: {why}");
-            error!("{message}");
+            error!(event = "reload_refused", "{message}");
             let _ = reply.send(Err(message));
             return;
         }
@@ -220,7 +225,7 @@ impl Supervisor {
         let ticket = self.next_ticket;
         let policy = Policy::of(&settings);
         let workers = settings.workers;
-        info!(program = %settings.program.display(), "reloading");
+        info!(program = %settings.program.display(), event = "reload_requested", "reloading");
         self.versions.insert(version, Arc::new(settings));
         self.reload_replies.insert(ticket, reply);
         self.handle(Event::Reload {
@@ -337,6 +342,7 @@ impl Supervisor {
         if !leftovers.is_empty() {
             warn!(
                 count = leftovers.len(),
+                event = "killing_leftovers",
                 "killing processes the workers left behind: {:?}",
                 leftovers.values().collect::<Vec<_>>()
             );
@@ -473,7 +479,7 @@ impl Supervisor {
         })
         .map_err(|e| format!("{program}: {e}"))?;
         let pid = started.pid;
-        info!(slot, pid, "worker started");
+        info!(slot, pid, event = "worker_started", "worker started");
         worker_output::forward(started.stdout, slot, false);
         worker_output::forward(started.stderr, slot, true);
         let recycle_after = settings

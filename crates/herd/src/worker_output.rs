@@ -309,6 +309,7 @@ impl OutputQueue {
                 stream = self.stream.name(),
                 dropped,
                 total = self.dropped.load(Relaxed),
+                event = "output_dropped",
                 "herd's {} could not take output fast enough: dropped {dropped} lines (herd_log_lines_dropped_total counts them)",
                 self.stream.name()
             );

@@ -133,6 +133,7 @@ impl HandoffLoop {
                 warn!(
                     listener = index,
                     total,
+                    event = "out_of_fds",
                     "out of file descriptors for {:?} (queue_timeout): closed a connection waiting in the kernel queue",
                     self.limits.queue_timeout
                 );
@@ -158,13 +159,18 @@ impl HandoffLoop {
                 if self.accept_backoff == ACCEPT_BACKOFF_MIN {
                     warn!(
                         listener = index,
+                        event = "accept_paused",
                         "accept failed: {e}; pausing accepts (connections wait in the kernel queue)"
                     );
                 }
                 self.pause_accepting();
             }
             _ => {
-                error!(listener = index, "accept failed: {e}");
+                error!(
+                    listener = index,
+                    event = "accept_failed",
+                    "accept failed: {e}"
+                );
                 self.pause_accepting();
             }
         }
@@ -194,6 +200,7 @@ impl HandoffLoop {
                 warn!(
                     total,
                     queue_limit = self.limits.queue_limit,
+                    event = "queue_full",
                     "no worker can take connections and the queue is full: closed a new connection"
                 );
             }

@@ -83,6 +83,8 @@ impl WorkerChannel {
                 slot = self.slot,
                 pid = self.pid,
                 total,
+                kind = ?kind,
+                event = "bad_message",
                 "ignoring what the worker sent: {what}"
             );
         }

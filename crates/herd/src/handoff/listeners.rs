@@ -89,7 +89,11 @@ impl HandoffLoop {
             .fetch_add(closed as u64, Relaxed);
         info!(
             listener = index,
-            closed, "released {} (no Node worker listens on it any more)", listening.local
+            closed,
+            addr = %listening.local,
+            event = "listener_released",
+            "released {} (no Node worker listens on it any more)",
+            listening.local
         );
     }
 
@@ -112,6 +116,8 @@ impl HandoffLoop {
             }
             Err(e) => {
                 warn!(
+                    addr = %local,
+                    event = "kernel_rotation_unavailable",
                     "round-robin on {local} falls back to hand-offs over the cluster channel: {e}"
                 );
                 self.limits.kernel_rotation = false;
@@ -150,7 +156,11 @@ impl HandoffLoop {
         change(rotation, index);
         let applied = rotation.apply(self.poll.registry(), |slot| slot_token(listener, slot));
         if let Err(e) = applied {
-            error!(listener, "cannot update the kernel rotation: {e}");
+            error!(
+                listener,
+                event = "kernel_rotation_update_failed",
+                "cannot update the kernel rotation: {e}"
+            );
         }
     }
 
@@ -225,6 +235,8 @@ impl HandoffLoop {
                     slot = worker.slot,
                     pid = worker.pid,
                     key = %query.key,
+                    errno = ?errno,
+                    event = "listen_refused",
                     "refused a Node worker's listen ({}): {why}",
                     errno.desc()
                 );
@@ -294,6 +306,7 @@ impl HandoffLoop {
             Err(e) => {
                 warn!(
                     slot = worker.slot,
+                    event = "worker_rotation_unavailable",
                     "hand-offs instead of kernel rotation for this worker: {e}"
                 );
                 return false;
@@ -308,7 +321,11 @@ impl HandoffLoop {
         let sent = node.send_server(worker.channel.as_fd(), line, socket);
         let applied = rotation.apply(self.poll.registry(), |slot| slot_token(listener, slot));
         if let Err(e) = applied {
-            error!(listener, "cannot update the kernel rotation: {e}");
+            error!(
+                listener,
+                event = "kernel_rotation_update_failed",
+                "cannot update the kernel rotation: {e}"
+            );
         }
         self.after_node_send(index, sent);
         true
@@ -370,7 +387,11 @@ impl HandoffLoop {
         let local = self.listener(index).expect("just added").local;
         info!(
             listener = index,
-            "listening on {local} (asked for by a Node worker: {})", query.key
+            addr = %local,
+            key = %query.key,
+            event = "listening",
+            "listening on {local} (asked for by a Node worker: {})",
+            query.key
         );
         Ok(index)
     }

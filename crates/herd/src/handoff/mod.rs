@@ -315,7 +315,7 @@ impl HandoffLoop {
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    error!("hand-off loop cannot poll: {e}");
+                    error!(event = "poll_failed", "hand-off loop cannot poll: {e}");
                     break;
                 }
             }
@@ -406,6 +406,7 @@ impl HandoffLoop {
             if total.is_power_of_two() {
                 warn!(
                     total,
+                    event = "queue_timeout",
                     "closed a connection that waited {:?} with no worker able to take it",
                     self.limits.queue_timeout
                 );

@@ -23,7 +23,11 @@ impl HandoffLoop {
             hang_timeout,
         } = added;
         if slot >= MAX_WORKERS {
-            error!(slot, "worker slot out of range; closing its channel");
+            error!(
+                slot,
+                event = "slot_out_of_range",
+                "worker slot out of range; closing its channel"
+            );
             return;
         }
         if self.active.len() <= slot {
@@ -42,7 +46,11 @@ impl HandoffLoop {
             channel_token(index),
             Interest::READABLE,
         ) {
-            error!(slot, "cannot watch worker channel: {e}");
+            error!(
+                slot,
+                event = "channel_watch_failed",
+                "cannot watch worker channel: {e}"
+            );
             return;
         }
         if hang_timeout.is_some() {
@@ -136,6 +144,7 @@ impl HandoffLoop {
                 slot = worker.slot,
                 pid = worker.pid,
                 requeued,
+                event = "worker_hung",
                 "worker acknowledged nothing for {limit:?} (hang_timeout): it is hung; handing its connections to other workers"
             );
             let _ = self.events.send(Event::Hung {
@@ -250,6 +259,7 @@ impl HandoffLoop {
                 slot = worker.slot,
                 pid = worker.pid,
                 requeued,
+                event = "requeued",
                 "worker left unacknowledged connections; handing them to other workers"
             );
         }

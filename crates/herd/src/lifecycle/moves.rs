@@ -106,7 +106,12 @@ impl Lifecycle {
             cause,
         };
         let _span = slot_span(w.slot).entered();
-        info!(slot = w.slot, pid = w.pid.unwrap_or(0), "worker draining");
+        info!(
+            slot = w.slot,
+            pid = w.pid.unwrap_or(0),
+            event = "worker_draining",
+            "worker draining"
+        );
         out.push(Action::Drain { worker: id });
         // DRAIN is enough for a worker that reads its channel. One that was
         // made ready by `ready_delay` may never read it; one still starting
@@ -151,7 +156,11 @@ impl Lifecycle {
             return;
         };
         let _span = slot_span(w.slot).entered();
-        error!(slot = w.slot, "cannot start worker: {error}");
+        error!(
+            slot = w.slot,
+            event = "start_failed",
+            "cannot start worker: {error}"
+        );
         let end = RunEnd {
             why: format!("could not be started: {error}"),
             reason: RestartReason::Exit,
@@ -179,7 +188,15 @@ impl Lifecycle {
         let how = describe_exit(status);
         match w.stage {
             Stage::Starting { .. } | Stage::Serving { .. } if self.stopping.is_none() => {
-                warn!(slot, pid, uptime_ms, "worker {how}");
+                warn!(
+                    slot,
+                    pid,
+                    uptime_ms,
+                    code = status.code(),
+                    signal = status.signal(),
+                    event = "worker_exited",
+                    "worker {how}"
+                );
                 let reason = if status.signal().is_some() {
                     RestartReason::Signal
                 } else {
@@ -196,10 +213,23 @@ impl Lifecycle {
             } => {
                 info!(
                     slot,
-                    pid, uptime_ms, "worker {how} (not ready within ready_timeout)"
+                    pid,
+                    uptime_ms,
+                    code = status.code(),
+                    signal = status.signal(),
+                    event = "worker_exited",
+                    "worker {how} (not ready within ready_timeout)"
                 );
             }
-            _ => info!(slot, pid, uptime_ms, "worker {how}"),
+            _ => info!(
+                slot,
+                pid,
+                uptime_ms,
+                code = status.code(),
+                signal = status.signal(),
+                event = "worker_exited",
+                "worker {how}"
+            ),
         }
     }
 
@@ -217,6 +247,7 @@ impl Lifecycle {
                 info!(
                     slot = w.slot,
                     pid = w.pid.unwrap_or(0),
+                    event = "node_disconnected",
                     "Node worker disconnected; sending SIGTERM"
                 );
                 out.push(Action::Signal {
@@ -247,6 +278,7 @@ impl Lifecycle {
         warn!(
             slot = w.slot,
             pid = w.pid.unwrap_or(0),
+            event = "hung_worker_killed",
             "worker is hung (a hand-off went unacknowledged for hang_timeout); killing it"
         );
         self.kill(id, KillCause::Hung, out);
@@ -288,6 +320,10 @@ impl Lifecycle {
         info!(
             slot = w.slot,
             pid = w.pid.unwrap_or(0),
+            event = match cause {
+                ReplaceCause::Memory => "memory_exceeded",
+                ReplaceCause::Recycle => "recycling",
+            },
             "worker {why}; replacing it gracefully"
         );
         let reason = match cause {
@@ -332,6 +368,8 @@ impl Lifecycle {
                 error!(
                     slot = w.slot,
                     failures = slot.failures,
+                    max_restarts = restart.max_restarts,
+                    event = "crash_looping",
                     "worker is crash-looping: more than {} failed starts within {:?}; retrying every {:?}",
                     restart.max_restarts,
                     restart.window,
@@ -349,7 +387,9 @@ impl Lifecycle {
         } else if self.serving_in(w.slot).is_some() {
             warn!(
                 slot = w.slot,
-                "replacement worker failed ({}); the current worker keeps serving", end.why
+                event = "replacement_failed",
+                "replacement worker failed ({}); the current worker keeps serving",
+                end.why
             );
         }
     }
@@ -371,7 +411,9 @@ impl Lifecycle {
             if w.is_live() && w.channel_check_at.is_some_and(|at| at <= now) {
                 warn!(
                     slot = w.slot,
-                    pid, "worker closed its channel but is still running; stopping it"
+                    pid,
+                    event = "channel_lost",
+                    "worker closed its channel but is still running; stopping it"
                 );
                 let end = RunEnd {
                     why: "closed its channel".into(),
@@ -389,7 +431,10 @@ impl Lifecycle {
                     let timeout = self.policy(w.version).ready_timeout;
                     warn!(
                         slot = w.slot,
-                        pid, "worker not ready within {timeout:?}; killing it"
+                        pid,
+                        timeout_ms = timeout.as_millis() as u64,
+                        event = "ready_timeout",
+                        "worker not ready within {timeout:?}; killing it"
                     );
                     self.kill(id, KillCause::ReadyTimeout, out);
                     let end = RunEnd {
@@ -410,13 +455,16 @@ impl Lifecycle {
                                     .count();
                                 warn!(
                                     left,
+                                    event = "shutdown_timeout",
                                     "workers did not exit within shutdown_timeout; sending SIGKILL"
                                 );
                             }
                         }
                         None => warn!(
                             slot = w.slot,
-                            pid, "worker did not stop in time; sending SIGKILL"
+                            pid,
+                            event = "drain_timeout",
+                            "worker did not stop in time; sending SIGKILL"
                         ),
                     }
                     self.kill(id, KillCause::DrainTimeout, out);

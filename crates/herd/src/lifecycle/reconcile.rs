@@ -74,7 +74,14 @@ impl Lifecycle {
                 } else {
                     "restarting worker after backoff"
                 };
-                info!(slot, failures = entry.failures, delay_ms, "{what}");
+                info!(
+                    slot,
+                    failures = entry.failures,
+                    delay_ms,
+                    replacement = serving.is_some(),
+                    event = "restart_scheduled",
+                    "{what}"
+                );
             }
             StartGate::Waiting(_) => {}
         }
@@ -109,7 +116,12 @@ impl Lifecycle {
             out.push(Action::SetSlots { count });
         }
         if count != before {
-            info!(from = before, to = count, "scaled workers");
+            info!(
+                from = before,
+                to = count,
+                event = "scaled",
+                "scaled workers"
+            );
         }
     }
 

@@ -74,7 +74,7 @@ impl Lifecycle {
             workers
         };
         self.configured_workers = workers;
-        info!(workers = count, "reloading");
+        info!(workers = count, event = "reloading", "reloading");
         self.reload = Some(Reload {
             ticket,
             version,
@@ -139,7 +139,12 @@ impl Lifecycle {
             reload.replaced,
             took.as_millis()
         );
-        info!("{message}");
+        info!(
+            replaced = reload.replaced,
+            took_ms = took.as_millis() as u64,
+            event = "reload_finished",
+            "{message}"
+        );
         out.push(Action::ReloadFinished {
             ticket: reload.ticket,
             result: Ok(message),
@@ -180,7 +185,7 @@ impl Lifecycle {
                 reload.replaced
             )
         };
-        error!("{message}");
+        error!(slot, event = "reload_failed", "{message}");
         out.push(Action::ReloadFinished {
             ticket: reload.ticket,
             result: Err(message),
