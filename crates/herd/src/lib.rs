@@ -7,6 +7,7 @@
 //! the listening sockets and accept themselves.
 //!
 //! # Layout
+//! - [`ids`]: the ids passed around (worker channel, listener, slot, worker), a type each.
 //! - [`config`]: the config file, CLI overrides and validation into `Settings`.
 //! - [`listener`]: binding the listening sockets.
 //! - [`activation`]: the sockets workers inherit in the OS-scheduled modes
@@ -42,6 +43,7 @@ pub mod counters;
 pub mod dispatch;
 pub mod fd_budget;
 pub mod handoff;
+pub mod ids;
 pub mod lifecycle;
 pub mod listener;
 pub mod metrics;

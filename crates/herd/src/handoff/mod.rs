@@ -51,7 +51,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{HandoffSettings, MAX_WORKERS};
 use crate::dispatch::{Dispatcher, Mode};
-use crate::lifecycle::{Role, WorkerId};
+use crate::ids::WorkerId;
+use crate::lifecycle::Role;
 use crate::listener::{self, BoundListener, MAX_LISTENERS};
 use crate::node_ipc::{self, NodeChannel, SentHandle};
 use crate::rate_limit::Occurrences;

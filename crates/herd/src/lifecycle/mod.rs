@@ -36,7 +36,6 @@ mod tests;
 mod world;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -44,21 +43,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::config::{RestartSettings, Settings, MAX_WORKERS};
+use crate::ids::WorkerId;
 use crate::status::{Phase, SlotState};
 use reload::Reload;
 pub use slot::restart_delay;
 use slot::Slot;
 pub use worker::{DrainCause, KillCause, ReplaceCause, Stage, Worker, CHANNEL_LOSS_GRACE};
-
-/// One worker process, unique for herd's lifetime (pids get reused).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct WorkerId(pub u64);
-
-impl fmt::Display for WorkerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// One loaded configuration: the first is 0, each reload adds one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

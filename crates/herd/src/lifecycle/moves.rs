@@ -9,7 +9,8 @@ use nix::sys::signal::Signal;
 use tracing::{debug, error, info, warn};
 
 use super::worker::{DrainCause, KillCause, ReplaceCause, Stage, Worker, CHANNEL_LOSS_GRACE};
-use super::{describe_exit, slot_span, Action, Lifecycle, RestartReason, WorkerId};
+use super::{describe_exit, slot_span, Action, Lifecycle, RestartReason};
+use crate::ids::WorkerId;
 
 /// How a worker's run ended, for the restart accounting.
 pub(super) struct RunEnd {

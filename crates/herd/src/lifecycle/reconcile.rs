@@ -8,7 +8,8 @@ use tracing::info;
 
 use super::slot::{Slot, StartGate};
 use super::worker::{DrainCause, KillCause, Stage};
-use super::{slot_span, Action, Lifecycle, Stopping, WorkerId, MAX_WORKERS};
+use super::{slot_span, Action, Lifecycle, Stopping, MAX_WORKERS};
+use crate::ids::WorkerId;
 
 impl Lifecycle {
     pub(super) fn reconcile(&mut self, now: Instant, out: &mut Vec<Action>) {

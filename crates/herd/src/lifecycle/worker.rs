@@ -7,7 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::lifecycle::{Role, Version, WorkerId};
+use crate::ids::WorkerId;
+use crate::lifecycle::{Role, Version};
 
 /// How long a worker may outlive its channel before herd stops it: its
 /// exit normally follows the channel's close within milliseconds, and a
