@@ -11,14 +11,19 @@ use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
 };
 
+use crate::ids::ListenerIx;
+
 /// Listeners herd may hold: configured, plus those Node apps ask for.
 pub const MAX_LISTENERS: usize = 256;
+
+// Every listener's index fits in a HANDOFF message (a u16).
+const _: () = assert!(MAX_LISTENERS <= u16::MAX as usize + 1);
 
 /// A bound, listening, non-blocking socket.
 #[derive(Debug)]
 pub struct BoundListener {
     /// Position in the configured list; workers see it in each hand-off.
-    pub index: u16,
+    pub index: ListenerIx,
     /// The address as configured (port may be 0).
     pub requested: SocketAddr,
     /// The address actually bound (port 0 resolved).
@@ -60,7 +65,7 @@ pub fn bind_all(
                 source: nix::Error::last(),
             })?;
             Ok(BoundListener {
-                index: index as u16,
+                index: ListenerIx::at(index),
                 requested: addr,
                 local,
                 socket,
@@ -187,7 +192,7 @@ mod tests {
     #[test]
     fn port_zero_is_resolved() {
         let listeners = bind_all(&["127.0.0.1:0".parse().unwrap()], 16, false).unwrap();
-        assert_eq!(listeners[0].index, 0);
+        assert_eq!(listeners[0].index, ListenerIx(0));
         assert_ne!(listeners[0].local.port(), 0);
     }
 

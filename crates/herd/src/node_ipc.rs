@@ -23,6 +23,8 @@ use serde_json::{json, Value};
 
 use herd_protocol::fdpass;
 
+use crate::ids::ListenerIx;
+
 /// A line longer than this from a worker is a broken worker, not a message.
 const MAX_LINE: usize = 1 << 20;
 
@@ -261,10 +263,10 @@ pub struct NodeChannel {
     handles_in_flight: VecDeque<SentHandle>,
     /// Messages that wait for the socket to have room, in order.
     queued: VecDeque<Outgoing>,
-    /// The servers the worker listens on: herd's listener index and the
-    /// worker's key for it (from its `queryServer`). It gets connections
-    /// from these listeners only.
-    servers: Vec<(u16, String)>,
+    /// The servers the worker listens on: herd's listener and the worker's
+    /// key for it (from its `queryServer`). It gets connections from these
+    /// listeners only.
+    servers: Vec<(ListenerIx, String)>,
     /// herd's `seq` for messages other than `newconn` (which uses the
     /// connection id, so the worker's `ack` names the connection).
     seq: u64,
@@ -293,18 +295,18 @@ impl NodeChannel {
     }
 
     /// Does the worker listen on herd's listener `listener`?
-    pub fn serves(&self, listener: u16) -> bool {
-        self.servers.iter().any(|(index, _)| *index == listener)
+    pub fn serves(&self, listener: ListenerIx) -> bool {
+        self.servers.iter().any(|(served, _)| *served == listener)
     }
 
     /// The worker now listens on `listener`, under its own `key`.
-    pub fn add_server(&mut self, listener: u16, key: String) {
+    pub fn add_server(&mut self, listener: ListenerIx, key: String) {
         self.servers.push((listener, key));
     }
 
     /// The worker closed the server it knows as `key`; returns herd's
     /// listener for it.
-    pub fn remove_server(&mut self, key: &str) -> Option<u16> {
+    pub fn remove_server(&mut self, key: &str) -> Option<ListenerIx> {
         let position = self.servers.iter().position(|(_, known)| known == key)?;
         Some(self.servers.remove(position).0)
     }
@@ -327,13 +329,13 @@ impl NodeChannel {
         &mut self,
         channel: BorrowedFd<'_>,
         id: u64,
-        listener: u16,
+        listener: ListenerIx,
         fd: BorrowedFd<'_>,
     ) -> io::Result<()> {
         let key = self
             .servers
             .iter()
-            .find(|(index, _)| *index == listener)
+            .find(|(served, _)| *served == listener)
             .map_or("", |(_, key)| key.as_str());
         if self.wants_write() {
             return Err(io::ErrorKind::WouldBlock.into());
@@ -600,12 +602,12 @@ mod tests {
         let channel = ours.as_fd();
         let socket = || -> OwnedFd { std::net::TcpListener::bind("127.0.0.1:0").unwrap().into() };
         let mut node = NodeChannel::default();
-        node.add_server(0, "k0".into());
+        node.add_server(ListenerIx(0), "k0".into());
         node.send_line(channel, b"line-1\n".to_vec()).unwrap();
         node.send_server(channel, b"server-2\n".to_vec(), socket().as_fd())
             .unwrap();
         for id in [3, 4] {
-            node.send_connection(channel, id, 0, socket().as_fd())
+            node.send_connection(channel, id, ListenerIx(0), socket().as_fd())
                 .unwrap();
         }
         node.send_line(channel, b"line-5\n".to_vec()).unwrap();
@@ -650,7 +652,7 @@ mod tests {
             lines += 1;
             assert!(lines < 1000, "the socket never filled");
         }
-        let refused = node.send_connection(channel, 1, 0, connection.as_fd());
+        let refused = node.send_connection(channel, 1, ListenerIx(0), connection.as_fd());
         assert_eq!(refused.unwrap_err().kind(), io::ErrorKind::WouldBlock);
         assert_eq!(node.handle_answered(), None, "nothing was sent");
         let mut buf = vec![0u8; 64 * 1024];
@@ -658,7 +660,7 @@ mod tests {
             while let Ok(Some(_)) = fdpass::recv_with_fd(theirs.as_fd(), &mut buf, true) {}
             node.flush(channel).unwrap();
         }
-        node.send_connection(channel, 2, 0, connection.as_fd())
+        node.send_connection(channel, 2, ListenerIx(0), connection.as_fd())
             .unwrap();
         assert_eq!(node.handle_answered(), Some(SentHandle::Connection(2)));
     }
@@ -667,11 +669,16 @@ mod tests {
     fn a_worker_serves_the_listeners_it_asked_for() {
         let mut node = NodeChannel::default();
         assert!(!node.listening());
-        node.add_server(0, "null:3000:4:undefined:0".into());
-        node.add_server(2, "null:0:4:undefined:0".into());
-        assert!(node.listening() && node.serves(0) && node.serves(2) && !node.serves(1));
+        node.add_server(ListenerIx(0), "null:3000:4:undefined:0".into());
+        node.add_server(ListenerIx(2), "null:0:4:undefined:0".into());
+        assert!(
+            node.listening()
+                && node.serves(ListenerIx(0))
+                && node.serves(ListenerIx(2))
+                && !node.serves(ListenerIx(1))
+        );
         node.remove_server("null:3000:4:undefined:0");
-        assert!(!node.serves(0) && node.serves(2));
+        assert!(!node.serves(ListenerIx(0)) && node.serves(ListenerIx(2)));
     }
 
     #[test]

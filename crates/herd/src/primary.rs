@@ -27,6 +27,7 @@ use crate::control::{self, ControlServer, Incoming, Request, Response};
 use crate::counters::Counters;
 use crate::fd_budget::{FdLimit, Plan};
 use crate::handoff::{self, Command};
+use crate::ids::SlotIx;
 use crate::listener::{self, BoundListener, ListenError};
 use crate::metrics::{self, Metrics, MetricsBindError};
 use crate::process;
@@ -158,7 +159,7 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
     )?;
     let listen_addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local).collect();
     for bound in &listeners {
-        info!(listener = bound.index, "listening on {}", bound.local);
+        info!(listener = bound.index.get(), "listening on {}", bound.local);
     }
     let (sockets, listeners) = match settings.protocol {
         // Node workers are sent their server sockets over the cluster channel.
@@ -307,7 +308,7 @@ impl Primary {
         let counters = &self.counters;
         let slots = self
             .supervisor
-            .status(|slot| counters.handed_off[slot].load(Relaxed));
+            .status(|slot| counters.handed_off[SlotIx(slot)].load(Relaxed));
         let cpu = self.supervisor.cpu_seconds();
         let _ = scrape.send(self.metrics.render(counters, &slots, &cpu));
     }
@@ -415,9 +416,9 @@ impl Primary {
 
 /// The closing line: what herd did over its whole run.
 fn log_tally(counters: &Counters, forced: bool) {
-    let sum = |values: &[std::sync::atomic::AtomicU64]| -> u64 {
-        values.iter().map(|c| c.load(Relaxed)).sum()
-    };
+    fn sum<'a>(values: impl IntoIterator<Item = &'a std::sync::atomic::AtomicU64>) -> u64 {
+        values.into_iter().map(|c| c.load(Relaxed)).sum()
+    }
     info!(
         accepted = sum(&counters.accepted),
         handed_off = sum(&counters.handed_off),
@@ -480,7 +481,7 @@ fn start_reload(
 
 fn status_report(supervisor: &Supervisor, counters: &Counters, started: Instant) -> StatusReport {
     let settings = supervisor.settings();
-    let workers = supervisor.status(|slot| counters.handed_off[slot].load(Relaxed));
+    let workers = supervisor.status(|slot| counters.handed_off[SlotIx(slot)].load(Relaxed));
     let handed: Vec<u64> = workers.iter().map(|w| w.handed_off).collect();
     StatusReport {
         fairness: status::fairness(&handed),

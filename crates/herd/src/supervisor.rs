@@ -24,7 +24,7 @@ use crate::cgroup::{CgroupTree, Leaf};
 use crate::config::Settings;
 use crate::fd_budget::{FdLimit, Plan};
 use crate::handoff::{self, Command, Controller, NewWorker};
-use crate::ids::WorkerId;
+use crate::ids::{SlotIx, WorkerId};
 use crate::lifecycle::{self, Action, Event, Lifecycle, Policy, Version};
 use crate::metrics::Metrics;
 use crate::process::{self, Launch};
@@ -505,7 +505,7 @@ impl Supervisor {
         self.by_pid.insert(pid, id);
         let added = self.handoff.send(Command::AddWorker {
             worker: NewWorker {
-                slot,
+                slot: SlotIx(slot),
                 worker: id,
                 pid,
                 node: Policy::of(&settings).node,
