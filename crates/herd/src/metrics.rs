@@ -193,7 +193,7 @@ impl Metrics {
         }
     }
 
-    pub fn restart(&self, slot: usize, reason: RestartReason) {
+    pub fn restart(&self, slot: SlotIx, reason: RestartReason) {
         self.restarts
             .with_label_values(&[&slot.to_string(), reason.label()])
             .inc();

@@ -27,7 +27,6 @@ use crate::control::{self, ControlServer, Incoming, Request, Response};
 use crate::counters::Counters;
 use crate::fd_budget::{FdLimit, Plan};
 use crate::handoff::{self, Command};
-use crate::ids::SlotIx;
 use crate::listener::{self, BoundListener, ListenError};
 use crate::metrics::{self, Metrics, MetricsBindError};
 use crate::process;
@@ -308,7 +307,7 @@ impl Primary {
         let counters = &self.counters;
         let slots = self
             .supervisor
-            .status(|slot| counters.handed_off[SlotIx(slot)].load(Relaxed));
+            .status(|slot| counters.handed_off[slot].load(Relaxed));
         let cpu = self.supervisor.cpu_seconds();
         let _ = scrape.send(self.metrics.render(counters, &slots, &cpu));
     }
@@ -481,7 +480,7 @@ fn start_reload(
 
 fn status_report(supervisor: &Supervisor, counters: &Counters, started: Instant) -> StatusReport {
     let settings = supervisor.settings();
-    let workers = supervisor.status(|slot| counters.handed_off[SlotIx(slot)].load(Relaxed));
+    let workers = supervisor.status(|slot| counters.handed_off[slot].load(Relaxed));
     let handed: Vec<u64> = workers.iter().map(|w| w.handed_off).collect();
     StatusReport {
         fairness: status::fairness(&handed),

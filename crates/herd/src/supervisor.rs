@@ -43,7 +43,7 @@ const REAP_BATCH: usize = 1024;
 #[derive(Debug)]
 struct Process {
     pid: u32,
-    slot: usize,
+    slot: SlotIx,
     started: Instant,
     last_sample: Option<Sample>,
     cpu_percent: f64,
@@ -152,7 +152,7 @@ impl Supervisor {
             // gets connections (tests and operators rely on that order).
             if let Some(process) = self.processes.get(&worker) {
                 let _span = lifecycle::slot_span(process.slot).entered();
-                info!(slot = process.slot, pid = process.pid, "worker ready");
+                info!(slot = process.slot.get(), pid = process.pid, "worker ready");
             }
             return;
         }
@@ -304,7 +304,7 @@ impl Supervisor {
                 }
                 None => sample.cpu_ticks,
             };
-            if let Some(seconds) = self.cpu_seconds.get_mut(process.slot) {
+            if let Some(seconds) = self.cpu_seconds.get_mut(process.slot.get()) {
                 *seconds += procstat::ticks_to_seconds(new_ticks);
             }
             process.last_sample = Some(sample);
@@ -321,14 +321,14 @@ impl Supervisor {
     }
 
     /// One row per slot for `herd status`.
-    pub fn status(&self, handed_off: impl Fn(usize) -> u64) -> Vec<SlotStatus> {
+    pub fn status(&self, handed_off: impl Fn(SlotIx) -> u64) -> Vec<SlotStatus> {
         self.core
             .slots()
             .into_iter()
             .map(|view| {
                 let process = view.worker.and_then(|id| self.processes.get(&id));
                 SlotStatus {
-                    slot: view.slot,
+                    slot: view.slot.get(),
                     pid: process.map(|p| p.pid),
                     state: view.state,
                     uptime_secs: process.map(|p| p.started.elapsed().as_secs_f64()),
@@ -453,7 +453,7 @@ impl Supervisor {
     }
 
     /// Starts worker `id` for `slot` on `version`; its pid.
-    fn start(&mut self, id: WorkerId, slot: usize, version: Version) -> Result<u32, String> {
+    fn start(&mut self, id: WorkerId, slot: SlotIx, version: Version) -> Result<u32, String> {
         let _span = lifecycle::slot_span(slot).entered();
         let settings = self
             .versions
@@ -485,7 +485,7 @@ impl Supervisor {
         })
         .map_err(|e| format!("{program}: {e}"))?;
         let pid = started.pid;
-        info!(slot, pid, "worker started");
+        info!(slot = slot.get(), pid, "worker started");
         worker_output::forward(started.stdout, slot, false);
         worker_output::forward(started.stderr, slot, true);
         let recycle_after = settings
@@ -505,7 +505,7 @@ impl Supervisor {
         self.by_pid.insert(pid, id);
         let added = self.handoff.send(Command::AddWorker {
             worker: NewWorker {
-                slot: SlotIx(slot),
+                slot,
                 worker: id,
                 pid,
                 node: Policy::of(&settings).node,

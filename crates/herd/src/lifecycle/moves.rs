@@ -10,7 +10,7 @@ use tracing::{debug, error, info, warn};
 
 use super::worker::{DrainCause, KillCause, ReplaceCause, Stage, Worker, CHANNEL_LOSS_GRACE};
 use super::{describe_exit, slot_span, Action, Lifecycle, RestartReason};
-use crate::ids::WorkerId;
+use crate::ids::{SlotIx, WorkerId};
 
 /// How a worker's run ended, for the restart accounting.
 pub(super) struct RunEnd {
@@ -22,7 +22,7 @@ pub(super) struct RunEnd {
 
 impl Lifecycle {
     /// Starts a worker in `slot` on the slot's version.
-    pub(super) fn spawn(&mut self, now: Instant, slot: usize, out: &mut Vec<Action>) {
+    pub(super) fn spawn(&mut self, now: Instant, slot: SlotIx, out: &mut Vec<Action>) {
         let fill = self.serving_in(slot).is_none();
         let entry = &mut self.slots[slot];
         entry.started(fill);
@@ -64,7 +64,7 @@ impl Lifecycle {
         };
         // Only a starting worker becomes serving: a draining one never
         // serves again, whatever arrives late from its channel.
-        if !w.is_starting() || self.stopping.is_some() || w.slot >= self.slots.len() {
+        if !w.is_starting() || self.stopping.is_some() || w.slot.get() >= self.slots.len() {
             return;
         }
         let slot = w.slot;
@@ -76,7 +76,11 @@ impl Lifecycle {
         w.stage = Stage::Serving { replace: None };
         w.announced = announced;
         let _span = slot_span(slot).entered();
-        debug!(slot, pid = w.pid.unwrap_or(0), "worker promoted");
+        debug!(
+            slot = slot.get(),
+            pid = w.pid.unwrap_or(0),
+            "worker promoted"
+        );
         self.slots[slot].hung = false;
         out.push(Action::Serve { worker: id });
         if let Some(old) = old {
@@ -107,7 +111,11 @@ impl Lifecycle {
             cause,
         };
         let _span = slot_span(w.slot).entered();
-        info!(slot = w.slot, pid = w.pid.unwrap_or(0), "worker draining");
+        info!(
+            slot = w.slot.get(),
+            pid = w.pid.unwrap_or(0),
+            "worker draining"
+        );
         out.push(Action::Drain { worker: id });
         // DRAIN is enough for a worker that reads its channel. One that was
         // made ready by `ready_delay` may never read it; one still starting
@@ -152,7 +160,7 @@ impl Lifecycle {
             return;
         };
         let _span = slot_span(w.slot).entered();
-        error!(slot = w.slot, "cannot start worker: {error}");
+        error!(slot = w.slot.get(), "cannot start worker: {error}");
         let end = RunEnd {
             why: format!("could not be started: {error}"),
             reason: RestartReason::Exit,
@@ -180,7 +188,7 @@ impl Lifecycle {
         let how = describe_exit(status);
         match w.stage {
             Stage::Starting { .. } | Stage::Serving { .. } if self.stopping.is_none() => {
-                warn!(slot, pid, uptime_ms, "worker {how}");
+                warn!(slot = slot.get(), pid, uptime_ms, "worker {how}");
                 let reason = if status.signal().is_some() {
                     RestartReason::Signal
                 } else {
@@ -196,11 +204,11 @@ impl Lifecycle {
                 cause: KillCause::ReadyTimeout,
             } => {
                 info!(
-                    slot,
+                    slot = slot.get(),
                     pid, uptime_ms, "worker {how} (not ready within ready_timeout)"
                 );
             }
-            _ => info!(slot, pid, uptime_ms, "worker {how}"),
+            _ => info!(slot = slot.get(), pid, uptime_ms, "worker {how}"),
         }
     }
 
@@ -216,7 +224,7 @@ impl Lifecycle {
             Stage::Draining { .. } if policy.node => {
                 let _span = slot_span(w.slot).entered();
                 info!(
-                    slot = w.slot,
+                    slot = w.slot.get(),
                     pid = w.pid.unwrap_or(0),
                     "Node worker disconnected; sending SIGTERM"
                 );
@@ -246,7 +254,7 @@ impl Lifecycle {
         }
         let _span = slot_span(w.slot).entered();
         warn!(
-            slot = w.slot,
+            slot = w.slot.get(),
             pid = w.pid.unwrap_or(0),
             "worker is hung (a hand-off went unacknowledged for hang_timeout); killing it"
         );
@@ -287,7 +295,7 @@ impl Lifecycle {
         *replace = Some(cause);
         let _span = slot_span(w.slot).entered();
         info!(
-            slot = w.slot,
+            slot = w.slot.get(),
             pid = w.pid.unwrap_or(0),
             "worker {why}; replacing it gracefully"
         );
@@ -312,7 +320,7 @@ impl Lifecycle {
         end: RunEnd,
         out: &mut Vec<Action>,
     ) {
-        if self.stopping.is_some() || w.slot >= self.slots.len() {
+        if self.stopping.is_some() || w.slot.get() >= self.slots.len() {
             return;
         }
         let restart = self.policy(w.version).restart;
@@ -331,7 +339,7 @@ impl Lifecycle {
         if failed_start {
             if slot.record_failure(now, &restart) {
                 error!(
-                    slot = w.slot,
+                    slot = w.slot.get(),
                     failures = slot.failures,
                     "worker is crash-looping: more than {} failed starts within {:?}; retrying every {:?}",
                     restart.max_restarts,
@@ -349,7 +357,7 @@ impl Lifecycle {
             self.fail_reload(now, w.slot, &end.why, out);
         } else if self.serving_in(w.slot).is_some() {
             warn!(
-                slot = w.slot,
+                slot = w.slot.get(),
                 "replacement worker failed ({}); the current worker keeps serving", end.why
             );
         }
@@ -371,7 +379,7 @@ impl Lifecycle {
             let pid = w.pid.unwrap_or(0);
             if w.is_live() && w.channel_check_at.is_some_and(|at| at <= now) {
                 warn!(
-                    slot = w.slot,
+                    slot = w.slot.get(),
                     pid, "worker closed its channel but is still running; stopping it"
                 );
                 let end = RunEnd {
@@ -389,7 +397,7 @@ impl Lifecycle {
                 Stage::Starting { ready_by, .. } if ready_by <= now => {
                     let timeout = self.policy(w.version).ready_timeout;
                     warn!(
-                        slot = w.slot,
+                        slot = w.slot.get(),
                         pid, "worker not ready within {timeout:?}; killing it"
                     );
                     self.kill(id, KillCause::ReadyTimeout, out);
@@ -416,7 +424,7 @@ impl Lifecycle {
                             }
                         }
                         None => warn!(
-                            slot = w.slot,
+                            slot = w.slot.get(),
                             pid, "worker did not stop in time; sending SIGKILL"
                         ),
                     }

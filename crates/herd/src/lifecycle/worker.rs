@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::ids::WorkerId;
+use crate::ids::{SlotIx, WorkerId};
 use crate::lifecycle::{Role, Version};
 
 /// How long a worker may outlive its channel before herd stops it: its
@@ -79,7 +79,7 @@ pub enum Stage {
 #[derive(Debug, Clone)]
 pub struct Worker {
     pub id: WorkerId,
-    pub slot: usize,
+    pub slot: SlotIx,
     pub version: Version,
     /// Known once the spawn succeeded.
     pub pid: Option<u32>,
