@@ -214,7 +214,7 @@ mod tests {
     }
 
     fn bound(addr: &str) -> Vec<BoundListener> {
-        listener::bind_all(&[addr.parse().unwrap()], 16, false).unwrap()
+        listener::bind_all(&[addr.parse().unwrap()], 16, listener::BindOptions::PLAIN).unwrap()
     }
 
     #[test]
@@ -276,7 +276,7 @@ mod tests {
             listener::bind_reuseport(addr, 16).is_ok(),
             "the risk is real"
         );
-        let error = listener::bind_all(&[addr], 16, false).unwrap_err();
+        let error = listener::bind_all(&[addr], 16, listener::BindOptions::PLAIN).unwrap_err();
         assert!(
             error.to_string().contains("address already in use"),
             "{error}"

@@ -27,7 +27,7 @@ use crate::control::{self, ControlServer, Incoming, Request, Response};
 use crate::counters::Counters;
 use crate::fd_budget::{FdLimit, Plan};
 use crate::handoff::{self, Command};
-use crate::listener::{self, BoundListener, ListenError};
+use crate::listener::{self, BindOptions, BoundListener, ListenError};
 use crate::metrics::{self, Metrics, MetricsBindError};
 use crate::process;
 use crate::signals::{self, SignalEvent};
@@ -151,11 +151,12 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
             fd_limit.soft
         );
     }
-    let listeners = listener::bind_all(
-        &settings.listen,
-        settings.backlog,
-        settings.handoff.kernel_rotation,
-    )?;
+    let options = BindOptions {
+        // Kernel rotation deals over a SO_REUSEPORT group per listener.
+        reuse_port: settings.handoff.kernel_rotation,
+        ..BindOptions::PLAIN
+    };
+    let listeners = listener::bind_all(&settings.listen, settings.backlog, options)?;
     let listen_addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local).collect();
     for bound in &listeners {
         info!(listener = bound.index.get(), "listening on {}", bound.local);

@@ -255,8 +255,11 @@ mod tests {
 
     #[test]
     fn slots_take_turns_while_a_worker_holds_them_and_herd_takes_over_the_rest() {
-        let main =
-            listener::bind_dual_stack("127.0.0.1:0".parse().unwrap(), 16, true, true).unwrap();
+        let group = listener::BindOptions {
+            reuse_port: true,
+            v6_only: true,
+        };
+        let main = listener::bind_with("127.0.0.1:0".parse().unwrap(), 16, group).unwrap();
         let addr = main.local_addr().unwrap();
         let mut rotation = SlotRotation::start(main.as_fd(), 16).unwrap_or_else(|e| panic!("{e}"));
         let mut poll = mio::Poll::new().unwrap();

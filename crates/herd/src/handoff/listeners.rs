@@ -422,28 +422,28 @@ impl HandoffLoop {
     ) -> Result<std::net::TcpListener, (nix::Error, String)> {
         use nix::Error as Errno;
         let failed = |e: listener::ListenError| (e.source, e.to_string());
-        // A kernel rotation needs a SO_REUSEPORT group to deal over.
-        let reuse_port = self.limits.kernel_rotation;
+        let options = BindOptions {
+            // A kernel rotation needs a SO_REUSEPORT group to deal over.
+            reuse_port: self.limits.kernel_rotation,
+            v6_only: query.ipv6_only,
+        };
         match &query.address {
             None => {
                 let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
-                listener::bind_dual_stack(any6, self.backlog, query.ipv6_only, reuse_port).or_else(
-                    |e| match e.source {
-                        Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL => {
-                            let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
-                            listener::bind_dual_stack(any4, self.backlog, true, reuse_port)
-                        }
-                        _ => Err(e),
-                    },
-                )
+                listener::bind_with(any6, self.backlog, options).or_else(|e| match e.source {
+                    Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL => {
+                        let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
+                        let options = BindOptions {
+                            v6_only: true,
+                            ..options
+                        };
+                        listener::bind_with(any4, self.backlog, options)
+                    }
+                    _ => Err(e),
+                })
             }
             Some(text) => match text.parse::<std::net::IpAddr>() {
-                Ok(ip) => listener::bind_dual_stack(
-                    SocketAddr::new(ip, port),
-                    self.backlog,
-                    query.ipv6_only,
-                    reuse_port,
-                ),
+                Ok(ip) => listener::bind_with(SocketAddr::new(ip, port), self.backlog, options),
                 Err(_) => {
                     return Err((Errno::EINVAL, format!("{text:?} is not an IP address")));
                 }

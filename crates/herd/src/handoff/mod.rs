@@ -53,7 +53,7 @@ use crate::config::{HandoffSettings, MAX_WORKERS};
 use crate::dispatch::{Dispatcher, Mode};
 use crate::ids::{ChannelIx, ListenerIx, SlotIx, Table, WorkerId};
 use crate::lifecycle::Role;
-use crate::listener::{self, BoundListener, MAX_LISTENERS};
+use crate::listener::{self, BindOptions, BoundListener, MAX_LISTENERS};
 use crate::node_ipc::{self, NodeChannel, SentHandle};
 use crate::rate_limit::Occurrences;
 use crate::rotation::SlotRotation;
