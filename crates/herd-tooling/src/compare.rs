@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::bench::{self, BenchError, BenchOptions, BenchReport, Limit, SourceRange, Target};
 use herd::config::MAX_WORKERS;
-use herd::control::{self, ControlError, Request, Response};
+use herd::control::{self, ControlError, ControlRequest as Request, Response};
 use herd::procstat;
 use herd::status::{self, SlotState, StatusReport};
 use herd::status::{fairness, Fairness};

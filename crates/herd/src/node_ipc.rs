@@ -67,7 +67,7 @@ pub struct QueryServer {
 
 /// A message from a Node worker, reduced to what herd acts on.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Incoming {
+pub enum NodeMessage {
     /// `act: online`: the process is up (not yet listening).
     Online,
     /// `act: queryServer`: the worker called `listen`.
@@ -94,35 +94,35 @@ pub enum Incoming {
 }
 
 /// Parses one line (without its `\n`).
-pub fn parse(line: &[u8]) -> Result<Incoming, NodeIpcError> {
+pub fn parse(line: &[u8]) -> Result<NodeMessage, NodeIpcError> {
     let message: Value = serde_json::from_slice(line)?;
     let cmd = message.get("cmd").and_then(Value::as_str);
     Ok(match cmd {
-        Some("NODE_HANDLE_ACK") => Incoming::HandleAck,
-        Some("NODE_HANDLE_NACK") => Incoming::HandleNack,
-        Some("NODE_HANDLE") => Incoming::Handle,
+        Some("NODE_HANDLE_ACK") => NodeMessage::HandleAck,
+        Some("NODE_HANDLE_NACK") => NodeMessage::HandleNack,
+        Some("NODE_HANDLE") => NodeMessage::Handle,
         Some("NODE_CLUSTER") => parse_cluster(&message),
-        _ => Incoming::Other,
+        _ => NodeMessage::Other,
     })
 }
 
-fn parse_cluster(message: &Value) -> Incoming {
+fn parse_cluster(message: &Value) -> NodeMessage {
     let seq = message.get("seq").and_then(Value::as_u64).unwrap_or(0);
     match message.get("act").and_then(Value::as_str) {
-        Some("online") => Incoming::Online,
-        Some("listening") => Incoming::Listening,
-        Some("close") => Incoming::Close {
+        Some("online") => NodeMessage::Online,
+        Some("listening") => NodeMessage::Listening,
+        Some("close") => NodeMessage::Close {
             key: js_text(message.get("key")),
         },
-        Some("exitedAfterDisconnect") => Incoming::ExitedAfterDisconnect { seq },
-        Some("queryServer") => Incoming::QueryServer(parse_query(message, seq)),
-        Some(_) => Incoming::Other,
+        Some("exitedAfterDisconnect") => NodeMessage::ExitedAfterDisconnect { seq },
+        Some("queryServer") => NodeMessage::QueryServer(parse_query(message, seq)),
+        Some(_) => NodeMessage::Other,
         None => match (
             message.get("ack").and_then(Value::as_u64),
             message.get("accepted").and_then(Value::as_bool),
         ) {
-            (Some(ack), Some(accepted)) => Incoming::Accepted { ack, accepted },
-            _ => Incoming::Other,
+            (Some(ack), Some(accepted)) => NodeMessage::Accepted { ack, accepted },
+            _ => NodeMessage::Other,
         },
     }
 }
@@ -412,8 +412,12 @@ impl NodeChannel {
     /// each complete line as it comes into `out` (lines herd does not act
     /// on, an app's own messages, are dropped at once), so memory stays
     /// flat however fast the worker writes. A handle the worker sent is
-    /// closed at once (it is reported as [`Incoming::Handle`]).
-    pub fn read(&mut self, channel: BorrowedFd<'_>, out: &mut Vec<Incoming>) -> io::Result<Read> {
+    /// closed at once (it is reported as [`NodeMessage::Handle`]).
+    pub fn read(
+        &mut self,
+        channel: BorrowedFd<'_>,
+        out: &mut Vec<NodeMessage>,
+    ) -> io::Result<Read> {
         let mut buf = [0u8; 16 * 1024];
         let mut budget = READ_BUDGET;
         while budget > 0 {
@@ -433,14 +437,14 @@ impl NodeChannel {
     }
 
     /// Appends `bytes` to the partial line and parses what completes.
-    fn take_lines(&mut self, bytes: &[u8], out: &mut Vec<Incoming>) -> io::Result<()> {
+    fn take_lines(&mut self, bytes: &[u8], out: &mut Vec<NodeMessage>) -> io::Result<()> {
         self.inbox.extend_from_slice(bytes);
         let mut start = 0;
         while let Some(end) = self.inbox[start..].iter().position(|&b| b == b'\n') {
             // A line that is not JSON, or not for the primary, is the app's
             // business, not ours.
             match parse(&self.inbox[start..start + end]) {
-                Ok(Incoming::Other) | Err(_) => {}
+                Ok(NodeMessage::Other) | Err(_) => {}
                 Ok(message) => out.push(message),
             }
             start += end + 1;
@@ -486,13 +490,13 @@ mod tests {
     fn the_captured_listen_sequence_parses() {
         assert_eq!(
             parse(br#"{"cmd":"NODE_CLUSTER","act":"online","seq":0}"#).unwrap(),
-            Incoming::Online
+            NodeMessage::Online
         );
         let query = parse(
             br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,"address":null,"port":3000,"addressType":4,"backlog":0,"seq":1}"#,
         )
         .unwrap();
-        let Incoming::QueryServer(query) = query else {
+        let NodeMessage::QueryServer(query) = query else {
             panic!("{query:?}")
         };
         assert_eq!(query.key, "null:3000:4:undefined:0");
@@ -503,18 +507,18 @@ mod tests {
         );
         // v22 adds "flags": still the same request.
         let v22 = br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,"address":null,"port":3000,"addressType":4,"backlog":0,"flags":0,"seq":1}"#;
-        assert_eq!(parse(v22).unwrap(), Incoming::QueryServer(query.clone()));
+        assert_eq!(parse(v22).unwrap(), NodeMessage::QueryServer(query.clone()));
         assert_eq!(
             parse(br#"{"cmd":"NODE_CLUSTER","act":"listening","index":0,"data":null,"address":null,"port":3000,"addressType":4,"backlog":0,"seq":2}"#).unwrap(),
-            Incoming::Listening
+            NodeMessage::Listening
         );
         assert_eq!(
             parse(br#"{"cmd":"NODE_HANDLE_ACK"}"#).unwrap(),
-            Incoming::HandleAck
+            NodeMessage::HandleAck
         );
         assert_eq!(
             parse(br#"{"cmd":"NODE_CLUSTER","ack":1,"accepted":true,"seq":3}"#).unwrap(),
-            Incoming::Accepted {
+            NodeMessage::Accepted {
                 ack: 1,
                 accepted: true
             }
@@ -524,7 +528,7 @@ mod tests {
                 br#"{"cmd":"NODE_CLUSTER","act":"close","key":"null:3000:4:undefined:0","seq":4}"#
             )
             .unwrap(),
-            Incoming::Close {
+            NodeMessage::Close {
                 key: "null:3000:4:undefined:0".into()
             }
         );
@@ -571,7 +575,7 @@ mod tests {
     #[test]
     fn queries_for_other_servers_keep_nodes_keys() {
         let query_of = |line: &[u8]| match parse(line).unwrap() {
-            Incoming::QueryServer(query) => query,
+            NodeMessage::QueryServer(query) => query,
             other => panic!("{other:?}"),
         };
         let local = query_of(br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":1,"data":{"ticketKeys":"x"},"address":"127.0.0.1","port":0,"addressType":4,"backlog":511,"flags":1,"seq":5}"#);
@@ -691,18 +695,18 @@ mod tests {
 
     #[test]
     fn user_messages_and_handles_are_told_apart() {
-        assert_eq!(parse(br#"{"hello":"world"}"#).unwrap(), Incoming::Other);
+        assert_eq!(parse(br#"{"hello":"world"}"#).unwrap(), NodeMessage::Other);
         assert_eq!(
             parse(br#"{"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"x":1}}"#).unwrap(),
-            Incoming::Handle
+            NodeMessage::Handle
         );
         assert_eq!(
             parse(br#"{"cmd":"NODE_CLUSTER","act":"exitedAfterDisconnect","seq":7}"#).unwrap(),
-            Incoming::ExitedAfterDisconnect { seq: 7 }
+            NodeMessage::ExitedAfterDisconnect { seq: 7 }
         );
         assert!(parse(b"not json").is_err());
         // A queryServer without a port still gets an answer (a refusal).
-        let Incoming::QueryServer(bare) =
+        let NodeMessage::QueryServer(bare) =
             parse(br#"{"cmd":"NODE_CLUSTER","act":"queryServer","seq":1}"#).unwrap()
         else {
             panic!("a queryServer")

@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 use crate::activation::WorkerSockets;
 use crate::cgroup::{CgroupError, CgroupTree};
 use crate::config::{ConfigSource, KillMode, Settings, WorkerProtocol, MAX_WORKERS};
-use crate::control::{self, ControlServer, Incoming, Request, Response};
+use crate::control::{self, ControlRequest, ControlServer, PendingRequest, Response};
 use crate::counters::Counters;
 use crate::fd_budget::{FdLimit, Plan};
 use crate::handoff::{self, Command};
@@ -245,7 +245,7 @@ pub async fn run(
         stop_waiters: Vec::new(),
     };
     primary.supervisor.start_all();
-    let (requests_tx, mut requests) = mpsc::unbounded_channel::<Incoming>();
+    let (requests_tx, mut requests) = mpsc::unbounded_channel::<PendingRequest>();
     while !primary.supervisor.finished() {
         let due = primary
             .supervisor
@@ -256,7 +256,7 @@ pub async fn run(
             _ = children.recv() => primary.supervisor.reap(),
             _ = sleep_until_opt(due) => primary.supervisor.tick(),
             Some(scrape) = scrapes.recv() => primary.scrape(scrape),
-            Some(incoming) = requests.recv() => primary.on_request(incoming),
+            Some(pending) = requests.recv() => primary.on_request(pending),
             _ = control.accept(&requests_tx) => {}
             _ = monitor.tick() => primary.supervisor.monitor(),
             Some(event) = signals.recv() => primary.on_signal(event),
@@ -313,10 +313,10 @@ impl Primary {
         let _ = scrape.send(self.metrics.render(counters, &slots, &cpu));
     }
 
-    fn on_request(&mut self, incoming: Incoming) {
-        let Incoming { request, reply } = incoming;
+    fn on_request(&mut self, pending: PendingRequest) {
+        let PendingRequest { request, reply } = pending;
         match request {
-            Request::Status => {
+            ControlRequest::Status => {
                 let report = status_report(&self.supervisor, &self.counters, self.started);
                 let _ = reply.send(Response {
                     ok: true,
@@ -324,10 +324,10 @@ impl Primary {
                     status: Some(report),
                 });
             }
-            Request::Reload => {
+            ControlRequest::Reload => {
                 start_reload(&mut self.supervisor, &self.source, &self.metrics, reply)
             }
-            Request::Scale { workers } => {
+            ControlRequest::Scale { workers } => {
                 let _ = reply.send(if self.stopping() {
                     Response::failed("herd is stopping")
                 } else if !(1..=MAX_WORKERS).contains(&workers) {
@@ -341,7 +341,7 @@ impl Primary {
                     }
                 });
             }
-            Request::Stop => {
+            ControlRequest::Stop => {
                 begin_stop(&mut self.supervisor, "herd stop");
                 self.stop_waiters.push(reply);
             }

@@ -56,7 +56,7 @@ pub(super) enum Protocol {
 /// One message a worker sent, in its protocol.
 pub(super) enum Message {
     Herd(WorkerMessage),
-    Node(node_ipc::Incoming),
+    Node(node_ipc::NodeMessage),
 }
 
 /// How a turn of reading a channel ended.

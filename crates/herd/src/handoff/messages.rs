@@ -122,8 +122,8 @@ impl HandoffLoop {
         self.queue.push_front(entry.conn.listener(), entry.conn);
     }
 
-    pub(super) fn on_node_message(&mut self, channel: ChannelIx, message: node_ipc::Incoming) {
-        use node_ipc::Incoming;
+    pub(super) fn on_node_message(&mut self, channel: ChannelIx, message: node_ipc::NodeMessage) {
+        use node_ipc::NodeMessage;
         let Some(worker) = self.channels[channel].as_mut() else {
             return;
         };
@@ -132,12 +132,12 @@ impl HandoffLoop {
         };
         let fd = worker.channel.as_fd();
         let sent = match message {
-            Incoming::QueryServer(query) => return self.answer_query(channel, query),
-            Incoming::Listening => {
+            NodeMessage::QueryServer(query) => return self.answer_query(channel, query),
+            NodeMessage::Listening => {
                 self.report_ready(channel);
                 Ok(())
             }
-            Incoming::Accepted { ack, accepted } => {
+            NodeMessage::Accepted { ack, accepted } => {
                 let message = if accepted {
                     WorkerMessage::Ack(ack)
                 } else {
@@ -146,30 +146,30 @@ impl HandoffLoop {
                 self.on_message(channel, message);
                 Ok(())
             }
-            Incoming::HandleAck => {
+            NodeMessage::HandleAck => {
                 node.handle_answered();
                 Ok(())
             }
-            Incoming::HandleNack => {
+            NodeMessage::HandleNack => {
                 // The handle never arrived: that connection goes elsewhere.
                 if let Some(SentHandle::Connection(id)) = node.handle_answered() {
                     self.on_message(channel, WorkerMessage::Nack(id));
                 }
                 Ok(())
             }
-            Incoming::Handle => node.send_line(fd, node_ipc::handle_ack()),
-            Incoming::ExitedAfterDisconnect { seq: theirs } => {
+            NodeMessage::Handle => node.send_line(fd, node_ipc::handle_ack()),
+            NodeMessage::ExitedAfterDisconnect { seq: theirs } => {
                 let seq = node.next_seq();
                 node.send_line(fd, node_ipc::ack(theirs, seq))
             }
-            Incoming::Close { key } => {
+            NodeMessage::Close { key } => {
                 if let Some(listener) = node.remove_server(&key) {
                     self.update_rotation(listener, channel, SlotRotation::release);
                     self.release_if_unused(listener);
                 }
                 return;
             }
-            Incoming::Online | Incoming::Other => Ok(()),
+            NodeMessage::Online | NodeMessage::Other => Ok(()),
         };
         self.after_node_send(channel, sent);
     }
