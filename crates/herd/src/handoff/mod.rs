@@ -15,7 +15,7 @@
 //!
 //! # Layout
 //! - this module: the commands and events, the loop itself, its timers.
-//! - [`counters`]: what the loop counts, for status and metrics.
+//! - [`crate::counters`]: what the loop counts, for status and metrics.
 //! - `channel`: one worker's channel (role, in flight, acknowledged, bad messages).
 //! - `workers`: workers added, made serving, drained, found hung, retired.
 //! - `accepting`: accept, the wait queue, parked refusals, sending to a worker.
