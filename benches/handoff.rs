@@ -20,6 +20,7 @@ use std::time::Instant;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use herd::counters::Counters;
 use herd::dispatch::{Dispatcher, Mode};
+use herd::ids::SlotIx;
 use herd_protocol::fdpass;
 use herd_protocol::wire::{
     Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN, WORKER_MESSAGE_MAX_LEN,
@@ -86,7 +87,7 @@ fn fd_roundtrip(c: &mut Criterion) {
                         .record(accepted_at.elapsed().as_nanos() as u64);
                 }
                 counters.in_flight.fetch_sub(1, Relaxed);
-                counters.handed_off[0].fetch_add(1, Relaxed);
+                counters.handed_off[SlotIx(0)].fetch_add(1, Relaxed);
             })
         });
     }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use herd::config::{Config, ConfigSource, KillMode, Overrides};
-use herd::control::{self, Request};
+use herd::control::{self, ControlRequest};
 
 /// A multi-core front for server processes.
 #[derive(Parser)]
@@ -351,7 +351,7 @@ fn main() -> ExitCode {
             herd::worker_output::flush(herd::worker_output::EXIT_FLUSH_TIMEOUT);
             code
         }
-        Commands::Status { target, json } => send(&target, Request::Status, |response| {
+        Commands::Status { target, json } => send(&target, ControlRequest::Status, |response| {
             let report = response.status.as_ref().expect("status carries a report");
             if json {
                 serde_json::to_string_pretty(report).unwrap_or_default()
@@ -359,11 +359,13 @@ fn main() -> ExitCode {
                 control::render_table(report)
             }
         }),
-        Commands::Reload(target) => send(&target, Request::Reload, |r| r.message.clone()),
+        Commands::Reload(target) => send(&target, ControlRequest::Reload, |r| r.message.clone()),
         Commands::Scale { workers, target } => {
-            send(&target, Request::Scale { workers }, |r| r.message.clone())
+            send(&target, ControlRequest::Scale { workers }, |r| {
+                r.message.clone()
+            })
         }
-        Commands::Stop(target) => send(&target, Request::Stop, |r| r.message.clone()),
+        Commands::Stop(target) => send(&target, ControlRequest::Stop, |r| r.message.clone()),
         Commands::Bench(args) => bench(args),
         Commands::Compare(args) => compare(args),
     }
@@ -550,7 +552,7 @@ fn compare(args: CompareArgs) -> ExitCode {
 /// refused or failed operation, 3 when no herd answers.
 fn send(
     target: &ControlArgs,
-    request: Request,
+    request: ControlRequest,
     render: impl Fn(&control::Response) -> String,
 ) -> ExitCode {
     let path = match control_path(target) {

@@ -10,7 +10,7 @@ mod common;
 use std::net::SocketAddr;
 
 use herd::config::{ConfigSource, Overrides};
-use herd::control::{self, Request};
+use herd::control::{self, ControlRequest};
 use herd::primary::{self, Outcome, PrimaryError};
 use herd::signals::SignalEvent;
 use herd::status::{SlotState, StatusReport};
@@ -132,7 +132,7 @@ impl InProcess {
     /// Polls the status report until `accept` likes it.
     fn wait_for(&self, what: &str, accept: impl Fn(&StatusReport) -> bool) -> StatusReport {
         wait_until(what, || {
-            let status = control::request(&self.control, &Request::Status)
+            let status = control::request(&self.control, &ControlRequest::Status)
                 .ok()?
                 .status?;
             accept(&status).then_some(status)

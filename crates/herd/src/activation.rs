@@ -40,6 +40,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 
 use crate::dispatch::Mode;
+use crate::ids::{SlotIx, Table};
 use crate::listener::{self, BoundListener, ListenError};
 use herd_protocol::env::LISTEN_PID_ENV;
 
@@ -56,7 +57,7 @@ pub enum WorkerSockets {
     ReusePort {
         addrs: Vec<SocketAddr>,
         backlog: u32,
-        slots: Vec<Vec<TcpListener>>,
+        slots: Table<SlotIx, Vec<TcpListener>>,
     },
 }
 
@@ -86,7 +87,7 @@ impl WorkerSockets {
                 let mut sockets = WorkerSockets::ReusePort {
                     addrs,
                     backlog,
-                    slots: Vec::new(),
+                    slots: Table::new(),
                 };
                 sockets.bind_slots(workers)?;
                 Ok((sockets, Vec::new()))
@@ -99,8 +100,8 @@ impl WorkerSockets {
     /// when bound, as systemd passes them, and are passed as they are now:
     /// a worker that wants them non-blocking sets that itself, and other
     /// workers may be accepting from them with that flag (module docs).
-    pub fn for_slot(&mut self, slot: usize) -> Result<Vec<RawFd>, ListenError> {
-        self.bind_slots(slot + 1)?;
+    pub fn for_slot(&mut self, slot: SlotIx) -> Result<Vec<RawFd>, ListenError> {
+        self.bind_slots(slot.get() + 1)?;
         let sockets = match self {
             WorkerSockets::HandOff => return Ok(Vec::new()),
             WorkerSockets::Shared(sockets) => &sockets[..],
@@ -185,7 +186,7 @@ mod tests {
         match sockets {
             WorkerSockets::HandOff => Vec::new(),
             WorkerSockets::Shared(all) => all.iter().collect(),
-            WorkerSockets::ReusePort { slots, .. } => slots[slot].iter().collect(),
+            WorkerSockets::ReusePort { slots, .. } => slots[SlotIx(slot)].iter().collect(),
         }
     }
 
@@ -193,7 +194,7 @@ mod tests {
     fn a_worker_start_never_changes_the_flags_of_a_socket_in_use() {
         for mode in [Mode::Shared, Mode::ReusePort] {
             let (mut sockets, _) = WorkerSockets::new(mode, bound("127.0.0.1:0"), 16, 1).unwrap();
-            sockets.for_slot(0).unwrap();
+            sockets.for_slot(SlotIx(0)).unwrap();
             // Bound blocking, as systemd passes them.
             assert!(!nonblocking(sockets_of(&sockets, 0)[0]), "{mode:?}");
             // The first worker's event loop makes it non-blocking, for
@@ -202,8 +203,8 @@ mod tests {
                 .unwrap();
             // Its slot restarts (reuseport) or another worker starts (shared):
             // the live worker's socket keeps its flag.
-            sockets.for_slot(0).unwrap();
-            sockets.for_slot(1).unwrap();
+            sockets.for_slot(SlotIx(0)).unwrap();
+            sockets.for_slot(SlotIx(1)).unwrap();
             assert!(nonblocking(sockets_of(&sockets, 0)[0]), "{mode:?}");
             // A slot bound later starts blocking, whatever the others do.
             if mode == Mode::ReusePort {
@@ -213,7 +214,7 @@ mod tests {
     }
 
     fn bound(addr: &str) -> Vec<BoundListener> {
-        listener::bind_all(&[addr.parse().unwrap()], 16, false).unwrap()
+        listener::bind_all(&[addr.parse().unwrap()], 16, listener::BindOptions::PLAIN).unwrap()
     }
 
     #[test]
@@ -221,7 +222,7 @@ mod tests {
         let (mut sockets, herd_side) =
             WorkerSockets::new(Mode::RoundRobin, bound("127.0.0.1:0"), 16, 2).unwrap();
         assert_eq!(herd_side.len(), 1);
-        assert!(sockets.for_slot(0).unwrap().is_empty());
+        assert!(sockets.for_slot(SlotIx(0)).unwrap().is_empty());
     }
 
     #[test]
@@ -229,8 +230,8 @@ mod tests {
         let (mut sockets, herd_side) =
             WorkerSockets::new(Mode::Shared, bound("127.0.0.1:0"), 16, 2).unwrap();
         assert!(herd_side.is_empty());
-        let first = sockets.for_slot(0).unwrap();
-        assert_eq!(first, sockets.for_slot(5).unwrap());
+        let first = sockets.for_slot(SlotIx(0)).unwrap();
+        assert_eq!(first, sockets.for_slot(SlotIx(5)).unwrap());
         let WorkerSockets::Shared(all) = &sockets else {
             unreachable!()
         };
@@ -242,18 +243,18 @@ mod tests {
     fn reuseport_binds_one_socket_per_slot_on_one_port_and_keeps_it() {
         let (mut sockets, _) =
             WorkerSockets::new(Mode::ReusePort, bound("127.0.0.1:0"), 16, 2).unwrap();
-        let slot0 = sockets.for_slot(0).unwrap();
-        let slot1 = sockets.for_slot(1).unwrap();
+        let slot0 = sockets.for_slot(SlotIx(0)).unwrap();
+        let slot1 = sockets.for_slot(SlotIx(1)).unwrap();
         assert_ne!(slot0, slot1);
         // Asking again (a restart) gives the same socket.
-        assert_eq!(sockets.for_slot(0).unwrap(), slot0);
+        assert_eq!(sockets.for_slot(SlotIx(0)).unwrap(), slot0);
         // A new slot is bound on demand, on the same port.
-        let slot3 = sockets.for_slot(3).unwrap();
+        let slot3 = sockets.for_slot(SlotIx(3)).unwrap();
         let WorkerSockets::ReusePort { slots, addrs, .. } = &sockets else {
             unreachable!()
         };
         assert_eq!(slots.len(), 4);
-        assert_eq!(slots[3][0].as_raw_fd(), slot3[0]);
+        assert_eq!(slots[SlotIx(3)][0].as_raw_fd(), slot3[0]);
         for group in slots {
             assert_eq!(group[0].local_addr().unwrap(), addrs[0]);
         }
@@ -275,7 +276,7 @@ mod tests {
             listener::bind_reuseport(addr, 16).is_ok(),
             "the risk is real"
         );
-        let error = listener::bind_all(&[addr], 16, false).unwrap_err();
+        let error = listener::bind_all(&[addr], 16, listener::BindOptions::PLAIN).unwrap_err();
         assert!(
             error.to_string().contains("address already in use"),
             "{error}"

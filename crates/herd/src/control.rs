@@ -2,7 +2,7 @@
 //! a running herd.
 //!
 //! Owns the Unix-domain socket (mode 0600) and its JSON-lines protocol: a
-//! client connects, writes one [`Request`] as a JSON line, and reads one
+//! client connects, writes one [`ControlRequest`] as a JSON line, and reads one
 //! [`Response`] line, preceded by a [`Heartbeat`] line every
 //! [`HEARTBEAT_INTERVAL`] while a long request (`reload`, `stop`) is carried
 //! out; then the connection closes. Binding refuses a path that belongs to
@@ -75,21 +75,21 @@ const MAX_ANSWER_BYTES: u64 = 16 << 20;
 /// A command for the running herd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
-pub enum Request {
+pub enum ControlRequest {
     Status,
     Reload,
     Scale { workers: usize },
     Stop,
 }
 
-impl Request {
+impl ControlRequest {
     /// The command's name, as `herd` spells it.
     pub fn name(&self) -> &'static str {
         match self {
-            Request::Status => "status",
-            Request::Reload => "reload",
-            Request::Scale { .. } => "scale",
-            Request::Stop => "stop",
+            ControlRequest::Status => "status",
+            ControlRequest::Reload => "reload",
+            ControlRequest::Scale { .. } => "scale",
+            ControlRequest::Stop => "stop",
         }
     }
 }
@@ -129,10 +129,11 @@ impl Response {
     }
 }
 
-/// A request from a client, with the way back.
+/// A client's request, read and waiting for its answer: the way back is
+/// `reply`.
 #[derive(Debug)]
-pub struct Incoming {
-    pub request: Request,
+pub struct PendingRequest {
+    pub request: ControlRequest,
     pub reply: oneshot::Sender<Response>,
 }
 
@@ -223,7 +224,7 @@ impl ControlServer {
 
     /// Waits for the next client and starts a task that serves it. Cancel
     /// safe: the select loop may drop it for another branch at any await.
-    pub async fn accept(&mut self, requests: &mpsc::UnboundedSender<Incoming>) {
+    pub async fn accept(&mut self, requests: &mpsc::UnboundedSender<PendingRequest>) {
         // Reap finished connection tasks so the set holds only live clients.
         while self.connections.try_join_next().is_some() {}
         if let Some(until) = self.paused_until {
@@ -271,7 +272,10 @@ impl ControlServer {
 /// Serves one client: reads its request (bounded in size and time),
 /// passes it to the main loop, sends heartbeats while the answer is not
 /// there, then the answer.
-async fn serve_client(stream: tokio::net::UnixStream, requests: mpsc::UnboundedSender<Incoming>) {
+async fn serve_client(
+    stream: tokio::net::UnixStream,
+    requests: mpsc::UnboundedSender<PendingRequest>,
+) {
     let (read, mut write) = stream.into_split();
     let response = match read_request(read).await {
         Err(refused) => {
@@ -281,7 +285,7 @@ async fn serve_client(stream: tokio::net::UnixStream, requests: mpsc::UnboundedS
         Ok(request) => {
             let name = request.name();
             let (reply, answer) = oneshot::channel();
-            if requests.send(Incoming { request, reply }).is_err() {
+            if requests.send(PendingRequest { request, reply }).is_err() {
                 Response::failed("herd is stopping")
             } else {
                 match answer_with_heartbeats(answer, &mut write, name).await {
@@ -297,7 +301,7 @@ async fn serve_client(stream: tokio::net::UnixStream, requests: mpsc::UnboundedS
 
 /// Reads one request line: at most [`MAX_REQUEST_BYTES`], within
 /// [`REQUEST_TIMEOUT`]; Err says why the client is refused.
-async fn read_request(read: impl AsyncRead + Unpin) -> Result<Request, String> {
+async fn read_request(read: impl AsyncRead + Unpin) -> Result<ControlRequest, String> {
     let mut line = Vec::new();
     let mut bounded = tokio::io::BufReader::new(read).take(MAX_REQUEST_BYTES as u64);
     match tokio::time::timeout(REQUEST_TIMEOUT, bounded.read_until(b'\n', &mut line)).await {
@@ -355,7 +359,7 @@ async fn write_line(
 /// The client side: sends one request and waits for its answer, each wait
 /// bounded by [`CLIENT_TIMEOUT`] (a `reload` or `stop` may take longer: herd
 /// sends heartbeats meanwhile).
-pub fn request(path: &Path, request: &Request) -> Result<Response, ControlError> {
+pub fn request(path: &Path, request: &ControlRequest) -> Result<Response, ControlError> {
     request_within(path, request, CLIENT_TIMEOUT)
 }
 
@@ -363,7 +367,7 @@ pub fn request(path: &Path, request: &Request) -> Result<Response, ControlError>
 /// connection, to take the request, and between the lines of its answer.
 pub fn request_within(
     path: &Path,
-    request: &Request,
+    request: &ControlRequest,
     timeout: Duration,
 ) -> Result<Response, ControlError> {
     // A zero timeout would mean "none" to the socket options.
@@ -401,7 +405,7 @@ pub fn request_within(
     // herd answers `reload` and `stop` when they are done, with heartbeats
     // meanwhile: a timeout shorter than their interval would give up on a
     // herd that is at it.
-    let silence = if matches!(request, Request::Reload | Request::Stop) {
+    let silence = if matches!(request, ControlRequest::Reload | ControlRequest::Stop) {
         timeout.max(HEARTBEAT_INTERVAL * 2)
     } else {
         timeout
@@ -544,16 +548,16 @@ mod tests {
     #[test]
     fn requests_have_a_stable_json_form() {
         assert_eq!(
-            serde_json::to_string(&Request::Status).unwrap(),
+            serde_json::to_string(&ControlRequest::Status).unwrap(),
             r#"{"command":"status"}"#
         );
         assert_eq!(
-            serde_json::to_string(&Request::Scale { workers: 3 }).unwrap(),
+            serde_json::to_string(&ControlRequest::Scale { workers: 3 }).unwrap(),
             r#"{"command":"scale","workers":3}"#
         );
         assert_eq!(
-            serde_json::from_str::<Request>(r#"{"command":"reload"}"#).unwrap(),
-            Request::Reload
+            serde_json::from_str::<ControlRequest>(r#"{"command":"reload"}"#).unwrap(),
+            ControlRequest::Reload
         );
     }
 
@@ -589,7 +593,8 @@ mod tests {
                 .unwrap();
             request
         });
-        let response = request_within(&path, &Request::Reload, Duration::from_secs(20)).unwrap();
+        let response =
+            request_within(&path, &ControlRequest::Reload, Duration::from_secs(20)).unwrap();
         assert!(response.ok);
         assert_eq!(response.message, "reloaded");
         assert_eq!(server.join().unwrap(), "{\"command\":\"reload\"}\n");
@@ -616,7 +621,7 @@ mod tests {
         let mut waited_for = Vec::new();
         // Bounded: the queue is full after two.
         for _ in 0..10 {
-            match request_within(&path, &Request::Status, Duration::from_millis(50)) {
+            match request_within(&path, &ControlRequest::Status, Duration::from_millis(50)) {
                 Err(ControlError::TimedOut {
                     waited_for: what,
                     after,

@@ -3,12 +3,13 @@
 //! loop and `metrics`, so neither needs the other to know the numbers.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use std::io;
 
 use crate::config::MAX_WORKERS;
+use crate::ids::{ListenerIx, SlotIx, Table};
 use crate::listener::MAX_LISTENERS;
 
 /// Lock-free counters the loop updates and anyone may read.
@@ -17,11 +18,11 @@ pub struct Counters {
     /// Every listener's address, by index: the configured ones, then those
     /// bound for what Node apps asked (`None`: released, the index free for
     /// the next). Written only when one is added or released.
-    listeners: Mutex<Vec<Option<SocketAddr>>>,
-    /// Connections accepted, per listener index (room for [`MAX_LISTENERS`]).
-    pub accepted: Box<[AtomicU64]>,
-    /// Connections a worker acknowledged, per slot.
-    pub handed_off: Box<[AtomicU64]>,
+    listeners: Mutex<Table<ListenerIx, Option<SocketAddr>>>,
+    /// Connections accepted, per listener (room for [`MAX_LISTENERS`]).
+    pub accepted: Table<ListenerIx, AtomicU64>,
+    /// Connections a worker acknowledged, per slot (room for [`MAX_WORKERS`]).
+    pub handed_off: Table<SlotIx, AtomicU64>,
     /// Connections taken back from a worker that died before acknowledging them.
     pub requeued_worker_gone: AtomicU64,
     /// Connections a worker refused (NACK), handed to another.
@@ -35,9 +36,9 @@ pub struct Counters {
     pub in_flight: AtomicU64,
     /// Per slot, connections its workers acknowledged and have not reported
     /// CLOSED; only meaningful where `reports_closed` is set.
-    pub open_connections: Box<[AtomicU64]>,
+    pub open_connections: Table<SlotIx, AtomicU64>,
     /// Per slot, whether its worker reports CLOSED (it sent at least one).
-    pub reports_closed: Box<[std::sync::atomic::AtomicBool]>,
+    pub reports_closed: Table<SlotIx, AtomicBool>,
     /// Connections closed because the wait queue was full.
     pub dropped_queue_full: AtomicU64,
     /// Connections closed because no worker took them within `queue_timeout`.
@@ -142,7 +143,9 @@ pub(crate) fn accept_error_kind(error: &io::Error) -> usize {
 
 impl Counters {
     pub fn new(listeners: &[SocketAddr]) -> Self {
-        let zeros = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect();
+        fn zeros<I>(n: usize) -> Table<I, AtomicU64> {
+            (0..n).map(|_| AtomicU64::new(0)).collect()
+        }
         Counters {
             listeners: Mutex::new(listeners.iter().copied().map(Some).collect()),
             accepted: zeros(MAX_LISTENERS),
@@ -163,7 +166,7 @@ impl Counters {
         }
     }
 
-    /// Every listener's address, in index order (released ones left out).
+    /// Every listener's address, in order (released ones left out).
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .lock()
@@ -175,7 +178,7 @@ impl Counters {
     }
 
     /// How many listener indices have been used (released ones included):
-    /// `accepted[..listener_indices()]` holds every count there is.
+    /// `accepted` below that holds every count there is.
     pub fn listener_indices(&self) -> usize {
         self.listeners
             .lock()
@@ -183,12 +186,10 @@ impl Counters {
             .len()
     }
 
-    pub(super) fn set_listener(&self, index: usize, addr: Option<SocketAddr>) {
+    pub(super) fn set_listener(&self, listener: ListenerIx, addr: Option<SocketAddr>) {
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        if listeners.len() <= index {
-            listeners.resize(index + 1, None);
-        }
-        listeners[index] = addr;
+        listeners.reach(listener, || None);
+        listeners[listener] = addr;
     }
 }
 

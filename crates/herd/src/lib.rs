@@ -7,6 +7,7 @@
 //! the listening sockets and accept themselves.
 //!
 //! # Layout
+//! - [`ids`]: the ids passed around (worker channel, listener, slot, worker), a type each.
 //! - [`config`]: the config file and CLI overrides, typed as read, validated
 //!   and resolved into `Settings`; what a reload does with each key.
 //! - [`listener`]: binding the listening sockets.
@@ -43,6 +44,7 @@ pub mod counters;
 pub mod dispatch;
 pub mod fd_budget;
 pub mod handoff;
+pub mod ids;
 pub mod lifecycle;
 pub mod listener;
 pub mod metrics;

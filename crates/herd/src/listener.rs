@@ -11,19 +11,46 @@ use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
 };
 
+use crate::ids::ListenerIx;
+
 /// Listeners herd may hold: configured, plus those Node apps ask for.
 pub const MAX_LISTENERS: usize = 256;
+
+// Every listener's index fits in a HANDOFF message (a u16).
+const _: () = assert!(MAX_LISTENERS <= u16::MAX as usize + 1);
 
 /// A bound, listening, non-blocking socket.
 #[derive(Debug)]
 pub struct BoundListener {
     /// Position in the configured list; workers see it in each hand-off.
-    pub index: u16,
+    pub index: ListenerIx,
     /// The address as configured (port may be 0).
     pub requested: SocketAddr,
     /// The address actually bound (port 0 resolved).
     pub local: SocketAddr,
     pub socket: TcpListener,
+}
+
+/// How a listening socket is bound, besides its address and backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindOptions {
+    /// SO_REUSEPORT: the socket starts a group on its address that herd's
+    /// own sockets can join (kernel rotation), on an address proven free
+    /// first (see `start_group`).
+    pub reuse_port: bool,
+    /// IPV6_V6ONLY, for an IPv6 address: `true` lets `[::]:80` and
+    /// `0.0.0.0:80` be listed side by side, as nginx does; `false` takes
+    /// IPv4 clients too, as Node binds `[::]` when an app listens on no
+    /// particular address (one socket for both families).
+    pub v6_only: bool,
+}
+
+impl BindOptions {
+    /// How herd binds a configured address: no group, IPv6 addresses IPv6 only.
+    pub const PLAIN: BindOptions = BindOptions {
+        reuse_port: false,
+        v6_only: true,
+    };
 }
 
 /// Why a listener could not be opened.
@@ -36,31 +63,25 @@ pub struct ListenError {
     pub source: nix::Error,
 }
 
-/// Binds every address in order; the first failure aborts (and closes the
-/// sockets already bound). With `reuse_port`, each socket starts a
-/// SO_REUSEPORT group that herd's own sockets can join (kernel rotation),
-/// on an address proven free first (see `start_group`).
+/// Binds every address in order, each with `options` (see [`bind_with`]);
+/// the first failure aborts (and closes the sockets already bound).
 pub fn bind_all(
     addrs: &[SocketAddr],
     backlog: u32,
-    reuse_port: bool,
+    options: BindOptions,
 ) -> Result<Vec<BoundListener>, ListenError> {
     addrs
         .iter()
         .enumerate()
         .map(|(index, &addr)| {
-            let socket = if reuse_port {
-                start_group(addr, backlog, true)?
-            } else {
-                open(addr, backlog, false, true)?
-            };
+            let socket = bind_with(addr, backlog, options)?;
             let local = socket.local_addr().map_err(|e| ListenError {
                 addr,
                 reason: e.to_string(),
                 source: nix::Error::last(),
             })?;
             Ok(BoundListener {
-                index: index as u16,
+                index: ListenerIx::at(index),
                 requested: addr,
                 local,
                 socket,
@@ -74,23 +95,21 @@ pub fn bind_all(
 /// addresses (so `[::]:80` and `0.0.0.0:80` can be listed side by side, as
 /// nginx does), close-on-exec and non-blocking.
 pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ListenError> {
-    open(addr, backlog, false, true)
+    open(addr, backlog, BindOptions::PLAIN)
 }
 
-/// Like [`bind`], but an IPv6 socket also takes IPv4 connections (unless
-/// `v6_only`), as Node binds `[::]` when an app listens on no particular
-/// address: one socket for both families. With `reuse_port`, the socket
-/// starts a SO_REUSEPORT group (see [`bind_group_member`]).
-pub fn bind_dual_stack(
+/// Like [`bind`], with `options`: an IPv6 socket also takes IPv4
+/// connections unless `v6_only`; with `reuse_port` the socket starts a
+/// SO_REUSEPORT group (see [`bind_group_member`]).
+pub fn bind_with(
     addr: SocketAddr,
     backlog: u32,
-    v6_only: bool,
-    reuse_port: bool,
+    options: BindOptions,
 ) -> Result<TcpListener, ListenError> {
-    if reuse_port {
-        start_group(addr, backlog, v6_only)
+    if options.reuse_port {
+        start_group(addr, backlog, options.v6_only)
     } else {
-        open(addr, backlog, false, v6_only)
+        open(addr, backlog, options)
     }
 }
 
@@ -103,14 +122,21 @@ pub fn bind_dual_stack(
 /// the same address at once (the gap is a few system calls, and a
 /// stranger that took the port in it makes the group's bind fail, plainly).
 fn start_group(addr: SocketAddr, backlog: u32, v6_only: bool) -> Result<TcpListener, ListenError> {
-    let probe = open(addr, backlog, false, v6_only)?;
+    let probe = open(
+        addr,
+        backlog,
+        BindOptions {
+            reuse_port: false,
+            v6_only,
+        },
+    )?;
     let free = probe.local_addr().map_err(|e| ListenError {
         addr,
         reason: e.to_string(),
         source: nix::Error::last(),
     })?;
     drop(probe);
-    open(free, backlog, true, v6_only)
+    bind_group_member(free, backlog, v6_only)
 }
 
 /// One more socket in the SO_REUSEPORT group on `addr`, which must have
@@ -120,22 +146,23 @@ pub fn bind_group_member(
     backlog: u32,
     v6_only: bool,
 ) -> Result<TcpListener, ListenError> {
-    open(addr, backlog, true, v6_only)
+    let options = BindOptions {
+        reuse_port: true,
+        v6_only,
+    };
+    open(addr, backlog, options)
 }
 
 /// Like [`bind`], plus SO_REUSEPORT: one more socket in `addr`'s group, with
 /// its own accept queue; the kernel spreads new connections over the group.
 /// Only sockets of the same user can join, and only if every member set it.
 pub fn bind_reuseport(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ListenError> {
-    open(addr, backlog, true, true)
+    bind_group_member(addr, backlog, BindOptions::PLAIN.v6_only)
 }
 
-fn open(
-    addr: SocketAddr,
-    backlog: u32,
-    reuse_port: bool,
-    v6_only: bool,
-) -> Result<TcpListener, ListenError> {
+/// Binds and listens, with the socket options as they are: here
+/// `reuse_port` only sets SO_REUSEPORT (joining whatever group there is).
+fn open(addr: SocketAddr, backlog: u32, options: BindOptions) -> Result<TcpListener, ListenError> {
     let fail = |source: nix::Error| ListenError {
         addr,
         reason: explain(source),
@@ -153,11 +180,11 @@ fn open(
     )
     .map_err(fail)?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(fail)?;
-    if reuse_port {
+    if options.reuse_port {
         socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(fail)?;
     }
     if addr.is_ipv6() {
-        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &v6_only).map_err(fail)?;
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &options.v6_only).map_err(fail)?;
     }
     socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(fail)?;
     let backlog = Backlog::new(backlog as i32).map_err(fail)?;
@@ -186,8 +213,9 @@ mod tests {
 
     #[test]
     fn port_zero_is_resolved() {
-        let listeners = bind_all(&["127.0.0.1:0".parse().unwrap()], 16, false).unwrap();
-        assert_eq!(listeners[0].index, 0);
+        let listeners =
+            bind_all(&["127.0.0.1:0".parse().unwrap()], 16, BindOptions::PLAIN).unwrap();
+        assert_eq!(listeners[0].index, ListenerIx(0));
         assert_ne!(listeners[0].local.port(), 0);
     }
 
@@ -216,19 +244,27 @@ mod tests {
 
     #[test]
     fn a_group_starts_only_on_a_free_address() {
-        let first = bind_dual_stack("127.0.0.1:0".parse().unwrap(), 16, true, true).unwrap();
+        let group = BindOptions {
+            reuse_port: true,
+            v6_only: true,
+        };
+        let first = bind_with("127.0.0.1:0".parse().unwrap(), 16, group).unwrap();
         let addr = first.local_addr().unwrap();
         // Another group on the same address (another herd) is refused...
-        let error = bind_dual_stack(addr, 16, true, true).unwrap_err();
+        let error = bind_with(addr, 16, group).unwrap_err();
         assert_eq!(error.source, nix::Error::EADDRINUSE);
-        assert!(bind_all(&[addr], 16, true).is_err());
+        assert!(bind_all(&[addr], 16, group).is_err());
         // ...while herd's own sockets still join its group.
         assert!(bind_group_member(addr, 16, true).is_ok());
     }
 
     #[test]
     fn a_dual_stack_socket_takes_ipv4_clients() {
-        let Ok(socket) = bind_dual_stack("[::]:0".parse().unwrap(), 16, false, false) else {
+        let dual_stack = BindOptions {
+            reuse_port: false,
+            v6_only: false,
+        };
+        let Ok(socket) = bind_with("[::]:0".parse().unwrap(), 16, dual_stack) else {
             return; // no IPv6 on this host: Node falls back to 0.0.0.0 too
         };
         let port = socket.local_addr().unwrap().port();

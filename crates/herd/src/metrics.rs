@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::counters::{Counters, ACCEPT_ERROR_KINDS, LATENCY_BOUNDS_NANOS};
+use crate::ids::SlotIx;
 use crate::lifecycle::RestartReason;
 use crate::status::{fairness, SlotState, SlotStatus};
 use crate::worker_output::{self, Stream};
@@ -192,7 +193,7 @@ impl Metrics {
         }
     }
 
-    pub fn restart(&self, slot: usize, reason: RestartReason) {
+    pub fn restart(&self, slot: SlotIx, reason: RestartReason) {
         self.restarts
             .with_label_values(&[slot.to_string().as_str(), reason.label()])
             .inc();
@@ -230,13 +231,13 @@ impl Metrics {
     /// hand-offs per current slot.
     fn sync_connections(&self, counters: &Counters, slots: usize) -> Vec<u64> {
         let listeners = counters.listener_indices();
-        for (listener, count) in counters.accepted[..listeners].iter().enumerate() {
+        for (listener, count) in counters.accepted.enumerate().take(listeners) {
             sync(
                 &self.accepted.with_label_values(&[&listener.to_string()]),
                 count.load(Relaxed),
             );
         }
-        let handed: Vec<u64> = (0..slots)
+        let handed: Vec<u64> = SlotIx::below(slots)
             .map(|slot| counters.handed_off[slot].load(Relaxed))
             .collect();
         for (slot, count) in handed.iter().enumerate() {
@@ -293,7 +294,7 @@ impl Metrics {
     /// The per-slot gauges: open connections, states, memory, CPU.
     fn sync_slots(&self, counters: &Counters, slots: &[SlotStatus], cpu_seconds: &[f64]) {
         self.open_connections.reset();
-        for slot in 0..slots.len() {
+        for slot in SlotIx::below(slots.len()) {
             if counters.reports_closed[slot].load(Relaxed) {
                 let open = counters.open_connections[slot].load(Relaxed) as i64;
                 self.open_connections
@@ -572,20 +573,21 @@ async fn respond<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::ListenerIx;
 
     #[test]
     fn render_reflects_the_counters() {
         let counters = Arc::new(Counters::new(&["127.0.0.1:1".parse().unwrap()]));
         let metrics = Metrics::new(counters.clone());
-        counters.accepted[0].fetch_add(3, Relaxed);
-        counters.handed_off[1].fetch_add(2, Relaxed);
+        counters.accepted[ListenerIx(0)].fetch_add(3, Relaxed);
+        counters.handed_off[SlotIx(1)].fetch_add(2, Relaxed);
         let text = String::from_utf8(metrics.render(&counters, &[], &[])).unwrap();
         assert!(
             text.contains("herd_connections_accepted_total{listener=\"0\"} 3"),
             "{text}"
         );
         assert!(text.contains("herd_build_info{version="));
-        counters.accepted[0].fetch_add(2, Relaxed);
+        counters.accepted[ListenerIx(0)].fetch_add(2, Relaxed);
         let text = String::from_utf8(metrics.render(&counters, &[], &[])).unwrap();
         assert!(
             text.contains("herd_connections_accepted_total{listener=\"0\"} 5"),

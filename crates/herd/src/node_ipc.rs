@@ -23,6 +23,8 @@ use serde_json::{json, Value};
 
 use herd_protocol::fdpass;
 
+use crate::ids::ListenerIx;
+
 /// A line longer than this from a worker is a broken worker, not a message.
 const MAX_LINE: usize = 1 << 20;
 
@@ -65,7 +67,7 @@ pub struct QueryServer {
 
 /// A message from a Node worker, reduced to what herd acts on.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Incoming {
+pub enum NodeMessage {
     /// `act: online`: the process is up (not yet listening).
     Online,
     /// `act: queryServer`: the worker called `listen`.
@@ -92,35 +94,35 @@ pub enum Incoming {
 }
 
 /// Parses one line (without its `\n`).
-pub fn parse(line: &[u8]) -> Result<Incoming, NodeIpcError> {
+pub fn parse(line: &[u8]) -> Result<NodeMessage, NodeIpcError> {
     let message: Value = serde_json::from_slice(line)?;
     let cmd = message.get("cmd").and_then(Value::as_str);
     Ok(match cmd {
-        Some("NODE_HANDLE_ACK") => Incoming::HandleAck,
-        Some("NODE_HANDLE_NACK") => Incoming::HandleNack,
-        Some("NODE_HANDLE") => Incoming::Handle,
+        Some("NODE_HANDLE_ACK") => NodeMessage::HandleAck,
+        Some("NODE_HANDLE_NACK") => NodeMessage::HandleNack,
+        Some("NODE_HANDLE") => NodeMessage::Handle,
         Some("NODE_CLUSTER") => parse_cluster(&message),
-        _ => Incoming::Other,
+        _ => NodeMessage::Other,
     })
 }
 
-fn parse_cluster(message: &Value) -> Incoming {
+fn parse_cluster(message: &Value) -> NodeMessage {
     let seq = message.get("seq").and_then(Value::as_u64).unwrap_or(0);
     match message.get("act").and_then(Value::as_str) {
-        Some("online") => Incoming::Online,
-        Some("listening") => Incoming::Listening,
-        Some("close") => Incoming::Close {
+        Some("online") => NodeMessage::Online,
+        Some("listening") => NodeMessage::Listening,
+        Some("close") => NodeMessage::Close {
             key: js_text(message.get("key")),
         },
-        Some("exitedAfterDisconnect") => Incoming::ExitedAfterDisconnect { seq },
-        Some("queryServer") => Incoming::QueryServer(parse_query(message, seq)),
-        Some(_) => Incoming::Other,
+        Some("exitedAfterDisconnect") => NodeMessage::ExitedAfterDisconnect { seq },
+        Some("queryServer") => NodeMessage::QueryServer(parse_query(message, seq)),
+        Some(_) => NodeMessage::Other,
         None => match (
             message.get("ack").and_then(Value::as_u64),
             message.get("accepted").and_then(Value::as_bool),
         ) {
-            (Some(ack), Some(accepted)) => Incoming::Accepted { ack, accepted },
-            _ => Incoming::Other,
+            (Some(ack), Some(accepted)) => NodeMessage::Accepted { ack, accepted },
+            _ => NodeMessage::Other,
         },
     }
 }
@@ -261,10 +263,10 @@ pub struct NodeChannel {
     handles_in_flight: VecDeque<SentHandle>,
     /// Messages that wait for the socket to have room, in order.
     queued: VecDeque<Outgoing>,
-    /// The servers the worker listens on: herd's listener index and the
-    /// worker's key for it (from its `queryServer`). It gets connections
-    /// from these listeners only.
-    servers: Vec<(u16, String)>,
+    /// The servers the worker listens on: herd's listener and the worker's
+    /// key for it (from its `queryServer`). It gets connections from these
+    /// listeners only.
+    servers: Vec<(ListenerIx, String)>,
     /// herd's `seq` for messages other than `newconn` (which uses the
     /// connection id, so the worker's `ack` names the connection).
     seq: u64,
@@ -293,18 +295,18 @@ impl NodeChannel {
     }
 
     /// Does the worker listen on herd's listener `listener`?
-    pub fn serves(&self, listener: u16) -> bool {
-        self.servers.iter().any(|(index, _)| *index == listener)
+    pub fn serves(&self, listener: ListenerIx) -> bool {
+        self.servers.iter().any(|(served, _)| *served == listener)
     }
 
     /// The worker now listens on `listener`, under its own `key`.
-    pub fn add_server(&mut self, listener: u16, key: String) {
+    pub fn add_server(&mut self, listener: ListenerIx, key: String) {
         self.servers.push((listener, key));
     }
 
     /// The worker closed the server it knows as `key`; returns herd's
     /// listener for it.
-    pub fn remove_server(&mut self, key: &str) -> Option<u16> {
+    pub fn remove_server(&mut self, key: &str) -> Option<ListenerIx> {
         let position = self.servers.iter().position(|(_, known)| known == key)?;
         Some(self.servers.remove(position).0)
     }
@@ -327,13 +329,13 @@ impl NodeChannel {
         &mut self,
         channel: BorrowedFd<'_>,
         id: u64,
-        listener: u16,
+        listener: ListenerIx,
         fd: BorrowedFd<'_>,
     ) -> io::Result<()> {
         let key = self
             .servers
             .iter()
-            .find(|(index, _)| *index == listener)
+            .find(|(served, _)| *served == listener)
             .map_or("", |(_, key)| key.as_str());
         if self.wants_write() {
             return Err(io::ErrorKind::WouldBlock.into());
@@ -410,8 +412,12 @@ impl NodeChannel {
     /// each complete line as it comes into `out` (lines herd does not act
     /// on, an app's own messages, are dropped at once), so memory stays
     /// flat however fast the worker writes. A handle the worker sent is
-    /// closed at once (it is reported as [`Incoming::Handle`]).
-    pub fn read(&mut self, channel: BorrowedFd<'_>, out: &mut Vec<Incoming>) -> io::Result<Read> {
+    /// closed at once (it is reported as [`NodeMessage::Handle`]).
+    pub fn read(
+        &mut self,
+        channel: BorrowedFd<'_>,
+        out: &mut Vec<NodeMessage>,
+    ) -> io::Result<Read> {
         let mut buf = [0u8; 16 * 1024];
         let mut budget = READ_BUDGET;
         while budget > 0 {
@@ -431,14 +437,14 @@ impl NodeChannel {
     }
 
     /// Appends `bytes` to the partial line and parses what completes.
-    fn take_lines(&mut self, bytes: &[u8], out: &mut Vec<Incoming>) -> io::Result<()> {
+    fn take_lines(&mut self, bytes: &[u8], out: &mut Vec<NodeMessage>) -> io::Result<()> {
         self.inbox.extend_from_slice(bytes);
         let mut start = 0;
         while let Some(end) = self.inbox[start..].iter().position(|&b| b == b'\n') {
             // A line that is not JSON, or not for the primary, is the app's
             // business, not ours.
             match parse(&self.inbox[start..start + end]) {
-                Ok(Incoming::Other) | Err(_) => {}
+                Ok(NodeMessage::Other) | Err(_) => {}
                 Ok(message) => out.push(message),
             }
             start += end + 1;
@@ -484,13 +490,13 @@ mod tests {
     fn the_captured_listen_sequence_parses() {
         assert_eq!(
             parse(br#"{"cmd":"NODE_CLUSTER","act":"online","seq":0}"#).unwrap(),
-            Incoming::Online
+            NodeMessage::Online
         );
         let query = parse(
             br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,"address":null,"port":3000,"addressType":4,"backlog":0,"seq":1}"#,
         )
         .unwrap();
-        let Incoming::QueryServer(query) = query else {
+        let NodeMessage::QueryServer(query) = query else {
             panic!("{query:?}")
         };
         assert_eq!(query.key, "null:3000:4:undefined:0");
@@ -501,18 +507,18 @@ mod tests {
         );
         // v22 adds "flags": still the same request.
         let v22 = br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,"address":null,"port":3000,"addressType":4,"backlog":0,"flags":0,"seq":1}"#;
-        assert_eq!(parse(v22).unwrap(), Incoming::QueryServer(query.clone()));
+        assert_eq!(parse(v22).unwrap(), NodeMessage::QueryServer(query.clone()));
         assert_eq!(
             parse(br#"{"cmd":"NODE_CLUSTER","act":"listening","index":0,"data":null,"address":null,"port":3000,"addressType":4,"backlog":0,"seq":2}"#).unwrap(),
-            Incoming::Listening
+            NodeMessage::Listening
         );
         assert_eq!(
             parse(br#"{"cmd":"NODE_HANDLE_ACK"}"#).unwrap(),
-            Incoming::HandleAck
+            NodeMessage::HandleAck
         );
         assert_eq!(
             parse(br#"{"cmd":"NODE_CLUSTER","ack":1,"accepted":true,"seq":3}"#).unwrap(),
-            Incoming::Accepted {
+            NodeMessage::Accepted {
                 ack: 1,
                 accepted: true
             }
@@ -522,7 +528,7 @@ mod tests {
                 br#"{"cmd":"NODE_CLUSTER","act":"close","key":"null:3000:4:undefined:0","seq":4}"#
             )
             .unwrap(),
-            Incoming::Close {
+            NodeMessage::Close {
                 key: "null:3000:4:undefined:0".into()
             }
         );
@@ -569,7 +575,7 @@ mod tests {
     #[test]
     fn queries_for_other_servers_keep_nodes_keys() {
         let query_of = |line: &[u8]| match parse(line).unwrap() {
-            Incoming::QueryServer(query) => query,
+            NodeMessage::QueryServer(query) => query,
             other => panic!("{other:?}"),
         };
         let local = query_of(br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":1,"data":{"ticketKeys":"x"},"address":"127.0.0.1","port":0,"addressType":4,"backlog":511,"flags":1,"seq":5}"#);
@@ -600,12 +606,12 @@ mod tests {
         let channel = ours.as_fd();
         let socket = || -> OwnedFd { std::net::TcpListener::bind("127.0.0.1:0").unwrap().into() };
         let mut node = NodeChannel::default();
-        node.add_server(0, "k0".into());
+        node.add_server(ListenerIx(0), "k0".into());
         node.send_line(channel, b"line-1\n".to_vec()).unwrap();
         node.send_server(channel, b"server-2\n".to_vec(), socket().as_fd())
             .unwrap();
         for id in [3, 4] {
-            node.send_connection(channel, id, 0, socket().as_fd())
+            node.send_connection(channel, id, ListenerIx(0), socket().as_fd())
                 .unwrap();
         }
         node.send_line(channel, b"line-5\n".to_vec()).unwrap();
@@ -650,7 +656,7 @@ mod tests {
             lines += 1;
             assert!(lines < 1000, "the socket never filled");
         }
-        let refused = node.send_connection(channel, 1, 0, connection.as_fd());
+        let refused = node.send_connection(channel, 1, ListenerIx(0), connection.as_fd());
         assert_eq!(refused.unwrap_err().kind(), io::ErrorKind::WouldBlock);
         assert_eq!(node.handle_answered(), None, "nothing was sent");
         let mut buf = vec![0u8; 64 * 1024];
@@ -658,7 +664,7 @@ mod tests {
             while let Ok(Some(_)) = fdpass::recv_with_fd(theirs.as_fd(), &mut buf, true) {}
             node.flush(channel).unwrap();
         }
-        node.send_connection(channel, 2, 0, connection.as_fd())
+        node.send_connection(channel, 2, ListenerIx(0), connection.as_fd())
             .unwrap();
         assert_eq!(node.handle_answered(), Some(SentHandle::Connection(2)));
     }
@@ -667,11 +673,16 @@ mod tests {
     fn a_worker_serves_the_listeners_it_asked_for() {
         let mut node = NodeChannel::default();
         assert!(!node.listening());
-        node.add_server(0, "null:3000:4:undefined:0".into());
-        node.add_server(2, "null:0:4:undefined:0".into());
-        assert!(node.listening() && node.serves(0) && node.serves(2) && !node.serves(1));
+        node.add_server(ListenerIx(0), "null:3000:4:undefined:0".into());
+        node.add_server(ListenerIx(2), "null:0:4:undefined:0".into());
+        assert!(
+            node.listening()
+                && node.serves(ListenerIx(0))
+                && node.serves(ListenerIx(2))
+                && !node.serves(ListenerIx(1))
+        );
         node.remove_server("null:3000:4:undefined:0");
-        assert!(!node.serves(0) && node.serves(2));
+        assert!(!node.serves(ListenerIx(0)) && node.serves(ListenerIx(2)));
     }
 
     #[test]
@@ -684,18 +695,18 @@ mod tests {
 
     #[test]
     fn user_messages_and_handles_are_told_apart() {
-        assert_eq!(parse(br#"{"hello":"world"}"#).unwrap(), Incoming::Other);
+        assert_eq!(parse(br#"{"hello":"world"}"#).unwrap(), NodeMessage::Other);
         assert_eq!(
             parse(br#"{"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"x":1}}"#).unwrap(),
-            Incoming::Handle
+            NodeMessage::Handle
         );
         assert_eq!(
             parse(br#"{"cmd":"NODE_CLUSTER","act":"exitedAfterDisconnect","seq":7}"#).unwrap(),
-            Incoming::ExitedAfterDisconnect { seq: 7 }
+            NodeMessage::ExitedAfterDisconnect { seq: 7 }
         );
         assert!(parse(b"not json").is_err());
         // A queryServer without a port still gets an answer (a refusal).
-        let Incoming::QueryServer(bare) =
+        let NodeMessage::QueryServer(bare) =
             parse(br#"{"cmd":"NODE_CLUSTER","act":"queryServer","seq":1}"#).unwrap()
         else {
             panic!("a queryServer")

@@ -23,11 +23,11 @@ use tracing::{error, info, warn};
 use crate::activation::WorkerSockets;
 use crate::cgroup::{CgroupError, CgroupTree};
 use crate::config::{ConfigSource, KillMode, Settings, WorkerProtocol, MAX_WORKERS};
-use crate::control::{self, ControlServer, Incoming, Request, Response};
+use crate::control::{self, ControlRequest, ControlServer, PendingRequest, Response};
 use crate::counters::Counters;
 use crate::fd_budget::{FdLimit, Plan};
 use crate::handoff::{self, Command};
-use crate::listener::{self, BoundListener, ListenError};
+use crate::listener::{self, BindOptions, BoundListener, ListenError};
 use crate::metrics::{self, Metrics, MetricsBindError};
 use crate::process;
 use crate::signals::{self, SignalEvent};
@@ -164,15 +164,16 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
             fd_limit.soft
         );
     }
-    let listeners = listener::bind_all(
-        &settings.listen,
-        settings.backlog,
-        settings.handoff.kernel_rotation,
-    )?;
+    let options = BindOptions {
+        // Kernel rotation deals over a SO_REUSEPORT group per listener.
+        reuse_port: settings.handoff.kernel_rotation,
+        ..BindOptions::PLAIN
+    };
+    let listeners = listener::bind_all(&settings.listen, settings.backlog, options)?;
     let listen_addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local).collect();
     for bound in &listeners {
         info!(
-            listener = bound.index,
+            listener = bound.index.get(),
             addr = %bound.local,
             event = "listening",
             "listening on {}",
@@ -264,7 +265,7 @@ pub async fn run(
         stop_waiters: Vec::new(),
     };
     primary.supervisor.start_all();
-    let (requests_tx, mut requests) = mpsc::unbounded_channel::<Incoming>();
+    let (requests_tx, mut requests) = mpsc::unbounded_channel::<PendingRequest>();
     while !primary.supervisor.finished() {
         let due = primary
             .supervisor
@@ -275,7 +276,7 @@ pub async fn run(
             _ = children.recv() => primary.supervisor.reap(),
             _ = sleep_until_opt(due) => primary.supervisor.tick(),
             Some(scrape) = scrapes.recv() => primary.scrape(scrape),
-            Some(incoming) = requests.recv() => primary.on_request(incoming),
+            Some(pending) = requests.recv() => primary.on_request(pending),
             _ = control.accept(&requests_tx) => {}
             _ = monitor.tick() => primary.supervisor.monitor(),
             Some(event) = signals.recv() => primary.on_signal(event),
@@ -332,10 +333,10 @@ impl Primary {
         let _ = scrape.send(self.metrics.render(counters, &slots, &cpu));
     }
 
-    fn on_request(&mut self, incoming: Incoming) {
-        let Incoming { request, reply } = incoming;
+    fn on_request(&mut self, pending: PendingRequest) {
+        let PendingRequest { request, reply } = pending;
         match request {
-            Request::Status => {
+            ControlRequest::Status => {
                 let report = status_report(&self.supervisor, &self.counters, self.started);
                 let _ = reply.send(Response {
                     ok: true,
@@ -343,10 +344,10 @@ impl Primary {
                     status: Some(report),
                 });
             }
-            Request::Reload => {
+            ControlRequest::Reload => {
                 start_reload(&mut self.supervisor, &self.source, &self.metrics, reply)
             }
-            Request::Scale { workers } => {
+            ControlRequest::Scale { workers } => {
                 let _ = reply.send(if self.stopping() {
                     Response::failed("herd is stopping")
                 } else if !(1..=MAX_WORKERS).contains(&workers) {
@@ -360,7 +361,7 @@ impl Primary {
                     }
                 });
             }
-            Request::Stop => {
+            ControlRequest::Stop => {
                 begin_stop(&mut self.supervisor, "herd stop");
                 self.stop_waiters.push(reply);
             }
@@ -459,9 +460,9 @@ impl Primary {
 
 /// The closing line: what herd did over its whole run.
 fn log_tally(counters: &Counters, forced: bool) {
-    let sum = |values: &[std::sync::atomic::AtomicU64]| -> u64 {
-        values.iter().map(|c| c.load(Relaxed)).sum()
-    };
+    fn sum<'a>(values: impl IntoIterator<Item = &'a std::sync::atomic::AtomicU64>) -> u64 {
+        values.into_iter().map(|c| c.load(Relaxed)).sum()
+    }
     info!(
         accepted = sum(&counters.accepted),
         handed_off = sum(&counters.handed_off),

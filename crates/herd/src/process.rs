@@ -22,6 +22,7 @@ use nix::unistd::Pid;
 
 use crate::activation;
 use crate::config::{Settings, WorkerProtocol};
+use crate::ids::SlotIx;
 use crate::node_ipc;
 use herd_protocol::fdpass;
 
@@ -39,7 +40,7 @@ pub struct Started {
 #[derive(Debug)]
 pub struct Launch<'a> {
     pub settings: &'a Settings,
-    pub slot: usize,
+    pub slot: SlotIx,
     /// The slot count, as `HERD_WORKERS`.
     pub workers: usize,
     /// The listening sockets it inherits (OS-scheduled modes), as fds 3, 4, …

@@ -30,10 +30,11 @@ use nix::sys::socket::{getsockopt, sockopt};
 use herd_protocol::bpf::{RotationError, RotationProgram, MAX_ROTATION};
 
 use crate::config::MAX_WORKERS;
+use crate::ids::{ChannelIx, SlotIx, Table};
+use crate::listener::{self, ListenError};
 
 // Every slot of the largest pool must fit in one rotation.
 const _: () = assert!(MAX_WORKERS <= MAX_ROTATION);
-use crate::listener::{self, ListenError};
 
 /// One listener's rotation.
 #[derive(Debug)]
@@ -43,19 +44,19 @@ pub struct SlotRotation {
     v6_only: bool,
     backlog: u32,
     /// By slot; bound when the slot's worker first listens.
-    slots: Vec<Option<SlotSocket>>,
+    slots: Table<SlotIx, Option<SlotSocket>>,
     /// Per slot, what the kernel had dealt at the last [`Self::take_dealt`].
     dealt_before: Vec<u64>,
     /// The slots taking turns now, in rotation order.
-    turns: Vec<usize>,
+    turns: Vec<SlotIx>,
 }
 
 #[derive(Debug)]
 struct SlotSocket {
     socket: mio::net::TcpListener,
-    /// The workers (by hand-off channel index) sent this socket that have
-    /// not closed it, with whether each takes turns (is not draining).
-    holders: Vec<(usize, bool)>,
+    /// The workers (by hand-off channel) sent this socket that have not
+    /// closed it, with whether each takes turns (is not draining).
+    holders: Vec<(ChannelIx, bool)>,
     /// herd accepts from it (it is registered with the poll).
     herd_accepts: bool,
 }
@@ -86,25 +87,23 @@ impl SlotRotation {
             local,
             v6_only,
             backlog,
-            slots: Vec::new(),
+            slots: Table::new(),
             dealt_before: vec![0; MAX_ROTATION],
             turns: Vec::new(),
         })
     }
 
     /// The socket for `slot`'s workers, bound now if it is the first time,
-    /// to be sent to worker `holder`, which from now on takes turns.
-    pub fn hold(&mut self, slot: usize, holder: usize) -> Result<BorrowedFd<'_>, ListenError> {
-        if slot >= MAX_ROTATION {
+    /// to be sent to the worker on channel `holder`, which from now on takes turns.
+    pub fn hold(&mut self, slot: SlotIx, holder: ChannelIx) -> Result<BorrowedFd<'_>, ListenError> {
+        if slot.get() >= MAX_ROTATION {
             return Err(ListenError {
                 addr: self.local,
                 reason: format!("slot {slot} is beyond the rotation's {MAX_ROTATION}"),
                 source: nix::Error::EINVAL,
             });
         }
-        if self.slots.len() <= slot {
-            self.slots.resize_with(slot + 1, || None);
-        }
+        self.slots.reach(slot, || None);
         if self.slots[slot].is_none() {
             let socket = listener::bind_group_member(self.local, self.backlog, self.v6_only)?;
             self.slots[slot] = Some(SlotSocket {
@@ -114,35 +113,36 @@ impl SlotRotation {
             });
         }
         let entry = self.slots[slot].as_mut().expect("bound above");
-        entry.holders.retain(|(index, _)| *index != holder);
+        entry.holders.retain(|(channel, _)| *channel != holder);
         entry.holders.push((holder, true));
         Ok(entry.socket.as_fd())
     }
 
-    /// Worker `holder` closed the socket, or is gone.
-    pub fn release(&mut self, holder: usize) {
+    /// The worker on channel `holder` closed the socket, or is gone.
+    pub fn release(&mut self, holder: ChannelIx) {
         for entry in self.slots.iter_mut().flatten() {
-            entry.holders.retain(|(index, _)| *index != holder);
+            entry.holders.retain(|(channel, _)| *channel != holder);
         }
     }
 
-    /// Worker `holder` drains: it keeps accepting what it can, but takes no turns.
-    pub fn stop_turns(&mut self, holder: usize) {
+    /// The worker on channel `holder` drains: it keeps accepting what it
+    /// can, but takes no turns.
+    pub fn stop_turns(&mut self, holder: ChannelIx) {
         for entry in self.slots.iter_mut().flatten() {
-            for (index, takes_turns) in &mut entry.holders {
-                if *index == holder {
+            for (channel, takes_turns) in &mut entry.holders {
+                if *channel == holder {
                     *takes_turns = false;
                 }
             }
         }
     }
 
-    /// Does worker `holder` hold a socket of this rotation?
-    pub fn holds(&self, holder: usize) -> bool {
+    /// Does the worker on channel `holder` hold a socket of this rotation?
+    pub fn holds(&self, holder: ChannelIx) -> bool {
         self.slots
             .iter()
             .flatten()
-            .any(|entry| entry.holders.iter().any(|(index, _)| *index == holder))
+            .any(|entry| entry.holders.iter().any(|(channel, _)| *channel == holder))
     }
 
     /// Brings the kernel's rotation and herd's own accepting in line with
@@ -151,11 +151,10 @@ impl SlotRotation {
     pub fn apply(
         &mut self,
         registry: &Registry,
-        token_of: impl Fn(usize) -> Token,
+        token_of: impl Fn(SlotIx) -> Token,
     ) -> Result<(), RotationError> {
-        let turns: Vec<usize> = self
+        let turns: Vec<SlotIx> = self
             .slots
-            .iter()
             .enumerate()
             .filter_map(|(slot, entry)| {
                 let entry = entry.as_ref()?;
@@ -166,8 +165,8 @@ impl SlotRotation {
                     .then_some(slot)
             })
             .collect();
-        for (slot, entry) in self.slots.iter_mut().enumerate() {
-            let Some(entry) = entry.as_mut() else {
+        for slot in self.slots.ids() {
+            let Some(entry) = self.slots[slot].as_mut() else {
                 continue;
             };
             let herd_accepts = !turns.contains(&slot);
@@ -187,11 +186,12 @@ impl SlotRotation {
             entry.herd_accepts = herd_accepts;
         }
         if turns != self.turns {
+            // The program deals by position: the slot's number.
             let members: Vec<(usize, BorrowedFd<'_>)> = turns
                 .iter()
                 .map(|&slot| {
                     let entry = self.slots[slot].as_ref().expect("slot taking turns");
-                    (slot, entry.socket.as_fd())
+                    (slot.get(), entry.socket.as_fd())
                 })
                 .collect();
             self.program.set_rotation(&members)?;
@@ -201,25 +201,26 @@ impl SlotRotation {
     }
 
     /// The slots whose sockets herd accepts from.
-    pub fn herd_accepting(&self) -> Vec<usize> {
-        (0..self.slots.len())
+    pub fn herd_accepting(&self) -> Vec<SlotIx> {
+        self.slots
+            .ids()
             .filter(|&slot| self.accepting(slot).is_some())
             .collect()
     }
 
     /// The slot socket herd accepts from for `slot`, if herd accepts from it.
-    pub fn accepting(&self, slot: usize) -> Option<&mio::net::TcpListener> {
+    pub fn accepting(&self, slot: SlotIx) -> Option<&mio::net::TcpListener> {
         let entry = self.slots.get(slot)?.as_ref()?;
         entry.herd_accepts.then_some(&entry.socket)
     }
 
     /// Connections the kernel dealt per slot since the last call: `(slot, count)`.
-    pub fn take_dealt(&mut self) -> io::Result<Vec<(usize, u64)>> {
+    pub fn take_dealt(&mut self) -> io::Result<Vec<(SlotIx, u64)>> {
         let dealt = self.program.dealt()?;
         let mut news = Vec::new();
         for (slot, (&now, before)) in dealt.iter().zip(&mut self.dealt_before).enumerate() {
             if now > *before {
-                news.push((slot, now - *before));
+                news.push((SlotIx(slot), now - *before));
                 *before = now;
             }
         }
@@ -233,8 +234,8 @@ mod tests {
     use std::net::TcpStream;
     use std::time::{Duration, Instant};
 
-    fn token_of(slot: usize) -> Token {
-        Token(100 + slot)
+    fn token_of(slot: SlotIx) -> Token {
+        Token(100 + slot.get())
     }
 
     /// Waits (up to 5 s) for a poll event; returns the tokens reported.
@@ -254,8 +255,11 @@ mod tests {
 
     #[test]
     fn slots_take_turns_while_a_worker_holds_them_and_herd_takes_over_the_rest() {
-        let main =
-            listener::bind_dual_stack("127.0.0.1:0".parse().unwrap(), 16, true, true).unwrap();
+        let group = listener::BindOptions {
+            reuse_port: true,
+            v6_only: true,
+        };
+        let main = listener::bind_with("127.0.0.1:0".parse().unwrap(), 16, group).unwrap();
         let addr = main.local_addr().unwrap();
         let test = "slots_take_turns_while_a_worker_holds_them_and_herd_takes_over_the_rest";
         if !herd_protocol::bpf::testable_here(test) {
@@ -263,40 +267,40 @@ mod tests {
         }
         let mut rotation = SlotRotation::start(main.as_fd(), 16).unwrap_or_else(|e| panic!("{e}"));
         let mut poll = mio::Poll::new().unwrap();
-        rotation.hold(0, 10).unwrap();
-        rotation.hold(1, 11).unwrap();
+        rotation.hold(SlotIx(0), ChannelIx(10)).unwrap();
+        rotation.hold(SlotIx(1), ChannelIx(11)).unwrap();
         rotation.apply(poll.registry(), token_of).unwrap();
-        assert_eq!(rotation.turns, [0, 1]);
+        assert_eq!(rotation.turns, [SlotIx(0), SlotIx(1)]);
         assert!(rotation.herd_accepting().is_empty());
 
         // Worker 11 drains: slot 1 leaves the rotation and herd accepts from it.
-        rotation.stop_turns(11);
+        rotation.stop_turns(ChannelIx(11));
         rotation.apply(poll.registry(), token_of).unwrap();
-        assert_eq!(rotation.turns, [0]);
-        assert_eq!(rotation.herd_accepting(), [1]);
+        assert_eq!(rotation.turns, [SlotIx(0)]);
+        assert_eq!(rotation.herd_accepting(), [SlotIx(1)]);
         // Its replacement takes the same socket and the slot's turns back.
-        rotation.hold(1, 12).unwrap();
-        rotation.release(11);
+        rotation.hold(SlotIx(1), ChannelIx(12)).unwrap();
+        rotation.release(ChannelIx(11));
         rotation.apply(poll.registry(), token_of).unwrap();
-        assert_eq!(rotation.turns, [0, 1]);
+        assert_eq!(rotation.turns, [SlotIx(0), SlotIx(1)]);
         assert!(rotation.herd_accepting().is_empty());
 
         // Slot 0's worker dies with a connection in its queue: herd is told.
         let before = rotation.take_dealt().unwrap();
         let _client = TcpStream::connect(addr).unwrap();
         let _client2 = TcpStream::connect(addr).unwrap();
-        rotation.release(10);
-        assert!(!rotation.holds(10));
+        rotation.release(ChannelIx(10));
+        assert!(!rotation.holds(ChannelIx(10)));
         rotation.apply(poll.registry(), token_of).unwrap();
-        assert_eq!(rotation.turns, [1]);
-        assert_eq!(readable(&mut poll), [token_of(0)]);
-        let queued = rotation.accepting(0).expect("herd accepts slot 0");
+        assert_eq!(rotation.turns, [SlotIx(1)]);
+        assert_eq!(readable(&mut poll), [token_of(SlotIx(0))]);
+        let queued = rotation.accepting(SlotIx(0)).expect("herd accepts slot 0");
         assert!(
             queued.accept().is_ok(),
             "the connection dealt to slot 0 waits there"
         );
-        let mut dealt: Vec<(usize, u64)> = before;
+        let mut dealt: Vec<(SlotIx, u64)> = before;
         dealt.extend(rotation.take_dealt().unwrap());
-        assert_eq!(dealt, [(0, 1), (1, 1)]);
+        assert_eq!(dealt, [(SlotIx(0), 1), (SlotIx(1), 1)]);
     }
 }

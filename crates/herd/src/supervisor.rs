@@ -24,7 +24,8 @@ use crate::cgroup::{CgroupTree, Leaf};
 use crate::config::Settings;
 use crate::fd_budget::{FdLimit, Plan};
 use crate::handoff::{self, Command, Controller, NewWorker};
-use crate::lifecycle::{self, Action, Event, Lifecycle, Policy, Version, WorkerId};
+use crate::ids::{SlotIx, WorkerId};
+use crate::lifecycle::{self, Action, Event, Lifecycle, Policy, Version};
 use crate::metrics::Metrics;
 use crate::process::{self, Launch};
 use crate::procstat::{self, Sample};
@@ -42,7 +43,7 @@ const REAP_BATCH: usize = 1024;
 #[derive(Debug)]
 struct Process {
     pid: u32,
-    slot: usize,
+    slot: SlotIx,
     started: Instant,
     last_sample: Option<Sample>,
     cpu_percent: f64,
@@ -152,7 +153,7 @@ impl Supervisor {
             if let Some(process) = self.processes.get(&worker) {
                 let _span = lifecycle::slot_span(process.slot).entered();
                 info!(
-                    slot = process.slot,
+                    slot = process.slot.get(),
                     pid = process.pid,
                     event = "worker_ready",
                     "worker ready"
@@ -297,7 +298,7 @@ impl Supervisor {
                 }
                 None => sample.cpu_ticks,
             };
-            if let Some(seconds) = self.cpu_seconds.get_mut(process.slot) {
+            if let Some(seconds) = self.cpu_seconds.get_mut(process.slot.get()) {
                 *seconds += procstat::ticks_to_seconds(new_ticks);
             }
             process.last_sample = Some(sample);
@@ -314,14 +315,14 @@ impl Supervisor {
     }
 
     /// One row per slot for `herd status`.
-    pub fn status(&self, handed_off: impl Fn(usize) -> u64) -> Vec<SlotStatus> {
+    pub fn status(&self, handed_off: impl Fn(SlotIx) -> u64) -> Vec<SlotStatus> {
         self.core
             .slots()
             .into_iter()
             .map(|view| {
                 let process = view.worker.and_then(|id| self.processes.get(&id));
                 SlotStatus {
-                    slot: view.slot,
+                    slot: view.slot.get(),
                     pid: process.map(|p| p.pid),
                     state: view.state,
                     uptime_secs: process.map(|p| p.started.elapsed().as_secs_f64()),
@@ -447,7 +448,7 @@ impl Supervisor {
     }
 
     /// Starts worker `id` for `slot` on `version`; its pid.
-    fn start(&mut self, id: WorkerId, slot: usize, version: Version) -> Result<u32, String> {
+    fn start(&mut self, id: WorkerId, slot: SlotIx, version: Version) -> Result<u32, String> {
         let _span = lifecycle::slot_span(slot).entered();
         let settings = self
             .versions
@@ -479,7 +480,12 @@ impl Supervisor {
         })
         .map_err(|e| format!("{program}: {e}"))?;
         let pid = started.pid;
-        info!(slot, pid, event = "worker_started", "worker started");
+        info!(
+            slot = slot.get(),
+            pid,
+            event = "worker_started",
+            "worker started"
+        );
         worker_output::forward(started.stdout, slot, false);
         worker_output::forward(started.stderr, slot, true);
         let recycle_after = settings

@@ -9,17 +9,19 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::ids::{ListenerIx, Table};
+
 #[derive(Debug)]
 pub struct WaitQueue<T> {
-    /// By listener index.
-    lanes: Vec<VecDeque<T>>,
+    /// One line per listener: its lane.
+    lanes: Table<ListenerIx, VecDeque<T>>,
     len: usize,
 }
 
 impl<T> Default for WaitQueue<T> {
     fn default() -> Self {
         WaitQueue {
-            lanes: Vec::new(),
+            lanes: Table::new(),
             len: 0,
         }
     }
@@ -35,35 +37,33 @@ impl<T> WaitQueue<T> {
     }
 
     /// Nothing from `lane` waits.
-    pub fn lane_is_empty(&self, lane: usize) -> bool {
+    pub fn lane_is_empty(&self, lane: ListenerIx) -> bool {
         self.lanes.get(lane).is_none_or(VecDeque::is_empty)
     }
 
-    fn lane(&mut self, lane: usize) -> &mut VecDeque<T> {
-        if self.lanes.len() <= lane {
-            self.lanes.resize_with(lane + 1, VecDeque::new);
-        }
+    fn lane(&mut self, lane: ListenerIx) -> &mut VecDeque<T> {
+        self.lanes.reach(lane, VecDeque::new);
         &mut self.lanes[lane]
     }
 
-    pub fn push_back(&mut self, lane: usize, item: T) {
+    pub fn push_back(&mut self, lane: ListenerIx, item: T) {
         self.lane(lane).push_back(item);
         self.len += 1;
     }
 
-    pub fn push_front(&mut self, lane: usize, item: T) {
+    pub fn push_front(&mut self, lane: ListenerIx, item: T) {
         self.lane(lane).push_front(item);
         self.len += 1;
     }
 
-    pub fn pop_front(&mut self, lane: usize) -> Option<T> {
+    pub fn pop_front(&mut self, lane: ListenerIx) -> Option<T> {
         let item = self.lanes.get_mut(lane)?.pop_front()?;
         self.len -= 1;
         Some(item)
     }
 
     /// The item at the front of `lane`, next to go.
-    pub fn front(&self, lane: usize) -> Option<&T> {
+    pub fn front(&self, lane: ListenerIx) -> Option<&T> {
         self.lanes.get(lane)?.front()
     }
 
@@ -73,7 +73,7 @@ impl<T> WaitQueue<T> {
     }
 
     /// Removes everything waiting in `lane`; returns how many there were.
-    pub fn clear_lane(&mut self, lane: usize) -> usize {
+    pub fn clear_lane(&mut self, lane: ListenerIx) -> usize {
         let Some(items) = self.lanes.get_mut(lane) else {
             return 0;
         };
@@ -84,8 +84,9 @@ impl<T> WaitQueue<T> {
     }
 
     /// The lanes that have something waiting.
-    pub fn busy_lanes(&self) -> Vec<usize> {
-        (0..self.lanes.len())
+    pub fn busy_lanes(&self) -> Vec<ListenerIx> {
+        self.lanes
+            .ids()
             .filter(|&lane| !self.lane_is_empty(lane))
             .collect()
     }
@@ -107,7 +108,7 @@ impl<T> WaitQueue<T> {
         arrived: impl Fn(&T) -> Instant,
     ) -> usize {
         let mut expired = 0;
-        for lane in &mut self.lanes {
+        for lane in self.lanes.iter_mut() {
             while lane
                 .front()
                 .is_some_and(|item| now.duration_since(arrived(item)) >= timeout)
@@ -128,20 +129,20 @@ mod tests {
     #[test]
     fn each_lane_is_first_in_first_out_and_lanes_do_not_block_each_other() {
         let mut queue = WaitQueue::default();
-        queue.push_back(1, "b1");
-        queue.push_back(0, "a1");
-        queue.push_back(1, "b2");
-        queue.push_front(1, "b0");
+        queue.push_back(ListenerIx(1), "b1");
+        queue.push_back(ListenerIx(0), "a1");
+        queue.push_back(ListenerIx(1), "b2");
+        queue.push_front(ListenerIx(1), "b0");
         assert_eq!(queue.len(), 4);
-        assert_eq!(queue.busy_lanes(), [0, 1]);
+        assert_eq!(queue.busy_lanes(), [ListenerIx(0), ListenerIx(1)]);
         // Lane 1 is stuck: lane 0 is served all the same.
-        assert_eq!(queue.pop_front(0), Some("a1"));
-        assert!(queue.lane_is_empty(0) && !queue.lane_is_empty(1));
-        assert!(queue.lane_is_empty(7));
-        assert_eq!(queue.pop_front(1), Some("b0"));
-        assert_eq!(queue.pop_front(1), Some("b1"));
+        assert_eq!(queue.pop_front(ListenerIx(0)), Some("a1"));
+        assert!(queue.lane_is_empty(ListenerIx(0)) && !queue.lane_is_empty(ListenerIx(1)));
+        assert!(queue.lane_is_empty(ListenerIx(7)));
+        assert_eq!(queue.pop_front(ListenerIx(1)), Some("b0"));
+        assert_eq!(queue.pop_front(ListenerIx(1)), Some("b1"));
         assert_eq!(queue.len(), 1);
-        assert_eq!(queue.pop_front(5), None);
+        assert_eq!(queue.pop_front(ListenerIx(5)), None);
     }
 
     #[test]
@@ -149,10 +150,10 @@ mod tests {
         let start = Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
         let mut queue = WaitQueue::default();
-        queue.push_back(0, at(0));
-        queue.push_back(0, at(50));
-        queue.push_back(2, at(10));
-        queue.push_back(2, at(90));
+        queue.push_back(ListenerIx(0), at(0));
+        queue.push_back(ListenerIx(0), at(50));
+        queue.push_back(ListenerIx(2), at(10));
+        queue.push_back(ListenerIx(2), at(90));
         assert_eq!(queue.oldest(|t| *t), Some(at(0)));
         let expired = queue.expire(at(100), Duration::from_millis(60), |t| *t);
         assert_eq!(expired, 2);

@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::{debug, warn};
 
+use crate::ids::SlotIx;
+
 /// The longest line herd forwards, not counting its `[worker N] ` prefix.
 /// journald splits at 48 KiB for the same reason: a line is held in memory
 /// until its newline comes, so without a bound a worker printing 1 GB with
@@ -86,7 +88,7 @@ pub fn lines_dropped(stream: Stream) -> u64 {
 
 /// Copies the pipe `fd` (a worker's stdout, or its stderr) to herd's, on
 /// the current tokio runtime, until the worker closes it.
-pub fn forward(fd: OwnedFd, slot: usize, is_stderr: bool) {
+pub fn forward(fd: OwnedFd, slot: SlotIx, is_stderr: bool) {
     let stream = if is_stderr {
         Stream::Stderr
     } else {
@@ -96,11 +98,11 @@ pub fn forward(fd: OwnedFd, slot: usize, is_stderr: bool) {
         Ok(pipe) => {
             tokio::spawn(forward_lines(pipe, slot, queue(stream)));
         }
-        Err(e) => debug!(slot, "cannot read the worker's output: {e}"),
+        Err(e) => debug!(slot = slot.get(), "cannot read the worker's output: {e}"),
     }
 }
 
-async fn forward_lines(mut pipe: impl AsyncRead + Unpin, slot: usize, queue: &OutputQueue) {
+async fn forward_lines(mut pipe: impl AsyncRead + Unpin, slot: SlotIx, queue: &OutputQueue) {
     let mut lines = LineSplitter::new(format!("[worker {slot}] "), MAX_LINE_BYTES);
     let mut chunk = vec![0; READ_CHUNK_BYTES];
     let mut send = |line| queue.send(line);

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::{one_line, CompareError, CompareOptions, Row, Scenario};
 use crate::bench::{self, BenchError, BenchReport, Target};
-use herd::control::{self, ControlError, Request, Response};
+use herd::control::{self, ControlError, ControlRequest, Response};
 use herd::procstat;
 use herd::status::{self, SlotState, StatusReport};
 use herd::status::{fairness, Fairness};
@@ -25,7 +25,7 @@ use herd::status::{fairness, Fairness};
 /// How long herd gets to bind, start its workers and see them all ready.
 /// herd's own default `ready_timeout` is 30 s: a slower worker fails anyway.
 pub const READY_DEADLINE: Duration = Duration::from_secs(30);
-/// How long herd gets to stop after `Request::Stop` before it is SIGKILLed:
+/// How long herd gets to stop after `ControlRequest::Stop` before it is SIGKILLed:
 /// above herd's default `shutdown_timeout` (10 s), so a clean drain fits.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(20);
 /// Longest wait for one control-socket answer while polling for readiness.
@@ -296,7 +296,7 @@ impl RunningHerd {
             if let Ok(Response {
                 status: Some(report),
                 ..
-            }) = ask(&self.control, Request::Status, STATUS_ANSWER).await
+            }) = ask(&self.control, ControlRequest::Status, STATUS_ANSWER).await
             {
                 if report.workers.len() == workers
                     && report.workers.iter().all(|w| w.state == SlotState::Ready)
@@ -329,7 +329,7 @@ impl RunningHerd {
         // The answer comes once herd has stopped; its exit is what we wait for.
         let control = self.control.clone();
         let _answer =
-            tokio::task::spawn_blocking(move || control::request(&control, &Request::Stop));
+            tokio::task::spawn_blocking(move || control::request(&control, &ControlRequest::Stop));
         match tokio::time::timeout(STOP_DEADLINE, self.child.wait()).await {
             Ok(Ok(status)) if status.success() => Ok(()),
             Ok(Ok(status)) => Err(format!(
@@ -349,7 +349,7 @@ impl RunningHerd {
 
 /// One control request, answered within `within` (the blocking client runs
 /// on its own thread; one that hangs ends when herd does).
-async fn ask(path: &Path, request: Request, within: Duration) -> Result<Response, String> {
+async fn ask(path: &Path, request: ControlRequest, within: Duration) -> Result<Response, String> {
     let path = path.to_owned();
     let asked = tokio::task::spawn_blocking(move || control::request(&path, &request));
     match tokio::time::timeout(within, asked).await {

@@ -51,14 +51,14 @@ impl HandoffLoop {
     /// second wake-up for connections we leave in the kernel queue). With
     /// `slot`, from that slot's socket in the listener's kernel rotation
     /// (one whose worker is gone); its connections count as the listener's.
-    pub(super) fn accept_all(&mut self, index: usize, slot: Option<usize>) {
+    pub(super) fn accept_all(&mut self, listener: ListenerIx, slot: Option<SlotIx>) {
         while self.accept_paused_until.is_none() {
-            let Some(listener) = self.listeners.get(index).and_then(Option::as_ref) else {
+            let Some(listening) = self.listeners.get(listener).and_then(Option::as_ref) else {
                 return;
             };
             let socket = match slot {
-                None => &listener.socket,
-                Some(slot) => match listener.rotation.as_ref().and_then(|r| r.accepting(slot)) {
+                None => &listening.socket,
+                Some(slot) => match listening.rotation.as_ref().and_then(|r| r.accepting(slot)) {
                     Some(socket) => socket,
                     None => return,
                 },
@@ -67,13 +67,13 @@ impl HandoffLoop {
                 Ok((stream, peer)) => {
                     self.accept_backoff = ACCEPT_BACKOFF_MIN;
                     self.fd_short_since = None;
-                    let local = if listener.wildcard {
-                        stream.local_addr().unwrap_or(listener.local)
+                    let local = if listening.wildcard {
+                        stream.local_addr().unwrap_or(listening.local)
                     } else {
-                        listener.local
+                        listening.local
                     };
                     self.next_connection_id += 1;
-                    self.counters.accepted[index].fetch_add(1, Relaxed);
+                    self.counters.accepted[listener].fetch_add(1, Relaxed);
                     if slot.is_some() {
                         self.counters.requeued_slot_queue.fetch_add(1, Relaxed);
                     }
@@ -81,7 +81,7 @@ impl HandoffLoop {
                         stream,
                         handoff: Handoff {
                             connection_id: self.next_connection_id,
-                            listener: index as u16,
+                            listener: u16::from(listener),
                             peer,
                             local,
                         },
@@ -101,10 +101,10 @@ impl HandoffLoop {
                         let now = Instant::now();
                         let since = *self.fd_short_since.get_or_insert(now);
                         if now.duration_since(since) >= self.limits.queue_timeout {
-                            self.shed(index, slot);
+                            self.shed(listener, slot);
                         }
                     }
-                    self.on_accept_error(index, e);
+                    self.on_accept_error(listener, e);
                 }
             }
         }
@@ -114,15 +114,15 @@ impl HandoffLoop {
     /// kernel's queue would wait for good. Each is accepted with the
     /// reserve fd, closed at once (the client gets an answer, a closed
     /// connection, rather than a hang), and the reserve taken again.
-    pub(super) fn shed(&mut self, index: usize, slot: Option<usize>) {
+    pub(super) fn shed(&mut self, listener: ListenerIx, slot: Option<SlotIx>) {
         for _ in 0..SHED_BATCH {
             drop(self.reserve_fd.take());
-            let Some(listener) = self.listeners.get(index).and_then(Option::as_ref) else {
+            let Some(listening) = self.listeners.get(listener).and_then(Option::as_ref) else {
                 break;
             };
             let socket = match slot {
-                None => Some(&listener.socket),
-                Some(slot) => listener.rotation.as_ref().and_then(|r| r.accepting(slot)),
+                None => Some(&listening.socket),
+                Some(slot) => listening.rotation.as_ref().and_then(|r| r.accepting(slot)),
             };
             let Some(Ok((stream, _))) = socket.map(|s| s.accept()) else {
                 break;
@@ -131,7 +131,7 @@ impl HandoffLoop {
             let total = self.counters.dropped_fd_limit.fetch_add(1, Relaxed) + 1;
             if total.is_power_of_two() {
                 warn!(
-                    listener = index,
+                    listener = listener.get(),
                     total,
                     event = "out_of_fds",
                     "out of file descriptors for {:?} (queue_timeout): closed a connection waiting in the kernel queue",
@@ -148,7 +148,7 @@ impl HandoffLoop {
         }
     }
 
-    pub(super) fn on_accept_error(&mut self, index: usize, e: io::Error) {
+    pub(super) fn on_accept_error(&mut self, listener: ListenerIx, e: io::Error) {
         self.counters.accept_errors[accept_error_kind(&e)].fetch_add(1, Relaxed);
         match e.raw_os_error() {
             // The client gave up before we accepted, or a signal: try the next one.
@@ -158,7 +158,7 @@ impl HandoffLoop {
             Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
                 if self.accept_backoff == ACCEPT_BACKOFF_MIN {
                     warn!(
-                        listener = index,
+                        listener = listener.get(),
                         event = "accept_paused",
                         "accept failed: {e}; pausing accepts (connections wait in the kernel queue)"
                     );
@@ -167,7 +167,7 @@ impl HandoffLoop {
             }
             _ => {
                 error!(
-                    listener = index,
+                    listener = listener.get(),
                     event = "accept_failed",
                     "accept failed: {e}"
                 );
@@ -184,7 +184,7 @@ impl HandoffLoop {
     /// A new connection: straight to a worker when nothing from its
     /// listener waits before it.
     pub(super) fn take_new(&mut self, conn: Accepted) {
-        let lane = usize::from(conn.handoff.listener);
+        let lane = conn.listener();
         let conn = if self.queue.lane_is_empty(lane) {
             match self.try_dispatch(conn) {
                 Ok(()) => return,
@@ -241,22 +241,26 @@ impl HandoffLoop {
             let channels = &self.channels;
             let active = &self.active;
             let limits = &self.limits;
+            let listener = conn.listener();
             let slot = self
                 .dispatcher
                 .choose(conn.handoff.peer.ip(), active.len(), |s| {
+                    let s = SlotIx(s);
                     if conn.refused_by == Some(s) {
                         return None;
                     }
-                    let worker = active[s].and_then(|i| channels[i].as_ref())?;
+                    let worker = active[s].and_then(|c| channels[c].as_ref())?;
                     worker
-                        .can_take(conn.handoff.listener, now, limits)
+                        .can_take(listener, now, limits)
                         .then(|| worker.load())
                 });
-            let Some(slot) = slot else {
+            let Some(slot) = slot.map(SlotIx) else {
                 return Err(conn);
             };
-            let index = self.active[slot].expect("chosen slot is live");
-            let worker = self.channels[index].as_mut().expect("chosen slot is live");
+            let channel = self.active[slot].expect("chosen slot is live");
+            let worker = self.channels[channel]
+                .as_mut()
+                .expect("chosen slot is live");
             let sent = worker.send_connection(&conn.handoff, conn.stream.as_fd());
             match sent {
                 Ok(()) => {
@@ -268,7 +272,7 @@ impl HandoffLoop {
                         });
                     }
                     if worker.wants_write() {
-                        self.watch_writable(index, true);
+                        self.watch_writable(channel, true);
                     }
                     return Ok(());
                 }
@@ -279,11 +283,11 @@ impl HandoffLoop {
                         || e.raw_os_error() == Some(libc::ETOOMANYREFS) =>
                 {
                     worker.blocked = true;
-                    self.watch_writable(index, true);
+                    self.watch_writable(channel, true);
                 }
                 Err(e) => {
-                    debug!(slot, "worker channel failed on send: {e}");
-                    self.retire(index, Retired::ChannelClosed);
+                    debug!(slot = slot.get(), "worker channel failed on send: {e}");
+                    self.retire(channel, Retired::ChannelClosed);
                 }
             }
         }

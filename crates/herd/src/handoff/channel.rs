@@ -11,7 +11,7 @@
 use super::*;
 
 pub(super) struct WorkerChannel {
-    pub(super) slot: usize,
+    pub(super) slot: SlotIx,
     pub(super) worker: WorkerId,
     pub(super) pid: u32,
     pub(super) channel: OwnedFd,
@@ -56,7 +56,7 @@ pub(super) enum Protocol {
 /// One message a worker sent, in its protocol.
 pub(super) enum Message {
     Herd(WorkerMessage),
-    Node(node_ipc::Incoming),
+    Node(node_ipc::NodeMessage),
 }
 
 /// How a turn of reading a channel ended.
@@ -80,7 +80,7 @@ impl WorkerChannel {
         };
         if let Some(total) = seen.record() {
             warn!(
-                slot = self.slot,
+                slot = self.slot.get(),
                 pid = self.pid,
                 total,
                 kind = ?kind,
@@ -105,7 +105,7 @@ impl WorkerChannel {
             Protocol::Node(node) => node.send_connection(
                 self.channel.as_fd(),
                 handoff.connection_id,
-                handoff.listener,
+                ListenerIx::from(handoff.listener),
                 stream,
             ),
         }
@@ -139,7 +139,7 @@ impl WorkerChannel {
                     Ok(node_ipc::Read::More) => ReadEnd::More,
                     Ok(node_ipc::Read::Closed) => ReadEnd::Closed,
                     Err(e) => {
-                        debug!(slot = self.slot, "Node worker channel failed: {e}");
+                        debug!(slot = self.slot.get(), "Node worker channel failed: {e}");
                         ReadEnd::Closed
                     }
                 }
@@ -175,7 +175,10 @@ impl WorkerChannel {
                     self.bad_message(BadMessage::Malformed, format!("a malformed message: {e}"));
                 }
                 Err(e) => {
-                    debug!(slot = self.slot, "worker channel failed on receive: {e}");
+                    debug!(
+                        slot = self.slot.get(),
+                        "worker channel failed on receive: {e}"
+                    );
                     return ReadEnd::Closed;
                 }
             }
@@ -200,7 +203,7 @@ impl WorkerChannel {
     /// Does the worker take connections from `listener`? A herd-protocol
     /// worker takes them from every listener; a Node worker from those it
     /// asked to listen on.
-    pub(super) fn serves(&self, listener: u16) -> bool {
+    pub(super) fn serves(&self, listener: ListenerIx) -> bool {
         match &self.protocol {
             Protocol::Herd => true,
             Protocol::Node(node) => node.serves(listener),
@@ -208,7 +211,7 @@ impl WorkerChannel {
     }
 
     /// Is this a Node worker that listens on `listener`?
-    pub(super) fn node_serves(&self, listener: u16) -> bool {
+    pub(super) fn node_serves(&self, listener: ListenerIx) -> bool {
         matches!(&self.protocol, Protocol::Node(node) if node.serves(listener))
     }
 
@@ -266,7 +269,12 @@ impl WorkerChannel {
     }
 
     /// Can the worker be sent a connection from `listener` now?
-    pub(super) fn can_take(&self, listener: u16, now: Instant, limits: &HandoffSettings) -> bool {
+    pub(super) fn can_take(
+        &self,
+        listener: ListenerIx,
+        now: Instant,
+        limits: &HandoffSettings,
+    ) -> bool {
         self.role == Role::Serving
             && !self.hung
             && !self.blocked

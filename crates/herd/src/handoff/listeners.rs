@@ -19,12 +19,12 @@ impl HandoffLoop {
         !self.dispatcher.mode().hands_off()
     }
 
-    pub(super) fn listener(&self, index: usize) -> Option<&Listening> {
-        self.listeners.get(index).and_then(Option::as_ref)
+    pub(super) fn listener(&self, listener: ListenerIx) -> Option<&Listening> {
+        self.listeners.get(listener).and_then(Option::as_ref)
     }
 
-    pub(super) fn listener_mut(&mut self, index: usize) -> Option<&mut Listening> {
-        self.listeners.get_mut(index).and_then(Option::as_mut)
+    pub(super) fn listener_mut(&mut self, listener: ListenerIx) -> Option<&mut Listening> {
+        self.listeners.get_mut(listener).and_then(Option::as_mut)
     }
 
     /// Registers a bound listener (for accepting, in the hand-off modes)
@@ -33,13 +33,10 @@ impl HandoffLoop {
         &mut self,
         socket: std::net::TcpListener,
         node_key: Option<String>,
-    ) -> Result<usize, AddListenerError> {
-        let index = match self.listeners.iter().position(Option::is_none) {
+    ) -> Result<ListenerIx, AddListenerError> {
+        let listener = match self.listeners.position(Option::is_none) {
             Some(free) => free,
-            None if self.listeners.len() < MAX_LISTENERS => {
-                self.listeners.push(None);
-                self.listeners.len() - 1
-            }
+            None if self.listeners.len() < MAX_LISTENERS => self.listeners.push(None),
             None => return Err(AddListenerError::TableFull),
         };
         let local = socket.local_addr()?;
@@ -47,19 +44,21 @@ impl HandoffLoop {
         let mut socket = mio::net::TcpListener::from_std(socket);
         // In `shared` mode the workers accept; herd only keeps the socket.
         if !self.workers_accept() {
-            self.poll
-                .registry()
-                .register(&mut socket, Token(index), Interest::READABLE)?;
+            self.poll.registry().register(
+                &mut socket,
+                listener_token(listener),
+                Interest::READABLE,
+            )?;
         }
-        self.listeners[index] = Some(Listening {
+        self.listeners[listener] = Some(Listening {
             socket,
             local,
             wildcard: local.ip().is_unspecified(),
             node_key,
             rotation,
         });
-        self.counters.set_listener(index, Some(local));
-        Ok(index)
+        self.counters.set_listener(listener, Some(local));
+        Ok(listener)
     }
 
     /// Closes a listener bound for Node apps once no worker listens on it
@@ -68,27 +67,27 @@ impl HandoffLoop {
     /// listeners stay for herd's lifetime. A worker that exits keeps its
     /// servers: its replacement asks for the same ones, and a port that
     /// closed between the two would refuse clients.
-    pub(super) fn release_if_unused(&mut self, index: usize) {
-        let Some(listening) = self.listener(index) else {
+    pub(super) fn release_if_unused(&mut self, listener: ListenerIx) {
+        let Some(listening) = self.listener(listener) else {
             return;
         };
         let served = self
             .channels
             .iter()
             .flatten()
-            .any(|w| w.node_serves(index as u16));
+            .any(|w| w.node_serves(listener));
         if listening.node_key.is_none() || served {
             return;
         }
-        let mut listening = self.listeners[index].take().expect("looked up above");
+        let mut listening = self.listeners[listener].take().expect("looked up above");
         let _ = self.poll.registry().deregister(&mut listening.socket);
-        self.counters.set_listener(index, None);
-        let closed = self.queue.clear_lane(index);
+        self.counters.set_listener(listener, None);
+        let closed = self.queue.clear_lane(listener);
         self.counters
             .dropped_queue_timeout
             .fetch_add(closed as u64, Relaxed);
         info!(
-            listener = index,
+            listener = listener.get(),
             closed,
             addr = %listening.local,
             event = "listener_released",
@@ -126,21 +125,27 @@ impl HandoffLoop {
         }
     }
 
-    /// Applies `change` for worker `index` to every listener's rotation.
-    /// (Index, not iterator: `update_rotation` borrows the loop mutably.)
-    pub(super) fn update_rotations(&mut self, index: usize, change: fn(&mut SlotRotation, usize)) {
-        for listener in 0..self.listeners.len() {
-            self.update_rotation(listener, index, change);
+    /// Applies `change` for the worker on `channel` to every listener's
+    /// rotation. (Ids, not an iterator over the table: `update_rotation`
+    /// borrows the loop mutably.)
+    pub(super) fn update_rotations(
+        &mut self,
+        channel: ChannelIx,
+        change: fn(&mut SlotRotation, ChannelIx),
+    ) {
+        for listener in self.listeners.ids() {
+            self.update_rotation(listener, channel, change);
         }
     }
 
-    /// Applies `change` for worker `index` to `listener`'s rotation (if it
-    /// has one and the worker holds a socket of it) and brings the kernel in line.
+    /// Applies `change` for the worker on `channel` to `listener`'s rotation
+    /// (if it has one and the worker holds a socket of it) and brings the
+    /// kernel in line.
     pub(super) fn update_rotation(
         &mut self,
-        listener: usize,
-        index: usize,
-        change: fn(&mut SlotRotation, usize),
+        listener: ListenerIx,
+        channel: ChannelIx,
+        change: fn(&mut SlotRotation, ChannelIx),
     ) {
         let Some(rotation) = self
             .listeners
@@ -150,14 +155,14 @@ impl HandoffLoop {
         else {
             return;
         };
-        if !rotation.holds(index) {
+        if !rotation.holds(channel) {
             return;
         }
-        change(rotation, index);
+        change(rotation, channel);
         let applied = rotation.apply(self.poll.registry(), |slot| slot_token(listener, slot));
         if let Err(e) = applied {
             error!(
-                listener,
+                listener = listener.get(),
                 event = "kernel_rotation_update_failed",
                 "cannot update the kernel rotation: {e}"
             );
@@ -167,7 +172,7 @@ impl HandoffLoop {
     /// Reads what the kernel dealt per slot into the counters, as if herd
     /// had handed those connections off itself.
     pub(super) fn tally_kernel_rotations(&mut self) {
-        for listener in 0..self.listeners.len() {
+        for listener in self.listeners.ids() {
             let Some(rotation) = self
                 .listener_mut(listener)
                 .and_then(|l| l.rotation.as_mut())
@@ -177,7 +182,10 @@ impl HandoffLoop {
             let dealt = match rotation.take_dealt() {
                 Ok(dealt) => dealt,
                 Err(e) => {
-                    debug!(listener, "cannot read the kernel rotation's counts: {e}");
+                    debug!(
+                        listener = listener.get(),
+                        "cannot read the kernel rotation's counts: {e}"
+                    );
                     continue;
                 }
             };
@@ -192,7 +200,7 @@ impl HandoffLoop {
                     .get(slot)
                     .copied()
                     .flatten()
-                    .and_then(|index| self.channels[index].as_mut())
+                    .and_then(|channel| self.channels[channel].as_mut())
                 else {
                     continue;
                 };
@@ -209,30 +217,30 @@ impl HandoffLoop {
     /// Answers a Node worker's `listen` (its `queryServer`): with the
     /// listener that serves it (its address as `sockname`; in `shared` mode
     /// the socket itself), or with the errno of why there is none.
-    pub(super) fn answer_query(&mut self, index: usize, query: node_ipc::QueryServer) {
+    pub(super) fn answer_query(&mut self, channel: ChannelIx, query: node_ipc::QueryServer) {
         let listener = self.listener_for(&query);
         if let Ok(listener) = listener {
             if self
                 .listener(listener)
                 .is_some_and(|l| l.rotation.is_some())
-                && self.answer_with_slot_socket(index, listener, &query)
+                && self.answer_with_slot_socket(channel, listener, &query)
             {
                 return;
             }
         }
         let shared = self.workers_accept();
-        let Some(worker) = self.channels[index].as_mut() else {
+        let Some(worker) = self.channels[channel].as_mut() else {
             return;
         };
         let Protocol::Node(node) = &mut worker.protocol else {
             return;
         };
-        let channel = worker.channel.as_fd();
+        let fd = worker.channel.as_fd();
         let seq = node.next_seq();
         let sent = match listener {
             Err((errno, why)) => {
                 warn!(
-                    slot = worker.slot,
+                    slot = worker.slot.get(),
                     pid = worker.pid,
                     key = %query.key,
                     errno = ?errno,
@@ -241,15 +249,15 @@ impl HandoffLoop {
                     errno.desc()
                 );
                 let errno = Some(node_ipc::uv_errno(errno));
-                node.send_line(channel, node_ipc::query_reply(&query, None, errno, seq))
+                node.send_line(fd, node_ipc::query_reply(&query, None, errno, seq))
             }
             Ok(listener) if shared => {
                 let Some(listening) = self.listeners[listener].as_ref() else {
                     return;
                 };
-                node.add_server(listener as u16, query.key.clone());
+                node.add_server(listener, query.key.clone());
                 let line = node_ipc::query_reply_with_server(&query, seq);
-                node.send_server(channel, line, listening.socket.as_fd())
+                node.send_server(fd, line, listening.socket.as_fd())
             }
             Ok(listener) => {
                 // Node checks that the port it asked for is the one bound
@@ -263,12 +271,12 @@ impl HandoffLoop {
                     Some(asked) if asked != 0 => SocketAddr::new(local.ip(), asked),
                     _ => local,
                 };
-                node.add_server(listener as u16, query.key.clone());
+                node.add_server(listener, query.key.clone());
                 let line = node_ipc::query_reply(&query, Some(sockname), None, seq);
-                node.send_line(channel, line)
+                node.send_line(fd, line)
             }
         };
-        self.after_node_send(index, sent);
+        self.after_node_send(channel, sent);
     }
 
     /// Kernel rotation: answers a Node worker's `listen` on `listener` with
@@ -279,11 +287,11 @@ impl HandoffLoop {
     /// could not be bound.
     pub(super) fn answer_with_slot_socket(
         &mut self,
-        index: usize,
-        listener: usize,
+        channel: ChannelIx,
+        listener: ListenerIx,
         query: &node_ipc::QueryServer,
     ) -> bool {
-        let Some(worker) = self.channels[index].as_mut() else {
+        let Some(worker) = self.channels[channel].as_mut() else {
             return true;
         };
         let Some(Listening {
@@ -301,11 +309,11 @@ impl HandoffLoop {
         {
             return false;
         }
-        let socket = match rotation.hold(worker.slot, index) {
+        let socket = match rotation.hold(worker.slot, channel) {
             Ok(socket) => socket,
             Err(e) => {
                 warn!(
-                    slot = worker.slot,
+                    slot = worker.slot.get(),
                     event = "worker_rotation_unavailable",
                     "hand-offs instead of kernel rotation for this worker: {e}"
                 );
@@ -315,19 +323,19 @@ impl HandoffLoop {
         let Protocol::Node(node) = &mut worker.protocol else {
             return true;
         };
-        node.add_server(listener as u16, query.key.clone());
+        node.add_server(listener, query.key.clone());
         let seq = node.next_seq();
         let line = node_ipc::query_reply_with_server(query, seq);
         let sent = node.send_server(worker.channel.as_fd(), line, socket);
         let applied = rotation.apply(self.poll.registry(), |slot| slot_token(listener, slot));
         if let Err(e) = applied {
             error!(
-                listener,
+                listener = listener.get(),
                 event = "kernel_rotation_update_failed",
                 "cannot update the kernel rotation: {e}"
             );
         }
-        self.after_node_send(index, sent);
+        self.after_node_send(channel, sent);
         true
     }
 
@@ -339,7 +347,7 @@ impl HandoffLoop {
     pub(super) fn listener_for(
         &mut self,
         query: &node_ipc::QueryServer,
-    ) -> Result<usize, (nix::Error, String)> {
+    ) -> Result<ListenerIx, (nix::Error, String)> {
         use nix::Error as Errno;
         if self.stopped_accepting {
             return Err((Errno::ESHUTDOWN, "herd is stopping".into()));
@@ -359,11 +367,11 @@ impl HandoffLoop {
         if !self.listen_on_demand {
             return self.configured_listener_for(port);
         }
-        if let Some(index) = self.listeners.iter().position(|l| {
+        if let Some(listener) = self.listeners.position(|l| {
             l.as_ref()
                 .is_some_and(|l| l.node_key.as_deref() == Some(query.key.as_str()))
         }) {
-            return Ok(index);
+            return Ok(listener);
         }
         if self.listeners.len() >= MAX_LISTENERS && self.listeners.iter().all(Option::is_some) {
             // Not EMFILE: herd has fds; its listener table is what is full.
@@ -375,7 +383,7 @@ impl HandoffLoop {
             ));
         }
         let socket = self.bind_for_node(query, port)?;
-        let index = self
+        let listener = self
             .add_listener(socket, Some(query.key.clone()))
             .map_err(|e| match e {
                 AddListenerError::TableFull => (Errno::ENOBUFS, e.to_string()),
@@ -384,29 +392,28 @@ impl HandoffLoop {
                     io.to_string(),
                 ),
             })?;
-        let local = self.listener(index).expect("just added").local;
+        let local = self.listener(listener).expect("just added").local;
         info!(
-            listener = index,
+            listener = listener.get(),
             addr = %local,
             key = %query.key,
             event = "listening",
             "listening on {local} (asked for by a Node worker: {})",
             query.key
         );
-        Ok(index)
+        Ok(listener)
     }
 
     /// With listeners configured: the one on the port a Node app asked
     /// for, else the first.
-    fn configured_listener_for(&self, port: u16) -> Result<usize, (nix::Error, String)> {
+    fn configured_listener_for(&self, port: u16) -> Result<ListenerIx, (nix::Error, String)> {
         use nix::Error as Errno;
         let by_port = self
             .listeners
-            .iter()
             .position(|l| l.as_ref().is_some_and(|l| l.local.port() == port));
         let shared = self.workers_accept();
         match by_port {
-            Some(index) => Ok(index),
+            Some(listener) => Ok(listener),
             // Node checks the real socket's port in `shared` mode.
             None if shared && port != 0 => Err((
                 Errno::EADDRINUSE,
@@ -414,10 +421,10 @@ impl HandoffLoop {
                     "in shared mode a Node app must listen on the port herd listens on, or 0 (it asked for {port}); or leave `listen` out and herd binds what the app asks"
                 ),
             )),
-            None if self.listener(0).is_none() => {
+            None if self.listener(ListenerIx(0)).is_none() => {
                 Err((Errno::ESHUTDOWN, "herd is stopping".into()))
             }
-            None => Ok(0),
+            None => Ok(ListenerIx(0)),
         }
     }
 
@@ -430,28 +437,28 @@ impl HandoffLoop {
     ) -> Result<std::net::TcpListener, (nix::Error, String)> {
         use nix::Error as Errno;
         let failed = |e: listener::ListenError| (e.source, e.to_string());
-        // A kernel rotation needs a SO_REUSEPORT group to deal over.
-        let reuse_port = self.limits.kernel_rotation;
+        let options = BindOptions {
+            // A kernel rotation needs a SO_REUSEPORT group to deal over.
+            reuse_port: self.limits.kernel_rotation,
+            v6_only: query.ipv6_only,
+        };
         match &query.address {
             None => {
                 let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
-                listener::bind_dual_stack(any6, self.backlog, query.ipv6_only, reuse_port).or_else(
-                    |e| match e.source {
-                        Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL => {
-                            let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
-                            listener::bind_dual_stack(any4, self.backlog, true, reuse_port)
-                        }
-                        _ => Err(e),
-                    },
-                )
+                listener::bind_with(any6, self.backlog, options).or_else(|e| match e.source {
+                    Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL => {
+                        let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
+                        let options = BindOptions {
+                            v6_only: true,
+                            ..options
+                        };
+                        listener::bind_with(any4, self.backlog, options)
+                    }
+                    _ => Err(e),
+                })
             }
             Some(text) => match text.parse::<std::net::IpAddr>() {
-                Ok(ip) => listener::bind_dual_stack(
-                    SocketAddr::new(ip, port),
-                    self.backlog,
-                    query.ipv6_only,
-                    reuse_port,
-                ),
+                Ok(ip) => listener::bind_with(SocketAddr::new(ip, port), self.backlog, options),
                 Err(_) => {
                     return Err((Errno::EINVAL, format!("{text:?} is not an IP address")));
                 }

@@ -8,8 +8,8 @@ impl HandoffLoop {
     /// Reads what waits on a worker's channel, a turn's budget at most
     /// (the rest on the next turn), and acts on each message; retires the
     /// worker if the channel closed.
-    pub(super) fn read_worker(&mut self, index: usize) {
-        let Some(worker) = self.channels.get_mut(index).and_then(Option::as_mut) else {
+    pub(super) fn read_worker(&mut self, channel: ChannelIx) {
+        let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
             return;
         };
         worker.more_to_read = false;
@@ -19,47 +19,47 @@ impl HandoffLoop {
         let end = worker.read_messages(&mut messages);
         for message in messages.drain(..) {
             match message {
-                Message::Herd(message) => self.on_message(index, message),
-                Message::Node(message) => self.on_node_message(index, message),
+                Message::Herd(message) => self.on_message(channel, message),
+                Message::Node(message) => self.on_node_message(channel, message),
             }
         }
         self.scratch = messages;
         match end {
             ReadEnd::Drained => {}
-            ReadEnd::More => self.read_again(index),
-            ReadEnd::Closed => self.retire(index, Retired::ChannelClosed),
+            ReadEnd::More => self.read_again(channel),
+            ReadEnd::Closed => self.retire(channel, Retired::ChannelClosed),
         }
     }
 
     /// The channel may hold more than this turn read: with edge-triggered
     /// polling no new wake-up comes for it, so it is read again next turn.
-    pub(super) fn read_again(&mut self, index: usize) {
-        if let Some(worker) = self.channels.get_mut(index).and_then(Option::as_mut) {
+    pub(super) fn read_again(&mut self, channel: ChannelIx) {
+        if let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) {
             if !worker.more_to_read {
                 worker.more_to_read = true;
-                self.more_to_read.push(index);
+                self.more_to_read.push(channel);
             }
         }
     }
 
-    pub(super) fn on_message(&mut self, index: usize, message: WorkerMessage) {
-        let Some(worker) = self.channels[index].as_mut() else {
+    pub(super) fn on_message(&mut self, channel: ChannelIx, message: WorkerMessage) {
+        let Some(worker) = self.channels[channel].as_mut() else {
             return;
         };
         match message {
-            WorkerMessage::Ack(id) => self.on_ack(index, id),
-            WorkerMessage::Nack(id) => self.on_nack(index, id),
+            WorkerMessage::Ack(id) => self.on_ack(channel, id),
+            WorkerMessage::Nack(id) => self.on_nack(channel, id),
             WorkerMessage::Ready { reports_closed } => {
                 if reports_closed && worker.closed.is_none() {
                     worker.closed = Some(0);
                     self.counters.reports_closed[worker.slot].store(true, Relaxed);
                 }
-                self.report_ready(index)
+                self.report_ready(channel)
             }
             WorkerMessage::Accepted { listener, .. } => {
                 // OS-scheduled modes: the worker accepted by itself; count
                 // it as herd counts its own hand-offs.
-                if let Some(accepted) = self.counters.accepted.get(usize::from(listener)) {
+                if let Some(accepted) = self.counters.accepted.get(ListenerIx::from(listener)) {
                     accepted.fetch_add(1, Relaxed);
                 }
                 worker.count_acknowledged(&self.counters);
@@ -74,8 +74,8 @@ impl HandoffLoop {
     }
 
     /// The worker has the connection: herd closes its copy.
-    fn on_ack(&mut self, index: usize, id: u64) {
-        let Some(worker) = self.channels[index].as_mut() else {
+    fn on_ack(&mut self, channel: ChannelIx, id: u64) {
+        let Some(worker) = self.channels[channel].as_mut() else {
             return;
         };
         let Some(entry) = take_in_flight(&mut worker.in_flight, id) else {
@@ -95,14 +95,14 @@ impl HandoffLoop {
         worker.count_acknowledged(&self.counters);
         if worker.blocked {
             worker.blocked = false;
-            self.send_pending_drain(index);
+            self.send_pending_drain(channel);
         }
     }
 
     /// The worker refused the connection: it goes back to the front of
     /// its queue, for another worker.
-    fn on_nack(&mut self, index: usize, id: u64) {
-        let Some(worker) = self.channels[index].as_mut() else {
+    fn on_nack(&mut self, channel: ChannelIx, id: u64) {
+        let Some(worker) = self.channels[channel].as_mut() else {
             return;
         };
         let Some(mut entry) = take_in_flight(&mut worker.in_flight, id) else {
@@ -119,76 +119,75 @@ impl HandoffLoop {
             .conn
             .refusals
             .refused(self.capacity_epoch, serving, Instant::now());
-        self.queue
-            .push_front(usize::from(entry.conn.handoff.listener), entry.conn);
+        self.queue.push_front(entry.conn.listener(), entry.conn);
     }
 
-    pub(super) fn on_node_message(&mut self, index: usize, message: node_ipc::Incoming) {
-        use node_ipc::Incoming;
-        let Some(worker) = self.channels[index].as_mut() else {
+    pub(super) fn on_node_message(&mut self, channel: ChannelIx, message: node_ipc::NodeMessage) {
+        use node_ipc::NodeMessage;
+        let Some(worker) = self.channels[channel].as_mut() else {
             return;
         };
         let Protocol::Node(node) = &mut worker.protocol else {
             return;
         };
-        let channel = worker.channel.as_fd();
+        let fd = worker.channel.as_fd();
         let sent = match message {
-            Incoming::QueryServer(query) => return self.answer_query(index, query),
-            Incoming::Listening => {
-                self.report_ready(index);
+            NodeMessage::QueryServer(query) => return self.answer_query(channel, query),
+            NodeMessage::Listening => {
+                self.report_ready(channel);
                 Ok(())
             }
-            Incoming::Accepted { ack, accepted } => {
+            NodeMessage::Accepted { ack, accepted } => {
                 let message = if accepted {
                     WorkerMessage::Ack(ack)
                 } else {
                     WorkerMessage::Nack(ack)
                 };
-                self.on_message(index, message);
+                self.on_message(channel, message);
                 Ok(())
             }
-            Incoming::HandleAck => {
+            NodeMessage::HandleAck => {
                 node.handle_answered();
                 Ok(())
             }
-            Incoming::HandleNack => {
+            NodeMessage::HandleNack => {
                 // The handle never arrived: that connection goes elsewhere.
                 if let Some(SentHandle::Connection(id)) = node.handle_answered() {
-                    self.on_message(index, WorkerMessage::Nack(id));
+                    self.on_message(channel, WorkerMessage::Nack(id));
                 }
                 Ok(())
             }
-            Incoming::Handle => node.send_line(channel, node_ipc::handle_ack()),
-            Incoming::ExitedAfterDisconnect { seq: theirs } => {
+            NodeMessage::Handle => node.send_line(fd, node_ipc::handle_ack()),
+            NodeMessage::ExitedAfterDisconnect { seq: theirs } => {
                 let seq = node.next_seq();
-                node.send_line(channel, node_ipc::ack(theirs, seq))
+                node.send_line(fd, node_ipc::ack(theirs, seq))
             }
-            Incoming::Close { key } => {
+            NodeMessage::Close { key } => {
                 if let Some(listener) = node.remove_server(&key) {
-                    self.update_rotation(usize::from(listener), index, SlotRotation::release);
-                    self.release_if_unused(usize::from(listener));
+                    self.update_rotation(listener, channel, SlotRotation::release);
+                    self.release_if_unused(listener);
                 }
                 return;
             }
-            Incoming::Online | Incoming::Other => Ok(()),
+            NodeMessage::Online | NodeMessage::Other => Ok(()),
         };
-        self.after_node_send(index, sent);
+        self.after_node_send(channel, sent);
     }
 
     /// Watches for room while a Node worker's outbox is not empty; retires
     /// the worker if its channel failed.
-    pub(super) fn after_node_send(&mut self, index: usize, sent: io::Result<()>) {
+    pub(super) fn after_node_send(&mut self, channel: ChannelIx, sent: io::Result<()>) {
         match sent {
             Ok(()) => {
                 // A worker skipped for a full channel waits for room too.
-                let wants_write = self.channels[index]
+                let wants_write = self.channels[channel]
                     .as_ref()
                     .is_some_and(WorkerChannel::wants_write);
-                self.watch_writable(index, wants_write);
+                self.watch_writable(channel, wants_write);
             }
             Err(e) => {
                 debug!("Node worker channel failed on send: {e}");
-                self.retire(index, Retired::ChannelClosed);
+                self.retire(channel, Retired::ChannelClosed);
             }
         }
     }

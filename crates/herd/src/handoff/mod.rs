@@ -54,8 +54,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{HandoffSettings, MAX_WORKERS};
 use crate::dispatch::{Dispatcher, Mode};
-use crate::lifecycle::{Role, WorkerId};
-use crate::listener::{self, BoundListener, MAX_LISTENERS};
+use crate::ids::{ChannelIx, ListenerIx, SlotIx, Table, WorkerId};
+use crate::lifecycle::Role;
+use crate::listener::{self, BindOptions, BoundListener, MAX_LISTENERS};
 use crate::node_ipc::{self, NodeChannel, SentHandle};
 use crate::rate_limit::Occurrences;
 use crate::rotation::SlotRotation;
@@ -67,7 +68,8 @@ use herd_protocol::wire::{Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, M
 const WAKER: Token = Token(usize::MAX);
 /// Listener `i` has token `i`; worker channel `c` has token `WORKER_TOKEN_BASE + c`;
 /// the slot socket of slot `s` in listener `i`'s kernel rotation (while herd
-/// accepts from it) has token `SLOT_TOKEN_BASE + i * MAX_ROTATION + s`.
+/// accepts from it) has token `SLOT_TOKEN_BASE + i * MAX_ROTATION + s`
+/// (see [`Polled::of`]).
 const WORKER_TOKEN_BASE: usize = 1 << 16;
 const SLOT_TOKEN_BASE: usize = 1 << 24;
 /// How often the kernel rotations' per-slot counts are read into [`Counters`].
@@ -173,11 +175,11 @@ pub fn spawn(
     let listen_on_demand = listeners.is_empty();
     let mut handoff_loop = HandoffLoop {
         poll,
-        listeners: Vec::with_capacity(listeners.len()),
+        listeners: Table::with_capacity(listeners.len()),
         listen_on_demand,
         backlog,
-        channels: Vec::new(),
-        active: Vec::new(),
+        channels: Table::new(),
+        active: Table::new(),
         dispatcher: Dispatcher::new(mode),
         queue: WaitQueue::default(),
         limits,
@@ -234,8 +236,15 @@ struct Accepted {
     accepted_at: Instant,
     /// The slot that refused this connection with NACK; it is not offered
     /// the connection again, so a refusal can't bounce back and forth.
-    refused_by: Option<usize>,
+    refused_by: Option<SlotIx>,
     refusals: Refusals,
+}
+
+impl Accepted {
+    /// The listener it came in on: its line in the wait queue.
+    fn listener(&self) -> ListenerIx {
+        ListenerIx::from(self.handoff.listener)
+    }
 }
 
 /// A connection sent to a worker, awaiting its ACK.
@@ -244,29 +253,64 @@ struct InFlight {
     sent_at: Instant,
 }
 
-/// The token of a kernel rotation's slot socket while herd accepts from it.
-fn slot_token(listener: usize, slot: usize) -> Token {
-    Token(SLOT_TOKEN_BASE + listener * MAX_ROTATION + slot)
+fn listener_token(listener: ListenerIx) -> Token {
+    Token(listener.get())
 }
 
-fn channel_token(index: usize) -> Token {
-    Token(WORKER_TOKEN_BASE + index)
+/// The token of a kernel rotation's slot socket while herd accepts from it.
+fn slot_token(listener: ListenerIx, slot: SlotIx) -> Token {
+    Token(SLOT_TOKEN_BASE + listener.get() * MAX_ROTATION + slot.get())
+}
+
+fn channel_token(channel: ChannelIx) -> Token {
+    Token(WORKER_TOKEN_BASE + channel.get())
+}
+
+/// What a poll event is about: its token read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Polled {
+    Waker,
+    Listener(ListenerIx),
+    /// The socket of `slot` in the listener's kernel rotation.
+    SlotSocket(ListenerIx, SlotIx),
+    Channel(ChannelIx),
+}
+
+impl Polled {
+    /// The inverse of [`listener_token`], [`slot_token`] and [`channel_token`].
+    fn of(token: Token) -> Polled {
+        match token {
+            WAKER => Polled::Waker,
+            Token(listener) if listener < WORKER_TOKEN_BASE => {
+                Polled::Listener(ListenerIx::at(listener))
+            }
+            Token(token) if token >= SLOT_TOKEN_BASE => {
+                let token = token - SLOT_TOKEN_BASE;
+                Polled::SlotSocket(
+                    ListenerIx::at(token / MAX_ROTATION),
+                    SlotIx(token % MAX_ROTATION),
+                )
+            }
+            Token(token) => Polled::Channel(ChannelIx(token - WORKER_TOKEN_BASE)),
+        }
+    }
 }
 
 struct HandoffLoop {
     poll: Poll,
-    /// By index, which is also the listener's token; `None`: released (a
-    /// Node app closed that server everywhere), free for the next.
-    listeners: Vec<Option<Listening>>,
+    /// Every listener (its token is [`listener_token`]); `None`: released
+    /// (a Node app closed that server everywhere), free for the next.
+    listeners: Table<ListenerIx, Option<Listening>>,
     /// None was configured: bind what Node workers ask for (and hand the
     /// first configured one out otherwise).
     listen_on_demand: bool,
     /// Accept queue length for listeners bound on demand.
     backlog: u32,
-    /// Every worker channel, by index (its token is `WORKER_TOKEN_BASE + index`).
-    channels: Vec<Option<WorkerChannel>>,
-    /// Per slot, the index of the channel whose worker gets the slot's connections.
-    active: Vec<Option<usize>>,
+    /// Every worker channel (its token is [`channel_token`]); `None`: free
+    /// for the next.
+    channels: Table<ChannelIx, Option<WorkerChannel>>,
+    /// Per slot, the channel whose worker gets the slot's connections.
+    active: Table<SlotIx, Option<ChannelIx>>,
     dispatcher: Dispatcher,
     /// Accepted connections no worker could take yet, oldest first.
     queue: WaitQueue<Accepted>,
@@ -289,7 +333,7 @@ struct HandoffLoop {
     /// `hang_timeout`).
     hang_check_due: Option<Instant>,
     /// Channels that had more to read than one turn's budget.
-    more_to_read: Vec<usize>,
+    more_to_read: Vec<ChannelIx>,
     /// The messages of one channel's read turn, reused from turn to turn.
     scratch: Vec<Message>,
     /// A spare fd, given up to accept and close a connection when herd is
@@ -320,28 +364,24 @@ impl HandoffLoop {
                 }
             }
             for event in events.iter() {
-                match event.token() {
-                    WAKER => self.run_commands(),
-                    Token(index) if index < WORKER_TOKEN_BASE => self.accept_all(index, None),
-                    Token(token) if token >= SLOT_TOKEN_BASE => {
-                        let token = token - SLOT_TOKEN_BASE;
-                        self.accept_all(token / MAX_ROTATION, Some(token % MAX_ROTATION));
-                    }
-                    Token(token) => {
-                        let index = token - WORKER_TOKEN_BASE;
+                match Polled::of(event.token()) {
+                    Polled::Waker => self.run_commands(),
+                    Polled::Listener(listener) => self.accept_all(listener, None),
+                    Polled::SlotSocket(listener, slot) => self.accept_all(listener, Some(slot)),
+                    Polled::Channel(channel) => {
                         if event.is_writable() {
-                            self.unblock(index);
+                            self.unblock(channel);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read_worker(index);
+                            self.read_worker(channel);
                         }
                     }
                 }
             }
             // Another turn for workers that sent more than one turn's
             // worth, now that every other ready fd has had its turn.
-            for index in std::mem::take(&mut self.more_to_read) {
-                self.read_worker(index);
+            for channel in std::mem::take(&mut self.more_to_read) {
+                self.read_worker(channel);
             }
             self.on_timers(Instant::now());
             if !self.queue.is_empty() {
@@ -378,15 +418,15 @@ impl HandoffLoop {
     fn on_timers(&mut self, now: Instant) {
         if self.accept_paused_until.is_some_and(|until| until <= now) {
             self.accept_paused_until = None;
-            for index in 0..self.listeners.len() {
-                self.accept_all(index, None);
+            for listener in self.listeners.ids() {
+                self.accept_all(listener, None);
                 let slots = self
-                    .listener(index)
+                    .listener(listener)
                     .and_then(|l| l.rotation.as_ref())
                     .map(SlotRotation::herd_accepting)
                     .unwrap_or_default();
                 for slot in slots {
-                    self.accept_all(index, Some(slot));
+                    self.accept_all(listener, Some(slot));
                 }
             }
         }
@@ -419,18 +459,18 @@ impl HandoffLoop {
             match command {
                 Command::AddWorker { worker, channel } => self.add_worker(worker, channel),
                 Command::Serve { worker } => {
-                    if let Some(index) = self.find(worker) {
-                        self.serve(index);
+                    if let Some(channel) = self.find(worker) {
+                        self.serve(channel);
                     }
                 }
                 Command::Drain { worker } => {
-                    if let Some(index) = self.find(worker) {
-                        self.drain(index);
+                    if let Some(channel) = self.find(worker) {
+                        self.drain(channel);
                     }
                 }
                 Command::Forget { worker } => {
-                    if let Some(index) = self.find(worker) {
-                        self.retire(index, Retired::ProcessExited);
+                    if let Some(channel) = self.find(worker) {
+                        self.retire(channel, Retired::ProcessExited);
                     }
                 }
                 Command::SetSlots { count } => self.active.truncate(count.min(MAX_WORKERS)),
@@ -459,9 +499,9 @@ impl HandoffLoop {
         };
     }
 
-    fn find(&self, worker: WorkerId) -> Option<usize> {
+    /// The channel of `worker`, if it has one still.
+    fn find(&self, worker: WorkerId) -> Option<ChannelIx> {
         self.channels
-            .iter()
             .position(|c| c.as_ref().is_some_and(|c| c.worker == worker))
     }
 }
@@ -469,7 +509,7 @@ impl HandoffLoop {
 /// What the loop needs to know of a worker it is given.
 #[derive(Debug)]
 pub struct NewWorker {
-    pub slot: usize,
+    pub slot: SlotIx,
     pub worker: WorkerId,
     pub pid: u32,
     /// The worker is a Node.js cluster app: its channel is Node's IPC

@@ -13,7 +13,7 @@ pub(super) enum Retired {
 }
 
 impl HandoffLoop {
-    pub(super) fn add_worker(&mut self, added: NewWorker, channel: OwnedFd) {
+    pub(super) fn add_worker(&mut self, added: NewWorker, fd: OwnedFd) {
         let NewWorker {
             slot,
             worker,
@@ -22,32 +22,27 @@ impl HandoffLoop {
             recycle_after,
             hang_timeout,
         } = added;
-        if slot >= MAX_WORKERS {
+        if slot.get() >= MAX_WORKERS {
             error!(
-                slot,
+                slot = slot.get(),
                 event = "slot_out_of_range",
                 "worker slot out of range; closing its channel"
             );
             return;
         }
-        if self.active.len() <= slot {
-            self.active.resize(slot + 1, None);
-        }
-        let index = match self.channels.iter().position(Option::is_none) {
+        self.active.reach(slot, || None);
+        let channel = match self.channels.position(Option::is_none) {
             Some(free) => free,
-            None => {
-                self.channels.push(None);
-                self.channels.len() - 1
-            }
+            None => self.channels.push(None),
         };
-        let raw = channel.as_raw_fd();
+        let raw = fd.as_raw_fd();
         if let Err(e) = self.poll.registry().register(
             &mut SourceFd(&raw),
-            channel_token(index),
+            channel_token(channel),
             Interest::READABLE,
         ) {
             error!(
-                slot,
+                slot = slot.get(),
                 event = "channel_watch_failed",
                 "cannot watch worker channel: {e}"
             );
@@ -57,11 +52,11 @@ impl HandoffLoop {
             self.hang_check_due
                 .get_or_insert(Instant::now() + HANG_CHECK_INTERVAL);
         }
-        self.channels[index] = Some(WorkerChannel {
+        self.channels[channel] = Some(WorkerChannel {
             slot,
             worker,
             pid,
-            channel,
+            channel: fd,
             role: Role::Starting,
             hung: false,
             hang_timeout,
@@ -81,12 +76,12 @@ impl HandoffLoop {
             },
         });
         // READY may already be waiting on the channel.
-        self.read_worker(index);
+        self.read_worker(channel);
     }
 
     /// The worker said READY: the supervisor decides what follows.
-    pub(super) fn report_ready(&mut self, index: usize) {
-        if let Some(worker) = self.channels[index].as_ref() {
+    pub(super) fn report_ready(&mut self, channel: ChannelIx) {
+        if let Some(worker) = self.channels[channel].as_ref() {
             let _ = self.events.send(Event::Ready {
                 worker: worker.worker,
             });
@@ -95,8 +90,8 @@ impl HandoffLoop {
 
     /// The supervisor made the worker its slot's: it gets the slot's
     /// connections from now on. A worker told to drain stays drained.
-    pub(super) fn serve(&mut self, index: usize) {
-        let Some(worker) = self.channels[index].as_mut() else {
+    pub(super) fn serve(&mut self, channel: ChannelIx) {
+        let Some(worker) = self.channels[channel].as_mut() else {
             return;
         };
         if worker.role != Role::Starting {
@@ -105,10 +100,8 @@ impl HandoffLoop {
         worker.role = Role::Serving;
         self.capacity_epoch += 1;
         let (slot, id) = (worker.slot, worker.worker);
-        if self.active.len() <= slot {
-            self.active.resize(slot + 1, None);
-        }
-        self.active[slot] = Some(index);
+        self.active.reach(slot, || None);
+        self.active[slot] = Some(channel);
         let _ = self.events.send(Event::Serving { worker: id });
     }
 
@@ -117,8 +110,8 @@ impl HandoffLoop {
     /// connections go back to the front of the queue, and the supervisor
     /// is told (it kills and replaces it). A late ACK from it is ignored.
     pub(super) fn find_hung(&mut self, now: Instant) {
-        for index in 0..self.channels.len() {
-            let Some(worker) = self.channels[index].as_mut() else {
+        for channel in self.channels.ids() {
+            let Some(worker) = self.channels[channel].as_mut() else {
                 continue;
             };
             let Some(limit) = worker.hang_timeout else {
@@ -132,16 +125,16 @@ impl HandoffLoop {
                 continue;
             }
             worker.hung = true;
-            if self.active.get(worker.slot) == Some(&Some(index)) {
+            if self.active.get(worker.slot) == Some(&Some(channel)) {
                 self.active[worker.slot] = None;
             }
-            let requeued = self.requeue_in_flight(index);
+            let requeued = self.requeue_in_flight(channel);
             self.counters
                 .requeued_hung
                 .fetch_add(requeued as u64, Relaxed);
-            let worker = self.channels[index].as_ref().expect("looked up above");
+            let worker = self.channels[channel].as_ref().expect("looked up above");
             warn!(
-                slot = worker.slot,
+                slot = worker.slot.get(),
                 pid = worker.pid,
                 requeued,
                 event = "worker_hung",
@@ -155,8 +148,8 @@ impl HandoffLoop {
 
     /// Stops giving a worker connections and sends it DRAIN (now, or as
     /// soon as its channel has room).
-    pub(super) fn drain(&mut self, index: usize) {
-        let Some(worker) = self.channels[index].as_mut() else {
+    pub(super) fn drain(&mut self, channel: ChannelIx) {
+        let Some(worker) = self.channels[channel].as_mut() else {
             return;
         };
         if worker.role == Role::Draining {
@@ -164,17 +157,17 @@ impl HandoffLoop {
         }
         worker.role = Role::Draining;
         worker.drain_pending = true;
-        if self.active.get(worker.slot) == Some(&Some(index)) {
+        if self.active.get(worker.slot) == Some(&Some(channel)) {
             self.active[worker.slot] = None;
         }
         // Its slot socket leaves the kernel's rotation before it is told to
         // stop: what is queued there by then, herd accepts and hands on.
-        self.update_rotations(index, SlotRotation::stop_turns);
-        self.send_pending_drain(index);
+        self.update_rotations(channel, SlotRotation::stop_turns);
+        self.send_pending_drain(channel);
     }
 
-    pub(super) fn send_pending_drain(&mut self, index: usize) {
-        let Some(worker) = self.channels[index].as_mut() else {
+    pub(super) fn send_pending_drain(&mut self, channel: ChannelIx) {
+        let Some(worker) = self.channels[channel].as_mut() else {
             return;
         };
         if !worker.drain_pending {
@@ -185,13 +178,13 @@ impl HandoffLoop {
             // channel has room now.
             worker.drain_pending = false;
             let sent = worker.send_drain();
-            return self.after_node_send(index, sent);
+            return self.after_node_send(channel, sent);
         }
         match worker.send_drain() {
             Ok(()) => worker.drain_pending = false,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 worker.blocked = true;
-                self.watch_writable(index, true);
+                self.watch_writable(channel, true);
             }
             // The worker is gone; its channel's EOF will retire it.
             Err(_) => worker.drain_pending = false,
@@ -199,8 +192,8 @@ impl HandoffLoop {
     }
 
     /// Adds or removes WRITABLE interest; only wanted while a channel is full.
-    pub(super) fn watch_writable(&mut self, index: usize, writable: bool) {
-        let Some(worker) = self.channels[index].as_ref() else {
+    pub(super) fn watch_writable(&mut self, channel: ChannelIx, writable: bool) {
+        let Some(worker) = self.channels[channel].as_ref() else {
             return;
         };
         let interest = if writable {
@@ -212,11 +205,11 @@ impl HandoffLoop {
         let _ =
             self.poll
                 .registry()
-                .reregister(&mut SourceFd(&raw), channel_token(index), interest);
+                .reregister(&mut SourceFd(&raw), channel_token(channel), interest);
     }
 
-    pub(super) fn unblock(&mut self, index: usize) {
-        let Some(worker) = self.channels.get_mut(index).and_then(Option::as_mut) else {
+    pub(super) fn unblock(&mut self, channel: ChannelIx) {
+        let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
             return;
         };
         // Room on a channel is capacity: refused connections may go there now.
@@ -224,29 +217,29 @@ impl HandoffLoop {
         if let Protocol::Node(_) = worker.protocol {
             worker.blocked = false;
             let flushed = worker.flush();
-            return self.after_node_send(index, flushed);
+            return self.after_node_send(channel, flushed);
         }
         if worker.blocked {
             worker.blocked = false;
-            self.watch_writable(index, false);
-            self.send_pending_drain(index);
+            self.watch_writable(channel, false);
+            self.send_pending_drain(channel);
         }
     }
 
     /// Removes a worker whose channel is gone, or whose process exited, and
     /// puts every connection it had not acknowledged back at the front of
     /// the queue, oldest first.
-    pub(super) fn retire(&mut self, index: usize, why: Retired) {
-        let requeued = self.requeue_in_flight(index);
-        let Some(worker) = self.channels[index].take() else {
+    pub(super) fn retire(&mut self, channel: ChannelIx, why: Retired) {
+        let requeued = self.requeue_in_flight(channel);
+        let Some(worker) = self.channels[channel].take() else {
             return;
         };
         let raw = worker.channel.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
-        if self.active.get(worker.slot) == Some(&Some(index)) {
+        if self.active.get(worker.slot) == Some(&Some(channel)) {
             self.active[worker.slot] = None;
         }
-        self.update_rotations(index, SlotRotation::release);
+        self.update_rotations(channel, SlotRotation::release);
         if let Some(closed) = worker.closed {
             // Whatever it still had open ended with its channel.
             self.counters.open_connections[worker.slot].fetch_sub(worker.acked - closed, Relaxed);
@@ -256,7 +249,7 @@ impl HandoffLoop {
             .fetch_add(requeued as u64, Relaxed);
         if requeued > 0 {
             info!(
-                slot = worker.slot,
+                slot = worker.slot.get(),
                 pid = worker.pid,
                 requeued,
                 event = "requeued",
@@ -270,16 +263,15 @@ impl HandoffLoop {
         }
     }
 
-    /// Takes back every connection sent to worker `index` and not yet
+    /// Takes back every connection sent to worker `channel` and not yet
     /// acknowledged, to the front of their queues, oldest first.
-    pub(super) fn requeue_in_flight(&mut self, index: usize) -> usize {
-        let Some(worker) = self.channels[index].as_mut() else {
+    pub(super) fn requeue_in_flight(&mut self, channel: ChannelIx) -> usize {
+        let Some(worker) = self.channels[channel].as_mut() else {
             return 0;
         };
         let requeued = worker.in_flight.len();
         for entry in worker.in_flight.drain(..).rev() {
-            self.queue
-                .push_front(usize::from(entry.conn.handoff.listener), entry.conn);
+            self.queue.push_front(entry.conn.listener(), entry.conn);
         }
         self.counters.in_flight.fetch_sub(requeued as u64, Relaxed);
         requeued

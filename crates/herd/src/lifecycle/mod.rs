@@ -36,7 +36,6 @@ mod tests;
 mod world;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -44,21 +43,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::config::{RestartSettings, Settings, MAX_WORKERS};
+use crate::ids::{SlotIx, Table, WorkerId};
 use crate::status::{Phase, SlotState};
 use reload::Reload;
 pub use slot::restart_delay;
 use slot::Slot;
 pub use worker::{DrainCause, KillCause, ReplaceCause, Stage, Worker, CHANNEL_LOSS_GRACE};
-
-/// One worker process, unique for herd's lifetime (pids get reused).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct WorkerId(pub u64);
-
-impl fmt::Display for WorkerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// One loaded configuration: the first is 0, each reload adds one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -191,7 +181,7 @@ pub enum Action {
     /// [`Event::Started`] or [`Event::StartFailed`].
     Spawn {
         worker: WorkerId,
-        slot: usize,
+        slot: SlotIx,
         version: Version,
     },
     /// Hand-off loop: the worker holds its slot and gets its connections.
@@ -208,7 +198,7 @@ pub enum Action {
     /// Hand-off loop: close the listeners; herd is stopping.
     StopAccepting,
     /// Count a restart of `slot` for `reason` (metrics).
-    Restarted { slot: usize, reason: RestartReason },
+    Restarted { slot: SlotIx, reason: RestartReason },
     /// A reload ended (or was refused: `took` is `None`); answer the
     /// client that asked with `ticket`.
     ReloadFinished {
@@ -221,7 +211,7 @@ pub enum Action {
 /// One slot as `herd status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotView {
-    pub slot: usize,
+    pub slot: SlotIx,
     pub state: SlotState,
     /// The worker the row describes: the serving one, else the starting
     /// one, else the hung one being killed.
@@ -241,12 +231,12 @@ struct Stopping {
 /// The state of every slot and worker.
 #[derive(Debug, Clone)]
 pub struct Lifecycle {
-    /// By slot index; the length is the configured count.
-    slots: Vec<Slot>,
+    /// By slot; the length is the configured count.
+    slots: Table<SlotIx, Slot>,
     workers: BTreeMap<WorkerId, Worker>,
     /// (slot, worker) for every worker: a slot's workers in O(log n), so
     /// an event costs O(slots) rather than O(slots × workers).
-    by_slot: BTreeSet<(usize, WorkerId)>,
+    by_slot: BTreeSet<(SlotIx, WorkerId)>,
     policies: BTreeMap<Version, Policy>,
     /// What new slots run, and a finished reload moves to.
     current: Version,
@@ -382,9 +372,9 @@ impl Lifecycle {
 
     /// One row per slot for `herd status`.
     pub fn slots(&self) -> Vec<SlotView> {
-        (0..self.slots.len())
-            .map(|slot| {
-                let entry = &self.slots[slot];
+        self.slots
+            .enumerate()
+            .map(|(slot, entry)| {
                 let mine = || self.in_slot(slot);
                 let serving = mine().find(|w| w.is_serving());
                 let starting = mine().find(|w| w.is_starting());
@@ -427,14 +417,14 @@ impl Lifecycle {
             if !self.policies.contains_key(&w.version) {
                 return Err(format!("worker {id} runs a forgotten version"));
             }
-            if w.is_live() && (w.slot >= self.slots.len() || self.stopping.is_some()) {
+            if w.is_live() && (w.slot.get() >= self.slots.len() || self.stopping.is_some()) {
                 return Err(format!(
                     "worker {id} in slot {} is {:?} beyond the count or while stopping",
                     w.slot, w.stage
                 ));
             }
         }
-        for slot in 0..self.slots.len() {
+        for slot in self.slots.ids() {
             let mine: Vec<&Worker> = self.in_slot(slot).collect();
             let serving = mine.iter().filter(|w| w.is_serving()).count();
             let starting = mine.iter().filter(|w| w.is_starting()).count();
@@ -470,16 +460,16 @@ impl Lifecycle {
         self.workers.get(&worker).map(|w| *self.policy(w.version))
     }
 
-    fn serving_in(&self, slot: usize) -> Option<WorkerId> {
+    fn serving_in(&self, slot: SlotIx) -> Option<WorkerId> {
         self.in_slot(slot).find(|w| w.is_serving()).map(|w| w.id)
     }
 
-    fn starting_in(&self, slot: usize) -> Option<WorkerId> {
+    fn starting_in(&self, slot: SlotIx) -> Option<WorkerId> {
         self.in_slot(slot).find(|w| w.is_starting()).map(|w| w.id)
     }
 
     /// The workers of `slot`, any stage.
-    fn in_slot(&self, slot: usize) -> impl Iterator<Item = &Worker> + '_ {
+    fn in_slot(&self, slot: SlotIx) -> impl Iterator<Item = &Worker> + '_ {
         self.by_slot
             .range((slot, WorkerId(0))..=(slot, WorkerId(u64::MAX)))
             .map(|(_, id)| &self.workers[id])
@@ -498,8 +488,8 @@ impl Lifecycle {
 }
 
 /// The span every log line about a slot is recorded in (`worker{slot=N}`).
-pub fn slot_span(slot: usize) -> tracing::Span {
-    tracing::info_span!("worker", slot)
+pub fn slot_span(slot: SlotIx) -> tracing::Span {
+    tracing::info_span!("worker", slot = slot.get())
 }
 
 /// "exited with code 3", "was killed by signal 9 (SIGKILL)".

@@ -9,7 +9,8 @@ use nix::sys::signal::Signal;
 use tracing::{debug, error, info, warn};
 
 use super::worker::{DrainCause, KillCause, ReplaceCause, Stage, Worker, CHANNEL_LOSS_GRACE};
-use super::{describe_exit, slot_span, Action, Lifecycle, RestartReason, WorkerId};
+use super::{describe_exit, slot_span, Action, Lifecycle, RestartReason};
+use crate::ids::{SlotIx, WorkerId};
 
 /// How a worker's run ended, for the restart accounting.
 pub(super) struct RunEnd {
@@ -21,7 +22,7 @@ pub(super) struct RunEnd {
 
 impl Lifecycle {
     /// Starts a worker in `slot` on the slot's version.
-    pub(super) fn spawn(&mut self, now: Instant, slot: usize, out: &mut Vec<Action>) {
+    pub(super) fn spawn(&mut self, now: Instant, slot: SlotIx, out: &mut Vec<Action>) {
         let fill = self.serving_in(slot).is_none();
         let entry = &mut self.slots[slot];
         entry.started(fill);
@@ -63,7 +64,7 @@ impl Lifecycle {
         };
         // Only a starting worker becomes serving: a draining one never
         // serves again, whatever arrives late from its channel.
-        if !w.is_starting() || self.stopping.is_some() || w.slot >= self.slots.len() {
+        if !w.is_starting() || self.stopping.is_some() || w.slot.get() >= self.slots.len() {
             return;
         }
         let slot = w.slot;
@@ -75,7 +76,11 @@ impl Lifecycle {
         w.stage = Stage::Serving { replace: None };
         w.announced = announced;
         let _span = slot_span(slot).entered();
-        debug!(slot, pid = w.pid.unwrap_or(0), "worker promoted");
+        debug!(
+            slot = slot.get(),
+            pid = w.pid.unwrap_or(0),
+            "worker promoted"
+        );
         self.slots[slot].hung = false;
         out.push(Action::Serve { worker: id });
         if let Some(old) = old {
@@ -107,7 +112,7 @@ impl Lifecycle {
         };
         let _span = slot_span(w.slot).entered();
         info!(
-            slot = w.slot,
+            slot = w.slot.get(),
             pid = w.pid.unwrap_or(0),
             event = "worker_draining",
             "worker draining"
@@ -157,7 +162,7 @@ impl Lifecycle {
         };
         let _span = slot_span(w.slot).entered();
         error!(
-            slot = w.slot,
+            slot = w.slot.get(),
             event = "start_failed",
             "cannot start worker: {error}"
         );
@@ -189,7 +194,7 @@ impl Lifecycle {
         match w.stage {
             Stage::Starting { .. } | Stage::Serving { .. } if self.stopping.is_none() => {
                 warn!(
-                    slot,
+                    slot = slot.get(),
                     pid,
                     uptime_ms,
                     code = status.code(),
@@ -212,7 +217,7 @@ impl Lifecycle {
                 cause: KillCause::ReadyTimeout,
             } => {
                 info!(
-                    slot,
+                    slot = slot.get(),
                     pid,
                     uptime_ms,
                     code = status.code(),
@@ -222,7 +227,7 @@ impl Lifecycle {
                 );
             }
             _ => info!(
-                slot,
+                slot = slot.get(),
                 pid,
                 uptime_ms,
                 code = status.code(),
@@ -245,7 +250,7 @@ impl Lifecycle {
             Stage::Draining { .. } if policy.node => {
                 let _span = slot_span(w.slot).entered();
                 info!(
-                    slot = w.slot,
+                    slot = w.slot.get(),
                     pid = w.pid.unwrap_or(0),
                     event = "node_disconnected",
                     "Node worker disconnected; sending SIGTERM"
@@ -276,7 +281,7 @@ impl Lifecycle {
         }
         let _span = slot_span(w.slot).entered();
         warn!(
-            slot = w.slot,
+            slot = w.slot.get(),
             pid = w.pid.unwrap_or(0),
             event = "hung_worker_killed",
             "worker is hung (a hand-off went unacknowledged for hang_timeout); killing it"
@@ -318,7 +323,7 @@ impl Lifecycle {
         *replace = Some(cause);
         let _span = slot_span(w.slot).entered();
         info!(
-            slot = w.slot,
+            slot = w.slot.get(),
             pid = w.pid.unwrap_or(0),
             event = match cause {
                 ReplaceCause::Memory => "memory_exceeded",
@@ -347,7 +352,7 @@ impl Lifecycle {
         end: RunEnd,
         out: &mut Vec<Action>,
     ) {
-        if self.stopping.is_some() || w.slot >= self.slots.len() {
+        if self.stopping.is_some() || w.slot.get() >= self.slots.len() {
             return;
         }
         let restart = self.policy(w.version).restart;
@@ -366,7 +371,7 @@ impl Lifecycle {
         if failed_start {
             if slot.record_failure(now, &restart) {
                 error!(
-                    slot = w.slot,
+                    slot = w.slot.get(),
                     failures = slot.failures,
                     max_restarts = restart.max_restarts,
                     event = "crash_looping",
@@ -386,7 +391,7 @@ impl Lifecycle {
             self.fail_reload(now, w.slot, &end.why, out);
         } else if self.serving_in(w.slot).is_some() {
             warn!(
-                slot = w.slot,
+                slot = w.slot.get(),
                 event = "replacement_failed",
                 "replacement worker failed ({}); the current worker keeps serving",
                 end.why
@@ -410,7 +415,7 @@ impl Lifecycle {
             let pid = w.pid.unwrap_or(0);
             if w.is_live() && w.channel_check_at.is_some_and(|at| at <= now) {
                 warn!(
-                    slot = w.slot,
+                    slot = w.slot.get(),
                     pid,
                     event = "channel_lost",
                     "worker closed its channel but is still running; stopping it"
@@ -430,7 +435,7 @@ impl Lifecycle {
                 Stage::Starting { ready_by, .. } if ready_by <= now => {
                     let timeout = self.policy(w.version).ready_timeout;
                     warn!(
-                        slot = w.slot,
+                        slot = w.slot.get(),
                         pid,
                         timeout_ms = timeout.as_millis() as u64,
                         event = "ready_timeout",
@@ -461,7 +466,7 @@ impl Lifecycle {
                             }
                         }
                         None => warn!(
-                            slot = w.slot,
+                            slot = w.slot.get(),
                             pid,
                             event = "drain_timeout",
                             "worker did not stop in time; sending SIGKILL"

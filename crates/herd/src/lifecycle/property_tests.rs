@@ -127,7 +127,7 @@ fn play(seed: u64, steps: usize) {
                     "seed {seed} step {step} ({described}): draining worker {worker} served again"
                 ),
                 Action::Spawn { slot, .. } => assert!(
-                    *slot < world.core.slot_count(),
+                    slot.get() < world.core.slot_count(),
                     "seed {seed} step {step}: spawn beyond the count"
                 ),
                 _ => {}

@@ -8,7 +8,8 @@ use tracing::info;
 
 use super::slot::{Slot, StartGate};
 use super::worker::{DrainCause, KillCause, Stage};
-use super::{slot_span, Action, Lifecycle, Stopping, WorkerId, MAX_WORKERS};
+use super::{slot_span, Action, Lifecycle, Stopping, MAX_WORKERS};
+use crate::ids::{SlotIx, WorkerId};
 
 impl Lifecycle {
     pub(super) fn reconcile(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -17,7 +18,7 @@ impl Lifecycle {
         let surplus: Vec<WorkerId> = self
             .workers
             .values()
-            .filter(|w| w.is_live() && (stopping || w.slot >= self.slots.len()))
+            .filter(|w| w.is_live() && (stopping || w.slot.get() >= self.slots.len()))
             .map(|w| w.id)
             .collect();
         let cause = if stopping {
@@ -30,7 +31,7 @@ impl Lifecycle {
         }
         if !stopping {
             self.advance_reload(now, out);
-            for slot in 0..self.slots.len() {
+            for slot in self.slots.ids() {
                 self.reconcile_slot(now, slot, out);
             }
         }
@@ -38,7 +39,7 @@ impl Lifecycle {
     }
 
     /// Gives `slot` a worker of the version it wants, or a timer to start one.
-    fn reconcile_slot(&mut self, now: Instant, slot: usize, out: &mut Vec<Action>) {
+    fn reconcile_slot(&mut self, now: Instant, slot: SlotIx, out: &mut Vec<Action>) {
         let wanted = self.slots[slot].version;
         if let Some(id) = self.starting_in(slot) {
             if self.workers[&id].version == wanted {
@@ -75,7 +76,7 @@ impl Lifecycle {
                     "restarting worker after backoff"
                 };
                 info!(
-                    slot,
+                    slot = slot.get(),
                     failures = entry.failures,
                     delay_ms,
                     replacement = serving.is_some(),
@@ -97,8 +98,8 @@ impl Lifecycle {
         let before = self.slots.len();
         if count > before {
             let version = self.reload.as_ref().map_or(self.current, |r| r.version);
-            for slot in before..count {
-                self.slots.push(Slot::new(version));
+            for _ in before..count {
+                let slot = self.slots.push(Slot::new(version));
                 if let Some(reload) = self.reload.as_mut() {
                     reload.previous.insert(slot, reload.before);
                     reload.in_progress.insert(slot);
@@ -108,10 +109,10 @@ impl Lifecycle {
         } else if count < before {
             self.slots.truncate(count);
             if let Some(reload) = self.reload.as_mut() {
-                reload.pending.retain(|&slot| slot < count);
-                reload.in_progress.retain(|&slot| slot < count);
-                reload.previous.retain(|&slot, _| slot < count);
-                reload.grown.retain(|&slot| slot < count);
+                reload.pending.retain(|&slot| slot.get() < count);
+                reload.in_progress.retain(|&slot| slot.get() < count);
+                reload.previous.retain(|&slot, _| slot.get() < count);
+                reload.grown.retain(|&slot| slot.get() < count);
             }
             out.push(Action::SetSlots { count });
         }

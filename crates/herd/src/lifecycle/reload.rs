@@ -15,6 +15,7 @@ use std::time::Instant;
 use tracing::{error, info};
 
 use super::{Action, Lifecycle, Policy, Version};
+use crate::ids::SlotIx;
 
 #[derive(Debug, Clone)]
 pub(super) struct Reload {
@@ -24,15 +25,15 @@ pub(super) struct Reload {
     /// `current` before the reload: what a failed one returns to.
     pub before: Version,
     /// Per slot moved to the new version, what it ran before.
-    pub previous: BTreeMap<usize, Version>,
+    pub previous: BTreeMap<SlotIx, Version>,
     /// Slots still to move, in order.
-    pub pending: VecDeque<usize>,
+    pub pending: VecDeque<SlotIx>,
     /// Slots moved and not yet served by a worker of the new version.
-    pub in_progress: BTreeSet<usize>,
+    pub in_progress: BTreeSet<SlotIx>,
     /// Slots the reload added (a larger `workers`): they start on the new
     /// version at once and do not count against the batch, which exists to
     /// keep serving capacity while old workers are replaced.
-    pub grown: BTreeSet<usize>,
+    pub grown: BTreeSet<SlotIx>,
     /// Slots done.
     pub replaced: usize,
     pub started: Instant,
@@ -80,7 +81,7 @@ impl Lifecycle {
             version,
             before: self.current,
             previous: BTreeMap::new(),
-            pending: (0..self.slots.len().min(count)).collect(),
+            pending: SlotIx::below(self.slots.len().min(count)).collect(),
             in_progress: BTreeSet::new(),
             grown: BTreeSet::new(),
             replaced: 0,
@@ -93,7 +94,7 @@ impl Lifecycle {
     }
 
     /// Is a starting worker of `version` in `slot` the reload's new worker?
-    pub(super) fn reload_is_replacing(&self, slot: usize, version: Version) -> bool {
+    pub(super) fn reload_is_replacing(&self, slot: SlotIx, version: Version) -> bool {
         self.reload
             .as_ref()
             .is_some_and(|r| r.version == version && r.in_progress.contains(&slot))
@@ -105,7 +106,7 @@ impl Lifecycle {
         let Some(reload) = self.reload.as_ref() else {
             return;
         };
-        let done: Vec<usize> = reload
+        let done: Vec<SlotIx> = reload
             .in_progress
             .iter()
             .copied()
@@ -157,7 +158,7 @@ impl Lifecycle {
     pub(super) fn fail_reload(
         &mut self,
         now: Instant,
-        slot: usize,
+        slot: SlotIx,
         why: &str,
         out: &mut Vec<Action>,
     ) {
@@ -165,7 +166,7 @@ impl Lifecycle {
             return;
         };
         for (&moved, &version) in &reload.previous {
-            if reload.in_progress.contains(&moved) && moved < self.slots.len() {
+            if reload.in_progress.contains(&moved) && moved.get() < self.slots.len() {
                 self.slots[moved].version = version;
             }
         }
@@ -185,7 +186,7 @@ impl Lifecycle {
                 reload.replaced
             )
         };
-        error!(slot, event = "reload_failed", "{message}");
+        error!(slot = slot.get(), event = "reload_failed", "{message}");
         out.push(Action::ReloadFinished {
             ticket: reload.ticket,
             result: Err(message),

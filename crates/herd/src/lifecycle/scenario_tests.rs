@@ -222,7 +222,7 @@ fn a_reload_that_grows_the_count_starts_the_new_slots_on_the_new_version() {
     let spawned: Vec<(usize, Version)> = actions
         .iter()
         .filter_map(|a| match a {
-            Action::Spawn { slot, version, .. } => Some((*slot, *version)),
+            Action::Spawn { slot, version, .. } => Some((slot.get(), *version)),
             _ => None,
         })
         .collect();
@@ -250,7 +250,9 @@ fn a_reload_over_a_restarting_slot_restarts_it_on_the_new_version() {
         .iter()
         .filter_map(|a| match a {
             Action::Spawn {
-                slot: 1, version, ..
+                slot: SlotIx(1),
+                version,
+                ..
             } => Some(*version),
             _ => None,
         })

@@ -59,7 +59,7 @@ fn starting_past_ready_timeout_is_killed_and_the_slot_backs_off() {
     assert!(has(
         &actions,
         &Action::Restarted {
-            slot: 0,
+            slot: SlotIx(0),
             reason: RestartReason::ReadyTimeout
         }
     ));
@@ -148,7 +148,7 @@ fn serving_exit_after_a_good_run_restarts_at_once() {
     assert!(has(
         &actions,
         &Action::Restarted {
-            slot: 0,
+            slot: SlotIx(0),
             reason: RestartReason::Signal
         }
     ));
@@ -176,7 +176,7 @@ fn serving_whose_channel_closed_and_exits_restarts_as_an_exit() {
     assert!(has(
         &actions,
         &Action::Restarted {
-            slot: 0,
+            slot: SlotIx(0),
             reason: RestartReason::Exit
         }
     ));
@@ -194,7 +194,7 @@ fn serving_whose_channel_closed_but_lives_on_is_stopped_and_replaced() {
     assert!(has(
         &actions,
         &Action::Restarted {
-            slot: 0,
+            slot: SlotIx(0),
             reason: RestartReason::ChannelClosed
         }
     ));
@@ -210,7 +210,7 @@ fn serving_recycle_starts_a_replacement_that_takes_over_when_ready() {
     assert!(has(
         &actions,
         &Action::Restarted {
-            slot: 0,
+            slot: SlotIx(0),
             reason: RestartReason::Recycle
         }
     ));
@@ -247,7 +247,7 @@ fn serving_memory_over_the_limit_is_replaced_and_under_it_is_not() {
     assert!(has(
         &actions,
         &Action::Restarted {
-            slot: 0,
+            slot: SlotIx(0),
             reason: RestartReason::Memory
         }
     ));
@@ -310,7 +310,7 @@ fn serving_hung_is_killed_and_its_slot_shows_hung_until_a_worker_is_ready() {
     assert!(has(
         &actions,
         &Action::Restarted {
-            slot: 0,
+            slot: SlotIx(0),
             reason: RestartReason::Hung
         }
     ));

@@ -7,7 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::lifecycle::{Role, Version, WorkerId};
+use crate::ids::{SlotIx, WorkerId};
+use crate::lifecycle::{Role, Version};
 
 /// How long a worker may outlive its channel before herd stops it: its
 /// exit normally follows the channel's close within milliseconds, and a
@@ -78,7 +79,7 @@ pub enum Stage {
 #[derive(Debug, Clone)]
 pub struct Worker {
     pub id: WorkerId,
-    pub slot: usize,
+    pub slot: SlotIx,
     pub version: Version,
     /// Known once the spawn succeeded.
     pub pid: Option<u32>,

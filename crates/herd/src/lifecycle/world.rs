@@ -114,7 +114,7 @@ impl World {
     pub fn try_worker(&self, slot: usize, role: Role) -> Option<WorkerId> {
         self.core
             .workers()
-            .filter(|w| w.slot == slot && w.role() == role)
+            .filter(|w| w.slot == SlotIx(slot) && w.role() == role)
             .map(|w| w.id)
             .max()
     }
@@ -149,7 +149,7 @@ pub(super) fn spawns(actions: &[Action]) -> Vec<usize> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Spawn { slot, .. } => Some(*slot),
+            Action::Spawn { slot, .. } => Some(slot.get()),
             _ => None,
         })
         .collect()
