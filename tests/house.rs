@@ -366,3 +366,29 @@ fn the_worker_library_has_at_most_25_crates() {
         "{crates:?}"
     );
 }
+
+/// Every event name herd logs (`event = "…"`) is listed in README's Logs
+/// section, where log pipelines look them up.
+#[test]
+fn every_log_event_is_in_the_readme() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let logs = readme
+        .split("\n## Logs\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("README has a Logs section");
+    let mut missing = BTreeSet::new();
+    let mut seen = 0;
+    for path in sources(&root().join("crates/herd/src")) {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (at, _) in text.match_indices("event = \"") {
+            let name: String = text[at + 9..].chars().take_while(|&c| c != '"').collect();
+            seen += 1;
+            if !logs.contains(&format!("`{name}`")) {
+                missing.insert(name);
+            }
+        }
+    }
+    assert!(seen > 40, "found only {seen} events");
+    assert!(missing.is_empty(), "not in README's Logs: {missing:?}");
+}
