@@ -159,14 +159,7 @@ impl HandoffLoop {
             return;
         }
         change(rotation, channel);
-        let applied = rotation.apply(self.poll.registry(), |slot| slot_token(listener, slot));
-        if let Err(e) = applied {
-            error!(
-                listener = listener.get(),
-                event = "kernel_rotation_update_failed",
-                "cannot update the kernel rotation: {e}"
-            );
-        }
+        apply_rotation(self.poll.registry(), rotation, listener);
     }
 
     /// Reads what the kernel dealt per slot into the counters, as if herd
@@ -327,14 +320,7 @@ impl HandoffLoop {
         let seq = node.next_seq();
         let line = node_ipc::query_reply_with_server(query, seq);
         let sent = node.send_server(worker.channel.as_fd(), line, socket);
-        let applied = rotation.apply(self.poll.registry(), |slot| slot_token(listener, slot));
-        if let Err(e) = applied {
-            error!(
-                listener = listener.get(),
-                event = "kernel_rotation_update_failed",
-                "cannot update the kernel rotation: {e}"
-            );
-        }
+        apply_rotation(self.poll.registry(), rotation, listener);
         self.after_node_send(channel, sent);
         true
     }
@@ -465,5 +451,18 @@ impl HandoffLoop {
             },
         }
         .map_err(failed)
+    }
+}
+
+/// Hands the kernel `listener`'s rotation as it now stands (and herd the
+/// slot sockets it takes over); a failure is logged, the rotation kept as
+/// the kernel last had it.
+fn apply_rotation(registry: &mio::Registry, rotation: &mut SlotRotation, listener: ListenerIx) {
+    if let Err(e) = rotation.apply(registry, |slot| slot_token(listener, slot)) {
+        error!(
+            listener = listener.get(),
+            event = "kernel_rotation_update_failed",
+            "cannot update the kernel rotation: {e}"
+        );
     }
 }
