@@ -8,9 +8,8 @@ use std::sync::Mutex;
 
 use std::io;
 
-use crate::config::MAX_WORKERS;
+use crate::config::{MAX_LISTENERS, MAX_WORKERS};
 use crate::ids::{ListenerIx, SlotIx, Table};
-use crate::listener::MAX_LISTENERS;
 
 /// Lock-free counters the loop updates and anyone may read.
 #[derive(Debug)]

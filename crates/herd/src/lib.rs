@@ -7,31 +7,40 @@
 //! the listening sockets and accept themselves.
 //!
 //! # Layout
+//! The public modules are what the binary, `herd-tooling` and the tests
+//! use; the rest is private, so rustc finds what nothing uses.
+//! docs/architecture.md has the map, bottom-up.
+//!
+//! Public:
 //! - [`ids`]: the ids passed around (worker channel, listener, slot, worker), a type each.
+//! - [`status`]: what herd reports about itself (phase, slot states, fairness), below everyone who reports it.
 //! - [`config`]: the config file and CLI overrides, typed as read, validated
 //!   and resolved into `Settings`; what a reload does with each key.
-//! - [`listener`]: binding the listening sockets.
+//! - [`dispatch`]: the modes and the policies that choose a worker for each connection.
+//! - [`counters`]: what the hand-off loop counts, lock-free.
 //! - [`activation`]: the sockets workers inherit in the OS-scheduled modes
-//!   (`shared`, `reuseport`), systemd's `LISTEN_FDS` convention.
-//! - [`dispatch`]: the policies that choose a worker for each connection.
-//! - [`rate_limit`]: logging an error that can repeat at the 1st, 2nd, 4th, ... time.
+//!   (`shared`, `reuseport`), the `__exec-worker` shim.
 //! - [`fd_budget`]: herd's open-file limit, raised at start, and what a configuration may need of it.
-//! - [`handoff`]: the mio loop that accepts and hands connections off.
-//! - [`wait_queue`]: accepted connections waiting for a worker, one line per listener.
 //! - [`node_ipc`]: Node.js cluster IPC, so unmodified Node cluster apps are workers.
-//! - [`rotation`]: round-robin for Node workers dealt by the kernel over
-//!   per-slot SO_REUSEPORT sockets, with herd taking over a gone worker's queue.
-//! - [`lifecycle`]: the supervisor's decision core, a pure state machine of
-//!   worker slots and processes (start, restart, replace, drain, kill, reload, stop).
-//! - [`supervisor`]: carries out the core's decisions on real processes.
-//! - [`process`]: starting, signalling and reaping worker processes (herd is their subreaper).
 //! - [`cgroup`]: a cgroup v2 leaf per worker, so nothing it starts outlives it.
 //! - [`worker_output`]: workers' stdout and stderr (and herd's own log) forwarded through bounded queues, long lines split, drops counted; nothing waits on herd's output.
 //! - [`procstat`]: worker memory and CPU from `/proc`.
-//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
-//! - [`control`]: the control socket behind `herd status`, `reload`, `scale`, `stop`.
-//! - [`primary`]: wiring it together: [`primary::bind`], then [`primary::run`] until stopped.
+//! - [`control`]: the control socket behind `herd status`, `reload`, `scale`, `stop`, and its client.
 //! - [`signals`]: the signals herd acts on, as the [`signals::SignalEvent`] a test can inject.
+//! - [`primary`]: wiring it together: [`primary::bind`], then [`primary::run`] until stopped.
+//!
+//! Private:
+//! - `listener`: binding the listening sockets.
+//! - `rate_limit`: logging an error that can repeat at the 1st, 2nd, 4th, ... time.
+//! - `wait_queue`: accepted connections waiting for a worker, one line per listener.
+//! - `rotation`: round-robin for Node workers dealt by the kernel over
+//!   per-slot SO_REUSEPORT sockets, with herd taking over a gone worker's queue.
+//! - `handoff`: the mio loop that accepts and hands connections off.
+//! - `lifecycle`: the supervisor's decision core, a pure state machine of
+//!   worker slots and processes (start, restart, replace, drain, kill, reload, stop).
+//! - `process`: starting, signalling and reaping worker processes (herd is their subreaper).
+//! - `supervisor`: carries out the core's decisions on real processes.
+//! - `metrics`: Prometheus metrics and the `/metrics` endpoint.
 
 // Raw system calls live in herd-protocol alone.
 #![forbid(unsafe_code)]
@@ -43,19 +52,19 @@ pub mod control;
 pub mod counters;
 pub mod dispatch;
 pub mod fd_budget;
-pub mod handoff;
+mod handoff;
 pub mod ids;
-pub mod lifecycle;
-pub mod listener;
-pub mod metrics;
+mod lifecycle;
+mod listener;
+mod metrics;
 pub mod node_ipc;
 pub mod primary;
-pub mod process;
+mod process;
 pub mod procstat;
-pub mod rate_limit;
-pub mod rotation;
+mod rate_limit;
+mod rotation;
 pub mod signals;
 pub mod status;
-pub mod supervisor;
-pub mod wait_queue;
+mod supervisor;
+mod wait_queue;
 pub mod worker_output;

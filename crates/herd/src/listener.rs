@@ -11,10 +11,8 @@ use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
 };
 
+use crate::config::MAX_LISTENERS;
 use crate::ids::ListenerIx;
-
-/// Listeners herd may hold: configured, plus those Node apps ask for.
-pub const MAX_LISTENERS: usize = 256;
 
 // Every listener's index fits in a HANDOFF message (a u16).
 const _: () = assert!(MAX_LISTENERS <= u16::MAX as usize + 1);
@@ -90,14 +88,6 @@ pub fn bind_all(
         .collect()
 }
 
-/// Opens one listening socket: SO_REUSEADDR (so a restart of herd is not
-/// refused while old connections sit in TIME_WAIT), IPV6_V6ONLY for IPv6
-/// addresses (so `[::]:80` and `0.0.0.0:80` can be listed side by side, as
-/// nginx does), close-on-exec and non-blocking.
-pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ListenError> {
-    open(addr, backlog, BindOptions::PLAIN)
-}
-
 /// Like [`bind`], with `options`: an IPv6 socket also takes IPv4
 /// connections unless `v6_only`; with `reuse_port` the socket starts a
 /// SO_REUSEPORT group (see [`bind_group_member`]).
@@ -160,8 +150,12 @@ pub fn bind_reuseport(addr: SocketAddr, backlog: u32) -> Result<TcpListener, Lis
     bind_group_member(addr, backlog, BindOptions::PLAIN.v6_only)
 }
 
-/// Binds and listens, with the socket options as they are: here
-/// `reuse_port` only sets SO_REUSEPORT (joining whatever group there is).
+/// Opens one listening socket: SO_REUSEADDR (so a restart of herd is not
+/// refused while old connections sit in TIME_WAIT), IPV6_V6ONLY for IPv6
+/// addresses unless `v6_only` is off (so `[::]:80` and `0.0.0.0:80` can be
+/// listed side by side, as nginx does), close-on-exec and non-blocking.
+/// The options are taken as they are: here `reuse_port` only sets
+/// SO_REUSEPORT (joining whatever group there is).
 fn open(addr: SocketAddr, backlog: u32, options: BindOptions) -> Result<TcpListener, ListenError> {
     let fail = |source: nix::Error| ListenError {
         addr,
@@ -221,9 +215,9 @@ mod tests {
 
     #[test]
     fn a_busy_port_is_a_clear_error() {
-        let first = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let first = open("127.0.0.1:0".parse().unwrap(), 16, BindOptions::PLAIN).unwrap();
         let taken = first.local_addr().unwrap();
-        let error = bind(taken, 16).unwrap_err();
+        let error = open(taken, 16, BindOptions::PLAIN).unwrap_err();
         assert_eq!(
             error.to_string(),
             format!("cannot listen on {taken}: address already in use (is another server running on this port?)")
@@ -237,8 +231,8 @@ mod tests {
         let second = bind_reuseport(addr, 16).unwrap();
         assert_eq!(second.local_addr().unwrap(), addr);
         // A plain socket cannot slip into the group (nor the group into a plain port).
-        assert!(bind(addr, 16).is_err());
-        let plain = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        assert!(open(addr, 16, BindOptions::PLAIN).is_err());
+        let plain = open("127.0.0.1:0".parse().unwrap(), 16, BindOptions::PLAIN).unwrap();
         assert!(bind_reuseport(plain.local_addr().unwrap(), 16).is_err());
     }
 
@@ -273,7 +267,7 @@ mod tests {
 
     #[test]
     fn an_address_this_host_lacks_is_a_clear_error() {
-        let error = bind("192.0.2.1:0".parse().unwrap(), 16).unwrap_err();
+        let error = open("192.0.2.1:0".parse().unwrap(), 16, BindOptions::PLAIN).unwrap_err();
         assert!(
             error.to_string().ends_with("this host has no such address"),
             "{error}"

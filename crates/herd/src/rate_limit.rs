@@ -19,6 +19,7 @@ impl Occurrences {
         self.0.is_power_of_two().then_some(self.0)
     }
 
+    #[cfg(test)]
     pub fn total(&self) -> u64 {
         self.0
     }

@@ -62,11 +62,6 @@ impl<T> WaitQueue<T> {
         Some(item)
     }
 
-    /// The item at the front of `lane`, next to go.
-    pub fn front(&self, lane: ListenerIx) -> Option<&T> {
-        self.lanes.get(lane)?.front()
-    }
-
     /// The front item of every lane.
     pub fn fronts(&self) -> impl Iterator<Item = &T> + '_ {
         self.lanes.iter().filter_map(VecDeque::front)

@@ -60,10 +60,13 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::dispatch::Mode;
-use crate::listener::MAX_LISTENERS;
 
 /// The most worker slots herd runs; fixed so per-slot state can live in arrays.
 pub const MAX_WORKERS: usize = 1024;
+
+/// Listeners herd may hold: configured, plus those Node apps ask for;
+/// fixed so per-listener counters can live in arrays.
+pub const MAX_LISTENERS: usize = 256;
 
 /// Where the control socket lives unless configured.
 pub const DEFAULT_CONTROL_PATH: &str = "herd.sock";

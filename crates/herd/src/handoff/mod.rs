@@ -52,11 +52,12 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use nix::libc;
 use tracing::{debug, error, info, warn};
 
+use crate::config::MAX_LISTENERS;
 use crate::config::{HandoffSettings, MAX_WORKERS};
 use crate::dispatch::{Dispatcher, Mode};
 use crate::ids::{ChannelIx, ListenerIx, SlotIx, Table, WorkerId};
 use crate::lifecycle::Role;
-use crate::listener::{self, BindOptions, BoundListener, MAX_LISTENERS};
+use crate::listener::{self, BindOptions, BoundListener};
 use crate::node_ipc::{self, NodeChannel, SentHandle};
 use crate::rate_limit::Occurrences;
 use crate::rotation::SlotRotation;

@@ -46,9 +46,10 @@ use crate::config::{RestartSettings, Settings, MAX_WORKERS};
 use crate::ids::{SlotIx, Table, WorkerId};
 use crate::status::{Phase, SlotState};
 use reload::Reload;
-pub use slot::restart_delay;
 use slot::Slot;
-pub use worker::{DrainCause, KillCause, ReplaceCause, Stage, Worker, CHANNEL_LOSS_GRACE};
+#[cfg(test)]
+use worker::CHANNEL_LOSS_GRACE;
+pub use worker::{KillCause, ReplaceCause, Stage, Worker};
 
 /// One loaded configuration: the first is 0, each reload adds one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -349,10 +350,12 @@ impl Lifecycle {
     }
 
     /// Every worker process not yet reaped.
+    #[cfg(test)]
     pub fn workers(&self) -> impl Iterator<Item = &Worker> {
         self.workers.values()
     }
 
+    #[cfg(test)]
     pub fn worker(&self, id: WorkerId) -> Option<&Worker> {
         self.workers.get(&id)
     }
@@ -406,6 +409,7 @@ impl Lifecycle {
 
     /// The invariant `reconcile` restores after every event (module docs),
     /// and the structural facts the rest relies on.
+    #[cfg(test)]
     pub fn check_invariants(&self) -> Result<(), String> {
         if self.by_slot.len() != self.workers.len() {
             return Err("the slot index and the workers disagree".into());
@@ -446,6 +450,7 @@ impl Lifecycle {
 
     /// After an event at `now`, nothing may still be due: a timer left due
     /// would wake the supervisor again at once, and again, forever.
+    #[cfg(test)]
     pub fn check_timers(&self, now: Instant) -> Result<(), String> {
         match self.next_deadline() {
             Some(at) if at <= now => Err(format!(

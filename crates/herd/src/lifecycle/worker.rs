@@ -8,7 +8,9 @@
 use std::time::{Duration, Instant};
 
 use crate::ids::{SlotIx, WorkerId};
-use crate::lifecycle::{Role, Version};
+#[cfg(test)]
+use crate::lifecycle::Role;
+use crate::lifecycle::Version;
 
 /// How long a worker may outlive its channel before herd stops it: its
 /// exit normally follows the channel's close within milliseconds, and a
@@ -94,6 +96,7 @@ pub struct Worker {
 }
 
 impl Worker {
+    #[cfg(test)]
     pub fn role(&self) -> Role {
         match self.stage {
             Stage::Starting { .. } => Role::Starting,
