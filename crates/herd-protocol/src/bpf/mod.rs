@@ -46,6 +46,7 @@ const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
 const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
 const BPF_SK_REUSEPORT_SELECT: u32 = 39;
+const BPF_SK_REUSEPORT_SELECT_OR_MIGRATE: u32 = 40;
 /// `<asm-generic/socket.h>`; libc does not export it for glibc targets.
 const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
 
@@ -109,6 +110,9 @@ pub struct RotationProgram {
     tally: OwnedFd,
     /// Sockets in `sockets` now, to delete the stale ones on the next change.
     in_rotation: usize,
+    /// Loaded to migrate: a socket of the group that closes hands the
+    /// connections queued on it to the others (Linux 5.14 and later).
+    migrates: bool,
 }
 
 impl RotationProgram {
@@ -119,15 +123,36 @@ impl RotationProgram {
             .map_err(RotationError::CreateMap)?;
         let tally = create_map(BPF_MAP_TYPE_ARRAY, 4, TALLY_LEN as u32, 1)
             .map_err(RotationError::CreateMap)?;
-        let code = program::rotation(sockets.as_raw_fd(), config.as_raw_fd(), tally.as_raw_fd());
-        let program = load_program(&code)?;
+        let (sockets_fd, config_fd, tally_fd) =
+            (sockets.as_raw_fd(), config.as_raw_fd(), tally.as_raw_fd());
+        let migrating = program::rotation(sockets_fd, config_fd, tally_fd, true);
+        let (program, migrates) = match load_program(&migrating, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE)
+        {
+            Ok(program) => (program, true),
+            // Before Linux 5.14: the same program, without migration.
+            Err(RotationError::LoadProgram { error, .. })
+                if error.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                let plain = program::rotation(sockets_fd, config_fd, tally_fd, false);
+                (load_program(&plain, BPF_SK_REUSEPORT_SELECT)?, false)
+            }
+            Err(e) => return Err(e),
+        };
         Ok(RotationProgram {
             program,
             sockets,
             config,
             tally,
             in_rotation: 0,
+            migrates,
         })
+    }
+
+    /// Whether a socket of the group that closes hands what is queued on
+    /// it to the others (else the kernel resets it, unless
+    /// `net.ipv4.tcp_migrate_req` is set).
+    pub fn migrates(&self) -> bool {
+        self.migrates
     }
 
     /// Makes the program choose for `member`'s SO_REUSEPORT group (which
@@ -247,7 +272,7 @@ fn create_map(kind: u32, key_size: u32, value_size: u32, entries: u32) -> io::Re
     bpf_fd(BPF_MAP_CREATE, &mut attr)
 }
 
-fn load_program(code: &[Insn]) -> Result<OwnedFd, RotationError> {
+fn load_program(code: &[Insn], attach_type: u32) -> Result<OwnedFd, RotationError> {
     let license = c"MIT";
     let mut log = vec![0u8; 64 * 1024];
     let mut attr = BpfAttr::new();
@@ -258,7 +283,7 @@ fn load_program(code: &[Insn]) -> Result<OwnedFd, RotationError> {
         .put_u32(24, 1)
         .put_u32(28, log.len() as u32)
         .put_u64(32, log.as_mut_ptr() as u64)
-        .put_u32(68, BPF_SK_REUSEPORT_SELECT);
+        .put_u32(68, attach_type);
     bpf_fd(BPF_PROG_LOAD, &mut attr).map_err(|error| {
         let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
         RotationError::LoadProgram {
@@ -383,6 +408,41 @@ mod tests {
         };
         assert!(!rejected.lacks_privilege());
         assert!(!RotationError::Attach(eperm()).lacks_privilege());
+    }
+
+    /// A socket of the group closes with connections queued on it: they
+    /// move to the socket left, none is reset.
+    #[test]
+    fn connections_queued_on_a_closed_socket_move_to_the_others() {
+        let test = "connections_queued_on_a_closed_socket_move_to_the_others";
+        if !testable_here(test) {
+            return;
+        }
+        let mut rotation = RotationProgram::load().unwrap_or_else(|e| panic!("{e}"));
+        assert!(rotation.migrates(), "Linux 5.14 or later migrates");
+        let kept = bind_reuseport("127.0.0.1:0".parse().unwrap());
+        let addr = kept.local_addr().unwrap();
+        let closing = bind_reuseport(addr);
+        rotation.attach(kept.as_fd()).unwrap();
+        rotation
+            .set_rotation(&[(0, kept.as_fd()), (1, closing.as_fd())])
+            .unwrap();
+        // Strict turns: every other one waits on `closing`.
+        let clients: Vec<TcpStream> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        rotation.set_rotation(&[(0, kept.as_fd())]).unwrap();
+        drop(closing);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut accepted = 0;
+        while accepted < clients.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {accepted} of {} reached the socket left",
+                clients.len()
+            );
+            accepted += std::iter::from_fn(|| kept.accept().ok()).count();
+            std::thread::yield_now();
+        }
+        assert_eq!(accepted, clients.len());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! In eBPF assembly (R1 is the `sk_reuseport_md` context):
 //!
 //! ```text
+//!     if ctx.migrating_sk != NULL: goto out     (only when it migrates)
 //!     config = lookup(config_map, 0); tally = lookup(tally_map, 0)
 //!     live = config.live; if live == 0: goto out
 //!     turn = atomic_fetch_add(tally.next, 1) % live
@@ -15,6 +16,14 @@
 //!     atomic_add(tally.dealt[config.slot_of[turn]], 1)
 //! out: return SK_PASS   (nothing selected: the kernel's own hash picks)
 //! ```
+//!
+//! Loaded to migrate (`BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`, Linux 5.14),
+//! the kernel also runs it when a socket of the group closes, once for each
+//! connection still queued there (`migrating_sk` set): the program then
+//! selects nothing, so the kernel moves the connection to another socket of
+//! the group by its hash, instead of resetting it. Such a connection was
+//! dealt and counted when it first arrived; it takes no turn and is not
+//! counted again.
 
 // The `bpf(2)` calls are in `super`; nothing here needs `unsafe`.
 #![deny(unsafe_code)]
@@ -41,13 +50,22 @@ const KEY: i16 = -4;
 const TURN_KEY: i16 = -8;
 /// `SK_PASS`: let the connection in (to the selected socket, if any).
 const SK_PASS: i32 = 1;
+/// Where `struct sk_reuseport_md` keeps `migrating_sk` (after two data
+/// pointers, five u32s and padding, then `sk`).
+const MIGRATING_SK: i16 = 48;
 
-/// The program, with the maps' file descriptors in its `ld_imm64`s.
-pub(super) fn rotation(sockets: RawFd, config: RawFd, tally: RawFd) -> Vec<Insn> {
+/// The program, with the maps' file descriptors in its `ld_imm64`s; with
+/// `migrates`, for loading as `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`.
+pub(super) fn rotation(sockets: RawFd, config: RawFd, tally: RawFd, migrates: bool) -> Vec<Insn> {
     // The turn and the slot are checked against MAX_ROTATION for the
     // verifier, which cannot know that `live` and every slot are below it.
     let max = MAX_ROTATION as i32;
     let mut asm = Asm::new();
+    if migrates {
+        // A queued connection moving off a closed socket: the kernel's hash.
+        asm.load(Size::Dw, Reg::R2, Reg::CTX, MIGRATING_SK)
+            .jump_if(Cond::Ne, Reg::R2, 0, OUT);
+    }
     // The key 0, for both lookups.
     asm.mov64(SAVED_CTX, Reg::CTX)
         .store(Size::W, Reg::FRAME, KEY, 0);
@@ -147,17 +165,33 @@ mod tests {
         [0x95, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 41
     ];
 
-    fn bytes() -> Vec<[u8; 8]> {
-        rotation(0x11, 0x22, 0x33)
+    fn bytes_of(migrates: bool) -> Vec<[u8; 8]> {
+        rotation(0x11, 0x22, 0x33, migrates)
             .into_iter()
             .map(Insn::to_bytes)
             .collect()
     }
 
+    fn bytes() -> Vec<[u8; 8]> {
+        bytes_of(true)
+    }
+
     #[cfg(target_endian = "little")]
     #[test]
     fn the_rotation_program_encodes_to_the_bytes_the_kernel_verified() {
-        assert_eq!(bytes(), ROTATION_BYTES);
+        assert_eq!(bytes_of(false), ROTATION_BYTES);
+    }
+
+    /// The migrating program is the same behind two instructions: load
+    /// `migrating_sk` (r2 = *(u64 *)(r1 + 48)) and, if set, jump to the
+    /// last-but-one instruction (`r0 = SK_PASS`), 40 slots on.
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn the_migrating_program_first_lets_a_migrating_connection_pass() {
+        let code = bytes_of(true);
+        assert_eq!(code[0], [0x79, 0x12, 0x30, 0x00, 0x00, 0x00, 0x00, 0x00]);
+        assert_eq!(code[1], [0x55, 0x02, 0x28, 0x00, 0x00, 0x00, 0x00, 0x00]);
+        assert_eq!(code[2..], ROTATION_BYTES);
     }
 
     /// Read from the bytes, not from the assembler: every jump lands on
