@@ -239,11 +239,47 @@ fn reuseport_scales_up_and_down() {
     assert_eq!(scaled.code, Some(0), "{}", scaled.stderr);
     let one = herd.wait_all_ready(1);
     // The removed slots' workers drain and exit, closing the last copies of
-    // their sockets (connections queued there then are reset: docs).
+    // their sockets.
     herd.wait_for_event("worker_exited", &[("code", json!(0))], 2);
     // With one socket left in the group, every connection reaches the one worker.
     let served = count_pids(herd.addr(), 20);
     assert_eq!(served.keys().copied().collect::<BTreeSet<u32>>(), one);
+    assert!(herd.stop().success());
+}
+
+/// Scaling down closes the removed slot's socket with connections queued
+/// on it (its worker is stopped, so they wait): they move to the socket of
+/// the slot that stays, and every one is answered, none reset.
+#[test]
+fn reuseport_scaling_down_hands_a_removed_slots_queue_to_the_others() {
+    let test = "reuseport_scaling_down_hands_a_removed_slots_queue_to_the_others";
+    if !require_cap_bpf(test) {
+        return;
+    }
+    let herd = Herd::launch(
+        "reuseport-migrate",
+        Some("shutdown_timeout = \"1s\"\n"),
+        2,
+        &["--mode", "reuseport"],
+        &[hello_worker()],
+    );
+    herd.wait_all_ready(2);
+    let pids = pids_of(&herd.status());
+    let (staying, leaving) = (pids[&0], pids[&1]);
+    signal(leaving, Signal::SIGSTOP);
+    // The kernel's hash sends about half of them to the stopped worker's queue.
+    let waiting: Vec<TcpStream> = (0..20)
+        .map(|_| send_request(herd.addr()).unwrap())
+        .collect();
+    let scaled = herd.control(&["scale", "1"]);
+    assert_eq!(scaled.code, Some(0), "{}", scaled.stderr);
+    // It never reads DRAIN: killed at shutdown_timeout, closing the socket.
+    herd.wait_for_event("worker_exited", &[("pid", json!(leaving))], 1);
+    for (n, stream) in waiting.into_iter().enumerate() {
+        let answer = read_answer(stream, DEADLINE)
+            .unwrap_or_else(|e| panic!("connection {n} was not served: {e}"));
+        assert_eq!(answer.pid, staying);
+    }
     assert!(herd.stop().success());
 }
 

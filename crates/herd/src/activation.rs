@@ -29,7 +29,12 @@
 //! - `reuseport`: one `SO_REUSEPORT` socket per slot and listener, bound when
 //!   the slot is created and held by herd until the slot is removed. A
 //!   restarted worker gets its slot's socket back, so connections waiting in
-//!   that accept queue across the restart are served, not reset. herd's first
+//!   that accept queue across the restart are served, not reset. Each
+//!   listener's group has the rotation program attached with no rotation
+//!   (the kernel's hash still picks), loaded to migrate: a slot removed by
+//!   scaling down hands what is queued on its socket to the others instead
+//!   of the kernel resetting it (needs CAP_BPF and Linux 5.14; without, the
+//!   reset stays unless `net.ipv4.tcp_migrate_req = 1`). herd's first
 //!   bind (plain, without SO_REUSEPORT) proves the port is free and resolves
 //!   port 0; it is closed before the group is bound, so no stranger's
 //!   SO_REUSEPORT socket can have joined.
@@ -38,6 +43,9 @@ use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
+
+use herd_protocol::bpf::RotationProgram;
+use tracing::info;
 
 use crate::dispatch::Mode;
 use crate::ids::{SlotIx, Table};
@@ -58,6 +66,9 @@ pub enum WorkerSockets {
         addrs: Vec<SocketAddr>,
         backlog: u32,
         slots: Table<SlotIx, Vec<TcpListener>>,
+        /// Per listener, the program attached to its group so that closing
+        /// a slot's socket migrates its queue (`None`: not possible here).
+        migration: Vec<Option<RotationProgram>>,
     },
 }
 
@@ -88,6 +99,7 @@ impl WorkerSockets {
                     addrs,
                     backlog,
                     slots: Table::new(),
+                    migration: Vec::new(),
                 };
                 sockets.bind_slots(workers)?;
                 Ok((sockets, Vec::new()))
@@ -111,8 +123,8 @@ impl WorkerSockets {
     }
 
     /// The slots from `count` on are gone: close their sockets (`reuseport`;
-    /// the kernel resets connections still queued on them, unless
-    /// `net.ipv4.tcp_migrate_req` is set, which moves them to the group).
+    /// what is still queued on them moves to the other slots' sockets where
+    /// the group migrates, see the module docs, else the kernel resets it).
     pub fn remove_slots_from(&mut self, count: usize) {
         if let WorkerSockets::ReusePort { slots, .. } = self {
             slots.truncate(count);
@@ -125,10 +137,11 @@ impl WorkerSockets {
             addrs,
             backlog,
             slots,
+            migration,
         } = self
         {
             while slots.len() < count {
-                let group = addrs
+                let group: Vec<TcpListener> = addrs
                     .iter()
                     .map(|&addr| {
                         let socket = listener::bind_reuseport(addr, *backlog)?;
@@ -136,10 +149,36 @@ impl WorkerSockets {
                         Ok(socket)
                     })
                     .collect::<Result<_, ListenError>>()?;
+                if slots.is_empty() {
+                    *migration = group.iter().map(migrate_queues_of).collect();
+                }
                 slots.push(group);
             }
         }
         Ok(())
+    }
+}
+
+/// Attaches the rotation program, with no rotation, to `first`'s group, so
+/// that a socket of it that closes migrates its queue; `None` where the
+/// kernel cannot (no CAP_BPF, Linux before 5.14), said once per listener.
+fn migrate_queues_of(first: &TcpListener) -> Option<RotationProgram> {
+    use std::os::fd::AsFd;
+    let addr = first.local_addr().ok()?;
+    let attached = RotationProgram::load().and_then(|program| {
+        program.attach(first.as_fd())?;
+        Ok(program)
+    });
+    match attached {
+        Ok(program) if program.migrates() => Some(program),
+        Ok(_) => {
+            info!(%addr, event = "no_queue_migration", "scaling down resets the connections queued on a removed slot's socket (Linux before 5.14 cannot migrate them; net.ipv4.tcp_migrate_req = 1 does)");
+            None
+        }
+        Err(e) => {
+            info!(%addr, event = "no_queue_migration", "scaling down resets the connections queued on a removed slot's socket ({e}; net.ipv4.tcp_migrate_req = 1 migrates them)");
+            None
+        }
     }
 }
 

@@ -20,6 +20,10 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 /// few unused fds.
 pub const FIXED_OVERHEAD: u64 = 128;
 
+/// The eBPF program and its three maps, per listener whose group has one
+/// (`reuseport`, the kernel rotation).
+pub const PROGRAM_FDS: u64 = 4;
+
 /// Per worker, besides the connections in flight to it: its channel, its
 /// stdout and stderr pipes, its cgroup's `cgroup.procs`.
 pub const PER_WORKER: u64 = 4;
@@ -101,7 +105,7 @@ impl Plan {
     pub fn need(self) -> Need {
         let per_worker = PER_WORKER + self.max_unacked;
         let slot_sockets = if self.sockets_per_slot {
-            self.workers * self.listeners
+            self.workers * self.listeners + PROGRAM_FDS * self.listeners
         } else {
             0
         };
@@ -115,7 +119,12 @@ impl Plan {
 
     /// The most workers this plan's other settings allow within `limit`.
     pub fn max_workers(self, limit: u64) -> u64 {
-        let fixed = FIXED_OVERHEAD + self.listeners + self.queue_limit;
+        let programs = if self.sockets_per_slot {
+            PROGRAM_FDS * self.listeners
+        } else {
+            0
+        };
+        let fixed = FIXED_OVERHEAD + self.listeners + programs + self.queue_limit;
         let per_worker = PER_WORKER
             + self.max_unacked
             + if self.sockets_per_slot {
@@ -137,7 +146,10 @@ impl fmt::Display for Need {
             self.total, p.workers, p.max_unacked, p.queue_limit, p.listeners
         )?;
         if p.sockets_per_slot {
-            write!(f, " + one socket per worker and listener")?;
+            write!(
+                f,
+                " + one socket per worker and listener + {PROGRAM_FDS} per listener for its eBPF program"
+            )?;
         }
         write!(f, " + {FIXED_OVERHEAD} for herd itself")
     }
@@ -165,7 +177,10 @@ mod tests {
             listeners: 2,
             ..plan(3)
         };
-        assert_eq!(per_slot.need().total, 128 + 2 + 3 * 2 + 3 * 68 + 1024);
+        assert_eq!(
+            per_slot.need().total,
+            128 + 2 + 3 * 2 + 2 * 4 + 3 * 68 + 1024
+        );
     }
 
     #[test]
