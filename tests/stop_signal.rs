@@ -3,11 +3,16 @@
 //! SIGQUIT alone (as nginx does) and ignores SIGTERM: with
 //! `stop_signal = "SIGQUIT"` herd stops it in time and exits 0, a request
 //! in flight completing; without it, it is SIGKILLed at `shutdown_timeout`
-//! and herd exits 1. Reload and scale-down send the same signal.
+//! and herd exits 1. Reload and scale-down send the same signal. Then
+//! nginx itself as a `--mode shared` worker: with `stop_signal = "SIGQUIT"`
+//! a download in flight completes across `herd reload`; with herd's SIGTERM
+//! (nginx's fast shutdown) it is cut.
 
 mod common;
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -189,4 +194,140 @@ fn a_stop_signal_no_server_can_catch_is_refused_before_any_worker_starts() {
         let message = format!("invalid `stop_signal` = {flag:?}: {reason}");
         assert!(run.stderr.contains(&message), "{message} in {run:?}");
     }
+}
+
+// ---- nginx, a real server that stops on SIGQUIT ----
+
+/// nginx's binary, in PATH or where Debian puts it.
+fn nginx() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("nginx"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// A port on 127.0.0.1 free a moment ago: nginx's config must name the
+/// address of the socket herd hands it.
+fn free_port() -> u16 {
+    let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
+}
+
+/// herd running one nginx in `--mode shared` on a fresh port, serving a
+/// 300 KB file at 150 KB/s from `dir`; `stop_signal` if given.
+fn launch_nginx(name: &str, nginx: &Path, stop_signal: Option<&str>) -> (Herd, Vec<u8>) {
+    let dir = scratch_dir(name);
+    let port = free_port();
+    let template = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/nginx/nginx.conf",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let conf = template
+        .replace("@DIR@", &dir.display().to_string())
+        .replace("@PORT@", &port.to_string());
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.join("big.bin"), &big).unwrap();
+    let stop_signal = stop_signal.map_or(String::new(), |s| format!("stop_signal = {s:?}\n"));
+    let config = format!(
+        "listen = [\"127.0.0.1:{port}\"]\nworkers = 1\nmode = \"shared\"\n\
+         ready_delay = \"500ms\"\nshutdown_timeout = \"10s\"\n{stop_signal}\
+         env = {{ NGINX = \"3;\" }}\n"
+    );
+    let config_path = write_config(&dir, &config);
+    let (prefix, conf) = (
+        dir.display().to_string(),
+        format!("{}/nginx.conf", dir.display()),
+    );
+    let nginx = nginx.display().to_string();
+    let args = [
+        "-c",
+        config_path.to_str().unwrap(),
+        "--",
+        &nginx,
+        "-p",
+        &prefix,
+        "-c",
+        &conf,
+        "-e",
+        "stderr",
+    ];
+    (Herd::start_in(&dir, &args), big)
+}
+
+/// `GET /big.bin` that has begun to arrive: the thread returns the body.
+fn download(addr: SocketAddr) -> JoinHandle<Vec<u8>> {
+    let (begun, started) = std::sync::mpsc::channel();
+    let download = std::thread::spawn(move || {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        write!(
+            stream,
+            "GET /big.bin HTTP/1.1\r\nHost: herd\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut bytes = vec![0; 4096];
+        let first = stream.read(&mut bytes).unwrap();
+        bytes.truncate(first);
+        begun.send(()).unwrap();
+        let _ = stream.read_to_end(&mut bytes);
+        let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        bytes.split_off(head_end)
+    });
+    started.recv_timeout(DEADLINE).expect("the download began");
+    download
+}
+
+/// nginx serving, its master's pid: it took herd's socket, did not bind its own.
+fn nginx_serving(herd: &Herd) -> u32 {
+    let pid = herd.wait_ready(1)[&0];
+    herd.wait_for_worker_output("using inherited sockets from \"3;\"", 1);
+    pid
+}
+
+#[test]
+fn nginx_with_stop_signal_sigquit_finishes_a_download_across_a_reload() {
+    let test = "nginx_with_stop_signal_sigquit_finishes_a_download_across_a_reload";
+    let Some(nginx) = nginx() else {
+        skip_unless_ci(test, "needs nginx (apt-get install nginx-light)");
+        return;
+    };
+    let (mut herd, big) = launch_nginx("stop-signal-nginx", &nginx, Some("SIGQUIT"));
+    let old = nginx_serving(&herd);
+    let download = download(herd.addr());
+    let reload = herd.control(&["reload"]);
+    assert_eq!(reload.code, Some(0), "{reload:?}");
+    let body = download.join().unwrap();
+    assert!(body == big, "got {} of {} bytes", body.len(), big.len());
+    assert_eq!(exit_code(&herd, old), Some(0), "{}", herd.log_text());
+    herd.wait_for_worker_output("gracefully shutting down", 1);
+    // The new nginx serves; herd stops it the same way, in time: exit 0.
+    let (code, _, body) = http(herd.addr(), "GET", "/");
+    assert_eq!(code, 200);
+    assert_ne!(field(&body, "pid") as u32, old, "{body}");
+    signal(herd.pid(), Signal::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0), "{}", herd.log_text());
+}
+
+/// The contrast: herd's SIGTERM is nginx's fast shutdown, which cuts the
+/// download; this is why nginx wants `stop_signal = "SIGQUIT"`.
+#[test]
+fn nginx_without_stop_signal_is_sent_sigterm_and_cuts_the_download() {
+    let test = "nginx_without_stop_signal_is_sent_sigterm_and_cuts_the_download";
+    let Some(nginx) = nginx() else {
+        skip_unless_ci(test, "needs nginx (apt-get install nginx-light)");
+        return;
+    };
+    let (mut herd, big) = launch_nginx("stop-signal-nginx-term", &nginx, None);
+    nginx_serving(&herd);
+    let download = download(herd.addr());
+    let reload = herd.control(&["reload"]);
+    assert_eq!(reload.code, Some(0), "{reload:?}");
+    let body = download.join().unwrap();
+    assert!(body.len() < big.len(), "got all {} bytes", body.len());
+    herd.wait_for_worker_output("signal 15 (SIGTERM) received", 1);
+    signal(herd.pid(), Signal::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0), "{}", herd.log_text());
 }
