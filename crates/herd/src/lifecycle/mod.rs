@@ -120,7 +120,8 @@ pub struct Policy {
     pub reload_batch: usize,
     pub max_memory: Option<u64>,
     /// Node cluster workers: stopped by `disconnect`, then SIGTERM once
-    /// their channel closes (Node's `worker.kill()`).
+    /// their channel closes (Node's `worker.kill()`), unless `stop_signal`
+    /// was sent with the `disconnect`.
     pub node: bool,
 }
 
