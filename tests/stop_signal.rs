@@ -3,10 +3,10 @@
 //! SIGQUIT alone (as nginx does) and ignores SIGTERM: with
 //! `stop_signal = "SIGQUIT"` herd stops it in time and exits 0, a request
 //! in flight completing; without it, it is SIGKILLed at `shutdown_timeout`
-//! and herd exits 1. Reload and scale-down send the same signal. Then
-//! nginx itself as a `--mode shared` worker: with `stop_signal = "SIGQUIT"`
-//! a download in flight completes across `herd reload`; with herd's SIGTERM
-//! (nginx's fast shutdown) it is cut.
+//! and herd exits 1. Reload, scale-down and a `max_memory` replacement
+//! send the same signal. Then nginx itself as a `--mode shared` worker:
+//! with `stop_signal = "SIGQUIT"` a download in flight completes across
+//! `herd reload`; with herd's SIGTERM (nginx's fast shutdown) it is cut.
 
 mod common;
 
@@ -170,6 +170,27 @@ fn a_scale_down_sends_the_stop_signal_given_as_a_flag() {
         "{}",
         herd.log_text()
     );
+}
+
+#[test]
+fn a_worker_over_max_memory_is_replaced_and_stopped_with_the_stop_signal() {
+    let dir = scratch_dir("stop-signal-memory");
+    let marker = dir.join("fat-once");
+    let config = format!(
+        "stop_signal = \"SIGQUIT\"\nshutdown_timeout = \"8s\"\nmax_memory = \"40MiB\"\n\
+         monitor_interval = \"100ms\"\nenv = {{ FAT_ONCE = {:?} }}\n",
+        marker.display().to_string()
+    );
+    let mut herd = launch("stop-signal-memory", &config, 1, &[]);
+    let fat = serving(&herd, 1)[&0];
+    herd.wait_for_event("memory_exceeded", &[("pid", json!(fat))], 1);
+    assert_eq!(pids_that(&herd, "got SIGQUIT", 1), [fat]);
+    assert_eq!(exit_code(&herd, fat), Some(0), "{}", herd.log_text());
+    let (code, _, body) = http(herd.addr(), "GET", "/");
+    assert_eq!(code, 200);
+    assert_ne!(field(&body, "pid") as u32, fat, "{body}");
+    signal(herd.pid(), Signal::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0), "{}", herd.log_text());
 }
 
 #[test]
