@@ -242,6 +242,10 @@ struct ConfigArgs {
     /// READY (for plain socket-activated servers in the shared/reuseport modes).
     #[arg(long, value_name = "DUR")]
     ready_delay: Option<String>,
+    /// The signal that stops a worker gracefully, by its server's convention
+    /// (SIGQUIT for nginx, SIGINT for lighttpd); sent when a worker drains.
+    #[arg(long, value_name = "SIGNAL")]
+    stop_signal: Option<String>,
     /// Control socket path [default: herd.sock].
     #[arg(long, value_name = "PATH")]
     control: Option<String>,
@@ -599,6 +603,7 @@ fn config_source(args: ConfigArgs) -> ConfigSource {
             max_unacked: args.max_unacked,
             queue_limit: args.queue_limit,
             ready_delay: args.ready_delay,
+            stop_signal: args.stop_signal,
             control: args.control,
             metrics: args.metrics,
         },

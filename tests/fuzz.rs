@@ -158,6 +158,7 @@ const KEYS: &[&str] = &[
     "protocol",
     "rotation",
     "shutdown_timeout",
+    "stop_signal",
     "ready_timeout",
     "ready_delay",
     "hang_timeout",
@@ -190,6 +191,8 @@ fn value() -> impl Strategy<Value = String> {
             Just("0"),
             Just(""),
             Just("true"),
+            Just("SIGQUIT"),
+            Just("KILL"),
         ]
         .prop_map(|s| format!("{s:?}")),
         "[a-z0-9:.]{0,12}".prop_map(|s| format!("{s:?}")),

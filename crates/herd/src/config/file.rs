@@ -46,6 +46,10 @@ pub struct Config {
     /// How long workers get to finish when herd stops, before SIGKILL.
     #[serde(deserialize_with = "keys::de::shutdown_timeout")]
     pub shutdown_timeout: ConfigDuration,
+    /// The signal a draining worker is sent, by its server's convention
+    /// ("SIGQUIT" for nginx); unset: SIGTERM where DRAIN may not be read.
+    #[serde(deserialize_with = "keys::de::stop_signal")]
+    pub stop_signal: Option<StopSignal>,
     /// A worker that is not ready this long after it started is killed (a failed start).
     #[serde(deserialize_with = "keys::de::ready_timeout")]
     pub ready_timeout: ConfigDuration,
@@ -152,6 +156,7 @@ impl Default for Config {
             env: BTreeMap::new(),
             cwd: None,
             shutdown_timeout: ConfigDuration::default_of("10s"),
+            stop_signal: None,
             ready_timeout: ConfigDuration::default_of("30s"),
             ready_delay: None,
             hang_timeout: ConfigDuration::default_of("30s"),

@@ -57,6 +57,7 @@ keys! {
     env: BTreeMap<String, String> = "env", environment;
     cwd: Option<PathBuf> = "cwd", |key, value| directory(key, value).map(Some);
     shutdown_timeout: ConfigDuration = "shutdown_timeout", duration;
+    stop_signal: Option<StopSignal> = "stop_signal", |key, value| named(key, value).map(Some);
     ready_timeout: ConfigDuration = "ready_timeout",
         |key, value| more_than_zero(key, value, "every worker would be killed as it starts");
     ready_delay: Option<ConfigDuration> = "ready_delay", |key, value| duration(key, value).map(Some);
@@ -143,7 +144,8 @@ fn strings(key: &str, value: Value, what: &str) -> Result<Vec<String>, ConfigErr
         .collect()
 }
 
-/// One of a choice's names (`mode`, `protocol`, `rotation`, `kill_mode`).
+/// One of a choice's names (`mode`, `protocol`, `rotation`, `kill_mode`,
+/// `stop_signal`).
 /// TOML's text of anything but a string names none, so the choice's own
 /// refusal ("expected one of: ...") serves every value.
 fn named<T: FromStr<Err = String>>(key: &str, value: Value) -> Result<T, ConfigError> {

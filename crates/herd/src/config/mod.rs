@@ -48,7 +48,7 @@ use validate::*;
 use values::*;
 pub use values::{
     available_cores, parse_duration, parse_size, ByteSize, ConfigDuration, KillMode,
-    ProtocolChoice, Rotation, WorkerCount, WorkerProtocol,
+    ProtocolChoice, Rotation, StopSignal, WorkerCount, WorkerProtocol,
 };
 
 use std::collections::BTreeMap;
@@ -57,6 +57,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use serde::Deserialize;
 
 use crate::dispatch::Mode;
@@ -153,6 +154,9 @@ pub struct Settings {
     pub env: BTreeMap<String, String>,
     pub cwd: Option<PathBuf>,
     pub shutdown_timeout: Duration,
+    /// What a draining worker is sent beside DRAIN; `None`: herd's own
+    /// choice (SIGTERM to workers that may not read DRAIN).
+    pub stop_signal: Option<Signal>,
     pub ready_timeout: Duration,
     pub ready_delay: Option<Duration>,
     /// `None`: hung workers are not looked for.

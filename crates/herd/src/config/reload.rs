@@ -44,6 +44,7 @@ pub const RELOAD: &[(&str, Reload)] = &[
     ("env", Reload::Live),
     ("cwd", Reload::Live),
     ("shutdown_timeout", Reload::Live),
+    ("stop_signal", Reload::Live),
     ("ready_timeout", Reload::Live),
     ("ready_delay", Reload::Live),
     ("hang_timeout", Reload::Live),

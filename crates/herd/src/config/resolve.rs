@@ -93,6 +93,7 @@ fn settings(config: Config, resolved: Resolved) -> Settings {
         env: config.env,
         cwd: config.cwd,
         shutdown_timeout: config.shutdown_timeout.get(),
+        stop_signal: config.stop_signal.map(StopSignal::get),
         ready_timeout: config.ready_timeout.get(),
         ready_delay: config.ready_delay.map(|delay| delay.get()),
         hang_timeout: Some(config.hang_timeout.get()).filter(|timeout| !timeout.is_zero()),

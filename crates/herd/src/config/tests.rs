@@ -376,6 +376,58 @@ fn kill_mode_is_one_of_three_or_named() {
 }
 
 #[test]
+fn stop_signal_is_a_catchable_signal_with_or_without_its_prefix() {
+    use nix::sys::signal::Signal;
+    let stop_signal = |extra: &str| with(extra).unwrap().stop_signal;
+    assert_eq!(stop_signal(""), None);
+    for (written, signal) in [
+        ("SIGTERM", Signal::SIGTERM),
+        ("SIGQUIT", Signal::SIGQUIT),
+        ("QUIT", Signal::SIGQUIT),
+        ("sigint", Signal::SIGINT),
+        ("INT", Signal::SIGINT),
+        ("SIGHUP", Signal::SIGHUP),
+        ("USR1", Signal::SIGUSR1),
+        ("SIGUSR2", Signal::SIGUSR2),
+        ("WINCH", Signal::SIGWINCH),
+    ] {
+        let extra = format!("stop_signal = {written:?}\n");
+        assert_eq!(stop_signal(&extra), Some(signal), "{written}");
+    }
+    assert_eq!(
+        refused("stop_signal = \"SIGKILL\"\n"),
+        "invalid `stop_signal` = \"SIGKILL\": SIGKILL cannot be caught, so no server can stop \
+         gracefully on it; herd sends it itself after `shutdown_timeout`"
+    );
+    assert!(refused("stop_signal = \"KILL\"\n")
+        .starts_with("invalid `stop_signal` = \"KILL\": SIGKILL"));
+    assert!(refused("stop_signal = \"SIGSTOP\"\n")
+        .starts_with("invalid `stop_signal` = \"SIGSTOP\": SIGSTOP cannot be caught"));
+    assert_eq!(
+        refused("stop_signal = \"SIGTERMINATE\"\n"),
+        "invalid `stop_signal` = \"SIGTERMINATE\": expected one of: SIGTERM, SIGQUIT, SIGINT, \
+         SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH (the SIG prefix may be left out)"
+    );
+    assert!(refused("stop_signal = 3\n").starts_with("invalid `stop_signal` = 3: expected one of"));
+    // The flag reads through the same reader.
+    let mut config = Config::parse("").unwrap();
+    let flag = |signal: &str| Overrides {
+        stop_signal: Some(signal.into()),
+        ..Overrides::default()
+    };
+    config.apply(flag("QUIT")).unwrap();
+    assert_eq!(
+        config.stop_signal.map(StopSignal::get),
+        Some(Signal::SIGQUIT)
+    );
+    assert!(config
+        .apply(flag("SIGSTOP"))
+        .unwrap_err()
+        .to_string()
+        .starts_with("invalid `stop_signal` = \"SIGSTOP\": SIGSTOP cannot be caught"));
+}
+
+#[test]
 fn durations_parse() {
     assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
     assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));

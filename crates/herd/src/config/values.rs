@@ -1,13 +1,15 @@
 //! The value syntaxes of the config, as types: durations ([`ConfigDuration`])
 //! and sizes ([`ByteSize`]) with their parsers, the named choices
 //! ([`WorkerCount`], [`ProtocolChoice`], [`Rotation`], [`KillMode`],
-//! [`WorkerProtocol`]) with the names they accept, and which addresses
+//! [`WorkerProtocol`], [`StopSignal`]) with the names they accept, and which addresses
 //! overlap. Each parses with `FromStr`, whose error is the reason a value is
 //! refused; `keys` adds the key and the value.
 
 use super::*;
 
 use std::str::FromStr;
+
+use nix::sys::signal::Signal;
 
 /// A duration as written in the config ("250ms", "10s", "1.5m", "1h"):
 /// its value, and its text for the messages that quote it.
@@ -184,6 +186,67 @@ impl WorkerProtocol {
             WorkerProtocol::Herd => "herd",
             WorkerProtocol::NodeCluster => "node-cluster",
         }
+    }
+}
+
+/// `stop_signal`: the signal a server stops gracefully on, by its own
+/// convention (nginx: SIGQUIT, lighttpd: SIGINT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopSignal(Signal);
+
+impl StopSignal {
+    /// The signals a server may take as "finish what you have and exit".
+    pub const NAMES: &'static [(&'static str, Signal)] = &[
+        ("SIGTERM", Signal::SIGTERM),
+        ("SIGQUIT", Signal::SIGQUIT),
+        ("SIGINT", Signal::SIGINT),
+        ("SIGHUP", Signal::SIGHUP),
+        ("SIGUSR1", Signal::SIGUSR1),
+        ("SIGUSR2", Signal::SIGUSR2),
+        ("SIGWINCH", Signal::SIGWINCH),
+    ];
+
+    pub fn get(self) -> Signal {
+        self.0
+    }
+}
+
+impl FromStr for StopSignal {
+    type Err = String;
+
+    /// `"SIGQUIT"` or `"QUIT"`, in any case.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let upper = text.to_ascii_uppercase();
+        let name = match upper.strip_prefix("SIG") {
+            Some(_) => upper.clone(),
+            None => format!("SIG{upper}"),
+        };
+        match name.as_str() {
+            "SIGKILL" => {
+                return Err(
+                    "SIGKILL cannot be caught, so no server can stop gracefully on it; \
+                            herd sends it itself after `shutdown_timeout`"
+                        .into(),
+                )
+            }
+            "SIGSTOP" => {
+                return Err("SIGSTOP cannot be caught and only freezes the worker, \
+                            which would then be SIGKILLed at `shutdown_timeout`"
+                    .into())
+            }
+            _ => {}
+        }
+        Self::NAMES
+            .iter()
+            .find(|(known, _)| *known == name)
+            .map(|&(_, signal)| StopSignal(signal))
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::NAMES.iter().map(|(name, _)| *name).collect();
+                format!(
+                    "expected one of: {} (the SIG prefix may be left out)",
+                    names.join(", ")
+                )
+            })
     }
 }
 

@@ -24,12 +24,15 @@ mod moves;
 mod reconcile;
 mod reload;
 mod slot;
+mod stop_signal;
 mod worker;
 
 #[cfg(test)]
 mod property_tests;
 #[cfg(test)]
 mod scenario_tests;
+#[cfg(test)]
+mod stop_signal_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -110,11 +113,15 @@ pub struct Policy {
     /// Count a worker ready this long after its start without READY.
     pub ready_delay: Option<Duration>,
     pub shutdown_timeout: Duration,
+    /// `stop_signal`: sent to every draining worker, in place of the
+    /// SIGTERM herd sends otherwise (`stop_signal::at_drain`).
+    pub stop_signal: Option<Signal>,
     pub restart: RestartSettings,
     pub reload_batch: usize,
     pub max_memory: Option<u64>,
     /// Node cluster workers: stopped by `disconnect`, then SIGTERM once
-    /// their channel closes (Node's `worker.kill()`).
+    /// their channel closes (Node's `worker.kill()`), unless `stop_signal`
+    /// was sent with the `disconnect`.
     pub node: bool,
 }
 
@@ -124,6 +131,7 @@ impl Policy {
             ready_timeout: settings.ready_timeout,
             ready_delay: settings.ready_delay,
             shutdown_timeout: settings.shutdown_timeout,
+            stop_signal: settings.stop_signal,
             restart: settings.restart,
             reload_batch: settings.reload_batch.max(1),
             max_memory: settings.max_memory,

@@ -8,6 +8,7 @@ use std::time::Instant;
 use nix::sys::signal::Signal;
 use tracing::{debug, error, info, warn};
 
+use super::stop_signal::{self, Drained};
 use super::worker::{DrainCause, KillCause, ReplaceCause, Stage, Worker, CHANNEL_LOSS_GRACE};
 use super::{describe_exit, slot_span, Action, Lifecycle, RestartReason};
 use crate::ids::{SlotIx, WorkerId};
@@ -90,7 +91,8 @@ impl Lifecycle {
 
     /// Asks a starting or serving worker to stop gracefully: the hand-off
     /// loop gives it nothing more and sends DRAIN (Node: `disconnect`);
-    /// SIGKILL follows at `shutdown_timeout`.
+    /// `stop_signal` (or SIGTERM where DRAIN may go unread) follows at once,
+    /// SIGKILL at `shutdown_timeout`.
     pub(super) fn drain(
         &mut self,
         now: Instant,
@@ -105,29 +107,27 @@ impl Lifecycle {
         if !w.is_live() {
             return;
         }
-        let was_starting = w.is_starting();
+        let drained = Drained {
+            announced: w.announced,
+            was_starting: w.is_starting(),
+            cause,
+        };
         w.stage = Stage::Draining {
             kill_at: now + policy.shutdown_timeout,
             cause,
         };
+        let signal = stop_signal::at_drain(&policy, drained);
         let _span = slot_span(w.slot).entered();
         info!(
             slot = w.slot.get(),
             pid = w.pid.unwrap_or(0),
+            signal = signal.map(Signal::as_str),
             event = "worker_draining",
             "worker draining"
         );
         out.push(Action::Drain { worker: id });
-        // DRAIN is enough for a worker that reads its channel. One that was
-        // made ready by `ready_delay` may never read it; one still starting
-        // has no connection to finish. Both are also sent SIGTERM.
-        // One that closed its channel cannot read it at all.
-        let may_not_read = !w.announced && policy.ready_delay.is_some();
-        if may_not_read || was_starting || cause == DrainCause::ChannelLost {
-            out.push(Action::Signal {
-                worker: id,
-                signal: Signal::SIGTERM,
-            });
+        if let Some(signal) = signal {
+            out.push(Action::Signal { worker: id, signal });
         }
     }
 
@@ -245,27 +245,26 @@ impl Lifecycle {
         let w = self.workers.get_mut(&id).expect("policy_of found it");
         match w.stage {
             // Node's worker.kill(): disconnect, and once the worker has
-            // closed its channel, SIGTERM; a Node worker holding any other
-            // handle (a timer, a Redis client) would never exit otherwise.
-            Stage::Draining { .. } if policy.node => {
-                let _span = slot_span(w.slot).entered();
-                info!(
-                    slot = w.slot.get(),
-                    pid = w.pid.unwrap_or(0),
-                    event = "node_disconnected",
-                    "Node worker disconnected; sending SIGTERM"
-                );
-                out.push(Action::Signal {
-                    worker: id,
-                    signal: Signal::SIGTERM,
-                });
+            // closed its channel, SIGTERM (`stop_signal::after_disconnect`).
+            Stage::Draining { .. } => {
+                if let Some(signal) = stop_signal::after_disconnect(&policy) {
+                    let _span = slot_span(w.slot).entered();
+                    info!(
+                        slot = w.slot.get(),
+                        pid = w.pid.unwrap_or(0),
+                        signal = signal.as_str(),
+                        event = "node_disconnected",
+                        "Node worker disconnected; sending {signal}"
+                    );
+                    out.push(Action::Signal { worker: id, signal });
+                }
             }
             // Its exit normally follows within milliseconds; if not, the
             // timer finds it still there.
             Stage::Starting { .. } | Stage::Serving { .. } => {
                 w.channel_check_at.get_or_insert(now + CHANNEL_LOSS_GRACE);
             }
-            Stage::Draining { .. } | Stage::Killed { .. } => {}
+            Stage::Killed { .. } => {}
         }
     }
 

@@ -88,7 +88,8 @@ pub struct Worker {
     pub started: Instant,
     pub stage: Stage,
     /// It said READY (or Node's `listening`) itself, so it reads DRAIN;
-    /// one made ready by `ready_delay` may not and is sent SIGTERM too.
+    /// one made ready by `ready_delay` may not and is sent SIGTERM too
+    /// (`stop_signal` when set).
     pub announced: bool,
     /// Its channel closed while it was starting or serving: herd checks
     /// then whether the process is still there.

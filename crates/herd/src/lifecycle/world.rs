@@ -16,6 +16,7 @@ pub(super) fn policy() -> Policy {
         ready_timeout: Duration::from_secs(1),
         ready_delay: None,
         shutdown_timeout: Duration::from_secs(10),
+        stop_signal: None,
         restart: RestartSettings {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(1),
