@@ -242,6 +242,11 @@ struct ConfigArgs {
     /// READY (for plain socket-activated servers in the shared/reuseport modes).
     #[arg(long, value_name = "DUR")]
     ready_delay: Option<String>,
+    /// How a worker says it is ready: herd (READY on its channel, the
+    /// default), notify (sd_notify's READY=1 on NOTIFY_SOCKET, e.g.
+    /// gunicorn) or delay:DUR (counted ready DUR after it starts).
+    #[arg(long, value_name = "herd|notify|delay:DUR")]
+    ready: Option<String>,
     /// Control socket path [default: herd.sock].
     #[arg(long, value_name = "PATH")]
     control: Option<String>,
@@ -322,6 +327,12 @@ fn main() -> ExitCode {
                     ),
                     None => "never found hung (hang_timeout = \"0s\")".to_string(),
                 };
+                outln!(
+                    "readiness: a worker gets connections once ready: {} (ready = {:?}); one not ready within {:?} is killed (ready_timeout)",
+                    settings.ready.describe(),
+                    settings.ready.name(),
+                    settings.ready_timeout
+                );
                 outln!(
                     "supervision: a worker is killed with its {processes} (kill_mode {}); {hung}",
                     settings.kill_mode.name()
@@ -599,6 +610,7 @@ fn config_source(args: ConfigArgs) -> ConfigSource {
             max_unacked: args.max_unacked,
             queue_limit: args.queue_limit,
             ready_delay: args.ready_delay,
+            ready: args.ready,
             control: args.control,
             metrics: args.metrics,
         },

@@ -160,6 +160,7 @@ const KEYS: &[&str] = &[
     "shutdown_timeout",
     "ready_timeout",
     "ready_delay",
+    "ready",
     "hang_timeout",
     "kill_mode",
     "reload_batch",

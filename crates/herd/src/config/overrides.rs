@@ -18,6 +18,7 @@ pub struct Overrides {
     pub max_unacked: Option<i64>,
     pub queue_limit: Option<i64>,
     pub ready_delay: Option<String>,
+    pub ready: Option<String>,
     pub control: Option<String>,
     pub metrics: Option<String>,
 }
@@ -62,6 +63,9 @@ impl Config {
         }
         if let Some(delay) = overrides.ready_delay {
             self.ready_delay = keys::ready_delay(Value::String(delay))?;
+        }
+        if let Some(ready) = overrides.ready {
+            self.ready = keys::ready(Value::String(ready))?;
         }
         if let Some(path) = overrides.control {
             self.control = keys::control(Value::String(path))?;

@@ -46,6 +46,7 @@ pub const RELOAD: &[(&str, Reload)] = &[
     ("shutdown_timeout", Reload::Live),
     ("ready_timeout", Reload::Live),
     ("ready_delay", Reload::Live),
+    ("ready", Reload::Live),
     ("hang_timeout", Reload::Live),
     ("kill_mode", Reload::Restart(|s| s.kill_mode.name().into())),
     ("reload_batch", Reload::Live),

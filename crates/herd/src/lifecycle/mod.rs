@@ -122,7 +122,7 @@ impl Policy {
     pub fn of(settings: &Settings) -> Policy {
         Policy {
             ready_timeout: settings.ready_timeout,
-            ready_delay: settings.ready_delay,
+            ready_delay: settings.ready.delay(),
             shutdown_timeout: settings.shutdown_timeout,
             restart: settings.restart,
             reload_batch: settings.reload_batch.max(1),
