@@ -26,6 +26,9 @@ use crate::ids::SlotIx;
 use crate::node_ipc;
 use herd_protocol::fdpass;
 
+/// Where an `sd_notify(3)` client sends what it says.
+const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
+
 /// A worker process just started.
 #[derive(Debug)]
 pub struct Started {
@@ -49,6 +52,9 @@ pub struct Launch<'a> {
     pub cgroup_procs: Option<RawFd>,
     /// The `RLIMIT_NOFILE` (soft, hard) it gets: herd's original one.
     pub nofile: Option<(u64, u64)>,
+    /// `NOTIFY_SOCKET` for it (`ready = "notify"`); `None`: herd's own, if
+    /// any, is not passed on, so a worker cannot speak for herd to systemd.
+    pub notify_socket: Option<&'a str>,
 }
 
 /// Starts a worker: its own process group, the channel after the
@@ -61,6 +67,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         listen_fds,
         cgroup_procs,
         nofile,
+        notify_socket,
     } = launch;
     let node = settings.protocol == WorkerProtocol::NodeCluster;
     let (primary_end, child_end) = if node {
@@ -79,21 +86,8 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
             .envs(herd_protocol::env::listen_env(listen_fds.len()));
         shim
     };
-    command.args(&settings.args);
-    if let Some(user) = &settings.run_as {
-        // What a login as the user sets (`su -`, systemd's `User=`), so the
-        // program finds its own files, not root's; `env` may override them.
-        command
-            .env("HOME", &user.home)
-            .env("USER", &user.name)
-            .env("LOGNAME", &user.name);
-    }
     command
-        .envs(&settings.env)
-        .env(herd_protocol::env::CHANNEL_FD_ENV, &channel_fd)
-        .env(herd_protocol::env::WORKER_ID_ENV, slot.to_string())
-        .env("HERD_WORKERS", workers.to_string())
-        .env("HERD_PROTOCOL", herd_protocol::wire::VERSION.to_string())
+        .args(&settings.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -101,14 +95,14 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         // herd decides how workers stop; signals go to the whole group,
         // so `sh -c` wrappers and their children stop too.
         .process_group(0);
-    if node {
-        // An unmodified Node cluster app: it finds herd as its cluster primary.
-        command
-            .env_remove(herd_protocol::env::CHANNEL_FD_ENV)
-            .env(node_ipc::NODE_UNIQUE_ID_ENV, slot.to_string())
-            .env(node_ipc::NODE_CHANNEL_FD_ENV, &channel_fd)
-            .env(node_ipc::NODE_CHANNEL_SERIALIZATION_MODE_ENV, "json");
-    }
+    let env = WorkerEnv {
+        settings,
+        slot,
+        workers,
+        channel_fd: &channel_fd,
+        notify_socket,
+    };
+    set_environment(&mut command, &env);
     if let Some(dir) = &settings.cwd {
         command.current_dir(dir);
     }
@@ -131,6 +125,48 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         stdout: stdout.into(),
         stderr: stderr.into(),
     })
+}
+
+/// What a worker's environment is made of, beside herd's own.
+struct WorkerEnv<'a> {
+    settings: &'a Settings,
+    slot: SlotIx,
+    workers: usize,
+    /// The channel's fd number, as the worker's protocol names it.
+    channel_fd: &'a str,
+    notify_socket: Option<&'a str>,
+}
+
+/// The worker's environment: its user's, `env`, herd's variables (or
+/// Node's, for a Node cluster app) and `NOTIFY_SOCKET`.
+fn set_environment(command: &mut std::process::Command, env: &WorkerEnv<'_>) {
+    let settings = env.settings;
+    if let Some(user) = &settings.run_as {
+        // What a login as the user sets (`su -`, systemd's `User=`), so the
+        // program finds its own files, not root's; `env` may override them.
+        command
+            .env("HOME", &user.home)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name);
+    }
+    command
+        .envs(&settings.env)
+        .env(herd_protocol::env::CHANNEL_FD_ENV, env.channel_fd)
+        .env(herd_protocol::env::WORKER_ID_ENV, env.slot.to_string())
+        .env("HERD_WORKERS", env.workers.to_string())
+        .env("HERD_PROTOCOL", herd_protocol::wire::VERSION.to_string());
+    if settings.protocol == WorkerProtocol::NodeCluster {
+        // An unmodified Node cluster app: it finds herd as its cluster primary.
+        command
+            .env_remove(herd_protocol::env::CHANNEL_FD_ENV)
+            .env(node_ipc::NODE_UNIQUE_ID_ENV, env.slot.to_string())
+            .env(node_ipc::NODE_CHANNEL_FD_ENV, env.channel_fd)
+            .env(node_ipc::NODE_CHANNEL_SERIALIZATION_MODE_ENV, "json");
+    }
+    match env.notify_socket {
+        Some(socket) => command.env(NOTIFY_SOCKET_ENV, socket),
+        None => command.env_remove(NOTIFY_SOCKET_ENV),
+    };
 }
 
 /// Sends `signal` to the process group a worker leads.

@@ -147,7 +147,7 @@ pub enum Readiness {
 }
 
 impl Readiness {
-    pub const NAMES: &'static [&'static str] = &["herd", "delay:DUR (e.g. \"delay:1s\")"];
+    pub const NAMES: &'static [&'static str] = &["herd", "notify", "delay:DUR (e.g. \"delay:1s\")"];
 
     /// The delay after which a worker counts as ready unasked, if any.
     pub fn delay(&self) -> Option<Duration> {
@@ -184,6 +184,7 @@ impl FromStr for Readiness {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text {
             "herd" => Ok(Readiness::Herd),
+            "notify" => Ok(Readiness::Notify),
             _ => match text.strip_prefix("delay:") {
                 Some(delay) => delay
                     .parse()

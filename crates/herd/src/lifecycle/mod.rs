@@ -141,6 +141,9 @@ pub enum Event {
     StartFailed { worker: WorkerId, error: String },
     /// The worker said READY (Node: `listening`).
     Ready { worker: WorkerId },
+    /// The worker's main process sent `READY=1` to its `NOTIFY_SOCKET`:
+    /// ready, and it may not read DRAIN (it is sent SIGTERM too).
+    Notified { worker: WorkerId },
     /// The worker's channel reached EOF.
     ChannelClosed { worker: WorkerId },
     /// The worker's main process exited and was reaped.
@@ -281,6 +284,7 @@ impl Lifecycle {
                 self.on_start_failed(now, worker, error, &mut out)
             }
             Event::Ready { worker } => self.promote(now, worker, true, &mut out),
+            Event::Notified { worker } => self.promote(now, worker, false, &mut out),
             Event::ChannelClosed { worker } => self.on_channel_closed(now, worker, &mut out),
             Event::Exited { worker, status } => self.on_exited(now, worker, status, &mut out),
             Event::RecycleDue { worker } => {

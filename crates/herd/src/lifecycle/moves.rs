@@ -119,10 +119,11 @@ impl Lifecycle {
         );
         out.push(Action::Drain { worker: id });
         // DRAIN is enough for a worker that reads its channel. One that was
-        // made ready by `ready_delay` may never read it; one still starting
-        // has no connection to finish. Both are also sent SIGTERM.
+        // made ready by `ready_delay` or by `READY=1` on its NOTIFY_SOCKET
+        // (not announced on its channel) may never read it; one still
+        // starting has no connection to finish. Both are also sent SIGTERM.
         // One that closed its channel cannot read it at all.
-        let may_not_read = !w.announced && policy.ready_delay.is_some();
+        let may_not_read = !w.announced;
         if may_not_read || was_starting || cause == DrainCause::ChannelLost {
             out.push(Action::Signal {
                 worker: id,
