@@ -103,6 +103,31 @@ fn a_notify_worker_that_never_says_ready_is_killed_at_ready_timeout() {
     );
 }
 
+/// With `hang_timeout` on, a notify worker is told `WATCHDOG_USEC`; once
+/// it pinged (`WATCHDOG=1`), going silent for longer makes it hung: killed
+/// and replaced, as a hung hand-off worker is.
+#[test]
+fn a_notify_worker_that_stops_its_watchdog_pings_is_hung_and_replaced() {
+    let herd = Herd::launch(
+        "ready-notify-watchdog",
+        Some("hang_timeout = \"500ms\"\nmonitor_interval = \"50ms\"\n"),
+        1,
+        &["--mode", "shared", "--ready", "notify"],
+        &["python3", &fixture(), "watchdog", "8"],
+    );
+    herd.wait_ready(1);
+    assert_eq!(
+        herd.wait_for_worker_output("WATCHDOG_USEC=500000", 1).len(),
+        1
+    );
+    herd.wait_for_worker_output("watchdog pings stopped", 1);
+    herd.wait_for_event("watchdog_expired", &[], 1);
+    herd.wait_for_event("hung_worker_killed", &[("slot", json!(0))], 1);
+    // Its replacement starts (and, pinging again, is ready).
+    herd.wait_for_event("worker_started", &[("slot", json!(0))], 2);
+    herd.wait_ready(2);
+}
+
 /// gunicorn, from PyPI into `.venv-tests` by scripts/test (or
 /// `HERD_TEST_GUNICORN`): its path, if it is there.
 fn gunicorn() -> Option<String> {

@@ -10,6 +10,9 @@
 //! limited ([`Occurrences`]). A datagram is at most [`MAX_DATAGRAM`] bytes;
 //! a longer one is dropped as a whole.
 //!
+//! With `hang_timeout` on, the worker is told `WATCHDOG_USEC`; once it
+//! has sent `WATCHDOG=1`, going silent for longer makes it hung ([`Heard`]).
+//!
 //! One small task per worker reads its socket and forwards what it parsed
 //! ([`Note`]) to the supervisor through a bounded channel, so a worker
 //! that floods its socket only fills its own socket buffer. The task ends
@@ -19,6 +22,7 @@ use std::io::{self, IoSliceMut};
 use std::os::fd::AsFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
 use tokio::io::Interest;
@@ -26,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{error, warn};
 
-use crate::config::Readiness;
+use crate::config::{Readiness, Settings};
 use crate::ids::WorkerId;
 use crate::rate_limit::Occurrences;
 
@@ -114,7 +118,49 @@ fn cut(text: &str, max: usize) -> String {
 pub struct NotifySocket {
     /// `NOTIFY_SOCKET` for the worker: `@` and the abstract name.
     pub env: String,
+    /// `WATCHDOG_USEC` for the worker (`hang_timeout`), if it is watched.
+    pub watchdog: Option<Duration>,
     socket: UnixDatagram,
+}
+
+/// What herd keeps of what a worker said on its socket.
+#[derive(Debug, Default)]
+pub struct Heard {
+    /// Its last `STATUS=`, for `herd status`.
+    pub status: Option<String>,
+    /// `hang_timeout`, as `WATCHDOG_USEC` told it; `None`: not watched.
+    watchdog: Option<Duration>,
+    /// When it last sent `WATCHDOG=1`. The watch is armed by the first
+    /// one, so a server that never pings (gunicorn) is never found hung.
+    last_ping: Option<Instant>,
+}
+
+impl Heard {
+    /// For a worker watched at `watchdog` (its socket's `WATCHDOG_USEC`).
+    pub fn new(watchdog: Option<Duration>) -> Heard {
+        Heard {
+            watchdog,
+            ..Heard::default()
+        }
+    }
+
+    /// It sent `WATCHDOG=1` at `now`.
+    pub fn ping(&mut self, now: Instant) {
+        self.last_ping = Some(now);
+    }
+
+    /// Whether it went silent for longer than its watchdog since its last
+    /// `WATCHDOG=1`: true once, then the watch is disarmed.
+    pub fn watchdog_expired(&mut self, now: Instant) -> bool {
+        let expired = match (self.watchdog, self.last_ping) {
+            (Some(timeout), Some(last)) => now.saturating_duration_since(last) > timeout,
+            _ => false,
+        };
+        if expired {
+            self.last_ping = None;
+        }
+        expired
+    }
 }
 
 /// A worker's socket being read; dropping it stops the reader.
@@ -129,7 +175,7 @@ impl Drop for Listening {
 
 impl NotifySocket {
     /// Binds a fresh abstract socket for `worker` of this herd.
-    pub fn bind(worker: WorkerId) -> io::Result<NotifySocket> {
+    pub fn bind(worker: WorkerId, watchdog: Option<Duration>) -> io::Result<NotifySocket> {
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |t| t.subsec_nanos());
@@ -143,16 +189,19 @@ impl NotifySocket {
         socket.set_nonblocking(true)?;
         Ok(NotifySocket {
             env: format!("@{name}"),
+            watchdog,
             socket,
         })
     }
 
-    /// A fresh socket for worker `id`, if `ready` waits for `READY=1`.
-    pub fn for_worker(ready: &Readiness, id: WorkerId) -> Result<Option<NotifySocket>, String> {
-        match ready {
-            Readiness::Notify => NotifySocket::bind(id)
-                .map(Some)
-                .map_err(|e| format!("cannot bind its NOTIFY_SOCKET: {e}")),
+    /// A fresh socket for worker `id`, if `settings` wait for `READY=1`;
+    /// watched at `hang_timeout` (unless it is off).
+    pub fn for_worker(settings: &Settings, id: WorkerId) -> Result<Option<NotifySocket>, String> {
+        match settings.ready {
+            Readiness::Notify => match NotifySocket::bind(id, settings.hang_timeout) {
+                Ok(socket) => Ok(Some(socket)),
+                Err(e) => Err(format!("cannot bind its NOTIFY_SOCKET: {e}")),
+            },
             _ => Ok(None),
         }
     }
@@ -300,9 +349,27 @@ mod tests {
         assert!(text.chars().all(|c| c == 'é'));
     }
 
+    #[test]
+    fn the_watchdog_arms_on_the_first_ping_and_fires_once() {
+        let start = Instant::now();
+        let mut heard = Heard::new(Some(Duration::from_secs(1)));
+        // Never pinged: never expired, however long.
+        assert!(!heard.watchdog_expired(start + Duration::from_secs(60)));
+        heard.ping(start);
+        assert!(!heard.watchdog_expired(start + Duration::from_millis(900)));
+        heard.ping(start + Duration::from_millis(900));
+        assert!(!heard.watchdog_expired(start + Duration::from_millis(1800)));
+        assert!(heard.watchdog_expired(start + Duration::from_millis(2000)));
+        assert!(!heard.watchdog_expired(start + Duration::from_millis(3000)));
+        // Not watched (hang_timeout = "0s"): pings change nothing.
+        let mut off = Heard::new(None);
+        off.ping(start);
+        assert!(!off.watchdog_expired(start + Duration::from_secs(60)));
+    }
+
     #[tokio::test]
     async fn only_the_workers_own_process_is_heard() {
-        let socket = NotifySocket::bind(WorkerId(1)).unwrap();
+        let socket = NotifySocket::bind(WorkerId(1), None).unwrap();
         let name = socket.env.trim_start_matches('@').to_string();
         let address = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
         let (tx, mut notes) = channel();
@@ -324,7 +391,7 @@ mod tests {
 
     #[tokio::test]
     async fn another_process_is_not_heard() {
-        let socket = NotifySocket::bind(WorkerId(2)).unwrap();
+        let socket = NotifySocket::bind(WorkerId(2), None).unwrap();
         let name = socket.env.trim_start_matches('@').to_string();
         let (tx, mut notes) = channel();
         // A pid that is not ours: our datagrams are dropped.
@@ -332,8 +399,7 @@ mod tests {
         let sender = UnixDatagram::unbound().unwrap();
         let address = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
         sender.send_to_addr(b"READY=1", &address).unwrap();
-        let waited =
-            tokio::time::timeout(std::time::Duration::from_millis(200), notes.recv()).await;
+        let waited = tokio::time::timeout(Duration::from_millis(200), notes.recv()).await;
         assert!(waited.is_err(), "heard {waited:?}");
     }
 }

@@ -24,10 +24,18 @@ use crate::activation;
 use crate::config::{Settings, WorkerProtocol};
 use crate::ids::SlotIx;
 use crate::node_ipc;
+use crate::notify::NotifySocket;
 use herd_protocol::fdpass;
 
 /// Where an `sd_notify(3)` client sends what it says.
 const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
+
+/// How often an `sd_notify` client must send `WATCHDOG=1`, in microseconds.
+const WATCHDOG_USEC_ENV: &str = "WATCHDOG_USEC";
+
+/// The pid `WATCHDOG_USEC` is meant for: herd's, if systemd set it, so
+/// never passed on (the worker's own is left unset, which means "any").
+const WATCHDOG_PID_ENV: &str = "WATCHDOG_PID";
 
 /// A worker process just started.
 #[derive(Debug)]
@@ -52,9 +60,10 @@ pub struct Launch<'a> {
     pub cgroup_procs: Option<RawFd>,
     /// The `RLIMIT_NOFILE` (soft, hard) it gets: herd's original one.
     pub nofile: Option<(u64, u64)>,
-    /// `NOTIFY_SOCKET` for it (`ready = "notify"`); `None`: herd's own, if
-    /// any, is not passed on, so a worker cannot speak for herd to systemd.
-    pub notify_socket: Option<&'a str>,
+    /// Its `NOTIFY_SOCKET` and `WATCHDOG_USEC` (`ready = "notify"`); `None`:
+    /// herd's own, if any, are not passed on, so a worker cannot speak for
+    /// herd to systemd.
+    pub notify: Option<&'a NotifySocket>,
 }
 
 /// Starts a worker: its own process group, the channel after the
@@ -67,7 +76,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         listen_fds,
         cgroup_procs,
         nofile,
-        notify_socket,
+        notify,
     } = launch;
     let node = settings.protocol == WorkerProtocol::NodeCluster;
     let (primary_end, child_end) = if node {
@@ -100,7 +109,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         slot,
         workers,
         channel_fd: &channel_fd,
-        notify_socket,
+        notify,
     };
     set_environment(&mut command, &env);
     if let Some(dir) = &settings.cwd {
@@ -134,7 +143,7 @@ struct WorkerEnv<'a> {
     workers: usize,
     /// The channel's fd number, as the worker's protocol names it.
     channel_fd: &'a str,
-    notify_socket: Option<&'a str>,
+    notify: Option<&'a NotifySocket>,
 }
 
 /// The worker's environment: its user's, `env`, herd's variables (or
@@ -163,10 +172,15 @@ fn set_environment(command: &mut std::process::Command, env: &WorkerEnv<'_>) {
             .env(node_ipc::NODE_CHANNEL_FD_ENV, env.channel_fd)
             .env(node_ipc::NODE_CHANNEL_SERIALIZATION_MODE_ENV, "json");
     }
-    match env.notify_socket {
-        Some(socket) => command.env(NOTIFY_SOCKET_ENV, socket),
+    match env.notify {
+        Some(socket) => command.env(NOTIFY_SOCKET_ENV, &socket.env),
         None => command.env_remove(NOTIFY_SOCKET_ENV),
     };
+    match env.notify.and_then(|socket| socket.watchdog) {
+        Some(timeout) => command.env(WATCHDOG_USEC_ENV, timeout.as_micros().to_string()),
+        None => command.env_remove(WATCHDOG_USEC_ENV),
+    };
+    command.env_remove(WATCHDOG_PID_ENV);
 }
 
 /// Sends `signal` to the process group a worker leads.

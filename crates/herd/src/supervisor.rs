@@ -27,7 +27,7 @@ use crate::handoff::{self, Command, Controller, NewWorker};
 use crate::ids::{SlotIx, WorkerId};
 use crate::lifecycle::{self, Action, Event, Lifecycle, Policy, Version};
 use crate::metrics::Metrics;
-use crate::notify::{Listening, Message, Note, NotifySocket};
+use crate::notify::{Heard, Listening, Message, Note, NotifySocket};
 use crate::process::{self, Launch};
 use crate::procstat::{self, Sample};
 use crate::status::{Phase, SlotStatus};
@@ -52,8 +52,8 @@ struct Process {
     leaf: Option<Leaf>,
     /// Its NOTIFY_SOCKET being read (`ready = "notify"`); dropped with it.
     _notify: Option<Listening>,
-    /// What it last said in `STATUS=`, for `herd status`.
-    notify_status: Option<String>,
+    /// What it said there.
+    heard: Heard,
 }
 
 /// Spawns and tracks the worker processes.
@@ -197,9 +197,8 @@ impl Supervisor {
                     "worker says it is stopping (STOPPING=1)"
                 );
             }
-            Message::Status(text) => process.notify_status = Some(text),
-            // WATCHDOG_USEC is not set yet: nothing waits for it.
-            Message::Watchdog => {}
+            Message::Status(text) => process.heard.status = Some(text),
+            Message::Watchdog => process.heard.ping(Instant::now()),
         }
     }
 
@@ -340,6 +339,18 @@ impl Supervisor {
         if !samples.is_empty() {
             self.handle(Event::Memory { samples });
         }
+        let now = Instant::now();
+        let silent: Vec<(WorkerId, u32)> = (self.processes.iter_mut())
+            .filter_map(|(id, p)| p.heard.watchdog_expired(now).then_some((*id, p.pid)))
+            .collect();
+        for (worker, pid) in silent {
+            warn!(
+                pid,
+                event = "watchdog_expired",
+                "no WATCHDOG=1 for hang_timeout"
+            );
+            self.handle(Event::Hung { worker });
+        }
     }
 
     /// CPU seconds used per slot, by every worker that held it.
@@ -363,7 +374,7 @@ impl Supervisor {
                     handed_off: handed_off(view.slot),
                     rss_bytes: process.and_then(|p| p.last_sample.map(|s| s.rss)),
                     cpu_percent: process.and_then(|p| p.last_sample.map(|_| p.cpu_percent)),
-                    notify_status: process.and_then(|p| p.notify_status.clone()),
+                    notify_status: process.and_then(|p| p.heard.status.clone()),
                 }
             })
             .collect()
@@ -506,7 +517,7 @@ impl Supervisor {
         let program = settings.program.display().to_string();
         let listen_fds = self.sockets.for_slot(slot).map_err(|e| e.to_string())?;
         let leaf = self.leaf_for(slot, id)?;
-        let notify = NotifySocket::for_worker(&settings.ready, id)?;
+        let notify = NotifySocket::for_worker(&settings, id)?;
         let started = process::spawn(Launch {
             settings: &settings,
             slot,
@@ -515,7 +526,7 @@ impl Supervisor {
             cgroup_procs: leaf.as_ref().map(Leaf::procs_fd),
             nofile: (self.fd_limit.soft != self.fd_limit.original)
                 .then_some((self.fd_limit.original, self.fd_limit.hard)),
-            notify_socket: notify.as_ref().map(|socket| socket.env.as_str()),
+            notify: notify.as_ref(),
         })
         .map_err(|e| format!("{program}: {e}"))?;
         let pid = started.pid;
@@ -530,6 +541,7 @@ impl Supervisor {
         let recycle_after = settings
             .max_connections_per_worker
             .map(|limit| limit + jitter(settings.max_connections_jitter, id.0));
+        let heard = Heard::new(notify.as_ref().and_then(|socket| socket.watchdog));
         let notify = notify.and_then(|socket| socket.listen(id, pid, self.notes.clone()));
         self.processes.insert(
             id,
@@ -541,7 +553,7 @@ impl Supervisor {
                 cpu_percent: 0.0,
                 leaf,
                 _notify: notify,
-                notify_status: None,
+                heard,
             },
         );
         self.by_pid.insert(pid, id);
