@@ -4,8 +4,8 @@
 //! every configuration version still in use, and the answers owed to
 //! `herd reload` clients. Every decision (start, restart, replace, drain,
 //! kill, stop) is [`crate::lifecycle`]'s: this module turns what it
-//! observes (a READY from the hand-off loop, a reaped exit, a memory
-//! sample, a timer) into an [`Event`] for the core and carries out the
+//! observes (a READY from the hand-off loop, a `READY=1` on a worker's
+//! NOTIFY_SOCKET, a reaped exit, a memory sample, a timer) into an [`Event`] for the core and carries out the
 //! [`Action`]s that come back, in order, on the main thread.
 //!
 //! The main thread is also the one that forks: `PR_SET_PDEATHSIG` is tied
