@@ -246,6 +246,11 @@ struct ConfigArgs {
     /// (SIGQUIT for nginx, SIGINT for lighttpd); sent when a worker drains.
     #[arg(long, value_name = "SIGNAL")]
     stop_signal: Option<String>,
+    /// How a worker says it is ready: herd (READY on its channel, the
+    /// default), notify (sd_notify's READY=1 on NOTIFY_SOCKET, e.g.
+    /// gunicorn) or delay:DUR (counted ready DUR after it starts).
+    #[arg(long, value_name = "herd|notify|delay:DUR")]
+    ready: Option<String>,
     /// Control socket path [default: herd.sock].
     #[arg(long, value_name = "PATH")]
     control: Option<String>,
@@ -326,6 +331,12 @@ fn main() -> ExitCode {
                     ),
                     None => "never found hung (hang_timeout = \"0s\")".to_string(),
                 };
+                outln!(
+                    "readiness: a worker gets connections once ready: {} (ready = {:?}); one not ready within {:?} is killed (ready_timeout)",
+                    settings.ready.describe(),
+                    settings.ready.name(),
+                    settings.ready_timeout
+                );
                 outln!(
                     "supervision: a worker is killed with its {processes} (kill_mode {}); {hung}",
                     settings.kill_mode.name()
@@ -604,6 +615,7 @@ fn config_source(args: ConfigArgs) -> ConfigSource {
             queue_limit: args.queue_limit,
             ready_delay: args.ready_delay,
             stop_signal: args.stop_signal,
+            ready: args.ready,
             control: args.control,
             metrics: args.metrics,
         },

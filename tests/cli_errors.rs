@@ -261,6 +261,43 @@ fn check_accepts_the_repository_config_and_reports_it() {
         stdout.contains("30s unacknowledged (hang_timeout)"),
         "{stdout}"
     );
+    // What it waits for before a worker gets connections.
+    assert!(
+        stdout.contains("once ready: READY on the worker's herd channel (ready = \"herd\")"),
+        "{stdout}"
+    );
+    let delay = herd(
+        &dir,
+        &[
+            "check",
+            "-c",
+            repo_config,
+            "--ready",
+            "delay:250ms",
+            "--",
+            hello_worker(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&delay.stdout);
+    assert!(
+        stdout.contains("once ready: 250ms after it starts, unasked (ready = \"delay:250ms\")"),
+        "{stdout}"
+    );
+    let refused = herd(
+        &dir,
+        &[
+            "check",
+            "-c",
+            repo_config,
+            "--ready",
+            "soon",
+            "--",
+            hello_worker(),
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr)
+        .contains("invalid `ready` = \"soon\": expected one of: herd,"));
 }
 
 /// `herd run` with no arguments reads ./config.toml (here: the repository's

@@ -161,6 +161,7 @@ const KEYS: &[&str] = &[
     "stop_signal",
     "ready_timeout",
     "ready_delay",
+    "ready",
     "hang_timeout",
     "kill_mode",
     "reload_batch",

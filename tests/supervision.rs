@@ -364,6 +364,25 @@ fn ready_delay_serves_workers_that_never_say_ready() {
     assert_eq!(slots.len(), 2);
 }
 
+/// `ready = "delay:DUR"` is `ready_delay` by its new name.
+#[test]
+fn ready_delay_by_the_ready_key_serves_workers_that_never_say_ready() {
+    let fixture = format!(
+        "{}/tests/fixtures/odd_worker.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let herd = Herd::launch(
+        "ready-key-delay",
+        Some("ready = \"delay:100ms\"\n"),
+        2,
+        &[],
+        &["python3", &fixture, "no-ready"],
+    );
+    herd.wait_ready(2);
+    let slots: BTreeSet<usize> = (0..4).map(|_| get(herd.addr()).unwrap().slot).collect();
+    assert_eq!(slots.len(), 2);
+}
+
 /// A worker over `max_memory` is replaced: its successor starts first, then
 /// it drains; no request fails meanwhile.
 #[test]

@@ -515,6 +515,11 @@ pub fn render_table(report: &StatusReport) -> String {
             row.cpu_percent.map_or("-".into(), |c| format!("{c:.1}%")),
         ));
     }
+    for row in &report.workers {
+        if let Some(text) = &row.notify_status {
+            out.push_str(&format!("slot {} says: {text}\n", row.slot));
+        }
+    }
     if let Some(fair) = &report.fairness {
         let ratio = fair.max_min_ratio.map_or("-".into(), |r| format!("{r:.2}"));
         out.push_str(&format!(

@@ -38,6 +38,7 @@
 //! - `handoff`: the mio loop that accepts and hands connections off.
 //! - `lifecycle`: the supervisor's decision core, a pure state machine of
 //!   worker slots and processes (start, restart, replace, drain, kill, reload, stop).
+//! - `notify`: systemd's `sd_notify` readiness protocol: a socket per worker, read as it speaks (`ready = "notify"`).
 //! - `process`: starting, signalling and reaping worker processes (herd is their subreaper).
 //! - `supervisor`: carries out the core's decisions on real processes.
 //! - `metrics`: Prometheus metrics and the `/metrics` endpoint.
@@ -58,6 +59,7 @@ mod lifecycle;
 mod listener;
 mod metrics;
 pub mod node_ipc;
+mod notify;
 pub mod primary;
 mod process;
 pub mod procstat;

@@ -248,6 +248,7 @@ pub async fn run(
         "starting workers"
     );
     let mut monitor = tokio::time::interval(settings.monitor_interval);
+    let (notes_tx, mut notes) = crate::notify::channel();
     let supervisor = Supervisor::new(
         settings,
         controller.clone(),
@@ -255,6 +256,7 @@ pub async fn run(
         metrics.clone(),
         bound.cgroups,
         bound.fd_limit,
+        notes_tx,
     );
     let mut primary = Primary {
         supervisor,
@@ -273,6 +275,7 @@ pub async fn run(
             .map(tokio::time::Instant::from_std);
         tokio::select! {
             Some(event) = events.recv() => primary.supervisor.on_handoff(event),
+            Some(note) = notes.recv() => primary.supervisor.on_note(note),
             _ = children.recv() => primary.supervisor.reap(),
             _ = sleep_until_opt(due) => primary.supervisor.tick(),
             Some(scrape) = scrapes.recv() => primary.scrape(scrape),

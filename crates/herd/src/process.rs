@@ -24,7 +24,18 @@ use crate::activation;
 use crate::config::{Settings, WorkerProtocol};
 use crate::ids::SlotIx;
 use crate::node_ipc;
+use crate::notify::NotifySocket;
 use herd_protocol::fdpass;
+
+/// Where an `sd_notify(3)` client sends what it says.
+const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
+
+/// How often an `sd_notify` client must send `WATCHDOG=1`, in microseconds.
+const WATCHDOG_USEC_ENV: &str = "WATCHDOG_USEC";
+
+/// The pid `WATCHDOG_USEC` is meant for: herd's, if systemd set it, so
+/// never passed on (the worker's own is left unset, which means "any").
+const WATCHDOG_PID_ENV: &str = "WATCHDOG_PID";
 
 /// A worker process just started.
 #[derive(Debug)]
@@ -49,6 +60,10 @@ pub struct Launch<'a> {
     pub cgroup_procs: Option<RawFd>,
     /// The `RLIMIT_NOFILE` (soft, hard) it gets: herd's original one.
     pub nofile: Option<(u64, u64)>,
+    /// Its `NOTIFY_SOCKET` and `WATCHDOG_USEC` (`ready = "notify"`); `None`:
+    /// herd's own, if any, are not passed on, so a worker cannot speak for
+    /// herd to systemd.
+    pub notify: Option<&'a NotifySocket>,
 }
 
 /// Starts a worker: its own process group, the channel after the
@@ -61,6 +76,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         listen_fds,
         cgroup_procs,
         nofile,
+        notify,
     } = launch;
     let node = settings.protocol == WorkerProtocol::NodeCluster;
     let (primary_end, child_end) = if node {
@@ -79,21 +95,8 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
             .envs(herd_protocol::env::listen_env(listen_fds.len()));
         shim
     };
-    command.args(&settings.args);
-    if let Some(user) = &settings.run_as {
-        // What a login as the user sets (`su -`, systemd's `User=`), so the
-        // program finds its own files, not root's; `env` may override them.
-        command
-            .env("HOME", &user.home)
-            .env("USER", &user.name)
-            .env("LOGNAME", &user.name);
-    }
     command
-        .envs(&settings.env)
-        .env(herd_protocol::env::CHANNEL_FD_ENV, &channel_fd)
-        .env(herd_protocol::env::WORKER_ID_ENV, slot.to_string())
-        .env("HERD_WORKERS", workers.to_string())
-        .env("HERD_PROTOCOL", herd_protocol::wire::VERSION.to_string())
+        .args(&settings.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -101,14 +104,14 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         // herd decides how workers stop; signals go to the whole group,
         // so `sh -c` wrappers and their children stop too.
         .process_group(0);
-    if node {
-        // An unmodified Node cluster app: it finds herd as its cluster primary.
-        command
-            .env_remove(herd_protocol::env::CHANNEL_FD_ENV)
-            .env(node_ipc::NODE_UNIQUE_ID_ENV, slot.to_string())
-            .env(node_ipc::NODE_CHANNEL_FD_ENV, &channel_fd)
-            .env(node_ipc::NODE_CHANNEL_SERIALIZATION_MODE_ENV, "json");
-    }
+    let env = WorkerEnv {
+        settings,
+        slot,
+        workers,
+        channel_fd: &channel_fd,
+        notify,
+    };
+    set_environment(&mut command, &env);
     if let Some(dir) = &settings.cwd {
         command.current_dir(dir);
     }
@@ -131,6 +134,53 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         stdout: stdout.into(),
         stderr: stderr.into(),
     })
+}
+
+/// What a worker's environment is made of, beside herd's own.
+struct WorkerEnv<'a> {
+    settings: &'a Settings,
+    slot: SlotIx,
+    workers: usize,
+    /// The channel's fd number, as the worker's protocol names it.
+    channel_fd: &'a str,
+    notify: Option<&'a NotifySocket>,
+}
+
+/// The worker's environment: its user's, `env`, herd's variables (or
+/// Node's, for a Node cluster app) and `NOTIFY_SOCKET`.
+fn set_environment(command: &mut std::process::Command, env: &WorkerEnv<'_>) {
+    let settings = env.settings;
+    if let Some(user) = &settings.run_as {
+        // What a login as the user sets (`su -`, systemd's `User=`), so the
+        // program finds its own files, not root's; `env` may override them.
+        command
+            .env("HOME", &user.home)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name);
+    }
+    command
+        .envs(&settings.env)
+        .env(herd_protocol::env::CHANNEL_FD_ENV, env.channel_fd)
+        .env(herd_protocol::env::WORKER_ID_ENV, env.slot.to_string())
+        .env("HERD_WORKERS", env.workers.to_string())
+        .env("HERD_PROTOCOL", herd_protocol::wire::VERSION.to_string());
+    if settings.protocol == WorkerProtocol::NodeCluster {
+        // An unmodified Node cluster app: it finds herd as its cluster primary.
+        command
+            .env_remove(herd_protocol::env::CHANNEL_FD_ENV)
+            .env(node_ipc::NODE_UNIQUE_ID_ENV, env.slot.to_string())
+            .env(node_ipc::NODE_CHANNEL_FD_ENV, env.channel_fd)
+            .env(node_ipc::NODE_CHANNEL_SERIALIZATION_MODE_ENV, "json");
+    }
+    match env.notify {
+        Some(socket) => command.env(NOTIFY_SOCKET_ENV, &socket.env),
+        None => command.env_remove(NOTIFY_SOCKET_ENV),
+    };
+    match env.notify.and_then(|socket| socket.watchdog) {
+        Some(timeout) => command.env(WATCHDOG_USEC_ENV, timeout.as_micros().to_string()),
+        None => command.env_remove(WATCHDOG_USEC_ENV),
+    };
+    command.env_remove(WATCHDOG_PID_ENV);
 }
 
 /// Sends `signal` to the process group a worker leads.

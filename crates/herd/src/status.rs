@@ -62,6 +62,9 @@ pub struct SlotStatus {
     pub handed_off: u64,
     pub rss_bytes: Option<u64>,
     pub cpu_percent: Option<f64>,
+    /// What the worker last said in `STATUS=` on its NOTIFY_SOCKET (`ready = "notify"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify_status: Option<String>,
 }
 
 /// The serde name of a unit enum variant (e.g. `crash-looping`).

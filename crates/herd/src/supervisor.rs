@@ -4,8 +4,8 @@
 //! every configuration version still in use, and the answers owed to
 //! `herd reload` clients. Every decision (start, restart, replace, drain,
 //! kill, stop) is [`crate::lifecycle`]'s: this module turns what it
-//! observes (a READY from the hand-off loop, a reaped exit, a memory
-//! sample, a timer) into an [`Event`] for the core and carries out the
+//! observes (a READY from the hand-off loop, a `READY=1` on a worker's
+//! NOTIFY_SOCKET, a reaped exit, a memory sample, a timer) into an [`Event`] for the core and carries out the
 //! [`Action`]s that come back, in order, on the main thread.
 //!
 //! The main thread is also the one that forks: `PR_SET_PDEATHSIG` is tied
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::activation::WorkerSockets;
@@ -27,6 +27,7 @@ use crate::handoff::{self, Command, Controller, NewWorker};
 use crate::ids::{SlotIx, WorkerId};
 use crate::lifecycle::{self, Action, Event, Lifecycle, Policy, Version};
 use crate::metrics::Metrics;
+use crate::notify::{Heard, Listening, Message, Note, NotifySocket};
 use crate::process::{self, Launch};
 use crate::procstat::{self, Sample};
 use crate::status::{Phase, SlotStatus};
@@ -49,6 +50,10 @@ struct Process {
     cpu_percent: f64,
     /// Its cgroup (kill_mode control-group).
     leaf: Option<Leaf>,
+    /// Its NOTIFY_SOCKET being read (`ready = "notify"`); dropped with it.
+    _notify: Option<Listening>,
+    /// What it said there.
+    heard: Heard,
 }
 
 /// Spawns and tracks the worker processes.
@@ -75,6 +80,8 @@ pub struct Supervisor {
     /// herd's open-file limit: scaling past it is refused, and workers get
     /// the original soft limit back.
     fd_limit: FdLimit,
+    /// Where the workers' notification sockets' readers send what they read.
+    notes: mpsc::Sender<Note>,
 }
 
 impl Supervisor {
@@ -85,6 +92,7 @@ impl Supervisor {
         metrics: Arc<Metrics>,
         cgroups: Option<CgroupTree>,
         fd_limit: FdLimit,
+        notes: mpsc::Sender<Note>,
     ) -> Supervisor {
         let core = Lifecycle::new(Policy::of(&settings), settings.workers);
         Supervisor {
@@ -102,6 +110,7 @@ impl Supervisor {
             cgroups,
             dead_leaves: Vec::new(),
             fd_limit,
+            notes,
         }
     }
 
@@ -168,6 +177,29 @@ impl Supervisor {
             handoff::Event::Hung { worker } => Event::Hung { worker },
             handoff::Event::Serving { .. } => return,
         });
+    }
+
+    /// What a worker's main process said on its NOTIFY_SOCKET.
+    pub fn on_note(&mut self, note: Note) {
+        let Some(process) = self.processes.get_mut(&note.worker) else {
+            return;
+        };
+        match note.message {
+            Message::Ready => self.handle(Event::Notified {
+                worker: note.worker,
+            }),
+            Message::Stopping => {
+                let _span = lifecycle::slot_span(process.slot).entered();
+                info!(
+                    slot = process.slot.get(),
+                    pid = process.pid,
+                    event = "worker_stopping",
+                    "worker says it is stopping (STOPPING=1)"
+                );
+            }
+            Message::Status(text) => process.heard.status = Some(text),
+            Message::Watchdog => process.heard.ping(Instant::now()),
+        }
     }
 
     /// Sets the number of worker slots; returns what changed. More slots
@@ -307,6 +339,18 @@ impl Supervisor {
         if !samples.is_empty() {
             self.handle(Event::Memory { samples });
         }
+        let now = Instant::now();
+        let silent: Vec<(WorkerId, u32)> = (self.processes.iter_mut())
+            .filter_map(|(id, p)| p.heard.watchdog_expired(now).then_some((*id, p.pid)))
+            .collect();
+        for (worker, pid) in silent {
+            warn!(
+                pid,
+                event = "watchdog_expired",
+                "no WATCHDOG=1 for hang_timeout"
+            );
+            self.handle(Event::Hung { worker });
+        }
     }
 
     /// CPU seconds used per slot, by every worker that held it.
@@ -330,6 +374,7 @@ impl Supervisor {
                     handed_off: handed_off(view.slot),
                     rss_bytes: process.and_then(|p| p.last_sample.map(|s| s.rss)),
                     cpu_percent: process.and_then(|p| p.last_sample.map(|_| p.cpu_percent)),
+                    notify_status: process.and_then(|p| p.heard.status.clone()),
                 }
             })
             .collect()
@@ -447,6 +492,20 @@ impl Supervisor {
         let _ = self.handoff.send(command);
     }
 
+    /// A cgroup for worker `id` of `slot` (kill_mode control-group).
+    fn leaf_for(&self, slot: SlotIx, id: WorkerId) -> Result<Option<Leaf>, String> {
+        let Some(tree) = &self.cgroups else {
+            return Ok(None);
+        };
+        match tree.leaf(&format!("slot{slot}.w{id}")) {
+            Ok(leaf) => Ok(Some(leaf)),
+            Err(e) => Err(format!(
+                "cannot create its cgroup in {}: {e}",
+                tree.path().display()
+            )),
+        }
+    }
+
     /// Starts worker `id` for `slot` on `version`; its pid.
     fn start(&mut self, id: WorkerId, slot: SlotIx, version: Version) -> Result<u32, String> {
         let _span = lifecycle::slot_span(slot).entered();
@@ -457,18 +516,8 @@ impl Supervisor {
             .ok_or("its configuration is gone")?;
         let program = settings.program.display().to_string();
         let listen_fds = self.sockets.for_slot(slot).map_err(|e| e.to_string())?;
-        let leaf = match &self.cgroups {
-            Some(tree) => match tree.leaf(&format!("slot{slot}.w{id}")) {
-                Ok(leaf) => Some(leaf),
-                Err(e) => {
-                    return Err(format!(
-                        "cannot create its cgroup in {}: {e}",
-                        tree.path().display()
-                    ))
-                }
-            },
-            None => None,
-        };
+        let leaf = self.leaf_for(slot, id)?;
+        let notify = NotifySocket::for_worker(&settings, id)?;
         let started = process::spawn(Launch {
             settings: &settings,
             slot,
@@ -477,6 +526,7 @@ impl Supervisor {
             cgroup_procs: leaf.as_ref().map(Leaf::procs_fd),
             nofile: (self.fd_limit.soft != self.fd_limit.original)
                 .then_some((self.fd_limit.original, self.fd_limit.hard)),
+            notify: notify.as_ref(),
         })
         .map_err(|e| format!("{program}: {e}"))?;
         let pid = started.pid;
@@ -491,6 +541,8 @@ impl Supervisor {
         let recycle_after = settings
             .max_connections_per_worker
             .map(|limit| limit + jitter(settings.max_connections_jitter, id.0));
+        let heard = Heard::new(notify.as_ref().and_then(|socket| socket.watchdog));
+        let notify = notify.and_then(|socket| socket.listen(id, pid, self.notes.clone()));
         self.processes.insert(
             id,
             Process {
@@ -500,6 +552,8 @@ impl Supervisor {
                 last_sample: None,
                 cpu_percent: 0.0,
                 leaf,
+                _notify: notify,
+                heard,
             },
         );
         self.by_pid.insert(pid, id);

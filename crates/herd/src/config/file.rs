@@ -56,6 +56,10 @@ pub struct Config {
     /// For workers that never send READY: count them ready this long after start.
     #[serde(deserialize_with = "keys::de::ready_delay")]
     pub ready_delay: Option<ConfigDuration>,
+    /// How a worker says it is ready: "herd" (READY on its channel, the
+    /// default), "notify" (sd_notify's READY=1) or "delay:DUR".
+    #[serde(deserialize_with = "keys::de::ready")]
+    pub ready: Option<Readiness>,
     /// A worker whose oldest unacknowledged hand-off is older than this is
     /// hung: its connections go to other workers, it is killed and
     /// replaced. "0s" turns it off.
@@ -159,6 +163,7 @@ impl Default for Config {
             stop_signal: None,
             ready_timeout: ConfigDuration::default_of("30s"),
             ready_delay: None,
+            ready: None,
             hang_timeout: ConfigDuration::default_of("30s"),
             kill_mode: KillMode::Auto,
             reload_batch: 1,

@@ -61,6 +61,7 @@ keys! {
     ready_timeout: ConfigDuration = "ready_timeout",
         |key, value| more_than_zero(key, value, "every worker would be killed as it starts");
     ready_delay: Option<ConfigDuration> = "ready_delay", |key, value| duration(key, value).map(Some);
+    ready: Option<Readiness> = "ready", |key, value| named(key, value).map(Some);
     hang_timeout: ConfigDuration = "hang_timeout", duration;
     kill_mode: KillMode = "kill_mode", named;
     reload_batch: usize = "reload_batch",

@@ -48,7 +48,7 @@ use validate::*;
 use values::*;
 pub use values::{
     available_cores, parse_duration, parse_size, ByteSize, ConfigDuration, KillMode,
-    ProtocolChoice, Rotation, StopSignal, WorkerCount, WorkerProtocol,
+    ProtocolChoice, Readiness, Rotation, StopSignal, WorkerCount, WorkerProtocol,
 };
 
 use std::collections::BTreeMap;
@@ -158,7 +158,8 @@ pub struct Settings {
     /// choice (SIGTERM to workers that may not read DRAIN).
     pub stop_signal: Option<Signal>,
     pub ready_timeout: Duration,
-    pub ready_delay: Option<Duration>,
+    /// How a starting worker says it is ready (`ready`, or `ready_delay`).
+    pub ready: Readiness,
     /// `None`: hung workers are not looked for.
     pub hang_timeout: Option<Duration>,
     pub kill_mode: KillMode,

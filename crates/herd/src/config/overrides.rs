@@ -19,6 +19,7 @@ pub struct Overrides {
     pub queue_limit: Option<i64>,
     pub ready_delay: Option<String>,
     pub stop_signal: Option<String>,
+    pub ready: Option<String>,
     pub control: Option<String>,
     pub metrics: Option<String>,
 }
@@ -66,6 +67,9 @@ impl Config {
         }
         if let Some(signal) = overrides.stop_signal {
             self.stop_signal = keys::stop_signal(Value::String(signal))?;
+        }
+        if let Some(ready) = overrides.ready {
+            self.ready = keys::ready(Value::String(ready))?;
         }
         if let Some(path) = overrides.control {
             self.control = keys::control(Value::String(path))?;

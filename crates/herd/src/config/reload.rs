@@ -47,6 +47,7 @@ pub const RELOAD: &[(&str, Reload)] = &[
     ("stop_signal", Reload::Live),
     ("ready_timeout", Reload::Live),
     ("ready_delay", Reload::Live),
+    ("ready", Reload::Live),
     ("hang_timeout", Reload::Live),
     ("kill_mode", Reload::Restart(|s| s.kill_mode.name().into())),
     ("reload_batch", Reload::Live),

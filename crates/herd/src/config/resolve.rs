@@ -40,6 +40,8 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
             shim_runnable_by(user, config.mode)?;
         }
     }
+    // Checked by `validate`; the default is READY on herd's channel.
+    let ready = config.readiness()?.unwrap_or(Readiness::Herd);
     let workers = match config.workers {
         WorkerCount::Max => available_cores(),
         WorkerCount::Count(n) => n,
@@ -53,6 +55,7 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
             protocol,
             kernel_rotation,
             run_as,
+            ready,
         },
     ))
 }
@@ -65,6 +68,7 @@ struct Resolved {
     protocol: WorkerProtocol,
     kernel_rotation: bool,
     run_as: Option<RunAs>,
+    ready: Readiness,
 }
 
 fn settings(config: Config, resolved: Resolved) -> Settings {
@@ -95,7 +99,7 @@ fn settings(config: Config, resolved: Resolved) -> Settings {
         shutdown_timeout: config.shutdown_timeout.get(),
         stop_signal: config.stop_signal.map(StopSignal::get),
         ready_timeout: config.ready_timeout.get(),
-        ready_delay: config.ready_delay.map(|delay| delay.get()),
+        ready: resolved.ready,
         hang_timeout: Some(config.hang_timeout.get()).filter(|timeout| !timeout.is_zero()),
         kill_mode: config.kill_mode,
         reload_batch: config.reload_batch,

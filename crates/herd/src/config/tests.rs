@@ -589,3 +589,45 @@ fn permission_bits_are_read_as_the_kernel_does() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn ready_names_the_convention_and_ready_delay_is_its_old_name() {
+    assert_eq!(with("").unwrap().ready, Readiness::Herd);
+    assert_eq!(with("ready = \"herd\"\n").unwrap().ready, Readiness::Herd);
+    let delay = with("ready = \"delay:200ms\"\n").unwrap();
+    assert_eq!(delay.ready.delay(), Some(Duration::from_millis(200)));
+    assert_eq!(delay.ready.name(), "delay:200ms");
+    // The alias means the same.
+    let alias = with("ready_delay = \"200ms\"\n").unwrap();
+    assert_eq!(alias.ready, delay.ready);
+    assert_eq!(
+        refused("ready = \"soon\"\n"),
+        "invalid `ready` = \"soon\": expected one of: herd, notify, delay:DUR (e.g. \"delay:1s\")"
+    );
+    assert!(refused("ready = 3\n").starts_with("invalid `ready` = 3: expected one of"));
+    assert!(refused("ready = \"delay:soon\"\n")
+        .starts_with("invalid `ready` = \"delay:soon\": the delay \"soon\": expected a number"));
+    assert!(refused("ready_timeout = \"2s\"\nready = \"delay:2s\"\n")
+        .starts_with("invalid `ready` = \"delay:2s\": must be shorter than `ready_timeout` (2s)"));
+    // Both set: refused, naming both.
+    let both = refused("ready = \"herd\"\nready_delay = \"1s\"\n");
+    assert!(both.starts_with("invalid `ready_delay` = \"1s\": `ready` = \"herd\" is set too"));
+    // The flag is read as the key is, and replaces the file's value.
+    let mut config = Config::parse("ready = \"delay:1s\"\n").unwrap();
+    config
+        .apply(Overrides {
+            ready: Some("herd".into()),
+            ..Overrides::default()
+        })
+        .unwrap();
+    assert_eq!(config.ready, Some(Readiness::Herd));
+    let mut config = Config::default();
+    let flag = config.apply(Overrides {
+        ready: Some("tcp:".into()),
+        ..Overrides::default()
+    });
+    assert!(flag
+        .unwrap_err()
+        .to_string()
+        .starts_with("invalid `ready` = \"tcp:\""));
+}

@@ -87,8 +87,9 @@ impl Config {
         }
     }
 
-    /// `restart.backoff_max` is not below `restart.backoff_base`, and a
-    /// `ready_delay` makes a worker ready before `ready_timeout` kills it.
+    /// `restart.backoff_max` is not below `restart.backoff_base`, `ready`
+    /// and `ready_delay` are not both set, and a delay (`ready_delay` or
+    /// `ready = "delay:DUR"`) makes a worker ready before `ready_timeout` kills it.
     fn durations_in_order(&self) -> Result<(), ConfigError> {
         let restart = &self.restart;
         if restart.backoff_max.get() < restart.backoff_base.get() {
@@ -101,11 +102,15 @@ impl Config {
                 ),
             ));
         }
-        if let Some(delay) = &self.ready_delay {
+        if let Some(Readiness::Delay(delay)) = self.readiness()? {
             if delay.get() >= self.ready_timeout.get() {
+                let (key, value) = match &self.ready {
+                    Some(ready) => ("ready", format!("{:?}", ready.name())),
+                    None => ("ready_delay", format!("{:?}", delay.written())),
+                };
                 return Err(invalid(
-                    "ready_delay",
-                    format!("{:?}", delay.written()),
+                    key,
+                    value,
                     format!(
                         "must be shorter than `ready_timeout` ({}): a worker that never says READY would be killed before it counts as ready",
                         self.ready_timeout
@@ -114,6 +119,26 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// `ready`, or `ready_delay` as its alias `delay:DUR`; `None` when
+    /// neither is set (READY on herd's channel). Both set is refused.
+    pub(super) fn readiness(&self) -> Result<Option<Readiness>, ConfigError> {
+        match (&self.ready, &self.ready_delay) {
+            (Some(ready), Some(delay)) => Err(invalid(
+                "ready_delay",
+                format!("{:?}", delay.written()),
+                format!(
+                    "`ready` = {:?} is set too: `ready_delay` is the old name of `ready = \"delay:DUR\"`, so set one of them",
+                    ready.name()
+                ),
+            )),
+            (Some(ready), None) => Ok(Some(ready.clone())),
+            (None, Some(delay)) => Ok(Some(Readiness::Delay(delay.clone()))),
+            (None, None) => Ok(None),
+        }
     }
 }
 

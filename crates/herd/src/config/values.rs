@@ -1,7 +1,7 @@
 //! The value syntaxes of the config, as types: durations ([`ConfigDuration`])
 //! and sizes ([`ByteSize`]) with their parsers, the named choices
 //! ([`WorkerCount`], [`ProtocolChoice`], [`Rotation`], [`KillMode`],
-//! [`WorkerProtocol`], [`StopSignal`]) with the names they accept, and which addresses
+//! [`WorkerProtocol`], [`StopSignal`], [`Readiness`]) with the names they accept, and which addresses
 //! overlap. Each parses with `FromStr`, whose error is the reason a value is
 //! refused; `keys` adds the key and the value.
 
@@ -130,6 +130,70 @@ impl FromStr for Rotation {
             "kernel" => Ok(Rotation::Kernel),
             "handoff" => Ok(Rotation::Handoff),
             _ => Err(expected_one_of(Self::NAMES)),
+        }
+    }
+}
+
+/// `ready` (or `--ready`): how herd learns that a starting worker is ready,
+/// by the convention its server already follows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Readiness {
+    /// READY on herd's channel: herd-protocol and Node cluster workers.
+    Herd,
+    /// `READY=1` on the worker's own `NOTIFY_SOCKET` (systemd's
+    /// `sd_notify(3)`), e.g. gunicorn.
+    Notify,
+    /// Counted ready this long after it starts (`ready_delay`), for
+    /// servers that say nothing.
+    Delay(ConfigDuration),
+}
+
+impl Readiness {
+    pub const NAMES: &'static [&'static str] = &["herd", "notify", "delay:DUR (e.g. \"delay:1s\")"];
+
+    /// The delay after which a worker counts as ready unasked, if any.
+    pub fn delay(&self) -> Option<Duration> {
+        match self {
+            Readiness::Delay(delay) => Some(delay.get()),
+            _ => None,
+        }
+    }
+
+    /// How `ready` writes it: `herd`, `notify`, `delay:1s`.
+    pub fn name(&self) -> String {
+        match self {
+            Readiness::Herd => "herd".into(),
+            Readiness::Notify => "notify".into(),
+            Readiness::Delay(delay) => format!("delay:{delay}"),
+        }
+    }
+
+    /// What herd waits for before a worker gets connections, for `herd check`.
+    pub fn describe(&self) -> String {
+        match self {
+            Readiness::Herd => "READY on the worker's herd channel".into(),
+            Readiness::Notify => {
+                "READY=1 from the worker's main process on its own NOTIFY_SOCKET (sd_notify)".into()
+            }
+            Readiness::Delay(delay) => format!("{delay} after it starts, unasked"),
+        }
+    }
+}
+
+impl FromStr for Readiness {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "herd" => Ok(Readiness::Herd),
+            "notify" => Ok(Readiness::Notify),
+            _ => match text.strip_prefix("delay:") {
+                Some(delay) => delay
+                    .parse()
+                    .map(Readiness::Delay)
+                    .map_err(|why| format!("the delay {delay:?}: {why}")),
+                None => Err(expected_one_of(Self::NAMES)),
+            },
         }
     }
 }

@@ -129,7 +129,7 @@ impl Policy {
     pub fn of(settings: &Settings) -> Policy {
         Policy {
             ready_timeout: settings.ready_timeout,
-            ready_delay: settings.ready_delay,
+            ready_delay: settings.ready.delay(),
             shutdown_timeout: settings.shutdown_timeout,
             stop_signal: settings.stop_signal,
             restart: settings.restart,
@@ -149,6 +149,9 @@ pub enum Event {
     StartFailed { worker: WorkerId, error: String },
     /// The worker said READY (Node: `listening`).
     Ready { worker: WorkerId },
+    /// The worker's main process sent `READY=1` to its `NOTIFY_SOCKET`:
+    /// ready, and it may not read DRAIN (it is sent SIGTERM too).
+    Notified { worker: WorkerId },
     /// The worker's channel reached EOF.
     ChannelClosed { worker: WorkerId },
     /// The worker's main process exited and was reaped.
@@ -289,6 +292,7 @@ impl Lifecycle {
                 self.on_start_failed(now, worker, error, &mut out)
             }
             Event::Ready { worker } => self.promote(now, worker, true, &mut out),
+            Event::Notified { worker } => self.promote(now, worker, false, &mut out),
             Event::ChannelClosed { worker } => self.on_channel_closed(now, worker, &mut out),
             Event::Exited { worker, status } => self.on_exited(now, worker, status, &mut out),
             Event::RecycleDue { worker } => {

@@ -4,8 +4,9 @@
 //! [`after_disconnect`] when a draining Node worker closes its channel.
 //!
 //! Without `stop_signal`, herd sends a signal only where DRAIN may go
-//! unread: SIGTERM to a worker made ready by `ready_delay` (it never said
-//! READY, so it may not read its channel), to one still starting (it has no
+//! unread: SIGTERM to a worker that never said READY on its channel (made
+//! ready by `ready_delay` or by `READY=1` on its NOTIFY_SOCKET, so it may
+//! not read its channel), to one still starting (it has no
 //! connection to finish), to one that closed its channel, and to a Node
 //! worker once it has disconnected (Node's `worker.kill()`). With
 //! `stop_signal` set, the user has said how the server stops: every
@@ -34,7 +35,8 @@ pub(super) fn at_drain(policy: &Policy, worker: Drained) -> Option<Signal> {
     if policy.stop_signal.is_some() {
         return policy.stop_signal;
     }
-    let may_not_read = !worker.announced && policy.ready_delay.is_some();
+    // Ready by delay or by NOTIFY_SOCKET: it may not read its channel.
+    let may_not_read = !worker.announced;
     let unread = may_not_read || worker.was_starting || worker.cause == DrainCause::ChannelLost;
     unread.then_some(Signal::SIGTERM)
 }

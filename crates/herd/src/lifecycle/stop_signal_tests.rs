@@ -76,12 +76,11 @@ fn a_set_stop_signal_is_sent_to_every_draining_worker_whatever_it_speaks() {
 fn without_stop_signal_only_a_worker_that_reads_drain_gets_no_signal() {
     for policy in policies(None) {
         for worker in drained_workers() {
-            // It reads DRAIN: it said READY, or it could not have been
-            // made ready without it (no `ready_delay`); it was serving, so
-            // it has connections to finish; its channel is open.
-            let reads_drain = (worker.announced || policy.ready_delay.is_none())
-                && !worker.was_starting
-                && worker.cause != DrainCause::ChannelLost;
+            // It reads DRAIN: it said READY on its channel (not made ready
+            // by `ready_delay` or NOTIFY_SOCKET); it was serving, so it has
+            // connections to finish; its channel is open.
+            let reads_drain =
+                worker.announced && !worker.was_starting && worker.cause != DrainCause::ChannelLost;
             let expected = if reads_drain {
                 None
             } else {

@@ -51,6 +51,22 @@ fn starting_then_ready_delay_serves_unannounced_and_is_later_stopped_with_sigter
 }
 
 #[test]
+fn notified_ready_serves_unannounced_and_is_later_stopped_with_sigterm() {
+    let mut world = World::new(1, policy());
+    let id = world.worker(0, Role::Starting);
+    // Nothing before READY=1, however long it takes within ready_timeout.
+    assert!(world.advance(Duration::from_millis(900)).is_empty());
+    let actions = world.handle(Event::Notified { worker: id });
+    assert!(has(&actions, &Action::Serve { worker: id }));
+    assert_eq!(world.state(0), SlotState::Ready);
+    assert!(!world.core.worker(id).unwrap().announced);
+    // It may not read DRAIN: SIGTERM too.
+    let actions = world.handle(Event::Stop);
+    assert!(has(&actions, &Action::Drain { worker: id }));
+    assert_eq!(signals(&actions, id), [Signal::SIGTERM]);
+}
+
+#[test]
 fn starting_past_ready_timeout_is_killed_and_the_slot_backs_off() {
     let mut world = World::new(1, policy());
     let id = world.worker(0, Role::Starting);
