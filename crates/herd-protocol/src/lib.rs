@@ -13,11 +13,15 @@
 //!   child's fds, user and limits set between `fork` and `exec`.
 //! - [`bpf`]: the SK_REUSEPORT program that deals connections over a
 //!   SO_REUSEPORT group in strict turns.
+//! - [`listen_queue`]: a listening socket's accept-queue depth, and moving
+//!   what waits there to the rest of its group.
 //!
 //! This is the only crate in the workspace with `unsafe` code, and only in
-//! [`fdpass`] and [`bpf`], each block with a `// SAFETY:` comment.
+//! [`fdpass`], [`bpf`] and [`listen_queue`], each block with a `// SAFETY:`
+//! comment.
 
 pub mod bpf;
 pub mod env;
 pub mod fdpass;
+pub mod listen_queue;
 pub mod wire;

@@ -27,7 +27,7 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use nix::sys::socket::{getsockopt, sockopt};
 
-use herd_protocol::bpf::{RotationError, RotationProgram, MAX_ROTATION};
+use herd_protocol::bpf::{Dealing, RotationError, RotationProgram, MAX_ROTATION};
 
 use crate::config::MAX_WORKERS;
 use crate::ids::{ChannelIx, SlotIx, Table};
@@ -194,7 +194,7 @@ impl SlotRotation {
                     (slot.get(), entry.socket.as_fd())
                 })
                 .collect();
-            self.program.set_rotation(&members)?;
+            self.program.set_rotation(&members, Dealing::Turns)?;
             self.turns = turns;
         }
         Ok(())

@@ -123,6 +123,7 @@ const MODE_IMM: u8 = 0x00;
 const MODE_MEM: u8 = 0x60;
 const MODE_ATOMIC: u8 = 0xc0;
 const OP_MOV: u8 = 0xb0;
+const OP_JA: u8 = 0x00;
 const OP_CALL: u8 = 0x80;
 const OP_EXIT: u8 = 0x90;
 /// `ld_imm64`'s source register when its immediate is a map's fd.
@@ -291,6 +292,12 @@ impl Asm {
     ) -> &mut Self {
         self.jumps.push((self.code.len(), label));
         self.alu(JMP, cond as u8, dst, src.into())
+    }
+
+    /// `goto label`.
+    pub fn jump(&mut self, label: &'static str) -> &mut Self {
+        self.jumps.push((self.code.len(), label));
+        self.push(Insn::new(JMP | OP_JA, Reg::R0, 0, 0, 0))
     }
 
     /// `R0 = helper(R1, ..., R5)`.

@@ -55,11 +55,24 @@ const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
 pub const MAX_ROTATION: usize = 1024;
 
 /// The `config` map's one value, written by herd: how many sockets take
-/// turns, and whose slot each is (to count per slot).
-const CONFIG_LEN: usize = 4 + 4 * MAX_ROTATION;
+/// turns, whose slot each is (to count per slot), then whether they are
+/// dealt by hash ([`Dealing`]).
+const CONFIG_LEN: usize = CONFIG_HASHED + 4;
+/// Where in the `config` value the dealing is: after `live` and `slot_of`.
+const CONFIG_HASHED: usize = 4 + 4 * MAX_ROTATION;
 /// The `tally` map's one value, written by the program: the turn counter,
 /// then connections dealt per slot.
 const TALLY_LEN: usize = 8 + 8 * MAX_ROTATION;
+
+/// How the program deals new connections over the sockets it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dealing {
+    /// Strictly in turn (round-robin).
+    Turns,
+    /// By the connection's 4-tuple hash, as SO_REUSEPORT itself does, but
+    /// only over the sockets given (and counted per slot).
+    Hash,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RotationError {
@@ -125,16 +138,14 @@ impl RotationProgram {
             .map_err(RotationError::CreateMap)?;
         let (sockets_fd, config_fd, tally_fd) =
             (sockets.as_raw_fd(), config.as_raw_fd(), tally.as_raw_fd());
-        let migrating = program::rotation(sockets_fd, config_fd, tally_fd, true);
-        let (program, migrates) = match load_program(&migrating, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE)
-        {
+        let code = program::rotation(sockets_fd, config_fd, tally_fd);
+        let (program, migrates) = match load_program(&code, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE) {
             Ok(program) => (program, true),
             // Before Linux 5.14: the same program, without migration.
             Err(RotationError::LoadProgram { error, .. })
                 if error.raw_os_error() == Some(libc::EINVAL) =>
             {
-                let plain = program::rotation(sockets_fd, config_fd, tally_fd, false);
-                (load_program(&plain, BPF_SK_REUSEPORT_SELECT)?, false)
+                (load_program(&code, BPF_SK_REUSEPORT_SELECT)?, false)
             }
             Err(e) => return Err(e),
         };
@@ -175,14 +186,15 @@ impl RotationProgram {
         Ok(())
     }
 
-    /// Sets the sockets that take turns, each with the slot to count its
-    /// connections for; they must be listening in the attached group. With
-    /// none, the kernel picks by its own hash among every socket of the
-    /// group. A connection that arrives during the change may go to any
-    /// member of the group, never nowhere.
+    /// Sets the sockets dealt to, each with the slot to count its
+    /// connections for, and how ([`Dealing`]); they must be listening in
+    /// the attached group. With none, the kernel picks by its own hash
+    /// among every socket of the group. A connection that arrives during
+    /// the change may go to any member of the group, never nowhere.
     pub fn set_rotation(
         &mut self,
         members: &[(usize, BorrowedFd<'_>)],
+        dealing: Dealing,
     ) -> Result<(), RotationError> {
         let members = &members[..members.len().min(MAX_ROTATION)];
         let mut config = vec![0u8; CONFIG_LEN];
@@ -202,6 +214,8 @@ impl RotationProgram {
             let at = 4 + 4 * position;
             config[at..at + 4].copy_from_slice(&(*slot as u32).to_ne_bytes());
         }
+        let hashed = u32::from(dealing == Dealing::Hash);
+        config[CONFIG_HASHED..].copy_from_slice(&hashed.to_ne_bytes());
         config[..4].copy_from_slice(&(members.len() as u32).to_ne_bytes());
         update(&self.config, &config).map_err(RotationError::Update)
     }
@@ -425,11 +439,13 @@ mod tests {
         let closing = bind_reuseport(addr);
         rotation.attach(kept.as_fd()).unwrap();
         rotation
-            .set_rotation(&[(0, kept.as_fd()), (1, closing.as_fd())])
+            .set_rotation(&[(0, kept.as_fd()), (1, closing.as_fd())], Dealing::Turns)
             .unwrap();
         // Strict turns: every other one waits on `closing`.
         let clients: Vec<TcpStream> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
-        rotation.set_rotation(&[(0, kept.as_fd())]).unwrap();
+        rotation
+            .set_rotation(&[(0, kept.as_fd())], Dealing::Turns)
+            .unwrap();
         drop(closing);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut accepted = 0;
@@ -461,7 +477,10 @@ mod tests {
         rotation.attach(group[0].as_fd()).unwrap();
         // Slots 5 and 7 take turns; group[0] is out of the rotation.
         rotation
-            .set_rotation(&[(5, group[1].as_fd()), (7, group[2].as_fd())])
+            .set_rotation(
+                &[(5, group[1].as_fd()), (7, group[2].as_fd())],
+                Dealing::Turns,
+            )
             .unwrap();
         let mut order = Vec::new();
         let mut clients = Vec::new();
@@ -474,9 +493,79 @@ mod tests {
         let dealt = rotation.dealt().unwrap();
         assert_eq!((dealt[5], dealt[7]), (5, 5));
         // An empty rotation leaves the choice to the kernel's hash: still served.
-        rotation.set_rotation(&[]).unwrap();
+        rotation.set_rotation(&[], Dealing::Turns).unwrap();
         clients.push(TcpStream::connect(addr).unwrap());
         landed(&group);
         assert_eq!(rotation.dealt().unwrap().iter().sum::<u64>(), 10);
+    }
+
+    /// By hash: only the sockets given are dealt to, each counted for its
+    /// slot, and one 4-tuple keeps going to the same socket.
+    #[test]
+    fn hashed_dealing_keeps_to_the_sockets_given_and_counts_them() {
+        let test = "hashed_dealing_keeps_to_the_sockets_given_and_counts_them";
+        if !testable_here(test) {
+            return;
+        }
+        let mut rotation = RotationProgram::load().unwrap_or_else(|e| panic!("{e}"));
+        let first = bind_reuseport("127.0.0.1:0".parse().unwrap());
+        let addr = first.local_addr().unwrap();
+        let group = [first, bind_reuseport(addr), bind_reuseport(addr)];
+        rotation.attach(group[0].as_fd()).unwrap();
+        rotation
+            .set_rotation(
+                &[(3, group[1].as_fd()), (4, group[2].as_fd())],
+                Dealing::Hash,
+            )
+            .unwrap();
+        let mut clients = Vec::new();
+        let mut landed_at = [0; 3];
+        for _ in 0..40 {
+            clients.push(TcpStream::connect(addr).unwrap());
+            landed_at[landed(&group)] += 1;
+        }
+        assert_eq!(landed_at[0], 0, "group[0] is not dealt to: {landed_at:?}");
+        let dealt = rotation.dealt().unwrap();
+        assert_eq!((dealt[3], dealt[4]), (landed_at[1], landed_at[2]));
+        assert!(dealt[3] > 0 && dealt[4] > 0, "40 hashes all alike: {dealt:?}");
+    }
+
+    /// A stalled worker's socket: taken out of the turns and shut down,
+    /// what waited on it moves to the socket left; listening again, it is
+    /// back in the group, still the same socket, and takes turns again.
+    #[test]
+    fn a_shut_down_socket_hands_its_queue_on_and_listens_again() {
+        let test = "a_shut_down_socket_hands_its_queue_on_and_listens_again";
+        if !testable_here(test) {
+            return;
+        }
+        let mut rotation = RotationProgram::load().unwrap_or_else(|e| panic!("{e}"));
+        assert!(rotation.migrates(), "Linux 5.14 or later migrates");
+        let kept = bind_reuseport("127.0.0.1:0".parse().unwrap());
+        let addr = kept.local_addr().unwrap();
+        let stalled = bind_reuseport(addr);
+        rotation.attach(kept.as_fd()).unwrap();
+        let both = [(0, kept.as_fd()), (1, stalled.as_fd())];
+        rotation.set_rotation(&both, Dealing::Turns).unwrap();
+        let mut clients: Vec<TcpStream> =
+            (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let waiting = crate::listen_queue::depth(stalled.as_fd()).unwrap().waiting;
+        assert_eq!(waiting, 5);
+        rotation
+            .set_rotation(&[(0, kept.as_fd())], Dealing::Turns)
+            .unwrap();
+        crate::listen_queue::requeue_elsewhere(stalled.as_fd(), 64).unwrap();
+        assert_eq!(crate::listen_queue::depth(stalled.as_fd()).unwrap().waiting, 0);
+        assert_eq!(crate::listen_queue::depth(kept.as_fd()).unwrap().waiting, 10);
+        let accepted = std::iter::from_fn(|| kept.accept().ok()).count();
+        assert_eq!(accepted, 10, "every one reached the socket left");
+        // Back in the group: dealt to again once it takes turns.
+        rotation.set_rotation(&both, Dealing::Turns).unwrap();
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            clients.push(TcpStream::connect(addr).unwrap());
+            order.push(landed(&[kept.try_clone().unwrap(), stalled.try_clone().unwrap()]));
+        }
+        assert!(order.contains(&1), "the socket listens again: {order:?}");
     }
 }

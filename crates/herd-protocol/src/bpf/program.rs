@@ -1,29 +1,31 @@
 //! The rotation program itself, written with the assembler ([`super::asm`]).
 //!
 //! Owns what the program does with the three maps [`super::RotationProgram`]
-//! creates: read the `config` map (how many sockets take turns, whose slot
-//! each is), take the next turn from the `tally` map's counter, select that
-//! socket of the `sockets` map, and count the connection for its slot.
+//! creates: read the `config` map (how many sockets are dealt to, whose slot
+//! each is, and whether by turns or by hash), pick one: the next turn from
+//! the `tally` map's counter, or the connection's hash; select that socket
+//! of the `sockets` map, and count the connection for its slot.
 //!
 //! In eBPF assembly (R1 is the `sk_reuseport_md` context):
 //!
 //! ```text
-//!     if ctx.migrating_sk != NULL: goto out     (only when it migrates)
 //!     config = lookup(config_map, 0); tally = lookup(tally_map, 0)
 //!     live = config.live; if live == 0: goto out
-//!     turn = atomic_fetch_add(tally.next, 1) % live
+//!     if config.hashed: pick = ctx.hash
+//!     else:             pick = atomic_fetch_add(tally.next, 1)
+//!     turn = pick % live
 //!     if sk_select_reuseport(ctx, sockets, &turn, 0) != 0: goto out
 //!     atomic_add(tally.dealt[config.slot_of[turn]], 1)
 //! out: return SK_PASS   (nothing selected: the kernel's own hash picks)
 //! ```
 //!
 //! Loaded to migrate (`BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`, Linux 5.14),
-//! the kernel also runs it when a socket of the group closes, once for each
-//! connection still queued there (`migrating_sk` set): the program then
-//! selects nothing, so the kernel moves the connection to another socket of
-//! the group by its hash, instead of resetting it. Such a connection was
-//! dealt and counted when it first arrived; it takes no turn and is not
-//! counted again.
+//! the kernel also runs it when a socket of the group closes or is shut
+//! down, once for each connection still queued there: the program deals it
+//! like a new one, to a socket that takes turns (the closing one no longer
+//! does), and counts it again, for the slot that now has it. With none
+//! selected (nobody takes turns) the kernel moves it by its hash, instead
+//! of resetting it.
 
 // The `bpf(2)` calls are in `super`; nothing here needs `unsafe`.
 #![deny(unsafe_code)]
@@ -31,13 +33,17 @@
 use std::os::fd::RawFd;
 
 use super::asm::{Alu, Asm, Atomic, Cond, Helper, Insn, Reg, Size};
-use super::MAX_ROTATION;
+use super::{CONFIG_HASHED, MAX_ROTATION};
 
 /// Where every failed check goes: pass, selecting nothing.
 const OUT: &str = "out";
+/// Where the turn is taken from the pick (a counter or the hash).
+const PICK: &str = "pick";
+const BY_HASH: &str = "by_hash";
 /// The context, kept past the calls that clobber R1.
 const SAVED_CTX: Reg = Reg::R6;
-/// The `config` map's value: `live: u32`, then `slot_of: [u32; MAX_ROTATION]`.
+/// The `config` map's value: `live: u32`, `slot_of: [u32; MAX_ROTATION]`,
+/// then `hashed: u32`.
 const CONFIG: Reg = Reg::R7;
 /// The `tally` map's value: `next: u64`, then `dealt: [u64; MAX_ROTATION]`.
 const TALLY: Reg = Reg::R8;
@@ -50,32 +56,35 @@ const KEY: i16 = -4;
 const TURN_KEY: i16 = -8;
 /// `SK_PASS`: let the connection in (to the selected socket, if any).
 const SK_PASS: i32 = 1;
-/// Where `struct sk_reuseport_md` keeps `migrating_sk` (after two data
-/// pointers, five u32s and padding, then `sk`).
-const MIGRATING_SK: i16 = 48;
+/// Where `struct sk_reuseport_md` keeps `hash` (after two data pointers
+/// and four u32s).
+const HASH: i16 = 32;
 
-/// The program, with the maps' file descriptors in its `ld_imm64`s; with
-/// `migrates`, for loading as `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`.
-pub(super) fn rotation(sockets: RawFd, config: RawFd, tally: RawFd, migrates: bool) -> Vec<Insn> {
+/// The program, with the maps' file descriptors in its `ld_imm64`s. The
+/// same code loads as `BPF_SK_REUSEPORT_SELECT` or, to migrate, as
+/// `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`.
+pub(super) fn rotation(sockets: RawFd, config: RawFd, tally: RawFd) -> Vec<Insn> {
     // The turn and the slot are checked against MAX_ROTATION for the
     // verifier, which cannot know that `live` and every slot are below it.
     let max = MAX_ROTATION as i32;
+    let hashed = i16::try_from(CONFIG_HASHED).expect("the config value is under 32 KiB");
     let mut asm = Asm::new();
-    if migrates {
-        // A queued connection moving off a closed socket: the kernel's hash.
-        asm.load(Size::Dw, Reg::R2, Reg::CTX, MIGRATING_SK)
-            .jump_if(Cond::Ne, Reg::R2, 0, OUT);
-    }
     // The key 0, for both lookups.
     asm.mov64(SAVED_CTX, Reg::CTX)
         .store(Size::W, Reg::FRAME, KEY, 0);
     lookup_or_out(&mut asm, config, CONFIG);
     lookup_or_out(&mut asm, tally, TALLY);
-    // R2 = tally.next++ % live, kept in TURN and at TURN_KEY.
+    // R2 = the pick: tally.next++, or the connection's hash.
     asm.load(Size::W, LIVE, CONFIG, 0)
         .jump_if(Cond::Eq, LIVE, 0, OUT)
+        .load(Size::W, Reg::R2, CONFIG, hashed)
+        .jump_if(Cond::Ne, Reg::R2, 0, BY_HASH)
         .mov64(Reg::R2, 1)
         .atomic(Atomic::FetchAdd, Size::Dw, TALLY, 0, Reg::R2)
+        .jump(PICK);
+    asm.label(BY_HASH).load(Size::W, Reg::R2, SAVED_CTX, HASH);
+    // TURN = R2 % live, also at TURN_KEY.
+    asm.label(PICK)
         .alu32(Alu::Mod, Reg::R2, LIVE)
         .jump_if(Cond::Ge, Reg::R2, max, OUT)
         .store(Size::W, Reg::FRAME, TURN_KEY, Reg::R2)
@@ -119,8 +128,10 @@ mod tests {
 
     /// The rotation program's bytes with map fds 0x11 (sockets), 0x22
     /// (config) and 0x33 (tally), one row per instruction slot: what the
-    /// kernel verified and ran when the program was assembled by hand.
-    const ROTATION_BYTES: [[u8; 8]; 42] = [
+    /// kernel verified and ran in `super`'s tests (turns, hash, migration)
+    /// when these were pinned. An edit of the program changes them on
+    /// purpose, after those tests pass on a kernel.
+    const ROTATION_BYTES: [[u8; 8]; 46] = [
         [0xbf, 0x16, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 0
         [0x62, 0x0a, 0xfc, 0xff, 0x00, 0x00, 0x00, 0x00], // 1
         [0xbf, 0xa2, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 2
@@ -128,70 +139,58 @@ mod tests {
         [0x18, 0x11, 0x00, 0x00, 0x22, 0x00, 0x00, 0x00], // 4
         [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 5
         [0x85, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 6
-        [0x15, 0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00], // 7
+        [0x15, 0x00, 0x24, 0x00, 0x00, 0x00, 0x00, 0x00], // 7
         [0xbf, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 8
         [0xbf, 0xa2, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 9
         [0x07, 0x02, 0x00, 0x00, 0xfc, 0xff, 0xff, 0xff], // 10
         [0x18, 0x11, 0x00, 0x00, 0x33, 0x00, 0x00, 0x00], // 11
         [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 12
         [0x85, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 13
-        [0x15, 0x00, 0x19, 0x00, 0x00, 0x00, 0x00, 0x00], // 14
+        [0x15, 0x00, 0x1d, 0x00, 0x00, 0x00, 0x00, 0x00], // 14
         [0xbf, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 15
         [0x61, 0x79, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 16
-        [0x15, 0x09, 0x16, 0x00, 0x00, 0x00, 0x00, 0x00], // 17
-        [0xb7, 0x02, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 18
-        [0xdb, 0x28, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 19
-        [0x9c, 0x92, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 20
-        [0x35, 0x02, 0x12, 0x00, 0x00, 0x04, 0x00, 0x00], // 21
-        [0x63, 0x2a, 0xf8, 0xff, 0x00, 0x00, 0x00, 0x00], // 22
-        [0xbf, 0x29, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 23
-        [0xbf, 0x61, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 24
-        [0x18, 0x12, 0x00, 0x00, 0x11, 0x00, 0x00, 0x00], // 25
-        [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 26
-        [0xbf, 0xa3, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 27
-        [0x07, 0x03, 0x00, 0x00, 0xf8, 0xff, 0xff, 0xff], // 28
-        [0xb7, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 29
-        [0x85, 0x00, 0x00, 0x00, 0x52, 0x00, 0x00, 0x00], // 30
-        [0x55, 0x00, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00], // 31
-        [0x67, 0x09, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00], // 32
-        [0x0f, 0x79, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 33
-        [0x61, 0x91, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00], // 34
-        [0x35, 0x01, 0x04, 0x00, 0x00, 0x04, 0x00, 0x00], // 35
-        [0x67, 0x01, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00], // 36
-        [0x0f, 0x81, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 37
-        [0xb7, 0x02, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 38
-        [0xdb, 0x21, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00], // 39
-        [0xb7, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 40
-        [0x95, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 41
+        [0x15, 0x09, 0x1a, 0x00, 0x00, 0x00, 0x00, 0x00], // 17
+        [0x61, 0x72, 0x04, 0x10, 0x00, 0x00, 0x00, 0x00], // 18
+        [0x55, 0x02, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00], // 19
+        [0xb7, 0x02, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 20
+        [0xdb, 0x28, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 21
+        [0x05, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00], // 22
+        [0x61, 0x62, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00], // 23
+        [0x9c, 0x92, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 24
+        [0x35, 0x02, 0x12, 0x00, 0x00, 0x04, 0x00, 0x00], // 25
+        [0x63, 0x2a, 0xf8, 0xff, 0x00, 0x00, 0x00, 0x00], // 26
+        [0xbf, 0x29, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 27
+        [0xbf, 0x61, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 28
+        [0x18, 0x12, 0x00, 0x00, 0x11, 0x00, 0x00, 0x00], // 29
+        [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 30
+        [0xbf, 0xa3, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 31
+        [0x07, 0x03, 0x00, 0x00, 0xf8, 0xff, 0xff, 0xff], // 32
+        [0xb7, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 33
+        [0x85, 0x00, 0x00, 0x00, 0x52, 0x00, 0x00, 0x00], // 34
+        [0x55, 0x00, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00], // 35
+        [0x67, 0x09, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00], // 36
+        [0x0f, 0x79, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 37
+        [0x61, 0x91, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00], // 38
+        [0x35, 0x01, 0x04, 0x00, 0x00, 0x04, 0x00, 0x00], // 39
+        [0x67, 0x01, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00], // 40
+        [0x0f, 0x81, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 41
+        [0xb7, 0x02, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 42
+        [0xdb, 0x21, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00], // 43
+        [0xb7, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00], // 44
+        [0x95, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // 45
     ];
 
-    fn bytes_of(migrates: bool) -> Vec<[u8; 8]> {
-        rotation(0x11, 0x22, 0x33, migrates)
+    fn bytes() -> Vec<[u8; 8]> {
+        rotation(0x11, 0x22, 0x33)
             .into_iter()
             .map(Insn::to_bytes)
             .collect()
     }
 
-    fn bytes() -> Vec<[u8; 8]> {
-        bytes_of(true)
-    }
-
     #[cfg(target_endian = "little")]
     #[test]
     fn the_rotation_program_encodes_to_the_bytes_the_kernel_verified() {
-        assert_eq!(bytes_of(false), ROTATION_BYTES);
-    }
-
-    /// The migrating program is the same behind two instructions: load
-    /// `migrating_sk` (r2 = *(u64 *)(r1 + 48)) and, if set, jump to the
-    /// last-but-one instruction (`r0 = SK_PASS`), 40 slots on.
-    #[cfg(target_endian = "little")]
-    #[test]
-    fn the_migrating_program_first_lets_a_migrating_connection_pass() {
-        let code = bytes_of(true);
-        assert_eq!(code[0], [0x79, 0x12, 0x30, 0x00, 0x00, 0x00, 0x00, 0x00]);
-        assert_eq!(code[1], [0x55, 0x02, 0x28, 0x00, 0x00, 0x00, 0x00, 0x00]);
-        assert_eq!(code[2..], ROTATION_BYTES);
+        assert_eq!(bytes(), ROTATION_BYTES);
     }
 
     /// Read from the bytes, not from the assembler: every jump lands on
