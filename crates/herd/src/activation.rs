@@ -26,30 +26,25 @@
 //!
 //! - `shared`: the sockets herd bound are given to every worker; one accept
 //!   queue per listener, and whichever worker calls `accept` first wins.
-//! - `reuseport`: one `SO_REUSEPORT` socket per slot and listener, bound when
-//!   the slot is created and held by herd until the slot is removed. A
-//!   restarted worker gets its slot's socket back, so connections waiting in
-//!   that accept queue across the restart are served, not reset. Each
-//!   listener's group has the rotation program attached with no rotation
-//!   (the kernel's hash still picks), loaded to migrate: a slot removed by
-//!   scaling down hands what is queued on its socket to the others instead
-//!   of the kernel resetting it (needs CAP_BPF and Linux 5.14; without, the
-//!   reset stays unless `net.ipv4.tcp_migrate_req = 1`). herd's first
-//!   bind (plain, without SO_REUSEPORT) proves the port is free and resolves
-//!   port 0; it is closed before the group is bound, so no stranger's
-//!   SO_REUSEPORT socket can have joined.
+//! - `reuseport`, and kernel rotation of such workers (`--mode round-robin
+//!   --rotation kernel`): one `SO_REUSEPORT` socket per slot and listener,
+//!   held by herd until the slot is removed, and dealt to by the kernel
+//!   ([`SlotGroups`], `slot_sockets`).
 
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 
-use herd_protocol::bpf::RotationProgram;
-use tracing::info;
+use herd_protocol::bpf::{Dealing, RotationProgram};
+use tracing::warn;
 
+use crate::config::{Readiness, Settings, WorkerProtocol};
 use crate::dispatch::Mode;
-use crate::ids::{SlotIx, Table};
-use crate::listener::{self, BoundListener, ListenError};
+
+use crate::ids::{SlotIx, WorkerId};
+use crate::listener::{BoundListener, ListenError};
+use crate::slot_sockets::{Dealt, SlotGroups};
 use herd_protocol::env::LISTEN_PID_ENV;
 
 /// argv\[1\] that makes `herd` the worker-start shim (see the module docs).
@@ -61,48 +56,89 @@ pub enum WorkerSockets {
     HandOff,
     /// Every worker inherits these, one per listener.
     Shared(Vec<TcpListener>),
-    /// Per slot, that slot's SO_REUSEPORT socket for each listener.
-    ReusePort {
-        addrs: Vec<SocketAddr>,
-        backlog: u32,
-        slots: Table<SlotIx, Vec<TcpListener>>,
-        /// Per listener, the program attached to its group so that closing
-        /// a slot's socket migrates its queue (`None`: not possible here).
-        migration: Vec<Option<RotationProgram>>,
-    },
+    /// Each slot its own socket per listener, dealt to by the kernel.
+    PerSlot(SlotGroups),
+}
+
+/// Which sockets the workers take, as the mode and rotation decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketPlan {
+    HandOff,
+    Shared,
+    PerSlot(Dealing),
+}
+
+impl SocketPlan {
+    /// What `settings` ask for. Node workers are sent their sockets over
+    /// the cluster channel, so for them it is always the hand-off loop's.
+    pub fn of(settings: &Settings) -> SocketPlan {
+        if settings.protocol == WorkerProtocol::NodeCluster {
+            return SocketPlan::HandOff;
+        }
+        match settings.mode {
+            Mode::Shared => SocketPlan::Shared,
+            Mode::ReusePort => SocketPlan::PerSlot(Dealing::Hash),
+            _ if settings.handoff.kernel_rotation => SocketPlan::PerSlot(Dealing::Turns),
+            _ => SocketPlan::HandOff,
+        }
+    }
+
+    /// The plan the kernel allows: kernel rotation needs the rotation
+    /// program (CAP_BPF). Without it, says why and falls back: to hand-offs
+    /// for workers that speak herd's channel (`ready = "herd"`), to the
+    /// kernel's hash over per-slot sockets (`reuseport`) for the others.
+    pub fn available(self, ready: &Readiness) -> SocketPlan {
+        if self != SocketPlan::PerSlot(Dealing::Turns) {
+            return self;
+        }
+        let Err(e) = RotationProgram::load() else {
+            return self;
+        };
+        let (fallback, instead) = match ready {
+            Readiness::Herd => (SocketPlan::HandOff, "hand-offs over herd's channel"),
+            _ => (
+                SocketPlan::PerSlot(Dealing::Hash),
+                "reuseport: the kernel's hash over one socket per slot",
+            ),
+        };
+        warn!(
+            event = "kernel_rotation_unavailable",
+            "round-robin falls back to {instead}: {e}"
+        );
+        fallback
+    }
+
+    /// Workers inherit listening sockets (and start through the shim).
+    pub fn workers_take_sockets(self) -> bool {
+        self != SocketPlan::HandOff
+    }
 }
 
 impl WorkerSockets {
     /// Splits the bound listeners between the hand-off loop (returned) and
-    /// the workers (kept here), according to `mode`. For `reuseport` this
-    /// binds the group for the first `workers` slots.
+    /// the workers (kept here), according to `plan`. Per slot, this binds
+    /// the groups for the first `workers` slots.
     pub fn new(
-        mode: Mode,
+        plan: SocketPlan,
         listeners: Vec<BoundListener>,
         backlog: u32,
         workers: usize,
     ) -> Result<(WorkerSockets, Vec<BoundListener>), ListenError> {
-        match mode {
-            _ if mode.hands_off() => Ok((WorkerSockets::HandOff, listeners)),
-            Mode::Shared => {
+        match plan {
+            SocketPlan::HandOff => Ok((WorkerSockets::HandOff, listeners)),
+            SocketPlan::Shared => {
                 let sockets: Vec<TcpListener> = listeners.into_iter().map(|l| l.socket).collect();
                 for socket in &sockets {
                     make_blocking(socket)?;
                 }
                 Ok((WorkerSockets::Shared(sockets), Vec::new()))
             }
-            _ => {
+            SocketPlan::PerSlot(dealing) => {
                 let addrs = listeners.iter().map(|l| l.local).collect();
                 // Close the probes: a plain socket on the port keeps the group out.
                 drop(listeners);
-                let mut sockets = WorkerSockets::ReusePort {
-                    addrs,
-                    backlog,
-                    slots: Table::new(),
-                    migration: Vec::new(),
-                };
-                sockets.bind_slots(workers)?;
-                Ok((sockets, Vec::new()))
+                let groups = SlotGroups::bind(addrs, backlog, dealing, workers)?;
+                Ok((WorkerSockets::PerSlot(groups), Vec::new()))
             }
         }
     }
@@ -113,78 +149,61 @@ impl WorkerSockets {
     /// a worker that wants them non-blocking sets that itself, and other
     /// workers may be accepting from them with that flag (module docs).
     pub fn for_slot(&mut self, slot: SlotIx) -> Result<Vec<RawFd>, ListenError> {
-        self.bind_slots(slot.get() + 1)?;
-        let sockets = match self {
-            WorkerSockets::HandOff => return Ok(Vec::new()),
-            WorkerSockets::Shared(sockets) => &sockets[..],
-            WorkerSockets::ReusePort { slots, .. } => &slots[slot][..],
-        };
-        Ok(sockets.iter().map(AsRawFd::as_raw_fd).collect())
+        match self {
+            WorkerSockets::HandOff => Ok(Vec::new()),
+            WorkerSockets::Shared(sockets) => Ok(sockets.iter().map(AsRawFd::as_raw_fd).collect()),
+            WorkerSockets::PerSlot(groups) => groups.for_slot(slot),
+        }
     }
 
-    /// The slots from `count` on are gone: close their sockets (`reuseport`;
+    /// The per-slot groups, where workers have them.
+    pub fn per_slot(&mut self) -> Option<&mut SlotGroups> {
+        match self {
+            WorkerSockets::PerSlot(groups) => Some(groups),
+            _ => None,
+        }
+    }
+
+    /// Worker `worker` of `slot` is ready (per-slot sockets: dealt to).
+    pub fn serve(&mut self, slot: SlotIx, worker: WorkerId) {
+        if let Some(groups) = self.per_slot() {
+            groups.serve(slot, worker);
+        }
+    }
+
+    /// Worker `worker` drains (per-slot sockets: no more turns).
+    pub fn drain(&mut self, worker: WorkerId) {
+        if let Some(groups) = self.per_slot() {
+            groups.drain(worker);
+        }
+    }
+
+    /// Worker `worker`'s processes are gone.
+    pub fn gone(&mut self, worker: WorkerId) {
+        if let Some(groups) = self.per_slot() {
+            groups.gone(worker);
+        }
+    }
+
+    /// Samples the per-slot queues; what the kernel dealt since last time.
+    pub fn watch(&mut self, now: std::time::Instant) -> Vec<Dealt> {
+        self.per_slot()
+            .map_or_else(Vec::new, |groups| groups.watch(now))
+    }
+
+    /// The slots from `count` on are gone: close their sockets (per slot;
     /// what is still queued on them moves to the other slots' sockets where
-    /// the group migrates, see the module docs, else the kernel resets it).
+    /// the group migrates, else the kernel resets it).
     pub fn remove_slots_from(&mut self, count: usize) {
-        if let WorkerSockets::ReusePort { slots, .. } = self {
-            slots.truncate(count);
-        }
-    }
-
-    /// Binds the `reuseport` sockets of slots not yet bound, up to `count`.
-    fn bind_slots(&mut self, count: usize) -> Result<(), ListenError> {
-        if let WorkerSockets::ReusePort {
-            addrs,
-            backlog,
-            slots,
-            migration,
-        } = self
-        {
-            while slots.len() < count {
-                let group: Vec<TcpListener> = addrs
-                    .iter()
-                    .map(|&addr| {
-                        let socket = listener::bind_reuseport(addr, *backlog)?;
-                        make_blocking(&socket)?;
-                        Ok(socket)
-                    })
-                    .collect::<Result<_, ListenError>>()?;
-                if slots.is_empty() {
-                    *migration = group.iter().map(migrate_queues_of).collect();
-                }
-                slots.push(group);
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Attaches the rotation program, with no rotation, to `first`'s group, so
-/// that a socket of it that closes migrates its queue; `None` where the
-/// kernel cannot (no CAP_BPF, Linux before 5.14), said once per listener.
-fn migrate_queues_of(first: &TcpListener) -> Option<RotationProgram> {
-    use std::os::fd::AsFd;
-    let addr = first.local_addr().ok()?;
-    let attached = RotationProgram::load().and_then(|program| {
-        program.attach(first.as_fd())?;
-        Ok(program)
-    });
-    match attached {
-        Ok(program) if program.migrates() => Some(program),
-        Ok(_) => {
-            info!(%addr, event = "no_queue_migration", "scaling down resets the connections queued on a removed slot's socket (Linux before 5.14 cannot migrate them; net.ipv4.tcp_migrate_req = 1 does)");
-            None
-        }
-        Err(e) => {
-            info!(%addr, event = "no_queue_migration", "scaling down resets the connections queued on a removed slot's socket ({e}; net.ipv4.tcp_migrate_req = 1 migrates them)");
-            None
+        if let Some(groups) = self.per_slot() {
+            groups.remove_slots_from(count);
         }
     }
 }
 
 /// Clears O_NONBLOCK on a socket no worker holds yet: the one time herd
 /// sets a worker socket's flags (see the module docs for why only then).
-fn make_blocking(socket: &TcpListener) -> Result<(), ListenError> {
+pub(crate) fn make_blocking(socket: &TcpListener) -> Result<(), ListenError> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     let fail = |source: nix::Error| ListenError {
         addr: socket
@@ -213,41 +232,43 @@ pub fn exec_worker(mut args: impl Iterator<Item = OsString>) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::listener;
     use std::os::fd::AsFd;
+
+    const PER_SLOT: SocketPlan = SocketPlan::PerSlot(Dealing::Hash);
 
     fn nonblocking(socket: &TcpListener) -> bool {
         let flags = nix::fcntl::fcntl(socket.as_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
         flags & nix::libc::O_NONBLOCK != 0
     }
 
-    /// Every socket a worker in `slot` would inherit.
-    fn sockets_of(sockets: &WorkerSockets, slot: usize) -> Vec<&TcpListener> {
+    /// The first socket a worker in `slot` would inherit.
+    fn socket_of(sockets: &WorkerSockets, slot: usize) -> &TcpListener {
         match sockets {
-            WorkerSockets::HandOff => Vec::new(),
-            WorkerSockets::Shared(all) => all.iter().collect(),
-            WorkerSockets::ReusePort { slots, .. } => slots[SlotIx(slot)].iter().collect(),
+            WorkerSockets::HandOff => unreachable!("no sockets"),
+            WorkerSockets::Shared(all) => &all[0],
+            WorkerSockets::PerSlot(groups) => groups.socket(SlotIx(slot), 0),
         }
     }
 
     #[test]
     fn a_worker_start_never_changes_the_flags_of_a_socket_in_use() {
-        for mode in [Mode::Shared, Mode::ReusePort] {
-            let (mut sockets, _) = WorkerSockets::new(mode, bound("127.0.0.1:0"), 16, 1).unwrap();
+        for plan in [SocketPlan::Shared, PER_SLOT] {
+            let (mut sockets, _) = WorkerSockets::new(plan, bound("127.0.0.1:0"), 16, 1).unwrap();
             sockets.for_slot(SlotIx(0)).unwrap();
             // Bound blocking, as systemd passes them.
-            assert!(!nonblocking(sockets_of(&sockets, 0)[0]), "{mode:?}");
+            assert!(!nonblocking(socket_of(&sockets, 0)), "{plan:?}");
             // The first worker's event loop makes it non-blocking, for
             // every holder of the socket.
-            herd_protocol::fdpass::set_nonblocking(sockets_of(&sockets, 0)[0].as_fd(), true)
-                .unwrap();
-            // Its slot restarts (reuseport) or another worker starts (shared):
+            herd_protocol::fdpass::set_nonblocking(socket_of(&sockets, 0).as_fd(), true).unwrap();
+            // Its slot restarts (per slot) or another worker starts (shared):
             // the live worker's socket keeps its flag.
             sockets.for_slot(SlotIx(0)).unwrap();
             sockets.for_slot(SlotIx(1)).unwrap();
-            assert!(nonblocking(sockets_of(&sockets, 0)[0]), "{mode:?}");
+            assert!(nonblocking(socket_of(&sockets, 0)), "{plan:?}");
             // A slot bound later starts blocking, whatever the others do.
-            if mode == Mode::ReusePort {
-                assert!(!nonblocking(sockets_of(&sockets, 1)[0]));
+            if plan == PER_SLOT {
+                assert!(!nonblocking(socket_of(&sockets, 1)));
             }
         }
     }
@@ -259,7 +280,7 @@ mod tests {
     #[test]
     fn hand_off_modes_keep_the_listeners_for_herd() {
         let (mut sockets, herd_side) =
-            WorkerSockets::new(Mode::RoundRobin, bound("127.0.0.1:0"), 16, 2).unwrap();
+            WorkerSockets::new(SocketPlan::HandOff, bound("127.0.0.1:0"), 16, 2).unwrap();
         assert_eq!(herd_side.len(), 1);
         assert!(sockets.for_slot(SlotIx(0)).unwrap().is_empty());
     }
@@ -267,58 +288,10 @@ mod tests {
     #[test]
     fn shared_gives_every_slot_the_same_blocking_sockets() {
         let (mut sockets, herd_side) =
-            WorkerSockets::new(Mode::Shared, bound("127.0.0.1:0"), 16, 2).unwrap();
+            WorkerSockets::new(SocketPlan::Shared, bound("127.0.0.1:0"), 16, 2).unwrap();
         assert!(herd_side.is_empty());
         let first = sockets.for_slot(SlotIx(0)).unwrap();
         assert_eq!(first, sockets.for_slot(SlotIx(5)).unwrap());
-        let WorkerSockets::Shared(all) = &sockets else {
-            unreachable!()
-        };
-        let flags = nix::fcntl::fcntl(all[0].as_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
-        assert_eq!(flags & nix::libc::O_NONBLOCK, 0);
-    }
-
-    #[test]
-    fn reuseport_binds_one_socket_per_slot_on_one_port_and_keeps_it() {
-        let (mut sockets, _) =
-            WorkerSockets::new(Mode::ReusePort, bound("127.0.0.1:0"), 16, 2).unwrap();
-        let slot0 = sockets.for_slot(SlotIx(0)).unwrap();
-        let slot1 = sockets.for_slot(SlotIx(1)).unwrap();
-        assert_ne!(slot0, slot1);
-        // Asking again (a restart) gives the same socket.
-        assert_eq!(sockets.for_slot(SlotIx(0)).unwrap(), slot0);
-        // A new slot is bound on demand, on the same port.
-        let slot3 = sockets.for_slot(SlotIx(3)).unwrap();
-        let WorkerSockets::ReusePort { slots, addrs, .. } = &sockets else {
-            unreachable!()
-        };
-        assert_eq!(slots.len(), 4);
-        assert_eq!(slots[SlotIx(3)][0].as_raw_fd(), slot3[0]);
-        for group in slots {
-            assert_eq!(group[0].local_addr().unwrap(), addrs[0]);
-        }
-        sockets.remove_slots_from(1);
-        let WorkerSockets::ReusePort { slots, .. } = &sockets else {
-            unreachable!()
-        };
-        assert_eq!(slots.len(), 1);
-    }
-
-    #[test]
-    fn the_plain_probe_keeps_herd_out_of_a_strangers_reuseport_group() {
-        // Another server of the same user, with SO_REUSEPORT: binding our own
-        // SO_REUSEPORT socket would silently join its group. herd's first
-        // bind is plain, so it fails as a busy port instead.
-        let stranger = listener::bind_reuseport("127.0.0.1:0".parse().unwrap(), 16).unwrap();
-        let addr = stranger.local_addr().unwrap();
-        assert!(
-            listener::bind_reuseport(addr, 16).is_ok(),
-            "the risk is real"
-        );
-        let error = listener::bind_all(&[addr], 16, listener::BindOptions::PLAIN).unwrap_err();
-        assert!(
-            error.to_string().contains("address already in use"),
-            "{error}"
-        );
+        assert!(!nonblocking(socket_of(&sockets, 0)));
     }
 }

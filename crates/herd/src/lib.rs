@@ -18,8 +18,8 @@
 //!   and resolved into `Settings`; what a reload does with each key.
 //! - [`dispatch`]: the modes and the policies that choose a worker for each connection.
 //! - [`counters`]: what the hand-off loop counts, lock-free.
-//! - [`activation`]: the sockets workers inherit in the OS-scheduled modes
-//!   (`shared`, `reuseport`), the `__exec-worker` shim.
+//! - [`activation`]: the sockets workers inherit (`shared`, `reuseport`,
+//!   kernel rotation of such workers), the `__exec-worker` shim.
 //! - [`fd_budget`]: herd's open-file limit, raised at start, and what a configuration may need of it.
 //! - [`node_ipc`]: Node.js cluster IPC, so unmodified Node cluster apps are workers.
 //! - [`cgroup`]: a cgroup v2 leaf per worker, so nothing it starts outlives it.
@@ -35,6 +35,11 @@
 //! - `wait_queue`: accepted connections waiting for a worker, one line per listener.
 //! - `rotation`: round-robin for Node workers dealt by the kernel over
 //!   per-slot SO_REUSEPORT sockets, with herd taking over a gone worker's queue.
+//! - `stall`: when a slot dealt to by the kernel stops taking its
+//!   connections (a pure decision over accept-queue samples).
+//! - `slot_sockets`: per-slot sockets for workers that take an inherited
+//!   socket (`reuseport`, kernel rotation): who is dealt to, counts, and
+//!   moving a dead or stalled slot's queue to the others.
 //! - `handoff`: the mio loop that accepts and hands connections off.
 //! - `lifecycle`: the supervisor's decision core, a pure state machine of
 //!   worker slots and processes (start, restart, replace, drain, kill, reload, stop).
@@ -66,6 +71,8 @@ pub mod procstat;
 mod rate_limit;
 mod rotation;
 pub mod signals;
+mod slot_sockets;
+mod stall;
 pub mod status;
 mod supervisor;
 mod wait_queue;

@@ -20,9 +20,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::activation::WorkerSockets;
+use crate::activation::{SocketPlan, WorkerSockets};
 use crate::cgroup::{CgroupError, CgroupTree};
-use crate::config::{ConfigSource, KillMode, Settings, WorkerProtocol, MAX_WORKERS};
+use crate::config::{
+    ConfigSource, HandoffSettings, KillMode, Settings, WorkerProtocol, MAX_WORKERS,
+};
 use crate::control::{self, ControlRequest, ControlServer, PendingRequest, Response};
 use crate::counters::Counters;
 use crate::fd_budget::{FdLimit, Plan};
@@ -164,9 +166,10 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
             fd_limit.soft
         );
     }
+    let plan = SocketPlan::of(settings).available(&settings.ready);
     let options = BindOptions {
-        // Kernel rotation deals over a SO_REUSEPORT group per listener.
-        reuse_port: settings.handoff.kernel_rotation,
+        // Node's kernel rotation deals over a group herd's own socket is in.
+        reuse_port: node_kernel_rotation(settings),
         ..BindOptions::PLAIN
     };
     let listeners = listener::bind_all(&settings.listen, settings.backlog, options)?;
@@ -180,13 +183,8 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
             bound.local
         );
     }
-    let (sockets, listeners) = match settings.protocol {
-        // Node workers are sent their server sockets over the cluster channel.
-        WorkerProtocol::NodeCluster => (WorkerSockets::HandOff, listeners),
-        WorkerProtocol::Herd => {
-            WorkerSockets::new(settings.mode, listeners, settings.backlog, settings.workers)?
-        }
-    };
+    let (sockets, listeners) =
+        WorkerSockets::new(plan, listeners, settings.backlog, settings.workers)?;
     let metrics = settings.metrics.map(metrics::bind).transpose()?;
     let control = ControlServer::bind(&settings.control)?;
     info!(path = %settings.control.display(), event = "control_ready", "control socket ready");
@@ -230,10 +228,16 @@ pub async fn run(
     // In the OS modes it has no listeners: it only keeps the worker channels.
     let measure_latency = settings.metrics.is_some();
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    let limits = HandoffSettings {
+        // The hand-off loop's own kernel rotation is for Node workers; the
+        // others' is their per-slot sockets (`WorkerSockets`).
+        kernel_rotation: node_kernel_rotation(&settings),
+        ..settings.handoff
+    };
     let (controller, handoff_thread) = handoff::spawn(
         bound.listeners,
         settings.mode,
-        settings.handoff,
+        limits,
         events_tx,
         counters.clone(),
         measure_latency,
@@ -268,6 +272,9 @@ pub async fn run(
     };
     primary.supervisor.start_all();
     let (requests_tx, mut requests) = mpsc::unbounded_channel::<PendingRequest>();
+    let watching = primary.supervisor.watches_sockets();
+    let mut watch = tokio::time::interval(crate::stall::WATCH_INTERVAL);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !primary.supervisor.finished() {
         let due = primary
             .supervisor
@@ -282,6 +289,7 @@ pub async fn run(
             Some(pending) = requests.recv() => primary.on_request(pending),
             _ = control.accept(&requests_tx) => {}
             _ = monitor.tick() => primary.supervisor.monitor(),
+            _ = watch.tick(), if watching => primary.supervisor.watch_sockets(&primary.counters),
             Some(event) = signals.recv() => primary.on_signal(event),
         }
     }
@@ -292,6 +300,12 @@ pub async fn run(
     let outcome = primary.finish();
     control.close().await;
     Ok(outcome)
+}
+
+/// Round-robin over Node workers dealt by the kernel, in the hand-off
+/// loop (Node workers are sent their slot sockets over the cluster channel).
+fn node_kernel_rotation(settings: &Settings) -> bool {
+    settings.handoff.kernel_rotation && settings.protocol == WorkerProtocol::NodeCluster
 }
 
 /// Serves `/metrics` if it was bound; scrapes arrive on the returned

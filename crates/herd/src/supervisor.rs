@@ -12,6 +12,7 @@
 //! to the forking thread, and the main thread lives exactly as long as herd.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::activation::WorkerSockets;
 use crate::cgroup::{CgroupTree, Leaf};
-use crate::config::Settings;
+use crate::config::{Readiness, Settings};
+use crate::counters::Counters;
 use crate::fd_budget::{FdLimit, Plan};
 use crate::handoff::{self, Command, Controller, NewWorker};
 use crate::ids::{SlotIx, WorkerId};
@@ -147,6 +149,31 @@ impl Supervisor {
     /// When [`Supervisor::tick`] is due next.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.core.next_deadline()
+    }
+
+    /// Whether workers have sockets of their own for [`Self::watch_sockets`].
+    pub fn watches_sockets(&mut self) -> bool {
+        self.sockets.per_slot().is_some()
+    }
+
+    /// Samples the per-slot sockets' queues (a stalled slot loses its
+    /// turns) and counts what the kernel dealt to each slot. Workers that
+    /// speak herd's channel report each connection themselves (ACCEPTED),
+    /// so theirs count only as dealt by the kernel.
+    pub fn watch_sockets(&mut self, counters: &Counters) {
+        let reported = self.settings().ready == Readiness::Herd;
+        for dealt in self.sockets.watch(Instant::now()) {
+            counters.kernel_dealt.fetch_add(dealt.count, Relaxed);
+            if reported {
+                continue;
+            }
+            if let Some(accepted) = counters.accepted.get(dealt.listener) {
+                accepted.fetch_add(dealt.count, Relaxed);
+            }
+            if let Some(handed_off) = counters.handed_off.get(dealt.slot) {
+                handed_off.fetch_add(dealt.count, Relaxed);
+            }
+        }
     }
 
     /// Fires the timers that are due.
@@ -443,9 +470,20 @@ impl Supervisor {
                     Err(error) => Event::StartFailed { worker, error },
                 })
             }
-            Action::Serve { worker } => self.tell(Command::Serve { worker }),
-            Action::Drain { worker } => self.tell(Command::Drain { worker }),
-            Action::Forget { worker } => self.tell(Command::Forget { worker }),
+            Action::Serve { worker } => {
+                self.tell(Command::Serve { worker });
+                if let Some(process) = self.processes.get(&worker) {
+                    self.sockets.serve(process.slot, worker);
+                }
+            }
+            Action::Drain { worker } => {
+                self.tell(Command::Drain { worker });
+                self.sockets.drain(worker);
+            }
+            Action::Forget { worker } => {
+                self.tell(Command::Forget { worker });
+                self.sockets.gone(worker);
+            }
             Action::Signal { worker, signal } => {
                 if let Some(process) = self.processes.get(&worker) {
                     process::signal_group(process.pid, signal);

@@ -527,7 +527,10 @@ mod tests {
         assert_eq!(landed_at[0], 0, "group[0] is not dealt to: {landed_at:?}");
         let dealt = rotation.dealt().unwrap();
         assert_eq!((dealt[3], dealt[4]), (landed_at[1], landed_at[2]));
-        assert!(dealt[3] > 0 && dealt[4] > 0, "40 hashes all alike: {dealt:?}");
+        assert!(
+            dealt[3] > 0 && dealt[4] > 0,
+            "40 hashes all alike: {dealt:?}"
+        );
     }
 
     /// A stalled worker's socket: taken out of the turns and shut down,
@@ -555,8 +558,14 @@ mod tests {
             .set_rotation(&[(0, kept.as_fd())], Dealing::Turns)
             .unwrap();
         crate::listen_queue::requeue_elsewhere(stalled.as_fd(), 64).unwrap();
-        assert_eq!(crate::listen_queue::depth(stalled.as_fd()).unwrap().waiting, 0);
-        assert_eq!(crate::listen_queue::depth(kept.as_fd()).unwrap().waiting, 10);
+        assert_eq!(
+            crate::listen_queue::depth(stalled.as_fd()).unwrap().waiting,
+            0
+        );
+        assert_eq!(
+            crate::listen_queue::depth(kept.as_fd()).unwrap().waiting,
+            10
+        );
         let accepted = std::iter::from_fn(|| kept.accept().ok()).count();
         assert_eq!(accepted, 10, "every one reached the socket left");
         // Back in the group: dealt to again once it takes turns.
@@ -564,7 +573,10 @@ mod tests {
         let mut order = Vec::new();
         for _ in 0..4 {
             clients.push(TcpStream::connect(addr).unwrap());
-            order.push(landed(&[kept.try_clone().unwrap(), stalled.try_clone().unwrap()]));
+            order.push(landed(&[
+                kept.try_clone().unwrap(),
+                stalled.try_clone().unwrap(),
+            ]));
         }
         assert!(order.contains(&1), "the socket listens again: {order:?}");
     }

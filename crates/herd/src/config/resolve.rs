@@ -35,7 +35,8 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
     let (program, args) = program_of(&config.command)?;
     let args = args.to_vec();
     let program = resolve_program(program, config.cwd.as_deref(), &identity)?;
-    if !config.mode.hands_off() && protocol == WorkerProtocol::Herd {
+    // Workers that inherit sockets start through herd's shim (LISTEN_PID).
+    if (!config.mode.hands_off() || kernel_rotation) && protocol == WorkerProtocol::Herd {
         if let Some(user) = run_as.as_ref().filter(|user| !user.is_herds_own()) {
             shim_runnable_by(user, config.mode)?;
         }

@@ -56,11 +56,20 @@ fn defaults_fill_what_is_not_written() {
 }
 
 #[test]
-fn kernel_rotation_is_for_node_round_robin_and_named_when_misused() {
+fn kernel_rotation_is_round_robins_and_auto_picks_it_where_hand_offs_cannot_go() {
     let kernel = |extra: &str| with(extra).unwrap().handoff.kernel_rotation;
+    // herd-protocol workers keep the hand-off unless asked.
     assert!(!kernel(""));
+    assert!(kernel("rotation = \"kernel\"\n"));
+    // Node workers and servers ready by sd_notify get the kernel by default.
     assert!(kernel("protocol = \"node-cluster\"\n"));
+    assert!(kernel("ready = \"notify\"\n"));
+    // A delay says nothing of what the worker takes: the hand-off stays.
+    assert!(!kernel("ready = \"delay:1s\"\n"));
+    assert!(kernel("ready = \"delay:1s\"\nrotation = \"kernel\"\n"));
+    // Only round-robin rotates; the other modes deal their own way.
     assert!(!kernel("protocol = \"node-cluster\"\nmode = \"sticky\"\n"));
+    assert!(!kernel("ready = \"notify\"\nmode = \"shared\"\n"));
     assert!(!kernel(
         "protocol = \"node-cluster\"\nrotation = \"handoff\"\n"
     ));
@@ -68,11 +77,12 @@ fn kernel_rotation_is_for_node_round_robin_and_named_when_misused() {
         refused("rotation = \"sideways\"\n"),
         "invalid `rotation` = \"sideways\": expected one of: auto, kernel, handoff"
     );
-    assert!(
-        refused("rotation = \"kernel\"\nprotocol = \"herd\"\n").starts_with(
-            "invalid `rotation` = \"kernel\": kernel rotation is for Node cluster workers"
-        )
-    );
+    for mode in ["sticky", "least-conn", "shared", "reuseport"] {
+        assert_eq!(
+            refused(&format!("rotation = \"kernel\"\nmode = \"{mode}\"\n")),
+            format!("invalid `rotation` = \"kernel\": kernel rotation is round-robin's; mode \"{mode}\" has its own way of dealing")
+        );
+    }
 }
 
 #[test]

@@ -66,6 +66,12 @@ impl Config {
 
     /// Whether round-robin is dealt by the kernel (`rotation`), for this
     /// mode and `protocol`; refused where the two cannot go together.
+    /// `auto` picks the kernel for Node cluster workers and for servers
+    /// that take only an inherited socket, known by `ready = "notify"`
+    /// (systemd's convention, which comes with systemd's socket passing);
+    /// herd-protocol workers keep the hand-off, with its queue, limits and
+    /// least-conn, and so do workers made ready by a delay, which may be
+    /// either (`rotation = "kernel"` says which).
     fn dealing(&self, protocol: WorkerProtocol) -> Result<bool, ConfigError> {
         let node = protocol == WorkerProtocol::NodeCluster;
         if node && self.mode == Mode::ReusePort {
@@ -75,15 +81,19 @@ impl Config {
                 "Node cluster workers run in round-robin, sticky, least-conn or shared mode (Node's cluster protocol has no per-worker sockets)",
             ));
         }
+        let socket_only = !node && matches!(self.readiness()?, Some(Readiness::Notify));
         match self.rotation {
-            Rotation::Auto => Ok(node && self.mode == Mode::RoundRobin),
+            Rotation::Auto => Ok((node || socket_only) && self.mode == Mode::RoundRobin),
             Rotation::Handoff => Ok(false),
-            Rotation::Kernel if !node => Err(invalid(
+            Rotation::Kernel if self.mode != Mode::RoundRobin => Err(invalid(
                 "rotation",
                 "\"kernel\"",
-                "kernel rotation is for Node cluster workers; herd workers take hand-offs (or run OS-scheduled with --mode reuseport)",
+                format!(
+                    "kernel rotation is round-robin's; mode {:?} has its own way of dealing",
+                    self.mode.name()
+                ),
             )),
-            Rotation::Kernel => Ok(self.mode == Mode::RoundRobin),
+            Rotation::Kernel => Ok(true),
         }
     }
 

@@ -106,12 +106,14 @@ impl FromStr for ProtocolChoice {
     }
 }
 
-/// `rotation`: how round-robin deals connections to Node cluster workers.
+/// `rotation`: how round-robin deals connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rotation {
-    /// The kernel for Node workers, hand-offs for herd's.
+    /// The kernel for Node workers and for servers ready by `notify`,
+    /// hand-offs for the others.
     Auto,
-    /// An eBPF program deals them over per-worker sockets (Node workers only).
+    /// An eBPF program deals them over per-slot sockets: Node workers get
+    /// theirs over the cluster channel, the others inherit it as fd 3.
     Kernel,
     /// herd accepts each one and hands it over the worker's channel.
     Handoff,

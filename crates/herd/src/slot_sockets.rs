@@ -1,0 +1,556 @@
+//! Per-slot sockets: one SO_REUSEPORT socket per worker slot and listener,
+//! inherited by the slot's worker as fd 3, 4, …, and who the kernel deals
+//! new connections to.
+//!
+//! Owns, for `reuseport` mode and for kernel rotation of workers that take
+//! an inherited socket (`--mode round-robin --rotation kernel`), the groups
+//! herd binds (one per listener), the rotation program attached to each,
+//! and which slots are dealt to:
+//! - a slot is dealt to while a worker holding its socket is ready and not
+//!   draining ([`SlotGroups::serve`], [`SlotGroups::drain`]) and it is not
+//!   stalled (`stall`);
+//! - the program deals over those slots strictly in turn (kernel rotation)
+//!   or by the connection's hash (`reuseport`), and counts per slot;
+//! - herd keeps a copy of every slot socket, so what waits on a slot whose
+//!   worker died, or stalled, is not lost: herd takes the slot out of the
+//!   deal and makes the kernel move its queue to the slots dealt to
+//!   (`herd_protocol::listen_queue::requeue_elsewhere`; Linux 5.14). Where
+//!   the kernel cannot move it, it waits for the slot's next worker, which
+//!   gets the same socket back.
+//!
+//! Without the program (no CAP_BPF) `reuseport` still works, by the kernel's
+//! own hash over every slot socket, ready or not, with nothing counted or
+//! moved; kernel rotation is then not offered (`primary` falls back).
+//!
+//! herd's first bind (plain, without SO_REUSEPORT) proves the port is free
+//! and resolves port 0; it is closed before the group is bound, so no
+//! stranger's SO_REUSEPORT socket can have joined.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::time::Instant;
+
+use herd_protocol::bpf::{Dealing, RotationProgram};
+use herd_protocol::listen_queue;
+use tracing::{debug, info, warn};
+
+use crate::ids::{ListenerIx, SlotIx, Table, WorkerId};
+use crate::listener::{self, ListenError};
+use crate::rate_limit::Occurrences;
+use crate::stall::{self, Verdict, Watch};
+
+/// Every slot's sockets, per listener.
+#[derive(Debug)]
+pub struct SlotGroups {
+    addrs: Vec<SocketAddr>,
+    backlog: u32,
+    dealing: Dealing,
+    slots: Table<SlotIx, Slot>,
+    /// Per listener, the program attached to its group (`None`: the
+    /// kernel's own hash; nothing is counted or moved).
+    programs: Vec<Option<RotationProgram>>,
+    /// The slots dealt to, as last given to the programs.
+    dealt_to: Vec<SlotIx>,
+    /// Per listener, per slot: what the program had counted at the last read.
+    counted: Vec<Vec<u64>>,
+    /// Failures to read a queue or move it, logged at the 1st, 2nd, 4th, … time.
+    failures: Occurrences,
+}
+
+#[derive(Debug)]
+struct Slot {
+    /// One per listener, in listener order.
+    sockets: Vec<TcpListener>,
+    /// Workers started with these sockets and not gone, with whether each
+    /// is ready and not draining.
+    holders: Vec<(WorkerId, bool)>,
+    watch: Watch,
+}
+
+/// Connections the kernel dealt since the last [`SlotGroups::watch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dealt {
+    pub listener: ListenerIx,
+    pub slot: SlotIx,
+    pub count: u64,
+}
+
+impl SlotGroups {
+    /// Binds the groups for `workers` slots on `addrs` (already proved
+    /// free and closed again) and attaches the program, which must load
+    /// for [`Dealing::Turns`].
+    pub fn bind(
+        addrs: Vec<SocketAddr>,
+        backlog: u32,
+        dealing: Dealing,
+        workers: usize,
+    ) -> Result<SlotGroups, ListenError> {
+        let mut groups = SlotGroups {
+            counted: vec![Vec::new(); addrs.len()],
+            addrs,
+            backlog,
+            dealing,
+            slots: Table::new(),
+            programs: Vec::new(),
+            dealt_to: Vec::new(),
+            failures: Occurrences::default(),
+        };
+        groups.bind_slots(workers.max(1))?;
+        Ok(groups)
+    }
+
+    /// Whether the kernel can move a slot's queue to the others (the
+    /// program is attached, loaded to migrate, on every listener).
+    pub fn moves_queues(&self) -> bool {
+        !self.programs.is_empty()
+            && self
+                .programs
+                .iter()
+                .all(|p| p.as_ref().is_some_and(RotationProgram::migrates))
+    }
+
+    /// The fds the worker in `slot` inherits, in listener order; bound now
+    /// if the slot is new.
+    pub fn for_slot(&mut self, slot: SlotIx) -> Result<Vec<RawFd>, ListenError> {
+        self.bind_slots(slot.get() + 1)?;
+        Ok(self.slots[slot]
+            .sockets
+            .iter()
+            .map(AsRawFd::as_raw_fd)
+            .collect())
+    }
+
+    /// Worker `worker` of `slot` is ready: its slot is dealt to.
+    pub fn serve(&mut self, slot: SlotIx, worker: WorkerId) {
+        let Some(entry) = self.slots.get_mut(slot) else {
+            return;
+        };
+        entry.holders.retain(|(id, _)| *id != worker);
+        entry.holders.push((worker, true));
+        self.apply();
+    }
+
+    /// Worker `worker` drains: it takes no more turns.
+    pub fn drain(&mut self, worker: WorkerId) {
+        for entry in self.slots.iter_mut() {
+            for (id, serving) in &mut entry.holders {
+                if *id == worker {
+                    *serving = false;
+                }
+            }
+        }
+        self.apply();
+    }
+
+    /// Worker `worker`'s processes are gone. A slot no worker holds any
+    /// more leaves the deal, and what waits on its sockets moves on.
+    pub fn gone(&mut self, worker: WorkerId) {
+        let Some(slot) = self
+            .slots
+            .position(|entry| entry.holders.iter().any(|(id, _)| *id == worker))
+        else {
+            return;
+        };
+        self.slots[slot].holders.retain(|(id, _)| *id != worker);
+        if self.slots[slot].holders.is_empty() {
+            // Its next worker starts with nothing held against it.
+            self.slots[slot].watch = Watch::FRESH;
+        }
+        self.apply();
+        if self.slots[slot].holders.is_empty() {
+            self.requeue(slot, "its worker is gone");
+        }
+    }
+
+    /// The slots from `count` on are gone: their sockets close, and where
+    /// the group migrates, what is queued on them moves to the others.
+    pub fn remove_slots_from(&mut self, count: usize) {
+        self.slots.truncate(count);
+        self.apply();
+    }
+
+    /// Samples every slot's queue (see `stall`), skips or resumes slots,
+    /// and reads what the programs dealt since the last call.
+    pub fn watch(&mut self, now: Instant) -> Vec<Dealt> {
+        if self.programs.iter().all(Option::is_none) {
+            return Vec::new();
+        }
+        let waiting: Vec<Option<u32>> = self.slots.ids().map(|slot| self.waiting(slot)).collect();
+        let idle: Vec<SlotIx> = self
+            .dealt_to
+            .iter()
+            .copied()
+            .filter(|slot| waiting.get(slot.get()).copied().flatten() == Some(0))
+            .collect();
+        let mut changed = false;
+        for slot in self.slots.ids().collect::<Vec<_>>() {
+            let Some(now_waiting) = waiting[slot.get()] else {
+                continue;
+            };
+            let dealt_to = self.dealt_to.contains(&slot);
+            let watch = self.slots[slot].watch;
+            if !dealt_to && !watch.is_skipped() {
+                continue;
+            }
+            let another_idle = idle.iter().any(|&other| other != slot);
+            let (next, verdict) = stall::step(watch, now_waiting, another_idle, now);
+            self.slots[slot].watch = next;
+            changed |= self.carry_out(slot, verdict, now_waiting, next);
+        }
+        if changed {
+            self.apply();
+        }
+        self.take_dealt()
+    }
+
+    /// Logs a skip or a resume; true when the deal changes.
+    fn carry_out(&mut self, slot: SlotIx, verdict: Verdict, waiting: u32, watch: Watch) -> bool {
+        match verdict {
+            Verdict::Keep => false,
+            Verdict::Skip => {
+                let Watch::Skipped { until, strikes } = watch else {
+                    return false;
+                };
+                let probation = until.saturating_duration_since(Instant::now());
+                warn!(
+                    slot = slot.get(),
+                    waiting,
+                    strikes,
+                    event = "slot_stalled",
+                    "slot {slot} takes no connections ({waiting} waiting on its socket while others idle): skipped for {probation:.1?}, what waits there moves to the others"
+                );
+                // Out of the deal first, so that what moves does not come back.
+                self.apply();
+                self.requeue(slot, "it stalled");
+                true
+            }
+            Verdict::Resume => {
+                info!(
+                    slot = slot.get(),
+                    event = "slot_resumed",
+                    "slot {slot} is dealt to again after its probation"
+                );
+                true
+            }
+        }
+    }
+
+    /// Connections waiting on `slot`'s sockets, summed over listeners.
+    fn waiting(&mut self, slot: SlotIx) -> Option<u32> {
+        let mut total = 0u32;
+        for socket in &self.slots[slot].sockets {
+            match listen_queue::depth(socket.as_fd()) {
+                Ok(depth) => total = total.saturating_add(depth.waiting),
+                Err(e) => {
+                    if let Some(times) = self.failures.record() {
+                        warn!(
+                            slot = slot.get(),
+                            times,
+                            event = "queue_unreadable",
+                            "cannot read the accept queue of slot {slot}'s socket: {e}"
+                        );
+                    }
+                    return None;
+                }
+            }
+        }
+        Some(total)
+    }
+
+    /// Makes the kernel move what waits on `slot`'s sockets to the slots
+    /// dealt to, where it can (else it waits for the slot's next worker).
+    fn requeue(&mut self, slot: SlotIx, why: &str) {
+        if !self.moves_queues() || self.dealt_to.is_empty() {
+            return;
+        }
+        let backlog = self.backlog;
+        for socket in &self.slots[slot].sockets {
+            let waiting = listen_queue::depth(socket.as_fd()).map_or(0, |d| d.waiting);
+            if waiting == 0 {
+                continue;
+            }
+            match listen_queue::requeue_elsewhere(socket.as_fd(), backlog) {
+                Ok(()) => info!(
+                    slot = slot.get(),
+                    moved = waiting,
+                    event = "slot_queue_moved",
+                    "moved {waiting} connections waiting on slot {slot}'s socket to the others ({why})"
+                ),
+                Err(e) => {
+                    if let Some(times) = self.failures.record() {
+                        warn!(slot = slot.get(), times, event = "slot_queue_move_failed", "cannot move what waits on slot {slot}'s socket: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives the programs the slots dealt to now, where that changed.
+    fn apply(&mut self) {
+        let dealt_to: Vec<SlotIx> = self
+            .slots
+            .enumerate()
+            .filter(|(_, entry)| {
+                !entry.watch.is_skipped() && entry.holders.iter().any(|(_, serving)| *serving)
+            })
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in self.slots.ids().collect::<Vec<_>>() {
+            // A slot that leaves the deal is watched afresh when it returns.
+            let entry = &mut self.slots[slot];
+            if !dealt_to.contains(&slot) && !entry.watch.is_skipped() {
+                entry.watch = Watch::FRESH;
+            }
+        }
+        if dealt_to == self.dealt_to {
+            return;
+        }
+        for (at, program) in self.programs.iter_mut().enumerate() {
+            let Some(program) = program else { continue };
+            let members: Vec<(usize, BorrowedFd<'_>)> = dealt_to
+                .iter()
+                .map(|&slot| (slot.get(), self.slots[slot].sockets[at].as_fd()))
+                .collect();
+            if let Err(e) = program.set_rotation(&members, self.dealing) {
+                warn!(
+                    listener = at,
+                    event = "kernel_rotation_update_failed",
+                    "cannot update the kernel rotation: {e}"
+                );
+            }
+        }
+        debug!(slots = ?dealt_to, "dealing to");
+        self.dealt_to = dealt_to;
+    }
+
+    /// What each program dealt per slot since the last read.
+    fn take_dealt(&mut self) -> Vec<Dealt> {
+        let mut news = Vec::new();
+        for (at, program) in self.programs.iter().enumerate() {
+            let Some(program) = program else { continue };
+            let Ok(now) = program.dealt() else { continue };
+            let before = &mut self.counted[at];
+            before.resize(now.len(), 0);
+            for (slot, (&now, before)) in now.iter().zip(before.iter_mut()).enumerate() {
+                if now > *before {
+                    news.push(Dealt {
+                        listener: ListenerIx::at(at),
+                        slot: SlotIx(slot),
+                        count: now - *before,
+                    });
+                    *before = now;
+                }
+            }
+        }
+        news
+    }
+
+    /// Binds the sockets of slots not yet bound, up to `count`; the first
+    /// slot's sockets found the groups and get the programs.
+    fn bind_slots(&mut self, count: usize) -> Result<(), ListenError> {
+        while self.slots.len() < count {
+            let sockets: Vec<TcpListener> = self
+                .addrs
+                .iter()
+                .map(|&addr| {
+                    let socket = listener::bind_reuseport(addr, self.backlog)?;
+                    crate::activation::make_blocking(&socket)?;
+                    Ok(socket)
+                })
+                .collect::<Result<_, ListenError>>()?;
+            if self.slots.is_empty() {
+                self.programs = sockets
+                    .iter()
+                    .map(|first| attach_program(first, self.dealing))
+                    .collect();
+            }
+            self.slots.push(Slot {
+                sockets,
+                holders: Vec::new(),
+                watch: Watch::FRESH,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Loads the program and attaches it to `first`'s group; `None` where the
+/// kernel refuses, said once per listener.
+fn attach_program(first: &TcpListener, dealing: Dealing) -> Option<RotationProgram> {
+    let addr = first.local_addr().ok()?;
+    let attached = RotationProgram::load().and_then(|program| {
+        program.attach(first.as_fd())?;
+        Ok(program)
+    });
+    match attached {
+        Ok(program) if !program.migrates() => {
+            info!(%addr, event = "no_queue_migration", "what waits on a removed, dead or stalled slot's socket is not moved to the others (Linux before 5.14 cannot; net.ipv4.tcp_migrate_req = 1 moves it on close)");
+            Some(program)
+        }
+        Ok(program) => Some(program),
+        Err(e) => {
+            let what = match dealing {
+                Dealing::Turns => "kernel rotation",
+                Dealing::Hash => "the kernel's own hash over every slot socket deals, uncounted, and scaling down resets what is queued on a removed slot's socket (net.ipv4.tcp_migrate_req = 1 migrates it)",
+            };
+            info!(%addr, event = "no_queue_migration", "no rotation program on {addr} ({e}): {what}");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+impl SlotGroups {
+    /// `slot`'s socket for listener `at`.
+    pub(crate) fn socket(&self, slot: SlotIx, at: usize) -> &TcpListener {
+        &self.slots[slot].sockets[at]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    fn groups(dealing: Dealing, workers: usize) -> (SlotGroups, SocketAddr) {
+        let probe = listener::bind_all(
+            &["127.0.0.1:0".parse().unwrap()],
+            16,
+            listener::BindOptions::PLAIN,
+        )
+        .unwrap();
+        let addr = probe[0].local;
+        drop(probe);
+        (
+            SlotGroups::bind(vec![addr], 64, dealing, workers).unwrap(),
+            addr,
+        )
+    }
+
+    fn waiting(groups: &SlotGroups, slot: usize) -> u32 {
+        listen_queue::depth(groups.socket(SlotIx(slot), 0).as_fd())
+            .unwrap()
+            .waiting
+    }
+
+    #[test]
+    fn one_socket_per_slot_on_one_port_kept_across_restarts() {
+        let (mut groups, addr) = groups(Dealing::Hash, 2);
+        let slot0 = groups.for_slot(SlotIx(0)).unwrap();
+        let slot1 = groups.for_slot(SlotIx(1)).unwrap();
+        assert_ne!(slot0, slot1);
+        // Asking again (a restart) gives the same socket.
+        assert_eq!(groups.for_slot(SlotIx(0)).unwrap(), slot0);
+        // A new slot is bound on demand, on the same port.
+        let slot3 = groups.for_slot(SlotIx(3)).unwrap();
+        assert_eq!(groups.socket(SlotIx(3), 0).as_raw_fd(), slot3[0]);
+        for slot in 0..4 {
+            assert_eq!(groups.socket(SlotIx(slot), 0).local_addr().unwrap(), addr);
+        }
+        groups.remove_slots_from(1);
+        assert_eq!(groups.slots.len(), 1);
+    }
+
+    #[test]
+    fn the_plain_probe_keeps_herd_out_of_a_strangers_reuseport_group() {
+        // Another server of the same user, with SO_REUSEPORT: binding our own
+        // SO_REUSEPORT socket would silently join its group. herd's first
+        // bind is plain, so it fails as a busy port instead.
+        let stranger = listener::bind_reuseport("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = stranger.local_addr().unwrap();
+        assert!(
+            listener::bind_reuseport(addr, 16).is_ok(),
+            "the risk is real"
+        );
+        let error = listener::bind_all(&[addr], 16, listener::BindOptions::PLAIN).unwrap_err();
+        assert!(
+            error.to_string().contains("address already in use"),
+            "{error}"
+        );
+    }
+
+    /// Kernel rotation: only ready slots are dealt to, in turn, and counted.
+    #[test]
+    fn ready_slots_take_turns_and_are_counted() {
+        let test = "ready_slots_take_turns_and_are_counted";
+        if !herd_protocol::bpf::testable_here(test) {
+            return;
+        }
+        let (mut groups, addr) = groups(Dealing::Turns, 3);
+        groups.serve(SlotIx(0), WorkerId(10));
+        groups.serve(SlotIx(2), WorkerId(12));
+        let _clients: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(
+            (
+                waiting(&groups, 0),
+                waiting(&groups, 1),
+                waiting(&groups, 2)
+            ),
+            (3, 0, 3)
+        );
+        let mut dealt = groups.watch(Instant::now());
+        dealt.sort_by_key(|d| d.slot);
+        let counts: Vec<(usize, u64)> = dealt.iter().map(|d| (d.slot.get(), d.count)).collect();
+        assert_eq!(counts, [(0, 3), (2, 3)]);
+        // Slot 2's worker drains: slot 0 alone takes the next ones.
+        groups.drain(WorkerId(12));
+        let _more: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!((waiting(&groups, 0), waiting(&groups, 2)), (5, 3));
+    }
+
+    /// A worker that dies with connections queued on its slot: they move
+    /// to the slot still dealt to.
+    #[test]
+    fn a_dead_workers_queue_moves_to_the_slots_dealt_to() {
+        let test = "a_dead_workers_queue_moves_to_the_slots_dealt_to";
+        if !herd_protocol::bpf::testable_here(test) {
+            return;
+        }
+        let (mut groups, addr) = groups(Dealing::Turns, 2);
+        groups.serve(SlotIx(0), WorkerId(1));
+        groups.serve(SlotIx(1), WorkerId(2));
+        let _clients: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(waiting(&groups, 1), 2);
+        groups.gone(WorkerId(2));
+        assert_eq!((waiting(&groups, 0), waiting(&groups, 1)), (4, 0));
+        // Its next worker gets the same socket, listening, and its turns back.
+        groups.serve(SlotIx(1), WorkerId(3));
+        let _next: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(waiting(&groups, 1), 1);
+    }
+
+    /// A stalled slot: its queue waits, unshrinking, while slot 0 idles;
+    /// after `STALL_SAMPLES` samples it is skipped, its queue moved to slot 0,
+    /// and after its probation it is dealt to again.
+    #[test]
+    fn a_stalled_slot_loses_its_turns_and_its_queue_until_its_probation_ends() {
+        let test = "a_stalled_slot_loses_its_turns_and_its_queue_until_its_probation_ends";
+        if !herd_protocol::bpf::testable_here(test) {
+            return;
+        }
+        let (mut groups, addr) = groups(Dealing::Turns, 2);
+        groups.serve(SlotIx(0), WorkerId(1));
+        groups.serve(SlotIx(1), WorkerId(2));
+        let mut clients: Vec<TcpStream> = Vec::new();
+        let start = Instant::now();
+        // Bound blocking, as workers get them; the test accepts without waiting.
+        groups.socket(SlotIx(0), 0).set_nonblocking(true).unwrap();
+        for sample in 0..stall::STALL_SAMPLES {
+            // Slot 0's worker keeps up; slot 1's takes nothing.
+            clients.extend((0..2).map(|_| TcpStream::connect(addr).unwrap()));
+            while groups.socket(SlotIx(0), 0).accept().is_ok() {}
+            assert!(groups.dealt_to.contains(&SlotIx(1)), "sample {sample}");
+            groups.watch(start + stall::WATCH_INTERVAL * sample);
+        }
+        assert_eq!(groups.dealt_to, [SlotIx(0)], "slot 1 is skipped");
+        assert_eq!(waiting(&groups, 1), 0, "its queue moved on");
+        assert_eq!(waiting(&groups, 0), stall::STALL_SAMPLES);
+        // New ones all go to slot 0 now.
+        clients.push(TcpStream::connect(addr).unwrap());
+        assert_eq!(waiting(&groups, 1), 0);
+        // Its probation over, slot 1 takes turns again.
+        groups.watch(start + Duration::from_secs(60));
+        assert_eq!(groups.dealt_to, [SlotIx(0), SlotIx(1)]);
+    }
+}
