@@ -490,52 +490,57 @@ fn bench(args: BenchArgs) -> ExitCode {
     }
 }
 
+/// `herd compare`'s arguments as options, the default modes for the worker
+/// filled in, checked.
+fn compare_options(
+    args: &CompareArgs,
+) -> Result<herd_tooling::compare::CompareOptions, herd_tooling::compare::CompareError> {
+    use herd_tooling::bench::{Limit, SourceRange};
+    use herd_tooling::compare::{self, CompareOptions, Scenario};
+    let limit = match (args.requests, args.duration) {
+        (Some(n), _) => Limit::Requests(n),
+        (None, Some(d)) => Limit::Duration(d),
+        (None, None) => Limit::Duration(std::time::Duration::from_secs(3)),
+    };
+    let herd = std::env::current_exe()
+        .map_err(|e| compare::CompareError::Options(format!("cannot find the herd binary: {e}")))?;
+    let mut options = CompareOptions {
+        herd,
+        modes: args.modes.clone().unwrap_or_default(),
+        scenarios: args
+            .scenarios
+            .iter()
+            .map(|s| Scenario::parse(s))
+            .collect::<Result<_, _>>()?,
+        workers: args.workers,
+        connections: args.connections,
+        limit,
+        timeout: args.timeout.unwrap_or(compare::default_timeout(limit)),
+        source_range: args
+            .source_range
+            .as_deref()
+            .map(SourceRange::parse)
+            .transpose()?,
+        command: args.command.clone(),
+        passed_on: compare::PassedOn {
+            ready: args.ready.clone(),
+            stop_signal: args.stop_signal.clone(),
+            listen: args.listen.clone(),
+            config: args.config.clone(),
+        },
+    };
+    if args.modes.is_none() {
+        options.modes = options.default_modes()?;
+    }
+    options.validate()?;
+    Ok(options)
+}
+
 /// `herd compare`: exit 0 when at least one row was measured, 1 when none
 /// was (or the files cannot be written), 2 for bad arguments.
 fn compare(args: CompareArgs) -> ExitCode {
-    use herd_tooling::bench::{Limit, SourceRange};
-    use herd_tooling::compare::{self, CompareOptions, Scenario};
-    let options = (|| {
-        let limit = match (args.requests, args.duration) {
-            (Some(n), _) => Limit::Requests(n),
-            (None, Some(d)) => Limit::Duration(d),
-            (None, None) => Limit::Duration(std::time::Duration::from_secs(3)),
-        };
-        let herd = std::env::current_exe().map_err(|e| {
-            compare::CompareError::Options(format!("cannot find the herd binary: {e}"))
-        })?;
-        let mut options = CompareOptions {
-            herd,
-            modes: args.modes.clone().unwrap_or_default(),
-            scenarios: args
-                .scenarios
-                .iter()
-                .map(|s| Scenario::parse(s))
-                .collect::<Result<_, _>>()?,
-            workers: args.workers,
-            connections: args.connections,
-            limit,
-            timeout: args.timeout.unwrap_or(compare::default_timeout(limit)),
-            source_range: args
-                .source_range
-                .as_deref()
-                .map(SourceRange::parse)
-                .transpose()?,
-            command: args.command.clone(),
-            passed_on: compare::PassedOn {
-                ready: args.ready.clone(),
-                stop_signal: args.stop_signal.clone(),
-                listen: args.listen.clone(),
-                config: args.config.clone(),
-            },
-        };
-        if args.modes.is_none() {
-            options.modes = options.default_modes()?;
-        }
-        Ok::<_, compare::CompareError>(options)
-    })()
-    .and_then(|options| options.validate().map(|()| options));
-    let options = match options {
+    use herd_tooling::compare;
+    let options = match compare_options(&args) {
         Ok(options) => options,
         Err(e) => return bad_arguments("herd compare", e),
     };

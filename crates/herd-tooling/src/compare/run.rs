@@ -16,7 +16,7 @@ use nix::unistd::{getpgid, Pid};
 use tokio::time::Instant;
 
 use super::flags::{self, Checked};
-use super::spread::{self, Spread, NO_SPREAD};
+use super::spread::{HerdCounts, Spread, NO_SPREAD};
 use super::{one_line, CompareError, CompareOptions, Row, Scenario};
 use crate::bench::{self, BenchError, BenchReport, Target};
 use herd::control::{self, ControlError, ControlRequest, Response};
@@ -39,6 +39,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// arrives after the answer, and herd reads the kernel's per-slot counts
 /// every 500 ms (`TALLY_INTERVAL` in herd's hand-off thread), so twice that.
 const COUNTS_SETTLE: Duration = Duration::from_secs(1);
+/// The note of a `kernel` row in which the kernel dealt nothing.
+const KERNEL_UNUSED: &str = "the kernel dealt none of these connections (herd's \
+     kernel_dealt stayed 0): herd handed them off itself";
 /// How long a fixed `--listen` address may stay taken after the previous
 /// run's herd exited (its workers' last sockets closing) before a run gives up.
 const ADDRESS_FREE_DEADLINE: Duration = Duration::from_secs(5);
@@ -119,6 +122,10 @@ struct Measured {
     bench: BenchReport,
     spread: Spread,
     herd_counts: Vec<u64>,
+    /// A `kernel` row whose herd dealt by hand-offs (it falls back to them
+    /// where the kernel refuses the program, and for Node apps it deals
+    /// only on listeners it binds for the app): the row must say so.
+    kernel_unused: bool,
     primary_rss_bytes: Option<u64>,
 }
 
@@ -141,12 +148,18 @@ pub(super) async fn one_row(
         Ok(herd) => herd,
         Err(e) => return Row::failed(scenario, mode, e.to_string()),
     };
-    let measured = measure(options, scenario, &mut herd).await;
+    let measured = measure(options, scenario, mode, &mut herd).await;
     let stopped = herd.stop().await;
     match measured {
         Ok(m) => {
-            let no_spread = m.spread.fairness.is_none().then(|| NO_SPREAD.to_string());
-            let notes: Vec<String> = no_spread.into_iter().chain(stopped.err()).collect();
+            let notes: Vec<String> = [
+                m.kernel_unused.then(|| KERNEL_UNUSED.to_string()),
+                m.spread.fairness.is_none().then(|| NO_SPREAD.to_string()),
+                stopped.err(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
             Row {
                 scenario,
                 mode: mode.to_string(),
@@ -203,6 +216,7 @@ fn target_of(status: &StatusReport) -> Result<Target, RunError> {
 async fn measure(
     options: &CompareOptions,
     scenario: Scenario,
+    mode: &str,
     herd: &mut RunningHerd,
 ) -> Result<Measured, RunError> {
     let status = herd.wait_ready(options.workers).await?;
@@ -224,17 +238,20 @@ async fn measure(
     drop(paused);
     let report = report?;
     // With bodies that name their worker, herd's counts are only reported:
-    // no need to wait for the late ones.
-    let settle = match report.workers.is_empty() {
+    // no need to wait for the late ones, unless they say whether the
+    // kernel dealt at all.
+    let settle = match report.workers.is_empty() || mode == flags::KERNEL {
         true => COUNTS_SETTLE,
         false => Duration::ZERO,
     };
-    let herd_counts = herd
+    let counts = herd
         .counts_since(&status, report.connections_opened, settle)
         .await;
+    let kernel_unused = mode == flags::KERNEL && report.succeeded > 0 && counts.kernel_dealt == 0;
     Ok(Measured {
-        spread: Spread::choose(&pids, &report, &herd_counts),
-        herd_counts,
+        spread: Spread::choose(&pids, &report, &counts.per_slot),
+        herd_counts: counts.per_slot,
+        kernel_unused,
         primary_rss_bytes: procstat::sample(herd.pid).map(|s| s.rss),
         bench: report,
     })
@@ -388,7 +405,7 @@ impl RunningHerd {
         }
     }
 
-    /// What herd counted per slot since `before` (see [`spread::dealt`]),
+    /// What herd counted since `before` (see [`HerdCounts::since`]),
     /// polled for at most `settle` until it counts `expected` connections:
     /// reports of accepted connections and the kernel's counts come late.
     async fn counts_since(
@@ -396,18 +413,18 @@ impl RunningHerd {
         before: &StatusReport,
         expected: u64,
         settle: Duration,
-    ) -> Vec<u64> {
+    ) -> HerdCounts {
         let deadline = Instant::now() + settle;
-        let mut counts = Vec::new();
+        let mut counts = HerdCounts::default();
         loop {
             if let Ok(Response {
                 status: Some(after),
                 ..
             }) = ask(&self.control, ControlRequest::Status, STATUS_ANSWER).await
             {
-                counts = spread::dealt(before, &after);
+                counts = HerdCounts::since(before, &after);
             }
-            if counts.iter().sum::<u64>() >= expected || Instant::now() >= deadline {
+            if counts.per_slot.iter().sum::<u64>() >= expected || Instant::now() >= deadline {
                 return counts;
             }
             tokio::time::sleep(POLL_INTERVAL).await;

@@ -70,6 +70,24 @@ pub fn spread(pids: &[u32], shares: &[bench::WorkerShare]) -> Option<Fairness> {
     fairness(&counts.into_values().collect::<Vec<_>>())
 }
 
+/// What herd counted during a load, from its status before and after.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HerdCounts {
+    /// Per slot herd had before the load, in slot order (see [`dealt`]).
+    pub per_slot: Vec<u64>,
+    /// Of those, the connections the kernel's rotation dealt.
+    pub kernel_dealt: u64,
+}
+
+impl HerdCounts {
+    pub fn since(before: &StatusReport, after: &StatusReport) -> HerdCounts {
+        HerdCounts {
+            per_slot: dealt(before, after),
+            kernel_dealt: after.kernel_dealt.saturating_sub(before.kernel_dealt),
+        }
+    }
+}
+
 /// Per slot herd had before the load, in slot order: what herd counted
 /// for it between `before` and `after` (a slot gone by then counts 0).
 pub fn dealt(before: &StatusReport, after: &StatusReport) -> Vec<u64> {
@@ -151,6 +169,12 @@ mod tests {
         assert_eq!(dealt(&before, &after), [10, 20]);
         // A slot gone after the load counted nothing more.
         assert_eq!(dealt(&before, &status(&[(0, 6)])), [1, 0]);
+        let mut after_kernel = after.clone();
+        after_kernel.kernel_dealt = 25;
+        let mut before_kernel = before.clone();
+        before_kernel.kernel_dealt = 5;
+        let counts = HerdCounts::since(&before_kernel, &after_kernel);
+        assert_eq!((counts.per_slot, counts.kernel_dealt), (vec![10, 20], 20));
     }
 
     #[test]
