@@ -66,10 +66,17 @@ Scenarios: uniform (keep-alive connections, every worker healthy); connect
 (a new connection per request); stalled (a new connection per request, the
 worker in slot 0 SIGSTOPped during the load, so requests sent to it time out).
 
-For each scenario and mode, herd compare starts `herd run -c /dev/null
---listen 127.0.0.1:0 --workers N --mode MODE -- COMMAND`, waits until every
-worker is ready (at most 30s), runs the load, and stops that herd (SIGKILL
-after 20s). A mode that does not start is a row with a note.
+Modes: herd's, and kernel (round-robin dealt by the kernel: --mode
+round-robin --rotation kernel). The others run with --rotation handoff.
+
+For each scenario and mode, herd compare starts `herd run -c FILE|/dev/null
+--listen ADDR|127.0.0.1:0 --workers N --mode MODE --control PRIVATE
+[--ready R] [--stop-signal S] -- COMMAND`, waits until every worker is
+ready (at most 30s), runs the load, reads herd's per-slot counts, and stops
+that herd (SIGKILL after 20s), so the next run may bind a fixed --listen.
+A mode that does not start is a row with a note. The spread comes from the
+bodies (`Handled by worker <pid>`) when they name a worker, else from
+herd's per-slot counts; with neither, the row has none and says why.
 
 Exit status: 0 when the comparison ran and at least one row was measured;
 1 when no row could be measured, or the output files cannot be written;
@@ -77,8 +84,9 @@ Exit status: 0 when the comparison ran and at least one row was measured;
 
 #[derive(Args)]
 struct CompareArgs {
-    /// Modes to compare, in this order (comma-separated)
-    /// [default: round-robin,sticky,least-conn,shared,reuseport].
+    /// Modes to compare, in this order (comma-separated) [default: every mode
+    /// that can run the worker: all six for herd-protocol workers;
+    /// shared,reuseport,kernel with --ready notify or delay:DUR].
     #[arg(long, value_name = "LIST", value_delimiter = ',',
           value_parser = clap::builder::PossibleValuesParser::new(herd_tooling::compare::MODES))]
     modes: Option<Vec<String>>,
@@ -111,8 +119,22 @@ struct CompareArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// The worker program and its arguments.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    /// How the worker says it is ready, passed to every `herd run`.
+    #[arg(long, value_name = "herd|notify|delay:DUR")]
+    ready: Option<String>,
+    /// The signal that stops the worker gracefully, passed to every `herd run`.
+    #[arg(long, value_name = "SIGNAL")]
+    stop_signal: Option<String>,
+    /// A fixed address for every run, for servers that need one
+    /// [default: 127.0.0.1:0, a free port per run].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// A config file every run starts from; compare's own settings (mode,
+    /// workers, listen, control socket, metrics port) win over it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The worker program and its arguments [default: the config file's `command`].
+    #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
@@ -468,45 +490,57 @@ fn bench(args: BenchArgs) -> ExitCode {
     }
 }
 
+/// `herd compare`'s arguments as options, the default modes for the worker
+/// filled in, checked.
+fn compare_options(
+    args: &CompareArgs,
+) -> Result<herd_tooling::compare::CompareOptions, herd_tooling::compare::CompareError> {
+    use herd_tooling::bench::{Limit, SourceRange};
+    use herd_tooling::compare::{self, CompareOptions, Scenario};
+    let limit = match (args.requests, args.duration) {
+        (Some(n), _) => Limit::Requests(n),
+        (None, Some(d)) => Limit::Duration(d),
+        (None, None) => Limit::Duration(std::time::Duration::from_secs(3)),
+    };
+    let herd = std::env::current_exe()
+        .map_err(|e| compare::CompareError::Options(format!("cannot find the herd binary: {e}")))?;
+    let mut options = CompareOptions {
+        herd,
+        modes: args.modes.clone().unwrap_or_default(),
+        scenarios: args
+            .scenarios
+            .iter()
+            .map(|s| Scenario::parse(s))
+            .collect::<Result<_, _>>()?,
+        workers: args.workers,
+        connections: args.connections,
+        limit,
+        timeout: args.timeout.unwrap_or(compare::default_timeout(limit)),
+        source_range: args
+            .source_range
+            .as_deref()
+            .map(SourceRange::parse)
+            .transpose()?,
+        command: args.command.clone(),
+        passed_on: compare::PassedOn {
+            ready: args.ready.clone(),
+            stop_signal: args.stop_signal.clone(),
+            listen: args.listen.clone(),
+            config: args.config.clone(),
+        },
+    };
+    if args.modes.is_none() {
+        options.modes = options.default_modes()?;
+    }
+    options.validate()?;
+    Ok(options)
+}
+
 /// `herd compare`: exit 0 when at least one row was measured, 1 when none
 /// was (or the files cannot be written), 2 for bad arguments.
 fn compare(args: CompareArgs) -> ExitCode {
-    use herd_tooling::bench::{Limit, SourceRange};
-    use herd_tooling::compare::{self, CompareOptions, Scenario};
-    let options = (|| {
-        let limit = match (args.requests, args.duration) {
-            (Some(n), _) => Limit::Requests(n),
-            (None, Some(d)) => Limit::Duration(d),
-            (None, None) => Limit::Duration(std::time::Duration::from_secs(3)),
-        };
-        let herd = std::env::current_exe().map_err(|e| {
-            compare::CompareError::Options(format!("cannot find the herd binary: {e}"))
-        })?;
-        Ok::<_, compare::CompareError>(CompareOptions {
-            herd,
-            modes: args
-                .modes
-                .clone()
-                .unwrap_or_else(|| compare::MODES.iter().map(|m| m.to_string()).collect()),
-            scenarios: args
-                .scenarios
-                .iter()
-                .map(|s| Scenario::parse(s))
-                .collect::<Result<_, _>>()?,
-            workers: args.workers,
-            connections: args.connections,
-            limit,
-            timeout: args.timeout.unwrap_or(compare::default_timeout(limit)),
-            source_range: args
-                .source_range
-                .as_deref()
-                .map(SourceRange::parse)
-                .transpose()?,
-            command: args.command.clone(),
-        })
-    })()
-    .and_then(|options| options.validate().map(|()| options));
-    let options = match options {
+    use herd_tooling::compare;
+    let options = match compare_options(&args) {
         Ok(options) => options,
         Err(e) => return bad_arguments("herd compare", e),
     };

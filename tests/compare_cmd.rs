@@ -1,13 +1,45 @@
-//! `herd compare` as a process: real herds with real hello-workers, one per
-//! mode and scenario, short runs; the table, the files it writes, and its
+//! `herd compare` as a process: real herds with real workers (hello-worker,
+//! a Python worker whose bodies name no worker, gunicorn), one per mode and
+//! scenario, short runs; the table, the files it writes, where each row's
+//! spread comes from, the settings it passes to every `herd run`, and its
 //! answers to bad arguments and to modes that do not start.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
+
+/// Column indexes of a table row split on whitespace (before the note).
+const REQUESTS: usize = 2;
+const ERRORS: usize = 8;
+const MAX_MIN: usize = 10;
+const SPREAD_FROM: usize = 12;
+
+/// Long enough for six short runs of a slow-starting server (gunicorn) on a
+/// loaded 2-core machine.
+const LONG_DEADLINE: Duration = Duration::from_secs(120);
+
+/// `herd compare ARGS` in `dir`, bounded by [`LONG_DEADLINE`].
+fn compare_long(dir: &Path, args: &[&str]) -> CliRun {
+    let mut full = vec!["compare"];
+    full.extend_from_slice(args);
+    herd_cli_within(dir, &full, LONG_DEADLINE).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// gunicorn, from PyPI into `.venv-tests` by scripts/test (or
+/// `HERD_TEST_GUNICORN`), as tests/readiness.rs finds it.
+fn gunicorn() -> Option<String> {
+    let path = std::env::var("HERD_TEST_GUNICORN")
+        .unwrap_or_else(|_| format!("{}/.venv-tests/bin/gunicorn", env!("CARGO_MANIFEST_DIR")));
+    Path::new(&path).exists().then_some(path)
+}
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
 
 /// Runs `herd compare ARGS` in `dir` (bounded by `DEADLINE` through `herd_cli`).
 fn compare(dir: &Path, args: &[&str]) -> CliRun {
@@ -93,6 +125,10 @@ fn compare_prints_a_row_per_mode_and_scenario_and_writes_the_files() {
         .stdout
         .lines()
         .any(|l| l.starts_with("scenario") && l.contains("p99 ms") && l.contains("Jain")));
+    // hello-worker's bodies name their worker: every spread is from them.
+    for (key, cells) in &rows {
+        assert_eq!(cells[SPREAD_FROM], "bodies", "{key:?}: {cells:?}");
+    }
 
     // The files.
     let read = |name: &str| {
@@ -159,6 +195,28 @@ fn compare_refuses_bad_arguments_and_starts_nothing() {
         (&["--workers", "1", "--scenarios", "stalled"], "stalled"),
         (&["--duration", "1s", "--timeout", "2s"], "--timeout"),
         (&["--duration", "11m"], "--duration"),
+        (&["--ready", "soon"], "invalid --ready \"soon\""),
+        (
+            &["--ready", "delay:forever"],
+            "invalid --ready \"delay:forever\"",
+        ),
+        (
+            &["--stop-signal", "SIGKILL"],
+            "invalid --stop-signal \"SIGKILL\"",
+        ),
+        (
+            &["--stop-signal", "SIGNOPE"],
+            "invalid --stop-signal \"SIGNOPE\"",
+        ),
+        (
+            &["--listen", "localhost:3000"],
+            "invalid --listen \"localhost:3000\"",
+        ),
+        (&["--listen", "127.0.0.1"], "invalid --listen \"127.0.0.1\""),
+        (
+            &["--config", "/no/such/herd.toml"],
+            "--config /no/such/herd.toml",
+        ),
     ] {
         let mut full = args.to_vec();
         full.extend(["--", hello_worker()]);
@@ -226,6 +284,208 @@ fn a_mode_that_does_not_start_is_a_row_with_a_note() {
     assert!(
         shared[2].parse::<u64>().is_ok_and(|n| n > 0) || shared.join(" ").contains("shared"),
         "{shared:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Rows as `herd compare --json` has them, by (scenario, mode).
+fn json_rows(stdout: &str) -> BTreeMap<(String, String), Value> {
+    let report: Value = serde_json::from_str(stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let key = (
+                row["scenario"].as_str().unwrap().to_string(),
+                row["mode"].as_str().unwrap().to_string(),
+            );
+            (key, row.clone())
+        })
+        .collect()
+}
+
+/// A herd-protocol worker whose bodies say only `hello`: no pid to count,
+/// so the spread comes from herd's own per-slot counts, in the hand-off
+/// mode (hand-offs) and the OS modes (what the worker reports accepting),
+/// and herd counted every connection the load opened.
+#[test]
+fn without_pids_in_the_bodies_the_spread_comes_from_herds_counts() {
+    let dir = scratch_dir("compare-herd-counts");
+    let worker = fixture("anonymous_worker.py");
+    let run = compare_long(
+        &dir,
+        &[
+            "--modes",
+            "round-robin,shared,reuseport",
+            "--scenarios",
+            "connect",
+            "-n",
+            "200",
+            "--json",
+            "--",
+            &worker,
+        ],
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let rows = json_rows(&run.stdout);
+    assert_eq!(rows.len(), 3, "{}", run.stdout);
+    for ((_, mode), row) in &rows {
+        let bench = &row["bench"];
+        assert_eq!(bench["succeeded"], json!(200), "{mode}: {row:#}");
+        assert_eq!(
+            bench["workers"],
+            json!([]),
+            "{mode}: bodies name no pid: {row:#}"
+        );
+        assert_eq!(row["spread_from"], json!("herd"), "{mode}: {row:#}");
+        assert!(
+            row["fairness"]["jain_index"].as_f64().unwrap() > 0.0,
+            "{mode}: {row:#}"
+        );
+        let counts: Vec<u64> = row["herd_counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .collect();
+        assert_eq!(counts.len(), 2, "a count per slot: {row:#}");
+        assert_eq!(
+            counts.iter().sum::<u64>(),
+            bench["connections_opened"].as_u64().unwrap(),
+            "{mode}: herd counted every connection: {row:#}"
+        );
+    }
+    // Round-robin deals strictly in turn: 100 each.
+    let rr = &rows[&("connect".to_string(), "round-robin".to_string())];
+    assert_eq!(rr["herd_counts"], json!([100, 100]), "{rr:#}");
+    assert_eq!(rr["fairness"]["max_min_ratio"], json!(1.0), "{rr:#}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `herd compare --ready notify -- gunicorn ...`: the modes a server that
+/// cannot take hand-offs runs in, by default, side by side. Shared and
+/// reuseport serve every request; gunicorn reports nothing to herd, so in
+/// shared no one counts per worker and the row says so instead of a number.
+/// `kernel` may not start in this build: its row has a measurement or a note.
+#[test]
+fn compare_measures_gunicorn_ready_by_notify_in_every_mode_it_can_run() {
+    let Some(gunicorn) = gunicorn() else {
+        skip_unless_ci(
+            "compare_measures_gunicorn_ready_by_notify_in_every_mode_it_can_run",
+            "needs gunicorn in .venv-tests (scripts/test installs it)",
+        );
+        return;
+    };
+    let dir = scratch_dir("compare-gunicorn");
+    let fixtures = fixture("");
+    let run = compare_long(
+        &dir,
+        &[
+            "--ready",
+            "notify",
+            "--stop-signal",
+            "SIGTERM",
+            "--scenarios",
+            "uniform",
+            "--duration",
+            "500ms",
+            "--",
+            &gunicorn,
+            "--chdir",
+            &fixtures,
+            "--workers",
+            "1",
+            // Two arbiters would share gunicorn's default control socket path.
+            "--no-control-socket",
+            "gunicorn_app:app",
+        ],
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let rows = table_rows(&run.stdout);
+    let modes: Vec<&str> = rows.keys().map(|(_, mode)| mode.as_str()).collect();
+    assert_eq!(modes.len(), 3, "{}", run.stdout);
+    for mode in ["shared", "reuseport", "kernel"] {
+        let cells = &rows
+            .get(&("uniform".to_string(), mode.to_string()))
+            .unwrap_or_else(|| panic!("no {mode} row, by default, in\n{}", run.stdout));
+        let measured = cells[REQUESTS].parse::<u64>().is_ok_and(|n| n > 0);
+        if mode == "kernel" {
+            assert!(
+                measured || cells.len() > SPREAD_FROM + 2,
+                "{mode}: {cells:?}"
+            );
+            continue;
+        }
+        assert!(measured, "{mode}: {cells:?}");
+        assert_eq!(cells[ERRORS], "0", "{mode}: {cells:?}");
+        let spread_from = cells[SPREAD_FROM].as_str();
+        assert!(["-", "herd"].contains(&spread_from), "{mode}: {cells:?}");
+        if spread_from == "-" {
+            assert_eq!(cells[MAX_MIN], "-", "{mode}: {cells:?}");
+            assert!(cells.join(" ").contains("no spread"), "{mode}: {cells:?}");
+        }
+    }
+    let shared = &rows[&("uniform".to_string(), "shared".to_string())];
+    assert_eq!(
+        shared[SPREAD_FROM], "-",
+        "nobody counts gunicorn in shared: {shared:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A fixed `--listen` port, bound by one herd after the other (each stopped
+/// before the next starts), and the worker command from `--config`, whose
+/// fixed metrics port compare replaces with a free one per run.
+#[test]
+fn a_fixed_listen_address_and_a_config_file_serve_every_run() {
+    let dir = scratch_dir("compare-fixed-listen");
+    let free_port = || {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let (port, metrics) = (free_port(), free_port());
+    let config = dir.join("herd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "command = [{:?}]\nshutdown_timeout = \"5s\"\n[metrics]\naddress = \"127.0.0.1:{metrics}\"\n",
+            hello_worker()
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let config_arg = config.display().to_string();
+    let run = compare_long(
+        &dir,
+        &[
+            "--modes",
+            "round-robin,reuseport,shared",
+            "--scenarios",
+            "connect",
+            "--duration",
+            "300ms",
+            "--listen",
+            &listen,
+            "--config",
+            &config_arg,
+        ],
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let rows = table_rows(&run.stdout);
+    assert_eq!(rows.len(), 3, "{}", run.stdout);
+    for ((_, mode), cells) in &rows {
+        assert!(
+            cells[REQUESTS].parse::<u64>().is_ok_and(|n| n > 0),
+            "{mode}: {cells:?}"
+        );
+        assert_eq!(cells[ERRORS], "0", "{mode}: {cells:?}");
+        assert_eq!(cells.len(), SPREAD_FROM + 2, "{mode}: no note: {cells:?}");
+    }
+    assert!(
+        run.stdout.contains(&format!("of `{}`", hello_worker())),
+        "the file's command: {}",
+        run.stdout
     );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -1,13 +1,14 @@
 //! `herd compare`: the same load against each dispatch mode, side by side.
 //!
 //! For every scenario and mode it starts `herd run` as a child process (on
-//! 127.0.0.1 port 0, with a private control socket), waits through the
-//! control socket until every worker is ready, drives one
-//! [`bench`](crate::bench) load at the bound address, samples the primary's
-//! memory, and stops herd through the control socket again. A mode whose
-//! herd does not start, or not in time, becomes a row with a note instead of
-//! ending the comparison. The rows render as a text table, Markdown, CSV and
-//! a hand-written SVG bar chart.
+//! 127.0.0.1 port 0 unless given a fixed address, with a private control
+//! socket, and the `--ready`, `--stop-signal` and config file it was given),
+//! waits through the control socket until every worker is ready, drives one
+//! [`bench`](crate::bench) load at the bound address, reads herd's per-slot
+//! counts, samples the primary's memory, and stops herd through the control
+//! socket again. A mode whose herd does not start, or not in time, becomes a
+//! row with a note instead of ending the comparison. The rows render as a
+//! text table, Markdown, CSV and a hand-written SVG bar chart.
 //!
 //! Every wait is bounded: herd's readiness by [`READY_DEADLINE`], its stop by
 //! [`STOP_DEADLINE`] (then SIGKILL), each load by the
@@ -18,17 +19,22 @@
 //!
 //! # Layout
 //! - `scenario`: the [`Scenario`]s, what each load is and does to the workers.
+//! - `flags`: what every `herd run` is given, checked up front by herd's own
+//!   config readers; the default modes for the worker.
+//! - `spread`: a row's spread from the bodies or from herd's per-slot counts.
 //! - `run`: one row: starting herd in a mode, polling its status until every
 //!   worker is ready, stalling a worker, the load, stopping herd.
 //! - `report`: the text table, Markdown, CSV and the files they go to.
 //! - `svg`: the bar chart.
 //! - `sample` (tests only): a report for the rendering tests.
 
+mod flags;
 mod report;
 mod run;
 #[cfg(test)]
 mod sample;
 mod scenario;
+mod spread;
 mod svg;
 
 use std::net::SocketAddr;
@@ -41,16 +47,26 @@ use crate::bench::{BenchError, BenchOptions, BenchReport, Limit, SourceRange, Ta
 use herd::config::MAX_WORKERS;
 use herd::status::Fairness;
 
+pub use flags::{PassedOn, DEFAULT_LISTEN, KERNEL};
 pub use report::{
     command_line, render_csv, render_markdown, render_table, write_files, CSV_HEADER,
 };
-pub use run::{spread, READY_DEADLINE, STOP_DEADLINE};
+pub use run::{READY_DEADLINE, STOP_DEADLINE};
 pub use scenario::Scenario;
+pub use spread::{spread, SpreadSource, NO_SPREAD};
 pub use svg::render_svg;
 
-/// Every mode name `--modes` accepts. A mode whose herd fails to start
+/// Every mode name `--modes` accepts: herd's modes, then [`KERNEL`]
+/// (round-robin dealt by the kernel). A mode whose herd fails to start
 /// becomes a row with a note, not the end of the comparison.
-pub const MODES: &[&str] = herd::dispatch::Mode::NAMES;
+pub const MODES: &[&str] = &[
+    "round-robin",
+    "sticky",
+    "least-conn",
+    "shared",
+    "reuseport",
+    KERNEL,
+];
 
 /// The default per-request timeout is a quarter of the run, at most this.
 const MAX_DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -94,8 +110,11 @@ pub struct CompareOptions {
     pub timeout: Duration,
     /// Client source addresses, so that sticky mode sees more than one client.
     pub source_range: Option<SourceRange>,
-    /// The worker program and its arguments.
+    /// The worker program and its arguments; empty when the config file
+    /// (`passed_on.config`) has the `command`.
     pub command: Vec<String>,
+    /// What every `herd run` is given as it was given to `herd compare`.
+    pub passed_on: PassedOn,
 }
 
 /// The per-request timeout when none is given: a quarter of a duration run
@@ -156,9 +175,7 @@ impl CompareOptions {
                 }
             }
         }
-        if self.command.is_empty() {
-            return bad("no worker command: give it after --, e.g. -- ./my-worker".into());
-        }
+        flags::check(self)?;
         let placeholder = Target {
             addr: SocketAddr::from(([127, 0, 0, 1], 1)),
             path: "/".into(),
@@ -168,6 +185,14 @@ impl CompareOptions {
                 .validate()?;
         }
         Ok(())
+    }
+
+    /// The modes that can run this worker (see [`MODES`]): every one for
+    /// herd-protocol workers; for a server ready by `notify` or a delay,
+    /// which cannot take hand-offs, shared, reuseport and kernel; for Node
+    /// cluster apps all but reuseport.
+    pub fn default_modes(&self) -> Result<Vec<String>, CompareError> {
+        Ok(flags::check(self)?.default_modes())
     }
 
     /// The load for one run: the same for every mode of a scenario.
@@ -190,10 +215,16 @@ pub struct Row {
     pub mode: String,
     /// The load's report; `None` when herd could not be run in this mode.
     pub bench: Option<BenchReport>,
-    /// Spread of successful answers over every worker herd had when the load
-    /// began (one that answered nothing counts as 0, unlike the bench's own
-    /// fairness over the pids that answered).
+    /// Spread over every worker herd had when the load began (one that got
+    /// nothing counts as 0, unlike the bench's own fairness over the pids
+    /// that answered): of the answers when the bodies name their worker,
+    /// else of the connections herd counted per slot.
     pub fairness: Option<Fairness>,
+    /// What `fairness` was computed from; `None` when nothing said.
+    pub spread_from: Option<SpreadSource>,
+    /// Per slot, the connections herd counted during the load (hand-offs,
+    /// or what the workers reported accepting); empty when not read.
+    pub herd_counts: Vec<u64>,
     /// Resident memory of herd's primary right after the load, in bytes.
     pub primary_rss_bytes: Option<u64>,
     /// Why there is no measurement, or what went wrong around it.
@@ -207,6 +238,8 @@ impl Row {
             mode: mode.to_string(),
             bench: None,
             fairness: None,
+            spread_from: None,
+            herd_counts: Vec::new(),
             primary_rss_bytes: None,
             note: Some(one_line(&note)),
         }
@@ -267,17 +300,18 @@ pub async fn run(
     mut on_row: impl FnMut(&Row),
 ) -> Result<CompareReport, CompareError> {
     options.validate()?;
+    let checked = flags::check(options)?;
     let scratch = run::Scratch::create()?;
     let mut rows = Vec::new();
     for &scenario in &options.scenarios {
         for mode in &options.modes {
-            let row = run::one_row(options, scenario, mode, &scratch.path).await;
+            let row = run::one_row(options, &checked, scenario, mode, &scratch.path).await;
             on_row(&row);
             rows.push(row);
         }
     }
     Ok(CompareReport {
-        command: options.command.clone(),
+        command: checked.command,
         workers: options.workers,
         connections: options.connections,
         duration_secs: match options.limit {
@@ -331,6 +365,7 @@ mod tests {
             timeout: Duration::from_millis(250),
             source_range: None,
             command: vec!["worker".into()],
+            passed_on: PassedOn::default(),
         }
     }
 
@@ -351,6 +386,14 @@ mod tests {
         assert!(error(&|o| o.timeout = Duration::from_secs(1)).contains("shorter"));
         assert!(error(&|o| o.command.clear()).contains("worker command"));
         assert!(error(&|o| o.connections = 0).contains("--connections"));
+        let e = error(&|o| o.passed_on.ready = Some("soon".into()));
+        assert!(e.contains("--ready \"soon\""), "{e}");
+        let e = error(&|o| o.passed_on.stop_signal = Some("SIGKILL".into()));
+        assert!(e.contains("--stop-signal \"SIGKILL\""), "{e}");
+        let e = error(&|o| o.passed_on.listen = Some("localhost:80".into()));
+        assert!(e.contains("--listen \"localhost:80\""), "{e}");
+        let e = error(&|o| o.passed_on.config = Some("/no/such/herd.toml".into()));
+        assert!(e.contains("--config /no/such/herd.toml"), "{e}");
         // Shared and reuseport are accepted here even if this build's herd refuses them.
         let mut all = options();
         all.modes = MODES.iter().map(|m| m.to_string()).collect();

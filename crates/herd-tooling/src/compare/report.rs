@@ -12,13 +12,26 @@ use crate::bench;
 
 /// The table's columns, for text and Markdown.
 const COLUMNS: &[&str] = &[
-    "scenario", "mode", "requests", "req/s", "conn/s", "p50 ms", "p99 ms", "max ms", "errors",
-    "timeouts", "max/min", "Jain", "RSS MiB", "note",
+    "scenario",
+    "mode",
+    "requests",
+    "req/s",
+    "conn/s",
+    "p50 ms",
+    "p99 ms",
+    "max ms",
+    "errors",
+    "timeouts",
+    "max/min",
+    "Jain",
+    "spread from",
+    "RSS MiB",
+    "note",
 ];
 
 /// Columns whose cells are words, left-aligned; the others are numbers.
 fn is_text_column(index: usize) -> bool {
-    matches!(COLUMNS[index], "scenario" | "mode" | "note")
+    matches!(COLUMNS[index], "scenario" | "mode" | "spread from" | "note")
 }
 
 /// The human-readable cells of one row, in [`COLUMNS`] order.
@@ -51,6 +64,7 @@ fn cells(row: &Row) -> Vec<String> {
             .map_or_else(dash, |r| format!("{r:.2}")),
         row.fairness
             .map_or_else(dash, |f| format!("{:.3}", f.jain_index)),
+        row.spread_from.map_or_else(dash, |s| s.name().to_string()),
         row.primary_rss_bytes
             .map_or_else(dash, |b| format!("{:.1}", b as f64 / 1_048_576.0)),
         note,
@@ -121,7 +135,9 @@ pub fn render_markdown(report: &CompareReport, invocation: &str) -> String {
     out.push_str(
         "\nLatency is of successful requests, from writing the request to the full \
          response. Errors include timeouts. max/min and Jain's index are over every \
-         worker herd had when the load began. RSS is herd's primary after the load.\n",
+         worker herd had when the load began: of the answers per worker when the \
+         bodies name it (spread from `bodies`), else of the connections herd counted \
+         per slot during the load (`herd`). RSS is herd's primary after the load.\n",
     );
     out
 }
@@ -129,7 +145,7 @@ pub fn render_markdown(report: &CompareReport, invocation: &str) -> String {
 /// The CSV header: raw units (microseconds, bytes), for spreadsheets.
 pub const CSV_HEADER: &str = "scenario,mode,requests,succeeded,errors,timeouts,\
 requests_per_sec,connections_per_sec,p50_us,p99_us,max_us,max_min_ratio,jain_index,\
-primary_rss_bytes,note";
+spread_from,primary_rss_bytes,note";
 
 /// `compare.csv`: one line per row, empty fields where nothing was measured.
 pub fn render_csv(report: &CompareReport) -> String {
@@ -156,6 +172,7 @@ pub fn render_csv(report: &CompareReport) -> String {
                 .and_then(|f| f.max_min_ratio)
                 .map(|r| format!("{r:.3}"))),
             opt(row.fairness.map(|f| format!("{:.4}", f.jain_index))),
+            opt(row.spread_from.map(|s| s.name().to_string())),
             opt(row.primary_rss_bytes.map(|b| b.to_string())),
             row.note.clone().unwrap_or_default(),
         ];
@@ -231,7 +248,7 @@ mod tests {
         assert!(lines[0].starts_with("scenario") && lines[0].contains("p99 ms"));
         assert!(lines[1].starts_with("uniform   round-robin"), "{text}");
         assert!(
-            lines[1].contains("1.50") && lines[1].contains("0.962"),
+            lines[1].contains("1.50") && lines[1].contains("0.962") && lines[1].contains(" herd "),
             "{text}"
         );
         assert!(lines[2].contains("invalid `mode`"), "{text}");
@@ -266,10 +283,10 @@ mod tests {
         assert_eq!(lines[0], CSV_HEADER);
         assert_eq!(lines.len(), 5);
         assert!(lines[1].starts_with(
-            "uniform,round-robin,1000,1000,0,0,1000.0,4.0,400,1500,3000,1.500,0.9615,8388608,"
+            "uniform,round-robin,1000,1000,0,0,1000.0,4.0,400,1500,3000,1.500,0.9615,herd,8388608,"
         ));
         assert!(
-            lines[2].starts_with("uniform,shared,,,,,,,,,,,,,\"herd exited"),
+            lines[2].starts_with("uniform,shared,,,,,,,,,,,,,,\"herd exited"),
             "{csv}"
         );
         assert!(lines[2].contains("\"\"shared\"\""), "{csv}");

@@ -1,26 +1,27 @@
 //! One row of a comparison: `herd run` started as a child in one mode (on
-//! 127.0.0.1 port 0, with a private control socket and log), its status
-//! polled until every worker is ready, the worker in slot 0 SIGSTOPped for
-//! the stalled scenario, one [`mod@bench`] load, herd's memory sampled, and
-//! herd stopped again; every wait bounded. What goes wrong becomes the
-//! row's note.
+//! 127.0.0.1 port 0 or the fixed `--listen` address once it is free, with a
+//! private control socket and log), its status polled until every worker is
+//! ready, the worker in slot 0 (its whole process group) SIGSTOPped for the
+//! stalled scenario, one [`mod@bench`] load, herd's per-slot counts read
+//! again, herd's memory sampled, and herd stopped again; every wait
+//! bounded. What goes wrong becomes the row's note.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::{getpgid, Pid};
 use tokio::time::Instant;
 
+use super::flags::{self, Checked};
+use super::spread::{HerdCounts, Spread, NO_SPREAD};
 use super::{one_line, CompareError, CompareOptions, Row, Scenario};
 use crate::bench::{self, BenchError, BenchReport, Target};
 use herd::control::{self, ControlError, ControlRequest, Response};
 use herd::procstat;
 use herd::status::{self, SlotState, StatusReport};
-use herd::status::{fairness, Fairness};
 
 /// How long herd gets to bind, start its workers and see them all ready.
 /// herd's own default `ready_timeout` is 30 s: a slower worker fails anyway.
@@ -34,6 +35,16 @@ const STATUS_ANSWER: Duration = Duration::from_secs(5);
 const STOP_SIGNAL_DEADLINE: Duration = Duration::from_secs(2);
 /// Between two readiness polls: short next to a worker's start-up.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long herd's counts may lag the load: what workers report accepting
+/// arrives after the answer, and herd reads the kernel's per-slot counts
+/// every 500 ms (`TALLY_INTERVAL` in herd's hand-off thread), so twice that.
+const COUNTS_SETTLE: Duration = Duration::from_secs(1);
+/// The note of a `kernel` row in which the kernel dealt nothing.
+const KERNEL_UNUSED: &str = "the kernel dealt none of these connections (herd's \
+     kernel_dealt stayed 0): herd handed them off itself";
+/// How long a fixed `--listen` address may stay taken after the previous
+/// run's herd exited (its workers' last sockets closing) before a run gives up.
+const ADDRESS_FREE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Why one mode could not be measured; the text becomes the row's note.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +81,12 @@ enum RunError {
     Bench(#[from] BenchError),
     #[error("waiting for herd: {0}")]
     Wait(#[source] std::io::Error),
+    #[error("{addr} is still in use {ADDRESS_FREE_DEADLINE:?} after the previous run: {source}")]
+    AddressTaken {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A private directory for control sockets and herd logs, removed on drop.
@@ -103,53 +120,108 @@ impl Drop for Scratch {
 /// What one run measured.
 struct Measured {
     bench: BenchReport,
-    fairness: Option<Fairness>,
+    spread: Spread,
+    herd_counts: Vec<u64>,
+    /// A `kernel` row whose herd dealt by hand-offs (it falls back to them
+    /// where the kernel refuses the program, and for Node apps it deals
+    /// only on listeners it binds for the app): the row must say so.
+    kernel_unused: bool,
     primary_rss_bytes: Option<u64>,
 }
 
-/// Starts herd in `mode`, measures `scenario` against it and stops it again.
+/// Starts herd in `mode`, measures `scenario` against it and stops it again
+/// (waiting until it exited, so the next run may bind the same address).
 pub(super) async fn one_row(
     options: &CompareOptions,
+    checked: &Checked,
     scenario: Scenario,
     mode: &str,
     scratch: &Path,
 ) -> Row {
     let name = format!("{}-{mode}", scenario.name());
-    let mut herd = match RunningHerd::start(options, mode, scratch, &name) {
+    if let Some(addr) = checked.fixed_listen() {
+        if let Err(e) = address_free(addr).await {
+            return Row::failed(scenario, mode, e.to_string());
+        }
+    }
+    let mut herd = match RunningHerd::start(options, checked, mode, scratch, &name) {
         Ok(herd) => herd,
         Err(e) => return Row::failed(scenario, mode, e.to_string()),
     };
-    let measured = measure(options, scenario, &mut herd).await;
+    let measured = measure(options, scenario, mode, &mut herd).await;
     let stopped = herd.stop().await;
     match measured {
-        Ok(m) => Row {
-            scenario,
-            mode: mode.to_string(),
-            bench: Some(m.bench),
-            fairness: m.fairness,
-            primary_rss_bytes: m.primary_rss_bytes,
-            note: stopped.err().map(|e| one_line(&e)),
-        },
+        Ok(m) => {
+            let notes: Vec<String> = [
+                m.kernel_unused.then(|| KERNEL_UNUSED.to_string()),
+                m.spread.fairness.is_none().then(|| NO_SPREAD.to_string()),
+                stopped.err(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            Row {
+                scenario,
+                mode: mode.to_string(),
+                bench: Some(m.bench),
+                fairness: m.spread.fairness,
+                spread_from: m.spread.source,
+                herd_counts: m.herd_counts,
+                primary_rss_bytes: m.primary_rss_bytes,
+                note: (!notes.is_empty()).then(|| one_line(&notes.join("; "))),
+            }
+        }
         Err(e) => Row::failed(scenario, mode, e.to_string()),
     }
+}
+
+/// Waits until `addr` can be bound (at most [`ADDRESS_FREE_DEADLINE`]):
+/// the previous run's herd has exited, but a socket its workers held may
+/// close a moment later, and in reuseport a leftover one would even share
+/// the port with the next run's.
+async fn address_free(addr: SocketAddr) -> Result<(), RunError> {
+    let deadline = Instant::now() + ADDRESS_FREE_DEADLINE;
+    loop {
+        // std sets SO_REUSEADDR, as herd does: connections in TIME_WAIT do not count.
+        match std::net::TcpListener::bind(addr) {
+            Ok(_probe) => return Ok(()),
+            Err(source) if Instant::now() >= deadline => {
+                return Err(RunError::AddressTaken { addr, source })
+            }
+            Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
+        }
+    }
+}
+
+/// Where the load goes: herd's first listener, its loopback address when
+/// herd listens on every address.
+fn target_of(status: &StatusReport) -> Result<Target, RunError> {
+    let mut addr: SocketAddr = status
+        .listen
+        .first()
+        .and_then(|a| a.parse().ok())
+        .ok_or(RunError::NoListener)?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    Ok(Target {
+        addr,
+        path: "/".into(),
+    })
 }
 
 async fn measure(
     options: &CompareOptions,
     scenario: Scenario,
+    mode: &str,
     herd: &mut RunningHerd,
 ) -> Result<Measured, RunError> {
     let status = herd.wait_ready(options.workers).await?;
-    let addr: SocketAddr = status
-        .listen
-        .first()
-        .and_then(|a| a.parse().ok())
-        .ok_or(RunError::NoListener)?;
+    let target = target_of(&status)?;
     let pids: Vec<u32> = status.workers.iter().filter_map(|w| w.pid).collect();
-    let target = Target {
-        addr,
-        path: "/".into(),
-    };
     let paused = match scenario {
         Scenario::Stalled => {
             let pid = status
@@ -165,27 +237,34 @@ async fn measure(
     let report = bench::run(options.bench_options(target, scenario)).await;
     drop(paused);
     let report = report?;
+    // With bodies that name their worker, herd's counts are only reported:
+    // no need to wait for the late ones, unless they say whether the
+    // kernel dealt at all.
+    let settle = match report.workers.is_empty() || mode == flags::KERNEL {
+        true => COUNTS_SETTLE,
+        false => Duration::ZERO,
+    };
+    let counts = herd
+        .counts_since(&status, report.connections_opened, settle)
+        .await;
+    let kernel_unused = mode == flags::KERNEL && report.succeeded > 0 && counts.kernel_dealt == 0;
     Ok(Measured {
-        fairness: spread(&pids, &report.workers),
+        spread: Spread::choose(&pids, &report, &counts.per_slot),
+        herd_counts: counts.per_slot,
+        kernel_unused,
         primary_rss_bytes: procstat::sample(herd.pid).map(|s| s.rss),
         bench: report,
     })
-}
-
-/// Fairness of the answers over `pids` (herd's workers when the load began;
-/// one that answered nothing counts as 0) and any other pid that answered.
-pub fn spread(pids: &[u32], shares: &[bench::WorkerShare]) -> Option<Fairness> {
-    let mut counts: BTreeMap<u32, u64> = pids.iter().map(|&pid| (pid, 0)).collect();
-    for share in shares {
-        *counts.entry(share.pid).or_insert(0) += share.count;
-    }
-    fairness(&counts.into_values().collect::<Vec<_>>())
 }
 
 /// A worker stopped with SIGSTOP; continued with SIGCONT when dropped, so it
 /// runs again whatever happens during the load.
 struct Paused {
     pid: Pid,
+    /// The worker leads its process group (herd starts each worker in its
+    /// own): the whole group is stopped, so a server whose children accept
+    /// (gunicorn's workers under its arbiter) stalls too.
+    group: bool,
 }
 
 impl Paused {
@@ -193,8 +272,11 @@ impl Paused {
     /// kernel shows the process stopped, so the load starts against a stall.
     async fn pause(pid: u32) -> Result<Paused, RunError> {
         let raw = Pid::from_raw(pid as i32);
-        kill(raw, Signal::SIGSTOP).map_err(|source| RunError::Stall { pid, source })?;
-        let paused = Paused { pid: raw };
+        let group = getpgid(Some(raw)) == Ok(raw);
+        let paused = Paused { pid: raw, group };
+        paused
+            .signal(Signal::SIGSTOP)
+            .map_err(|source| RunError::Stall { pid, source })?;
         let deadline = Instant::now() + STOP_SIGNAL_DEADLINE;
         while process_state(pid) != Some('T') {
             if Instant::now() >= deadline {
@@ -206,10 +288,19 @@ impl Paused {
     }
 }
 
+impl Paused {
+    fn signal(&self, signal: Signal) -> nix::Result<()> {
+        match self.group {
+            true => killpg(self.pid, signal),
+            false => kill(self.pid, signal),
+        }
+    }
+}
+
 impl Drop for Paused {
     fn drop(&mut self) {
         // The worker may have been replaced meanwhile; then there is nothing to continue.
-        let _ = kill(self.pid, Signal::SIGCONT);
+        let _ = self.signal(Signal::SIGCONT);
     }
 }
 
@@ -240,6 +331,7 @@ struct RunningHerd {
 impl RunningHerd {
     fn start(
         options: &CompareOptions,
+        checked: &Checked,
         mode: &str,
         scratch: &Path,
         name: &str,
@@ -253,14 +345,7 @@ impl RunningHerd {
         let out = std::fs::File::create(&log).map_err(log_error)?;
         let err = out.try_clone().map_err(log_error)?;
         let child = tokio::process::Command::new(&options.herd)
-            .arg("run")
-            // No config file: only the flags below count, not ./config.toml.
-            .args(["-c", "/dev/null", "--listen", "127.0.0.1:0"])
-            .args(["--workers", &options.workers.to_string(), "--mode", mode])
-            .arg("--control")
-            .arg(&control)
-            .arg("--")
-            .args(&options.command)
+            .args(flags::run_args(options, checked, mode, &control))
             // Warnings and errors only: nothing per worker start to fill the log.
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -320,6 +405,32 @@ impl RunningHerd {
         }
     }
 
+    /// What herd counted since `before` (see [`HerdCounts::since`]),
+    /// polled for at most `settle` until it counts `expected` connections:
+    /// reports of accepted connections and the kernel's counts come late.
+    async fn counts_since(
+        &self,
+        before: &StatusReport,
+        expected: u64,
+        settle: Duration,
+    ) -> HerdCounts {
+        let deadline = Instant::now() + settle;
+        let mut counts = HerdCounts::default();
+        loop {
+            if let Ok(Response {
+                status: Some(after),
+                ..
+            }) = ask(&self.control, ControlRequest::Status, STATUS_ANSWER).await
+            {
+                counts = HerdCounts::since(before, &after);
+            }
+            if counts.per_slot.iter().sum::<u64>() >= expected || Instant::now() >= deadline {
+                return counts;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
     /// Asks herd to stop and waits for it to exit, at most [`STOP_DEADLINE`];
     /// then SIGKILLs it. Ok when herd stopped cleanly (or had exited already).
     async fn stop(mut self) -> Result<(), String> {
@@ -373,25 +484,24 @@ fn last_line(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::WorkerShare;
 
     #[test]
-    fn spread_counts_silent_workers_as_zero() {
-        let share = |pid, count| WorkerShare {
-            pid,
-            count,
-            share_percent: 0.0,
+    fn the_load_goes_to_loopback_when_herd_listens_everywhere() {
+        let status = |addr: &str| StatusReport {
+            pid: 1,
+            phase: "running".into(),
+            uptime_secs: 0.0,
+            mode: "shared".into(),
+            listen: vec![addr.into()],
+            workers: vec![],
+            fairness: None,
+            kernel_dealt: 0,
         };
-        // Only one of two workers answered: not "perfectly fair".
-        let f = spread(&[1, 2], &[share(1, 100)]).unwrap();
-        assert_eq!(f.max_min_ratio, None);
-        assert!((f.jain_index - 0.5).abs() < 1e-9);
-        let f = spread(&[1, 2], &[share(1, 100), share(2, 50)]).unwrap();
-        assert_eq!(f.max_min_ratio, Some(2.0));
-        // A replacement worker that answered is counted too.
-        let f = spread(&[1], &[share(1, 10), share(3, 10)]).unwrap();
-        assert_eq!(f.max_min_ratio, Some(1.0));
-        assert_eq!(spread(&[1, 2], &[]), None);
+        let addr = |a: &str| target_of(&status(a)).unwrap().addr.to_string();
+        assert_eq!(addr("0.0.0.0:3000"), "127.0.0.1:3000");
+        assert_eq!(addr("[::]:3000"), "[::1]:3000");
+        assert_eq!(addr("127.0.0.2:3000"), "127.0.0.2:3000");
+        assert!(target_of(&status("nonsense")).is_err());
     }
 
     #[test]

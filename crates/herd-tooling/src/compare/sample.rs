@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use super::{CompareReport, Row, Scenario};
+use super::{CompareReport, Row, Scenario, SpreadSource};
 use crate::bench::{BenchReport, Latency, WorkerShare};
 use herd::status::fairness;
 
 /// One measured load: `requests`, of which `timeouts` timed out.
-fn bench_report(requests: u64, timeouts: u64, p99_us: u64) -> BenchReport {
+pub(super) fn bench_report(requests: u64, timeouts: u64, p99_us: u64) -> BenchReport {
     let mut errors_by_kind = BTreeMap::new();
     if timeouts > 0 {
         errors_by_kind.insert("timeout".to_string(), timeouts);
@@ -49,6 +49,8 @@ pub(super) fn report() -> CompareReport {
         mode: mode.into(),
         bench: Some(bench_report(requests, timeouts, p99)),
         fairness: fairness(&[600, 400]),
+        spread_from: Some(SpreadSource::Herd),
+        herd_counts: vec![600, 400],
         primary_rss_bytes: Some(8 << 20),
         note: None,
     };

@@ -11,8 +11,9 @@ use super::CompareError;
 pub enum Scenario {
     /// Keep-alive connections, every worker healthy.
     Uniform,
-    /// A new connection per request, and the worker in slot 0 SIGSTOPped
-    /// for the whole load: every request is a dispatch decision, and those
+    /// A new connection per request, and the worker in slot 0 (its whole
+    /// process group, so a server's own children too) SIGSTOPped for the
+    /// whole load: every request is a dispatch decision, and those
     /// sent to the stopped worker time out. How each policy routes around a
     /// worker that stopped answering.
     Stalled,
@@ -36,8 +37,8 @@ impl Scenario {
         match self {
             Scenario::Uniform => "keep-alive connections, every worker healthy",
             Scenario::Stalled => {
-                "a new connection per request, the worker in slot 0 SIGSTOPped during \
-                 the load (requests sent to it time out)"
+                "a new connection per request, the worker in slot 0 (with its process \
+                 group) SIGSTOPped during the load (requests sent to it time out)"
             }
             Scenario::Connect => "a new connection per request, every worker healthy",
         }
