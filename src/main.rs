@@ -302,6 +302,31 @@ enum LogFormat {
 /// Exit code for a configuration that cannot be used (clap uses 2 for bad flags too).
 const EXIT_CONFIG: u8 = 2;
 
+/// How `herd check` says the connections will be dealt, as `herd run`
+/// would deal them here (kernel rotation only where the program loads).
+fn dealing_note(settings: &herd::config::Settings) -> &'static str {
+    use herd::activation::SocketPlan;
+    use herd_protocol::bpf::Dealing;
+    let asked = SocketPlan::of(settings);
+    match (asked, asked.available(&settings.ready)) {
+        _ if settings.protocol == herd::config::WorkerProtocol::NodeCluster
+            && settings.handoff.kernel_rotation =>
+        {
+            " (turns dealt by the kernel over one socket per slot, else by hand-off)"
+        }
+        (SocketPlan::PerSlot(Dealing::Turns), SocketPlan::PerSlot(Dealing::Turns)) => {
+            " (turns dealt by the kernel over one socket per slot)"
+        }
+        (SocketPlan::PerSlot(Dealing::Turns), SocketPlan::HandOff) => {
+            " (kernel rotation unavailable here: turns dealt by hand-off)"
+        }
+        (SocketPlan::PerSlot(Dealing::Turns), _) => {
+            " (kernel rotation unavailable here: reuseport's kernel hash instead)"
+        }
+        _ => "",
+    }
+}
+
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1).peekable();
     if args
@@ -337,11 +362,7 @@ fn main() -> ExitCode {
                     settings.workers,
                     settings.program.display(),
                     settings.mode.name(),
-                    if settings.handoff.kernel_rotation {
-                        " (turns dealt by the kernel)"
-                    } else {
-                        ""
-                    }
+                    dealing_note(&settings)
                 );
                 let processes = match (settings.kill_mode, cgroups) {
                     (KillMode::ProcessGroup, _) | (KillMode::Auto, Err(_)) => "process group",

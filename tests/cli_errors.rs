@@ -163,7 +163,7 @@ fn no_listen_address_and_unknown_flags_exit_2() {
     assert!(
         checked.status.success()
             && stdout.contains("on the addresses the app listens on")
-            && stdout.contains("mode round-robin (turns dealt by the kernel)"),
+            && stdout.contains("mode round-robin (turns dealt by the kernel over one socket per slot, else by hand-off)"),
         "{checked:?}"
     );
     expect_failure(
@@ -174,11 +174,13 @@ fn no_listen_address_and_unknown_flags_exit_2() {
             "127.0.0.1:0",
             "--rotation",
             "kernel",
+            "--mode",
+            "least-conn",
             "--",
             hello_worker(),
         ],
         2,
-        "invalid `rotation` = \"kernel\": kernel rotation is for Node cluster workers",
+        "invalid `rotation` = \"kernel\": kernel rotation is round-robin's; mode \"least-conn\" has its own way of dealing",
     );
     expect_failure(
         "node-reuseport",

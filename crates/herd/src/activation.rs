@@ -32,7 +32,7 @@
 //!   ([`SlotGroups`], `slot_sockets`).
 
 use std::ffi::OsString;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 
@@ -43,7 +43,7 @@ use crate::config::{Readiness, Settings, WorkerProtocol};
 use crate::dispatch::Mode;
 
 use crate::ids::{SlotIx, WorkerId};
-use crate::listener::{BoundListener, ListenError};
+use crate::listener::{self, BoundListener, ListenError};
 use crate::slot_sockets::{Dealt, SlotGroups};
 use herd_protocol::env::LISTEN_PID_ENV;
 
@@ -129,7 +129,7 @@ impl WorkerSockets {
             SocketPlan::Shared => {
                 let sockets: Vec<TcpListener> = listeners.into_iter().map(|l| l.socket).collect();
                 for socket in &sockets {
-                    make_blocking(socket)?;
+                    listener::make_blocking(socket)?;
                 }
                 Ok((WorkerSockets::Shared(sockets), Vec::new()))
             }
@@ -201,22 +201,6 @@ impl WorkerSockets {
     }
 }
 
-/// Clears O_NONBLOCK on a socket no worker holds yet: the one time herd
-/// sets a worker socket's flags (see the module docs for why only then).
-pub(crate) fn make_blocking(socket: &TcpListener) -> Result<(), ListenError> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let fail = |source: nix::Error| ListenError {
-        addr: socket
-            .local_addr()
-            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
-        reason: format!("cannot make the socket blocking: {}", source.desc()),
-        source,
-    };
-    let flags = OFlag::from_bits_truncate(fcntl(socket, FcntlArg::F_GETFL).map_err(fail)?);
-    fcntl(socket, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK)).map_err(fail)?;
-    Ok(())
-}
-
 /// The shim: `herd __exec-worker PROGRAM ARGS…` sets `LISTEN_PID` to this
 /// process's pid and becomes PROGRAM. Returns only if exec failed.
 pub fn exec_worker(mut args: impl Iterator<Item = OsString>) -> std::io::Error {
@@ -232,7 +216,6 @@ pub fn exec_worker(mut args: impl Iterator<Item = OsString>) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::listener;
     use std::os::fd::AsFd;
 
     const PER_SLOT: SocketPlan = SocketPlan::PerSlot(Dealing::Hash);

@@ -39,6 +39,21 @@ pub struct FdLimit {
 }
 
 impl FdLimit {
+    /// Whether `workers` slots of `settings` fit in this limit; the
+    /// refusal says why.
+    pub fn fits(&self, settings: &crate::config::Settings, workers: usize) -> Result<(), String> {
+        let plan = Plan::of(settings, workers);
+        let need = plan.need();
+        if need.total <= self.soft {
+            return Ok(());
+        }
+        Err(format!(
+            "{workers} workers may need {need}, and herd's limit (RLIMIT_NOFILE) is {}: at most {} workers fit (raise the limit, or lower handoff.max_unacked or handoff.queue_limit)",
+            self.soft,
+            plan.max_workers(self.soft)
+        ))
+    }
+
     /// Raises the soft limit to the hard one. Never fails: on error herd
     /// keeps the limit it has (returned as it is).
     pub fn raise() -> FdLimit {

@@ -201,6 +201,22 @@ fn explain(error: nix::Error) -> String {
     }
 }
 
+/// Clears O_NONBLOCK on a socket no worker holds yet: the one time herd
+/// sets a worker socket's flags (see the module docs for why only then).
+pub fn make_blocking(socket: &TcpListener) -> Result<(), ListenError> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let fail = |source: nix::Error| ListenError {
+        addr: socket
+            .local_addr()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+        reason: format!("cannot make the socket blocking: {}", source.desc()),
+        source,
+    };
+    let flags = OFlag::from_bits_truncate(fcntl(socket, FcntlArg::F_GETFL).map_err(fail)?);
+    fcntl(socket, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK)).map_err(fail)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

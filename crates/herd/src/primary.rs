@@ -28,7 +28,7 @@ use crate::config::{
 use crate::control::{self, ControlRequest, ControlServer, PendingRequest, Response};
 use crate::counters::Counters;
 use crate::fd_budget::{FdLimit, Plan};
-use crate::handoff::{self, Command};
+use crate::handoff::{self, Command, Controller};
 use crate::listener::{self, BindOptions, BoundListener, ListenError};
 use crate::metrics::{self, Metrics, MetricsBindError};
 use crate::process;
@@ -224,26 +224,9 @@ pub async fn run(
     let counters = Arc::new(Counters::new(&bound.listen_addrs));
     let metrics = Arc::new(Metrics::new(counters.clone()));
     let mut scrapes = serve_metrics(bound.metrics);
-    // The hand-off thread times each hand-off only when someone can read it.
-    // In the OS modes it has no listeners: it only keeps the worker channels.
-    let measure_latency = settings.metrics.is_some();
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let limits = HandoffSettings {
-        // The hand-off loop's own kernel rotation is for Node workers; the
-        // others' is their per-slot sockets (`WorkerSockets`).
-        kernel_rotation: node_kernel_rotation(&settings),
-        ..settings.handoff
-    };
-    let (controller, handoff_thread) = handoff::spawn(
-        bound.listeners,
-        settings.mode,
-        limits,
-        events_tx,
-        counters.clone(),
-        measure_latency,
-        settings.backlog,
-    )
-    .map_err(PrimaryError::HandoffLoop)?;
+    let (controller, handoff_thread) =
+        spawn_handoff(bound.listeners, &settings, events_tx, counters.clone())?;
     info!(
         workers = settings.workers,
         mode = settings.mode.name(),
@@ -273,8 +256,7 @@ pub async fn run(
     primary.supervisor.start_all();
     let (requests_tx, mut requests) = mpsc::unbounded_channel::<PendingRequest>();
     let watching = primary.supervisor.watches_sockets();
-    let mut watch = tokio::time::interval(crate::stall::WATCH_INTERVAL);
-    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = socket_watch();
     while !primary.supervisor.finished() {
         let due = primary
             .supervisor
@@ -300,6 +282,42 @@ pub async fn run(
     let outcome = primary.finish();
     control.close().await;
     Ok(outcome)
+}
+
+/// Starts the hand-off loop's thread with herd's listeners (none in the
+/// OS modes and kernel rotation: it then only keeps the worker channels).
+fn spawn_handoff(
+    listeners: Vec<BoundListener>,
+    settings: &Settings,
+    events: mpsc::UnboundedSender<handoff::Event>,
+    counters: Arc<Counters>,
+) -> Result<(Controller, std::thread::JoinHandle<()>), PrimaryError> {
+    // The hand-off thread times each hand-off only when someone can read it.
+    let measure_latency = settings.metrics.is_some();
+    let limits = HandoffSettings {
+        // The hand-off loop's own kernel rotation is for Node workers; the
+        // others' is their per-slot sockets (`WorkerSockets`).
+        kernel_rotation: node_kernel_rotation(settings),
+        ..settings.handoff
+    };
+    handoff::spawn(
+        listeners,
+        settings.mode,
+        limits,
+        events,
+        counters,
+        measure_latency,
+        settings.backlog,
+    )
+    .map_err(PrimaryError::HandoffLoop)
+}
+
+/// Every 100 ms (`stall::WATCH_INTERVAL`): the per-slot sockets' queues are
+/// sampled. A late tick is delayed, not repeated in a burst.
+fn socket_watch() -> tokio::time::Interval {
+    let mut watch = tokio::time::interval(crate::stall::WATCH_INTERVAL);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    watch
 }
 
 /// Round-robin over Node workers dealt by the kernel, in the hand-off

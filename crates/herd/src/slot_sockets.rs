@@ -28,16 +28,37 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use herd_protocol::bpf::{Dealing, RotationProgram};
 use herd_protocol::listen_queue;
 use tracing::{debug, info, warn};
 
+use crate::counters::Counters;
 use crate::ids::{ListenerIx, SlotIx, Table, WorkerId};
 use crate::listener::{self, ListenError};
 use crate::rate_limit::Occurrences;
 use crate::stall::{self, Verdict, Watch};
+
+/// Adds what the kernel dealt to the counters: to `kernel_dealt`, and,
+/// unless the workers report each connection themselves (`reported`:
+/// ACCEPTED on herd's channel), to `accepted` and `handed_off` as if herd
+/// had handed those connections over.
+pub fn count(dealt: &[Dealt], counters: &Counters, reported: bool) {
+    for dealt in dealt {
+        counters.kernel_dealt.fetch_add(dealt.count, Relaxed);
+        if reported {
+            continue;
+        }
+        if let Some(accepted) = counters.accepted.get(dealt.listener) {
+            accepted.fetch_add(dealt.count, Relaxed);
+        }
+        if let Some(handed_off) = counters.handed_off.get(dealt.slot) {
+            handed_off.fetch_add(dealt.count, Relaxed);
+        }
+    }
+}
 
 /// Every slot's sockets, per listener.
 #[derive(Debug)]
@@ -354,7 +375,7 @@ impl SlotGroups {
                 .iter()
                 .map(|&addr| {
                     let socket = listener::bind_reuseport(addr, self.backlog)?;
-                    crate::activation::make_blocking(&socket)?;
+                    listener::make_blocking(&socket)?;
                     Ok(socket)
                 })
                 .collect::<Result<_, ListenError>>()?;

@@ -12,7 +12,6 @@
 //! to the forking thread, and the main thread lives exactly as long as herd.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +23,7 @@ use crate::activation::WorkerSockets;
 use crate::cgroup::{CgroupTree, Leaf};
 use crate::config::{Readiness, Settings};
 use crate::counters::Counters;
-use crate::fd_budget::{FdLimit, Plan};
+use crate::fd_budget::FdLimit;
 use crate::handoff::{self, Command, Controller, NewWorker};
 use crate::ids::{SlotIx, WorkerId};
 use crate::lifecycle::{self, Action, Event, Lifecycle, Policy, Version};
@@ -157,23 +156,12 @@ impl Supervisor {
     }
 
     /// Samples the per-slot sockets' queues (a stalled slot loses its
-    /// turns) and counts what the kernel dealt to each slot. Workers that
-    /// speak herd's channel report each connection themselves (ACCEPTED),
-    /// so theirs count only as dealt by the kernel.
+    /// turns) and counts what the kernel dealt to each slot.
     pub fn watch_sockets(&mut self, counters: &Counters) {
+        // Workers that speak herd's channel report each connection (ACCEPTED).
         let reported = self.settings().ready == Readiness::Herd;
-        for dealt in self.sockets.watch(Instant::now()) {
-            counters.kernel_dealt.fetch_add(dealt.count, Relaxed);
-            if reported {
-                continue;
-            }
-            if let Some(accepted) = counters.accepted.get(dealt.listener) {
-                accepted.fetch_add(dealt.count, Relaxed);
-            }
-            if let Some(handed_off) = counters.handed_off.get(dealt.slot) {
-                handed_off.fetch_add(dealt.count, Relaxed);
-            }
-        }
+        let dealt = self.sockets.watch(Instant::now());
+        crate::slot_sockets::count(&dealt, counters, reported);
     }
 
     /// Fires the timers that are due.
@@ -241,23 +229,9 @@ impl Supervisor {
         Ok(format!("workers: {before} -> {}", self.core.slot_count()))
     }
 
-    /// Whether `workers` slots of `settings` fit in herd's fd limit; the
-    /// refusal says why.
-    fn fits_with(&self, settings: &Settings, workers: usize) -> Result<(), String> {
-        let plan = Plan::of(settings, workers);
-        let need = plan.need();
-        if need.total <= self.fd_limit.soft {
-            return Ok(());
-        }
-        Err(format!(
-            "{workers} workers may need {need}, and herd's limit (RLIMIT_NOFILE) is {}: at most {} workers fit (raise the limit, or lower handoff.max_unacked or handoff.queue_limit)",
-            self.fd_limit.soft,
-            plan.max_workers(self.fd_limit.soft)
-        ))
-    }
-
     fn fits(&self, workers: usize) -> Result<(), String> {
-        self.fits_with(self.settings(), workers)
+        self.fd_limit
+            .fits(self.settings(), workers)
             .map_err(|why| format!("cannot scale to {workers} workers: {why}"))
     }
 
@@ -272,7 +246,7 @@ impl Supervisor {
         }
         // The new limits (or count) must fit in herd's fds, as a scale must.
         let workers = settings.workers.max(self.core.slot_count());
-        if let Err(why) = self.fits_with(&settings, workers) {
+        if let Err(why) = self.fd_limit.fits(&settings, workers) {
             self.metrics.reload_finished(false, Duration::ZERO);
             let message = format!("reload refused, keeping the running config: {why}");
             error!(event = "reload_refused", "{message}");
@@ -576,9 +550,7 @@ impl Supervisor {
         );
         worker_output::forward(started.stdout, slot, false);
         worker_output::forward(started.stderr, slot, true);
-        let recycle_after = settings
-            .max_connections_per_worker
-            .map(|limit| limit + jitter(settings.max_connections_jitter, id.0));
+        let recycle_after = settings.recycle_after(id.0);
         let heard = Heard::new(notify.as_ref().and_then(|socket| socket.watchdog));
         let notify = notify.and_then(|socket| socket.listen(id, pid, self.notes.clone()));
         self.processes.insert(
@@ -612,29 +584,5 @@ impl Supervisor {
             return Err(format!("hand-off loop: {e}"));
         }
         Ok(pid)
-    }
-}
-
-/// A per-worker random-looking offset in `0..=max`, so recycles don't align.
-fn jitter(max: u64, id: u64) -> u64 {
-    if max == 0 {
-        return 0;
-    }
-    let seed =
-        id ^ u64::from(std::process::id()) << 32 ^ Instant::now().elapsed().subsec_nanos() as u64;
-    let mixed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
-    mixed % (max + 1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jitter_stays_in_range() {
-        assert_eq!(jitter(0, 7), 0);
-        for id in 0..100 {
-            assert!(jitter(10, id) <= 10);
-        }
     }
 }

@@ -178,6 +178,36 @@ pub struct Settings {
     pub restart: RestartSettings,
 }
 
+impl Settings {
+    /// After how many connections worker `id` is recycled: the limit plus
+    /// a per-worker offset up to the jitter, so recycles don't align.
+    pub fn recycle_after(&self, id: u64) -> Option<u64> {
+        let limit = self.max_connections_per_worker?;
+        Some(limit + jitter(self.max_connections_jitter, id))
+    }
+}
+
+/// A per-worker random-looking offset in `0..=max`.
+fn jitter(max: u64, id: u64) -> u64 {
+    if max == 0 {
+        return 0;
+    }
+    let seed = id
+        ^ u64::from(std::process::id()) << 32
+        ^ std::time::Instant::now().elapsed().subsec_nanos() as u64;
+    let mixed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+    mixed % (max + 1)
+}
+
+#[cfg(test)]
+#[test]
+fn jitter_stays_in_range() {
+    assert_eq!(jitter(0, 7), 0);
+    for id in 0..100 {
+        assert!(jitter(10, id) <= 10);
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct HandoffSettings {
     pub max_unacked: usize,
