@@ -78,6 +78,7 @@ pub enum Alu {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cond {
     Eq = 0x10,
+    Gt = 0x20,
     Ge = 0x30,
     Ne = 0x50,
 }
@@ -87,6 +88,8 @@ pub enum Cond {
 pub enum Size {
     /// 4 bytes.
     W = 0x00,
+    /// 2 bytes.
+    H = 0x08,
     /// 8 bytes.
     Dw = 0x18,
 }

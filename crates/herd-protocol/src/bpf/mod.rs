@@ -28,6 +28,7 @@
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use nix::libc;
 
@@ -42,6 +43,7 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
 const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
@@ -53,6 +55,10 @@ const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
 /// Sockets one rotation can hold: one per worker slot (herd's
 /// `MAX_WORKERS` is checked against it at compile time).
 pub const MAX_ROTATION: usize = 1024;
+
+/// Readiness probes steered at once, at most (`probes` map entries); one
+/// more is refused (E2BIG) and tried again by the caller.
+pub const MAX_PROBES: u32 = 64;
 
 /// The `config` map's one value, written by herd: how many sockets take
 /// turns, whose slot each is (to count per slot), then whether they are
@@ -121,6 +127,10 @@ pub struct RotationProgram {
     sockets: OwnedFd,
     config: OwnedFd,
     tally: OwnedFd,
+    /// HASH: a probe's source port (as the wire has it) -> its slot.
+    probes: Arc<OwnedFd>,
+    /// REUSEPORT_SOCKARRAY: slot -> the socket its probes go to.
+    probe_sockets: OwnedFd,
     /// Sockets in `sockets` now, to delete the stale ones on the next change.
     in_rotation: usize,
     /// Loaded to migrate: a socket of the group that closes hands the
@@ -136,9 +146,17 @@ impl RotationProgram {
             .map_err(RotationError::CreateMap)?;
         let tally = create_map(BPF_MAP_TYPE_ARRAY, 4, TALLY_LEN as u32, 1)
             .map_err(RotationError::CreateMap)?;
-        let (sockets_fd, config_fd, tally_fd) =
-            (sockets.as_raw_fd(), config.as_raw_fd(), tally.as_raw_fd());
-        let code = program::rotation(sockets_fd, config_fd, tally_fd);
+        let probes =
+            create_map(BPF_MAP_TYPE_HASH, 4, 4, MAX_PROBES).map_err(RotationError::CreateMap)?;
+        let probe_sockets = create_map(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, MAX_ROTATION as u32)
+            .map_err(RotationError::CreateMap)?;
+        let code = program::rotation(&program::Maps {
+            sockets: sockets.as_raw_fd(),
+            config: config.as_raw_fd(),
+            tally: tally.as_raw_fd(),
+            probes: probes.as_raw_fd(),
+            probe_sockets: probe_sockets.as_raw_fd(),
+        });
         let (program, migrates) = match load_program(&code, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE) {
             Ok(program) => (program, true),
             // Before Linux 5.14: the same program, without migration.
@@ -154,9 +172,32 @@ impl RotationProgram {
             sockets,
             config,
             tally,
+            probes: Arc::new(probes),
+            probe_sockets,
             in_rotation: 0,
             migrates,
         })
+    }
+
+    /// Makes `socket` (listening in the group, and not among those dealt
+    /// to) where the probes steered to `slot` go ([`Prober::steer`]).
+    pub fn offer_probe(&self, slot: usize, socket: BorrowedFd<'_>) -> Result<(), RotationError> {
+        let value = socket.as_raw_fd() as u64;
+        update_at(&self.probe_sockets, slot as u32, &value.to_ne_bytes())
+            .map_err(RotationError::Update)
+    }
+
+    /// `slot`'s probe socket leaves the probe map (before it can be dealt
+    /// to: a socket sits in one socket array at a time).
+    pub fn withdraw_probe(&self, slot: usize) -> Result<(), RotationError> {
+        delete(&self.probe_sockets, slot as u32).map_err(RotationError::Update)
+    }
+
+    /// A handle that steers probes, for another thread.
+    pub fn prober(&self) -> Prober {
+        Prober {
+            probes: self.probes.clone(),
+        }
     }
 
     /// Whether a socket of the group that closes hands what is queued on
@@ -230,6 +271,34 @@ impl RotationProgram {
             .map(|count| u64::from_ne_bytes(count.try_into().expect("8 bytes")))
             .collect())
     }
+}
+
+/// Steers readiness probes: a connection from a reserved source port goes
+/// to one slot's probe socket ([`RotationProgram::offer_probe`]).
+#[derive(Debug, Clone)]
+pub struct Prober {
+    probes: Arc<OwnedFd>,
+}
+
+impl Prober {
+    /// Connections from local port `port` go to `slot`'s probe socket,
+    /// until [`Prober::unsteer`]. Fails (E2BIG) past [`MAX_PROBES`] at once.
+    pub fn steer(&self, port: u16, slot: usize) -> io::Result<()> {
+        let key = probe_key(port);
+        let value = (slot as u32).to_ne_bytes();
+        let mut attr = element_attr(&self.probes, &key, value.as_ptr() as u64);
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+    }
+
+    pub fn unsteer(&self, port: u16) -> io::Result<()> {
+        delete(&self.probes, probe_key(port))
+    }
+}
+
+/// The `probes` key of a source port: the two bytes of the TCP header, as
+/// the program loads them (a native u16 of network-order bytes).
+fn probe_key(port: u16) -> u32 {
+    u32::from(u16::from_ne_bytes(port.to_be_bytes()))
 }
 
 /// `union bpf_attr`, large enough for every command used here; zeroed, as
@@ -579,5 +648,61 @@ mod tests {
             ]));
         }
         assert!(order.contains(&1), "the socket listens again: {order:?}");
+    }
+
+    /// A connection from a port steered to a slot lands on that slot's
+    /// probe socket, outside the turns; any other takes its turn.
+    #[test]
+    fn a_probe_from_a_steered_port_reaches_its_slots_socket_alone() {
+        let test = "a_probe_from_a_steered_port_reaches_its_slots_socket_alone";
+        if !testable_here(test) {
+            return;
+        }
+        let mut rotation = RotationProgram::load().unwrap_or_else(|e| panic!("{e}"));
+        let dealt = bind_reuseport("127.0.0.1:0".parse().unwrap());
+        let addr = dealt.local_addr().unwrap();
+        let starting = bind_reuseport(addr);
+        rotation.attach(dealt.as_fd()).unwrap();
+        rotation
+            .set_rotation(&[(0, dealt.as_fd())], Dealing::Turns)
+            .unwrap();
+        rotation.offer_probe(1, starting.as_fd()).unwrap();
+        let prober = rotation.prober();
+        let group = [dealt.try_clone().unwrap(), starting.try_clone().unwrap()];
+        let probe = |steer: bool| {
+            let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = socket.local_addr().unwrap().port();
+            drop(socket);
+            if steer {
+                prober.steer(port, 1).unwrap();
+            }
+            let client = nix::sys::socket::socket(
+                nix::sys::socket::AddressFamily::Inet,
+                nix::sys::socket::SockType::Stream,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .unwrap();
+            let from = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            nix::sys::socket::bind(
+                client.as_raw_fd(),
+                &nix::sys::socket::SockaddrStorage::from(from),
+            )
+            .unwrap();
+            nix::sys::socket::connect(
+                client.as_raw_fd(),
+                &nix::sys::socket::SockaddrStorage::from(addr),
+            )
+            .unwrap();
+            let at = landed(&group);
+            prober.unsteer(port).unwrap();
+            (client, at)
+        };
+        let (_a, at) = probe(true);
+        assert_eq!(at, 1, "the steered probe reaches the starting socket");
+        let (_b, at) = probe(false);
+        assert_eq!(at, 0, "an unsteered connection takes its turn");
+        assert_eq!(rotation.dealt().unwrap()[0], 1, "the probe is not counted");
+        rotation.withdraw_probe(1).unwrap();
     }
 }

@@ -34,7 +34,7 @@ impl SpreadSource {
 
 /// Why a measured row has no spread.
 pub const NO_SPREAD: &str = "no spread: the bodies name no worker and herd counted \
-     nothing per slot (in shared and reuseport it counts what herd-protocol workers report)";
+     nothing per slot (in shared it counts only what herd-protocol workers report; reuseport and kernel rotation need CAP_BPF to count)";
 
 /// A row's spread, and where it came from; both `None` when nothing said.
 #[derive(Debug, Clone, Copy, PartialEq)]
