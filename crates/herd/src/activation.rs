@@ -143,16 +143,16 @@ impl WorkerSockets {
         }
     }
 
-    /// The listening fds the worker in `slot` inherits, in listener order
+    /// The listening fds worker `worker` of `slot` inherits, in listener order
     /// (empty when herd hands connections over). They were made blocking
     /// when bound, as systemd passes them, and are passed as they are now:
     /// a worker that wants them non-blocking sets that itself, and other
     /// workers may be accepting from them with that flag (module docs).
-    pub fn for_slot(&mut self, slot: SlotIx) -> Result<Vec<RawFd>, ListenError> {
+    pub fn for_slot(&mut self, slot: SlotIx, worker: WorkerId) -> Result<Vec<RawFd>, ListenError> {
         match self {
             WorkerSockets::HandOff => Ok(Vec::new()),
             WorkerSockets::Shared(sockets) => Ok(sockets.iter().map(AsRawFd::as_raw_fd).collect()),
-            WorkerSockets::PerSlot(groups) => groups.for_slot(slot),
+            WorkerSockets::PerSlot(groups) => groups.for_slot(slot, worker),
         }
     }
 
@@ -238,7 +238,7 @@ mod tests {
     fn a_worker_start_never_changes_the_flags_of_a_socket_in_use() {
         for plan in [SocketPlan::Shared, PER_SLOT] {
             let (mut sockets, _) = WorkerSockets::new(plan, bound("127.0.0.1:0"), 16, 1).unwrap();
-            sockets.for_slot(SlotIx(0)).unwrap();
+            sockets.for_slot(SlotIx(0), WorkerId(0)).unwrap();
             // Bound blocking, as systemd passes them.
             assert!(!nonblocking(socket_of(&sockets, 0)), "{plan:?}");
             // The first worker's event loop makes it non-blocking, for
@@ -246,8 +246,9 @@ mod tests {
             herd_protocol::fdpass::set_nonblocking(socket_of(&sockets, 0).as_fd(), true).unwrap();
             // Its slot restarts (per slot) or another worker starts (shared):
             // the live worker's socket keeps its flag.
-            sockets.for_slot(SlotIx(0)).unwrap();
-            sockets.for_slot(SlotIx(1)).unwrap();
+            sockets.gone(WorkerId(0));
+            sockets.for_slot(SlotIx(0), WorkerId(2)).unwrap();
+            sockets.for_slot(SlotIx(1), WorkerId(3)).unwrap();
             assert!(nonblocking(socket_of(&sockets, 0)), "{plan:?}");
             // A slot bound later starts blocking, whatever the others do.
             if plan == PER_SLOT {
@@ -265,7 +266,7 @@ mod tests {
         let (mut sockets, herd_side) =
             WorkerSockets::new(SocketPlan::HandOff, bound("127.0.0.1:0"), 16, 2).unwrap();
         assert_eq!(herd_side.len(), 1);
-        assert!(sockets.for_slot(SlotIx(0)).unwrap().is_empty());
+        assert!(sockets.for_slot(SlotIx(0), WorkerId(0)).unwrap().is_empty());
     }
 
     #[test]
@@ -273,8 +274,8 @@ mod tests {
         let (mut sockets, herd_side) =
             WorkerSockets::new(SocketPlan::Shared, bound("127.0.0.1:0"), 16, 2).unwrap();
         assert!(herd_side.is_empty());
-        let first = sockets.for_slot(SlotIx(0)).unwrap();
-        assert_eq!(first, sockets.for_slot(SlotIx(5)).unwrap());
+        let first = sockets.for_slot(SlotIx(0), WorkerId(0)).unwrap();
+        assert_eq!(first, sockets.for_slot(SlotIx(5), WorkerId(1)).unwrap());
         assert!(!nonblocking(socket_of(&sockets, 0)));
     }
 }

@@ -31,7 +31,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use herd_protocol::bpf::{Dealing, RotationProgram};
+use herd_protocol::bpf::{Dealing, Prober, RotationProgram};
 use herd_protocol::listen_queue;
 use tracing::{debug, info, warn};
 
@@ -80,12 +80,45 @@ pub struct SlotGroups {
 
 #[derive(Debug)]
 struct Slot {
+    /// Oldest first. A worker started while another of the slot is alive
+    /// (a reload's replacement) gets sockets of its own, so nothing reaches
+    /// it before it is ready and a probe of its socket proves it, not the
+    /// worker it replaces; a worker started in an empty slot (a restart)
+    /// takes over the last one, with what waits there.
+    generations: Vec<Generation>,
+    watch: Watch,
+}
+
+#[derive(Debug)]
+struct Generation {
     /// One per listener, in listener order.
     sockets: Vec<TcpListener>,
     /// Workers started with these sockets and not gone, with whether each
     /// is ready and not draining.
     holders: Vec<(WorkerId, bool)>,
-    watch: Watch,
+}
+
+impl Slot {
+    /// The sockets dealt to: the newest generation a ready worker holds.
+    fn serving(&self) -> Option<&Generation> {
+        self.generations
+            .iter()
+            .rev()
+            .find(|g| g.holders.iter().any(|(_, serving)| *serving))
+    }
+
+    /// The sockets to watch and to empty: those dealt to, else the newest.
+    fn current(&self) -> &Generation {
+        self.serving()
+            .or(self.generations.last())
+            .expect("a slot has a generation")
+    }
+
+    fn holding(&self, worker: WorkerId) -> Option<usize> {
+        self.generations
+            .iter()
+            .position(|g| g.holders.iter().any(|(id, _)| *id == worker))
+    }
 }
 
 /// Connections the kernel dealt since the last [`SlotGroups::watch`].
@@ -130,31 +163,68 @@ impl SlotGroups {
                 .all(|p| p.as_ref().is_some_and(RotationProgram::migrates))
     }
 
-    /// The fds the worker in `slot` inherits, in listener order; bound now
-    /// if the slot is new.
-    pub fn for_slot(&mut self, slot: SlotIx) -> Result<Vec<RawFd>, ListenError> {
+    /// The fds worker `worker` of `slot` inherits, in listener order: the
+    /// slot's last sockets, or new ones if a live worker holds those (see
+    /// [`Slot`]); bound now if the slot is new.
+    pub fn for_slot(&mut self, slot: SlotIx, worker: WorkerId) -> Result<Vec<RawFd>, ListenError> {
         self.bind_slots(slot.get() + 1)?;
-        Ok(self.slots[slot]
-            .sockets
-            .iter()
-            .map(AsRawFd::as_raw_fd)
-            .collect())
+        let held = self.slots[slot]
+            .generations
+            .last()
+            .is_some_and(|g| !g.holders.is_empty());
+        if held {
+            let sockets = self.bind_sockets()?;
+            self.slots[slot].generations.push(Generation {
+                sockets,
+                holders: Vec::new(),
+            });
+        }
+        let generation = self.slots[slot]
+            .generations
+            .last_mut()
+            .expect("a slot has a generation");
+        generation.holders.push((worker, false));
+        Ok(generation.sockets.iter().map(AsRawFd::as_raw_fd).collect())
+    }
+
+    /// Where a readiness probe of worker `worker` goes: its first socket
+    /// made the target of the probes the [`Prober`] steers to `slot`.
+    /// `None` without the program on the first listener.
+    pub fn offer_probe(&self, slot: SlotIx, worker: WorkerId) -> Option<(Prober, SocketAddr)> {
+        let program = self.programs.first()?.as_ref()?;
+        let entry = self.slots.get(slot)?;
+        let generation = &entry.generations[entry.holding(worker)?];
+        let socket = generation.sockets.first()?;
+        if let Err(e) = program.offer_probe(slot.get(), socket.as_fd()) {
+            warn!(
+                slot = slot.get(),
+                event = "probe_unavailable",
+                "cannot steer readiness probes to slot {slot}'s socket: {e}"
+            );
+            return None;
+        }
+        Some((program.prober(), self.addrs[0]))
     }
 
     /// Worker `worker` of `slot` is ready: its slot is dealt to.
     pub fn serve(&mut self, slot: SlotIx, worker: WorkerId) {
-        let Some(entry) = self.slots.get_mut(slot) else {
+        let Some(at) = self.slots.get(slot).and_then(|entry| entry.holding(worker)) else {
             return;
         };
-        entry.holders.retain(|(id, _)| *id != worker);
-        entry.holders.push((worker, true));
+        if let Some(Some(program)) = self.programs.first() {
+            // A socket sits in one socket array at a time: out of the probes'.
+            let _ = program.withdraw_probe(slot.get());
+        }
+        for (id, serving) in &mut self.slots[slot].generations[at].holders {
+            *serving |= *id == worker;
+        }
         self.apply();
     }
 
     /// Worker `worker` drains: it takes no more turns.
     pub fn drain(&mut self, worker: WorkerId) {
-        for entry in self.slots.iter_mut() {
-            for (id, serving) in &mut entry.holders {
+        for generation in self.slots.iter_mut().flat_map(|e| e.generations.iter_mut()) {
+            for (id, serving) in &mut generation.holders {
                 if *id == worker {
                     *serving = false;
                 }
@@ -163,23 +233,34 @@ impl SlotGroups {
         self.apply();
     }
 
-    /// Worker `worker`'s processes are gone. A slot no worker holds any
-    /// more leaves the deal, and what waits on its sockets moves on.
+    /// Worker `worker`'s processes are gone (or never started). Sockets no
+    /// worker holds any more leave the deal; the slot's last ones stay for
+    /// its next worker, with what waits there moved on to the slots dealt
+    /// to; older ones close, and the kernel moves what waits there.
     pub fn gone(&mut self, worker: WorkerId) {
-        let Some(slot) = self
+        let Some((slot, at)) = self
             .slots
-            .position(|entry| entry.holders.iter().any(|(id, _)| *id == worker))
+            .ids()
+            .find_map(|slot| Some((slot, self.slots[slot].holding(worker)?)))
         else {
             return;
         };
-        self.slots[slot].holders.retain(|(id, _)| *id != worker);
-        if self.slots[slot].holders.is_empty() {
+        let entry = &mut self.slots[slot];
+        entry.generations[at]
+            .holders
+            .retain(|(id, _)| *id != worker);
+        let emptied = entry.generations[at].holders.is_empty();
+        let last = at + 1 == entry.generations.len();
+        if emptied && entry.generations.iter().all(|g| g.holders.is_empty()) {
             // Its next worker starts with nothing held against it.
-            self.slots[slot].watch = Watch::FRESH;
+            entry.watch = Watch::FRESH;
         }
         self.apply();
-        if self.slots[slot].holders.is_empty() {
-            self.requeue(slot, "its worker is gone");
+        match (emptied, last) {
+            (true, true) => self.requeue(slot, "its worker is gone"),
+            // Closed now; the group migrates what waited there.
+            (true, false) => drop(self.slots[slot].generations.remove(at)),
+            (false, _) => {}
         }
     }
 
@@ -259,7 +340,7 @@ impl SlotGroups {
     /// Connections waiting on `slot`'s sockets, summed over listeners.
     fn waiting(&mut self, slot: SlotIx) -> Option<u32> {
         let mut total = 0u32;
-        for socket in &self.slots[slot].sockets {
+        for socket in &self.slots[slot].current().sockets {
             match listen_queue::depth(socket.as_fd()) {
                 Ok(depth) => total = total.saturating_add(depth.waiting),
                 Err(e) => {
@@ -285,7 +366,7 @@ impl SlotGroups {
             return;
         }
         let backlog = self.backlog;
-        for socket in &self.slots[slot].sockets {
+        for socket in &self.slots[slot].current().sockets {
             let waiting = listen_queue::depth(socket.as_fd()).map_or(0, |d| d.waiting);
             if waiting == 0 {
                 continue;
@@ -311,9 +392,7 @@ impl SlotGroups {
         let dealt_to: Vec<SlotIx> = self
             .slots
             .enumerate()
-            .filter(|(_, entry)| {
-                !entry.watch.is_skipped() && entry.holders.iter().any(|(_, serving)| *serving)
-            })
+            .filter(|(_, entry)| !entry.watch.is_skipped() && entry.serving().is_some())
             .map(|(slot, _)| slot)
             .collect();
         for slot in self.slots.ids().collect::<Vec<_>>() {
@@ -330,7 +409,10 @@ impl SlotGroups {
             let Some(program) = program else { continue };
             let members: Vec<(usize, BorrowedFd<'_>)> = dealt_to
                 .iter()
-                .map(|&slot| (slot.get(), self.slots[slot].sockets[at].as_fd()))
+                .map(|&slot| {
+                    let serving = self.slots[slot].serving().expect("dealt to");
+                    (slot.get(), serving.sockets[at].as_fd())
+                })
                 .collect();
             if let Err(e) = program.set_rotation(&members, self.dealing) {
                 warn!(
@@ -370,15 +452,7 @@ impl SlotGroups {
     /// slot's sockets found the groups and get the programs.
     fn bind_slots(&mut self, count: usize) -> Result<(), ListenError> {
         while self.slots.len() < count {
-            let sockets: Vec<TcpListener> = self
-                .addrs
-                .iter()
-                .map(|&addr| {
-                    let socket = listener::bind_reuseport(addr, self.backlog)?;
-                    listener::make_blocking(&socket)?;
-                    Ok(socket)
-                })
-                .collect::<Result<_, ListenError>>()?;
+            let sockets = self.bind_sockets()?;
             if self.slots.is_empty() {
                 self.programs = sockets
                     .iter()
@@ -386,12 +460,26 @@ impl SlotGroups {
                     .collect();
             }
             self.slots.push(Slot {
-                sockets,
-                holders: Vec::new(),
+                generations: vec![Generation {
+                    sockets,
+                    holders: Vec::new(),
+                }],
                 watch: Watch::FRESH,
             });
         }
         Ok(())
+    }
+
+    /// One new member of each listener's group, blocking as systemd passes them.
+    fn bind_sockets(&self) -> Result<Vec<TcpListener>, ListenError> {
+        self.addrs
+            .iter()
+            .map(|&addr| {
+                let socket = listener::bind_reuseport(addr, self.backlog)?;
+                listener::make_blocking(&socket)?;
+                Ok(socket)
+            })
+            .collect()
     }
 }
 
@@ -424,7 +512,7 @@ fn attach_program(first: &TcpListener, dealing: Dealing) -> Option<RotationProgr
 impl SlotGroups {
     /// `slot`'s socket for listener `at`.
     pub(crate) fn socket(&self, slot: SlotIx, at: usize) -> &TcpListener {
-        &self.slots[slot].sockets[at]
+        &self.slots[slot].current().sockets[at]
     }
 }
 
@@ -449,6 +537,13 @@ mod tests {
         )
     }
 
+    /// Worker `worker` starts in `slot` and is ready.
+    fn start(groups: &mut SlotGroups, slot: usize, worker: u64) -> Vec<RawFd> {
+        let fds = groups.for_slot(SlotIx(slot), WorkerId(worker)).unwrap();
+        groups.serve(SlotIx(slot), WorkerId(worker));
+        fds
+    }
+
     fn waiting(groups: &SlotGroups, slot: usize) -> u32 {
         listen_queue::depth(groups.socket(SlotIx(slot), 0).as_fd())
             .unwrap()
@@ -458,13 +553,14 @@ mod tests {
     #[test]
     fn one_socket_per_slot_on_one_port_kept_across_restarts() {
         let (mut groups, addr) = groups(Dealing::Hash, 2);
-        let slot0 = groups.for_slot(SlotIx(0)).unwrap();
-        let slot1 = groups.for_slot(SlotIx(1)).unwrap();
+        let slot0 = start(&mut groups, 0, 1);
+        let slot1 = start(&mut groups, 1, 2);
         assert_ne!(slot0, slot1);
-        // Asking again (a restart) gives the same socket.
-        assert_eq!(groups.for_slot(SlotIx(0)).unwrap(), slot0);
+        // A restart (its worker gone) gets the same socket.
+        groups.gone(WorkerId(1));
+        assert_eq!(start(&mut groups, 0, 3), slot0);
         // A new slot is bound on demand, on the same port.
-        let slot3 = groups.for_slot(SlotIx(3)).unwrap();
+        let slot3 = start(&mut groups, 3, 4);
         assert_eq!(groups.socket(SlotIx(3), 0).as_raw_fd(), slot3[0]);
         for slot in 0..4 {
             assert_eq!(groups.socket(SlotIx(slot), 0).local_addr().unwrap(), addr);
@@ -499,8 +595,10 @@ mod tests {
             return;
         }
         let (mut groups, addr) = groups(Dealing::Turns, 3);
-        groups.serve(SlotIx(0), WorkerId(10));
-        groups.serve(SlotIx(2), WorkerId(12));
+        start(&mut groups, 0, 10);
+        start(&mut groups, 2, 12);
+        // Slot 1's worker has started, and is not ready.
+        groups.for_slot(SlotIx(1), WorkerId(11)).unwrap();
         let _clients: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(addr).unwrap()).collect();
         assert_eq!(
             (
@@ -529,14 +627,14 @@ mod tests {
             return;
         }
         let (mut groups, addr) = groups(Dealing::Turns, 2);
-        groups.serve(SlotIx(0), WorkerId(1));
-        groups.serve(SlotIx(1), WorkerId(2));
+        start(&mut groups, 0, 1);
+        let before = start(&mut groups, 1, 2);
         let _clients: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
         assert_eq!(waiting(&groups, 1), 2);
         groups.gone(WorkerId(2));
         assert_eq!((waiting(&groups, 0), waiting(&groups, 1)), (4, 0));
         // Its next worker gets the same socket, listening, and its turns back.
-        groups.serve(SlotIx(1), WorkerId(3));
+        assert_eq!(start(&mut groups, 1, 3), before);
         let _next: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
         assert_eq!(waiting(&groups, 1), 1);
     }
@@ -551,8 +649,8 @@ mod tests {
             return;
         }
         let (mut groups, addr) = groups(Dealing::Turns, 2);
-        groups.serve(SlotIx(0), WorkerId(1));
-        groups.serve(SlotIx(1), WorkerId(2));
+        start(&mut groups, 0, 1);
+        start(&mut groups, 1, 2);
         let mut clients: Vec<TcpStream> = Vec::new();
         let start = Instant::now();
         // Bound blocking, as workers get them; the test accepts without waiting.
@@ -573,5 +671,42 @@ mod tests {
         // Its probation over, slot 1 takes turns again.
         groups.watch(start + Duration::from_secs(60));
         assert_eq!(groups.dealt_to, [SlotIx(0), SlotIx(1)]);
+    }
+
+    /// A reload: the replacement gets sockets of its own, dealt to once it
+    /// is ready; when the old worker is gone its sockets close and what
+    /// waited there moves to the others, none reset.
+    #[test]
+    fn a_replacement_gets_its_own_socket_and_the_old_ones_queue_moves_on() {
+        let test = "a_replacement_gets_its_own_socket_and_the_old_ones_queue_moves_on";
+        if !herd_protocol::bpf::testable_here(test) {
+            return;
+        }
+        let (mut groups, addr) = groups(Dealing::Turns, 2);
+        start(&mut groups, 0, 1);
+        let old = start(&mut groups, 1, 2);
+        let new = groups.for_slot(SlotIx(1), WorkerId(3)).unwrap();
+        assert_ne!(old, new, "a replacement's own socket");
+        let _clients: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        // Not ready: the old worker keeps the turns.
+        assert_eq!(waiting(&groups, 1), 2);
+        groups.serve(SlotIx(1), WorkerId(3));
+        groups.drain(WorkerId(2));
+        assert_eq!(groups.socket(SlotIx(1), 0).as_raw_fd(), new[0]);
+        groups.gone(WorkerId(2));
+        assert_eq!(groups.slots[SlotIx(1)].generations.len(), 1);
+        // The old socket's two moved to the ones dealt to: 4 in all.
+        assert_eq!(waiting(&groups, 0) + waiting(&groups, 1), 4);
+    }
+
+    /// A worker whose start failed holds nothing: the next start reuses
+    /// the slot's socket instead of binding more.
+    #[test]
+    fn a_failed_start_leaves_no_socket_behind() {
+        let (mut groups, _) = groups(Dealing::Hash, 1);
+        let first = groups.for_slot(SlotIx(0), WorkerId(1)).unwrap();
+        groups.gone(WorkerId(1));
+        assert_eq!(groups.for_slot(SlotIx(0), WorkerId(2)).unwrap(), first);
+        assert_eq!(groups.slots[SlotIx(0)].generations.len(), 1);
     }
 }

@@ -441,8 +441,12 @@ impl Supervisor {
             } => {
                 return Some(match self.start(worker, slot, version) {
                     Ok(pid) => Event::Started { worker, pid },
-                    Err(error) => Event::StartFailed { worker, error },
-                })
+                    Err(error) => {
+                        // It holds no socket: the next start takes the slot's.
+                        self.sockets.gone(worker);
+                        Event::StartFailed { worker, error }
+                    }
+                });
             }
             Action::Serve { worker } => {
                 self.tell(Command::Serve { worker });
@@ -527,7 +531,7 @@ impl Supervisor {
             .cloned()
             .ok_or("its configuration is gone")?;
         let program = settings.program.display().to_string();
-        let listen_fds = self.sockets.for_slot(slot).map_err(|e| e.to_string())?;
+        let listen_fds = self.sockets.for_slot(slot, id).map_err(|e| e.to_string())?;
         let leaf = self.leaf_for(slot, id)?;
         let notify = NotifySocket::for_worker(&settings, id)?;
         let started = process::spawn(Launch {
