@@ -303,12 +303,13 @@ enum LogFormat {
 const EXIT_CONFIG: u8 = 2;
 
 /// How `herd check` says the connections will be dealt, as `herd run`
-/// would deal them here (kernel rotation only where the program loads).
-fn dealing_note(settings: &herd::config::Settings) -> &'static str {
+/// would deal them here (kernel rotation only where the program loads);
+/// refused where `herd run` would refuse to start.
+fn dealing_note(settings: &herd::config::Settings) -> Result<&'static str, String> {
     use herd::activation::SocketPlan;
     use herd_protocol::bpf::Dealing;
     let asked = SocketPlan::of(settings);
-    match (asked, asked.available(&settings.ready)) {
+    Ok(match (asked, asked.available(&settings.ready)?) {
         _ if settings.protocol == herd::config::WorkerProtocol::NodeCluster
             && settings.handoff.kernel_rotation =>
         {
@@ -324,7 +325,7 @@ fn dealing_note(settings: &herd::config::Settings) -> &'static str {
             " (kernel rotation unavailable here: reuseport's kernel hash instead)"
         }
         _ => "",
-    }
+    })
 }
 
 fn main() -> ExitCode {
@@ -357,12 +358,19 @@ fn main() -> ExitCode {
                     );
                     return ExitCode::from(1);
                 }
+                let dealing = match dealing_note(&settings) {
+                    Ok(note) => note,
+                    Err(why) => {
+                        eprintln!("herd: {why}");
+                        return ExitCode::from(1);
+                    }
+                };
                 outln!(
                     "config OK: {} worker(s) of {} on {listen}, mode {}{}",
                     settings.workers,
                     settings.program.display(),
                     settings.mode.name(),
-                    dealing_note(&settings)
+                    dealing
                 );
                 let processes = match (settings.kill_mode, cgroups) {
                     (KillMode::ProcessGroup, _) | (KillMode::Auto, Err(_)) => "process group",

@@ -44,7 +44,7 @@ use crate::dispatch::Mode;
 
 use crate::ids::{SlotIx, WorkerId};
 use crate::listener::{self, BoundListener, ListenError};
-use crate::slot_sockets::{Dealt, SlotGroups};
+use crate::slot_sockets::{SlotGroups, Watched};
 use herd_protocol::env::LISTEN_PID_ENV;
 
 /// argv\[1\] that makes `herd` the worker-start shim (see the module docs).
@@ -87,13 +87,23 @@ impl SocketPlan {
     /// program (CAP_BPF). Without it, says why and falls back: to hand-offs
     /// for workers that speak herd's channel (`ready = "herd"`), to the
     /// kernel's hash over per-slot sockets (`reuseport`) for the others.
-    pub fn available(self, ready: &Readiness) -> SocketPlan {
-        if self != SocketPlan::PerSlot(Dealing::Turns) {
-            return self;
+    /// Refused where `ready` probes the worker's socket: the probe is
+    /// steered by the program, so without it nothing could be ready.
+    pub fn available(self, ready: &Readiness) -> Result<SocketPlan, String> {
+        let needs_program = self == SocketPlan::PerSlot(Dealing::Turns)
+            || (ready.probes() && matches!(self, SocketPlan::PerSlot(_)));
+        if !needs_program {
+            return Ok(self);
         }
         let Err(e) = RotationProgram::load() else {
-            return self;
+            return Ok(self);
         };
+        if ready.probes() {
+            return Err(format!(
+                "`ready` = {:?} steers its probe to the starting worker's socket with herd's eBPF program, which the kernel refused here: {e}",
+                ready.name()
+            ));
+        }
         let (fallback, instead) = match ready {
             Readiness::Herd => (SocketPlan::HandOff, "hand-offs over herd's channel"),
             _ => (
@@ -105,7 +115,7 @@ impl SocketPlan {
             event = "kernel_rotation_unavailable",
             "round-robin falls back to {instead}: {e}"
         );
-        fallback
+        Ok(fallback)
     }
 
     /// Workers inherit listening sockets (and start through the shim).
@@ -186,9 +196,9 @@ impl WorkerSockets {
     }
 
     /// Samples the per-slot queues; what the kernel dealt since last time.
-    pub fn watch(&mut self, now: std::time::Instant) -> Vec<Dealt> {
+    pub fn watch(&mut self, now: std::time::Instant) -> Watched {
         self.per_slot()
-            .map_or_else(Vec::new, |groups| groups.watch(now))
+            .map_or_else(Watched::default, |groups| groups.watch(now))
     }
 
     /// The slots from `count` on are gone: close their sockets (per slot;

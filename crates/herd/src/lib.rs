@@ -35,6 +35,8 @@
 //! - `wait_queue`: accepted connections waiting for a worker, one line per listener.
 //! - `rotation`: round-robin for Node workers dealt by the kernel over
 //!   per-slot SO_REUSEPORT sockets, with herd taking over a gone worker's queue.
+//! - `probe`: readiness by probe (`ready = "tcp"`, `"http:/path"`), steered
+//!   to the starting worker's own socket.
 //! - `stall`: when a slot dealt to by the kernel stops taking its
 //!   connections (a pure decision over accept-queue samples).
 //! - `slot_sockets`: per-slot sockets for workers that take an inherited
@@ -66,6 +68,7 @@ mod metrics;
 pub mod node_ipc;
 mod notify;
 pub mod primary;
+mod probe;
 mod process;
 pub mod procstat;
 mod rate_limit;

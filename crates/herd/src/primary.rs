@@ -47,6 +47,8 @@ pub enum PrimaryError {
     Metrics(#[from] MetricsBindError),
     #[error("cannot start the hand-off loop: {0}")]
     HandoffLoop(#[source] std::io::Error),
+    #[error("{0}")]
+    Probe(String),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("`kill_mode` = \"control-group\", but herd cannot give workers cgroups: {0}")]
@@ -166,7 +168,9 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
             fd_limit.soft
         );
     }
-    let plan = SocketPlan::of(settings).available(&settings.ready);
+    let plan = SocketPlan::of(settings)
+        .available(&settings.ready)
+        .map_err(PrimaryError::Probe)?;
     let options = BindOptions {
         // Node's kernel rotation deals over a group herd's own socket is in.
         reuse_port: node_kernel_rotation(settings),

@@ -45,8 +45,11 @@ use crate::stall::{self, Verdict, Watch};
 /// unless the workers report each connection themselves (`reported`:
 /// ACCEPTED on herd's channel), to `accepted` and `handed_off` as if herd
 /// had handed those connections over.
-pub fn count(dealt: &[Dealt], counters: &Counters, reported: bool) {
-    for dealt in dealt {
+pub fn count(watched: &Watched, counters: &Counters, reported: bool) {
+    counters
+        .requeued_slot_queue
+        .fetch_add(watched.moved, Relaxed);
+    for dealt in &watched.dealt {
         counters.kernel_dealt.fetch_add(dealt.count, Relaxed);
         if reported {
             continue;
@@ -70,10 +73,16 @@ pub struct SlotGroups {
     /// Per listener, the program attached to its group (`None`: the
     /// kernel's own hash; nothing is counted or moved).
     programs: Vec<Option<RotationProgram>>,
-    /// The slots dealt to, as last given to the programs.
+    /// The slots dealt to, as last given to the programs, and the
+    /// generation of each one's sockets (a reload changes those alone).
     dealt_to: Vec<SlotIx>,
+    dealt_generations: Vec<u64>,
+    /// The next generation's number.
+    next_generation: u64,
     /// Per listener, per slot: what the program had counted at the last read.
     counted: Vec<Vec<u64>>,
+    /// Connections moved off a slot's socket since the last watch.
+    moved: u64,
     /// Failures to read a queue or move it, logged at the 1st, 2nd, 4th, … time.
     failures: Occurrences,
 }
@@ -91,6 +100,9 @@ struct Slot {
 
 #[derive(Debug)]
 struct Generation {
+    /// Unique among the slot groups' generations, so a change of sockets
+    /// is seen even where the slots dealt to stay the same.
+    id: u64,
     /// One per listener, in listener order.
     sockets: Vec<TcpListener>,
     /// Workers started with these sockets and not gone, with whether each
@@ -121,7 +133,17 @@ impl Slot {
     }
 }
 
-/// Connections the kernel dealt since the last [`SlotGroups::watch`].
+/// What happened since the last [`SlotGroups::watch`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Watched {
+    /// Connections the kernel dealt, per listener and slot.
+    pub dealt: Vec<Dealt>,
+    /// Connections moved off a dead or stalled slot's socket (each was
+    /// counted in `dealt` once, when it arrived).
+    pub moved: u64,
+}
+
+/// Connections the kernel dealt to one slot on one listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dealt {
     pub listener: ListenerIx,
@@ -147,6 +169,9 @@ impl SlotGroups {
             slots: Table::new(),
             programs: Vec::new(),
             dealt_to: Vec::new(),
+            dealt_generations: Vec::new(),
+            next_generation: 0,
+            moved: 0,
             failures: Occurrences::default(),
         };
         groups.bind_slots(workers.max(1))?;
@@ -173,11 +198,8 @@ impl SlotGroups {
             .last()
             .is_some_and(|g| !g.holders.is_empty());
         if held {
-            let sockets = self.bind_sockets()?;
-            self.slots[slot].generations.push(Generation {
-                sockets,
-                holders: Vec::new(),
-            });
+            let generation = self.new_generation()?;
+            self.slots[slot].generations.push(generation);
         }
         let generation = self.slots[slot]
             .generations
@@ -273,9 +295,9 @@ impl SlotGroups {
 
     /// Samples every slot's queue (see `stall`), skips or resumes slots,
     /// and reads what the programs dealt since the last call.
-    pub fn watch(&mut self, now: Instant) -> Vec<Dealt> {
+    pub fn watch(&mut self, now: Instant) -> Watched {
         if self.programs.iter().all(Option::is_none) {
-            return Vec::new();
+            return Watched::default();
         }
         let waiting: Vec<Option<u32>> = self.slots.ids().map(|slot| self.waiting(slot)).collect();
         let idle: Vec<SlotIx> = self
@@ -302,7 +324,10 @@ impl SlotGroups {
         if changed {
             self.apply();
         }
-        self.take_dealt()
+        Watched {
+            dealt: self.take_dealt(),
+            moved: std::mem::take(&mut self.moved),
+        }
     }
 
     /// Logs a skip or a resume; true when the deal changes.
@@ -372,15 +397,23 @@ impl SlotGroups {
                 continue;
             }
             match listen_queue::requeue_elsewhere(socket.as_fd(), backlog) {
-                Ok(()) => info!(
+                Ok(()) => {
+                    self.moved += u64::from(waiting);
+                    info!(
                     slot = slot.get(),
                     moved = waiting,
                     event = "slot_queue_moved",
                     "moved {waiting} connections waiting on slot {slot}'s socket to the others ({why})"
-                ),
+                    )
+                }
                 Err(e) => {
                     if let Some(times) = self.failures.record() {
-                        warn!(slot = slot.get(), times, event = "slot_queue_move_failed", "cannot move what waits on slot {slot}'s socket: {e}");
+                        warn!(
+                            slot = slot.get(),
+                            times,
+                            event = "slot_queue_move_failed",
+                            "cannot move what waits on slot {slot}'s socket: {e}"
+                        );
                     }
                 }
             }
@@ -402,7 +435,10 @@ impl SlotGroups {
                 entry.watch = Watch::FRESH;
             }
         }
-        if dealt_to == self.dealt_to {
+        let generations: Vec<u64> = (dealt_to.iter())
+            .map(|&slot| self.slots[slot].serving().expect("dealt to").id)
+            .collect();
+        if dealt_to == self.dealt_to && generations == self.dealt_generations {
             return;
         }
         for (at, program) in self.programs.iter_mut().enumerate() {
@@ -424,6 +460,7 @@ impl SlotGroups {
         }
         debug!(slots = ?dealt_to, "dealing to");
         self.dealt_to = dealt_to;
+        self.dealt_generations = generations;
     }
 
     /// What each program dealt per slot since the last read.
@@ -452,18 +489,14 @@ impl SlotGroups {
     /// slot's sockets found the groups and get the programs.
     fn bind_slots(&mut self, count: usize) -> Result<(), ListenError> {
         while self.slots.len() < count {
-            let sockets = self.bind_sockets()?;
+            let generation = self.new_generation()?;
             if self.slots.is_empty() {
-                self.programs = sockets
-                    .iter()
+                self.programs = (generation.sockets.iter())
                     .map(|first| attach_program(first, self.dealing))
                     .collect();
             }
             self.slots.push(Slot {
-                generations: vec![Generation {
-                    sockets,
-                    holders: Vec::new(),
-                }],
+                generations: vec![generation],
                 watch: Watch::FRESH,
             });
         }
@@ -471,15 +504,20 @@ impl SlotGroups {
     }
 
     /// One new member of each listener's group, blocking as systemd passes them.
-    fn bind_sockets(&self) -> Result<Vec<TcpListener>, ListenError> {
-        self.addrs
-            .iter()
+    fn new_generation(&mut self) -> Result<Generation, ListenError> {
+        let sockets = (self.addrs.iter())
             .map(|&addr| {
                 let socket = listener::bind_reuseport(addr, self.backlog)?;
                 listener::make_blocking(&socket)?;
                 Ok(socket)
             })
-            .collect()
+            .collect::<Result<_, ListenError>>()?;
+        self.next_generation += 1;
+        Ok(Generation {
+            id: self.next_generation,
+            sockets,
+            holders: Vec::new(),
+        })
     }
 }
 
@@ -608,7 +646,7 @@ mod tests {
             ),
             (3, 0, 3)
         );
-        let mut dealt = groups.watch(Instant::now());
+        let mut dealt = groups.watch(Instant::now()).dealt;
         dealt.sort_by_key(|d| d.slot);
         let counts: Vec<(usize, u64)> = dealt.iter().map(|d| (d.slot.get(), d.count)).collect();
         assert_eq!(counts, [(0, 3), (2, 3)]);
@@ -697,6 +735,13 @@ mod tests {
         assert_eq!(groups.slots[SlotIx(1)].generations.len(), 1);
         // The old socket's two moved to the ones dealt to: 4 in all.
         assert_eq!(waiting(&groups, 0) + waiting(&groups, 1), 4);
+        // And the turns go on strictly, over the new socket.
+        let (zero, one) = (waiting(&groups, 0), waiting(&groups, 1));
+        let _more: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(
+            (waiting(&groups, 0), waiting(&groups, 1)),
+            (zero + 2, one + 2)
+        );
     }
 
     /// A worker whose start failed holds nothing: the next start reuses

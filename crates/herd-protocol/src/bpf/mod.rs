@@ -150,20 +150,23 @@ impl RotationProgram {
             create_map(BPF_MAP_TYPE_HASH, 4, 4, MAX_PROBES).map_err(RotationError::CreateMap)?;
         let probe_sockets = create_map(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, MAX_ROTATION as u32)
             .map_err(RotationError::CreateMap)?;
-        let code = program::rotation(&program::Maps {
+        let maps = program::Maps {
             sockets: sockets.as_raw_fd(),
             config: config.as_raw_fd(),
             tally: tally.as_raw_fd(),
             probes: probes.as_raw_fd(),
             probe_sockets: probe_sockets.as_raw_fd(),
-        });
-        let (program, migrates) = match load_program(&code, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE) {
+        };
+        let migrating = program::rotation(&maps, true);
+        let (program, migrates) = match load_program(&migrating, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE)
+        {
             Ok(program) => (program, true),
-            // Before Linux 5.14: the same program, without migration.
+            // Before Linux 5.14: the program without migration.
             Err(RotationError::LoadProgram { error, .. })
                 if error.raw_os_error() == Some(libc::EINVAL) =>
             {
-                (load_program(&code, BPF_SK_REUSEPORT_SELECT)?, false)
+                let plain = program::rotation(&maps, false);
+                (load_program(&plain, BPF_SK_REUSEPORT_SELECT)?, false)
             }
             Err(e) => return Err(e),
         };
@@ -637,6 +640,12 @@ mod tests {
         );
         let accepted = std::iter::from_fn(|| kept.accept().ok()).count();
         assert_eq!(accepted, 10, "every one reached the socket left");
+        let dealt = rotation.dealt().unwrap();
+        assert_eq!(
+            (dealt[0], dealt[1]),
+            (5, 5),
+            "moved ones are not counted again"
+        );
         // Back in the group: dealt to again once it takes turns.
         rotation.set_rotation(&both, Dealing::Turns).unwrap();
         let mut order = Vec::new();

@@ -30,7 +30,8 @@
 //! the kernel also runs it when a socket of the group closes or is shut
 //! down, once for each connection still queued there: the program deals it
 //! like a new one, to a socket that takes turns (the closing one no longer
-//! does), and counts it again, for the slot that now has it. With none
+//! does), but does not count it again (`migrating_sk` is set): it was
+//! counted when it arrived, for the slot first dealt it. With none
 //! selected (nobody takes turns) the kernel moves it by its hash, instead
 //! of resetting it.
 
@@ -73,11 +74,14 @@ const SK_PASS: i32 = 1;
 /// Where `struct sk_reuseport_md` keeps `hash` (after two data pointers
 /// and four u32s).
 const HASH: i16 = 32;
+/// Where it keeps `migrating_sk` (after `hash`, padding and `sk`); only a
+/// program loaded to migrate may read it.
+const MIGRATING_SK: i16 = 48;
 
 /// The program, with the maps' file descriptors in its `ld_imm64`s. The
 /// same code loads as `BPF_SK_REUSEPORT_SELECT` or, to migrate, as
 /// `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`.
-pub(super) fn rotation(maps: &Maps) -> Vec<Insn> {
+pub(super) fn rotation(maps: &Maps, migrates: bool) -> Vec<Insn> {
     let Maps {
         sockets,
         config,
@@ -119,6 +123,11 @@ pub(super) fn rotation(maps: &Maps) -> Vec<Insn> {
         .mov64(Reg::R4, 0)
         .call(Helper::SkSelectReuseport)
         .jump_if(Cond::Ne, Reg::RET, 0, OUT);
+    if migrates {
+        // A connection moved off a closing socket was counted on arrival.
+        asm.load(Size::Dw, Reg::R1, SAVED_CTX, MIGRATING_SK)
+            .jump_if(Cond::Ne, Reg::R1, 0, OUT);
+    }
     // TURN = &config.slot_of[turn] - 4; R1 = the slot.
     asm.alu64(Alu::Lsh, TURN, 2)
         .alu64(Alu::Add, TURN, CONFIG)
@@ -261,6 +270,10 @@ mod tests {
     ];
 
     fn bytes() -> Vec<[u8; 8]> {
+        bytes_of(false)
+    }
+
+    fn bytes_of(migrates: bool) -> Vec<[u8; 8]> {
         let maps = Maps {
             sockets: 0x11,
             config: 0x22,
@@ -268,13 +281,35 @@ mod tests {
             probes: 0x44,
             probe_sockets: 0x55,
         };
-        rotation(&maps).into_iter().map(Insn::to_bytes).collect()
+        rotation(&maps, migrates)
+            .into_iter()
+            .map(Insn::to_bytes)
+            .collect()
     }
 
     #[cfg(target_endian = "little")]
     #[test]
     fn the_rotation_program_encodes_to_the_bytes_the_kernel_verified() {
         assert_eq!(bytes(), ROTATION_BYTES);
+    }
+
+    /// The migrating program is the same but for two instructions before
+    /// the count: load `migrating_sk` (r1 = *(u64 *)(r6 + 48)) and, if
+    /// set, jump to `r0 = SK_PASS` without counting.
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn the_migrating_program_does_not_count_a_moved_connection_again() {
+        let plain = bytes();
+        let migrating = bytes_of(true);
+        assert_eq!(migrating.len(), plain.len() + 2);
+        let at = migrating
+            .iter()
+            .position(|insn| *insn == [0x79, 0x61, 0x30, 0x00, 0x00, 0x00, 0x00, 0x00])
+            .expect("the load of migrating_sk");
+        assert_eq!(migrating[at + 1][..2], [0x55, 0x01]);
+        // After them, the same instructions (the jumps before them reach
+        // two slots further, to the same `out`).
+        assert_eq!(migrating[at + 2..], plain[at..]);
     }
 
     /// Read from the bytes, not from the assembler: every jump lands on

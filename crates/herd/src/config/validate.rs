@@ -81,7 +81,12 @@ impl Config {
                 "Node cluster workers run in round-robin, sticky, least-conn or shared mode (Node's cluster protocol has no per-worker sockets)",
             ));
         }
-        let socket_only = !node && matches!(self.readiness()?, Some(Readiness::Notify));
+        let ready = self.readiness()?;
+        let probes = ready.as_ref().is_some_and(Readiness::probes);
+        if probes {
+            self.probed_on_own_sockets(node)?;
+        }
+        let socket_only = !node && (probes || matches!(ready, Some(Readiness::Notify)));
         match self.rotation {
             Rotation::Auto => Ok((node || socket_only) && self.mode == Mode::RoundRobin),
             Rotation::Handoff => Ok(false),
@@ -95,6 +100,24 @@ impl Config {
             )),
             Rotation::Kernel => Ok(true),
         }
+    }
+
+    /// A probe (`ready = "tcp"` or `"http:/path"`) must reach the starting
+    /// worker's own socket: `reuseport`, or round-robin by the kernel.
+    fn probed_on_own_sockets(&self, node: bool) -> Result<(), ConfigError> {
+        let why = if node {
+            "Node cluster workers say they listen on herd's channel: use ready = \"herd\""
+        } else if self.mode == Mode::ReusePort
+            || (self.mode == Mode::RoundRobin && self.rotation != Rotation::Handoff)
+        {
+            return Ok(());
+        } else if self.mode == Mode::Shared {
+            "in mode \"shared\" every worker accepts from one queue, so a probe cannot tell which one answered: use mode \"reuseport\" or round-robin with rotation \"kernel\", where each worker has a socket of its own"
+        } else {
+            "a probe needs the worker's own socket: use mode \"reuseport\" or round-robin with rotation \"kernel\" (hand-offs reach only herd-protocol workers, which say READY)"
+        };
+        let ready = self.readiness()?.map(|r| r.name()).unwrap_or_default();
+        Err(invalid("ready", format!("{ready:?}"), why))
     }
 
     /// `restart.backoff_max` is not below `restart.backoff_base`, `ready`

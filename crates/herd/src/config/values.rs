@@ -148,10 +148,59 @@ pub enum Readiness {
     /// Counted ready this long after it starts (`ready_delay`), for
     /// servers that say nothing.
     Delay(ConfigDuration),
+    /// Ready once a connection herd makes to the worker's own socket is
+    /// accepted by it.
+    Tcp,
+    /// Ready once `GET path` on the worker's own socket is answered 2xx.
+    Http(HttpPath),
+}
+
+/// The path of `ready = "http:/path"`: starts with `/`, printable ASCII
+/// without spaces, at most [`HttpPath::MAX_LEN`] bytes, so it goes into a
+/// request line as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpPath(String);
+
+impl HttpPath {
+    pub const MAX_LEN: usize = 1024;
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for HttpPath {
+    type Err = String;
+
+    fn from_str(path: &str) -> Result<Self, Self::Err> {
+        if !path.starts_with('/') {
+            return Err(format!("the path {path:?} must start with /"));
+        }
+        if path.len() > Self::MAX_LEN {
+            return Err(format!("the path is over {} bytes", Self::MAX_LEN));
+        }
+        if !path.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "the path {path:?} must be printable ASCII without spaces (percent-encode the rest)"
+            ));
+        }
+        Ok(HttpPath(path.to_string()))
+    }
 }
 
 impl Readiness {
-    pub const NAMES: &'static [&'static str] = &["herd", "notify", "delay:DUR (e.g. \"delay:1s\")"];
+    pub const NAMES: &'static [&'static str] = &[
+        "herd",
+        "notify",
+        "tcp",
+        "http:/PATH (e.g. \"http:/health\")",
+        "delay:DUR (e.g. \"delay:1s\")",
+    ];
+
+    /// herd finds out by connecting to the worker's own socket.
+    pub fn probes(&self) -> bool {
+        matches!(self, Readiness::Tcp | Readiness::Http(_))
+    }
 
     /// The delay after which a worker counts as ready unasked, if any.
     pub fn delay(&self) -> Option<Duration> {
@@ -167,6 +216,8 @@ impl Readiness {
             Readiness::Herd => "herd".into(),
             Readiness::Notify => "notify".into(),
             Readiness::Delay(delay) => format!("delay:{delay}"),
+            Readiness::Tcp => "tcp".into(),
+            Readiness::Http(path) => format!("http:{}", path.as_str()),
         }
     }
 
@@ -178,6 +229,13 @@ impl Readiness {
                 "READY=1 from the worker's main process on its own NOTIFY_SOCKET (sd_notify)".into()
             }
             Readiness::Delay(delay) => format!("{delay} after it starts, unasked"),
+            Readiness::Tcp => {
+                "a connection herd makes to the worker's own socket, accepted by it".into()
+            }
+            Readiness::Http(path) => format!(
+                "GET {} on the worker's own socket, answered 2xx",
+                path.as_str()
+            ),
         }
     }
 }
@@ -189,6 +247,8 @@ impl FromStr for Readiness {
         match text {
             "herd" => Ok(Readiness::Herd),
             "notify" => Ok(Readiness::Notify),
+            "tcp" => Ok(Readiness::Tcp),
+            _ if text.starts_with("http:") => text["http:".len()..].parse().map(Readiness::Http),
             _ => match text.strip_prefix("delay:") {
                 Some(delay) => delay
                     .parse()

@@ -8,6 +8,9 @@
 //! NOTIFY_SOCKET, a reaped exit, a memory sample, a timer) into an [`Event`] for the core and carries out the
 //! [`Action`]s that come back, in order, on the main thread.
 //!
+//! `record` holds what herd knows of each live worker process beside the
+//! core's view.
+//!
 //! The main thread is also the one that forks: `PR_SET_PDEATHSIG` is tied
 //! to the forking thread, and the main thread lives exactly as long as herd.
 
@@ -19,6 +22,10 @@ use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+mod record;
+
+use record::Process;
+
 use crate::activation::WorkerSockets;
 use crate::cgroup::{CgroupTree, Leaf};
 use crate::config::{Readiness, Settings};
@@ -28,9 +35,9 @@ use crate::handoff::{self, Command, Controller, NewWorker};
 use crate::ids::{SlotIx, WorkerId};
 use crate::lifecycle::{self, Action, Event, Lifecycle, Policy, Version};
 use crate::metrics::Metrics;
-use crate::notify::{Heard, Listening, Message, Note, NotifySocket};
+use crate::notify::{Heard, Message, Note, NotifySocket};
+use crate::probe::{self, Probing};
 use crate::process::{self, Launch};
-use crate::procstat::{self, Sample};
 use crate::status::{Phase, SlotStatus};
 use crate::worker_output;
 
@@ -40,22 +47,6 @@ const SWEEP_WAIT: Duration = Duration::from_secs(2);
 /// Exits reaped per call, so a flood of exiting orphans cannot hold the
 /// main thread; the rest are reaped on the next SIGCHLD or monitor tick.
 const REAP_BATCH: usize = 1024;
-
-/// What herd knows of a live worker process besides the core's view.
-#[derive(Debug)]
-struct Process {
-    pid: u32,
-    slot: SlotIx,
-    started: Instant,
-    last_sample: Option<Sample>,
-    cpu_percent: f64,
-    /// Its cgroup (kill_mode control-group).
-    leaf: Option<Leaf>,
-    /// Its NOTIFY_SOCKET being read (`ready = "notify"`); dropped with it.
-    _notify: Option<Listening>,
-    /// What it said there.
-    heard: Heard,
-}
 
 /// Spawns and tracks the worker processes.
 pub struct Supervisor {
@@ -160,8 +151,8 @@ impl Supervisor {
     pub fn watch_sockets(&mut self, counters: &Counters) {
         // Workers that speak herd's channel report each connection (ACCEPTED).
         let reported = self.settings().ready == Readiness::Herd;
-        let dealt = self.sockets.watch(Instant::now());
-        crate::slot_sockets::count(&dealt, counters, reported);
+        let watched = self.sockets.watch(Instant::now());
+        crate::slot_sockets::count(&watched, counters, reported);
     }
 
     /// Fires the timers that are due.
@@ -321,21 +312,13 @@ impl Supervisor {
         self.reap();
         let mut samples = Vec::new();
         for (id, process) in &mut self.processes {
-            let Some(sample) = procstat::sample(process.pid) else {
+            let Some((rss, cpu)) = process.sample() else {
                 continue;
             };
-            let new_ticks = match &process.last_sample {
-                Some(previous) => {
-                    process.cpu_percent = procstat::cpu_percent(previous, &sample);
-                    sample.cpu_ticks.saturating_sub(previous.cpu_ticks)
-                }
-                None => sample.cpu_ticks,
-            };
             if let Some(seconds) = self.cpu_seconds.get_mut(process.slot.get()) {
-                *seconds += procstat::ticks_to_seconds(new_ticks);
+                *seconds += cpu;
             }
-            process.last_sample = Some(sample);
-            samples.push((*id, sample.rss));
+            samples.push((*id, rss));
         }
         if !samples.is_empty() {
             self.handle(Event::Memory { samples });
@@ -508,6 +491,21 @@ impl Supervisor {
         let _ = self.handoff.send(command);
     }
 
+    /// Starts probing worker `id` of `slot` where `ready` says so.
+    fn probe(&mut self, settings: &Settings, slot: SlotIx, id: WorkerId) -> Option<Probing> {
+        if !settings.ready.probes() {
+            return None;
+        }
+        let (prober, addr) = self.sockets.per_slot()?.offer_probe(slot, id)?;
+        let target = probe::Target {
+            worker: id,
+            slot,
+            addr,
+            prober,
+        };
+        probe::spawn(&settings.ready, target, self.notes.clone())
+    }
+
     /// A cgroup for worker `id` of `slot` (kill_mode control-group).
     fn leaf_for(&self, slot: SlotIx, id: WorkerId) -> Result<Option<Leaf>, String> {
         let Some(tree) = &self.cgroups else {
@@ -557,6 +555,7 @@ impl Supervisor {
         let recycle_after = settings.recycle_after(id.0);
         let heard = Heard::new(notify.as_ref().and_then(|socket| socket.watchdog));
         let notify = notify.and_then(|socket| socket.listen(id, pid, self.notes.clone()));
+        let probe = self.probe(&settings, slot, id);
         self.processes.insert(
             id,
             Process {
@@ -568,6 +567,7 @@ impl Supervisor {
                 leaf,
                 _notify: notify,
                 heard,
+                _probe: probe,
             },
         );
         self.by_pid.insert(pid, id);
