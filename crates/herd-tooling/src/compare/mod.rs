@@ -227,6 +227,10 @@ pub struct Row {
     pub herd_counts: Vec<u64>,
     /// Resident memory of herd's primary right after the load, in bytes.
     pub primary_rss_bytes: Option<u64>,
+    /// CPU time herd's primary used during the load (every thread: user and
+    /// system, from /proc at the kernel's 10 ms tick), per connection the
+    /// load opened, in microseconds.
+    pub primary_cpu_us_per_connection: Option<f64>,
     /// Why there is no measurement, or what went wrong around it.
     pub note: Option<String>,
 }
@@ -241,6 +245,7 @@ impl Row {
             spread_from: None,
             herd_counts: Vec::new(),
             primary_rss_bytes: None,
+            primary_cpu_us_per_connection: None,
             note: Some(one_line(&note)),
         }
     }

@@ -26,6 +26,7 @@ const COLUMNS: &[&str] = &[
     "Jain",
     "spread from",
     "RSS MiB",
+    "herd CPU µs/conn",
     "note",
 ];
 
@@ -67,6 +68,8 @@ fn cells(row: &Row) -> Vec<String> {
         row.spread_from.map_or_else(dash, |s| s.name().to_string()),
         row.primary_rss_bytes
             .map_or_else(dash, |b| format!("{:.1}", b as f64 / 1_048_576.0)),
+        row.primary_cpu_us_per_connection
+            .map_or_else(dash, |us| format!("{us:.1}")),
         note,
     ]
 }
@@ -137,7 +140,7 @@ pub fn render_markdown(report: &CompareReport, invocation: &str) -> String {
          response. Errors include timeouts. max/min and Jain's index are over every \
          worker herd had when the load began: of the answers per worker when the \
          bodies name it (spread from `bodies`), else of the connections herd counted \
-         per slot during the load (`herd`). RSS is herd's primary after the load.\n",
+         per slot during the load (`herd`). RSS is herd's primary after the load; herd CPU is the primary's CPU time during the load per connection opened (10 ms ticks).\n",
     );
     out
 }
@@ -145,7 +148,7 @@ pub fn render_markdown(report: &CompareReport, invocation: &str) -> String {
 /// The CSV header: raw units (microseconds, bytes), for spreadsheets.
 pub const CSV_HEADER: &str = "scenario,mode,requests,succeeded,errors,timeouts,\
 requests_per_sec,connections_per_sec,p50_us,p99_us,max_us,max_min_ratio,jain_index,\
-spread_from,primary_rss_bytes,note";
+spread_from,primary_rss_bytes,primary_cpu_us_per_connection,note";
 
 /// `compare.csv`: one line per row, empty fields where nothing was measured.
 pub fn render_csv(report: &CompareReport) -> String {
@@ -174,6 +177,9 @@ pub fn render_csv(report: &CompareReport) -> String {
             opt(row.fairness.map(|f| format!("{:.4}", f.jain_index))),
             opt(row.spread_from.map(|s| s.name().to_string())),
             opt(row.primary_rss_bytes.map(|b| b.to_string())),
+            opt(row
+                .primary_cpu_us_per_connection
+                .map(|us| format!("{us:.2}"))),
             row.note.clone().unwrap_or_default(),
         ];
         let fields: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
@@ -283,10 +289,10 @@ mod tests {
         assert_eq!(lines[0], CSV_HEADER);
         assert_eq!(lines.len(), 5);
         assert!(lines[1].starts_with(
-            "uniform,round-robin,1000,1000,0,0,1000.0,4.0,400,1500,3000,1.500,0.9615,herd,8388608,"
+            "uniform,round-robin,1000,1000,0,0,1000.0,4.0,400,1500,3000,1.500,0.9615,herd,8388608,12.50,"
         ));
         assert!(
-            lines[2].starts_with("uniform,shared,,,,,,,,,,,,,,\"herd exited"),
+            lines[2].starts_with("uniform,shared,,,,,,,,,,,,,,,\"herd exited"),
             "{csv}"
         );
         assert!(lines[2].contains("\"\"shared\"\""), "{csv}");

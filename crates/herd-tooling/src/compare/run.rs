@@ -127,6 +127,7 @@ struct Measured {
     /// only on listeners it binds for the app): the row must say so.
     kernel_unused: bool,
     primary_rss_bytes: Option<u64>,
+    primary_cpu_us_per_connection: Option<f64>,
 }
 
 /// Starts herd in `mode`, measures `scenario` against it and stops it again
@@ -168,6 +169,7 @@ pub(super) async fn one_row(
                 spread_from: m.spread.source,
                 herd_counts: m.herd_counts,
                 primary_rss_bytes: m.primary_rss_bytes,
+                primary_cpu_us_per_connection: m.primary_cpu_us_per_connection,
                 note: (!notes.is_empty()).then(|| one_line(&notes.join("; "))),
             }
         }
@@ -234,9 +236,18 @@ async fn measure(
         }
         Scenario::Uniform | Scenario::Connect => None,
     };
+    let cpu_before = procstat::sample(herd.pid).map(|s| s.cpu_ticks);
     let report = bench::run(options.bench_options(target, scenario)).await;
+    let cpu_after = procstat::sample(herd.pid).map(|s| s.cpu_ticks);
     drop(paused);
     let report = report?;
+    let primary_cpu_us_per_connection = match (cpu_before, cpu_after) {
+        (Some(before), Some(after)) if report.connections_opened > 0 => {
+            let seconds = procstat::ticks_to_seconds(after.saturating_sub(before));
+            Some(seconds * 1e6 / report.connections_opened as f64)
+        }
+        _ => None,
+    };
     // With bodies that name their worker, herd's counts are only reported:
     // no need to wait for the late ones, unless they say whether the
     // kernel dealt at all.
@@ -253,6 +264,7 @@ async fn measure(
         herd_counts: counts.per_slot,
         kernel_unused,
         primary_rss_bytes: procstat::sample(herd.pid).map(|s| s.rss),
+        primary_cpu_us_per_connection,
         bench: report,
     })
 }

@@ -52,6 +52,7 @@ pub(super) fn report() -> CompareReport {
         spread_from: Some(SpreadSource::Herd),
         herd_counts: vec![600, 400],
         primary_rss_bytes: Some(8 << 20),
+        primary_cpu_us_per_connection: Some(12.5),
         note: None,
     };
     CompareReport {
