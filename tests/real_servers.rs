@@ -13,7 +13,9 @@
 //!   fails.
 //!
 //! nginx stopped by `stop_signal = "SIGQUIT"`, a slow download completing
-//! across a reload, is tests/stop_signal.rs.
+//! across a reload, is tests/stop_signal.rs. uvicorn is not here: its
+//! graceful stop closes a connection it has accepted and not read yet, so
+//! a reload under this load loses one now and then (README, Recipes).
 //!
 //! **What may fail.** A request may fail only if the killed slot's
 //! processes held it when they were frozen: the test SIGSTOPs the victim's
@@ -60,11 +62,11 @@ const MAX_REQUESTS_PER_CLIENT: usize = 20_000;
 /// Successful requests to see after each step before the next one.
 const STEADY: usize = 60;
 
-/// gunicorn, from PyPI into `.venv-tests` by scripts/test (or
-/// `HERD_TEST_GUNICORN`): its path, if it is there.
-fn gunicorn() -> Option<String> {
-    let path = std::env::var("HERD_TEST_GUNICORN")
-        .unwrap_or_else(|_| format!("{}/.venv-tests/bin/gunicorn", env!("CARGO_MANIFEST_DIR")));
+/// A server installed from PyPI into `.venv-tests` by scripts/test
+/// (gunicorn; `HERD_TEST_GUNICORN` overrides): its path, if it is there.
+fn from_pypi(name: &str) -> Option<String> {
+    let path = std::env::var(format!("HERD_TEST_{}", name.to_uppercase()))
+        .unwrap_or_else(|_| format!("{}/.venv-tests/bin/{name}", env!("CARGO_MANIFEST_DIR")));
     std::path::Path::new(&path).exists().then_some(path)
 }
 
@@ -263,59 +265,62 @@ fn judge(outcomes: &[Outcome], kill: &Kill) -> (Vec<Outcome>, usize) {
     (unexplained.into_iter().cloned().collect(), explained.len())
 }
 
-/// herd running `workers` gunicorns (one sync worker each), ready by
-/// `sd_notify`, with `mode` flags.
-fn launch_gunicorn(name: &str, gunicorn: &str, workers: usize, mode: &[&str]) -> Herd {
-    let fixtures = fixtures();
-    let mut flags = mode.to_vec();
-    flags.extend(["--ready", "notify"]);
-    Herd::launch(
-        name,
-        Some("shutdown_timeout = \"10s\"\n"),
-        workers,
-        &flags,
-        &[
-            gunicorn,
-            "--chdir",
-            &fixtures,
-            "--workers",
-            "1",
-            "--graceful-timeout",
-            "5",
-            // Two arbiters would share gunicorn's default control socket path.
-            "--no-control-socket",
-            "gunicorn_app:app",
-        ],
-    )
-}
-
-/// gunicorn under load through a kill, a reload, and scaling to 3 and
-/// back to 1: nothing fails but what the killed worker held.
-fn gunicorn_through_kill_reload_and_scale(name: &str, mode: &[&str]) {
-    let Some(gunicorn) = gunicorn() else {
+/// herd running 2 gunicorns (one sync worker each), ready by `sd_notify`,
+/// with `mode` flags; None (skipped, or failed in CI) without gunicorn.
+fn launch_gunicorn(name: &str, mode: &[&str]) -> Option<Herd> {
+    let Some(gunicorn) = from_pypi("gunicorn") else {
         skip_unless_ci(
             name,
             "needs gunicorn in .venv-tests (scripts/test installs it)",
         );
+        return None;
+    };
+    let fixtures = fixtures();
+    let mut flags = mode.to_vec();
+    flags.extend(["--ready", "notify"]);
+    let command = [
+        &gunicorn,
+        "--chdir",
+        &fixtures,
+        "--workers",
+        "1",
+        "--graceful-timeout",
+        "5",
+        // Two arbiters would share gunicorn's default control socket path.
+        "--no-control-socket",
+        "gunicorn_app:app",
+    ];
+    Some(Herd::launch(name, Some(CONFIG), 2, &flags, &command))
+}
+
+/// What the server tests configure beyond the flags.
+const CONFIG: &str = "shutdown_timeout = \"10s\"\n";
+
+/// A real server, 2 workers, under load through a kill, a reload, and
+/// scaling to 3 and back to 1: nothing fails but what the killed worker
+/// held, and herd stops it gracefully (exit 0).
+fn through_kill_reload_and_scale(name: &str, herd: Option<Herd>) {
+    let Some(herd) = herd else {
         return;
     };
-    let herd = launch_gunicorn(name, &gunicorn, 2, mode);
     let first = herd.wait_all_ready(2);
     let load = Load::start(herd.addr());
     load.settle(STEADY);
     assert!(load.failures().is_empty(), "{:?}", load.failures());
-
+    // When each step began, to say in which one a request failed.
+    let mut steps = vec![("kill", Instant::now())];
     let kill = kill_slot(&herd, 0, 2);
     load.settle(STEADY);
-    let after_kill = Instant::now();
 
+    steps.push(("reload", Instant::now()));
     let reload = herd.control(&["reload"]);
     assert_eq!(reload.code, Some(0), "{reload:?}");
     let reloaded = herd.wait_all_ready(2);
     assert!(reloaded.is_disjoint(&first), "{reloaded:?} vs {first:?}");
     load.settle(STEADY);
 
-    for workers in [3, 1] {
+    for (step, workers) in [("scale 3", 3), ("scale 1", 1)] {
+        steps.push((step, Instant::now()));
         let scale = herd.control(&["scale", &workers.to_string()]);
         assert_eq!(scale.code, Some(0), "{scale:?}");
         herd.wait_all_ready(workers);
@@ -323,10 +328,22 @@ fn gunicorn_through_kill_reload_and_scale(name: &str, mode: &[&str]) {
     }
     let outcomes = load.finish();
     let (unexplained, explained) = judge(&outcomes, &kill);
+    let during: Vec<(&str, &Outcome)> = unexplained
+        .iter()
+        .map(|o| {
+            (
+                steps
+                    .iter()
+                    .rfind(|s| s.1 <= o.began)
+                    .map_or("start", |s| s.0),
+                o,
+            )
+        })
+        .collect();
     assert!(
         unexplained.is_empty(),
         "{name}: {} of {} requests failed beyond those the killed worker held \
-         ({kill:?}): {unexplained:#?}",
+         ({kill:?}), during: {during:#?}",
         unexplained.len(),
         outcomes.len()
     );
@@ -335,26 +352,26 @@ fn gunicorn_through_kill_reload_and_scale(name: &str, mode: &[&str]) {
         "{name}: {explained} requests cut at the kill, but it held only {}",
         kill.held
     );
-    let late: Vec<&Outcome> = outcomes.iter().filter(|o| o.began > after_kill).collect();
-    assert!(late.iter().all(|o| o.answer.is_ok()), "{late:?}");
     eprintln!(
         "{name}: {} requests, {explained} cut at the kill (held {})",
         outcomes.len(),
         kill.held
     );
-    // gunicorn stops gracefully on herd's SIGTERM, in time: exit 0.
+    // It stops gracefully on herd's SIGTERM, in time: exit 0.
     let status = herd.stop();
     assert!(status.success(), "{name}: herd exited {status}");
 }
 
 #[test]
 fn gunicorn_in_shared_mode_drops_nothing_through_kill_reload_and_scale() {
-    gunicorn_through_kill_reload_and_scale("gunicorn-shared", &["--mode", "shared"]);
+    let name = "gunicorn_in_shared_mode_drops_nothing_through_kill_reload_and_scale";
+    through_kill_reload_and_scale(name, launch_gunicorn(name, &["--mode", "shared"]));
 }
 
 #[test]
 fn gunicorn_in_reuseport_mode_drops_nothing_through_kill_reload_and_scale() {
-    gunicorn_through_kill_reload_and_scale("gunicorn-reuseport", &["--mode", "reuseport"]);
+    let name = "gunicorn_in_reuseport_mode_drops_nothing_through_kill_reload_and_scale";
+    through_kill_reload_and_scale(name, launch_gunicorn(name, &["--mode", "reuseport"]));
 }
 
 #[test]
@@ -364,10 +381,8 @@ fn kernel_rotation_gunicorn_drops_nothing_through_kill_reload_and_scale() {
     if !require_cap_bpf(name) {
         return;
     }
-    gunicorn_through_kill_reload_and_scale(
-        name,
-        &["--mode", "round-robin", "--rotation", "kernel"],
-    );
+    let mode = ["--mode", "round-robin", "--rotation", "kernel"];
+    through_kill_reload_and_scale(name, launch_gunicorn(name, &mode));
 }
 
 // ---- an asyncio server from the standard library, by LISTEN_FDS ----
