@@ -7,10 +7,10 @@
 //!   reload, `herd scale 3` and `herd scale 1`, in `shared`, `reuseport`
 //!   and the kernel's round-robin (`--mode round-robin --rotation kernel`).
 //! - An asyncio server from Python's standard library that takes its
-//!   socket from `LISTEN_FDS` (tests/fixtures/asyncio_worker.py): under
-//!   the kernel rotation every worker takes exactly its turns, in a fixed
-//!   cycle; in `shared` and `reuseport` every worker answers and nothing
-//!   fails.
+//!   socket from `LISTEN_FDS` (tests/fixtures/asyncio_worker.py), ready by
+//!   `sd_notify` once it serves: under the kernel rotation every worker
+//!   takes exactly its turns, in a fixed cycle; in `shared` and
+//!   `reuseport` every worker answers and nothing fails.
 //!
 //! nginx stopped by `stop_signal = "SIGQUIT"`, a slow download completing
 //! across a reload, is tests/stop_signal.rs. uvicorn is not here: its
@@ -27,10 +27,12 @@
 //! request that got no answer within [`REQUEST_TIMEOUT`], a cut at any
 //! other moment, one during the reload or the scaling) fails the test.
 //!
-//! The kernel-rotation tests are `#[ignore]`d on this branch, where herd
-//! still refuses `--rotation kernel` for workers that are not Node's; they
-//! are written as they must run once it deals to LISTEN_FDS workers:
-//! `cargo nextest run --test real_servers --run-ignored all`.
+//! The two kernel-rotation tests (`kernel_rotation_*`) are `#[ignore]`d on
+//! this branch, where herd still refuses `--rotation kernel` for workers
+//! that are not Node's; they are written as they must run once it deals to
+//! LISTEN_FDS workers (they passed with main's kernel rotation for them
+//! merged in): `cargo nextest run --test real_servers --run-ignored all`,
+//! and drop the `#[ignore]` lines once that is merged.
 
 mod common;
 
@@ -391,11 +393,11 @@ fn asyncio_worker() -> String {
     format!("{}/asyncio_worker.py", fixtures())
 }
 
-/// herd running `workers` asyncio servers, counted ready 300 ms after they
-/// start (they say nothing), with `mode` flags.
+/// herd running `workers` asyncio servers, ready once they say READY=1
+/// (sd_notify) as they begin to serve, with `mode` flags.
 fn launch_asyncio(name: &str, workers: usize, mode: &[&str]) -> Herd {
     let mut flags = mode.to_vec();
-    flags.extend(["--ready", "delay:300ms"]);
+    flags.extend(["--ready", "notify"]);
     let script = asyncio_worker();
     Herd::launch(name, None, workers, &flags, &["python3", &script])
 }
