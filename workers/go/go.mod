@@ -1,0 +1,3 @@
+module herd-go-hello
+
+go 1.19
