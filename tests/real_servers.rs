@@ -27,12 +27,7 @@
 //! request that got no answer within [`REQUEST_TIMEOUT`], a cut at any
 //! other moment, one during the reload or the scaling) fails the test.
 //!
-//! The two kernel-rotation tests (`kernel_rotation_*`) are `#[ignore]`d on
-//! this branch, where herd still refuses `--rotation kernel` for workers
-//! that are not Node's; they are written as they must run once it deals to
-//! LISTEN_FDS workers (they passed with main's kernel rotation for them
-//! merged in): `cargo nextest run --test real_servers --run-ignored all`,
-//! and drop the `#[ignore]` lines once that is merged.
+//! The kernel-rotation tests (`kernel_rotation_*`) need CAP_BPF.
 
 mod common;
 
@@ -377,7 +372,6 @@ fn gunicorn_in_reuseport_mode_drops_nothing_through_kill_reload_and_scale() {
 }
 
 #[test]
-#[ignore = "needs --rotation kernel for LISTEN_FDS workers, not on this branch yet"]
 fn kernel_rotation_gunicorn_drops_nothing_through_kill_reload_and_scale() {
     let name = "kernel_rotation_gunicorn_drops_nothing_through_kill_reload_and_scale";
     if !require_cap_bpf(name) {
@@ -413,7 +407,6 @@ fn sequence(addr: SocketAddr, count: usize) -> Vec<u32> {
 const TURNS: usize = 25;
 
 #[test]
-#[ignore = "needs --rotation kernel for LISTEN_FDS workers, not on this branch yet"]
 fn kernel_rotation_gives_asyncio_workers_strict_turns() {
     let name = "kernel_rotation_gives_asyncio_workers_strict_turns";
     if !require_cap_bpf(name) {
