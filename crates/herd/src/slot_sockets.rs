@@ -575,6 +575,14 @@ mod tests {
         )
     }
 
+    /// `count` clients connected to `addr` (the kernel completes each
+    /// handshake before `connect` returns).
+    fn clients(addr: SocketAddr, count: usize) -> Vec<TcpStream> {
+        (0..count)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect()
+    }
+
     /// Worker `worker` starts in `slot` and is ready.
     fn start(groups: &mut SlotGroups, slot: usize, worker: u64) -> Vec<RawFd> {
         let fds = groups.for_slot(SlotIx(slot), WorkerId(worker)).unwrap();
@@ -637,7 +645,7 @@ mod tests {
         start(&mut groups, 2, 12);
         // Slot 1's worker has started, and is not ready.
         groups.for_slot(SlotIx(1), WorkerId(11)).unwrap();
-        let _clients: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let _clients = clients(addr, 6);
         assert_eq!(
             (
                 waiting(&groups, 0),
@@ -652,7 +660,7 @@ mod tests {
         assert_eq!(counts, [(0, 3), (2, 3)]);
         // Slot 2's worker drains: slot 0 alone takes the next ones.
         groups.drain(WorkerId(12));
-        let _more: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let _more = clients(addr, 2);
         assert_eq!((waiting(&groups, 0), waiting(&groups, 2)), (5, 3));
     }
 
@@ -667,13 +675,13 @@ mod tests {
         let (mut groups, addr) = groups(Dealing::Turns, 2);
         start(&mut groups, 0, 1);
         let before = start(&mut groups, 1, 2);
-        let _clients: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let _clients = clients(addr, 4);
         assert_eq!(waiting(&groups, 1), 2);
         groups.gone(WorkerId(2));
         assert_eq!((waiting(&groups, 0), waiting(&groups, 1)), (4, 0));
         // Its next worker gets the same socket, listening, and its turns back.
         assert_eq!(start(&mut groups, 1, 3), before);
-        let _next: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let _next = clients(addr, 2);
         assert_eq!(waiting(&groups, 1), 1);
     }
 
@@ -725,7 +733,7 @@ mod tests {
         let old = start(&mut groups, 1, 2);
         let new = groups.for_slot(SlotIx(1), WorkerId(3)).unwrap();
         assert_ne!(old, new, "a replacement's own socket");
-        let _clients: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let _clients = clients(addr, 4);
         // Not ready: the old worker keeps the turns.
         assert_eq!(waiting(&groups, 1), 2);
         groups.serve(SlotIx(1), WorkerId(3));
@@ -737,7 +745,7 @@ mod tests {
         assert_eq!(waiting(&groups, 0) + waiting(&groups, 1), 4);
         // And the turns go on strictly, over the new socket.
         let (zero, one) = (waiting(&groups, 0), waiting(&groups, 1));
-        let _more: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let _more = clients(addr, 4);
         assert_eq!(
             (waiting(&groups, 0), waiting(&groups, 1)),
             (zero + 2, one + 2)

@@ -478,6 +478,23 @@ mod tests {
         }
     }
 
+    /// A program loaded to migrate, attached to a group of two sockets
+    /// (the first attached to), and their address.
+    fn migrating_pair() -> (
+        RotationProgram,
+        TcpListener,
+        TcpListener,
+        std::net::SocketAddr,
+    ) {
+        let rotation = RotationProgram::load().unwrap_or_else(|e| panic!("{e}"));
+        assert!(rotation.migrates(), "Linux 5.14 or later migrates");
+        let first = bind_reuseport("127.0.0.1:0".parse().unwrap());
+        let addr = first.local_addr().unwrap();
+        let second = bind_reuseport(addr);
+        rotation.attach(first.as_fd()).unwrap();
+        (rotation, first, second, addr)
+    }
+
     #[test]
     fn without_cap_bpf_the_error_says_so() {
         let eperm = || io::Error::from_raw_os_error(libc::EPERM);
@@ -504,12 +521,7 @@ mod tests {
         if !testable_here(test) {
             return;
         }
-        let mut rotation = RotationProgram::load().unwrap_or_else(|e| panic!("{e}"));
-        assert!(rotation.migrates(), "Linux 5.14 or later migrates");
-        let kept = bind_reuseport("127.0.0.1:0".parse().unwrap());
-        let addr = kept.local_addr().unwrap();
-        let closing = bind_reuseport(addr);
-        rotation.attach(kept.as_fd()).unwrap();
+        let (mut rotation, kept, closing, addr) = migrating_pair();
         rotation
             .set_rotation(&[(0, kept.as_fd()), (1, closing.as_fd())], Dealing::Turns)
             .unwrap();
@@ -614,12 +626,7 @@ mod tests {
         if !testable_here(test) {
             return;
         }
-        let mut rotation = RotationProgram::load().unwrap_or_else(|e| panic!("{e}"));
-        assert!(rotation.migrates(), "Linux 5.14 or later migrates");
-        let kept = bind_reuseport("127.0.0.1:0".parse().unwrap());
-        let addr = kept.local_addr().unwrap();
-        let stalled = bind_reuseport(addr);
-        rotation.attach(kept.as_fd()).unwrap();
+        let (mut rotation, kept, stalled, addr) = migrating_pair();
         let both = [(0, kept.as_fd()), (1, stalled.as_fd())];
         rotation.set_rotation(&both, Dealing::Turns).unwrap();
         let mut clients: Vec<TcpStream> =
