@@ -612,7 +612,7 @@ fn ready_names_the_convention_and_ready_delay_is_its_old_name() {
     assert_eq!(alias.ready, delay.ready);
     assert_eq!(
         refused("ready = \"soon\"\n"),
-        "invalid `ready` = \"soon\": expected one of: herd, notify, delay:DUR (e.g. \"delay:1s\")"
+        "invalid `ready` = \"soon\": expected one of: herd, notify, tcp, http:/PATH (e.g. \"http:/health\"), delay:DUR (e.g. \"delay:1s\")"
     );
     assert!(refused("ready = 3\n").starts_with("invalid `ready` = 3: expected one of"));
     assert!(refused("ready = \"delay:soon\"\n")
