@@ -299,33 +299,45 @@ impl SlotGroups {
         if self.programs.iter().all(Option::is_none) {
             return Watched::default();
         }
-        let waiting: Vec<Option<u32>> = self.slots.ids().map(|slot| self.waiting(slot)).collect();
-        let idle: Vec<SlotIx> = self
-            .dealt_to
-            .iter()
-            .copied()
-            .filter(|slot| waiting.get(slot.get()).copied().flatten() == Some(0))
+        // The deals first, then the queues: see `stall` for the order.
+        let dealt = self.take_dealt();
+        let queues: Vec<Option<(u32, bool)>> =
+            self.slots.ids().map(|slot| self.waiting(slot)).collect();
+        let idle: Vec<SlotIx> = (self.dealt_to.iter().copied())
+            .filter(|slot| matches!(queues.get(slot.get()), Some(Some((0, _)))))
             .collect();
         let mut changed = false;
         for slot in self.slots.ids().collect::<Vec<_>>() {
-            let Some(now_waiting) = waiting[slot.get()] else {
+            let Some((waiting, full)) = queues[slot.get()] else {
                 continue;
             };
-            let dealt_to = self.dealt_to.contains(&slot);
             let watch = self.slots[slot].watch;
-            if !dealt_to && !watch.is_skipped() {
+            if !self.dealt_to.contains(&slot) && !watch.is_skipped() {
                 continue;
             }
+            let last = match watch {
+                Watch::Dealt { last, .. } => last,
+                Watch::Skipped { .. } => 0,
+            };
+            let dealt_here: u64 = (dealt.iter().filter(|d| d.slot == slot))
+                .map(|d| d.count)
+                .sum();
+            let grew = u64::from(waiting.saturating_sub(last));
+            let sample = stall::Sample {
+                waiting,
+                accepted: dealt_here.saturating_sub(grew),
+                full,
+            };
             let another_idle = idle.iter().any(|&other| other != slot);
-            let (next, verdict) = stall::step(watch, now_waiting, another_idle, now);
+            let (next, verdict) = stall::step(watch, sample, another_idle, now);
             self.slots[slot].watch = next;
-            changed |= self.carry_out(slot, verdict, now_waiting, next);
+            changed |= self.carry_out(slot, verdict, waiting, next);
         }
         if changed {
             self.apply();
         }
         Watched {
-            dealt: self.take_dealt(),
+            dealt,
             moved: std::mem::take(&mut self.moved),
         }
     }
@@ -362,12 +374,16 @@ impl SlotGroups {
         }
     }
 
-    /// Connections waiting on `slot`'s sockets, summed over listeners.
-    fn waiting(&mut self, slot: SlotIx) -> Option<u32> {
-        let mut total = 0u32;
+    /// Connections waiting on `slot`'s sockets, summed over listeners, and
+    /// whether one of those queues is at its bound.
+    fn waiting(&mut self, slot: SlotIx) -> Option<(u32, bool)> {
+        let (mut total, mut full) = (0u32, false);
         for socket in &self.slots[slot].current().sockets {
             match listen_queue::depth(socket.as_fd()) {
-                Ok(depth) => total = total.saturating_add(depth.waiting),
+                Ok(depth) => {
+                    total = total.saturating_add(depth.waiting);
+                    full |= depth.waiting >= depth.bound;
+                }
                 Err(e) => {
                     if let Some(times) = self.failures.record() {
                         warn!(
@@ -381,7 +397,7 @@ impl SlotGroups {
                 }
             }
         }
-        Some(total)
+        Some((total, full))
     }
 
     /// Makes the kernel move what waits on `slot`'s sockets to the slots

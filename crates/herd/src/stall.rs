@@ -2,11 +2,24 @@
 //! connections loses its turns until it has had time to recover.
 //!
 //! Owns the decision, as a pure transition ([`step`]) over what herd samples
-//! every [`WATCH_INTERVAL`]: how many connections wait in the accept queue
-//! of a slot's own socket. A slot is *stalled* when its queue has waited,
-//! without shrinking, for [`STALL_SAMPLES`] samples in a row while another
-//! slot dealt to had nothing waiting: its event loop is blocked (or it is
-//! stopped), not merely busy like everyone else. It is then *skipped*: out
+//! every [`WATCH_INTERVAL`] ([`Sample`]): how many connections wait in the
+//! accept queue of a slot's own socket, and how many its worker accepted
+//! since the last sample (what the kernel dealt to the slot, less what the
+//! queue grew by). A slot is *stalled* when connections waited and its
+//! worker made no progress (the queue did not shrink, and it accepted fewer
+//! than [`MIN_PROGRESS`]) for [`STALL_SAMPLES`] samples in a row, while
+//! another slot dealt to had nothing waiting: its event loop is blocked (or
+//! it is stopped), not merely busy like everyone else.
+//!
+//! Why the accepts and not the queue alone: at thousands of connections a
+//! second, a busy worker's queue holds one or two at almost any instant, so
+//! "waited at three samples" says nothing; one that accepted hundreds in
+//! between is not stalled. Why at least [`MIN_PROGRESS`]: the two counts
+//! are read one after the other, so a connection arriving between the two
+//! reads shows as one accept too many (or too few) in an interval. A full
+//! queue ([`Sample::full`]) counts only its shrinking: the kernel deals (and
+//! counts) a connection and then drops it for want of room, so there the
+//! deals say nothing of accepts. It is then *skipped*: out
 //! of the turns for a probation that doubles with every stall in a row
 //! ([`probation`]: 1 s, 2 s, ... 30 s), and back once the probation is over
 //! and nothing waits on its socket. A slot that goes [`CLEAN_SAMPLES`]
@@ -27,8 +40,11 @@ use std::time::{Duration, Instant};
 
 /// How often the queues are sampled.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(100);
-/// Samples in a row a queue must wait without shrinking to be stalled.
+/// Samples in a row a queue must wait, its worker making no progress, to
+/// be stalled.
 pub const STALL_SAMPLES: u32 = 3;
+/// Accepts in one interval that count as progress.
+pub const MIN_PROGRESS: u64 = 2;
 /// Samples in a row without a stuck one after which earlier stalls are forgiven.
 pub const CLEAN_SAMPLES: u32 = 100;
 const FIRST_PROBATION: Duration = Duration::from_secs(1);
@@ -64,6 +80,26 @@ impl Watch {
     }
 }
 
+/// One slot's queue at one sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    /// Connections waiting on the slot's socket now.
+    pub waiting: u32,
+    /// Connections its worker accepted since the last sample, as far as
+    /// the counts tell (dealt since, less what the queue grew by).
+    pub accepted: u64,
+    /// The queue is at its bound.
+    pub full: bool,
+}
+
+impl Sample {
+    /// A sample in which the worker made no progress since `last` waited.
+    fn no_progress(self, last: u32) -> bool {
+        let accepted = !self.full && self.accepted >= MIN_PROGRESS;
+        self.waiting > 0 && self.waiting >= last && !accepted
+    }
+}
+
 /// What the caller does after a sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -75,9 +111,10 @@ pub enum Verdict {
     Resume,
 }
 
-/// One sample of one slot: `waiting` on its socket now, and whether
-/// another slot dealt to had nothing waiting at this sample.
-pub fn step(watch: Watch, waiting: u32, another_idle: bool, now: Instant) -> (Watch, Verdict) {
+/// One sample of one slot, and whether another slot dealt to had nothing
+/// waiting at this sample.
+pub fn step(watch: Watch, sample: Sample, another_idle: bool, now: Instant) -> (Watch, Verdict) {
+    let waiting = sample.waiting;
     match watch {
         Watch::Dealt {
             stuck,
@@ -85,7 +122,7 @@ pub fn step(watch: Watch, waiting: u32, another_idle: bool, now: Instant) -> (Wa
             strikes,
             clean,
         } => {
-            let stuck = if waiting > 0 && waiting >= last {
+            let stuck = if sample.no_progress(last) {
                 stuck + 1
             } else {
                 0
@@ -132,13 +169,22 @@ pub fn probation(strikes: u32) -> Duration {
 mod tests {
     use super::*;
 
-    /// Runs `samples` (waiting, another_idle) from `watch`, one interval
-    /// apart; the verdicts.
+    /// A sample of a worker that accepted nothing.
+    fn stuck_at(waiting: u32) -> Sample {
+        Sample {
+            waiting,
+            accepted: 0,
+            full: false,
+        }
+    }
+
+    /// Runs `samples` (waiting, another_idle), the worker accepting
+    /// nothing, from `watch`, one interval apart; the verdicts.
     fn run(mut watch: Watch, samples: &[(u32, bool)], start: Instant) -> (Watch, Vec<Verdict>) {
         let mut verdicts = Vec::new();
         for (i, &(waiting, idle)) in samples.iter().enumerate() {
             let now = start + WATCH_INTERVAL * i as u32;
-            let (next, verdict) = step(watch, waiting, idle, now);
+            let (next, verdict) = step(watch, stuck_at(waiting), idle, now);
             watch = next;
             verdicts.push(verdict);
         }
@@ -174,6 +220,63 @@ mod tests {
         assert!(!watch.is_skipped());
     }
 
+    /// At a high rate a queue holds a connection at every sample: the
+    /// worker accepting hundreds in between is not stalled; one that
+    /// accepts a single one (or the counts' one of noise) is.
+    #[test]
+    fn a_worker_that_accepts_keeps_its_turns_whatever_waits_at_the_samples() {
+        let busy = Sample {
+            waiting: 1,
+            accepted: 800,
+            full: false,
+        };
+        let mut watch = Watch::FRESH;
+        for i in 0..10 {
+            let (next, verdict) = step(watch, busy, true, Instant::now());
+            assert_eq!(verdict, Verdict::Keep, "sample {i}");
+            watch = next;
+        }
+        let trickle = Sample {
+            accepted: 1,
+            ..busy
+        };
+        let (_, verdicts) = (0..3).fold((Watch::FRESH, Vec::new()), |(w, mut v), _| {
+            let (next, verdict) = step(w, trickle, true, Instant::now());
+            v.push(verdict);
+            (next, v)
+        });
+        assert_eq!(verdicts.last(), Some(&Verdict::Skip));
+    }
+
+    /// A full queue: the kernel deals and drops, so deals are no accepts.
+    #[test]
+    fn a_full_queue_progresses_only_by_shrinking() {
+        let full = Sample {
+            waiting: 64,
+            accepted: 50,
+            full: true,
+        };
+        let (mut watch, mut last) = (Watch::FRESH, Verdict::Keep);
+        for _ in 0..STALL_SAMPLES {
+            (watch, last) = step(watch, full, true, Instant::now());
+        }
+        assert_eq!(last, Verdict::Skip);
+        let shrinking = Sample {
+            waiting: 60,
+            ..full
+        };
+        let stuck = Watch::Dealt {
+            stuck: 2,
+            last: 64,
+            strikes: 0,
+            clean: 0,
+        };
+        assert_eq!(
+            step(stuck, shrinking, true, Instant::now()).1,
+            Verdict::Keep
+        );
+    }
+
     #[test]
     fn when_every_queue_waits_nobody_is_skipped() {
         let samples = [(5, false); 20];
@@ -204,11 +307,11 @@ mod tests {
             strikes: 1,
         };
         // Before the probation ends: still skipped, whatever waits.
-        assert_eq!(step(skipped, 0, true, start).1, Verdict::Keep);
+        assert_eq!(step(skipped, stuck_at(0), true, start).1, Verdict::Keep);
         let after = start + probation(1);
         // After it, not while something still waits there.
-        assert_eq!(step(skipped, 2, true, after).1, Verdict::Keep);
-        let (watch, verdict) = step(skipped, 0, false, after);
+        assert_eq!(step(skipped, stuck_at(2), true, after).1, Verdict::Keep);
+        let (watch, verdict) = step(skipped, stuck_at(0), false, after);
         assert_eq!(verdict, Verdict::Resume);
         assert!(matches!(
             watch,
@@ -267,20 +370,31 @@ mod tests {
     }
 
     /// Every short sequence of samples: a skip happens exactly when the
-    /// last `STALL_SAMPLES` samples waited without shrinking with another
+    /// last `STALL_SAMPLES` samples waited with no progress, with another
     /// slot idle at the last one, and a skipped slot never resumes early.
     #[test]
     fn exhaustively_a_skip_needs_a_stuck_queue_and_an_idle_neighbour() {
-        let values = [0u32, 1, 2];
         let start = Instant::now();
-        // 6 samples, each (waiting in 0..3, idle or not): 6^6 sequences.
-        let options: Vec<(u32, bool)> = values
-            .iter()
-            .flat_map(|&w| [(w, false), (w, true)])
-            .collect();
-        let mut sequence = [0usize; 6];
+        // Each sample: waiting 0..3, accepted 0..3, full or not, idle or not.
+        let mut options = Vec::new();
+        for waiting in 0..3u32 {
+            for accepted in 0..3u64 {
+                for full in [false, true] {
+                    for idle in [false, true] {
+                        let sample = Sample {
+                            waiting,
+                            accepted,
+                            full,
+                        };
+                        options.push((sample, idle));
+                    }
+                }
+            }
+        }
+        // 4 samples: 36^4 sequences.
+        let mut sequence = [0usize; 4];
         loop {
-            let samples: Vec<(u32, bool)> = sequence.iter().map(|&i| options[i]).collect();
+            let samples: Vec<(Sample, bool)> = sequence.iter().map(|&i| options[i]).collect();
             check_sequence(&samples, start);
             // Next sequence, like an odometer.
             let mut digit = 0;
@@ -295,24 +409,26 @@ mod tests {
         }
     }
 
-    fn check_sequence(samples: &[(u32, bool)], start: Instant) {
+    fn check_sequence(samples: &[(Sample, bool)], start: Instant) {
         let mut watch = Watch::FRESH;
         let mut stuck_run = 0;
         let mut last = 0;
-        for (i, &(waiting, idle)) in samples.iter().enumerate() {
+        for (i, &(sample, idle)) in samples.iter().enumerate() {
             let now = start + WATCH_INTERVAL * i as u32;
             let was_skipped = watch.is_skipped();
-            let (next, verdict) = step(watch, waiting, idle, now);
+            let (next, verdict) = step(watch, sample, idle, now);
             if was_skipped {
-                // Within 6 samples (0.6 s) no probation (1 s or more) ends.
+                // Within 4 samples (0.4 s) no probation (1 s or more) ends.
                 assert_eq!(verdict, Verdict::Keep, "{samples:?} at {i}");
             } else {
-                stuck_run = if waiting > 0 && waiting >= last {
+                let progress =
+                    sample.waiting < last || (!sample.full && sample.accepted >= MIN_PROGRESS);
+                stuck_run = if sample.waiting > 0 && !progress {
                     stuck_run + 1
                 } else {
                     0
                 };
-                last = waiting;
+                last = sample.waiting;
                 let expected = stuck_run >= STALL_SAMPLES && idle;
                 assert_eq!(verdict == Verdict::Skip, expected, "{samples:?} at {i}");
             }
