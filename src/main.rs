@@ -376,7 +376,12 @@ fn main() -> ExitCode {
                     (KillMode::ProcessGroup, _) | (KillMode::Auto, Err(_)) => "process group",
                     _ => "cgroup",
                 };
+                let takes_sockets =
+                    herd::activation::SocketPlan::of(&settings).workers_take_sockets();
                 let hung = match settings.hang_timeout {
+                    Some(timeout) if takes_sockets => format!(
+                        "workers accept by themselves, so no hand-off can find one hung; with ready = \"notify\", one silent for {timeout:?} after a WATCHDOG=1 is (hang_timeout); with per-slot sockets a stalled one loses its turns"
+                    ),
                     Some(timeout) => format!(
                         "hung once a hand-off waits {timeout:?} unacknowledged (hang_timeout)"
                     ),

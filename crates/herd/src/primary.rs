@@ -480,6 +480,8 @@ impl Primary {
     /// `herd stop` that waited for it.
     fn finish(mut self) -> Outcome {
         self.supervisor.sweep();
+        // The last of what the kernel dealt, for the closing tally.
+        self.supervisor.watch_sockets(&self.counters);
         let forced = self.supervisor.forced();
         let outcome = if forced {
             Outcome::Forced

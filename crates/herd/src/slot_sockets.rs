@@ -217,6 +217,9 @@ impl SlotGroups {
         let entry = self.slots.get(slot)?;
         let generation = &entry.generations[entry.holding(worker)?];
         let socket = generation.sockets.first()?;
+        // Whatever an earlier worker of the slot left there goes first: a
+        // socket sits in one place of one socket array at a time.
+        let _ = program.withdraw_probe(slot.get());
         if let Err(e) = program.offer_probe(slot.get(), socket.as_fd()) {
             warn!(
                 slot = slot.get(),
@@ -268,19 +271,28 @@ impl SlotGroups {
             return;
         };
         let entry = &mut self.slots[slot];
-        entry.generations[at]
-            .holders
-            .retain(|(id, _)| *id != worker);
-        let emptied = entry.generations[at].holders.is_empty();
-        let last = at + 1 == entry.generations.len();
+        let holders = &mut entry.generations[at].holders;
+        let was_serving = holders.iter().any(|&(id, serving)| id == worker && serving);
+        holders.retain(|(id, _)| *id != worker);
+        let emptied = holders.is_empty();
+        let alone = entry.generations.len() == 1;
         if emptied && entry.generations.iter().all(|g| g.holders.is_empty()) {
             // Its next worker starts with nothing held against it.
             entry.watch = Watch::FRESH;
         }
+        if !was_serving {
+            // It may have been the one probed: its socket leaves the probes.
+            if let Some(Some(program)) = self.programs.first() {
+                let _ = program.withdraw_probe(slot.get());
+            }
+        }
         self.apply();
-        match (emptied, last) {
-            (true, true) => self.requeue(slot, "its worker is gone"),
-            // Closed now; the group migrates what waited there.
+        match (emptied, alone) {
+            // The slot's only sockets stay for its next worker, emptied.
+            (true, true) => self.requeue(slot, at, "its worker is gone"),
+            // Another generation lives on (a reload's old worker, or the
+            // replacement of this one): these close, and the group
+            // migrates what waited there.
             (true, false) => drop(self.slots[slot].generations.remove(at)),
             (false, _) => {}
         }
@@ -360,7 +372,11 @@ impl SlotGroups {
                 );
                 // Out of the deal first, so that what moves does not come back.
                 self.apply();
-                self.requeue(slot, "it stalled");
+                let serving = (self.slots[slot].generations.iter())
+                    .rposition(|g| g.holders.iter().any(|(_, serving)| *serving));
+                if let Some(generation) = serving {
+                    self.requeue(slot, generation, "it stalled");
+                }
                 true
             }
             Verdict::Resume => {
@@ -402,12 +418,12 @@ impl SlotGroups {
 
     /// Makes the kernel move what waits on `slot`'s sockets to the slots
     /// dealt to, where it can (else it waits for the slot's next worker).
-    fn requeue(&mut self, slot: SlotIx, why: &str) {
+    fn requeue(&mut self, slot: SlotIx, generation: usize, why: &str) {
         if !self.moves_queues() || self.dealt_to.is_empty() {
             return;
         }
         let backlog = self.backlog;
-        for socket in &self.slots[slot].current().sockets {
+        for socket in &self.slots[slot].generations[generation].sockets {
             let waiting = listen_queue::depth(socket.as_fd()).map_or(0, |d| d.waiting);
             if waiting == 0 {
                 continue;

@@ -208,7 +208,7 @@ impl Lifecycle {
                     RestartReason::Exit
                 };
                 let end = RunEnd {
-                    why: format!("worker {how}"),
+                    why: how.to_string(),
                     reason,
                 };
                 self.run_ended(now, &w, end, out);
