@@ -17,44 +17,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::Signal;
 
-/// The plain socket-activated example: no herd code, says nothing.
-fn socket_activated() -> String {
-    format!(
-        "{}/workers/python/socket_activated.py",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
-/// The pid in one answer of any example worker: hello-worker says
-/// `Handled by worker <pid>`, socket_activated.py the same with
-/// ` (LISTEN_PID=<pid>)` after it, and keeps the connection open, so read
-/// exactly one response rather than to the end.
-fn answer_pid(mut stream: TcpStream, timeout: Duration) -> Result<u32, String> {
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| format!("set timeout: {e}"))?;
-    let response = responses::read_one(&mut stream)?;
-    if response.status != 200 {
-        return Err(format!("status {} in {response:?}", response.status));
-    }
-    response
-        .body
-        .strip_prefix("Handled by worker ")
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|pid| pid.parse().ok())
-        .ok_or_else(|| format!("no pid in {:?}", response.body))
-}
-
-/// One GET on a new connection; the pid that answered it.
-fn get_pid(addr: SocketAddr, timeout: Duration) -> Result<u32, String> {
-    let stream = send_request(addr).map_err(|e| format!("connect/send: {e}"))?;
-    answer_pid(stream, timeout)
-}
-
 /// `count` sequential GETs, each on a new connection; the pids, in order.
 fn pids_in_order(addr: SocketAddr, count: usize) -> Vec<u32> {
     (0..count)
-        .map(|i| get_pid(addr, DEADLINE).unwrap_or_else(|e| panic!("request {i}: {e}")))
+        .map(|i| pids::get_pid(addr, DEADLINE).unwrap_or_else(|e| panic!("request {i}: {e}")))
         .collect()
 }
 
@@ -104,7 +70,9 @@ fn warm_up(herd: &Herd, workers: &BTreeSet<u32>) -> u64 {
         wait_until("every skipped slot dealt to again", || {
             no_slot_skipped(herd).then_some(())
         });
-        seen.insert(get_pid(herd.addr(), DEADLINE).unwrap_or_else(|e| panic!("warm-up: {e}")));
+        seen.insert(
+            pids::get_pid(herd.addr(), DEADLINE).unwrap_or_else(|e| panic!("warm-up: {e}")),
+        );
         sent += 1;
     }
     wait_until("every skipped slot dealt to again", || {
@@ -181,7 +149,7 @@ fn the_python_herd_worker_takes_strict_turns_dealt_by_the_kernel() {
 
 #[test]
 fn a_plain_socket_activated_server_takes_strict_turns_counted_by_herd() {
-    let script = socket_activated();
+    let script = pids::socket_activated();
     strict_turns(
         "kturns-plain",
         &["--ready", "delay:300ms"],
@@ -197,7 +165,7 @@ fn a_dying_workers_queue_is_served_by_the_others() {
     if !require_cap_bpf("a_dying_workers_queue_is_served_by_the_others") {
         return;
     }
-    let script = socket_activated();
+    let script = pids::socket_activated();
     let herd = Herd::launch(
         "kdying",
         None,
@@ -221,7 +189,7 @@ fn a_dying_workers_queue_is_served_by_the_others() {
     // SIGKILL ends a stopped process too.
     signal(victim, Signal::SIGKILL);
     for (i, stream) in waiting.into_iter().enumerate() {
-        let pid = answer_pid(stream, DEADLINE)
+        let pid = pids::answer_pid(stream, DEADLINE)
             .unwrap_or_else(|e| panic!("connection {i} was not served: {e}"));
         assert_ne!(pid, victim, "connection {i}");
     }
@@ -258,7 +226,7 @@ fn a_stalled_worker_loses_its_turns_until_it_recovers() {
     signal(stalled, Signal::SIGSTOP);
     // Well within 5 s: a stall is found after 3 samples of 100 ms.
     for i in 0..20 {
-        let pid = get_pid(herd.addr(), Duration::from_secs(5))
+        let pid = pids::get_pid(herd.addr(), Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("request {i}: {e}\n{}", herd.log_text()));
         assert_eq!(
             pid, healthy,
@@ -275,7 +243,8 @@ fn a_stalled_worker_loses_its_turns_until_it_recovers() {
         (count_for_slot(&herd, "slot_resumed", 1) >= stalls).then_some(())
     });
     let back = (0..10).any(|i| {
-        let pid = get_pid(herd.addr(), DEADLINE).unwrap_or_else(|e| panic!("request {i}: {e}"));
+        let pid =
+            pids::get_pid(herd.addr(), DEADLINE).unwrap_or_else(|e| panic!("request {i}: {e}"));
         assert!(pid == healthy || pid == stalled, "request {i}: pid {pid}");
         pid == stalled
     });
@@ -295,7 +264,7 @@ fn reuseport_counts_each_slots_connections() {
     if !require_cap_bpf("reuseport_counts_each_slots_connections") {
         return;
     }
-    let script = socket_activated();
+    let script = pids::socket_activated();
     let herd = Herd::launch(
         "kreuseport",
         None,
@@ -353,7 +322,7 @@ fn check_refuses_kernel_rotation_outside_round_robin_and_says_who_gets_it() {
             "{mode}: {run:?}"
         );
     }
-    let script = socket_activated();
+    let script = pids::socket_activated();
     let kernel = " mode round-robin (turns dealt by the kernel over one socket per slot)";
     let cases: [(&[&str], bool); 3] = [
         // `auto` picks the kernel for a server ready by notify...
@@ -421,7 +390,7 @@ fn a_moved_connection_is_counted_once() {
     if !require_cap_bpf("a_moved_connection_is_counted_once") {
         return;
     }
-    let script = socket_activated();
+    let script = pids::socket_activated();
     let herd = Herd::launch(
         "kcounted",
         None,
@@ -448,7 +417,8 @@ fn a_moved_connection_is_counted_once() {
     // Turns alternate: the second is dealt to the stopped worker, found
     // stalled and moved to slot 0; the rest go to slot 0 while it is skipped.
     for i in 0..6 {
-        let pid = get_pid(herd.addr(), DEADLINE).unwrap_or_else(|e| panic!("request {i}: {e}"));
+        let pid =
+            pids::get_pid(herd.addr(), DEADLINE).unwrap_or_else(|e| panic!("request {i}: {e}"));
         assert_eq!(pid, pids[&0], "request {i}");
     }
     let moved: u64 = herd.events("slot_queue_moved", &[])[moved_before..]

@@ -11,7 +11,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,14 +22,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::Signal;
 
-/// The plain socket-activated example: no herd code, says nothing.
-fn socket_activated() -> String {
-    format!(
-        "{}/workers/python/socket_activated.py",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
 /// tests/fixtures/probe_server.py: never accepts, accepts once a file
 /// exists, or answers `/health` 503 until a file exists.
 fn probe_server() -> String {
@@ -39,35 +31,11 @@ fn probe_server() -> String {
     )
 }
 
-/// One GET / on a new connection; the pid that answered it. Both servers
-/// here answer `Handled by worker <pid>` and may keep the connection open,
-/// so exactly one response is read.
-fn get_pid(addr: SocketAddr) -> Result<u32, String> {
-    read_pid(send_request(addr).map_err(|e| format!("connect/send: {e}"))?)
-}
-
-/// The pid in the one response read from `stream`, within `DEADLINE`.
-fn read_pid(mut stream: TcpStream) -> Result<u32, String> {
-    stream
-        .set_read_timeout(Some(DEADLINE))
-        .map_err(|e| format!("set timeout: {e}"))?;
-    let response = responses::read_one(&mut stream)?;
-    if response.status != 200 {
-        return Err(format!("status {} in {response:?}", response.status));
-    }
-    response
-        .body
-        .strip_prefix("Handled by worker ")
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|pid| pid.parse().ok())
-        .ok_or_else(|| format!("no pid in {:?}", response.body))
-}
-
 /// `count` sequential GETs, each on a new connection; the pids, in order.
 fn pids_in_order(herd: &Herd, count: usize) -> Vec<u32> {
     (0..count)
         .map(|i| {
-            get_pid(herd.addr())
+            pids::get_pid(herd.addr(), DEADLINE)
                 .unwrap_or_else(|e| panic!("request {i}: {e}\nlog:\n{}", herd.log_text()))
         })
         .collect()
@@ -122,7 +90,7 @@ fn tcp_probe_readies_a_silent_server_dealt_in_strict_turns() {
     if !require_cap_bpf("tcp_probe_readies_a_silent_server_dealt_in_strict_turns") {
         return;
     }
-    let script = socket_activated();
+    let script = pids::socket_activated();
     let herd = Herd::launch(
         "probe-tcp-turns",
         None,
@@ -271,7 +239,7 @@ impl Load {
                 if started.elapsed() > Self::MAX_TIME {
                     break;
                 }
-                match get_pid(addr) {
+                match pids::get_pid(addr, DEADLINE) {
                     Ok(pid) => drop(pids.insert(pid)),
                     Err(e) => f.lock().unwrap().push(format!("request {i}: {e}")),
                 }
@@ -446,7 +414,7 @@ fn a_worker_restarted_after_ready_timeout_is_probed_again() {
     });
     let pid = number(&ready, "pid") as u32;
     assert_ne!(pid, number(&first[0], "pid") as u32);
-    assert_eq!(get_pid(herd.addr()), Ok(pid));
+    assert_eq!(pids::get_pid(herd.addr(), DEADLINE), Ok(pid));
     assert!(herd.stop().success());
 }
 
@@ -482,7 +450,7 @@ fn a_reload_after_a_failed_one_is_probed_and_succeeds() {
     );
     let after = herd.wait_all_ready(1);
     assert!(before.is_disjoint(&after), "{before:?} then {after:?}");
-    let pid = get_pid(herd.addr()).unwrap();
+    let pid = pids::get_pid(herd.addr(), DEADLINE).unwrap();
     assert!(after.contains(&pid), "{pid} of {after:?}");
     assert!(herd.stop().success());
 }
@@ -518,7 +486,7 @@ fn a_replacement_dying_unready_leaves_the_old_socket_dealt_to() {
     assert_eq!(output.code, Some(1), "{output:?}");
     herd.wait_for_event("worker_exited", &[("pid", json!(new))], 1);
     signal(old, Signal::SIGCONT);
-    let served = read_pid(waiting);
+    let served = pids::answer_pid(waiting, DEADLINE);
     assert_eq!(
         served,
         Ok(old),
@@ -526,7 +494,7 @@ fn a_replacement_dying_unready_leaves_the_old_socket_dealt_to() {
         herd.log_text()
     );
     for i in 0..6 {
-        let pid = get_pid(herd.addr());
+        let pid = pids::get_pid(herd.addr(), DEADLINE);
         assert_eq!(pid, Ok(old), "request {i}\nlog:\n{}", herd.log_text());
     }
     assert!(herd.stop().success());
@@ -539,7 +507,7 @@ fn tcp_probe_readies_workers_in_reuseport_mode() {
     if !require_cap_bpf("tcp_probe_readies_workers_in_reuseport_mode") {
         return;
     }
-    let script = socket_activated();
+    let script = pids::socket_activated();
     let herd = Herd::launch(
         "probe-tcp-reuseport",
         None,
@@ -559,7 +527,7 @@ fn tcp_probe_readies_workers_in_reuseport_mode() {
 
 /// `herd check ARGS -- python3 socket_activated.py` on 127.0.0.1:0.
 fn check(dir: &Path, args: &[&str], prefix: &[&str]) -> CliRun {
-    let script = socket_activated();
+    let script = pids::socket_activated();
     let mut full = vec!["check", "--listen", "127.0.0.1:0"];
     full.extend_from_slice(args);
     full.extend(["--", "python3", script.as_str()]);
@@ -661,7 +629,7 @@ fn herd_check_describes_the_tcp_probe_and_needs_cap_bpf() {
         assert!(run.stderr.contains(&why), "{ready}: {run:?}");
         assert!(run.stderr.contains("CAP_BPF"), "{ready}: {run:?}");
     }
-    let script = socket_activated();
+    let script = pids::socket_activated();
     let args = [
         "run",
         "--listen",

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod output;
+pub mod pids;
 pub mod procs;
 pub mod responses;
 pub mod sockets;
