@@ -444,3 +444,50 @@ fn redispatched(herd: &Herd) -> u64 {
         "herd_connections_redispatched_total{reason=\"slot-queue\"}",
     ) as u64
 }
+
+/// A worker that stays stopped stalls again at every return from its
+/// probation: once that has gone on for `hang_timeout` it is hung, killed
+/// and replaced, and the replacement takes its turns; no request fails.
+#[test]
+fn a_worker_stalled_for_hang_timeout_is_killed_and_replaced() {
+    if !require_cap_bpf("a_worker_stalled_for_hang_timeout_is_killed_and_replaced") {
+        return;
+    }
+    let herd = Herd::launch(
+        "khung",
+        Some("hang_timeout = \"2s\"\n"),
+        2,
+        &["--rotation", "kernel"],
+        &[hello_worker()],
+    );
+    let ready = herd.wait_all_ready(2);
+    let pids = pids_of(&herd.status());
+    let (healthy, stopped) = (pids[&0], pids[&1]);
+    warm_up(&herd, &ready);
+    signal(stopped, Signal::SIGSTOP);
+    // Requests keep it dealt to at each return, until it is found hung.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut sent = 0;
+    while herd.events("slot_hung", &[("slot", json!(1))]).is_empty() {
+        assert!(
+            Instant::now() < deadline && sent < 20_000,
+            "never hung:\n{}",
+            herd.log_text()
+        );
+        let pid = pids::get_pid(herd.addr(), Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("request {sent}: {e}\n{}", herd.log_text()));
+        assert_eq!(pid, healthy, "request {sent}");
+        sent += 1;
+    }
+    herd.wait_for_event("hung_worker_killed", &[("slot", json!(1))], 1);
+    let replaced = wait_until("slot 1 replaced and ready", || {
+        let status = herd.status();
+        // Between the kill and the replacement the slot has no pid.
+        let row = &workers_of(&status)[1];
+        let pid = row["pid"].as_u64()? as u32;
+        (pid != stopped && row["state"] == "ready").then_some(pid)
+    });
+    let served: BTreeSet<u32> = pids_in_order(herd.addr(), 10).into_iter().collect();
+    assert_eq!(served, BTreeSet::from([healthy, replaced]));
+    assert!(herd.stop().success());
+}

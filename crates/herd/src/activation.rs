@@ -29,7 +29,7 @@
 //! - `reuseport`, and kernel rotation of such workers (`--mode round-robin
 //!   --rotation kernel`): one `SO_REUSEPORT` socket per slot and listener,
 //!   held by herd until the slot is removed, and dealt to by the kernel
-//!   ([`SlotGroups`], `slot_sockets`).
+//!   (`slot_sockets::SlotGroups`).
 
 use std::ffi::OsString;
 use std::net::TcpListener;
@@ -196,9 +196,13 @@ impl WorkerSockets {
     }
 
     /// Samples the per-slot queues; what the kernel dealt since last time.
-    pub fn watch(&mut self, now: std::time::Instant) -> Watched {
+    pub fn watch(
+        &mut self,
+        now: std::time::Instant,
+        hang_timeout: Option<std::time::Duration>,
+    ) -> Watched {
         self.per_slot()
-            .map_or_else(Watched::default, |groups| groups.watch(now))
+            .map_or_else(Watched::default, |groups| groups.watch(now, hang_timeout))
     }
 
     /// The slots from `count` on are gone: close their sockets (per slot;

@@ -29,7 +29,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use herd_protocol::bpf::{Dealing, Prober, RotationProgram};
 use herd_protocol::listen_queue;
@@ -96,6 +96,9 @@ struct Slot {
     /// takes over the last one, with what waits there.
     generations: Vec<Generation>,
     watch: Watch,
+    /// Since when its worker has taken nothing it was dealt, through every
+    /// skip and return: one stalled for `hang_timeout` is hung.
+    stalled_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -141,6 +144,9 @@ pub struct Watched {
     /// Connections moved off a dead or stalled slot's socket (each was
     /// counted in `dealt` once, when it arrived).
     pub moved: u64,
+    /// Workers whose slot has stalled, without taking what it was dealt
+    /// in between, for `hang_timeout`: hung, to be killed and replaced.
+    pub hung: Vec<WorkerId>,
 }
 
 /// Connections the kernel dealt to one slot on one listener.
@@ -307,7 +313,7 @@ impl SlotGroups {
 
     /// Samples every slot's queue (see `stall`), skips or resumes slots,
     /// and reads what the programs dealt since the last call.
-    pub fn watch(&mut self, now: Instant) -> Watched {
+    pub fn watch(&mut self, now: Instant, hang_timeout: Option<Duration>) -> Watched {
         if self.programs.iter().all(Option::is_none) {
             return Watched::default();
         }
@@ -318,7 +324,7 @@ impl SlotGroups {
         let idle: Vec<SlotIx> = (self.dealt_to.iter().copied())
             .filter(|slot| matches!(queues.get(slot.get()), Some(Some((0, _)))))
             .collect();
-        let mut changed = false;
+        let (mut changed, mut hung) = (false, Vec::new());
         for slot in self.slots.ids().collect::<Vec<_>>() {
             let Some((waiting, full)) = queues[slot.get()] else {
                 continue;
@@ -343,6 +349,7 @@ impl SlotGroups {
             let another_idle = idle.iter().any(|&other| other != slot);
             let (next, verdict) = stall::step(watch, sample, another_idle, now);
             self.slots[slot].watch = next;
+            hung.extend(self.note_stall(slot, verdict, now, hang_timeout));
             changed |= self.carry_out(slot, verdict, waiting, next);
         }
         if changed {
@@ -351,7 +358,44 @@ impl SlotGroups {
         Watched {
             dealt,
             moved: std::mem::take(&mut self.moved),
+            hung,
         }
+    }
+
+    /// Keeps `stalled_since`: set at the first skip of a run of stalls,
+    /// cleared once the slot's earlier stalls are forgiven (`stall`: its
+    /// strikes back to 0 after a long clean run). At a skip, a run longer
+    /// than `hang_timeout` makes the slot's serving worker hung (said once:
+    /// the run starts again).
+    fn note_stall(
+        &mut self,
+        slot: SlotIx,
+        verdict: Verdict,
+        now: Instant,
+        hang_timeout: Option<Duration>,
+    ) -> Option<WorkerId> {
+        let entry = &mut self.slots[slot];
+        if matches!(entry.watch, Watch::Dealt { strikes: 0, .. }) {
+            entry.stalled_since = None;
+        }
+        if verdict != Verdict::Skip {
+            return None;
+        }
+        let since = *entry.stalled_since.get_or_insert(now);
+        let timeout = hang_timeout?;
+        if now.saturating_duration_since(since) < timeout {
+            return None;
+        }
+        entry.stalled_since = None;
+        let worker = entry.serving().and_then(|g| {
+            (g.holders.iter().rev()).find_map(|&(id, serving)| serving.then_some(id))
+        })?;
+        warn!(
+            slot = slot.get(),
+            event = "slot_hung",
+            "slot {slot}'s worker has stalled again and again for hang_timeout ({timeout:?}): hung"
+        );
+        Some(worker)
     }
 
     /// Logs a skip or a resume; true when the deal changes.
@@ -530,6 +574,7 @@ impl SlotGroups {
             self.slots.push(Slot {
                 generations: vec![generation],
                 watch: Watch::FRESH,
+                stalled_since: None,
             });
         }
         Ok(())
@@ -686,7 +731,7 @@ mod tests {
             ),
             (3, 0, 3)
         );
-        let mut dealt = groups.watch(Instant::now()).dealt;
+        let mut dealt = groups.watch(Instant::now(), None).dealt;
         dealt.sort_by_key(|d| d.slot);
         let counts: Vec<(usize, u64)> = dealt.iter().map(|d| (d.slot.get(), d.count)).collect();
         assert_eq!(counts, [(0, 3), (2, 3)]);
@@ -738,7 +783,7 @@ mod tests {
             clients.extend((0..2).map(|_| TcpStream::connect(addr).unwrap()));
             while groups.socket(SlotIx(0), 0).accept().is_ok() {}
             assert!(groups.dealt_to.contains(&SlotIx(1)), "sample {sample}");
-            groups.watch(start + stall::WATCH_INTERVAL * sample);
+            groups.watch(start + stall::WATCH_INTERVAL * sample, None);
         }
         assert_eq!(groups.dealt_to, [SlotIx(0)], "slot 1 is skipped");
         assert_eq!(waiting(&groups, 1), 0, "its queue moved on");
@@ -747,7 +792,7 @@ mod tests {
         clients.push(TcpStream::connect(addr).unwrap());
         assert_eq!(waiting(&groups, 1), 0);
         // Its probation over, slot 1 takes turns again.
-        groups.watch(start + Duration::from_secs(60));
+        groups.watch(start + Duration::from_secs(60), None);
         assert_eq!(groups.dealt_to, [SlotIx(0), SlotIx(1)]);
     }
 
@@ -793,5 +838,44 @@ mod tests {
         groups.gone(WorkerId(1));
         assert_eq!(groups.for_slot(SlotIx(0), WorkerId(2)).unwrap(), first);
         assert_eq!(groups.slots[SlotIx(0)].generations.len(), 1);
+    }
+
+    /// A slot whose worker takes nothing through its skips and returns is
+    /// hung once `hang_timeout` has passed since its first skip; one that
+    /// takes what it is dealt in between is not.
+    #[test]
+    fn a_slot_stalled_for_hang_timeout_names_its_worker_hung() {
+        let test = "a_slot_stalled_for_hang_timeout_names_its_worker_hung";
+        if !herd_protocol::bpf::testable_here(test) {
+            return;
+        }
+        let (mut groups, addr) = groups(Dealing::Turns, 2);
+        start(&mut groups, 0, 1);
+        start(&mut groups, 1, 2);
+        groups.socket(SlotIx(0), 0).set_nonblocking(true).unwrap();
+        let hang = Some(Duration::from_secs(5));
+        let start = Instant::now();
+        let mut open = Vec::new();
+        let mut at = start;
+        for _ in 0..stall::STALL_SAMPLES {
+            open.extend(clients(addr, 2));
+            while groups.socket(SlotIx(0), 0).accept().is_ok() {}
+            assert!(groups.watch(at, hang).hung.is_empty());
+            at += stall::WATCH_INTERVAL;
+        }
+        assert_eq!(groups.dealt_to, [SlotIx(0)], "skipped");
+        // Back after its probation (at 6 s, past hang_timeout since its
+        // first skip), it takes nothing again: stalled again, so hung.
+        at = start + Duration::from_secs(6);
+        assert!(groups.watch(at, hang).hung.is_empty());
+        assert_eq!(groups.dealt_to, [SlotIx(0), SlotIx(1)]);
+        let mut hung = Vec::new();
+        for _ in 0..stall::STALL_SAMPLES {
+            at += stall::WATCH_INTERVAL;
+            open.extend(clients(addr, 2));
+            while groups.socket(SlotIx(0), 0).accept().is_ok() {}
+            hung.extend(groups.watch(at, hang).hung);
+        }
+        assert_eq!(hung, [WorkerId(2)], "said once");
     }
 }

@@ -283,7 +283,7 @@ impl Lifecycle {
             slot = w.slot.get(),
             pid = w.pid.unwrap_or(0),
             event = "hung_worker_killed",
-            "worker is hung (a hand-off unacknowledged, or no WATCHDOG=1, for hang_timeout); killing it"
+            "worker is hung (a hand-off unacknowledged, no WATCHDOG=1, or its own socket's connections untaken, for hang_timeout); killing it"
         );
         self.kill(id, KillCause::Hung, out);
         if w.is_live() {

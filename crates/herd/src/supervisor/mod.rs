@@ -147,12 +147,17 @@ impl Supervisor {
     }
 
     /// Samples the per-slot sockets' queues (a stalled slot loses its
-    /// turns) and counts what the kernel dealt to each slot.
+    /// turns; one stalled for `hang_timeout` is hung, killed and replaced)
+    /// and counts what the kernel dealt to each slot.
     pub fn watch_sockets(&mut self, counters: &Counters) {
         // Workers that speak herd's channel report each connection (ACCEPTED).
         let reported = self.settings().ready == Readiness::Herd;
-        let watched = self.sockets.watch(Instant::now());
+        let hang_timeout = self.settings().hang_timeout;
+        let watched = self.sockets.watch(Instant::now(), hang_timeout);
         crate::slot_sockets::count(&watched, counters, reported);
+        for worker in watched.hung {
+            self.handle(Event::Hung { worker });
+        }
     }
 
     /// Fires the timers that are due.
