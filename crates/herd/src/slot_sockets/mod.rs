@@ -25,6 +25,11 @@
 //! herd's first bind (plain, without SO_REUSEPORT) proves the port is free
 //! and resolves port 0; it is closed before the group is bound, so no
 //! stranger's SO_REUSEPORT socket can have joined.
+//!
+//! # Layout
+//! - this file: the groups, their generations, who is dealt to, probes.
+//! - `watch`: the 100 ms watch of the queues and the deals, `stall`'s
+//!   verdicts carried out, the counters.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
