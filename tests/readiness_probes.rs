@@ -13,7 +13,6 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -531,46 +530,7 @@ fn check(dir: &Path, args: &[&str], prefix: &[&str]) -> CliRun {
     let mut full = vec!["check", "--listen", "127.0.0.1:0"];
     full.extend_from_slice(args);
     full.extend(["--", "python3", script.as_str()]);
-    if prefix.is_empty() {
-        return herd_cli(dir, &full);
-    }
-    run_under(dir, prefix, &full)
-}
-
-/// Runs `PREFIX... herd ARGS` in `dir`, within `DEADLINE`.
-fn run_under(dir: &Path, prefix: &[&str], args: &[&str]) -> CliRun {
-    let output = Command::new(prefix[0])
-        .args(&prefix[1..])
-        .arg(herd_bin())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start herd under a prefix");
-    let pid = output.id();
-    let deadline = Instant::now() + DEADLINE;
-    let (done, waiter) = std::sync::mpsc::channel();
-    std::thread::spawn(move || drop(done.send(output.wait_with_output())));
-    let output = loop {
-        if let Ok(output) = waiter.try_recv() {
-            break output.expect("wait for herd");
-        }
-        if Instant::now() > deadline {
-            signal(pid, Signal::SIGKILL);
-            panic!(
-                "`herd {}` did not finish within {DEADLINE:?}",
-                args.join(" ")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    CliRun {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into(),
-        stderr: String::from_utf8_lossy(&output.stderr).into(),
-    }
+    herd_cli_under(dir, prefix, &full, DEADLINE).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Probes are refused where they cannot reach the worker's own socket,
@@ -640,7 +600,7 @@ fn herd_check_describes_the_tcp_probe_and_needs_cap_bpf() {
         "python3",
         &script,
     ];
-    let run = run_under(&dir, &without_bpf, &args);
+    let run = herd_cli_under(&dir, &without_bpf, &args, DEADLINE).unwrap_or_else(|e| panic!("{e}"));
     assert_ne!(run.code, Some(0), "{run:?}");
     assert!(run.stderr.contains("needs CAP_BPF"), "{run:?}");
 }

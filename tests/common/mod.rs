@@ -425,7 +425,26 @@ pub const NO_ANSWER: &str = "got no answer within";
 /// Runs `herd ARGS` in `dir`; Err if it did not finish within `timeout`
 /// (then it is killed), so a caller may record that rather than panic.
 pub fn herd_cli_within(dir: &Path, args: &[&str], timeout: Duration) -> Result<CliRun, String> {
-    let mut child = Command::new(herd_bin())
+    herd_cli_under(dir, &[], args, timeout)
+}
+
+/// [`herd_cli_within`], with herd started through `prefix` (e.g.
+/// `setpriv --bounding-set ...`): `PREFIX... herd ARGS`.
+pub fn herd_cli_under(
+    dir: &Path,
+    prefix: &[&str],
+    args: &[&str],
+    timeout: Duration,
+) -> Result<CliRun, String> {
+    let mut command = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut command = Command::new(first);
+            command.args(rest).arg(herd_bin());
+            command
+        }
+        None => Command::new(herd_bin()),
+    };
+    let mut child = command
         .args(args)
         .current_dir(dir)
         .stdin(Stdio::null())
