@@ -71,6 +71,15 @@ pub fn depth(listener: BorrowedFd<'_>) -> io::Result<QueueDepth> {
     })
 }
 
+/// Makes a socket that stopped listening (someone holding it shut it
+/// down) listen again with `backlog`: back in its group, same socket.
+pub fn listen_again(listener: BorrowedFd<'_>, backlog: u32) -> io::Result<()> {
+    use nix::sys::socket::{listen, Backlog};
+    let backlog = Backlog::new(backlog.min(i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
+    listen(&listener, backlog)?;
+    Ok(())
+}
+
 /// Moves what waits on `listener` to the other sockets of its group, and
 /// makes it listen again with `backlog`. Only where the group migrates
 /// (see the module docs): elsewhere the kernel resets those connections.

@@ -636,4 +636,23 @@ mod tests {
         }
         assert_eq!(hung, [WorkerId(2)], "said once");
     }
+
+    /// A worker shuts its socket down (herd holds the same one): at the
+    /// next watch herd makes it listen again and deals to it again.
+    #[test]
+    fn a_socket_a_worker_shut_down_listens_again_and_takes_its_turns() {
+        let test = "a_socket_a_worker_shut_down_listens_again_and_takes_its_turns";
+        if !herd_protocol::bpf::testable_here(test) {
+            return;
+        }
+        let (mut groups, addr) = groups(Dealing::Turns, 2);
+        start(&mut groups, 0, 1);
+        start(&mut groups, 1, 2);
+        let fd = groups.socket(SlotIx(1), 0).as_raw_fd();
+        nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both).unwrap();
+        assert!(listen_queue::depth(groups.socket(SlotIx(1), 0).as_fd()).is_err());
+        groups.watch(Instant::now(), None);
+        let _open = clients(addr, 4);
+        assert_eq!((waiting(&groups, 0), waiting(&groups, 1)), (2, 2));
+    }
 }

@@ -186,6 +186,7 @@ impl SlotGroups {
     /// Connections waiting on `slot`'s sockets, summed over listeners, and
     /// whether one of those queues is at its bound.
     fn waiting(&mut self, slot: SlotIx) -> Option<(u32, bool)> {
+        self.restore_listening(slot);
         let (mut total, mut full) = (0u32, false);
         for socket in &self.slots[slot].current().sockets {
             match listen_queue::depth(socket.as_fd()) {
@@ -207,6 +208,36 @@ impl SlotGroups {
             }
         }
         Some((total, full))
+    }
+
+    /// A worker holds the same socket as herd, and may shut it down (a bug,
+    /// or worse): it leaves its group and the program's arrays. herd makes
+    /// it listen again, and gives the programs their sockets again.
+    fn restore_listening(&mut self, slot: SlotIx) {
+        let backlog = self.backlog;
+        let mut restored = false;
+        for socket in &self.slots[slot].current().sockets {
+            let stopped = listen_queue::depth(socket.as_fd())
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::InvalidInput);
+            if !stopped {
+                continue;
+            }
+            let outcome = listen_queue::listen_again(socket.as_fd(), backlog);
+            restored |= outcome.is_ok();
+            if let Some(times) = self.failures.record() {
+                warn!(
+                    slot = slot.get(),
+                    times,
+                    event = "slot_socket_restored",
+                    "slot {slot}'s socket had stopped listening (its worker shut it down?): listening again: {outcome:?}"
+                );
+            }
+        }
+        if restored {
+            // Out of the program's arrays with the shutdown: set them anew.
+            self.dealt_generations.clear();
+            self.apply();
+        }
     }
 
     /// Makes the kernel move what waits on `slot`'s sockets to the slots
