@@ -120,7 +120,7 @@ struct CompareArgs {
     #[arg(long)]
     json: bool,
     /// How the worker says it is ready, passed to every `herd run`.
-    #[arg(long, value_name = "herd|notify|delay:DUR")]
+    #[arg(long, value_name = "herd|notify|tcp|http:/PATH|delay:DUR")]
     ready: Option<String>,
     /// The signal that stops the worker gracefully, passed to every `herd run`.
     #[arg(long, value_name = "SIGNAL")]
@@ -246,9 +246,10 @@ struct ConfigArgs {
     /// connection over), shared or reuseport (the kernel chooses).
     #[arg(short, long)]
     mode: Option<String>,
-    /// How round-robin deals to Node workers: kernel (an eBPF program deals
-    /// over per-worker sockets), handoff (herd hands each over the cluster
-    /// channel) or auto [default: auto: kernel for Node workers].
+    /// How round-robin deals: kernel (an eBPF program deals over per-slot
+    /// sockets), handoff (herd hands each over the worker's channel) or auto
+    /// [default: auto: kernel for Node apps and for servers ready by notify,
+    /// tcp or http, handoff for the others].
     #[arg(long, value_name = "kernel|handoff|auto")]
     rotation: Option<String>,
     /// Kernel accept-queue length per listener.
@@ -270,8 +271,9 @@ struct ConfigArgs {
     stop_signal: Option<String>,
     /// How a worker says it is ready: herd (READY on its channel, the
     /// default), notify (sd_notify's READY=1 on NOTIFY_SOCKET, e.g.
-    /// gunicorn) or delay:DUR (counted ready DUR after it starts).
-    #[arg(long, value_name = "herd|notify|delay:DUR")]
+    /// gunicorn), tcp (a probe of its own socket accepted), http:/PATH (a
+    /// GET there answered 2xx) or delay:DUR (counted ready DUR after it starts).
+    #[arg(long, value_name = "herd|notify|tcp|http:/PATH|delay:DUR")]
     ready: Option<String>,
     /// Control socket path [default: herd.sock].
     #[arg(long, value_name = "PATH")]
