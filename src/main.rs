@@ -252,6 +252,11 @@ struct ConfigArgs {
     /// tcp or http, handoff for the others].
     #[arg(long, value_name = "kernel|handoff|auto")]
     rotation: Option<String>,
+    /// What the workers speak: herd, node-cluster (an unmodified Node.js
+    /// cluster app) or auto [default: auto: node-cluster when the program
+    /// is node or nodejs].
+    #[arg(long, value_name = "herd|node-cluster|auto")]
+    protocol: Option<String>,
     /// Kernel accept-queue length per listener.
     #[arg(long, value_name = "N")]
     backlog: Option<i64>,
@@ -679,6 +684,7 @@ fn config_source(args: ConfigArgs) -> ConfigSource {
             workers: args.workers,
             mode: args.mode,
             rotation: args.rotation,
+            protocol: args.protocol,
             backlog: args.backlog,
             command: args.command,
             max_unacked: args.max_unacked,

@@ -92,10 +92,33 @@ fn workers_see_themselves_as_cluster_workers_of_their_slot() {
         let slot = slots.iter().find(|(_, &p)| p == pid).map(|(&s, _)| s);
         assert_eq!(facts["isPrimary"], false);
         assert_eq!(facts["workerId"].as_u64().map(|id| id as usize), slot);
+        // PM2's variable for the instance: the slot too.
+        let instance = facts["appInstance"].as_str().and_then(|i| i.parse().ok());
+        assert_eq!(instance, slot, "{facts}");
         // The app asked for port 3000; herd serves it on its own listener.
         assert_eq!(facts["address"]["port"], 3000, "{facts}");
         assert_eq!(facts["address"]["address"], "127.0.0.1", "{facts}");
     }
+    assert!(herd.stop().success());
+}
+
+/// `--protocol node-cluster` makes a program that is not named `node` (here
+/// `sh`, which execs node) a Node cluster app, as `protocol =` does.
+#[test]
+fn the_protocol_flag_names_a_node_app_behind_another_program() {
+    let app = facts_app();
+    let script = format!("exec node {app}");
+    let herd = Herd::launch(
+        "node-protocol-flag",
+        None,
+        1,
+        &["--protocol", "node-cluster"],
+        &["sh", "-c", &script],
+    );
+    herd.wait_all_ready(1);
+    let facts: Value = serde_json::from_str(&body_of(send(herd.addr()))).unwrap();
+    assert_eq!(facts["isPrimary"], false, "{facts}");
+    assert_eq!(facts["workerId"], 0, "{facts}");
     assert!(herd.stop().success());
 }
 
@@ -426,6 +449,9 @@ fn shared_mode_gives_node_workers_the_listening_socket() {
             let pid = facts["pid"].as_u64().unwrap() as u32;
             let slot = slots.iter().find(|(_, &p)| p == pid).map(|(&s, _)| s);
             assert_eq!(facts["workerId"].as_u64().map(|id| id as usize), slot);
+            // PM2's variable for the instance: the slot too.
+            let instance = facts["appInstance"].as_str().and_then(|i| i.parse().ok());
+            assert_eq!(instance, slot, "{facts}");
             // The worker holds the real socket: its own getsockname.
             assert_eq!(facts["address"]["port"], listeners[0].port(), "{facts}");
         }

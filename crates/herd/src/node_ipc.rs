@@ -30,6 +30,8 @@ const MAX_LINE: usize = 1 << 20;
 
 /// The worker's cluster id (`cluster.worker.id`): herd passes the slot.
 pub const NODE_UNIQUE_ID_ENV: &str = "NODE_UNIQUE_ID";
+/// PM2's instance number (its cluster mode sets it to 0, 1, ...): the slot.
+pub const NODE_APP_INSTANCE_ENV: &str = "NODE_APP_INSTANCE";
 /// The fd of the worker's end of the IPC socketpair.
 pub const NODE_CHANNEL_FD_ENV: &str = "NODE_CHANNEL_FD";
 /// `json`: one JSON object per line (Node's default, and all herd speaks).

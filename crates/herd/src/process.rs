@@ -169,6 +169,8 @@ fn set_environment(command: &mut std::process::Command, env: &WorkerEnv<'_>) {
         command
             .env_remove(herd_protocol::env::CHANNEL_FD_ENV)
             .env(node_ipc::NODE_UNIQUE_ID_ENV, env.slot.to_string())
+            // PM2's name for the instance number, which `config` and many apps read.
+            .env(node_ipc::NODE_APP_INSTANCE_ENV, env.slot.to_string())
             .env(node_ipc::NODE_CHANNEL_FD_ENV, env.channel_fd)
             .env(node_ipc::NODE_CHANNEL_SERIALIZATION_MODE_ENV, "json");
     }

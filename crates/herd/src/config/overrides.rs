@@ -13,6 +13,7 @@ pub struct Overrides {
     pub workers: Option<String>,
     pub mode: Option<String>,
     pub rotation: Option<String>,
+    pub protocol: Option<String>,
     pub backlog: Option<i64>,
     pub command: Vec<String>,
     pub max_unacked: Option<i64>,
@@ -49,6 +50,9 @@ impl Config {
         }
         if let Some(rotation) = overrides.rotation {
             self.rotation = keys::rotation(Value::String(rotation))?;
+        }
+        if let Some(protocol) = overrides.protocol {
+            self.protocol = keys::protocol(Value::String(protocol))?;
         }
         if let Some(backlog) = overrides.backlog {
             self.backlog = keys::backlog(Value::Integer(backlog))?;

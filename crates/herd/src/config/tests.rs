@@ -86,6 +86,29 @@ fn kernel_rotation_is_round_robins_and_auto_picks_it_where_hand_offs_cannot_go()
 }
 
 #[test]
+fn the_protocol_flag_is_read_as_the_key_is() {
+    let mut config = Config::default();
+    config
+        .apply(Overrides {
+            protocol: Some("node-cluster".into()),
+            ..Overrides::default()
+        })
+        .unwrap();
+    assert_eq!(config.protocol, ProtocolChoice::NodeCluster);
+    let refused = Config::default()
+        .apply(Overrides {
+            protocol: Some("grpc".into()),
+            ..Overrides::default()
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.starts_with("invalid `protocol` = \"grpc\": expected one of"),
+        "{refused}"
+    );
+}
+
+#[test]
 fn the_worker_protocol_is_detected_or_named() {
     assert_eq!(with("").unwrap().protocol, WorkerProtocol::Herd);
     if which_node().is_some() {
