@@ -106,7 +106,8 @@ fn an_express_app_runs_unmodified() {
         let slot = slots.iter().find(|(_, &p)| p == pid).map(|(&s, _)| s);
         assert!(slot.is_some(), "pid {pid} is none of herd's {slots:?}");
         assert_eq!(root["isPrimary"], false, "{root}");
-        assert_eq!(root["workerId"].as_u64().map(|id| id as usize), slot);
+        // Node's worker ids count from 1: the slot + 1.
+        assert_eq!(root["workerId"].as_u64().map(|id| id as usize - 1), slot);
         assert_eq!(root["address"]["port"], asked_port, "{root}");
         assert_eq!(root["address"]["address"], "127.0.0.1", "{root}");
         order.push(pid);

@@ -91,8 +91,9 @@ fn workers_see_themselves_as_cluster_workers_of_their_slot() {
         let pid = facts["pid"].as_u64().unwrap() as u32;
         let slot = slots.iter().find(|(_, &p)| p == pid).map(|(&s, _)| s);
         assert_eq!(facts["isPrimary"], false);
-        assert_eq!(facts["workerId"].as_u64().map(|id| id as usize), slot);
-        // PM2's variable for the instance: the slot too.
+        // Node's worker ids count from 1: the slot + 1.
+        assert_eq!(facts["workerId"].as_u64().map(|id| id as usize - 1), slot);
+        // PM2's variable for the instance: the slot itself.
         let instance = facts["appInstance"].as_str().and_then(|i| i.parse().ok());
         assert_eq!(instance, slot, "{facts}");
         // The app asked for port 3000; herd serves it on its own listener.
@@ -118,7 +119,7 @@ fn the_protocol_flag_names_a_node_app_behind_another_program() {
     herd.wait_all_ready(1);
     let facts: Value = serde_json::from_str(&body_of(send(herd.addr()))).unwrap();
     assert_eq!(facts["isPrimary"], false, "{facts}");
-    assert_eq!(facts["workerId"], 0, "{facts}");
+    assert_eq!(facts["workerId"], 1, "{facts}");
     assert!(herd.stop().success());
 }
 
@@ -448,7 +449,7 @@ fn shared_mode_gives_node_workers_the_listening_socket() {
             let facts: Value = serde_json::from_str(&body_of(send(listeners[0]))).unwrap();
             let pid = facts["pid"].as_u64().unwrap() as u32;
             let slot = slots.iter().find(|(_, &p)| p == pid).map(|(&s, _)| s);
-            assert_eq!(facts["workerId"].as_u64().map(|id| id as usize), slot);
+            assert_eq!(facts["workerId"].as_u64().map(|id| id as usize - 1), slot);
             // PM2's variable for the instance: the slot too.
             let instance = facts["appInstance"].as_str().and_then(|i| i.parse().ok());
             assert_eq!(instance, slot, "{facts}");

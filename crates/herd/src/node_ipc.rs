@@ -28,7 +28,8 @@ use crate::ids::ListenerIx;
 /// A line longer than this from a worker is a broken worker, not a message.
 const MAX_LINE: usize = 1 << 20;
 
-/// The worker's cluster id (`cluster.worker.id`): herd passes the slot.
+/// The worker's cluster id (`cluster.worker.id`): herd passes the slot + 1
+/// (Node's ids start at 1; 0 would read as false in JavaScript).
 pub const NODE_UNIQUE_ID_ENV: &str = "NODE_UNIQUE_ID";
 /// PM2's instance number (its cluster mode sets it to 0, 1, ...): the slot.
 pub const NODE_APP_INSTANCE_ENV: &str = "NODE_APP_INSTANCE";

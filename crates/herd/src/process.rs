@@ -168,7 +168,12 @@ fn set_environment(command: &mut std::process::Command, env: &WorkerEnv<'_>) {
         // An unmodified Node cluster app: it finds herd as its cluster primary.
         command
             .env_remove(herd_protocol::env::CHANNEL_FD_ENV)
-            .env(node_ipc::NODE_UNIQUE_ID_ENV, env.slot.to_string())
+            // `cluster.worker.id`: Node counts from 1, and an app testing
+            // `if (cluster.worker.id)` must not find slot 0 false.
+            .env(
+                node_ipc::NODE_UNIQUE_ID_ENV,
+                (env.slot.get() + 1).to_string(),
+            )
             // PM2's name for the instance number, which `config` and many apps read.
             .env(node_ipc::NODE_APP_INSTANCE_ENV, env.slot.to_string())
             .env(node_ipc::NODE_CHANNEL_FD_ENV, env.channel_fd)
