@@ -123,6 +123,27 @@ fn the_protocol_flag_names_a_node_app_behind_another_program() {
     assert!(herd.stop().success());
 }
 
+/// A script whose `#!` line runs node, started by its own path, and
+/// `/usr/bin/env node app.js`: both are Node cluster apps to herd.
+#[test]
+fn a_shebang_script_and_env_node_are_node_apps() {
+    let dir = scratch_dir("node-shebang");
+    let script = dir.join("app");
+    let body = format!("#!/usr/bin/env node\nrequire({:?});\n", facts_app());
+    std::fs::write(&script, body).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = script.display().to_string();
+    let app = facts_app();
+    let commands: [&[&str]; 2] = [&[&script], &["/usr/bin/env", "node", &app]];
+    for command in commands {
+        let herd = Herd::launch("node-shebang-run", None, 1, &[], command);
+        herd.wait_all_ready(1);
+        let facts: Value = serde_json::from_str(&body_of(send(herd.addr()))).unwrap();
+        assert_eq!(facts["isPrimary"], false, "{command:?}: {facts}");
+        assert!(herd.stop().success());
+    }
+}
+
 #[test]
 fn a_killed_worker_is_replaced_and_a_reload_replaces_all() {
     let app = seed_app();

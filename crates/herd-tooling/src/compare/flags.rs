@@ -187,11 +187,7 @@ fn is_node(config: &Config) -> bool {
     match config.protocol {
         ProtocolChoice::NodeCluster => true,
         ProtocolChoice::Herd => false,
-        ProtocolChoice::Auto => config.command.first().is_some_and(|program| {
-            Path::new(program)
-                .file_name()
-                .is_some_and(|name| name == "node" || name == "nodejs")
-        }),
+        ProtocolChoice::Auto => herd::config::names_node(&config.command),
     }
 }
 

@@ -10,8 +10,8 @@ use super::*;
 pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
     let ValidConfig {
         config,
-        protocol,
-        kernel_rotation,
+        mut protocol,
+        mut kernel_rotation,
     } = valid;
     let run_as = match &config.user {
         Some(user) => Some(resolve_user(user, config.group.as_deref())?),
@@ -35,6 +35,14 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
     let (program, args) = program_of(&config.command)?;
     let args = args.to_vec();
     let program = resolve_program(program, config.cwd.as_deref(), &identity)?;
+    // A script whose `#!` line runs node is a Node app, as `node app.js` is.
+    if config.protocol == ProtocolChoice::Auto
+        && protocol == WorkerProtocol::Herd
+        && runs_node_by_shebang(&program)
+    {
+        protocol = WorkerProtocol::NodeCluster;
+        kernel_rotation = config.dealing(protocol)?;
+    }
     // Workers that inherit sockets start through herd's shim (LISTEN_PID).
     if (!config.mode.hands_off() || kernel_rotation) && protocol == WorkerProtocol::Herd {
         if let Some(user) = run_as.as_ref().filter(|user| !user.is_herds_own()) {

@@ -86,6 +86,36 @@ fn kernel_rotation_is_round_robins_and_auto_picks_it_where_hand_offs_cannot_go()
 }
 
 #[test]
+fn node_is_found_behind_env_and_in_a_shebang() {
+    let words = |line: &str| -> Vec<String> { line.split(' ').map(str::to_string).collect() };
+    for (command, node) in [
+        ("node app.js", true),
+        ("/usr/local/bin/nodejs app.js", true),
+        ("/usr/bin/env node app.js", true),
+        (
+            "env -S NODE_ENV=production node --max-old-space-size=512 app.js",
+            true,
+        ),
+        ("env python3 app.py", false),
+        ("nodemon app.js", false),
+        ("env", false),
+    ] {
+        assert_eq!(names_node(&words(command)), node, "{command}");
+    }
+    // A script run by node through its `#!` line is a Node app too.
+    let dir = std::env::temp_dir().join(format!("herd-shebang-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("app");
+    std::fs::write(&script, "#!/usr/bin/env node\nconsole.log(1)\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = format!("command = [{:?}]\n", script.display().to_string());
+    assert_eq!(with(&config).unwrap().protocol, WorkerProtocol::NodeCluster);
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    assert_eq!(with(&config).unwrap().protocol, WorkerProtocol::Herd);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn the_protocol_flag_is_read_as_the_key_is() {
     let mut config = Config::default();
     config

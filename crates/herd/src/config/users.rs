@@ -320,6 +320,52 @@ pub(super) fn is_node(program: &Path) -> bool {
         .is_some_and(|name| name == "node" || name == "nodejs")
 }
 
+/// Whether a command runs Node: `node app.js`, or `env [-S] [VAR=value...]
+/// node app.js` (what a shebang `#!/usr/bin/env node` becomes, and how
+/// people write it in a config).
+pub fn names_node(command: &[String]) -> bool {
+    let Some((program, args)) = command.split_first() else {
+        return false;
+    };
+    if is_node(Path::new(program)) {
+        return true;
+    }
+    let is_env = Path::new(program).file_name().is_some_and(|n| n == "env");
+    is_env
+        && args
+            .iter()
+            .find(|arg| !arg.starts_with('-') && !arg.contains('='))
+            .is_some_and(|program| is_node(Path::new(program)))
+}
+
+/// Whether `script` is run by Node through its `#!` line: `#!/usr/bin/node`
+/// or `#!/usr/bin/env node` (with `-S` and flags).
+pub(super) fn runs_node_by_shebang(script: &Path) -> bool {
+    let Some(interpreter) = interpreter_of(script) else {
+        return false;
+    };
+    if is_node(&interpreter) {
+        return true;
+    }
+    // `#!/usr/bin/env node`: what follows the interpreter on the line.
+    shebang_words(script).is_some_and(|words| names_node(&words))
+}
+
+/// The words of a `#!` line, the interpreter first.
+fn shebang_words(path: &Path) -> Option<Vec<String>> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let len = std::fs::File::open(path).ok()?.read(&mut head).ok()?;
+    let line = head[..len].strip_prefix(b"#!")?;
+    let line = line.split(|&b| b == b'\n').next()?;
+    Some(
+        String::from_utf8_lossy(line)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 /// Finds the worker program the way a shell would and checks that the
 /// workers' identity can run it.
 pub(super) fn resolve_program(

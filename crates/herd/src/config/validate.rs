@@ -27,12 +27,12 @@ impl Config {
                 "set `user` too: herd drops privileges to a user",
             ));
         }
-        let (program, _) = program_of(&self.command)?;
+        program_of(&self.command)?;
         let protocol = match self.protocol {
             ProtocolChoice::Herd => WorkerProtocol::Herd,
             ProtocolChoice::NodeCluster => WorkerProtocol::NodeCluster,
             // The name decides, as it will of the program found in PATH.
-            ProtocolChoice::Auto if is_node(Path::new(program)) => WorkerProtocol::NodeCluster,
+            ProtocolChoice::Auto if names_node(&self.command) => WorkerProtocol::NodeCluster,
             ProtocolChoice::Auto => WorkerProtocol::Herd,
         };
         let kernel_rotation = self.dealing(protocol)?;
@@ -72,7 +72,7 @@ impl Config {
     /// herd-protocol workers keep the hand-off, with its queue, limits and
     /// least-conn, and so do workers made ready by a delay, which may be
     /// either (`rotation = "kernel"` says which).
-    fn dealing(&self, protocol: WorkerProtocol) -> Result<bool, ConfigError> {
+    pub(super) fn dealing(&self, protocol: WorkerProtocol) -> Result<bool, ConfigError> {
         let node = protocol == WorkerProtocol::NodeCluster;
         if node && self.mode == Mode::ReusePort {
             return Err(invalid(
