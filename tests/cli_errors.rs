@@ -188,6 +188,13 @@ fn no_listen_address_and_unknown_flags_exit_2() {
         2,
         "invalid `mode` = \"reuseport\": Node cluster workers run in round-robin, sticky, least-conn or shared mode",
     );
+    // A package runner would take the cluster channel and the signals.
+    expect_failure(
+        "npm-start",
+        &["run", "--listen", "127.0.0.1:0", "--", "npm", "start"],
+        2,
+        "invalid `command` = [\"npm\", \"start\"]: npm would start your app as a child of its own process",
+    );
     expect_failure(
         "bad-flag",
         &["run", "--wrokers", "4"],

@@ -32,6 +32,7 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
             .can_enter(dir)
             .map_err(|reason| invalid("cwd", value, reason))?;
     }
+    not_a_package_runner(&config.command, config.cwd.as_deref())?;
     let (program, args) = program_of(&config.command)?;
     let args = args.to_vec();
     let program = resolve_program(program, config.cwd.as_deref(), &identity)?;

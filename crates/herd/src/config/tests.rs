@@ -116,6 +116,36 @@ fn node_is_found_behind_env_and_in_a_shebang() {
 }
 
 #[test]
+fn a_package_runner_is_refused_naming_the_start_script() {
+    let dir = std::env::temp_dir().join(format!("herd-npm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("package.json"),
+        r#"{"name": "app", "scripts": {"start": "node server.js"}}"#,
+    )
+    .unwrap();
+    let cwd = format!("cwd = {:?}\n", dir.display().to_string());
+    let npm = refused(&format!("{cwd}command = [\"npm\", \"start\"]\n"));
+    assert!(
+        npm.starts_with(
+            "invalid `command` = [\"npm\", \"start\"]: npm would start your app as a child"
+        ),
+        "{npm}"
+    );
+    assert!(
+        npm.contains("package.json's start script is `node server.js`: give that as the command, e.g. command = [\"node\", \"server.js\"]"),
+        "{npm}"
+    );
+    // Without a package.json, the advice is general.
+    std::fs::remove_file(dir.join("package.json")).unwrap();
+    for runner in ["npx", "yarn", "/usr/local/bin/pnpm"] {
+        let why = refused(&format!("{cwd}command = [{runner:?}, \"start\"]\n"));
+        assert!(why.contains("run the app directly"), "{why}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn the_protocol_flag_is_read_as_the_key_is() {
     let mut config = Config::default();
     config

@@ -338,6 +338,41 @@ pub fn names_node(command: &[String]) -> bool {
             .is_some_and(|program| is_node(Path::new(program)))
 }
 
+/// Package runners that start the app as a child of their own Node
+/// process: herd would supervise (and signal, and give its channel to) the
+/// runner, not the app.
+const PACKAGE_RUNNERS: &[&str] = &["npm", "npx", "yarn", "pnpm"];
+
+/// Refuses a command that runs the app through a package runner, naming
+/// what to run instead: package.json's `start` script (in `cwd`, else
+/// herd's own directory) when there is one.
+pub(super) fn not_a_package_runner(
+    command: &[String],
+    cwd: Option<&Path>,
+) -> Result<(), ConfigError> {
+    let Some(program) = command.first() else {
+        return Ok(());
+    };
+    let name = Path::new(program).file_name().and_then(|n| n.to_str());
+    let Some(runner) = name.filter(|n| PACKAGE_RUNNERS.contains(n)) else {
+        return Ok(());
+    };
+    let manifest = cwd.unwrap_or(Path::new(".")).join("package.json");
+    let start = std::fs::read_to_string(&manifest)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|json| json["scripts"]["start"].as_str().map(str::to_string));
+    let instead = match start {
+        Some(start) => format!("package.json's start script is `{start}`: give that as the command, e.g. command = {:?}", start.split_whitespace().collect::<Vec<_>>()),
+        None => "give the script itself, e.g. command = [\"node\", \"server.js\"]".to_string(),
+    };
+    Err(invalid(
+        "command",
+        format!("{command:?}"),
+        format!("{runner} would start your app as a child of its own process, and herd would supervise, signal and give the cluster channel to {runner}, not the app: run the app directly; {instead}"),
+    ))
+}
+
 /// Whether `script` is run by Node through its `#!` line: `#!/usr/bin/node`
 /// or `#!/usr/bin/env node` (with `-S` and flags).
 pub(super) fn runs_node_by_shebang(script: &Path) -> bool {
