@@ -144,6 +144,28 @@ fn a_shebang_script_and_env_node_are_node_apps() {
     }
 }
 
+/// A worker's own `process.send()` goes to a primary branch herd does not
+/// run: it is dropped, but said, at the 1st, 2nd, 4th, ... message.
+#[test]
+fn a_workers_own_messages_are_logged_as_dropped() {
+    let app = facts_app();
+    let herd = Herd::launch(
+        "node-app-messages",
+        Some("[env]\nSEND_TO_PRIMARY = \"1\"\n"),
+        1,
+        &[],
+        &["node", &app],
+    );
+    herd.wait_all_ready(1);
+    for _ in 0..4 {
+        body_of(send(herd.addr()));
+    }
+    let dropped = herd.wait_for_event("node_message_dropped", &[], 3);
+    let totals: Vec<u64> = dropped.iter().map(|e| number(e, "total")).collect();
+    assert_eq!(totals, [1, 2, 4]);
+    assert!(herd.stop().success());
+}
+
 #[test]
 fn a_killed_worker_is_replaced_and_a_reload_replaces_all() {
     let app = seed_app();

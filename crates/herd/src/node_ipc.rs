@@ -92,7 +92,10 @@ pub enum NodeMessage {
     /// `act: close`: the worker closed the server it knows by `key`; herd
     /// keeps the listener for the others.
     Close { key: String },
-    /// Anything else, such as the app's own `process.send` messages: ignored.
+    /// A message of the app's own (`process.send(msg)` in a worker): for
+    /// the app's primary branch, which herd does not run.
+    App,
+    /// Anything else: ignored.
     Other,
 }
 
@@ -105,7 +108,9 @@ pub fn parse(line: &[u8]) -> Result<NodeMessage, NodeIpcError> {
         Some("NODE_HANDLE_NACK") => NodeMessage::HandleNack,
         Some("NODE_HANDLE") => NodeMessage::Handle,
         Some("NODE_CLUSTER") => parse_cluster(&message),
-        _ => NodeMessage::Other,
+        // Node's own messages all carry `cmd: NODE_...`; anything else is the app's.
+        Some(cmd) if cmd.starts_with("NODE_") => NodeMessage::Other,
+        _ => NodeMessage::App,
     })
 }
 
@@ -273,6 +278,8 @@ pub struct NodeChannel {
     /// herd's `seq` for messages other than `newconn` (which uses the
     /// connection id, so the worker's `ack` names the connection).
     seq: u64,
+    /// The app's own messages, dropped (logged at the 1st, 2nd, 4th, ...).
+    pub(crate) app_messages: crate::rate_limit::Occurrences,
 }
 
 /// A handle sent to the worker.
@@ -698,7 +705,15 @@ mod tests {
 
     #[test]
     fn user_messages_and_handles_are_told_apart() {
-        assert_eq!(parse(br#"{"hello":"world"}"#).unwrap(), NodeMessage::Other);
+        assert_eq!(parse(br#"{"hello":"world"}"#).unwrap(), NodeMessage::App);
+        assert_eq!(
+            parse(br#"{"cmd":"stats","n":1}"#).unwrap(),
+            NodeMessage::App
+        );
+        assert_eq!(
+            parse(br#"{"cmd":"NODE_SOMETHING_NEW"}"#).unwrap(),
+            NodeMessage::Other
+        );
         assert_eq!(
             parse(br#"{"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"x":1}}"#).unwrap(),
             NodeMessage::Handle
