@@ -95,6 +95,10 @@ pub enum NodeMessage {
     /// A message of the app's own (`process.send(msg)` in a worker): for
     /// the app's primary branch, which herd does not run.
     App,
+    /// `total` of the app's own messages dropped so far; reported by
+    /// [`NodeChannel::read`] at the 1st, 2nd, 4th, ... one (a worker may send
+    /// millions: each is counted where it is parsed, and goes no further).
+    AppDropped { total: u64 },
     /// Anything else: ignored.
     Other,
 }
@@ -279,7 +283,7 @@ pub struct NodeChannel {
     /// connection id, so the worker's `ack` names the connection).
     seq: u64,
     /// The app's own messages, dropped (logged at the 1st, 2nd, 4th, ...).
-    pub(crate) app_messages: crate::rate_limit::Occurrences,
+    app_messages: crate::rate_limit::Occurrences,
 }
 
 /// A handle sent to the worker.
@@ -455,6 +459,11 @@ impl NodeChannel {
             // business, not ours.
             match parse(&self.inbox[start..start + end]) {
                 Ok(NodeMessage::Other) | Err(_) => {}
+                Ok(NodeMessage::App) => {
+                    if let Some(total) = self.app_messages.record() {
+                        out.push(NodeMessage::AppDropped { total });
+                    }
+                }
                 Ok(message) => out.push(message),
             }
             start += end + 1;

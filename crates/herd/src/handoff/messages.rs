@@ -169,19 +169,17 @@ impl HandoffLoop {
                 }
                 return;
             }
-            NodeMessage::App => {
-                if let Some(total) = node.app_messages.record() {
-                    warn!(
-                        slot = worker.slot.get(),
-                        pid = worker.pid,
-                        total,
-                        event = "node_message_dropped",
-                        "a Node worker sent a message of its own (process.send) to its primary: herd does not run the app's primary branch, so it is dropped (README: Node cluster apps)"
-                    );
-                }
+            NodeMessage::AppDropped { total } => {
+                warn!(
+                    slot = worker.slot.get(),
+                    pid = worker.pid,
+                    total,
+                    event = "node_message_dropped",
+                    "a Node worker sent a message of its own (process.send) to its primary: herd does not run the app's primary branch, so it is dropped (README: Node cluster apps)"
+                );
                 Ok(())
             }
-            NodeMessage::Online | NodeMessage::Other => Ok(()),
+            NodeMessage::Online | NodeMessage::App | NodeMessage::Other => Ok(()),
         };
         self.after_node_send(channel, sent);
     }
