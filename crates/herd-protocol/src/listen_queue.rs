@@ -84,11 +84,9 @@ pub fn listen_again(listener: BorrowedFd<'_>, backlog: u32) -> io::Result<()> {
 /// makes it listen again with `backlog`. Only where the group migrates
 /// (see the module docs): elsewhere the kernel resets those connections.
 pub fn requeue_elsewhere(listener: BorrowedFd<'_>, backlog: u32) -> io::Result<()> {
-    use nix::sys::socket::{listen, shutdown, Backlog, Shutdown};
+    use nix::sys::socket::{shutdown, Shutdown};
     shutdown(listener.as_raw_fd(), Shutdown::Both)?;
-    let backlog = Backlog::new(backlog.min(i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
-    listen(&listener, backlog)?;
-    Ok(())
+    listen_again(listener, backlog)
 }
 
 #[cfg(test)]

@@ -4,11 +4,12 @@
 //! skip a stalled slot and move what waits there on, deal to it again, or
 //! name its worker hung. Also what the kernel dealt, into herd's counters.
 
-use std::os::fd::AsFd;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use herd_protocol::listen_queue;
+use herd_protocol::listen_queue::{self, QueueDepth};
 use tracing::{info, warn};
 
 use super::SlotGroups;
@@ -184,12 +185,34 @@ impl SlotGroups {
     }
 
     /// Connections waiting on `slot`'s sockets, summed over listeners, and
-    /// whether one of those queues is at its bound.
+    /// whether one of those queues is at its bound. A socket that stopped
+    /// listening is made to listen again first (see [`read_or_restore`]).
     fn waiting(&mut self, slot: SlotIx) -> Option<(u32, bool)> {
-        self.restore_listening(slot);
+        let backlog = self.backlog;
+        let reads: Vec<(io::Result<QueueDepth>, Option<io::Result<()>>)> =
+            (self.slots[slot].current().sockets.iter())
+                .map(|socket| read_or_restore(socket.as_fd(), backlog))
+                .collect();
+        let mut restored = false;
+        for outcome in reads.iter().filter_map(|(_, restore)| restore.as_ref()) {
+            restored |= outcome.is_ok();
+            if let Some(times) = self.failures.record() {
+                warn!(
+                    slot = slot.get(),
+                    times,
+                    event = "slot_socket_restored",
+                    "slot {slot}'s socket had stopped listening (its worker shut it down?): listening again: {outcome:?}"
+                );
+            }
+        }
+        if restored {
+            // Out of the program's arrays with the shutdown: set them anew.
+            self.dealt_generations.clear();
+            self.apply();
+        }
         let (mut total, mut full) = (0u32, false);
-        for socket in &self.slots[slot].current().sockets {
-            match listen_queue::depth(socket.as_fd()) {
+        for (depth, _) in reads {
+            match depth {
                 Ok(depth) => {
                     total = total.saturating_add(depth.waiting);
                     full |= depth.waiting >= depth.bound;
@@ -208,36 +231,6 @@ impl SlotGroups {
             }
         }
         Some((total, full))
-    }
-
-    /// A worker holds the same socket as herd, and may shut it down (a bug,
-    /// or worse): it leaves its group and the program's arrays. herd makes
-    /// it listen again, and gives the programs their sockets again.
-    fn restore_listening(&mut self, slot: SlotIx) {
-        let backlog = self.backlog;
-        let mut restored = false;
-        for socket in &self.slots[slot].current().sockets {
-            let stopped = listen_queue::depth(socket.as_fd())
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::InvalidInput);
-            if !stopped {
-                continue;
-            }
-            let outcome = listen_queue::listen_again(socket.as_fd(), backlog);
-            restored |= outcome.is_ok();
-            if let Some(times) = self.failures.record() {
-                warn!(
-                    slot = slot.get(),
-                    times,
-                    event = "slot_socket_restored",
-                    "slot {slot}'s socket had stopped listening (its worker shut it down?): listening again: {outcome:?}"
-                );
-            }
-        }
-        if restored {
-            // Out of the program's arrays with the shutdown: set them anew.
-            self.dealt_generations.clear();
-            self.apply();
-        }
     }
 
     /// Makes the kernel move what waits on `slot`'s sockets to the slots
@@ -296,5 +289,22 @@ impl SlotGroups {
             }
         }
         news
+    }
+}
+
+/// A socket's queue depth. A worker holds the same socket as herd and may
+/// shut it down (a bug, or worse), which takes it out of its group and the
+/// program's arrays: then it is made to listen again (the outcome second)
+/// and read once more.
+fn read_or_restore(
+    socket: BorrowedFd<'_>,
+    backlog: u32,
+) -> (io::Result<QueueDepth>, Option<io::Result<()>>) {
+    match listen_queue::depth(socket) {
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            let restored = listen_queue::listen_again(socket, backlog);
+            (listen_queue::depth(socket), Some(restored))
+        }
+        read => (read, None),
     }
 }
