@@ -253,9 +253,10 @@ struct ConfigArgs {
     #[arg(long, value_name = "kernel|handoff|auto")]
     rotation: Option<String>,
     /// What the workers speak: herd, node-cluster (an unmodified Node.js
-    /// cluster app) or auto [default: auto: node-cluster when the program
-    /// is node or nodejs].
-    #[arg(long, value_name = "herd|node-cluster|auto")]
+    /// cluster app), preload (a program that binds its own port: herd's
+    /// preload library captures that bind) or auto [default: auto:
+    /// node-cluster when the program is node or nodejs].
+    #[arg(long, value_name = "herd|node-cluster|preload|auto")]
     protocol: Option<String>,
     /// Kernel accept-queue length per listener.
     #[arg(long, value_name = "N")]

@@ -17,6 +17,9 @@ use crate::fdpass::FIRST_INHERITED_FD;
 pub const CHANNEL_FD_ENV: &str = "HERD_CHANNEL_FD";
 /// Environment variable with the worker's slot, 0..N-1; stable across restarts.
 pub const WORKER_ID_ENV: &str = "HERD_WORKER_ID";
+/// `protocol = "preload"`: the served addresses, comma-separated in
+/// `listen` order, whose `bind()` herd's preload library captures.
+pub const PRELOAD_LISTEN_ENV: &str = "HERD_PRELOAD_LISTEN";
 /// How many listening sockets the worker inherited (from fd 3 on).
 pub const LISTEN_FDS_ENV: &str = "LISTEN_FDS";
 /// The pid the inherited sockets are meant for.

@@ -144,12 +144,23 @@ pub fn recv_with_fd(
     buf: &mut [u8],
     dontwait: bool,
 ) -> io::Result<Option<Received>> {
+    recv_message(channel, buf, dontwait, true)
+}
+
+/// [`recv_with_fd`], with the received fd close-on-exec only when
+/// `cloexec` (the preload library's `accept4` honours `SOCK_CLOEXEC`).
+pub fn recv_message(
+    channel: BorrowedFd<'_>,
+    buf: &mut [u8],
+    dontwait: bool,
+    cloexec: bool,
+) -> io::Result<Option<Received>> {
     let mut control = ControlBuffer { bytes: [0; 128] };
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
-    let mut flags = libc::MSG_CMSG_CLOEXEC;
+    let mut flags = if cloexec { libc::MSG_CMSG_CLOEXEC } else { 0 };
     if dontwait {
         flags |= libc::MSG_DONTWAIT;
     }

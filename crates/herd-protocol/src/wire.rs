@@ -26,8 +26,18 @@ const ADDRESS_LEN: usize = 20;
 /// Size of a HANDOFF message (primary → worker); exactly one fd rides with it.
 pub const HANDOFF_LEN: usize = 4 + 8 + ADDRESS_LEN + ADDRESS_LEN;
 
-/// Size of the largest message a worker sends (ACK/NACK/CLOSED carry an id).
-pub const WORKER_MESSAGE_MAX_LEN: usize = 4 + 8;
+/// Size of ACK, NACK, CLOSED and ACCEPTED: the header and an id.
+const ID_MESSAGE_LEN: usize = 4 + 8;
+
+/// Size of BOUND: the header and one address block.
+const BOUND_LEN: usize = 4 + ADDRESS_LEN;
+
+/// Size of the largest message a worker sends (BOUND, with an address).
+pub const WORKER_MESSAGE_MAX_LEN: usize = BOUND_LEN;
+
+/// BOUND's listener field when the address was not one herd serves: the
+/// program's own socket was left alone.
+pub const BOUND_PASSED: u16 = u16::MAX;
 
 /// Largest message either side sends; receive buffers of this size never truncate.
 pub const MAX_MESSAGE_LEN: usize = HANDOFF_LEN;
@@ -43,6 +53,7 @@ mod kind {
     pub const CLOSED: u8 = 0x83;
     pub const NACK: u8 = 0x84;
     pub const ACCEPTED: u8 = 0x85;
+    pub const BOUND: u8 = 0x86;
 }
 
 /// Why a message could not be decoded.
@@ -104,6 +115,14 @@ pub enum WorkerMessage {
     /// (its own numbering; a later CLOSED names the same id). herd never sees
     /// these connections, so this report is how it counts them.
     Accepted { listener: u16, id: u64 },
+    /// Sent by herd's preload library (`protocol = "preload"`): the program
+    /// called `bind(address)` on a TCP socket. `listener` is the served
+    /// listener it was captured for, or `None` when the address is not one
+    /// herd serves and the program's socket was left alone. Only logged.
+    Bound {
+        listener: Option<u16>,
+        address: SocketAddr,
+    },
 }
 
 impl Handoff {
@@ -156,6 +175,14 @@ impl PrimaryMessage {
 impl WorkerMessage {
     /// Writes the message into `buf` and returns the bytes to send.
     pub fn encode<'a>(&self, buf: &'a mut [u8; WORKER_MESSAGE_MAX_LEN]) -> &'a [u8] {
+        if let WorkerMessage::Bound { listener, address } = *self {
+            let mut out = &mut buf[..];
+            out.put_u8(VERSION);
+            out.put_u8(kind::BOUND);
+            out.put_u16_le(listener.unwrap_or(BOUND_PASSED));
+            put_address(&mut out, address);
+            return &buf[..BOUND_LEN];
+        }
         let (kind, id, flags) = match *self {
             WorkerMessage::Ack(id) => (kind::ACK, Some(id), 0),
             WorkerMessage::Nack(id) => (kind::NACK, Some(id), 0),
@@ -166,6 +193,7 @@ impl WorkerMessage {
                 None,
                 u16::from(reports_closed) * READY_REPORTS_CLOSED,
             ),
+            WorkerMessage::Bound { .. } => unreachable!("encoded above"),
         };
         let mut out = &mut buf[..];
         out.put_u8(VERSION);
@@ -174,7 +202,7 @@ impl WorkerMessage {
         match id {
             Some(id) => {
                 out.put_u64_le(id);
-                &buf[..]
+                &buf[..ID_MESSAGE_LEN]
             }
             None => &buf[..4],
         }
@@ -191,7 +219,7 @@ impl WorkerMessage {
                 })
             }
             kind::ACK | kind::NACK | kind::CLOSED => {
-                expect_len(kind, bytes, WORKER_MESSAGE_MAX_LEN)?;
+                expect_len(kind, bytes, ID_MESSAGE_LEN)?;
                 let id = body.get_u64_le();
                 Ok(match kind {
                     kind::ACK => WorkerMessage::Ack(id),
@@ -200,11 +228,20 @@ impl WorkerMessage {
                 })
             }
             kind::ACCEPTED => {
-                expect_len(kind, bytes, WORKER_MESSAGE_MAX_LEN)?;
+                expect_len(kind, bytes, ID_MESSAGE_LEN)?;
                 // Like HANDOFF, the listener index rides in the header's spare bytes.
                 let listener = u16::from_le_bytes([bytes[2], bytes[3]]);
                 let id = body.get_u64_le();
                 Ok(WorkerMessage::Accepted { listener, id })
+            }
+            kind::BOUND => {
+                expect_len(kind, bytes, BOUND_LEN)?;
+                let listener = u16::from_le_bytes([bytes[2], bytes[3]]);
+                let address = get_address(&mut body)?;
+                Ok(WorkerMessage::Bound {
+                    listener: Some(listener).filter(|l| *l != BOUND_PASSED),
+                    address,
+                })
             }
             other => Err(ProtocolError::UnknownType(other)),
         }
@@ -321,6 +358,14 @@ mod tests {
             WorkerMessage::Ready {
                 reports_closed: true,
             },
+            WorkerMessage::Bound {
+                listener: Some(1),
+                address: "[::]:3000".parse().unwrap(),
+            },
+            WorkerMessage::Bound {
+                listener: None,
+                address: "127.0.0.1:9".parse().unwrap(),
+            },
         ] {
             let mut buf = [0u8; WORKER_MESSAGE_MAX_LEN];
             let bytes = message.encode(&mut buf);
@@ -348,6 +393,14 @@ mod tests {
         assert_eq!(
             WorkerMessage::Accepted { listener: 2, id: 5 }.encode(&mut buf),
             &[1, 0x85, 2, 0, 5, 0, 0, 0, 0, 0, 0, 0]
+        );
+        let bound = WorkerMessage::Bound {
+            listener: None,
+            address: "10.0.0.1:80".parse().unwrap(),
+        };
+        assert_eq!(
+            bound.encode(&mut buf),
+            &[1, 0x86, 0xff, 0xff, 4, 0, 80, 0, 10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         );
     }
 

@@ -248,7 +248,8 @@ pub async fn run(
         bound.cgroups,
         bound.fd_limit,
         notes_tx,
-    );
+    )
+    .serving(bound.listen_addrs.clone());
     let mut primary = Primary {
         supervisor,
         counters,

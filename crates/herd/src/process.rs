@@ -12,6 +12,8 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{ExitStatus, Stdio};
@@ -64,6 +66,9 @@ pub struct Launch<'a> {
     /// herd's own, if any, are not passed on, so a worker cannot speak for
     /// herd to systemd.
     pub notify: Option<&'a NotifySocket>,
+    /// The addresses herd serves, as bound, in `listen` order (told to the
+    /// preload library).
+    pub served: &'a [SocketAddr],
 }
 
 /// Starts a worker: its own process group, the channel after the
@@ -77,6 +82,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         cgroup_procs,
         nofile,
         notify,
+        served,
     } = launch;
     let node = settings.protocol == WorkerProtocol::NodeCluster;
     let (primary_end, child_end) = if node {
@@ -110,6 +116,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         workers,
         channel_fd: &channel_fd,
         notify,
+        served,
     };
     set_environment(&mut command, &env);
     if let Some(dir) = &settings.cwd {
@@ -144,6 +151,7 @@ struct WorkerEnv<'a> {
     /// The channel's fd number, as the worker's protocol names it.
     channel_fd: &'a str,
     notify: Option<&'a NotifySocket>,
+    served: &'a [SocketAddr],
 }
 
 /// The worker's environment: its user's, `env`, herd's variables (or
@@ -179,6 +187,9 @@ fn set_environment(command: &mut std::process::Command, env: &WorkerEnv<'_>) {
             .env(node_ipc::NODE_CHANNEL_FD_ENV, env.channel_fd)
             .env(node_ipc::NODE_CHANNEL_SERIALIZATION_MODE_ENV, "json");
     }
+    if let Some(library) = &settings.preload {
+        preload_environment(command, library, env.served);
+    }
     match env.notify {
         Some(socket) => command.env(NOTIFY_SOCKET_ENV, &socket.env),
         None => command.env_remove(NOTIFY_SOCKET_ENV),
@@ -189,6 +200,30 @@ fn set_environment(command: &mut std::process::Command, env: &WorkerEnv<'_>) {
     };
     command.env_remove(WATCHDOG_PID_ENV);
 }
+
+/// `protocol = "preload"`: herd's library first in `LD_PRELOAD` (ahead of
+/// any the user's `env` or herd's own environment names), and the served
+/// addresses whose bind it captures.
+fn preload_environment(command: &mut std::process::Command, library: &Path, served: &[SocketAddr]) {
+    let theirs = command
+        .get_envs()
+        .find(|(name, _)| *name == LD_PRELOAD_ENV)
+        .and_then(|(_, value)| value.map(|v| v.to_os_string()))
+        .or_else(|| std::env::var_os(LD_PRELOAD_ENV))
+        .filter(|value| !value.is_empty());
+    let mut preload = library.as_os_str().to_os_string();
+    if let Some(theirs) = theirs {
+        preload.push(":");
+        preload.push(theirs);
+    }
+    let served: Vec<String> = served.iter().map(SocketAddr::to_string).collect();
+    command
+        .env(LD_PRELOAD_ENV, preload)
+        .env(herd_protocol::env::PRELOAD_LISTEN_ENV, served.join(","));
+}
+
+/// The dynamic loader's list of libraries to load first.
+const LD_PRELOAD_ENV: &str = "LD_PRELOAD";
 
 /// Sends `signal` to the process group a worker leads.
 pub fn signal_group(pid: u32, signal: Signal) {

@@ -186,7 +186,7 @@ fn listen_of(passed: &PassedOn) -> &str {
 fn is_node(config: &Config) -> bool {
     match config.protocol {
         ProtocolChoice::NodeCluster => true,
-        ProtocolChoice::Herd => false,
+        ProtocolChoice::Herd | ProtocolChoice::Preload => false,
         ProtocolChoice::Auto => herd::config::names_node(&config.command),
     }
 }

@@ -31,6 +31,7 @@
 mod file;
 mod keys;
 mod overrides;
+pub mod preload;
 mod reload;
 mod resolve;
 mod users;
@@ -151,6 +152,8 @@ pub struct Settings {
     /// Arguments after the program.
     pub args: Vec<String>,
     pub protocol: WorkerProtocol,
+    /// `protocol = "preload"`: the library put in the workers' `LD_PRELOAD`.
+    pub preload: Option<PathBuf>,
     pub env: BTreeMap<String, String>,
     pub cwd: Option<PathBuf>,
     pub shutdown_timeout: Duration,

@@ -45,7 +45,14 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
         kernel_rotation = config.dealing(protocol)?;
     }
     // Workers that inherit sockets start through herd's shim (LISTEN_PID).
-    if (!config.mode.hands_off() || kernel_rotation) && protocol == WorkerProtocol::Herd {
+    let preload = match protocol {
+        WorkerProtocol::Preload => {
+            preload::check_program(&program)?;
+            Some(preload::library()?)
+        }
+        _ => None,
+    };
+    if (!config.mode.hands_off() || kernel_rotation) && protocol != WorkerProtocol::NodeCluster {
         if let Some(user) = run_as.as_ref().filter(|user| !user.is_herds_own()) {
             shim_runnable_by(user, config.mode)?;
         }
@@ -66,6 +73,7 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
             kernel_rotation,
             run_as,
             ready,
+            preload,
         },
     ))
 }
@@ -79,6 +87,7 @@ struct Resolved {
     kernel_rotation: bool,
     run_as: Option<RunAs>,
     ready: Readiness,
+    preload: Option<PathBuf>,
 }
 
 fn settings(config: Config, resolved: Resolved) -> Settings {
@@ -104,6 +113,7 @@ fn settings(config: Config, resolved: Resolved) -> Settings {
         program: resolved.program,
         args: resolved.args,
         protocol: resolved.protocol,
+        preload: resolved.preload,
         env: config.env,
         cwd: config.cwd,
         shutdown_timeout: config.shutdown_timeout.get(),

@@ -31,6 +31,7 @@ impl Config {
         let protocol = match self.protocol {
             ProtocolChoice::Herd => WorkerProtocol::Herd,
             ProtocolChoice::NodeCluster => WorkerProtocol::NodeCluster,
+            ProtocolChoice::Preload => WorkerProtocol::Preload,
             // The name decides, as it will of the program found in PATH.
             ProtocolChoice::Auto if names_node(&self.command) => WorkerProtocol::NodeCluster,
             ProtocolChoice::Auto => WorkerProtocol::Herd,

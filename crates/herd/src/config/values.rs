@@ -87,10 +87,12 @@ pub enum ProtocolChoice {
     Auto,
     Herd,
     NodeCluster,
+    /// A program that binds its own port, with herd's preload library.
+    Preload,
 }
 
 impl ProtocolChoice {
-    pub const NAMES: &'static [&'static str] = &["auto", "herd", "node-cluster"];
+    pub const NAMES: &'static [&'static str] = &["auto", "herd", "node-cluster", "preload"];
 }
 
 impl FromStr for ProtocolChoice {
@@ -101,6 +103,7 @@ impl FromStr for ProtocolChoice {
             "auto" => Ok(ProtocolChoice::Auto),
             "herd" => Ok(ProtocolChoice::Herd),
             "node-cluster" => Ok(ProtocolChoice::NodeCluster),
+            "preload" => Ok(ProtocolChoice::Preload),
             _ => Err(expected_one_of(Self::NAMES)),
         }
     }
@@ -304,6 +307,10 @@ pub enum WorkerProtocol {
     Herd,
     /// Node.js `cluster` IPC: the worker is an unmodified Node cluster app.
     NodeCluster,
+    /// herd's protocol, spoken for an unmodified program that binds its own
+    /// port by herd's preload library (`crates/herd-preload`), which
+    /// captures that bind.
+    Preload,
 }
 
 impl WorkerProtocol {
@@ -311,6 +318,7 @@ impl WorkerProtocol {
         match self {
             WorkerProtocol::Herd => "herd",
             WorkerProtocol::NodeCluster => "node-cluster",
+            WorkerProtocol::Preload => "preload",
         }
     }
 }

@@ -70,6 +70,44 @@ impl HandoffLoop {
                 }
             }
             WorkerMessage::Closed(id) => worker.count_closed(id, &self.counters),
+            WorkerMessage::Bound { listener, address } => self.on_bound(channel, listener, address),
+        }
+    }
+
+    /// The preload library says what the program bound: captured for a
+    /// served listener, or left alone. Logged (rate-limited), nothing else.
+    fn on_bound(&mut self, channel: ChannelIx, listener: Option<u16>, asked: SocketAddr) {
+        let Some(worker) = self.channels[channel].as_mut() else {
+            return;
+        };
+        let Some(total) = worker.errors.binds.record() else {
+            return;
+        };
+        let (slot, pid) = (worker.slot.get(), worker.pid);
+        // The counters know every configured listener, in every mode (the
+        // OS-scheduled ones have none in this loop).
+        let served = listener.map(|ix| {
+            let addrs = self.counters.listen_addrs();
+            addrs.get(usize::from(ix)).map_or("?".to_string(), SocketAddr::to_string)
+        });
+        match served {
+            Some(served) => info!(
+                slot,
+                pid,
+                total,
+                asked = %asked,
+                listener = %served,
+                event = "preload_captured",
+                "the worker's bind({asked}) was captured: it takes herd's hand-offs for {served}"
+            ),
+            None => info!(
+                slot,
+                pid,
+                total,
+                address = %asked,
+                event = "preload_bind_passed",
+                "the worker bound {asked}, which herd does not serve: left to the program"
+            ),
         }
     }
 

@@ -15,6 +15,7 @@
 //! to the forking thread, and the main thread lives exactly as long as herd.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,8 @@ pub struct Supervisor {
     fd_limit: FdLimit,
     /// Where the workers' notification sockets' readers send what they read.
     notes: mpsc::Sender<Note>,
+    /// The configured listeners as bound (port 0 resolved), in `listen` order.
+    served: Vec<SocketAddr>,
 }
 
 impl Supervisor {
@@ -103,7 +106,14 @@ impl Supervisor {
             dead_leaves: Vec::new(),
             fd_limit,
             notes,
+            served: Vec::new(),
         }
+    }
+
+    /// The listeners as bound, which a preloaded worker is told it serves.
+    pub fn serving(mut self, served: Vec<SocketAddr>) -> Supervisor {
+        self.served = served;
+        self
     }
 
     /// Starts a worker in every slot.
@@ -546,6 +556,7 @@ impl Supervisor {
             nofile: (self.fd_limit.soft != self.fd_limit.original)
                 .then_some((self.fd_limit.original, self.fd_limit.hard)),
             notify: notify.as_ref(),
+            served: &self.served,
         })
         .map_err(|e| format!("{program}: {e}"))?;
         let pid = started.pid;
