@@ -32,32 +32,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Instant;
 
-use common::sockets::connections_held;
+use common::load::*;
 use common::*;
-use nix::sys::signal::Signal;
-
-/// A request not answered within this failed. Healthy ones take
-/// milliseconds; one queued for a slot whose gunicorn restarts waits a
-/// Python start-up (about a second on a loaded 2-core machine).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The load never runs longer than this, whatever happens to the test.
-const LOAD_CAP: Duration = Duration::from_secs(100);
-
-/// Client threads, each sending one request after another.
-const CLIENTS: usize = 3;
-
-/// At most this many requests per client thread.
-const MAX_REQUESTS_PER_CLIENT: usize = 20_000;
-
-/// Successful requests to see after each step before the next one.
-const STEADY: usize = 60;
 
 /// A server installed from PyPI into `.venv-tests` by scripts/test
 /// (gunicorn; `HERD_TEST_GUNICORN` overrides): its path, if it is there.
@@ -71,27 +50,6 @@ fn fixtures() -> String {
     format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// How a request went wrong (with what the client saw, beside it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
-    /// Refused, or failed before the whole request was written.
-    NotSent,
-    /// Written, then reset or closed before a whole answer came.
-    Cut,
-    /// Written, and nothing (or not all) came within [`REQUEST_TIMEOUT`].
-    NoAnswer,
-    /// A whole answer, but not a 200 from one of the servers.
-    Wrong,
-}
-
-/// One request: when it began and ended, and the pid that answered.
-#[derive(Debug, Clone)]
-struct Outcome {
-    began: Instant,
-    ended: Instant,
-    answer: Result<u32, (Failure, String)>,
-}
-
 /// The pid a server put in its answer: gunicorn_app.py says `gunicorn
 /// arbiter <pid> worker <pid>` (the arbiter is herd's worker),
 /// asyncio_worker.py `Handled by worker <pid>`.
@@ -100,166 +58,6 @@ fn pid_in(body: &str) -> Option<u32> {
         .strip_prefix("gunicorn arbiter ")
         .or_else(|| body.strip_prefix("Handled by worker "))?;
     rest.split(' ').next()?.trim().parse().ok()
-}
-
-/// One GET on a new connection, classified.
-fn request(addr: SocketAddr) -> Result<u32, (Failure, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)
-        .map_err(|e| (Failure::NotSent, format!("connect: {e}")))?;
-    stream
-        .write_all(REQUEST)
-        .map_err(|e| (Failure::NotSent, format!("send: {e}")))?;
-    stream.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
-    let mut bytes = Vec::new();
-    match stream.read_to_end(&mut bytes) {
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-            return Err((Failure::NoAnswer, format!("{REQUEST_TIMEOUT:?}: {e}")))
-        }
-        Err(e) => return Err((Failure::Cut, format!("read: {e}"))),
-        Ok(_) => {}
-    }
-    let response = responses::parse(&bytes)
-        .map_err(|e| (Failure::Cut, format!("{e} in {} bytes", bytes.len())))?;
-    match pid_in(&response.body) {
-        Some(pid) if response.status == 200 => Ok(pid),
-        _ => Err((
-            Failure::Wrong,
-            format!("{} {:?}", response.status, response.body),
-        )),
-    }
-}
-
-/// [`CLIENTS`] client threads sending requests one after another, each on
-/// a new connection, until told to stop (or their bounds).
-struct Load {
-    outcomes: Arc<Mutex<Vec<Outcome>>>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: SocketAddr) -> Load {
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads = (0..CLIENTS)
-            .map(|_| {
-                let (outcomes, stop) = (outcomes.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    let started = Instant::now();
-                    for _ in 0..MAX_REQUESTS_PER_CLIENT {
-                        if stop.load(SeqCst) || started.elapsed() > LOAD_CAP {
-                            break;
-                        }
-                        let began = Instant::now();
-                        let answer = request(addr);
-                        let ended = Instant::now();
-                        let outcome = Outcome {
-                            began,
-                            ended,
-                            answer,
-                        };
-                        outcomes.lock().unwrap().push(outcome);
-                    }
-                })
-            })
-            .collect();
-        Load {
-            outcomes,
-            stop,
-            threads,
-        }
-    }
-
-    fn succeeded(&self) -> usize {
-        let outcomes = self.outcomes.lock().unwrap();
-        outcomes.iter().filter(|o| o.answer.is_ok()).count()
-    }
-
-    /// Waits for `more` successful requests from now.
-    fn settle(&self, more: usize) {
-        let target = self.succeeded() + more;
-        wait_until(&format!("{more} more answered requests"), || {
-            (self.succeeded() >= target).then_some(())
-        });
-    }
-
-    /// Every failed request so far.
-    fn failures(&self) -> Vec<Outcome> {
-        let outcomes = self.outcomes.lock().unwrap();
-        outcomes
-            .iter()
-            .filter(|o| o.answer.is_err())
-            .cloned()
-            .collect()
-    }
-
-    fn finish(mut self) -> Vec<Outcome> {
-        self.stop.store(true, SeqCst);
-        for thread in self.threads.drain(..) {
-            thread.join().unwrap();
-        }
-        std::mem::take(&mut *self.outcomes.lock().unwrap())
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, SeqCst);
-    }
-}
-
-/// The scheduler state of `pid` (`T` once SIGSTOP took effect).
-fn process_state(pid: u32) -> Option<char> {
-    procs::proc_of(pid).map(|p| p.state)
-}
-
-/// The kill of one slot's worker: when it was frozen, and what it held.
-#[derive(Debug)]
-struct Kill {
-    frozen: Instant,
-    held: u64,
-}
-
-impl Kill {
-    /// A failure this kill may explain: cut, in progress at the freeze.
-    fn explains(&self, outcome: &Outcome) -> bool {
-        matches!(outcome.answer, Err((Failure::Cut, _)))
-            && outcome.began < self.frozen
-            && outcome.ended > self.frozen
-    }
-}
-
-/// Freezes slot `slot`'s worker and everything it started (gunicorn's
-/// arbiter and its worker), counts the connections they hold, SIGKILLs
-/// the worker (herd kills the rest) and waits until herd refilled the slot.
-fn kill_slot(herd: &Herd, slot: usize, workers: usize) -> Kill {
-    let victim = pids_of(&herd.status())[&slot];
-    let mut tree: Vec<u32> = vec![victim];
-    tree.extend(procs::descendants(victim).iter().map(|p| p.pid));
-    for &pid in &tree {
-        signal(pid, Signal::SIGSTOP);
-    }
-    wait_until("the victim's processes to stop", || {
-        tree.iter()
-            .all(|&pid| process_state(pid) == Some('T'))
-            .then_some(())
-    });
-    let frozen = Instant::now();
-    let held = connections_held(&tree, herd.addr().port());
-    signal(victim, Signal::SIGKILL);
-    wait_for_status(&herd.dir, "the victim's slot refilled", |s| {
-        all_ready(s, workers) && pids_of(s)[&slot] != victim
-    });
-    Kill { frozen, held }
-}
-
-/// The failures among `outcomes` that `kill` does not explain, and how
-/// many it does.
-fn judge(outcomes: &[Outcome], kill: &Kill) -> (Vec<Outcome>, usize) {
-    let failed = outcomes.iter().filter(|o| o.answer.is_err());
-    let (explained, unexplained): (Vec<&Outcome>, Vec<&Outcome>) =
-        failed.partition(|o| kill.explains(o));
-    (unexplained.into_iter().cloned().collect(), explained.len())
 }
 
 /// herd running 2 gunicorns (one sync worker each), ready by `sd_notify`,
@@ -301,7 +99,7 @@ fn through_kill_reload_and_scale(name: &str, herd: Option<Herd>) {
         return;
     };
     let first = herd.wait_all_ready(2);
-    let load = Load::start(herd.addr());
+    let load = Load::start(herd.addr(), pid_in);
     load.settle(STEADY);
     assert!(load.failures().is_empty(), "{:?}", load.failures());
     // When each step began, to say in which one a request failed.
@@ -324,36 +122,7 @@ fn through_kill_reload_and_scale(name: &str, herd: Option<Herd>) {
         load.settle(STEADY);
     }
     let outcomes = load.finish();
-    let (unexplained, explained) = judge(&outcomes, &kill);
-    let during: Vec<(&str, &Outcome)> = unexplained
-        .iter()
-        .map(|o| {
-            (
-                steps
-                    .iter()
-                    .rfind(|s| s.1 <= o.began)
-                    .map_or("start", |s| s.0),
-                o,
-            )
-        })
-        .collect();
-    assert!(
-        unexplained.is_empty(),
-        "{name}: {} of {} requests failed beyond those the killed worker held \
-         ({kill:?}), during: {during:#?}",
-        unexplained.len(),
-        outcomes.len()
-    );
-    assert!(
-        explained as u64 <= kill.held,
-        "{name}: {explained} requests cut at the kill, but it held only {}",
-        kill.held
-    );
-    eprintln!(
-        "{name}: {} requests, {explained} cut at the kill (held {})",
-        outcomes.len(),
-        kill.held
-    );
+    assert_only_the_kill_failed(name, &outcomes, &kill, &steps);
     // It stops gracefully on herd's SIGTERM, in time: exit 0.
     let status = herd.stop();
     assert!(status.success(), "{name}: herd exited {status}");
@@ -399,7 +168,7 @@ fn launch_asyncio(name: &str, workers: usize, mode: &[&str]) -> Herd {
 /// The pids that answered `count` sequential requests, in order.
 fn sequence(addr: SocketAddr, count: usize) -> Vec<u32> {
     (0..count)
-        .map(|i| request(addr).unwrap_or_else(|e| panic!("request {i}: {e:?}")))
+        .map(|i| request(addr, pid_in).unwrap_or_else(|e| panic!("request {i}: {e:?}")))
         .collect()
 }
 

@@ -62,7 +62,8 @@ pub unsafe extern "C" fn setsockopt(
     value: *const c_void,
     len: socklen_t,
 ) -> c_int {
-    takeover::setsockopt(fd, level, name, value, len)
+    // SAFETY: as setsockopt(2) takes them.
+    unsafe { takeover::setsockopt(fd, level, name, value, len) }
 }
 
 /// # Safety

@@ -31,7 +31,10 @@ mod exports;
 
 use std::os::fd::RawFd;
 
-use herd_protocol::env::{CHANNEL_FD_ENV, LISTEN_FDS_ENV, LISTEN_PID_ENV, PRELOAD_LISTEN_ENV};
+use herd_protocol::env::{
+    CHANNEL_FD_ENV, LISTEN_FDS_ENV, LISTEN_PID_ENV, PRELOAD_LISTEN_ENV, PRELOAD_STOP_ENV,
+    PRELOAD_STOP_SELF,
+};
 use herd_protocol::fdpass::FIRST_INHERITED_FD;
 
 use takeover::State;
@@ -44,6 +47,7 @@ static LOAD: extern "C" fn() = load;
 
 /// Finds herd's environment; without it (or with a channel that is not
 /// one) the library stays inert.
+#[cfg_attr(test, allow(dead_code))]
 extern "C" fn load() {
     let Some(state) = state_from_env() else {
         return;
@@ -54,6 +58,7 @@ extern "C" fn load() {
     let _ = takeover::STATE.set(state);
 }
 
+#[cfg_attr(test, allow(dead_code))]
 fn state_from_env() -> Option<State> {
     let channel: RawFd = std::env::var(CHANNEL_FD_ENV).ok()?.parse().ok()?;
     let served = takeover_served()?;
@@ -73,18 +78,24 @@ fn state_from_env() -> Option<State> {
         captured: sys::FdTable::map(len, false)?,
         connections: sys::FdTable::map(len, true)?,
         started: sys::pid(),
+        stops_itself: std::env::var(PRELOAD_STOP_ENV).is_ok_and(|v| v == PRELOAD_STOP_SELF),
     })
 }
 
+#[cfg_attr(test, allow(dead_code))]
 fn takeover_served() -> Option<Vec<std::net::SocketAddr>> {
     served::parse(&std::env::var(PRELOAD_LISTEN_ENV).ok()?).ok()
 }
 
 /// The OS-scheduled modes: the listening sockets herd passed, one per
 /// served address, when `LISTEN_PID` is this process.
+#[cfg_attr(test, allow(dead_code))]
 fn inherited(count: usize) -> Option<Vec<RawFd>> {
     let pid: i32 = std::env::var(LISTEN_PID_ENV).ok()?.parse().ok()?;
     let fds: usize = std::env::var(LISTEN_FDS_ENV).ok()?.parse().ok()?;
-    (pid == sys::pid() && fds == count)
-        .then(|| (0..count as RawFd).map(|i| FIRST_INHERITED_FD + i).collect())
+    (pid == sys::pid() && fds == count).then(|| {
+        (0..count as RawFd)
+            .map(|i| FIRST_INHERITED_FD + i)
+            .collect()
+    })
 }

@@ -33,9 +33,9 @@ pub fn captured_by(served: &[SocketAddr], asked: SocketAddr) -> Option<usize> {
         .iter()
         .position(|s| same_port(&s) && same_ip(s.ip(), asked.ip()));
     exact.or_else(|| {
-        served.iter().position(|s| {
-            same_port(&s) && (asked.ip().is_unspecified() || s.ip().is_unspecified())
-        })
+        served
+            .iter()
+            .position(|s| same_port(&s) && (asked.ip().is_unspecified() || s.ip().is_unspecified()))
     })
 }
 
@@ -77,23 +77,36 @@ mod tests {
             ("0.0.0.0:3001", None),
             ("0.0.0.0:0", None),
         ] {
-            assert_eq!(captured_by(&served, asked.parse().unwrap()), expect, "{asked}");
+            assert_eq!(
+                captured_by(&served, asked.parse().unwrap()),
+                expect,
+                "{asked}"
+            );
         }
     }
 
     #[test]
     fn a_served_wildcard_takes_any_address_on_its_port() {
         let served = addrs(&["0.0.0.0:8080"]);
-        assert_eq!(captured_by(&served, "127.0.0.1:8080".parse().unwrap()), Some(0));
+        assert_eq!(
+            captured_by(&served, "127.0.0.1:8080".parse().unwrap()),
+            Some(0)
+        );
         assert_eq!(captured_by(&served, "[::1]:8080".parse().unwrap()), Some(0));
-        assert_eq!(captured_by(&served, "127.0.0.1:8081".parse().unwrap()), None);
+        assert_eq!(
+            captured_by(&served, "127.0.0.1:8081".parse().unwrap()),
+            None
+        );
     }
 
     #[test]
     fn an_exact_address_wins_over_a_wildcard() {
         let served = addrs(&["0.0.0.0:3000", "[::1]:3000", "127.0.0.1:4000"]);
         assert_eq!(captured_by(&served, "[::1]:3000".parse().unwrap()), Some(1));
-        assert_eq!(captured_by(&served, "127.0.0.1:3000".parse().unwrap()), Some(0));
+        assert_eq!(
+            captured_by(&served, "127.0.0.1:3000".parse().unwrap()),
+            Some(0)
+        );
         assert_eq!(captured_by(&served, "[::]:3000".parse().unwrap()), Some(0));
         assert_eq!(captured_by(&served, "[::]:4000".parse().unwrap()), Some(2));
         assert_eq!(captured_by(&served, "0.0.0.0:4001".parse().unwrap()), None);

@@ -30,51 +30,102 @@ pub fn errno() -> c_int {
     unsafe { *libc::__errno_location() }
 }
 
-/// One raw system call with up to four arguments; -1 and `errno` on failure.
-fn raw(number: c_long, a: c_long, b: c_long, c: c_long, d: c_long) -> c_int {
-    // SAFETY: every caller passes the arguments its system call takes, with
-    // pointers that came from the program's own call (valid for it) or
-    // from this module's own locals.
-    unsafe { libc::syscall(number, a, b, c, d) as c_int }
+/// One raw system call; -1 and `errno` on failure.
+///
+/// # Safety
+/// The arguments must be what system call `number` takes: any pointer
+/// among them valid for what the call reads or writes through it.
+unsafe fn raw(number: c_long, args: [c_long; 5]) -> c_int {
+    let [a, b, c, d, e] = args;
+    // SAFETY: the caller's promise, above.
+    unsafe { libc::syscall(number, a, b, c, d, e) as c_int }
 }
 
-pub fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    raw(libc::SYS_bind, fd.into(), addr as c_long, len as c_long, 0)
+/// The system calls this library interposes, as the kernel has them.
+/// Each `# Safety`: the pointers must be valid as for the libc call of the
+/// same name (they are the program's own, passed on unchanged).
+///
+/// # Safety
+/// `addr` valid for `len` bytes.
+pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: as the caller promises.
+    unsafe {
+        raw(
+            libc::SYS_bind,
+            [fd.into(), addr as c_long, len.into(), 0, 0],
+        )
+    }
 }
 
 pub fn listen(fd: c_int, backlog: c_int) -> c_int {
-    raw(libc::SYS_listen, fd.into(), backlog.into(), 0, 0)
+    // SAFETY: no pointers.
+    unsafe { raw(libc::SYS_listen, [fd.into(), backlog.into(), 0, 0, 0]) }
 }
 
-pub fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
-    let (addr, len) = (addr as c_long, len as c_long);
-    raw(libc::SYS_accept4, fd.into(), addr, len, flags.into())
+/// # Safety
+/// `addr` null or valid for `*len` bytes, `len` null or valid.
+pub unsafe fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    let args = [fd.into(), addr as c_long, len as c_long, flags.into(), 0];
+    // SAFETY: as the caller promises.
+    unsafe { raw(libc::SYS_accept4, args) }
 }
 
-pub fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    raw(libc::SYS_getsockname, fd.into(), addr as c_long, len as c_long, 0)
+/// # Safety
+/// As [`accept4`].
+pub unsafe fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    let args = [fd.into(), addr as c_long, len as c_long, 0, 0];
+    // SAFETY: as the caller promises.
+    unsafe { raw(libc::SYS_getsockname, args) }
 }
 
 pub fn close(fd: c_int) -> c_int {
-    raw(libc::SYS_close, fd.into(), 0, 0, 0)
+    // SAFETY: no pointers.
+    unsafe { raw(libc::SYS_close, [fd.into(), 0, 0, 0, 0]) }
 }
 
 pub fn shutdown(fd: c_int, how: c_int) -> c_int {
-    raw(libc::SYS_shutdown, fd.into(), how.into(), 0, 0)
+    // SAFETY: no pointers.
+    unsafe { raw(libc::SYS_shutdown, [fd.into(), how.into(), 0, 0, 0]) }
 }
 
-pub fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const libc::c_void, len: socklen_t) -> c_int {
-    // SAFETY: the program's own arguments, passed on unchanged.
-    unsafe {
-        libc::syscall(libc::SYS_setsockopt, fd, level, name, value, len) as c_int
-    }
+/// # Safety
+/// `value` valid for `len` bytes.
+pub unsafe fn setsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    value: *const libc::c_void,
+    len: socklen_t,
+) -> c_int {
+    let args = [
+        fd.into(),
+        level.into(),
+        name.into(),
+        value as c_long,
+        len.into(),
+    ];
+    // SAFETY: as the caller promises.
+    unsafe { raw(libc::SYS_setsockopt, args) }
 }
 
-pub fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut libc::c_void, len: *mut socklen_t) -> c_int {
-    // SAFETY: as in `setsockopt`.
-    unsafe {
-        libc::syscall(libc::SYS_getsockopt, fd, level, name, value, len) as c_int
-    }
+/// # Safety
+/// `value` valid for `*len` bytes, `len` valid.
+pub unsafe fn getsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    value: *mut libc::c_void,
+    len: *mut socklen_t,
+) -> c_int {
+    let args = [
+        fd.into(),
+        level.into(),
+        name.into(),
+        value as c_long,
+        len as c_long,
+    ];
+    // SAFETY: as the caller promises.
+    unsafe { raw(libc::SYS_getsockopt, args) }
 }
 
 /// An `int` socket option (SO_TYPE, SO_DOMAIN, SO_ACCEPTCONN).
@@ -82,7 +133,9 @@ pub fn int_option(fd: RawFd, name: c_int) -> Option<c_int> {
     let mut value: c_int = 0;
     let mut len = size_of::<c_int>() as socklen_t;
     let pointer = (&mut value as *mut c_int).cast();
-    (getsockopt(fd, libc::SOL_SOCKET, name, pointer, &mut len) == 0).then_some(value)
+    // SAFETY: `value` and `len` are locals of the sizes given.
+    let got = unsafe { getsockopt(fd, libc::SOL_SOCKET, name, pointer, &mut len) };
+    (got == 0).then_some(value)
 }
 
 /// Sets or clears `O_NONBLOCK` on `fd`'s open file description.
@@ -91,7 +144,11 @@ pub fn set_nonblocking(fd: RawFd, on: bool) {
     unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFL);
         if flags >= 0 {
-            let flags = if on { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
+            let flags = if on {
+                flags | libc::O_NONBLOCK
+            } else {
+                flags & !libc::O_NONBLOCK
+            };
             libc::fcntl(fd, libc::F_SETFL, flags);
         }
     }
@@ -227,7 +284,12 @@ pub fn send(fd: RawFd, bytes: &[u8]) -> bool {
     for _ in 0..deadline {
         // SAFETY: send from a live slice.
         let sent = unsafe {
-            libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            libc::send(
+                fd,
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
         };
         if sent >= 0 {
             return true;
@@ -235,7 +297,11 @@ pub fn send(fd: RawFd, bytes: &[u8]) -> bool {
         match errno() {
             libc::EINTR => continue,
             libc::EAGAIN => {
-                let mut poll = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+                let mut poll = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
                 // SAFETY: one pollfd on the stack.
                 unsafe { libc::poll(&mut poll, 1, (SEND_PATIENCE_MS / deadline) as c_int) };
             }
@@ -285,7 +351,10 @@ impl FdTable {
             // CLOSED for connections it inherited, as the parent may too.
             unsafe { libc::madvise(pointer, bytes, libc::MADV_WIPEONFORK) };
         }
-        Some(FdTable { slots: pointer.cast(), len })
+        Some(FdTable {
+            slots: pointer.cast(),
+            len,
+        })
     }
 
     fn slot(&self, fd: RawFd) -> Option<&AtomicU64> {
@@ -301,7 +370,9 @@ impl FdTable {
 
     /// Sets the value; false if `fd` is past the table.
     pub fn set(&self, fd: RawFd, value: u64) -> bool {
-        self.slot(fd).map(|slot| slot.store(value, Relaxed)).is_some()
+        self.slot(fd)
+            .map(|slot| slot.store(value, Relaxed))
+            .is_some()
     }
 
     /// Takes the value, leaving 0.
@@ -314,7 +385,10 @@ impl FdTable {
 /// cannot open more, unless root raises it), at least 1024, at most 2^20
 /// (8 MiB of address space per table, touched only where fds are).
 pub fn table_len() -> usize {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit fills a struct on the stack.
     let hard = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
         limit.rlim_max

@@ -25,12 +25,17 @@
 //!   TCP listener would.
 //!
 //! # Stopping
-//! herd's DRAIN arrives on the channel like a hand-off. The process herd
-//! started, once drained and with no connection left open, sends itself
-//! SIGTERM: a program with no graceful stop of its own (`http.server`)
-//! then exits with nothing in progress. A prefork child that reads DRAIN
-//! does nothing of the kind (its parent would respawn it): such servers
-//! name their graceful signal in `stop_signal`.
+//! herd's DRAIN arrives on the channel like a hand-off (in the OS modes,
+//! where the program never reads the channel, a thread started at the
+//! first `listen` reads it). From then on no connection is taken: none
+//! comes over the channel, and `accept` on an inherited socket fails with
+//! `EAGAIN` (after a 10 ms pause, so a level-triggered loop does not spin)
+//! or, blocking, never returns. Without a `stop_signal` (the program has
+//! no graceful stop herd knows of, as `http.server`), the process herd
+//! started sends itself SIGTERM once nothing is open, so it exits with
+//! nothing in progress. A prefork child never does (its parent would
+//! respawn it): such servers name their graceful signal in `stop_signal`,
+//! which herd sends.
 
 use std::net::SocketAddr;
 use std::os::fd::{BorrowedFd, RawFd};
@@ -58,6 +63,9 @@ pub struct State {
     pub connections: FdTable,
     /// The process herd started (forked children have other pids).
     pub started: i32,
+    /// Once drained with nothing open, SIGTERM to the program
+    /// (`HERD_PRELOAD_STOP=self`: it has no `stop_signal` herd sends).
+    pub stops_itself: bool,
 }
 
 pub static STATE: OnceLock<State> = OnceLock::new();
@@ -144,7 +152,10 @@ impl State {
     fn seal(&self) {
         if !SEALED.swap(true, Relaxed) {
             sys::set_cloexec(self.channel);
-            self.inherited.iter().flatten().for_each(|fd| sys::set_cloexec(*fd));
+            self.inherited
+                .iter()
+                .flatten()
+                .for_each(|fd| sys::set_cloexec(*fd));
         }
     }
 
@@ -159,18 +170,27 @@ impl State {
 /// As `bind(2)`: `addr` valid for `len` bytes.
 pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     let Some(state) = active() else {
-        return sys::bind(fd, addr, len);
+        // SAFETY: passed on from the caller.
+        return unsafe { sys::bind(fd, addr, len) };
     };
     // SAFETY: the program's own arguments, as bind(2) takes them.
     let asked = unsafe { sys::read_address(addr, len) };
     let stream = sys::int_option(fd, libc::SO_TYPE) == Some(libc::SOCK_STREAM);
     let Some(asked) = asked.filter(|_| stream) else {
-        return sys::bind(fd, addr, len);
+        // SAFETY: passed on from the caller.
+        return unsafe { sys::bind(fd, addr, len) };
     };
     let Some(listener) = served::captured_by(&state.served, asked) else {
-        let bound = sys::bind(fd, addr, len);
+        // SAFETY: passed on from the caller.
+        let bound = unsafe { sys::bind(fd, addr, len) };
         if bound == 0 {
-            tell(state, WorkerMessage::Bound { listener: None, address: asked });
+            tell(
+                state,
+                WorkerMessage::Bound {
+                    listener: None,
+                    address: asked,
+                },
+            );
         }
         return bound;
     };
@@ -184,8 +204,16 @@ pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     state.seal();
     let listener = listener as u16;
     let capture = Capture { listener, asked };
-    state.captured.set(fd, capture.encode(state.served[usize::from(listener)]));
-    tell(state, WorkerMessage::Bound { listener: Some(listener), address: asked });
+    state
+        .captured
+        .set(fd, capture.encode(state.served[usize::from(listener)]));
+    tell(
+        state,
+        WorkerMessage::Bound {
+            listener: Some(listener),
+            address: asked,
+        },
+    );
     0
 }
 
@@ -195,9 +223,71 @@ pub fn listen(fd: c_int, backlog: c_int) -> c_int {
         return sys::listen(fd, backlog);
     };
     if !READY.swap(true, Relaxed) {
-        tell(state, WorkerMessage::Ready { reports_closed: true });
+        if state.inherited.is_some() {
+            watch_channel(state);
+        }
+        tell(
+            state,
+            WorkerMessage::Ready {
+                reports_closed: true,
+            },
+        );
     }
     0
+}
+
+/// The OS modes: the program accepts from the inherited socket and never
+/// reads the channel, so a thread does, for DRAIN. (Without the thread,
+/// DRAIN goes unread: herd stops the worker at `shutdown_timeout`.)
+fn watch_channel(state: &'static State) {
+    let watch = move || {
+        // SAFETY: the channel is never closed (`close` protects it).
+        let channel = unsafe { BorrowedFd::borrow_raw(state.channel) };
+        let mut buf = [0u8; MAX_MESSAGE_LEN];
+        loop {
+            let mut ready = libc::pollfd {
+                fd: state.channel,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd on the stack.
+            unsafe { libc::poll(&mut ready, 1, -1) };
+            match fdpass::recv_message(channel, &mut buf, true, true) {
+                Ok(Some(received)) => {
+                    if PrimaryMessage::decode(&buf[..received.len]) == Ok(PrimaryMessage::Drain) {
+                        drained(state);
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) => {}
+                // herd is gone, or the channel broke: nothing more will come.
+                Ok(None) | Err(_) => return,
+            }
+        }
+    };
+    let _ = std::thread::Builder::new()
+        .name("herd-preload".into())
+        .spawn(watch);
+}
+
+fn drained(state: &State) {
+    DRAINING.store(true, Relaxed);
+    stop_if_drained(state);
+}
+
+/// An `accept` on an inherited socket once drained: nothing more is taken.
+fn refuse_while_draining(fd: RawFd) -> c_int {
+    if !sys::is_nonblocking(fd) {
+        // A blocking accept would have waited; it waits until the program stops.
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    sys::fail(libc::EAGAIN)
 }
 
 /// `accept4(2)` (and `accept`, with no flags).
@@ -206,20 +296,32 @@ pub fn listen(fd: c_int, backlog: c_int) -> c_int {
 /// As `accept4(2)`: `addr` null or valid for `*len` bytes.
 pub unsafe fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
     let Some(state) = active() else {
-        return sys::accept4(fd, addr, len, flags);
+        // SAFETY: passed on from the caller.
+        return unsafe { sys::accept4(fd, addr, len, flags) };
     };
     let capture = state.capture_of(fd);
     if state.inherited.is_some() {
-        let accepted = sys::accept4(fd, addr, len, flags);
+        if capture.is_some() && DRAINING.load(Relaxed) {
+            return refuse_while_draining(fd);
+        }
+        // SAFETY: passed on from the caller.
+        let accepted = unsafe { sys::accept4(fd, addr, len, flags) };
         if let (Some(capture), true) = (capture, accepted >= 0) {
             let id = NEXT_ID.fetch_add(1, Relaxed);
             track(state, accepted, id);
-            tell(state, WorkerMessage::Accepted { listener: capture.listener, id });
+            tell(
+                state,
+                WorkerMessage::Accepted {
+                    listener: capture.listener,
+                    id,
+                },
+            );
         }
         return accepted;
     }
     if capture.is_none() {
-        let accepted = sys::accept4(fd, addr, len, flags);
+        // SAFETY: passed on from the caller.
+        let accepted = unsafe { sys::accept4(fd, addr, len, flags) };
         if accepted >= 0 || sys::errno() != libc::EINVAL || !state.is_channel(fd) {
             return accepted;
         }
@@ -247,13 +349,14 @@ unsafe fn take_handoff(
     loop {
         // Blocking as the program made the socket: the recvmsg waits, or
         // fails with EAGAIN, as its accept would.
-        let received = match fdpass::recv_message(channel, &mut buf, false, flags & libc::SOCK_CLOEXEC != 0) {
-            Ok(Some(received)) => received,
-            // herd closed the channel: it is stopping, and so will the worker.
-            Ok(None) => return sys::fail(libc::EINVAL),
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => continue,
-            Err(e) => return sys::fail(e.raw_os_error().unwrap_or(libc::EIO)),
-        };
+        let received =
+            match fdpass::recv_message(channel, &mut buf, false, flags & libc::SOCK_CLOEXEC != 0) {
+                Ok(Some(received)) => received,
+                // herd closed the channel: it is stopping, and so will the worker.
+                Ok(None) => return sys::fail(libc::EINVAL),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => continue,
+                Err(e) => return sys::fail(e.raw_os_error().unwrap_or(libc::EIO)),
+            };
         match (PrimaryMessage::decode(&buf[..received.len]), received.fd) {
             (Ok(PrimaryMessage::Handoff(handoff)), Some(connection)) => {
                 let connection = std::os::fd::IntoRawFd::into_raw_fd(connection);
@@ -264,10 +367,7 @@ unsafe fn take_handoff(
                 unsafe { sys::write_address(handoff.peer, addr, len) };
                 return connection;
             }
-            (Ok(PrimaryMessage::Drain), _) => {
-                DRAINING.store(true, Relaxed);
-                stop_if_drained(state);
-            }
+            (Ok(PrimaryMessage::Drain), _) => drained(state),
             // Not a hand-off (its fd, if any, is closed as it drops).
             _ => {}
         }
@@ -283,7 +383,8 @@ fn track(state: &State, connection: RawFd, id: u64) {
 }
 
 fn stop_if_drained(state: &State) {
-    if DRAINING.load(Relaxed)
+    if state.stops_itself
+        && DRAINING.load(Relaxed)
         && OPEN.load(Relaxed) == 0
         && sys::pid() == state.started
         && !STOPPING.swap(true, Relaxed)
@@ -326,7 +427,8 @@ pub unsafe fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -
             sys::write_address(capture.asked, addr, len);
             0
         },
-        None => sys::getsockname(fd, addr, len),
+        // SAFETY: passed on from the caller.
+        None => unsafe { sys::getsockname(fd, addr, len) },
     }
 }
 
@@ -339,11 +441,21 @@ fn is_captured_channel(fd: c_int) -> Option<Capture> {
 }
 
 /// `setsockopt(2)`.
-pub fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_void, len: socklen_t) -> c_int {
+///
+/// # Safety
+/// As `setsockopt(2)`.
+pub unsafe fn setsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    value: *const c_void,
+    len: socklen_t,
+) -> c_int {
     if is_captured_channel(fd).is_some() {
         return 0;
     }
-    sys::setsockopt(fd, level, name, value, len)
+    // SAFETY: passed on from the caller.
+    unsafe { sys::setsockopt(fd, level, name, value, len) }
 }
 
 /// `getsockopt(2)`: a captured channel says it is a listening TCP socket
@@ -351,17 +463,29 @@ pub fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_void, le
 ///
 /// # Safety
 /// As `getsockopt(2)`.
-pub unsafe fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut socklen_t) -> c_int {
+pub unsafe fn getsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    value: *mut c_void,
+    len: *mut socklen_t,
+) -> c_int {
     let Some(capture) = is_captured_channel(fd) else {
-        return sys::getsockopt(fd, level, name, value, len);
+        // SAFETY: passed on from the caller.
+        return unsafe { sys::getsockopt(fd, level, name, value, len) };
     };
-    let family = if capture.asked.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let family = if capture.asked.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     let answer: c_int = match (level, name) {
         (libc::SOL_SOCKET, libc::SO_TYPE) => libc::SOCK_STREAM,
         (libc::SOL_SOCKET, libc::SO_DOMAIN) => family,
         (libc::SOL_SOCKET, libc::SO_PROTOCOL) => libc::IPPROTO_TCP,
         (libc::SOL_SOCKET, libc::SO_ACCEPTCONN) => c_int::from(READY.load(Relaxed)),
-        (libc::SOL_SOCKET, _) => return sys::getsockopt(fd, level, name, value, len),
+        // SAFETY: passed on from the caller.
+        (libc::SOL_SOCKET, _) => return unsafe { sys::getsockopt(fd, level, name, value, len) },
         _ => 0,
     };
     if value.is_null() || len.is_null() {
@@ -370,7 +494,11 @@ pub unsafe fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_voi
     // SAFETY: the caller's buffer, of `*len` bytes; at most that is written.
     unsafe {
         let room = (*len as usize).min(std::mem::size_of::<c_int>());
-        std::ptr::copy_nonoverlapping((&answer as *const c_int).cast::<u8>(), value.cast::<u8>(), room);
+        std::ptr::copy_nonoverlapping(
+            (&answer as *const c_int).cast::<u8>(),
+            value.cast::<u8>(),
+            room,
+        );
         *len = room as socklen_t;
     }
     0
@@ -409,7 +537,10 @@ mod tests {
             (2, "[::1]:5000"),
             (2, "[::]:5000"),
         ] {
-            let capture = Capture { listener, asked: asked.parse().unwrap() };
+            let capture = Capture {
+                listener,
+                asked: asked.parse().unwrap(),
+            };
             let value = capture.encode(served[usize::from(listener)]);
             assert_ne!(value, 0);
             assert_eq!(Capture::decode(value, &served), Some(capture), "{asked}");

@@ -20,6 +20,13 @@ pub const WORKER_ID_ENV: &str = "HERD_WORKER_ID";
 /// `protocol = "preload"`: the served addresses, comma-separated in
 /// `listen` order, whose `bind()` herd's preload library captures.
 pub const PRELOAD_LISTEN_ENV: &str = "HERD_PRELOAD_LISTEN";
+/// `protocol = "preload"`: what the library does once herd said DRAIN and
+/// nothing is open: [`PRELOAD_STOP_SELF`] (SIGTERM to the program, which
+/// has no graceful stop herd knows of), or anything else (herd sends the
+/// program's own `stop_signal`; the library only stops taking connections).
+pub const PRELOAD_STOP_ENV: &str = "HERD_PRELOAD_STOP";
+/// See [`PRELOAD_STOP_ENV`].
+pub const PRELOAD_STOP_SELF: &str = "self";
 /// How many listening sockets the worker inherited (from fd 3 on).
 pub const LISTEN_FDS_ENV: &str = "LISTEN_FDS";
 /// The pid the inherited sockets are meant for.

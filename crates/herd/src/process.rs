@@ -13,9 +13,9 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 
 use nix::sys::signal::{killpg, Signal};
@@ -189,6 +189,13 @@ fn set_environment(command: &mut std::process::Command, env: &WorkerEnv<'_>) {
     }
     if let Some(library) = &settings.preload {
         preload_environment(command, library, env.served);
+        // Without a stop signal of its own, the program is stopped by the
+        // library once drained; with one, herd sends it.
+        let stop = match settings.stop_signal {
+            None => herd_protocol::env::PRELOAD_STOP_SELF,
+            Some(_) => "signal",
+        };
+        command.env(herd_protocol::env::PRELOAD_STOP_ENV, stop);
     }
     match env.notify {
         Some(socket) => command.env(NOTIFY_SOCKET_ENV, &socket.env),

@@ -31,9 +31,16 @@ pub fn library() -> Result<PathBuf, ConfigError> {
     let candidates: Vec<PathBuf> = match std::env::var_os(LIBRARY_ENV) {
         Some(path) => vec![PathBuf::from(path)],
         None => {
-            let exe = std::env::current_exe().map_err(|e| refuse(format!("cannot find herd's own executable to look beside it for {LIBRARY_NAME}: {e}")))?;
+            let exe = std::env::current_exe().map_err(|e| {
+                refuse(format!(
+                    "cannot find herd's own executable to look beside it for {LIBRARY_NAME}: {e}"
+                ))
+            })?;
             let dir = exe.parent().unwrap_or(Path::new("/"));
-            vec![dir.join(LIBRARY_NAME), dir.join("../lib/herd").join(LIBRARY_NAME)]
+            vec![
+                dir.join(LIBRARY_NAME),
+                dir.join("../lib/herd").join(LIBRARY_NAME),
+            ]
         }
     };
     let Some(found) = candidates.iter().find(|path| path.is_file()) else {
@@ -65,7 +72,8 @@ pub fn check_program(program: &Path) -> Result<(), ConfigError> {
         Some(interpreter) => interpreter,
         None => program.to_path_buf(),
     };
-    let meta = std::fs::metadata(&target).map_err(|e| refuse(format!("{}: {e}", target.display())))?;
+    let meta =
+        std::fs::metadata(&target).map_err(|e| refuse(format!("{}: {e}", target.display())))?;
     if meta.permissions().mode() & 0o6000 != 0 {
         return Err(refuse(format!(
             "{} is set-user-ID or set-group-ID, and the loader ignores LD_PRELOAD for it",
@@ -129,7 +137,8 @@ pub fn linkage(bytes: &[u8]) -> Linkage {
     if elf.has_section(".go.buildinfo") {
         return Linkage::Go;
     }
-    let interp = (0..elf.phnum).any(|i| elf.u32_at(elf.phoff + i * elf.phentsize) == Some(PT_INTERP));
+    let interp =
+        (0..elf.phnum).any(|i| elf.u32_at(elf.phoff + i * elf.phentsize) == Some(PT_INTERP));
     if interp {
         Linkage::Dynamic
     } else {
@@ -160,9 +169,23 @@ impl<'a> Elf<'a> {
             1 => false,
             _ => return None,
         };
-        let mut elf = Elf { bytes, wide, phoff: 0, phentsize: 0, phnum: 0, shoff: 0, shentsize: 0, shnum: 0, shstrndx: 0 };
+        let mut elf = Elf {
+            bytes,
+            wide,
+            phoff: 0,
+            phentsize: 0,
+            phnum: 0,
+            shoff: 0,
+            shentsize: 0,
+            shnum: 0,
+            shstrndx: 0,
+        };
         // e_phoff/e_shoff are words; the 16-bit counts follow e_flags.
-        let (phoff, shoff, counts) = if wide { (0x20, 0x28, 0x36) } else { (0x1c, 0x20, 0x2a) };
+        let (phoff, shoff, counts) = if wide {
+            (0x20, 0x28, 0x36)
+        } else {
+            (0x1c, 0x20, 0x2a)
+        };
         elf.phoff = elf.word_at(phoff)?;
         elf.shoff = elf.word_at(shoff)?;
         elf.phentsize = elf.u16_at(counts)?;
@@ -224,7 +247,10 @@ mod tests {
     fn this_machines_programs_are_told_apart() {
         // Debian's own binaries are dynamic; the test binary is too.
         assert_eq!(linkage_of("/bin/sh"), Linkage::Dynamic);
-        assert_eq!(linkage(&std::fs::read(std::env::current_exe().unwrap()).unwrap()), Linkage::Dynamic);
+        assert_eq!(
+            linkage(&std::fs::read(std::env::current_exe().unwrap()).unwrap()),
+            Linkage::Dynamic
+        );
         assert_eq!(linkage(b"#!/bin/sh\n"), Linkage::NotElf);
         assert_eq!(linkage(b"\x7fELF"), Linkage::NotElf);
         assert_eq!(linkage(b""), Linkage::NotElf);

@@ -88,7 +88,9 @@ impl HandoffLoop {
         // OS-scheduled ones have none in this loop).
         let served = listener.map(|ix| {
             let addrs = self.counters.listen_addrs();
-            addrs.get(usize::from(ix)).map_or("?".to_string(), SocketAddr::to_string)
+            addrs
+                .get(usize::from(ix))
+                .map_or("?".to_string(), SocketAddr::to_string)
         });
         match served {
             Some(served) => info!(
