@@ -27,12 +27,11 @@ const ALTERNATIVES: &str = "run it with a socket herd passes instead, if it take
 /// The library to preload: `HERD_PRELOAD_LIBRARY`, else beside herd's own
 /// executable (where `cargo build` puts both), else `../lib/herd/`.
 pub fn library() -> Result<PathBuf, ConfigError> {
-    let refuse = |why: String| invalid("protocol", "\"preload\"", why);
     let candidates: Vec<PathBuf> = match std::env::var_os(LIBRARY_ENV) {
         Some(path) => vec![PathBuf::from(path)],
         None => {
             let exe = std::env::current_exe().map_err(|e| {
-                refuse(format!(
+                refuse_library(format!(
                     "cannot find herd's own executable to look beside it for {LIBRARY_NAME}: {e}"
                 ))
             })?;
@@ -43,18 +42,27 @@ pub fn library() -> Result<PathBuf, ConfigError> {
             ]
         }
     };
+    first_usable(&candidates)
+}
+
+fn refuse_library(why: String) -> ConfigError {
+    invalid("protocol", "\"preload\"", why)
+}
+
+/// The first of `candidates` that is a file, canonical, and fit for
+/// `LD_PRELOAD` (a list separated by spaces and colons).
+fn first_usable(candidates: &[PathBuf]) -> Result<PathBuf, ConfigError> {
     let Some(found) = candidates.iter().find(|path| path.is_file()) else {
         let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
-        return Err(refuse(format!(
+        return Err(refuse_library(format!(
             "herd's preload library is not at {}: build it with `cargo build --release` (it is crates/herd-preload), or name it in {LIBRARY_ENV}",
             tried.join(" or ")
         )));
     };
     let found = found.canonicalize().unwrap_or_else(|_| found.clone());
-    // LD_PRELOAD is a list separated by spaces and colons.
     let text = found.display().to_string();
     if text.contains([' ', ':']) {
-        return Err(refuse(format!("the library's path {text:?} holds a space or a colon, which LD_PRELOAD cannot carry: move it, or name another in {LIBRARY_ENV}")));
+        return Err(refuse_library(format!("the library's path {text:?} holds a space or a colon, which LD_PRELOAD cannot carry: move it, or name another in {LIBRARY_ENV}")));
     }
     Ok(found)
 }
@@ -272,6 +280,29 @@ mod tests {
         assert_eq!(linkage(&elf), Linkage::Dynamic);
         // Truncated headers are not read past the end.
         assert_eq!(linkage(&elf[..0x40]), Linkage::Static);
+    }
+
+    #[test]
+    fn the_library_is_the_first_usable_candidate() {
+        let dir = std::env::temp_dir().join(format!("herd-preload-lib-{}", std::process::id()));
+        let spaced = dir.join("with space");
+        std::fs::create_dir_all(&spaced).unwrap();
+        let (good, odd) = (dir.join(LIBRARY_NAME), spaced.join(LIBRARY_NAME));
+        std::fs::write(&good, "").unwrap();
+        std::fs::write(&odd, "").unwrap();
+        let missing = dir.join("missing.so");
+        let found = first_usable(&[missing.clone(), good.clone()]).unwrap();
+        assert_eq!(found, good.canonicalize().unwrap());
+        let refused = first_usable(std::slice::from_ref(&missing))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("missing.so") && refused.contains(LIBRARY_ENV),
+            "{refused}"
+        );
+        let refused = first_usable(&[odd]).unwrap_err().to_string();
+        assert!(refused.contains("space or a colon"), "{refused}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

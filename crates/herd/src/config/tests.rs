@@ -190,8 +190,11 @@ fn the_worker_protocol_is_detected_or_named() {
         .starts_with("invalid `listen` = []: no address"));
     assert_eq!(
         refused("protocol = \"grpc\"\n"),
-        "invalid `protocol` = \"grpc\": expected one of: auto, herd, node-cluster"
+        "invalid `protocol` = \"grpc\": expected one of: auto, herd, node-cluster, preload"
     );
+    // A port-binding program must still be told what herd serves.
+    assert!(refused("listen = []\nprotocol = \"preload\"\n")
+        .starts_with("invalid `listen` = []: no address"));
 }
 
 fn which_node() -> Option<PathBuf> {
