@@ -690,3 +690,37 @@ fn a_set_id_program_is_refused_with_the_alternatives() {
     std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o4755)).unwrap();
     refused("preload-setuid", &binary, "set-user-ID");
 }
+
+#[test]
+fn a_server_that_closes_every_inherited_fd_keeps_herds_channel() {
+    assert!(preload_built());
+    let dir = scratch_dir("preload-closes-everything");
+    std::fs::write(dir.join(PAGE), PAGE_TEXT).unwrap();
+    let port = free_port();
+    let script = format!(
+        "{}/tests/fixtures/preload/closes_everything.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (listen, port_arg) = (format!("127.0.0.1:{port}"), port.to_string());
+    let herd = Herd::start_in(
+        &dir,
+        &[
+            "--listen",
+            &listen,
+            "--workers",
+            "2",
+            "--protocol",
+            "preload",
+            "--",
+            "python3",
+            &script,
+            &port_arg,
+        ],
+    );
+    herd.wait_ready(2);
+    for n in 0..6 {
+        assert_eq!(fetch(herd.addr(), LOCALHOST, "closed=", n), 200);
+    }
+    assert_eq!(slots_that_served(&herd, "closed=", 6).len(), 6);
+    assert!(herd.stop().success());
+}

@@ -81,6 +81,11 @@ pub unsafe extern "C" fn getsockopt(
 }
 
 #[no_mangle]
+pub extern "C" fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_int {
+    takeover::close_range(first, last, flags)
+}
+
+#[no_mangle]
 pub extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
     takeover::shutdown(fd, how)
 }

@@ -83,6 +83,12 @@ pub fn close(fd: c_int) -> c_int {
     unsafe { raw(libc::SYS_close, [fd.into(), 0, 0, 0, 0]) }
 }
 
+pub fn close_range(first: libc::c_uint, last: libc::c_uint, flags: libc::c_int) -> c_int {
+    let args = [first.into(), last.into(), flags.into(), 0, 0];
+    // SAFETY: no pointers.
+    unsafe { raw(libc::SYS_close_range, args) }
+}
+
 pub fn shutdown(fd: c_int, how: c_int) -> c_int {
     // SAFETY: no pointers.
     unsafe { raw(libc::SYS_shutdown, [fd.into(), how.into(), 0, 0, 0]) }
@@ -362,6 +368,11 @@ impl FdTable {
         // SAFETY: index < len, inside the mapping, which is never unmapped;
         // zeroed memory is a valid AtomicU64 0.
         Some(unsafe { &*self.slots.add(index) })
+    }
+
+    /// How many fds the table covers.
+    pub fn len(&self) -> usize {
+        self.len
     }
 
     pub fn get(&self, fd: RawFd) -> u64 {

@@ -416,6 +416,47 @@ pub fn close(fd: c_int) -> c_int {
     closed
 }
 
+/// `close_range(2)`: closes the range but the channel and the passed
+/// sockets, reporting CLOSED for the connections in it, as `close` does
+/// one by one. (`CLOSE_RANGE_CLOEXEC` only marks fds: passed through.)
+pub fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_int {
+    let Some(state) = active().filter(|_| flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0) else {
+        return sys::close_range(first, last, flags);
+    };
+    let mut keep: Vec<libc::c_uint> = std::iter::once(state.channel)
+        .chain(state.inherited.iter().flatten().copied())
+        .filter_map(|fd| libc::c_uint::try_from(fd).ok())
+        .filter(|fd| (first..=last).contains(fd))
+        .collect();
+    keep.sort_unstable();
+    // The connections in the range, taken before they close.
+    let tracked = (first as usize..=(last as usize).min(state.connections.len().saturating_sub(1)))
+        .filter_map(|fd| {
+            let fd = RawFd::try_from(fd).ok()?;
+            state.captured.take(fd);
+            Some(state.connections.take(fd)).filter(|id| *id != 0)
+        })
+        .collect::<Vec<u64>>();
+    // The range in pieces around what is kept.
+    let mut from = Some(first);
+    let mut result = 0;
+    for kept in keep {
+        if let Some(start) = from.filter(|start| kept > *start) {
+            result |= sys::close_range(start, kept - 1, flags);
+        }
+        from = kept.checked_add(1);
+    }
+    if let Some(start) = from.filter(|start| *start <= last) {
+        result |= sys::close_range(start, last, flags);
+    }
+    for id in tracked {
+        let _ = OPEN.fetch_update(Relaxed, Relaxed, |open| open.checked_sub(1));
+        tell(state, WorkerMessage::Closed(id - 1));
+    }
+    stop_if_drained(state);
+    result
+}
+
 /// `getsockname(2)`.
 ///
 /// # Safety
