@@ -370,8 +370,8 @@ impl FdTable {
         Some(unsafe { &*self.slots.add(index) })
     }
 
-    /// How many fds the table covers.
-    pub fn len(&self) -> usize {
+    /// How many fds the table covers (0 to this, exclusive).
+    pub fn covers(&self) -> usize {
         self.len
     }
 
