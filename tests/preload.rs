@@ -24,10 +24,9 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 use common::load::*;
 use common::*;
@@ -47,15 +46,6 @@ fn preload_built() -> bool {
     }
     let built = cargo.status().is_ok_and(|s| s.success());
     built && bin_dir.join("libherd_preload.so").is_file()
-}
-
-/// A port on 127.0.0.1 free a moment ago: the program names it itself.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The page the http.server tests fetch, and what it says.
@@ -263,20 +253,12 @@ fn python_http_server_drops_nothing_through_kill_and_reload() {
     let addr = herd.addr();
     let load = Load::start_on(addr, "/index.html", the_page);
     load.settle(STEADY);
-    let mut steps = vec![("kill", Instant::now())];
-    let kill = kill_slot(&herd, 0, 2);
-    load.settle(STEADY);
-    steps.push(("reload", Instant::now()));
-    let reload = herd.control(&["reload"]);
-    assert_eq!(reload.code, Some(0), "{reload:?}");
-    let reloaded = herd.wait_all_ready(2);
-    assert!(reloaded.is_disjoint(&first), "{reloaded:?} vs {first:?}");
-    load.settle(STEADY);
+    let (kill, steps) = kill_then_reload(&herd, &load, &first);
     let outcomes = load.finish();
     assert_only_the_kill_failed(name, &outcomes, &kill, &steps);
     // The reloaded workers drained and stopped themselves (SIGTERM from the
-    // library once nothing was open), in time: none was killed by herd.
-    let killed = herd.events("worker_killed", &[]);
+    // library once nothing was open), in time: herd killed none of them.
+    let killed = herd.events("drain_timeout", &[]);
     assert!(killed.is_empty(), "{killed:?}");
     assert!(herd.stop().success());
 }
@@ -307,6 +289,7 @@ fn python_http_server_finishes_a_slow_request_across_a_reload() {
     assert!(response.starts_with("HTTP/1.0 200"), "{response:?}");
     assert!(response.ends_with(PAGE_TEXT), "{response:?}");
     herd.wait_for_event("worker_exited", &[("pid", json!(old))], 1);
+    assert!(herd.events("drain_timeout", &[]).is_empty());
     assert!(herd.stop().success());
 }
 
@@ -362,14 +345,6 @@ fn kernel_rotation_gives_preloaded_http_servers_strict_turns() {
 }
 
 // ---- nginx, prefork: its worker processes inherit the captured socket ----
-
-fn nginx() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|dir| dir.join("nginx"))
-        .find(|candidate| candidate.is_file())
-}
 
 /// A plain nginx config: it binds `listen 127.0.0.1:PORT` itself, its
 /// master forks two worker processes, and each answers with its pid.
@@ -642,6 +617,16 @@ fn refused(name: &str, program: &Path, why: &str) {
     }
 }
 
+/// [`refused`], for a `binary` that `make` makes; skipped (outside CI)
+/// when it cannot, saying what it `needs`.
+fn refused_once_made(test: &str, make: &mut Command, needs: &str, binary: &Path, why: &str) {
+    if !make.status().is_ok_and(|s| s.success()) {
+        skip_unless_ci(test, needs);
+        return;
+    }
+    refused(test, binary, why);
+}
+
 #[test]
 fn a_statically_linked_program_is_refused_with_the_alternatives() {
     let test = "a_statically_linked_program_is_refused_with_the_alternatives";
@@ -649,17 +634,10 @@ fn a_statically_linked_program_is_refused_with_the_alternatives() {
     let source = dir.join("static.c");
     std::fs::write(&source, "int main(void) { return 0; }\n").unwrap();
     let binary = dir.join("static-server");
-    let built = Command::new("cc")
-        .arg("-static")
-        .arg("-o")
-        .arg(&binary)
-        .arg(&source)
-        .status();
-    if !built.is_ok_and(|s| s.success()) {
-        skip_unless_ci(test, "needs gcc with a static libc (libc6-dev)");
-        return;
-    }
-    refused("preload-static", &binary, "statically linked");
+    let mut make = Command::new("cc");
+    make.arg("-static").arg("-o").arg(&binary).arg(&source);
+    let needs = "needs gcc with a static libc (libc6-dev)";
+    refused_once_made(test, &mut make, needs, &binary, "statically linked");
 }
 
 #[test]
@@ -669,16 +647,17 @@ fn a_go_program_is_refused_with_the_alternatives() {
     // What herd looks for in a Go binary, added to a dynamic one.
     let binary = dir.join("go-server");
     std::fs::copy("/bin/true", &binary).unwrap();
-    let marked = Command::new("objcopy")
-        .arg("--add-section")
+    let mut make = Command::new("objcopy");
+    make.arg("--add-section")
         .arg(".go.buildinfo=/dev/null")
-        .arg(&binary)
-        .status();
-    if !marked.is_ok_and(|s| s.success()) {
-        skip_unless_ci(test, "needs objcopy (binutils)");
-        return;
-    }
-    refused("preload-go", &binary, "Go program");
+        .arg(&binary);
+    refused_once_made(
+        test,
+        &mut make,
+        "needs objcopy (binutils)",
+        &binary,
+        "Go program",
+    );
 }
 
 #[test]
@@ -688,7 +667,11 @@ fn a_set_id_program_is_refused_with_the_alternatives() {
     let binary = dir.join("setuid-server");
     std::fs::copy("/bin/true", &binary).unwrap();
     std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o4755)).unwrap();
-    refused("preload-setuid", &binary, "set-user-ID");
+    refused(
+        "a_set_id_program_is_refused_with_the_alternatives",
+        &binary,
+        "set-user-ID",
+    );
 }
 
 #[test]

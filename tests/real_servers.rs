@@ -102,17 +102,7 @@ fn through_kill_reload_and_scale(name: &str, herd: Option<Herd>) {
     let load = Load::start(herd.addr(), pid_in);
     load.settle(STEADY);
     assert!(load.failures().is_empty(), "{:?}", load.failures());
-    // When each step began, to say in which one a request failed.
-    let mut steps = vec![("kill", Instant::now())];
-    let kill = kill_slot(&herd, 0, 2);
-    load.settle(STEADY);
-
-    steps.push(("reload", Instant::now()));
-    let reload = herd.control(&["reload"]);
-    assert_eq!(reload.code, Some(0), "{reload:?}");
-    let reloaded = herd.wait_all_ready(2);
-    assert!(reloaded.is_disjoint(&first), "{reloaded:?} vs {first:?}");
-    load.settle(STEADY);
+    let (kill, mut steps) = kill_then_reload(&herd, &load, &first);
 
     for (step, workers) in [("scale 3", 3), ("scale 1", 1)] {
         steps.push((step, Instant::now()));

@@ -11,8 +11,8 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -218,22 +218,6 @@ fn a_stop_signal_no_server_can_catch_is_refused_before_any_worker_starts() {
 }
 
 // ---- nginx, a real server that stops on SIGQUIT ----
-
-/// nginx's binary, in PATH or where Debian puts it.
-fn nginx() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|dir| dir.join("nginx"))
-        .find(|candidate| candidate.is_file())
-}
-
-/// A port on 127.0.0.1 free a moment ago: nginx's config must name the
-/// address of the socket herd hands it.
-fn free_port() -> u16 {
-    let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-    probe.local_addr().unwrap().port()
-}
 
 /// herd running one nginx in `--mode shared` on a fresh port, serving a
 /// 300 KB file at 150 KB/s from `dir`; `stop_signal` if given.

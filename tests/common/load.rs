@@ -12,6 +12,7 @@
 //! whole answer), that began before the freeze and ended after it; there
 //! may be at most `held` of them.
 
+use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -279,4 +280,25 @@ pub fn assert_only_the_kill_failed(
         outcomes.len(),
         kill.held
     );
+}
+
+/// Under `load`, on herd's 2 workers (`first`: their pids): SIGKILL slot
+/// 0's ([`kill_slot`]), then a rolling reload; each step waits for
+/// [`STEADY`] more answers. The kill, and when each step began (to say in
+/// which one a request failed).
+pub fn kill_then_reload(
+    herd: &Herd,
+    load: &Load,
+    first: &BTreeSet<u32>,
+) -> (Kill, Vec<(&'static str, Instant)>) {
+    let mut steps = vec![("kill", Instant::now())];
+    let kill = kill_slot(herd, 0, 2);
+    load.settle(STEADY);
+    steps.push(("reload", Instant::now()));
+    let reload = herd.control(&["reload"]);
+    assert_eq!(reload.code, Some(0), "{reload:?}");
+    let reloaded = herd.wait_all_ready(2);
+    assert!(reloaded.is_disjoint(first), "{reloaded:?} vs {first:?}");
+    load.settle(STEADY);
+    (kill, steps)
 }

@@ -568,6 +568,22 @@ impl Herd {
     }
 }
 
+/// A port on 127.0.0.1 free a moment ago, for a server whose config must
+/// name its port (nginx, a program that binds its own).
+pub fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
+}
+
+/// nginx's binary, in PATH or where Debian puts it.
+pub fn nginx() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("nginx"))
+        .find(|candidate| candidate.is_file())
+}
+
 /// The address herd logged for its metrics endpoint.
 pub fn metrics_addr(herd: &Herd) -> SocketAddr {
     address(&herd.wait_for_event("metrics_listening", &[], 1)[0])

@@ -430,7 +430,8 @@ pub fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_i
         .collect();
     keep.sort_unstable();
     // The connections in the range, taken before they close.
-    let tracked = (first as usize..=(last as usize).min(state.connections.covers().saturating_sub(1)))
+    let tracked = (first as usize
+        ..=(last as usize).min(state.connections.covers().saturating_sub(1)))
         .filter_map(|fd| {
             let fd = RawFd::try_from(fd).ok()?;
             state.captured.take(fd);
