@@ -55,9 +55,17 @@ const PAGE_TEXT: &str = "served by python3 -m http.server under herd\n";
 /// herd running `workers` copies of `python3 -m http.server PORT` in a
 /// scratch directory holding [`PAGE`], with `flags`; the port.
 fn http_server(name: &str, workers: usize, flags: &[&str]) -> (Herd, u16) {
-    assert!(preload_built(), "cargo could not build herd-preload");
     let dir = scratch_dir(name);
     std::fs::write(dir.join(PAGE), PAGE_TEXT).unwrap();
+    let command = ["python3", "-m", "http.server", "PORT"];
+    preloaded(&dir, workers, flags, &command)
+}
+
+/// herd running `workers` copies of `command` in `dir`, under the preload
+/// library, with `flags`, on a free port that replaces each `PORT` word
+/// of `command`; the port.
+fn preloaded(dir: &Path, workers: usize, flags: &[&str], command: &[&str]) -> (Herd, u16) {
+    assert!(preload_built(), "cargo could not build herd-preload");
     let port = free_port();
     let (listen, workers, port_arg) = (
         format!("127.0.0.1:{port}"),
@@ -67,8 +75,15 @@ fn http_server(name: &str, workers: usize, flags: &[&str]) -> (Herd, u16) {
     let mut args = vec!["--listen", &listen, "--workers", &workers];
     args.extend(["--protocol", "preload"]);
     args.extend_from_slice(flags);
-    args.extend(["--", "python3", "-m", "http.server", &port_arg]);
-    (Herd::start_in(&dir, &args), port)
+    args.push("--");
+    args.extend(command.iter().map(|word| {
+        if *word == "PORT" {
+            port_arg.as_str()
+        } else {
+            word
+        }
+    }));
+    (Herd::start_in(dir, &args), port)
 }
 
 /// The slot whose worker logged the request for `path` (http.server logs
@@ -471,24 +486,8 @@ fn an_epoll_server_gets_what_a_real_nonblocking_accept4_gives() {
         skip_unless_ci(test, "needs a C compiler (apt-get install gcc)");
         return;
     };
-    assert!(preload_built());
-    let port = free_port();
-    let (listen, port_arg) = (format!("127.0.0.1:{port}"), port.to_string());
     let server = server.display().to_string();
-    let herd = Herd::start_in(
-        &dir,
-        &[
-            "--listen",
-            &listen,
-            "--workers",
-            "2",
-            "--protocol",
-            "preload",
-            "--",
-            &server,
-            &port_arg,
-        ],
-    );
+    let (herd, port) = preloaded(&dir, 2, &[], &[&server, "PORT"]);
     let pids: BTreeSet<u32> = herd.wait_ready(2).into_values().collect();
     let mut answered = Vec::new();
     for n in 0..12u8 {
@@ -537,32 +536,16 @@ fn an_epoll_server_gets_what_a_real_nonblocking_accept4_gives() {
 
 #[test]
 fn a_bind_to_another_port_is_left_to_the_program_and_logged() {
-    assert!(preload_built());
     let dir = scratch_dir("preload-two-ports");
     std::fs::write(dir.join(PAGE), PAGE_TEXT).unwrap();
-    let (port, admin) = (free_port(), free_port());
+    let admin = free_port();
     let script = format!(
         "{}/tests/fixtures/preload/two_ports.py",
         env!("CARGO_MANIFEST_DIR")
     );
-    let listen = format!("127.0.0.1:{port}");
-    let (port_arg, admin_arg) = (port.to_string(), admin.to_string());
-    let herd = Herd::start_in(
-        &dir,
-        &[
-            "--listen",
-            &listen,
-            "--workers",
-            "1",
-            "--protocol",
-            "preload",
-            "--",
-            "python3",
-            &script,
-            &port_arg,
-            &admin_arg,
-        ],
-    );
+    let admin_arg = admin.to_string();
+    let command = ["python3", &script, "PORT", &admin_arg];
+    let (herd, port) = preloaded(&dir, 1, &[], &command);
     herd.wait_ready(1);
     let passed = herd.wait_for_event("preload_bind_passed", &[], 1);
     assert_eq!(passed[0]["address"], json!(format!("127.0.0.1:{admin}")));
@@ -676,30 +659,13 @@ fn a_set_id_program_is_refused_with_the_alternatives() {
 
 #[test]
 fn a_server_that_closes_every_inherited_fd_keeps_herds_channel() {
-    assert!(preload_built());
     let dir = scratch_dir("preload-closes-everything");
     std::fs::write(dir.join(PAGE), PAGE_TEXT).unwrap();
-    let port = free_port();
     let script = format!(
         "{}/tests/fixtures/preload/closes_everything.py",
         env!("CARGO_MANIFEST_DIR")
     );
-    let (listen, port_arg) = (format!("127.0.0.1:{port}"), port.to_string());
-    let herd = Herd::start_in(
-        &dir,
-        &[
-            "--listen",
-            &listen,
-            "--workers",
-            "2",
-            "--protocol",
-            "preload",
-            "--",
-            "python3",
-            &script,
-            &port_arg,
-        ],
-    );
+    let (herd, _) = preloaded(&dir, 2, &[], &["python3", &script, "PORT"]);
     herd.wait_ready(2);
     for n in 0..6 {
         assert_eq!(fetch(herd.addr(), LOCALHOST, "closed=", n), 200);
