@@ -673,3 +673,49 @@ fn a_server_that_closes_every_inherited_fd_keeps_herds_channel() {
     assert_eq!(slots_that_served(&herd, "closed=", 6).len(), 6);
     assert!(herd.stop().success());
 }
+
+#[test]
+fn a_library_the_workers_user_cannot_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let test = "a_library_the_workers_user_cannot_read_is_refused";
+    if !nix::unistd::geteuid().is_root() {
+        skip_unless_ci(test, "needs root, to run workers as nobody");
+        return;
+    }
+    assert!(preload_built());
+    // A copy of the library where only root can reach it.
+    let dir = scratch_dir("preload-unreadable");
+    let private = dir.join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let library = private.join("libherd_preload.so");
+    let built = Path::new(herd_bin()).with_file_name("libherd_preload.so");
+    std::fs::copy(built, &library).unwrap();
+    let named = format!("HERD_PRELOAD_LIBRARY={}", library.display());
+    let config = write_config(&dir, "user = \"nobody\"\n")
+        .display()
+        .to_string();
+    let args = [
+        "check",
+        "-c",
+        &config,
+        "--listen",
+        "127.0.0.1:0",
+        "--protocol",
+        "preload",
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        "3000",
+    ];
+    let check = herd_cli_under(&dir, &["env", &named], &args, DEADLINE).unwrap();
+    assert_eq!(check.code, Some(1), "{check:?}");
+    assert!(
+        check
+            .stderr
+            .contains("the workers cannot load herd's preload library")
+            && check.stderr.contains("private is not searchable by user \"nobody\""),
+        "{check:?}"
+    );
+}

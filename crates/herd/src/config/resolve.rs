@@ -48,7 +48,17 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
     let preload = match protocol {
         WorkerProtocol::Preload => {
             preload::check_program(&program)?;
-            Some(preload::library()?)
+            let library = preload::library()?;
+            // Else the loader says "cannot be preloaded ... ignored" and the
+            // program binds the port herd holds.
+            identity.can_read(&library).map_err(|why| {
+                invalid(
+                    "protocol",
+                    "\"preload\"",
+                    format!("the workers cannot load herd's preload library: {why}"),
+                )
+            })?;
+            Some(library)
         }
         _ => None,
     };

@@ -221,6 +221,22 @@ impl Identity {
         ))
     }
 
+    /// `path` can be opened for reading (the dynamic loader maps a preloaded
+    /// library so): directories searchable, the file readable.
+    pub(super) fn can_read(&self, path: &Path) -> Result<(), String> {
+        self.can_reach(path)?;
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if self.may(&meta, Access::Read) {
+            return Ok(());
+        }
+        Err(format!(
+            "{} is not readable{} ({})",
+            path.display(),
+            self.who,
+            describe(&meta)
+        ))
+    }
+
     /// `dir` can be made the working directory: reached and searched.
     pub(super) fn can_enter(&self, dir: &Path) -> Result<(), String> {
         self.can_reach(dir)?;
