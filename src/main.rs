@@ -405,6 +405,12 @@ fn main() -> ExitCode {
                     "supervision: a worker is killed with its {processes} (kill_mode {}); {hung}",
                     settings.kill_mode.name()
                 );
+                if let Some(library) = &settings.preload {
+                    outln!(
+                        "preload: the program's bind() to {listen} (or a wildcard on its port) is captured by {}; its first listen() says READY",
+                        library.display()
+                    );
+                }
                 // As `herd run` would start: with its soft limit raised.
                 let fds = herd::fd_budget::FdLimit::raise();
                 let need = herd::fd_budget::Plan::of(&settings, settings.workers).need();

@@ -715,7 +715,9 @@ fn a_library_the_workers_user_cannot_read_is_refused() {
         check
             .stderr
             .contains("the workers cannot load herd's preload library")
-            && check.stderr.contains("private is not searchable by user \"nobody\""),
+            && check
+                .stderr
+                .contains("private is not searchable by user \"nobody\""),
         "{check:?}"
     );
 }
