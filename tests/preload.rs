@@ -721,3 +721,26 @@ fn a_library_the_workers_user_cannot_read_is_refused() {
         "{check:?}"
     );
 }
+
+#[test]
+fn a_socket_moved_by_dup2_still_takes_hand_offs() {
+    let dir = scratch_dir("preload-dup2");
+    let script = format!(
+        "{}/tests/fixtures/preload/moves_its_socket.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (herd, port) = preloaded(&dir, 2, &[], &["python3", &script, "PORT"]);
+    let pids: BTreeSet<u32> = herd.wait_ready(2).into_values().collect();
+    // The wrapped fd still answers getsockname with the bound address.
+    let moved = format!("moved listener on fd 100: ('0.0.0.0', {port})");
+    herd.wait_for_worker_output(&moved, 2);
+    let answered: Vec<u32> = (0..8)
+        .map(|_| {
+            let (code, _, body) = http(herd.addr(), "GET", "/");
+            assert_eq!(code, 200, "{body}");
+            field(&body, "worker") as u32
+        })
+        .collect();
+    assert_eq!(answered.iter().copied().collect::<BTreeSet<u32>>(), pids);
+    assert!(herd.stop().success());
+}

@@ -81,6 +81,20 @@ pub unsafe extern "C" fn getsockopt(
 }
 
 #[no_mangle]
+pub extern "C" fn dup2(from: c_int, to: c_int) -> c_int {
+    takeover::dup3(from, to, -1)
+}
+
+#[no_mangle]
+pub extern "C" fn dup3(from: c_int, to: c_int, flags: c_int) -> c_int {
+    if from == to {
+        // dup3 refuses what dup2 allows.
+        return crate::sys::fail(libc::EINVAL);
+    }
+    takeover::dup3(from, to, flags)
+}
+
+#[no_mangle]
 pub extern "C" fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_int {
     takeover::close_range(first, last, flags)
 }

@@ -89,6 +89,11 @@ pub fn close_range(first: libc::c_uint, last: libc::c_uint, flags: libc::c_int) 
     unsafe { raw(libc::SYS_close_range, args) }
 }
 
+pub fn dup3(from: c_int, to: c_int, flags: c_int) -> c_int {
+    // SAFETY: no pointers.
+    unsafe { raw(libc::SYS_dup3, [from.into(), to.into(), flags.into(), 0, 0]) }
+}
+
 pub fn shutdown(fd: c_int, how: c_int) -> c_int {
     // SAFETY: no pointers.
     unsafe { raw(libc::SYS_shutdown, [fd.into(), how.into(), 0, 0, 0]) }
@@ -160,6 +165,11 @@ pub fn set_nonblocking(fd: RawFd, on: bool) {
     }
 }
 
+pub fn is_open(fd: RawFd) -> bool {
+    // SAFETY: as in `set_nonblocking`.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}
+
 pub fn is_nonblocking(fd: RawFd) -> bool {
     // SAFETY: as in `set_nonblocking`.
     unsafe { libc::fcntl(fd, libc::F_GETFL) & libc::O_NONBLOCK != 0 }
@@ -182,9 +192,10 @@ pub fn replace(from: RawFd, to: RawFd) -> Result<(), c_int> {
     let cloexec = is_cloexec(to);
     let nonblocking = is_nonblocking(to);
     let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
-    // SAFETY: dup3 on two fd numbers; `to` is the program's socket, which
-    // it handed to bind() and so expects to keep using under that number.
-    if unsafe { libc::dup3(from, to, flags) } < 0 {
+    // The raw call: libc's `dup3` is this library's own (see `takeover`).
+    // `to` is the program's socket, which it handed to bind() and so
+    // expects to keep using under that number.
+    if dup3(from, to, flags) < 0 {
         return Err(errno());
     }
     set_nonblocking(to, nonblocking);

@@ -416,6 +416,41 @@ pub fn close(fd: c_int) -> c_int {
     closed
 }
 
+/// `dup2(2)` and `dup3(2)` (`flags` -1: dup2, which allows `from == to`):
+/// `to` is closed first, so what the tables said of it no longer holds.
+pub fn dup3(from: c_int, to: c_int, flags: c_int) -> c_int {
+    let Some(state) = active().filter(|_| from != to) else {
+        if flags < 0 {
+            // dup2(fd, fd): the fd itself, if it is open.
+            return if sys::is_open(from) {
+                from
+            } else {
+                sys::fail(libc::EBADF)
+            };
+        }
+        return sys::dup3(from, to, flags);
+    };
+    if state.protected(to) {
+        // Over the channel or a passed socket: refused, as a full fd
+        // table would, rather than cut the worker off.
+        return sys::fail(libc::EBUSY);
+    }
+    let id = state.connections.take(to);
+    state.captured.take(to);
+    let duplicated = sys::dup3(from, to, flags.max(0));
+    if id != 0 {
+        let _ = OPEN.fetch_update(Relaxed, Relaxed, |open| open.checked_sub(1));
+        tell(state, WorkerMessage::Closed(id - 1));
+        stop_if_drained(state);
+    }
+    // The copy of a captured socket is captured too.
+    let capture = state.captured.get(from);
+    if duplicated >= 0 && capture != 0 {
+        state.captured.set(to, capture);
+    }
+    duplicated
+}
+
 /// `close_range(2)`: closes the range but the channel and the passed
 /// sockets, reporting CLOSED for the connections in it, as `close` does
 /// one by one. (`CLOSE_RANGE_CLOEXEC` only marks fds: passed through.)
