@@ -744,3 +744,25 @@ fn a_socket_moved_by_dup2_still_takes_hand_offs() {
     assert_eq!(answered.iter().copied().collect::<BTreeSet<u32>>(), pids);
     assert!(herd.stop().success());
 }
+
+#[test]
+fn a_program_binding_in_a_loop_cannot_flood_herds_log() {
+    let dir = scratch_dir("preload-bind-flood");
+    std::fs::write(dir.join(PAGE), PAGE_TEXT).unwrap();
+    let script = format!(
+        "{}/tests/fixtures/preload/binds_in_a_loop.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let binds = 1000;
+    let count = binds.to_string();
+    let (herd, _) = preloaded(&dir, 1, &[], &["python3", &script, "PORT", &count]);
+    herd.wait_ready(1);
+    // Logged at the 1st, 2nd, 4th, ... 512th bind: 10 lines for 1000.
+    let logged = herd.wait_for_event("preload_bind_passed", &[("total", json!(512))], 1);
+    assert_eq!(logged.len(), 1);
+    assert_eq!(herd.events("preload_bind_passed", &[]).len(), 10);
+    // And the bind that mattered is logged all the same.
+    assert_eq!(herd.wait_for_event("preload_captured", &[], 1).len(), 1);
+    assert_eq!(fetch(herd.addr(), LOCALHOST, "flood=", 0), 200);
+    assert!(herd.stop().success());
+}

@@ -306,9 +306,11 @@ pub(super) struct ProtocolErrors {
     /// An ACK, NACK or CLOSED for a connection herd has not got in flight
     /// to it (never sent, already answered, or taken back).
     pub(super) unknown_ids: Occurrences,
-    /// BOUND reports (the preload library's binds), logged at the 1st, 2nd,
-    /// 4th, ... so a program binding in a loop cannot flood the log.
-    pub(super) binds: Occurrences,
+    /// BOUND reports (the preload library's binds), captured and passed
+    /// apart, each logged at the 1st, 2nd, 4th, ... so a program binding in
+    /// a loop cannot flood the log, nor hide what was captured.
+    pub(super) captured: Occurrences,
+    pub(super) passed: Occurrences,
 }
 
 /// Removes the in-flight entry for `id`: the front in the common case, since

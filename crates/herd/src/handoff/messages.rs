@@ -80,7 +80,11 @@ impl HandoffLoop {
         let Some(worker) = self.channels[channel].as_mut() else {
             return;
         };
-        let Some(total) = worker.errors.binds.record() else {
+        let seen = match listener {
+            Some(_) => &mut worker.errors.captured,
+            None => &mut worker.errors.passed,
+        };
+        let Some(total) = seen.record() else {
             return;
         };
         let (slot, pid) = (worker.slot.get(), worker.pid);
