@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::load::*;
+use common::pids::get_pid;
 use common::*;
 
 /// The preload library, built now if it is missing or stale (the test
@@ -764,5 +765,38 @@ fn a_program_binding_in_a_loop_cannot_flood_herds_log() {
     // And the bind that mattered is logged all the same.
     assert_eq!(herd.wait_for_event("preload_captured", &[], 1).len(), 1);
     assert_eq!(fetch(herd.addr(), LOCALHOST, "flood=", 0), 200);
+    assert!(herd.stop().success());
+}
+
+#[test]
+fn a_java_server_takes_strict_turns() {
+    let test = "a_java_server_takes_strict_turns";
+    let has_jdk = Command::new("javac")
+        .arg("-version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !has_jdk {
+        skip_unless_ci(
+            test,
+            "needs a JDK (apt-get install openjdk-17-jdk-headless)",
+        );
+        return;
+    }
+    let dir = scratch_dir("preload-java");
+    let source = format!(
+        "{}/tests/fixtures/preload/Server.java",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (herd, port) = preloaded(&dir, 2, &[], &["java", &source, "PORT"]);
+    let pids: BTreeSet<u32> = herd.wait_ready(2).into_values().collect();
+    let asked = captured_binds(&herd, 2);
+    assert_eq!(asked, BTreeSet::from([format!("[::]:{port}")]));
+    let answered: Vec<u32> = (0..10)
+        .map(|n| get_pid(herd.addr(), DEADLINE).unwrap_or_else(|e| panic!("request {n}: {e}")))
+        .collect();
+    assert_eq!(answered.iter().copied().collect::<BTreeSet<u32>>(), pids);
+    for (n, pid) in answered.iter().enumerate() {
+        assert_eq!(*pid, answered[n % 2], "turn {n} of {answered:?}");
+    }
     assert!(herd.stop().success());
 }
