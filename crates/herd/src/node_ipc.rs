@@ -95,6 +95,10 @@ pub enum NodeMessage {
     /// A message of the app's own (`process.send(msg)` in a worker): for
     /// the app's primary branch, which herd does not run.
     App,
+    /// A message of the app's own, as the worker wrote it (without its
+    /// `\n`), when the app's primary runs to receive it (`node.primary =
+    /// "run"`, [`NodeChannel::relay_app_messages`]).
+    AppLine(Vec<u8>),
     /// `total` of the app's own messages dropped so far; reported by
     /// [`NodeChannel::read`] at the 1st, 2nd, 4th, ... one (a worker may send
     /// millions: each is counted where it is parsed, and goes no further).
@@ -284,7 +288,19 @@ pub struct NodeChannel {
     seq: u64,
     /// The app's own messages, dropped (logged at the 1st, 2nd, 4th, ...).
     app_messages: crate::rate_limit::Occurrences,
+    /// The app's own messages go to its primary ([`NodeMessage::AppLine`])
+    /// instead of being dropped.
+    relay_app: bool,
+    /// Bytes of the lines in `queued`: relayed messages stop at
+    /// [`MAX_RELAY_QUEUE`] of them, so a worker that never reads cannot
+    /// make herd grow.
+    queued_bytes: usize,
 }
+
+/// Bytes that may wait in one worker's queue before a message relayed from
+/// the app's primary is dropped instead (herd's own lines always queue:
+/// there are a few per worker life).
+pub const MAX_RELAY_QUEUE: usize = 1 << 20;
 
 /// A handle sent to the worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,6 +309,18 @@ pub enum SentHandle {
     Connection(u64),
     /// A listening socket (the `queryServer` reply in `shared` mode).
     Server,
+    /// A handle the app's primary sent with a message (`worker.send(msg,
+    /// socket)`), relayed; herd closed its copy once it was sent.
+    Relayed,
+}
+
+/// Why a relayed message was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("{MAX_RELAY_QUEUE} bytes already wait for the worker to read them")]
+    Full,
+    #[error(transparent)]
+    Io(#[from] io::Error),
 }
 
 /// A message waiting its turn, with the handle that rides on its first byte.
@@ -323,6 +351,36 @@ impl NodeChannel {
     pub fn remove_server(&mut self, key: &str) -> Option<ListenerIx> {
         let position = self.servers.iter().position(|(_, known)| known == key)?;
         Some(self.servers.remove(position).0)
+    }
+
+    /// The app's own messages are returned as [`NodeMessage::AppLine`]
+    /// from now on, for the app's primary.
+    pub fn relay_app_messages(&mut self) {
+        self.relay_app = true;
+    }
+
+    /// Queues a message from the app's primary, with the handle it carries
+    /// (sent as Node sends one: on the `sendmsg` of the line's first byte).
+    /// Refused, not queued, past [`MAX_RELAY_QUEUE`].
+    pub fn send_relayed(
+        &mut self,
+        channel: BorrowedFd<'_>,
+        line: Vec<u8>,
+        handle: Option<OwnedFd>,
+    ) -> Result<(), RelayError> {
+        if self.queued_bytes + self.outbox.len() + line.len() > MAX_RELAY_QUEUE {
+            return Err(RelayError::Full);
+        }
+        self.enqueue(Outgoing {
+            line,
+            handle: handle.map(|fd| (SentHandle::Relayed, fd)),
+        });
+        Ok(self.flush(channel)?)
+    }
+
+    fn enqueue(&mut self, outgoing: Outgoing) {
+        self.queued_bytes += outgoing.line.len();
+        self.queued.push_back(outgoing);
     }
 
     /// Bytes are waiting for the socket to have room.
@@ -370,7 +428,7 @@ impl NodeChannel {
         socket: BorrowedFd<'_>,
     ) -> io::Result<()> {
         let socket = socket.try_clone_to_owned()?;
-        self.queued.push_back(Outgoing {
+        self.enqueue(Outgoing {
             line,
             handle: Some((SentHandle::Server, socket)),
         });
@@ -379,7 +437,7 @@ impl NodeChannel {
 
     /// Sends a line now, or in its turn.
     pub fn send_line(&mut self, channel: BorrowedFd<'_>, line: Vec<u8>) -> io::Result<()> {
-        self.queued.push_back(Outgoing { line, handle: None });
+        self.enqueue(Outgoing { line, handle: None });
         self.flush(channel)
     }
 
@@ -404,6 +462,7 @@ impl NodeChannel {
             let Some(next) = self.queued.pop_front() else {
                 return Ok(());
             };
+            self.queued_bytes -= next.line.len();
             let Some((handle, fd)) = next.handle.as_ref() else {
                 self.outbox = next.line;
                 continue;
@@ -414,6 +473,7 @@ impl NodeChannel {
                     self.handles_in_flight.push_back(*handle);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.queued_bytes += next.line.len();
                     self.queued.push_front(next);
                     return Ok(());
                 }
@@ -459,6 +519,9 @@ impl NodeChannel {
             // business, not ours.
             match parse(&self.inbox[start..start + end]) {
                 Ok(NodeMessage::Other) | Err(_) => {}
+                Ok(NodeMessage::App) if self.relay_app => out.push(NodeMessage::AppLine(
+                    self.inbox[start..start + end].to_vec(),
+                )),
                 Ok(NodeMessage::App) => {
                     if let Some(total) = self.app_messages.record() {
                         out.push(NodeMessage::AppDropped { total });

@@ -135,6 +135,18 @@ impl HandoffLoop {
             NodeMessage::QueryServer(query) => return self.answer_query(channel, query),
             NodeMessage::Listening => {
                 self.report_ready(channel);
+                self.app_primary_worker_event(channel, "listening");
+                Ok(())
+            }
+            NodeMessage::Online if self.app_primary.runs => {
+                // Under the app's primary a worker may never listen
+                // (`@socket.io/sticky` passes it connections): online is ready.
+                self.report_ready(channel);
+                self.app_primary_worker_event(channel, "online");
+                Ok(())
+            }
+            NodeMessage::AppLine(raw) => {
+                self.app_primary_message(channel, &raw);
                 Ok(())
             }
             NodeMessage::Accepted { ack, accepted } => {
