@@ -126,29 +126,19 @@ fn node_cpus() -> usize {
         .unwrap()
 }
 
-#[test]
-fn the_socket_io_cluster_example_runs_with_its_primary() {
-    if !node_here("the_socket_io_cluster_example_runs_with_its_primary") {
-        return;
-    }
-    let port = free_port();
-    let workers = node_cpus().clamp(2, 4);
-    let config = format!("{RUN}[env]\nPORT = \"{port}\"\n");
-    let app = fixture("socketio-cluster.js");
-    let herd = Herd::launch("np-socketio", Some(&config), workers, &[], &["node", &app]);
-    let pids = herd.wait_all_ready(workers);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    // The primary listens itself (workers never do): wait for its port.
-    wait_until("the app's primary listening", || {
-        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()
-    });
-    let sources: Vec<String> = (2..2 + 2 * workers)
-        .map(|n| format!("127.0.0.{n}"))
-        .collect();
+/// Polling clients from `sources`, one after another, against the app's
+/// primary at `addr`: every handshake succeeds, the clients spread over
+/// every worker in `pids`, and one client's shout reaches them all.
+fn clients_handshake_and_hear_a_broadcast(
+    herd: &Herd,
+    addr: SocketAddr,
+    sources: &[String],
+    pids: &BTreeSet<u32>,
+) {
     let out = std::process::Command::new("node")
         .arg(fixture("socketio-clients.js"))
         .arg(format!("http://{addr}"))
-        .args(&sources)
+        .args(sources)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -178,8 +168,55 @@ fn the_socket_io_cluster_example_runs_with_its_primary() {
         assert_eq!(client["heard"].as_array().unwrap().len(), 1, "{client}");
     }
     assert_eq!(
-        greeted_by, pids,
+        &greeted_by, pids,
         "the clients spread over every worker: {report}"
+    );
+}
+
+#[test]
+fn the_socket_io_cluster_example_runs_with_its_node_primary() {
+    if !node_here("the_socket_io_cluster_example_runs_with_its_node_primary") {
+        return;
+    }
+    let port = free_port();
+    let workers = node_cpus().clamp(2, 4);
+    let config = format!("{RUN}[env]\nPORT = \"{port}\"\n");
+    let app = fixture("socketio-cluster.js");
+    let herd = Herd::launch("np-socketio", Some(&config), workers, &[], &["node", &app]);
+    let pids = herd.wait_all_ready(workers);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // The primary listens itself (workers never do): wait for its port.
+    wait_until("the app's primary listening", || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()
+    });
+    let sources: Vec<String> = (2..2 + 2 * workers)
+        .map(|n| format!("127.0.0.{n}"))
+        .collect();
+    clients_handshake_and_hear_a_broadcast(&herd, addr, &sources, &pids);
+
+    // A worker killed: the example's `cluster.on("exit", () =>
+    // cluster.fork())` gets the slot's next worker, and new clients reach
+    // it too.
+    let victim = *pids.iter().next().unwrap();
+    signal(victim, Signal::SIGKILL);
+    let pids = wait_until("the slot refilled", || {
+        let status = herd.status();
+        let now: BTreeSet<u32> = workers_of(&status)
+            .iter()
+            .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
+            .collect();
+        (status_ready(&status) && now.len() == workers && !now.contains(&victim)).then_some(now)
+    });
+    let sources: Vec<String> = (2..2 + 2 * workers)
+        .map(|n| format!("127.0.1.{n}"))
+        .collect();
+    clients_handshake_and_hear_a_broadcast(&herd, addr, &sources, &pids);
+    let beyond = herd.events("node_primary_unsupported", &[]);
+    assert!(
+        !beyond
+            .iter()
+            .any(|e| e["what"].as_str().is_some_and(|w| w.contains("beyond"))),
+        "the re-fork in the exit handler took the restarted slot: {beyond:?}"
     );
     // The example asks for `serialization: "advanced"`: herd says it relays JSON.
     let unsupported = herd.events("node_primary_unsupported", &[]);
@@ -192,8 +229,8 @@ fn the_socket_io_cluster_example_runs_with_its_primary() {
 }
 
 #[test]
-fn prom_clients_aggregator_in_the_primary_sums_every_worker() {
-    if !node_here("prom_clients_aggregator_in_the_primary_sums_every_worker") {
+fn prom_clients_aggregator_in_the_node_primary_sums_every_worker() {
+    if !node_here("prom_clients_aggregator_in_the_node_primary_sums_every_worker") {
         return;
     }
     let app = fixture("prom-aggregator.js");
@@ -214,8 +251,8 @@ fn prom_clients_aggregator_in_the_primary_sums_every_worker() {
 }
 
 #[test]
-fn a_primary_with_a_timer_counts_exits_and_is_restarted() {
-    if !node_here("a_primary_with_a_timer_counts_exits_and_is_restarted") {
+fn a_node_primary_with_a_timer_counts_exits_and_is_restarted() {
+    if !node_here("a_node_primary_with_a_timer_counts_exits_and_is_restarted") {
         return;
     }
     let app = fixture("exit-counter.js");
@@ -326,22 +363,22 @@ fn flood_stays_bounded(direction: &str) {
 }
 
 #[test]
-fn a_primary_that_never_reads_does_not_grow_herd() {
-    if node_here("a_primary_that_never_reads_does_not_grow_herd") {
+fn a_node_primary_that_never_reads_does_not_grow_herd() {
+    if node_here("a_node_primary_that_never_reads_does_not_grow_herd") {
         flood_stays_bounded("to_primary");
     }
 }
 
 #[test]
-fn a_worker_that_never_reads_its_primary_does_not_grow_herd() {
-    if node_here("a_worker_that_never_reads_its_primary_does_not_grow_herd") {
+fn a_node_worker_that_never_reads_its_primary_does_not_grow_herd() {
+    if node_here("a_node_worker_that_never_reads_its_primary_does_not_grow_herd") {
         flood_stays_bounded("to_worker");
     }
 }
 
 #[test]
-fn a_primary_sending_an_oversized_line_is_stopped_and_started_again() {
-    if !node_here("a_primary_sending_an_oversized_line_is_stopped_and_started_again") {
+fn a_node_primary_sending_an_oversized_line_is_stopped_and_started_again() {
+    if !node_here("a_node_primary_sending_an_oversized_line_is_stopped_and_started_again") {
         return;
     }
     let config = format!("{RUN}[env]\nFLOOD = \"long_line\"\n");
