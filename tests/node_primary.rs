@@ -237,15 +237,23 @@ fn prom_clients_aggregator_in_the_node_primary_sums_every_worker() {
     let herd = Herd::launch("np-prom", Some(RUN), 2, &[], &["node", &app]);
     let pids = herd.wait_all_ready(2);
     let port = primary_port(&herd, "metrics on", 1);
+    // A worker is ready once online, and listens a moment later: requests
+    // until both have answered (each one counted by the worker that did).
     let mut served = BTreeSet::new();
-    for _ in 0..10 {
+    let mut sent = 0;
+    wait_until("both workers serving", || {
         served.insert(pids::get_pid(herd.addr(), DEADLINE).unwrap());
-    }
-    assert_eq!(served, pids, "both workers served");
+        sent += 1;
+        (served == pids && sent >= 10).then_some(())
+    });
     let metrics = SocketAddr::from(([127, 0, 0, 1], port));
     let (code, _, body) = http(metrics, "GET", "/cluster_metrics");
     assert_eq!(code, 200, "{body}");
-    assert_eq!(sample(&body, "fixture_requests_total"), 10.0, "{body}");
+    assert_eq!(
+        sample(&body, "fixture_requests_total"),
+        sent as f64,
+        "{body}"
+    );
     // Worker ids 1 and 2: every worker answered the primary.
     assert_eq!(sample(&body, "fixture_worker_ids"), 3.0, "{body}");
 }
@@ -323,6 +331,36 @@ fn a_node_primary_with_a_timer_counts_exits_and_is_restarted() {
         .map(|(_, p)| p)
         .collect();
     assert_eq!(known, now);
+}
+
+#[test]
+fn a_node_worker_passes_a_connection_to_its_primary_with_process_send() {
+    if !node_here("a_node_worker_passes_a_connection_to_its_primary_with_process_send") {
+        return;
+    }
+    let app = fixture("handle-to-primary.js");
+    let herd = Herd::launch("np-handle-up", Some(RUN), 2, &[], &["node", &app]);
+    let pids = herd.wait_all_ready(2);
+    let primary = number(
+        &herd.wait_for_event("node_primary_started", &[], 1)[0],
+        "pid",
+    );
+    // Until both workers passed one on (a worker is ready once online, and
+    // listens a moment later), every answer the primary's.
+    let mut workers = BTreeSet::new();
+    wait_until("both workers passing connections on", || {
+        let mut stream = TcpStream::connect_timeout(&herd.addr(), DEADLINE).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+        let words: Vec<&str> = answer.split_whitespace().collect();
+        assert_eq!(words[..3], ["answered", "by", "primary"], "{answer:?}");
+        assert_eq!(words[3], primary.to_string(), "{answer:?}");
+        let pid: u32 = words[8].trim_end_matches(')').parse().unwrap();
+        assert!(pids.contains(&pid), "{answer:?}");
+        workers.insert(pid);
+        (workers == pids).then_some(())
+    });
 }
 
 /// herd's resident memory, in bytes.

@@ -99,6 +99,10 @@ pub enum NodeMessage {
     /// `\n`), when the app's primary runs to receive it (`node.primary =
     /// "run"`, [`NodeChannel::relay_app_messages`]).
     AppLine(Vec<u8>),
+    /// A message of the app's own with a handle (`process.send(msg,
+    /// socket)`), its whole `NODE_HANDLE` line, when the app's primary runs:
+    /// the fd waits in [`NodeChannel::take_relayed_handle`].
+    AppHandle(Vec<u8>),
     /// `total` of the app's own messages dropped so far; reported by
     /// [`NodeChannel::read`] at the 1st, 2nd, 4th, ... one (a worker may send
     /// millions: each is counted where it is parsed, and goes no further).
@@ -295,6 +299,9 @@ pub struct NodeChannel {
     /// [`MAX_RELAY_QUEUE`] of them, so a worker that never reads cannot
     /// make herd grow.
     queued_bytes: usize,
+    /// The fd of the last [`NodeMessage::AppHandle`], until the loop takes
+    /// it; a read stops at such a handle, so there is at most one.
+    relayed_handle: Option<OwnedFd>,
 }
 
 /// Bytes that may wait in one worker's queue before a message relayed from
@@ -376,6 +383,11 @@ impl NodeChannel {
             handle: handle.map(|fd| (SentHandle::Relayed, fd)),
         });
         Ok(self.flush(channel)?)
+    }
+
+    /// The fd that came with the last [`NodeMessage::AppHandle`].
+    pub fn take_relayed_handle(&mut self) -> Option<OwnedFd> {
+        self.relayed_handle.take()
     }
 
     fn enqueue(&mut self, outgoing: Outgoing) {
@@ -497,9 +509,12 @@ impl NodeChannel {
         while budget > 0 {
             match fdpass::recv_with_fd(channel, &mut buf, true) {
                 Ok(Some(received)) => {
-                    drop(received.fd);
                     budget = budget.saturating_sub(received.len.max(1));
-                    self.take_lines(&buf[..received.len], out)?;
+                    self.take_lines(&buf[..received.len], received.fd, out)?;
+                    if self.relayed_handle.is_some() {
+                        // Taken by the loop before the next read.
+                        return Ok(Read::More);
+                    }
                 }
                 Ok(None) => return Ok(Read::Closed),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Read::Drained),
@@ -511,7 +526,14 @@ impl NodeChannel {
     }
 
     /// Appends `bytes` to the partial line and parses what completes.
-    fn take_lines(&mut self, bytes: &[u8], out: &mut Vec<NodeMessage>) -> io::Result<()> {
+    /// The fd of the read that brought `bytes` goes with the `NODE_HANDLE`
+    /// line among them, if it is the app's and relayed; else it is closed.
+    fn take_lines(
+        &mut self,
+        bytes: &[u8],
+        mut fd: Option<OwnedFd>,
+        out: &mut Vec<NodeMessage>,
+    ) -> io::Result<()> {
         self.inbox.extend_from_slice(bytes);
         let mut start = 0;
         while let Some(end) = self.inbox[start..].iter().position(|&b| b == b'\n') {
@@ -519,6 +541,12 @@ impl NodeChannel {
             // business, not ours.
             match parse(&self.inbox[start..start + end]) {
                 Ok(NodeMessage::Other) | Err(_) => {}
+                Ok(NodeMessage::Handle) if self.relay_app && fd.is_some() => {
+                    self.relayed_handle = fd.take();
+                    out.push(NodeMessage::AppHandle(
+                        self.inbox[start..start + end].to_vec(),
+                    ))
+                }
                 Ok(NodeMessage::App) if self.relay_app => out.push(NodeMessage::AppLine(
                     self.inbox[start..start + end].to_vec(),
                 )),
@@ -765,6 +793,39 @@ mod tests {
         );
         node.remove_server("null:3000:4:undefined:0");
         assert!(!node.serves(ListenerIx(0)) && node.serves(ListenerIx(2)));
+    }
+
+    /// With the app's primary running, a worker's own handle is kept for
+    /// it with its line, and the read stops there; without, it is closed.
+    #[test]
+    fn a_workers_own_handle_is_kept_only_for_the_apps_primary() {
+        let line = b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":{\"a\":1}}\n";
+        for relay in [false, true] {
+            let (ours, theirs) = fdpass::stream_pair().unwrap();
+            let socket: OwnedFd = std::net::TcpListener::bind("127.0.0.1:0").unwrap().into();
+            fdpass::sendmsg_with_fd(theirs.as_fd(), line, socket.as_fd()).unwrap();
+            fdpass::send_stream(theirs.as_fd(), b"{\"b\":2}\n").unwrap();
+            let mut node = NodeChannel::default();
+            if relay {
+                node.relay_app_messages();
+            }
+            let mut out = Vec::new();
+            let read = node.read(ours.as_fd(), &mut out).unwrap();
+            if relay {
+                assert_eq!(read, Read::More, "stops at the handle");
+                assert_eq!(
+                    out,
+                    [NodeMessage::AppHandle(line[..line.len() - 1].to_vec())]
+                );
+                assert!(node.take_relayed_handle().is_some());
+                out.clear();
+                node.read(ours.as_fd(), &mut out).unwrap();
+                assert_eq!(out, [NodeMessage::AppLine(b"{\"b\":2}".to_vec())]);
+            } else {
+                assert_eq!(out[0], NodeMessage::Handle);
+                assert!(node.take_relayed_handle().is_none());
+            }
+        }
     }
 
     #[test]

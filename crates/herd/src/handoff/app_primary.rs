@@ -83,11 +83,16 @@ impl HandoffLoop {
 
     /// A line for the primary, or a counted drop.
     fn tell_app_primary(&mut self, line: Vec<u8>) {
-        let link = &mut self.app_primary;
-        let sent = match link.channel.as_mut() {
+        let sent = match self.app_primary.channel.as_mut() {
             Some(channel) => channel.send(line),
             None => Ok(false),
         };
+        self.after_app_primary_send(sent);
+    }
+
+    /// Watches for room, counts a drop, or gives up on a failed channel.
+    fn after_app_primary_send(&mut self, sent: io::Result<bool>) {
+        let link = &mut self.app_primary;
         match sent {
             Ok(true) => self.watch_app_primary(),
             Ok(false) => {
@@ -290,6 +295,28 @@ impl HandoffLoop {
                 }
             }
         }
+    }
+
+    /// The worker on `channel` sent a message of its own with a handle
+    /// (its `NODE_HANDLE` `line`, answered already): relayed with the fd.
+    pub(super) fn app_primary_handle(
+        &mut self,
+        channel: ChannelIx,
+        line: &[u8],
+        handle: Option<OwnedFd>,
+    ) {
+        let Some(worker) = self.channels[channel].as_ref() else {
+            return;
+        };
+        let id = worker.slot.get() as u64 + 1;
+        let Some(message) = node_primary::handle_message(id, line) else {
+            return;
+        };
+        let sent = match self.app_primary.channel.as_mut() {
+            Some(primary) => primary.send_with(message, handle),
+            None => Ok(false),
+        };
+        self.after_app_primary_send(sent);
     }
 
     /// A worker joined: its own messages are relayed, and the primary hears of it.

@@ -145,6 +145,12 @@ impl HandoffLoop {
                 self.app_primary_worker_event(channel, "online");
                 Ok(())
             }
+            NodeMessage::AppHandle(line) => {
+                let handle = node.take_relayed_handle();
+                let acked = node.send_line(fd, node_ipc::handle_ack());
+                self.app_primary_handle(channel, &line, handle);
+                acked
+            }
             NodeMessage::AppLine(raw) => {
                 self.app_primary_message(channel, &raw);
                 Ok(())

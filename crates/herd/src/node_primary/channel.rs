@@ -53,8 +53,9 @@ pub struct PrimaryChannel {
     fd: OwnedFd,
     /// Bytes after the last complete line.
     inbox: Vec<u8>,
-    /// What waits for the socket to have room, oldest first, and its size.
-    outbox: VecDeque<Vec<u8>>,
+    /// What waits for the socket to have room, oldest first (a line, and
+    /// the handle that rides on its first byte), and its size.
+    outbox: VecDeque<(Vec<u8>, Option<OwnedFd>)>,
     outbox_bytes: usize,
     /// Of the front line, the bytes already sent.
     front_sent: usize,
@@ -126,11 +127,17 @@ impl PrimaryChannel {
     /// Queues `line` unless the outbox is full; false when it was dropped.
     /// Writes what the socket takes now.
     pub fn send(&mut self, line: Vec<u8>) -> io::Result<bool> {
+        self.send_with(line, None)
+    }
+
+    /// [`PrimaryChannel::send`] with a handle, sent as Node sends one (on
+    /// the `sendmsg` of the line's first byte); closed if dropped.
+    pub fn send_with(&mut self, line: Vec<u8>, handle: Option<OwnedFd>) -> io::Result<bool> {
         if self.outbox_bytes + line.len() > MAX_OUTBOX {
             return Ok(false);
         }
         self.outbox_bytes += line.len();
-        self.outbox.push_back(line);
+        self.outbox.push_back((line, handle));
         self.flush()?;
         Ok(true)
     }
@@ -139,14 +146,19 @@ impl PrimaryChannel {
     /// sends nothing more until it has it, so there is at most one.
     pub fn answer_handle(&mut self, line: &[u8]) -> io::Result<()> {
         self.outbox_bytes += line.len();
-        self.outbox.push_back(line.to_vec());
+        self.outbox.push_back((line.to_vec(), None));
         self.flush()
     }
 
     /// Writes queued lines until the socket is full.
     pub fn flush(&mut self) -> io::Result<()> {
-        while let Some(front) = self.outbox.front() {
-            match fdpass::send_stream(self.fd.as_fd(), &front[self.front_sent..]) {
+        while let Some((front, handle)) = self.outbox.front_mut() {
+            let sent = match handle.take() {
+                Some(fd) => fdpass::sendmsg_with_fd(self.fd.as_fd(), front, fd.as_fd())
+                    .inspect_err(|_| *handle = Some(fd)),
+                None => fdpass::send_stream(self.fd.as_fd(), &front[self.front_sent..]),
+            };
+            match sent {
                 Ok(sent) => {
                     self.front_sent += sent;
                     if self.front_sent == front.len() {

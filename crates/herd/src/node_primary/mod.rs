@@ -225,6 +225,20 @@ fn handle_line(kind: &str, msg: &[u8]) -> Vec<u8> {
     line
 }
 
+/// Worker `id`'s `NODE_HANDLE` line (without its `\n`) as a `message`
+/// for the primary, still a `NODE_HANDLE` (the fd rides with it); `None`
+/// if it is not one.
+pub fn handle_message(id: u64, line: &[u8]) -> Option<Vec<u8>> {
+    let outer: HandleLine<'_> = serde_json::from_slice(line).ok()?;
+    let kind = serde_json::Value::from(outer.kind?);
+    let mut message = format!("{{\"cmd\":\"NODE_HANDLE\",\"type\":{kind},\"msg\":").into_bytes();
+    message.extend_from_slice(&self::message(id, outer.msg?.get().as_bytes()));
+    // `message` ended its line: the envelope closes before the outer object.
+    message.pop();
+    message.extend_from_slice(b"}\n");
+    Some(message)
+}
+
 /// Node's answer to a handle: herd holds it now.
 pub const HANDLE_ACK: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n";
 /// The answer to a `NODE_HANDLE` that came without its fd: Node's sender

@@ -198,13 +198,13 @@ function install() {
         cluster.emit('listening', worker, address);
       });
     },
-    message(m) {
+    message(m, handle) {
       const s = slot(m.id);
       const worker = s.current;
       if (!worker) return;
       deliver(s, () => {
-        worker.emit('message', m.msg, undefined);
-        cluster.emit('message', worker, m.msg, undefined);
+        worker.emit('message', m.msg, handle);
+        cluster.emit('message', worker, m.msg, handle);
       });
     },
     disconnect(m) {
@@ -237,9 +237,9 @@ function install() {
     },
   };
 
-  process.on('message', (message) => {
+  process.on('message', (message, handle) => {
     if (message === null || typeof message !== 'object' || typeof message.herd !== 'string') return;
     const handler = Object.prototype.hasOwnProperty.call(on, message.herd) && on[message.herd];
-    if (handler && Number.isInteger(message.id) && message.id > 0) handler(message);
+    if (handler && Number.isInteger(message.id) && message.id > 0) handler(message, handle);
   });
 }

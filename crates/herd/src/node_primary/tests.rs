@@ -73,3 +73,16 @@ fn herds_lines_are_json_the_shim_reads() {
     assert_eq!(exited["signal"], "SIGKILL");
     assert!(exited["code"].is_null());
 }
+
+#[test]
+fn a_workers_handle_reaches_the_primary_as_a_message_with_a_handle() {
+    let line = br#"{"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"type":"take-over"},"key":"x"}"#;
+    let relayed = handle_message(2, line).unwrap();
+    assert!(relayed.ends_with(b"}}\n"));
+    let value: serde_json::Value = serde_json::from_slice(&relayed).unwrap();
+    assert_eq!(
+        value,
+        serde_json::json!({"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"herd":"message","id":2,"msg":{"type":"take-over"}}})
+    );
+    assert_eq!(handle_message(2, br#"{"cmd":"NODE_HANDLE"}"#), None);
+}
