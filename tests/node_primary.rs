@@ -331,6 +331,31 @@ fn a_node_primary_with_a_timer_counts_exits_and_is_restarted() {
         .map(|(_, p)| p)
         .collect();
     assert_eq!(known, now);
+
+    // A rolling reload: each slot's new worker comes `online` while the old
+    // one drains, then the old one's `exit`; cluster.workers ends with the new.
+    let reload = herd.control(&["reload"]);
+    assert_eq!(reload.code, Some(0), "{reload:?}");
+    let status = wait_until("every slot ready", || {
+        Some(herd.status()).filter(status_ready)
+    });
+    let new: BTreeSet<u64> = pids_of(&status).values().map(|&p| p as u64).collect();
+    assert!(new.is_disjoint(&now), "{status}");
+    let reloaded = wait_until("the reload seen", || {
+        primary_report(port).filter(|r| {
+            let known: BTreeSet<u64> = primary_workers(r).into_iter().map(|(_, p)| p).collect();
+            r["exits"] == 2 && known == new
+        })
+    });
+    let seen = reloaded["seen"].as_array().unwrap();
+    let pids_seen = |event: &str| -> BTreeSet<u64> {
+        seen.iter()
+            .filter(|e| e["event"] == event)
+            .map(|e| e["pid"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(pids_seen("exit"), now, "{reloaded}");
+    assert!(pids_seen("online").is_superset(&new), "{reloaded}");
 }
 
 #[test]

@@ -61,10 +61,10 @@ impl HandoffLoop {
             let id = worker.slot.get() as u64 + 1;
             let mut lines = vec![node_primary::fork(id, worker.pid)];
             if worker.role == Role::Serving {
-                lines.push(node_primary::worker_event("online", id));
+                lines.push(node_primary::worker_event("online", id, worker.pid));
             }
             if matches!(&worker.protocol, Protocol::Node(node) if node.listening()) {
-                lines.push(node_primary::worker_event("listening", id));
+                lines.push(node_primary::worker_event("listening", id, worker.pid));
             }
             for line in lines {
                 self.tell_app_primary(line);
@@ -309,7 +309,7 @@ impl HandoffLoop {
             return;
         };
         let id = worker.slot.get() as u64 + 1;
-        let Some(message) = node_primary::handle_message(id, line) else {
+        let Some(message) = node_primary::handle_message(id, worker.pid, line) else {
             return;
         };
         let sent = match self.app_primary.channel.as_mut() {
@@ -340,7 +340,7 @@ impl HandoffLoop {
             return;
         }
         if let Some(worker) = self.channels[channel].as_ref() {
-            let line = node_primary::worker_event(event, worker.slot.get() as u64 + 1);
+            let line = node_primary::worker_event(event, worker.slot.get() as u64 + 1, worker.pid);
             self.tell_app_primary(line);
         }
     }
@@ -348,7 +348,7 @@ impl HandoffLoop {
     /// The worker on `channel` sent a message of its own.
     pub(super) fn app_primary_message(&mut self, channel: ChannelIx, raw: &[u8]) {
         if let Some(worker) = self.channels[channel].as_ref() {
-            let line = node_primary::message(worker.slot.get() as u64 + 1, raw);
+            let line = node_primary::message(worker.slot.get() as u64 + 1, worker.pid, raw);
             self.tell_app_primary(line);
         }
     }

@@ -12,15 +12,16 @@
 //! The wire is Node's own IPC channel (JSON lines on a SOCK_STREAM
 //! socketpair, handles in SCM_RIGHTS with `NODE_HANDLE_ACK`), so the
 //! preloaded module only calls `process.send` and listens to
-//! `process.on('message')`. herd's messages to it carry `herd` (the event)
-//! and `id` (the worker's `cluster.worker.id`, its slot + 1):
+//! `process.on('message')`. herd's messages to it carry `herd` (the event),
+//! `id` (the worker's `cluster.worker.id`, its slot + 1) and `pid` (its
+//! process: during a reload two share a slot):
 //!
 //! | herd → primary | when |
 //! |---|---|
 //! | `{"herd":"fork","id","pid"}` | herd started a worker in that slot |
-//! | `{"herd":"online","id"}`, `{"herd":"listening","id"}` | the worker said so |
-//! | `{"herd":"message","id","msg"}` | the worker's `process.send(msg)` |
-//! | `{"herd":"disconnect","id"}` | the worker's channel closed |
+//! | `{"herd":"online","id","pid"}`, `{"herd":"listening","id","pid"}` | the worker said so |
+//! | `{"herd":"message","id","pid","msg"}` | the worker's `process.send(msg)` (a `NODE_HANDLE` with its socket) |
+//! | `{"herd":"disconnect","id","pid"}` | the worker's channel closed |
 //! | `{"herd":"exit","id","pid","code","signal"}` | herd reaped the worker |
 //!
 //! | primary → herd | what herd does |
@@ -228,11 +229,11 @@ fn handle_line(kind: &str, msg: &[u8]) -> Vec<u8> {
 /// Worker `id`'s `NODE_HANDLE` line (without its `\n`) as a `message`
 /// for the primary, still a `NODE_HANDLE` (the fd rides with it); `None`
 /// if it is not one.
-pub fn handle_message(id: u64, line: &[u8]) -> Option<Vec<u8>> {
+pub fn handle_message(id: u64, pid: u32, line: &[u8]) -> Option<Vec<u8>> {
     let outer: HandleLine<'_> = serde_json::from_slice(line).ok()?;
     let kind = serde_json::Value::from(outer.kind?);
     let mut message = format!("{{\"cmd\":\"NODE_HANDLE\",\"type\":{kind},\"msg\":").into_bytes();
-    message.extend_from_slice(&self::message(id, outer.msg?.get().as_bytes()));
+    message.extend_from_slice(&self::message(id, pid, outer.msg?.get().as_bytes()));
     // `message` ended its line: the envelope closes before the outer object.
     message.pop();
     message.extend_from_slice(b"}\n");
@@ -250,14 +251,16 @@ pub fn fork(id: u64, pid: u32) -> Vec<u8> {
     format!("{{\"herd\":\"fork\",\"id\":{id},\"pid\":{pid}}}\n").into_bytes()
 }
 
-/// `online`, `listening` or `disconnect` of worker `id`.
-pub fn worker_event(event: &str, id: u64) -> Vec<u8> {
-    format!("{{\"herd\":\"{event}\",\"id\":{id}}}\n").into_bytes()
+/// `online`, `listening` or `disconnect` of worker `id`, process `pid`
+/// (during a reload two processes share a slot, and so an id).
+pub fn worker_event(event: &str, id: u64, pid: u32) -> Vec<u8> {
+    format!("{{\"herd\":\"{event}\",\"id\":{id},\"pid\":{pid}}}\n").into_bytes()
 }
 
-/// Worker `id`'s own message, `raw` as it wrote it.
-pub fn message(id: u64, raw: &[u8]) -> Vec<u8> {
-    let mut line = format!("{{\"herd\":\"message\",\"id\":{id},\"msg\":").into_bytes();
+/// Worker `id`'s (process `pid`'s) own message, `raw` as it wrote it.
+pub fn message(id: u64, pid: u32, raw: &[u8]) -> Vec<u8> {
+    let mut line =
+        format!("{{\"herd\":\"message\",\"id\":{id},\"pid\":{pid},\"msg\":").into_bytes();
     line.extend_from_slice(raw);
     line.extend_from_slice(b"}\n");
     line

@@ -164,12 +164,17 @@ function install() {
     if (typeof callback === 'function') process.nextTick(callback);
   };
 
+  // Every worker process herd runs, by pid: during a reload a slot has
+  // two (the new one started, the old one draining), sharing an id.
+  const live = new Map();
+
   const on = {
     fork(m) {
       const s = slot(m.id);
       const worker = s.waiting || new Worker(m.id);
       s.waiting = null;
       s.current = worker;
+      live.set(m.pid, worker);
       worker.process.pid = m.pid;
       worker.process.connected = true;
       deliver(s, () => {
@@ -177,53 +182,41 @@ function install() {
         cluster.emit('fork', worker);
       });
     },
-    online(m) {
-      const s = slot(m.id);
-      const worker = s.current;
-      if (!worker) return;
+    online(m, worker) {
       worker.state = 'online';
-      deliver(s, () => {
+      deliver(slot(m.id), () => {
         worker.emit('online');
         cluster.emit('online', worker);
       });
     },
-    listening(m) {
-      const s = slot(m.id);
-      const worker = s.current;
-      if (!worker) return;
+    listening(m, worker) {
       worker.state = 'listening';
       const address = m.address || {};
-      deliver(s, () => {
+      deliver(slot(m.id), () => {
         worker.emit('listening', address);
         cluster.emit('listening', worker, address);
       });
     },
-    message(m, handle) {
-      const s = slot(m.id);
-      const worker = s.current;
-      if (!worker) return;
-      deliver(s, () => {
+    message(m, worker, handle) {
+      deliver(slot(m.id), () => {
         worker.emit('message', m.msg, handle);
         cluster.emit('message', worker, m.msg, handle);
       });
     },
-    disconnect(m) {
-      const s = slot(m.id);
-      const worker = s.current;
-      if (!worker || !worker.process.connected) return;
+    disconnect(m, worker) {
+      if (!worker.process.connected) return;
       worker.process.connected = false;
       worker.state = 'disconnected';
-      deliver(s, () => {
+      deliver(slot(m.id), () => {
         worker.emit('disconnect');
         cluster.emit('disconnect', worker);
       });
     },
-    exit(m) {
+    exit(m, worker) {
+      on.disconnect(m, worker);
+      live.delete(m.pid);
       const s = slot(m.id);
-      const worker = s.current;
-      if (!worker || worker.process.pid !== m.pid) return;
-      on.disconnect(m);
-      s.current = null;
+      if (s.current === worker) s.current = null;
       worker.state = 'dead';
       worker.exitedAfterDisconnect = !!worker.exitedAfterDisconnect;
       worker.process.exitCode = m.code;
@@ -240,6 +233,11 @@ function install() {
   process.on('message', (message, handle) => {
     if (message === null || typeof message !== 'object' || typeof message.herd !== 'string') return;
     const handler = Object.prototype.hasOwnProperty.call(on, message.herd) && on[message.herd];
-    if (handler && Number.isInteger(message.id) && message.id > 0) handler(message, handle);
+    if (!handler || !Number.isInteger(message.id) || message.id < 1) return;
+    if (message.herd === 'fork') return handler(message);
+    // Events of a process the primary never heard start are herd's own
+    // business (it was started before this primary, and told as forked).
+    const worker = live.get(message.pid);
+    if (worker) handler(message, worker, handle);
   });
 }

@@ -58,8 +58,8 @@ fn the_other_requests_parse() {
 fn herds_lines_are_json_the_shim_reads() {
     let lines = [
         fork(1, 42),
-        worker_event("online", 1),
-        message(1, br#"{"type":"x"}"#),
+        worker_event("online", 1, 42),
+        message(1, 42, br#"{"type":"x"}"#),
         exit(1, 42, None, Some("SIGKILL")),
         exit(2, 43, Some(0), None),
     ];
@@ -77,12 +77,12 @@ fn herds_lines_are_json_the_shim_reads() {
 #[test]
 fn a_workers_handle_reaches_the_primary_as_a_message_with_a_handle() {
     let line = br#"{"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"type":"take-over"},"key":"x"}"#;
-    let relayed = handle_message(2, line).unwrap();
+    let relayed = handle_message(2, 7, line).unwrap();
     assert!(relayed.ends_with(b"}}\n"));
     let value: serde_json::Value = serde_json::from_slice(&relayed).unwrap();
     assert_eq!(
         value,
-        serde_json::json!({"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"herd":"message","id":2,"msg":{"type":"take-over"}}})
+        serde_json::json!({"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"herd":"message","id":2,"pid":7,"msg":{"type":"take-over"}}})
     );
-    assert_eq!(handle_message(2, br#"{"cmd":"NODE_HANDLE"}"#), None);
+    assert_eq!(handle_message(2, 7, br#"{"cmd":"NODE_HANDLE"}"#), None);
 }
