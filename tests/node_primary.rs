@@ -258,6 +258,58 @@ fn prom_clients_aggregator_in_the_node_primary_sums_every_worker() {
     assert_eq!(sample(&body, "fixture_worker_ids"), 3.0, "{body}");
 }
 
+/// The pid herd runs in every slot, once every slot is ready again and
+/// none of them is in `gone`.
+fn ready_pids_without(herd: &Herd, gone: &BTreeSet<u64>) -> BTreeSet<u64> {
+    wait_until("every slot ready with a new worker", || {
+        let status = Some(herd.status()).filter(status_ready)?;
+        let pids: BTreeSet<u64> = pids_of(&status).values().map(|&p| p as u64).collect();
+        pids.is_disjoint(gone).then_some(pids)
+    })
+}
+
+/// The pids of the processes the primary saw `event` for.
+fn seen_pids(report: &Value, event: &str) -> BTreeSet<u64> {
+    report["seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == event)
+        .map(|e| e["pid"].as_u64().unwrap())
+        .collect()
+}
+
+/// Worker `victim` (slot 0) is killed by `kill`: the primary sees its
+/// `exit` with SIGKILL, herd refills the slot, and the primary sees the
+/// new worker `online` there. Returns the primary's report.
+fn a_killed_worker_is_an_exit_and_a_new_online(
+    herd: &Herd,
+    port: u16,
+    exits: u64,
+    victim: u64,
+    kill: impl FnOnce(),
+) -> Value {
+    kill();
+    let new = ready_pids_without(herd, &BTreeSet::from([victim]));
+    let report = wait_until("the exit and the new worker's online seen", || {
+        primary_report(port)
+            .filter(|r| r["exits"] == exits && seen_pids(r, "online").is_superset(&new))
+    });
+    let seen = report["seen"].as_array().unwrap();
+    let exit = seen.iter().rfind(|e| e["event"] == "exit").unwrap();
+    assert_eq!(
+        (&exit["id"], &exit["pid"], &exit["signal"], &exit["code"]),
+        (&json!(1), &json!(victim), &json!("SIGKILL"), &Value::Null),
+        "{report}"
+    );
+    let known: BTreeSet<u64> = primary_workers(&report)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(known, new, "cluster.workers holds herd's workers: {report}");
+    report
+}
+
 #[test]
 fn a_node_primary_with_a_timer_counts_exits_and_is_restarted() {
     if !node_here("a_node_primary_with_a_timer_counts_exits_and_is_restarted") {
@@ -277,39 +329,20 @@ fn a_node_primary_with_a_timer_counts_exits_and_is_restarted() {
         .collect();
     assert_eq!(primary_workers(&report), expected, "{report}");
 
-    // A worker killed: the primary sees `exit`, herd refills the slot, and
-    // the primary sees the new worker `online` in it.
-    let victim = slots[&0];
-    signal(victim, Signal::SIGKILL);
-    let new_pid = wait_until("herd's new worker in slot 0", || {
-        let status = herd.status();
-        let pid = workers_of(&status).iter().find(|w| w["slot"] == 0)?["pid"].as_u64()?;
-        (pid != victim as u64 && status_ready(&status)).then_some(pid as u32)
+    // Killed from outside, then by the primary's own worker.kill().
+    let victim = slots[&0] as u64;
+    let after = a_killed_worker_is_an_exit_and_a_new_online(&herd, port, 1, victim, || {
+        signal(victim as u32, Signal::SIGKILL)
     });
-    let online_again =
-        |r: &Value| {
-            r["seen"].as_array().unwrap().iter().any(|e| {
-                e["event"] == "online" && e["id"] == json!(1) && e["pid"] == json!(new_pid)
-            })
-        };
-    let after = wait_until("the exit and the new worker's online seen", || {
-        primary_report(port).filter(|r| r["exits"] == 1 && online_again(r))
-    });
-    let seen = after["seen"].as_array().unwrap();
-    let exit = seen.iter().find(|e| e["event"] == "exit").unwrap();
-    assert_eq!(
-        (&exit["id"], &exit["pid"], &exit["signal"], &exit["code"]),
-        (&json!(1), &json!(victim), &json!("SIGKILL"), &Value::Null),
-        "{after}"
-    );
-    assert!(
-        primary_workers(&after).contains(&(1, new_pid as u64)),
-        "{after}"
-    );
     assert!(
         after["ticks"].as_u64() > report["ticks"].as_u64(),
         "the timer runs"
     );
+    let victim = primary_workers(&after)[0].1;
+    a_killed_worker_is_an_exit_and_a_new_online(&herd, port, 2, victim, || {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(http(addr, "GET", "/kill/1").0, 200);
+    });
 
     // The primary killed: herd logs it, starts it again, and the new one
     // finds both running workers in cluster.workers.
@@ -322,10 +355,7 @@ fn a_node_primary_with_a_timer_counts_exits_and_is_restarted() {
         primary_report(port).filter(|r| primary_workers(r).len() == 2)
     });
     assert_eq!(again["exits"], 0, "{again}");
-    let status = wait_until("every slot ready", || {
-        Some(herd.status()).filter(status_ready)
-    });
-    let now: BTreeSet<u64> = pids_of(&status).values().map(|&p| p as u64).collect();
+    let now = ready_pids_without(&herd, &BTreeSet::new());
     let known: BTreeSet<u64> = primary_workers(&again)
         .into_iter()
         .map(|(_, p)| p)
@@ -336,26 +366,18 @@ fn a_node_primary_with_a_timer_counts_exits_and_is_restarted() {
     // one drains, then the old one's `exit`; cluster.workers ends with the new.
     let reload = herd.control(&["reload"]);
     assert_eq!(reload.code, Some(0), "{reload:?}");
-    let status = wait_until("every slot ready", || {
-        Some(herd.status()).filter(status_ready)
-    });
-    let new: BTreeSet<u64> = pids_of(&status).values().map(|&p| p as u64).collect();
-    assert!(new.is_disjoint(&now), "{status}");
+    let new = ready_pids_without(&herd, &now);
     let reloaded = wait_until("the reload seen", || {
         primary_report(port).filter(|r| {
             let known: BTreeSet<u64> = primary_workers(r).into_iter().map(|(_, p)| p).collect();
             r["exits"] == 2 && known == new
         })
     });
-    let seen = reloaded["seen"].as_array().unwrap();
-    let pids_seen = |event: &str| -> BTreeSet<u64> {
-        seen.iter()
-            .filter(|e| e["event"] == event)
-            .map(|e| e["pid"].as_u64().unwrap())
-            .collect()
-    };
-    assert_eq!(pids_seen("exit"), now, "{reloaded}");
-    assert!(pids_seen("online").is_superset(&new), "{reloaded}");
+    assert_eq!(seen_pids(&reloaded, "exit"), now, "{reloaded}");
+    assert!(
+        seen_pids(&reloaded, "online").is_superset(&new),
+        "{reloaded}"
+    );
 }
 
 #[test]

@@ -13,7 +13,7 @@
 use super::*;
 
 use crate::node_primary::channel::{PrimaryChannel, ReadEnd as PrimaryRead, Received};
-use crate::node_primary::{self, Request};
+use crate::node_primary::{self, Request, Target};
 
 /// The primary's channel's token (below the waker's).
 pub(super) const APP_PRIMARY: Token = Token(usize::MAX - 1);
@@ -185,7 +185,7 @@ impl HandoffLoop {
         let Received { request, handle } = received;
         match request {
             Request::Send {
-                id,
+                to,
                 line,
                 handle: carries,
             } => {
@@ -209,10 +209,10 @@ impl HandoffLoop {
                         return;
                     }
                 }
-                self.relay_to_worker(id, line, handle);
+                self.relay_to_worker(to, line, handle);
             }
-            Request::Kill { id, signal } => {
-                if let Some(worker) = self.worker_of(id).and_then(|c| self.channels[c].as_ref()) {
+            Request::Kill { to, signal } => {
+                if let Some(worker) = self.worker_of(to).and_then(|c| self.channels[c].as_ref()) {
                     let signal = signal.parse().unwrap_or(nix::sys::signal::Signal::SIGTERM);
                     let _ = nix::sys::signal::killpg(
                         nix::unistd::Pid::from_raw(worker.pid as i32),
@@ -220,8 +220,8 @@ impl HandoffLoop {
                     );
                 }
             }
-            Request::Disconnect { id } => {
-                if let Some(channel) = self.worker_of(id) {
+            Request::Disconnect { to } => {
+                if let Some(channel) = self.worker_of(to) {
                     self.drain_for_primary(channel);
                 }
             }
@@ -254,10 +254,16 @@ impl HandoffLoop {
         self.after_node_send(channel, sent);
     }
 
-    /// The worker with `cluster.worker.id` `id`: the slot's serving one,
-    /// else one starting there.
-    fn worker_of(&self, id: u64) -> Option<ChannelIx> {
-        let slot = SlotIx(usize::try_from(id).ok()?.checked_sub(1)?);
+    /// The worker a request is for: the process it names, if herd runs it
+    /// in that slot; without a pid, the slot's serving one, else one
+    /// starting there.
+    fn worker_of(&self, to: Target) -> Option<ChannelIx> {
+        let slot = SlotIx(usize::try_from(to.id).ok()?.checked_sub(1)?);
+        if let Some(pid) = to.pid {
+            return self
+                .channels
+                .position(|c| c.as_ref().is_some_and(|c| c.slot == slot && c.pid == pid));
+        }
         if let Some(&Some(channel)) = self.active.get(slot) {
             return Some(channel);
         }
@@ -267,8 +273,9 @@ impl HandoffLoop {
         })
     }
 
-    fn relay_to_worker(&mut self, id: u64, line: Vec<u8>, handle: Option<OwnedFd>) {
-        let target = self.worker_of(id);
+    fn relay_to_worker(&mut self, to: Target, line: Vec<u8>, handle: Option<OwnedFd>) {
+        let target = self.worker_of(to);
+        let id = to.id;
         let relayed = target.and_then(|channel| {
             let worker = self.channels[channel].as_mut()?;
             let fd = worker.channel.as_fd();

@@ -26,9 +26,12 @@
 //!
 //! | primary → herd | what herd does |
 //! |---|---|
-//! | `{"herd":"send","id","msg"}`, maybe as a `NODE_HANDLE` | relays `msg` (and the handle) to the worker |
-//! | `{"herd":"kill","id","signal"}` | signals the worker (herd restarts it) |
-//! | `{"herd":"disconnect","id"}` | sends the worker Node's `disconnect` |
+//! | `{"herd":"send","id","pid","msg"}`, maybe as a `NODE_HANDLE` | relays `msg` (and the handle) to the worker |
+//! | `{"herd":"kill","id","pid","signal"}` | signals the worker (herd restarts it) |
+//! | `{"herd":"disconnect","id","pid"}` | sends the worker Node's `disconnect` |
+//!
+//! A request names the process (`pid`) as well as the slot: it goes to
+//! that worker of herd's, or nowhere; herd signals no other process.
 //! | `{"herd":"unsupported","what"}` | logs `node_primary_unsupported` |
 //!
 //! # Layout
@@ -121,17 +124,17 @@ impl Drop for ShimFile {
 /// What the app's primary asked of herd.
 #[derive(Debug, PartialEq)]
 pub enum Request {
-    /// Relay `line` (the message as the worker gets it) to worker `id`;
+    /// Relay `line` (the message as the worker gets it) to worker `to`;
     /// `handle` says it is a `NODE_HANDLE` (the fd travels beside it).
     Send {
-        id: u64,
+        to: Target,
         line: Vec<u8>,
         handle: bool,
     },
-    /// Signal worker `id`.
-    Kill { id: u64, signal: String },
-    /// Send worker `id` Node's `disconnect`.
-    Disconnect { id: u64 },
+    /// Signal worker `to`.
+    Kill { to: Target, signal: String },
+    /// Send worker `to` Node's `disconnect`.
+    Disconnect { to: Target },
     /// Something of Node's cluster API herd does not do; logged.
     Unsupported { what: String },
     /// The answer to a handle herd sent: none are, so nothing to do.
@@ -140,11 +143,20 @@ pub enum Request {
     Other,
 }
 
-/// The primary's envelope, `{"herd": ..., "id": ..., "msg": ...}`.
+/// The worker a request is for: `cluster.worker.id`, and the process the
+/// primary's `Worker` stands for (during a reload a slot has two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub id: u64,
+    pub pid: Option<u32>,
+}
+
+/// The primary's envelope, `{"herd": ..., "id": ..., "pid": ..., "msg": ...}`.
 #[derive(Deserialize)]
 struct Envelope<'a> {
     herd: Option<String>,
     id: Option<u64>,
+    pid: Option<u32>,
     #[serde(borrow)]
     msg: Option<&'a RawValue>,
     signal: Option<String>,
@@ -171,8 +183,8 @@ pub fn parse(line: &[u8]) -> Result<Request, serde_json::Error> {
             let inner = outer.msg.map_or("null", RawValue::get);
             let request = parse_envelope(inner.as_bytes())?;
             Ok(match request {
-                Request::Send { id, line, .. } => Request::Send {
-                    id,
+                Request::Send { to, line, .. } => Request::Send {
+                    to,
                     line: handle_line(&kind, &line),
                     handle: true,
                 },
@@ -187,7 +199,10 @@ pub fn parse(line: &[u8]) -> Result<Request, serde_json::Error> {
 
 fn parse_envelope(line: &[u8]) -> Result<Request, serde_json::Error> {
     let envelope: Envelope<'_> = serde_json::from_slice(line)?;
-    let id = envelope.id.unwrap_or(0);
+    let to = Target {
+        id: envelope.id.unwrap_or(0),
+        pid: envelope.pid,
+    };
     Ok(match envelope.herd.as_deref() {
         Some("send") => {
             let mut line = envelope
@@ -197,16 +212,16 @@ fn parse_envelope(line: &[u8]) -> Result<Request, serde_json::Error> {
                 .to_vec();
             line.push(b'\n');
             Request::Send {
-                id,
+                to,
                 line,
                 handle: false,
             }
         }
         Some("kill") => Request::Kill {
-            id,
+            to,
             signal: envelope.signal.unwrap_or_else(|| "SIGTERM".into()),
         },
-        Some("disconnect") => Request::Disconnect { id },
+        Some("disconnect") => Request::Disconnect { to },
         Some("unsupported") => Request::Unsupported {
             what: envelope.what.unwrap_or_default(),
         },

@@ -82,18 +82,18 @@ function install() {
         if (typeof callback === 'function') process.nextTick(callback, error);
         return false;
       }
-      const envelope = { herd: 'send', id: this.id, msg: message };
+      const envelope = { herd: 'send', id: this.id, pid: this.process.pid, msg: message };
       return tell(envelope, handle || undefined, options, callback);
     }
     kill(signal = 'SIGTERM') {
-      if (this.id !== undefined) tell({ herd: 'kill', id: this.id, signal });
+      if (this.process.pid !== undefined) tell({ herd: 'kill', id: this.id, pid: this.process.pid, signal });
     }
     destroy(signal) {
       this.kill(signal);
     }
     disconnect() {
       this.exitedAfterDisconnect = true;
-      if (this.id !== undefined) tell({ herd: 'disconnect', id: this.id });
+      if (this.process.pid !== undefined) tell({ herd: 'disconnect', id: this.id, pid: this.process.pid });
       return this;
     }
     isConnected() {

@@ -2,11 +2,14 @@ use super::*;
 
 #[test]
 fn a_send_keeps_the_apps_message_byte_for_byte() {
-    let request = parse(br#"{"herd":"send","id":2,"msg":{"z":1,"a":[1.50,"x"]}}"#).unwrap();
+    let request = parse(br#"{"herd":"send","id":2,"pid":7,"msg":{"z":1,"a":[1.50,"x"]}}"#).unwrap();
     assert_eq!(
         request,
         Request::Send {
-            id: 2,
+            to: Target {
+                id: 2,
+                pid: Some(7)
+            },
             line: b"{\"z\":1,\"a\":[1.50,\"x\"]}\n".to_vec(),
             handle: false
         }
@@ -16,11 +19,11 @@ fn a_send_keeps_the_apps_message_byte_for_byte() {
 #[test]
 fn a_send_with_a_handle_becomes_the_workers_node_handle_line() {
     let line = br#"{"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"herd":"send","id":1,"msg":{"type":"sticky:connection","data":"GET /"}},"key":"::6:3000"}"#;
-    let Request::Send { id, line, handle } = parse(line).unwrap() else {
+    let Request::Send { to, line, handle } = parse(line).unwrap() else {
         panic!("a send")
     };
     assert!(handle);
-    assert_eq!(id, 1);
+    assert_eq!(to, Target { id: 1, pid: None });
     let sent: serde_json::Value = serde_json::from_slice(&line).unwrap();
     assert_eq!(
         sent,
@@ -34,13 +37,15 @@ fn the_other_requests_parse() {
     assert_eq!(
         parse(br#"{"herd":"kill","id":3,"signal":"SIGKILL"}"#).unwrap(),
         Request::Kill {
-            id: 3,
+            to: Target { id: 3, pid: None },
             signal: "SIGKILL".into()
         }
     );
     assert_eq!(
         parse(br#"{"herd":"disconnect","id":3}"#).unwrap(),
-        Request::Disconnect { id: 3 }
+        Request::Disconnect {
+            to: Target { id: 3, pid: None }
+        }
     );
     assert_eq!(
         parse(br#"{"cmd":"NODE_HANDLE_ACK"}"#).unwrap(),
