@@ -256,6 +256,25 @@ fn prom_clients_aggregator_in_the_node_primary_sums_every_worker() {
     );
     // Worker ids 1 and 2: every worker answered the primary.
     assert_eq!(sample(&body, "fixture_worker_ids"), 3.0, "{body}");
+
+    // herd stops: the primary is sent SIGTERM with the workers' drain and
+    // is not started again; herd waits for it and exits cleanly.
+    let primary = number(
+        &herd.wait_for_event("node_primary_started", &[], 1)[0],
+        "pid",
+    );
+    signal(herd.pid(), Signal::SIGTERM);
+    let mut herd = herd;
+    assert!(herd.wait_exit().success(), "{}", herd.log_text());
+    let exited = herd.events("node_primary_exited", &[("pid", json!(primary))]);
+    assert_eq!(exited.len(), 1, "{exited:?}");
+    assert_eq!(exited[0]["signal"], 15, "{exited:?}");
+    assert_eq!(herd.events("node_primary_started", &[]).len(), 1);
+    assert!(
+        herd.events("killing_leftovers", &[]).is_empty(),
+        "{}",
+        herd.log_text()
+    );
 }
 
 /// The pid herd runs in every slot, once every slot is ready again and
