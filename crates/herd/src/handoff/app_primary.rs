@@ -60,7 +60,8 @@ impl HandoffLoop {
             };
             let id = worker.slot.get() as u64 + 1;
             let mut lines = vec![node_primary::fork(id, worker.pid)];
-            if worker.role == Role::Serving {
+            // Past starting, it was ready: online (a draining one too).
+            if worker.role != Role::Starting {
                 lines.push(node_primary::worker_event("online", id, worker.pid));
             }
             if matches!(&worker.protocol, Protocol::Node(node) if node.listening()) {

@@ -21,6 +21,9 @@ impl Supervisor {
     /// Starts the primary again if its backoff is over; once the workers
     /// of a stop are gone, kills what is left of it.
     pub(super) fn tick_app_primary(&mut self) {
+        if self.app_primary.is_none() {
+            return;
+        }
         let settings = self.settings().clone();
         let workers = self.core.slot_count();
         let Some(primary) = self.app_primary.as_mut() else {

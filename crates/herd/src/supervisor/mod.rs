@@ -280,7 +280,9 @@ impl Supervisor {
 
     /// Graceful stop: listeners close, every worker drains.
     pub fn stop(&mut self) {
-        self.app_primary.as_mut().map(AppPrimary::stop);
+        if let Some(primary) = self.app_primary.as_mut() {
+            primary.stop();
+        }
         self.handle(Event::Stop);
     }
 
