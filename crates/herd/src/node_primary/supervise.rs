@@ -1,8 +1,9 @@
 //! The app primary's life: started before the workers, restarted when it
-//! exits with the workers' backoff (`[restart]`: `backoff_base` doubling
-//! per start that did not last `min_uptime`, up to `backoff_max`; it is
-//! never given up on, since the workers keep serving without it), sent
-//! SIGTERM when herd stops and SIGKILL if it outlives the workers.
+//! exits with the workers' backoff (`[restart]`: at once after a run of
+//! `min_uptime`, else `backoff_base` doubling per such short run, up to
+//! `backoff_max`; it is never given up on, since the workers keep serving
+//! without it), sent SIGTERM when herd stops and SIGKILL if it outlives
+//! the workers.
 //!
 //! The supervisor owns an [`AppPrimary`] and calls it from its own events
 //! (start, reap, tick, stop); the channel it returns goes to the hand-off
@@ -140,11 +141,14 @@ impl AppPrimary {
             return;
         };
         let uptime = now.duration_since(started);
-        if uptime >= restart.min_uptime {
-            self.failures = 0;
-        }
         let stopping = self.stopping;
-        let delay = self.backoff(restart);
+        // As for a worker: at once after a good run, else the backoff.
+        let delay = if uptime >= restart.min_uptime {
+            self.failures = 0;
+            Duration::ZERO
+        } else {
+            self.backoff(restart)
+        };
         self.state = if stopping {
             State::Stopped
         } else {
@@ -216,5 +220,46 @@ impl AppPrimary {
             .backoff_base
             .saturating_mul(doubling)
             .min(restart.backoff_max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Short runs back off, doubling up to the cap; a good run restarts at
+    /// once and resets the count; a stop is final.
+    #[test]
+    fn restarts_follow_the_workers_backoff() {
+        let restart = RestartSettings {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(400),
+            min_uptime: Duration::from_secs(5),
+            max_restarts: 10,
+            window: Duration::from_secs(60),
+        };
+        let mut primary = AppPrimary {
+            shim: ShimFile::write(None).unwrap(),
+            state: State::Stopped,
+            failures: 0,
+            stopping: false,
+        };
+        let killed = ExitStatus::from_raw(9);
+        let run = |primary: &mut AppPrimary, lasted: Duration| {
+            let started = Instant::now();
+            primary.state = State::Running { pid: 1, started };
+            primary.exited(killed, started + lasted, &restart);
+            primary.next_deadline().map(|at| at - (started + lasted))
+        };
+        let short = Duration::from_secs(1);
+        let waits: Vec<_> = (0..4).map(|_| run(&mut primary, short)).collect();
+        let ms = |n| Some(Duration::from_millis(n));
+        assert_eq!(waits, [ms(100), ms(200), ms(400), ms(400)]);
+        assert_eq!(run(&mut primary, Duration::from_secs(6)), ms(0));
+        assert_eq!(run(&mut primary, short), ms(100), "the count was reset");
+        primary.stop();
+        assert_eq!(primary.state, State::Stopped);
+        assert_eq!(run(&mut primary, short), None, "no restart while stopping");
+        assert!(!primary.running());
     }
 }
