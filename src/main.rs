@@ -258,6 +258,12 @@ struct ConfigArgs {
     /// node-cluster when the program is node or nodejs].
     #[arg(long, value_name = "herd|node-cluster|preload|auto")]
     protocol: Option<String>,
+    /// Who runs a Node cluster app's primary branch: herd (herd is the
+    /// primary; the branch does not run) or run (it runs too, in a process
+    /// of its own, with `cluster` standing in for herd's workers)
+    /// [default: herd].
+    #[arg(long, value_name = "herd|run")]
+    node_primary: Option<String>,
     /// Kernel accept-queue length per listener.
     #[arg(long, value_name = "N")]
     backlog: Option<i64>,
@@ -701,6 +707,7 @@ fn config_source(args: ConfigArgs) -> ConfigSource {
             ready: args.ready,
             control: args.control,
             metrics: args.metrics,
+            node_primary: args.node_primary,
         },
     }
 }

@@ -1,6 +1,7 @@
 //! Property tests of what herd parses from others: the herd protocol
 //! decoder, the Node cluster IPC reader (arbitrary byte streams split at
-//! arbitrary points, with and without fds) and the config parser
+//! arbitrary points, with and without fds), what a Node app's own primary
+//! sends herd, and the config parser
 //! (arbitrary TOML). Nothing panics, memory stays bounded, and every
 //! refusal names what it refused. A fixed case budget keeps the suite fast.
 
@@ -110,6 +111,25 @@ proptest! {
     #[test]
     fn node_lines_parse_or_are_refused(line in prop::collection::vec(any::<u8>(), 0..256)) {
         let _ = node_ipc::parse(&line);
+    }
+
+    /// Any line from a Node app's own primary (`node.primary = "run"`),
+    /// or one that looks like its envelope with anything in it: a request
+    /// or an error, never a panic; a relayed message ends its line.
+    #[test]
+    fn node_primary_lines_parse_or_are_refused(
+        line in prop::collection::vec(any::<u8>(), 0..256),
+        msg in "\\PC{0,40}",
+        id in any::<u64>(),
+    ) {
+        let _ = herd::node_primary::parse(&line);
+        let envelope = format!("{{\"herd\":\"send\",\"id\":{id},\"msg\":{msg}}}");
+        if let Ok(herd::node_primary::Request::Send { line, .. }) =
+            herd::node_primary::parse(envelope.as_bytes())
+        {
+            prop_assert!(line.ends_with(b"\n"));
+            prop_assert!(serde_json::from_slice::<serde_json::Value>(&line).is_ok());
+        }
     }
 
     /// Arbitrary text as a config file: parsed or refused, never a panic.

@@ -13,6 +13,7 @@ versions=("$@")
 work=$(mktemp -d /tmp/herd-node-versions.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 (cd tests/fixtures/node-express && npm ci --no-audit --no-fund --silent)
+(cd tests/fixtures/node-primary && npm ci --no-audit --no-fund --silent)
 status=0
 for version in "${versions[@]}"; do
   dir="$work/$version"
@@ -21,7 +22,7 @@ for version in "${versions[@]}"; do
   tar xzf "$dir/$tarball" -C "$dir"
   bin="$dir/package/bin"
   echo "== Node $("$bin/node" --version)"
-  PATH="$bin:$PATH" cargo nextest run --test node_cluster --test node_apps --test cli_errors \
+  PATH="$bin:$PATH" cargo nextest run --test node_cluster --test node_apps --test node_primary --test cli_errors \
     --no-fail-fast || status=1
 done
 exit $status

@@ -22,6 +22,7 @@
 //!   kernel rotation of such workers), the `__exec-worker` shim.
 //! - [`fd_budget`]: herd's open-file limit, raised at start, and what a configuration may need of it.
 //! - [`node_ipc`]: Node.js cluster IPC, so unmodified Node cluster apps are workers.
+//! - [`node_primary`]: a Node cluster app's own primary branch, run beside herd's workers (`node.primary = "run"`).
 //! - [`cgroup`]: a cgroup v2 leaf per worker, so nothing it starts outlives it.
 //! - [`worker_output`]: workers' stdout and stderr (and herd's own log) forwarded through bounded queues, long lines split, drops counted; nothing waits on herd's output.
 //! - [`procstat`]: worker memory and CPU from `/proc`.
@@ -66,6 +67,7 @@ mod lifecycle;
 mod listener;
 mod metrics;
 pub mod node_ipc;
+pub mod node_primary;
 mod notify;
 pub mod primary;
 mod probe;

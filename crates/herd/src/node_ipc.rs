@@ -95,6 +95,14 @@ pub enum NodeMessage {
     /// A message of the app's own (`process.send(msg)` in a worker): for
     /// the app's primary branch, which herd does not run.
     App,
+    /// A message of the app's own, as the worker wrote it (without its
+    /// `\n`), when the app's primary runs to receive it (`node.primary =
+    /// "run"`, [`NodeChannel::relay_app_messages`]).
+    AppLine(Vec<u8>),
+    /// A message of the app's own with a handle (`process.send(msg,
+    /// socket)`), its whole `NODE_HANDLE` line, when the app's primary runs:
+    /// the fd waits in [`NodeChannel::take_relayed_handle`].
+    AppHandle(Vec<u8>),
     /// `total` of the app's own messages dropped so far; reported by
     /// [`NodeChannel::read`] at the 1st, 2nd, 4th, ... one (a worker may send
     /// millions: each is counted where it is parsed, and goes no further).
@@ -284,7 +292,22 @@ pub struct NodeChannel {
     seq: u64,
     /// The app's own messages, dropped (logged at the 1st, 2nd, 4th, ...).
     app_messages: crate::rate_limit::Occurrences,
+    /// The app's own messages go to its primary ([`NodeMessage::AppLine`])
+    /// instead of being dropped.
+    relay_app: bool,
+    /// Bytes of the lines in `queued`: relayed messages stop at
+    /// [`MAX_RELAY_QUEUE`] of them, so a worker that never reads cannot
+    /// make herd grow.
+    queued_bytes: usize,
+    /// The fd of the last [`NodeMessage::AppHandle`], until the loop takes
+    /// it; a read stops at such a handle, so there is at most one.
+    relayed_handle: Option<OwnedFd>,
 }
+
+/// Bytes that may wait in one worker's queue before a message relayed from
+/// the app's primary is dropped instead (herd's own lines always queue:
+/// there are a few per worker life).
+pub const MAX_RELAY_QUEUE: usize = 1 << 20;
 
 /// A handle sent to the worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,6 +316,18 @@ pub enum SentHandle {
     Connection(u64),
     /// A listening socket (the `queryServer` reply in `shared` mode).
     Server,
+    /// A handle the app's primary sent with a message (`worker.send(msg,
+    /// socket)`), relayed; herd closed its copy once it was sent.
+    Relayed,
+}
+
+/// Why a relayed message was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("{MAX_RELAY_QUEUE} bytes already wait for the worker to read them")]
+    Full,
+    #[error(transparent)]
+    Io(#[from] io::Error),
 }
 
 /// A message waiting its turn, with the handle that rides on its first byte.
@@ -323,6 +358,41 @@ impl NodeChannel {
     pub fn remove_server(&mut self, key: &str) -> Option<ListenerIx> {
         let position = self.servers.iter().position(|(_, known)| known == key)?;
         Some(self.servers.remove(position).0)
+    }
+
+    /// The app's own messages are returned as [`NodeMessage::AppLine`]
+    /// from now on, for the app's primary.
+    pub fn relay_app_messages(&mut self) {
+        self.relay_app = true;
+    }
+
+    /// Queues a message from the app's primary, with the handle it carries
+    /// (sent as Node sends one: on the `sendmsg` of the line's first byte).
+    /// Refused, not queued, past [`MAX_RELAY_QUEUE`].
+    pub fn send_relayed(
+        &mut self,
+        channel: BorrowedFd<'_>,
+        line: Vec<u8>,
+        handle: Option<OwnedFd>,
+    ) -> Result<(), RelayError> {
+        if self.queued_bytes + self.outbox.len() + line.len() > MAX_RELAY_QUEUE {
+            return Err(RelayError::Full);
+        }
+        self.enqueue(Outgoing {
+            line,
+            handle: handle.map(|fd| (SentHandle::Relayed, fd)),
+        });
+        Ok(self.flush(channel)?)
+    }
+
+    /// The fd that came with the last [`NodeMessage::AppHandle`].
+    pub fn take_relayed_handle(&mut self) -> Option<OwnedFd> {
+        self.relayed_handle.take()
+    }
+
+    fn enqueue(&mut self, outgoing: Outgoing) {
+        self.queued_bytes += outgoing.line.len();
+        self.queued.push_back(outgoing);
     }
 
     /// Bytes are waiting for the socket to have room.
@@ -370,7 +440,7 @@ impl NodeChannel {
         socket: BorrowedFd<'_>,
     ) -> io::Result<()> {
         let socket = socket.try_clone_to_owned()?;
-        self.queued.push_back(Outgoing {
+        self.enqueue(Outgoing {
             line,
             handle: Some((SentHandle::Server, socket)),
         });
@@ -379,7 +449,7 @@ impl NodeChannel {
 
     /// Sends a line now, or in its turn.
     pub fn send_line(&mut self, channel: BorrowedFd<'_>, line: Vec<u8>) -> io::Result<()> {
-        self.queued.push_back(Outgoing { line, handle: None });
+        self.enqueue(Outgoing { line, handle: None });
         self.flush(channel)
     }
 
@@ -404,6 +474,7 @@ impl NodeChannel {
             let Some(next) = self.queued.pop_front() else {
                 return Ok(());
             };
+            self.queued_bytes -= next.line.len();
             let Some((handle, fd)) = next.handle.as_ref() else {
                 self.outbox = next.line;
                 continue;
@@ -414,6 +485,7 @@ impl NodeChannel {
                     self.handles_in_flight.push_back(*handle);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.queued_bytes += next.line.len();
                     self.queued.push_front(next);
                     return Ok(());
                 }
@@ -437,9 +509,12 @@ impl NodeChannel {
         while budget > 0 {
             match fdpass::recv_with_fd(channel, &mut buf, true) {
                 Ok(Some(received)) => {
-                    drop(received.fd);
                     budget = budget.saturating_sub(received.len.max(1));
-                    self.take_lines(&buf[..received.len], out)?;
+                    self.take_lines(&buf[..received.len], received.fd, out)?;
+                    if self.relayed_handle.is_some() {
+                        // Taken by the loop before the next read.
+                        return Ok(Read::More);
+                    }
                 }
                 Ok(None) => return Ok(Read::Closed),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Read::Drained),
@@ -451,7 +526,14 @@ impl NodeChannel {
     }
 
     /// Appends `bytes` to the partial line and parses what completes.
-    fn take_lines(&mut self, bytes: &[u8], out: &mut Vec<NodeMessage>) -> io::Result<()> {
+    /// The fd of the read that brought `bytes` goes with the `NODE_HANDLE`
+    /// line among them, if it is the app's and relayed; else it is closed.
+    fn take_lines(
+        &mut self,
+        bytes: &[u8],
+        mut fd: Option<OwnedFd>,
+        out: &mut Vec<NodeMessage>,
+    ) -> io::Result<()> {
         self.inbox.extend_from_slice(bytes);
         let mut start = 0;
         while let Some(end) = self.inbox[start..].iter().position(|&b| b == b'\n') {
@@ -459,6 +541,15 @@ impl NodeChannel {
             // business, not ours.
             match parse(&self.inbox[start..start + end]) {
                 Ok(NodeMessage::Other) | Err(_) => {}
+                Ok(NodeMessage::Handle) if self.relay_app && fd.is_some() => {
+                    self.relayed_handle = fd.take();
+                    out.push(NodeMessage::AppHandle(
+                        self.inbox[start..start + end].to_vec(),
+                    ))
+                }
+                Ok(NodeMessage::App) if self.relay_app => out.push(NodeMessage::AppLine(
+                    self.inbox[start..start + end].to_vec(),
+                )),
                 Ok(NodeMessage::App) => {
                     if let Some(total) = self.app_messages.record() {
                         out.push(NodeMessage::AppDropped { total });
@@ -702,6 +793,39 @@ mod tests {
         );
         node.remove_server("null:3000:4:undefined:0");
         assert!(!node.serves(ListenerIx(0)) && node.serves(ListenerIx(2)));
+    }
+
+    /// With the app's primary running, a worker's own handle is kept for
+    /// it with its line, and the read stops there; without, it is closed.
+    #[test]
+    fn a_workers_own_handle_is_kept_only_for_the_apps_primary() {
+        let line = b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":{\"a\":1}}\n";
+        for relay in [false, true] {
+            let (ours, theirs) = fdpass::stream_pair().unwrap();
+            let socket: OwnedFd = std::net::TcpListener::bind("127.0.0.1:0").unwrap().into();
+            fdpass::sendmsg_with_fd(theirs.as_fd(), line, socket.as_fd()).unwrap();
+            fdpass::send_stream(theirs.as_fd(), b"{\"b\":2}\n").unwrap();
+            let mut node = NodeChannel::default();
+            if relay {
+                node.relay_app_messages();
+            }
+            let mut out = Vec::new();
+            let read = node.read(ours.as_fd(), &mut out).unwrap();
+            if relay {
+                assert_eq!(read, Read::More, "stops at the handle");
+                assert_eq!(
+                    out,
+                    [NodeMessage::AppHandle(line[..line.len() - 1].to_vec())]
+                );
+                assert!(node.take_relayed_handle().is_some());
+                out.clear();
+                node.read(ours.as_fd(), &mut out).unwrap();
+                assert_eq!(out, [NodeMessage::AppLine(b"{\"b\":2}".to_vec())]);
+            } else {
+                assert_eq!(out[0], NodeMessage::Handle);
+                assert!(node.take_relayed_handle().is_none());
+            }
+        }
     }
 
     #[test]

@@ -89,6 +89,12 @@ pub fn lines_dropped(stream: Stream) -> u64 {
 /// Copies the pipe `fd` (a worker's stdout, or its stderr) to herd's, on
 /// the current tokio runtime, until the worker closes it.
 pub fn forward(fd: OwnedFd, slot: SlotIx, is_stderr: bool) {
+    forward_as(fd, format!("[worker {slot}] "), is_stderr);
+}
+
+/// [`forward`], each line after `prefix` (`[primary] ` for a Node app's
+/// own primary).
+pub fn forward_as(fd: OwnedFd, prefix: String, is_stderr: bool) {
     let stream = if is_stderr {
         Stream::Stderr
     } else {
@@ -96,14 +102,14 @@ pub fn forward(fd: OwnedFd, slot: SlotIx, is_stderr: bool) {
     };
     match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
         Ok(pipe) => {
-            tokio::spawn(forward_lines(pipe, slot, queue(stream)));
+            tokio::spawn(forward_lines(pipe, prefix, queue(stream)));
         }
-        Err(e) => debug!(slot = slot.get(), "cannot read the worker's output: {e}"),
+        Err(e) => debug!(prefix, "cannot read the process's output: {e}"),
     }
 }
 
-async fn forward_lines(mut pipe: impl AsyncRead + Unpin, slot: SlotIx, queue: &OutputQueue) {
-    let mut lines = LineSplitter::new(format!("[worker {slot}] "), MAX_LINE_BYTES);
+async fn forward_lines(mut pipe: impl AsyncRead + Unpin, prefix: String, queue: &OutputQueue) {
+    let mut lines = LineSplitter::new(prefix, MAX_LINE_BYTES);
     let mut chunk = vec![0; READ_CHUNK_BYTES];
     let mut send = |line| queue.send(line);
     loop {

@@ -98,6 +98,7 @@ pub struct Config {
     pub handoff: HandoffConfig,
     pub restart: RestartConfig,
     pub metrics: MetricsConfig,
+    pub node: NodeConfig,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -177,6 +178,7 @@ impl Default for Config {
             handoff: HandoffConfig::default(),
             restart: RestartConfig::default(),
             metrics: MetricsConfig::default(),
+            node: NodeConfig::default(),
         }
     }
 }

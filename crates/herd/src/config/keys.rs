@@ -94,6 +94,7 @@ keys! {
     restart_window: ConfigDuration = "restart.window", duration;
     metrics_address: Option<SocketAddr> = "metrics.address",
         |key, value| endpoint(key, value).map(Some);
+    node_primary: NodePrimary = "node.primary", named;
 }
 
 /// `value` as written, for a refusal: a string quoted as Rust quotes it

@@ -22,6 +22,7 @@
 //! - `file`: the file's typed form ([`Config`] and its tables), defaults, parsing.
 //! - `keys`: each key's reader: its type, range and refusals.
 //! - `overrides`: the command-line flags ([`Overrides`]), read by the same readers.
+//! - `node`: `[node]`, and `node.primary = "run"` refused without a Node app.
 //! - `values`: durations, sizes and the named choices, as types.
 //! - `validate`: the rules that span several keys.
 //! - `resolve`: users, paths and the program, on this host.
@@ -30,6 +31,7 @@
 
 mod file;
 mod keys;
+mod node;
 mod overrides;
 pub mod preload;
 mod reload;
@@ -39,6 +41,7 @@ mod validate;
 mod values;
 
 pub use file::{Config, HandoffConfig, MetricsConfig, ParseError, RestartConfig};
+pub use node::{NodeConfig, NodePrimary};
 pub use overrides::Overrides;
 pub use reload::{Reload, RELOAD};
 pub use resolve::resolve;
@@ -179,6 +182,8 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     pub handoff: HandoffSettings,
     pub restart: RestartSettings,
+    /// `node.primary`: whether the app's own primary branch runs too.
+    pub node_primary: NodePrimary,
 }
 
 impl Settings {

@@ -23,6 +23,7 @@ pub struct Overrides {
     pub ready: Option<String>,
     pub control: Option<String>,
     pub metrics: Option<String>,
+    pub node_primary: Option<String>,
 }
 
 /// A list of strings as TOML holds it.
@@ -80,6 +81,9 @@ impl Config {
         }
         if let Some(address) = overrides.metrics {
             self.metrics.address = keys::metrics_address(Value::String(address))?;
+        }
+        if let Some(primary) = overrides.node_primary {
+            self.node.primary = keys::node_primary(Value::String(primary))?;
         }
         Ok(())
     }

@@ -77,6 +77,10 @@ pub const RELOAD: &[(&str, Reload)] = &[
     ("restart.min_uptime", Reload::Live),
     ("restart.max_restarts", Reload::Live),
     ("restart.window", Reload::Live),
+    (
+        "node.primary",
+        Reload::Restart(|s| s.node_primary.name().into()),
+    ),
 ];
 
 /// Keys whose value follows from others too: named only when it is the

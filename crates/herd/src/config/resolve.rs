@@ -67,6 +67,7 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
             shim_runnable_by(user, config.mode)?;
         }
     }
+    node::primary_fits(config.node.primary, protocol)?;
     // Checked by `validate`; the default is READY on herd's channel.
     let ready = config.readiness()?.unwrap_or(Readiness::Herd);
     let workers = match config.workers {
@@ -142,5 +143,6 @@ fn settings(config: Config, resolved: Resolved) -> Settings {
         metrics: config.metrics.address,
         handoff,
         restart,
+        node_primary: config.node.primary,
     }
 }

@@ -179,6 +179,24 @@ impl HandoffLoop {
             NodeMessage::QueryServer(query) => return self.answer_query(channel, query),
             NodeMessage::Listening => {
                 self.report_ready(channel);
+                self.app_primary_worker_event(channel, "listening");
+                Ok(())
+            }
+            NodeMessage::Online if self.app_primary.runs => {
+                // Under the app's primary a worker may never listen
+                // (`@socket.io/sticky` passes it connections): online is ready.
+                self.report_ready(channel);
+                self.app_primary_worker_event(channel, "online");
+                Ok(())
+            }
+            NodeMessage::AppHandle(line) => {
+                let handle = node.take_relayed_handle();
+                let acked = node.send_line(fd, node_ipc::handle_ack());
+                self.app_primary_handle(channel, &line, handle);
+                acked
+            }
+            NodeMessage::AppLine(raw) => {
+                self.app_primary_message(channel, &raw);
                 Ok(())
             }
             NodeMessage::Accepted { ack, accepted } => {

@@ -21,11 +21,14 @@
 //! - `accepting`: accept, the wait queue, parked refusals, sending to a worker.
 //! - `messages`: reading what workers send, herd's protocol and Node's.
 //! - `listeners`: the listener table, on demand for Node apps, kernel rotations.
+//! - `app_primary`: a Node app's own primary (`node.primary = "run"`), and
+//!   the relay between it and the workers.
 //!
 //! What the loop counts lives in [`crate::counters`], below this module
 //! and [`crate::metrics`] both.
 
 mod accepting;
+mod app_primary;
 mod channel;
 mod listeners;
 mod messages;
@@ -122,6 +125,20 @@ pub enum Command {
     StopAccepting,
     /// End the loop now.
     Exit,
+    /// `node.primary = "run"`: relay workers' messages and lives to the
+    /// app's primary, which counts them ready once `online`. Sent before
+    /// the first worker is added.
+    AppPrimaryRuns,
+    /// The app's primary started (again): `channel` is herd's end of its channel.
+    AppPrimary { pid: u32, channel: OwnedFd },
+    /// The worker in `slot` (process `pid`) was reaped: the app's primary
+    /// hears its `exit` (its exit `code`, or the `signal` it died of).
+    WorkerExited {
+        slot: SlotIx,
+        pid: u32,
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
 }
 
 /// What the hand-off loop observed, for the supervisor to decide on.
@@ -200,6 +217,7 @@ pub fn spawn(
         reserve_fd: reserve_fd(),
         fd_short_since: None,
         capacity_epoch: 0,
+        app_primary: Default::default(),
     };
     for bound in listeners {
         handoff_loop
@@ -275,6 +293,7 @@ enum Polled {
     /// The socket of `slot` in the listener's kernel rotation.
     SlotSocket(ListenerIx, SlotIx),
     Channel(ChannelIx),
+    AppPrimary,
 }
 
 impl Polled {
@@ -282,6 +301,7 @@ impl Polled {
     fn of(token: Token) -> Polled {
         match token {
             WAKER => Polled::Waker,
+            app_primary::APP_PRIMARY => Polled::AppPrimary,
             Token(listener) if listener < WORKER_TOKEN_BASE => {
                 Polled::Listener(ListenerIx::at(listener))
             }
@@ -346,13 +366,15 @@ struct HandoffLoop {
     /// it could not before (it became serving, acknowledged, unblocked, was
     /// added): refused connections are offered again then.
     capacity_epoch: u64,
+    /// A Node app's own primary, when it runs (`node.primary = "run"`).
+    app_primary: app_primary::AppPrimaryLink,
 }
 
 impl HandoffLoop {
     fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         while !self.shutting_down {
-            let timeout = if self.more_to_read.is_empty() {
+            let timeout = if self.more_to_read.is_empty() && !self.app_primary.more {
                 self.next_deadline()
                     .map(|at| at.saturating_duration_since(Instant::now()))
             } else {
@@ -369,6 +391,10 @@ impl HandoffLoop {
                     Polled::Waker => self.run_commands(),
                     Polled::Listener(listener) => self.accept_all(listener, None),
                     Polled::SlotSocket(listener, slot) => self.accept_all(listener, Some(slot)),
+                    Polled::AppPrimary => self.on_app_primary(
+                        event.is_writable(),
+                        event.is_readable() || event.is_read_closed() || event.is_error(),
+                    ),
                     Polled::Channel(channel) => {
                         if event.is_writable() {
                             self.unblock(channel);
@@ -383,6 +409,9 @@ impl HandoffLoop {
             // worth, now that every other ready fd has had its turn.
             for channel in std::mem::take(&mut self.more_to_read) {
                 self.read_worker(channel);
+            }
+            if self.app_primary.more {
+                self.read_app_primary();
             }
             self.on_timers(Instant::now());
             if !self.queue.is_empty() {
@@ -485,6 +514,14 @@ impl HandoffLoop {
                     self.flush_queue();
                 }
                 Command::Exit => self.shutting_down = true,
+                Command::AppPrimaryRuns => self.app_primary.runs = true,
+                Command::AppPrimary { pid, channel } => self.set_app_primary(pid, channel),
+                Command::WorkerExited {
+                    slot,
+                    pid,
+                    code,
+                    signal,
+                } => self.app_primary_exit(slot, pid, code, signal),
             }
         }
     }

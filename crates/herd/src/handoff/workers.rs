@@ -75,6 +75,7 @@ impl HandoffLoop {
                 Protocol::Herd
             },
         });
+        self.app_primary_worker_added(channel);
         // READY may already be waiting on the channel.
         self.read_worker(channel);
     }
@@ -230,6 +231,7 @@ impl HandoffLoop {
     /// puts every connection it had not acknowledged back at the front of
     /// the queue, oldest first.
     pub(super) fn retire(&mut self, channel: ChannelIx, why: Retired) {
+        self.app_primary_worker_event(channel, "disconnect");
         let requeued = self.requeue_in_flight(channel);
         let Some(worker) = self.channels[channel].take() else {
             return;

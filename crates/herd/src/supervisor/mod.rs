@@ -23,8 +23,10 @@ use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+mod app_primary;
 mod record;
 mod start;
+mod sweep;
 
 use record::Process;
 
@@ -37,6 +39,7 @@ use crate::handoff::{self, Command, Controller, NewWorker};
 use crate::ids::{SlotIx, WorkerId};
 use crate::lifecycle::{self, Action, Event, Lifecycle, Policy, Version};
 use crate::metrics::Metrics;
+use crate::node_primary::supervise::AppPrimary;
 use crate::notify::{Heard, Message, Note, NotifySocket};
 use crate::probe::{self, Probing};
 use crate::process::{self, Launch};
@@ -78,6 +81,8 @@ pub struct Supervisor {
     notes: mpsc::Sender<Note>,
     /// The configured listeners as bound (port 0 resolved), in `listen` order.
     served: Vec<SocketAddr>,
+    /// A Node app's own primary (`node.primary = "run"`).
+    app_primary: Option<AppPrimary>,
 }
 
 impl Supervisor {
@@ -92,6 +97,7 @@ impl Supervisor {
     ) -> Supervisor {
         let core = Lifecycle::new(Policy::of(&settings), settings.workers);
         Supervisor {
+            app_primary: AppPrimary::of(&settings),
             cpu_seconds: vec![0.0; core.slot_count()],
             core,
             versions: BTreeMap::from([(Version(0), Arc::new(settings))]),
@@ -119,6 +125,7 @@ impl Supervisor {
 
     /// Starts a worker in every slot.
     pub fn start_all(&mut self) {
+        self.start_app_primary();
         self.handle(Event::Tick);
     }
 
@@ -139,7 +146,7 @@ impl Supervisor {
 
     /// herd is stopping and every worker process has exited.
     pub fn finished(&self) -> bool {
-        self.core.finished()
+        self.core.finished() && !self.app_primary.as_ref().is_some_and(AppPrimary::running)
     }
 
     /// The stop had to SIGKILL a worker.
@@ -149,7 +156,11 @@ impl Supervisor {
 
     /// When [`Supervisor::tick`] is due next.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.core.next_deadline()
+        let primary = self
+            .app_primary
+            .as_ref()
+            .and_then(AppPrimary::next_deadline);
+        self.core.next_deadline().into_iter().chain(primary).min()
     }
 
     /// Whether workers have sockets of their own for [`Self::watch_sockets`].
@@ -174,6 +185,7 @@ impl Supervisor {
     /// Fires the timers that are due.
     pub fn tick(&mut self) {
         self.handle(Event::Tick);
+        self.tick_app_primary();
     }
 
     /// What the hand-off loop observed.
@@ -279,6 +291,9 @@ impl Supervisor {
 
     /// Graceful stop: listeners close, every worker drains.
     pub fn stop(&mut self) {
+        if let Some(primary) = self.app_primary.as_mut() {
+            primary.stop();
+        }
         self.handle(Event::Stop);
     }
 
@@ -295,6 +310,9 @@ impl Supervisor {
             let Some(pid) = process::next_exited() else {
                 break;
             };
+            if self.reaped_app_primary(pid) {
+                continue;
+            }
             let worker = self.by_pid.get(&pid).copied();
             if let Some(process) = worker.and_then(|id| self.processes.get(&id)) {
                 process::signal_group(pid, Signal::SIGKILL);
@@ -314,12 +332,14 @@ impl Supervisor {
             };
             self.by_pid.remove(&pid);
             if let Some(process) = self.processes.remove(&id) {
+                self.tell_app_primary_exit(process.slot, pid, status);
                 self.dead_leaves.extend(process.leaf);
             }
             self.handle(Event::Exited { worker: id, status });
         }
         self.dead_leaves
             .retain(|leaf| !(leaf.is_empty() && leaf.remove().is_ok()));
+        self.tick_app_primary();
     }
 
     /// Samples every worker's memory and CPU; the core replaces those over
@@ -378,44 +398,6 @@ impl Supervisor {
                 }
             })
             .collect()
-    }
-
-    /// After the stop: kills whatever herd's workers left behind (helpers
-    /// herd adopted as their subreaper, processes still in a cgroup) and
-    /// waits, bounded, until they are gone.
-    pub fn sweep(&mut self) {
-        let leftovers = process::children();
-        if !leftovers.is_empty() {
-            warn!(
-                count = leftovers.len(),
-                event = "killing_leftovers",
-                "killing processes the workers left behind: {:?}",
-                leftovers.values().collect::<Vec<_>>()
-            );
-            for &pid in leftovers.keys() {
-                let _ =
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
-            }
-        }
-        for leaf in &self.dead_leaves {
-            leaf.kill();
-        }
-        let deadline = Instant::now() + SWEEP_WAIT;
-        while Instant::now() < deadline {
-            while let Some(pid) = process::next_exited() {
-                if process::reap(pid).is_none() {
-                    break;
-                }
-            }
-            self.dead_leaves
-                .retain(|leaf| !(leaf.is_empty() && leaf.remove().is_ok()));
-            if process::children().is_empty() && self.dead_leaves.is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // Dropping the tree kills and removes whatever leaf is left.
-        self.cgroups = None;
     }
 
     /// Hands `event` to the core and carries out what follows, including
