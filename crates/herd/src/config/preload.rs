@@ -13,6 +13,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use super::users::Identity;
 use super::{invalid, ConfigError};
 
 /// The library's file name, as cargo builds it.
@@ -65,6 +66,23 @@ fn first_usable(candidates: &[PathBuf]) -> Result<PathBuf, ConfigError> {
         return Err(refuse_library(format!("the library's path {text:?} holds a space or a colon, which LD_PRELOAD cannot carry: move it, or name another in {LIBRARY_ENV}")));
     }
     Ok(found)
+}
+
+/// The library the workers preload, for `program` run as `identity`:
+/// refused when the loader would not preload into the program, or the
+/// workers cannot read the library (the loader would say "cannot be
+/// preloaded ... ignored", and the program bind the port herd holds).
+pub(super) fn for_workers(program: &Path, identity: &Identity) -> Result<PathBuf, ConfigError> {
+    check_program(program)?;
+    let library = library()?;
+    identity.can_read(&library).map_err(|why| {
+        invalid(
+            "protocol",
+            "\"preload\"",
+            format!("the workers cannot load herd's preload library: {why}"),
+        )
+    })?;
+    Ok(library)
 }
 
 /// Refuses a program the dynamic loader would not preload into.

@@ -44,24 +44,11 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
         protocol = WorkerProtocol::NodeCluster;
         kernel_rotation = config.dealing(protocol)?;
     }
-    // Workers that inherit sockets start through herd's shim (LISTEN_PID).
     let preload = match protocol {
-        WorkerProtocol::Preload => {
-            preload::check_program(&program)?;
-            let library = preload::library()?;
-            // Else the loader says "cannot be preloaded ... ignored" and the
-            // program binds the port herd holds.
-            identity.can_read(&library).map_err(|why| {
-                invalid(
-                    "protocol",
-                    "\"preload\"",
-                    format!("the workers cannot load herd's preload library: {why}"),
-                )
-            })?;
-            Some(library)
-        }
+        WorkerProtocol::Preload => Some(preload::for_workers(&program, &identity)?),
         _ => None,
     };
+    // Workers that inherit sockets start through herd's shim (LISTEN_PID).
     if (!config.mode.hands_off() || kernel_rotation) && protocol != WorkerProtocol::NodeCluster {
         if let Some(user) = run_as.as_ref().filter(|user| !user.is_herds_own()) {
             shim_runnable_by(user, config.mode)?;

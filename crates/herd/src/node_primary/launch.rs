@@ -5,7 +5,7 @@
 //! which reaches node however the command starts it: `node app.js`,
 //! `env node`, a `#!` script).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 
@@ -14,16 +14,8 @@ use herd_protocol::fdpass;
 use super::{PrimaryStartError, ShimFile, MARKER_ENV};
 use crate::config::Settings;
 use crate::node_ipc;
-
-/// The primary's process, just started.
-#[derive(Debug)]
-pub struct Started {
-    pub pid: u32,
-    /// herd's end of its channel.
-    pub channel: OwnedFd,
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
-}
+/// The primary's process, just started: the parts a worker's has.
+pub use crate::process::Started;
 
 /// The variables a worker gets that would make the primary a worker, or
 /// let it speak for herd.
