@@ -49,7 +49,8 @@
 //! - `notify`: systemd's `sd_notify` readiness protocol: a socket per worker, read as it speaks (`ready = "notify"`).
 //! - `process`: starting, signalling and reaping worker processes (herd is their subreaper).
 //! - `supervisor`: carries out the core's decisions on real processes.
-//! - `metrics`: Prometheus metrics and the `/metrics` endpoint.
+//! - `metrics`: Prometheus metrics, rendered for `/metrics`.
+//! - `endpoint`: the HTTP endpoint on `metrics.address`: `/metrics`, `/livez`, `/readyz`, `/status`.
 
 // Raw system calls live in herd-protocol alone.
 #![forbid(unsafe_code)]
@@ -60,6 +61,7 @@ pub mod config;
 pub mod control;
 pub mod counters;
 pub mod dispatch;
+mod endpoint;
 pub mod fd_budget;
 mod handoff;
 pub mod ids;

@@ -1,6 +1,7 @@
-//! Prometheus metrics: the families herd exports and the `/metrics` endpoint.
+//! Prometheus metrics: the families herd exports, rendered for `/metrics`
+//! (served by [`crate::endpoint`]).
 //!
-//! Owns the registry and the HTTP server. The hand-off thread never touches
+//! Owns the registry. The hand-off thread never touches
 //! the registry: it bumps fixed slots of atomics in [`Counters`] and observes
 //! one pre-resolved, lock-free histogram. When Prometheus scrapes, the main
 //! thread copies the atomics into the registry's counters and sets the
@@ -8,14 +9,9 @@
 //! scrape costs the hot path nothing, and no label lookup ever happens per
 //! connection.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -25,7 +21,6 @@ use prometheus::{
     CounterVec, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::counters::{Counters, ACCEPT_ERROR_KINDS, LATENCY_BOUNDS_NANOS};
@@ -399,177 +394,6 @@ fn sync(counter: &IntCounter, value: u64) {
     }
 }
 
-/// A scrape waiting for the main thread to render the metrics.
-pub type Scrape = oneshot::Sender<Vec<u8>>;
-
-/// Why the metrics endpoint could not be opened.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot serve metrics on {addr}: {source}")]
-pub struct MetricsBindError {
-    pub addr: SocketAddr,
-    #[source]
-    pub source: std::io::Error,
-}
-
-/// Binds the metrics listener (before any worker starts, like the others).
-pub fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsBindError> {
-    let fail = |source| MetricsBindError { addr, source };
-    let listener = std::net::TcpListener::bind(addr).map_err(fail)?;
-    listener.set_nonblocking(true).map_err(fail)?;
-    tokio::net::TcpListener::from_std(listener).map_err(fail)
-}
-
-/// Connections `/metrics` serves at once. Prometheus needs one; the bound
-/// keeps a client that opens many, or leaves them idle, from taking herd's
-/// fds and its main thread. Past it, further connections wait in the
-/// kernel's accept queue (costing herd nothing) until one closes.
-pub const MAX_METRICS_CONNECTIONS: usize = 32;
-
-/// File descriptors `/metrics` leaves to the rest of herd: it accepts only
-/// while at least this many are free under herd's `RLIMIT_NOFILE`, so
-/// scrapes never take the fds that hand-offs, workers' pipes and the
-/// control socket need. Below it, scrapes wait in the kernel's queue.
-pub const METRICS_FD_RESERVE: usize = 64;
-
-/// How long a client has to send its request headers, on a new connection
-/// and between the requests of a kept-alive one; then hyper closes it, so
-/// an idle client holds one of the [`MAX_METRICS_CONNECTIONS`] for no longer.
-pub const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long `/metrics` pauses before it looks again when `accept` failed or
-/// herd was short of fds: retrying at once would spin.
-const METRICS_RETRY: Duration = Duration::from_millis(100);
-
-/// Serves `GET /metrics` (404 elsewhere, 405 for other methods) until herd
-/// exits: at most [`MAX_METRICS_CONNECTIONS`] at once, and only while herd
-/// has [`METRICS_FD_RESERVE`] fds to spare.
-pub async fn serve(listener: tokio::net::TcpListener, scrapes: mpsc::UnboundedSender<Scrape>) {
-    use hyper::server::conn::http1;
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
-    // Warn once per episode, not once per retry.
-    let mut accept_failing = false;
-    let mut short_of_fds = false;
-    loop {
-        let Ok(permit) = connections.clone().acquire_owned().await else {
-            return; // never closed
-        };
-        if !fds_to_spare(METRICS_FD_RESERVE) {
-            if !short_of_fds {
-                warn!(
-                    event = "metrics_paused",
-                    "metrics endpoint: fewer than {METRICS_FD_RESERVE} file descriptors free; not accepting scrapes until there are (they wait in the kernel's queue)"
-                );
-                short_of_fds = true;
-            }
-            tokio::time::sleep(METRICS_RETRY).await;
-            continue;
-        }
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                if !accept_failing {
-                    warn!(
-                        event = "metrics_accept_failed",
-                        "metrics endpoint: accept failed: {e}; retrying every {METRICS_RETRY:?} (logged once until it works again)"
-                    );
-                    accept_failing = true;
-                }
-                tokio::time::sleep(METRICS_RETRY).await;
-                continue;
-            }
-        };
-        accept_failing = false;
-        // The wait in `accept` may have been long: look again, and give the
-        // fd back at once if herd is short of them now.
-        if !fds_to_spare(METRICS_FD_RESERVE) {
-            drop(stream);
-            continue;
-        }
-        short_of_fds = false;
-        let scrapes = scrapes.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let service =
-                hyper::service::service_fn(move |request| respond(request, scrapes.clone()));
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(METRICS_HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-}
-
-/// Whether herd has at least `reserve` fds free under its soft
-/// `RLIMIT_NOFILE` (as `/proc/self` shows them; the limit can change at
-/// run time, e.g. by `prlimit`). Not when it cannot even open `/proc`.
-fn fds_to_spare(reserve: usize) -> bool {
-    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
-        return false;
-    };
-    let soft = limits.lines().find_map(|line| {
-        line.strip_prefix("Max open files")?
-            .split_whitespace()
-            .next()
-            .map(str::to_owned)
-    });
-    let Some(Ok(limit)) = soft.map(|soft| soft.parse::<usize>()) else {
-        return true; // "unlimited", or a format we do not know
-    };
-    match std::fs::read_dir("/proc/self/fd") {
-        // The count includes the directory's own fd: one more to spare.
-        Ok(open) => open.count() + reserve <= limit,
-        Err(_) => false,
-    }
-}
-
-async fn respond<B>(
-    request: Request<B>,
-    scrapes: mpsc::UnboundedSender<Scrape>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let reply = |status: StatusCode, content_type: &str, body: Bytes| {
-        let mut response = Response::new(Full::new(body));
-        *response.status_mut() = status;
-        if let Ok(value) = content_type.parse() {
-            response
-                .headers_mut()
-                .insert(hyper::header::CONTENT_TYPE, value);
-        }
-        Ok(response)
-    };
-    if request.uri().path() != "/metrics" {
-        return reply(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            Bytes::from_static(b"not found: metrics are at /metrics\n"),
-        );
-    }
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        return reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            Bytes::from_static(b"use GET\n"),
-        );
-    }
-    let (sender, rendered) = oneshot::channel();
-    if scrapes.send(sender).is_err() {
-        return reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            Bytes::from_static(b"herd is stopping\n"),
-        );
-    }
-    match rendered.await {
-        Ok(body) => reply(StatusCode::OK, prometheus::TEXT_FORMAT, Bytes::from(body)),
-        Err(_) => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            Bytes::from_static(b"herd is stopping\n"),
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,11 +421,5 @@ mod tests {
             text.contains("herd_log_lines_dropped_total{stream=\"stderr\"} 0"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn a_test_process_has_fds_to_spare_but_not_its_whole_limit() {
-        assert!(fds_to_spare(METRICS_FD_RESERVE));
-        assert!(!fds_to_spare(usize::MAX / 2));
     }
 }

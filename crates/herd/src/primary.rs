@@ -17,6 +17,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::signal::unix::{signal, SignalKind};
+
+mod answers;
+mod stopping;
+
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
@@ -27,10 +31,11 @@ use crate::config::{
 };
 use crate::control::{self, ControlRequest, ControlServer, PendingRequest, Response};
 use crate::counters::Counters;
+use crate::endpoint::{self, MetricsBindError};
 use crate::fd_budget::{FdLimit, Plan};
 use crate::handoff::{self, Command, Controller};
 use crate::listener::{self, BindOptions, BoundListener, ListenError};
-use crate::metrics::{self, Metrics, MetricsBindError};
+use crate::metrics::Metrics;
 use crate::process;
 use crate::signals::{self, SignalEvent};
 use crate::status::{self, Phase, StatusReport};
@@ -189,7 +194,7 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
     }
     let (sockets, listeners) =
         WorkerSockets::new(plan, listeners, settings.backlog, settings.workers)?;
-    let metrics = settings.metrics.map(metrics::bind).transpose()?;
+    let metrics = settings.metrics.map(endpoint::bind).transpose()?;
     let control = ControlServer::bind(&settings.control)?;
     info!(path = %settings.control.display(), event = "control_ready", "control socket ready");
     Ok(Bound {
@@ -257,6 +262,8 @@ pub async fn run(
         source,
         started: Instant::now(),
         stop_waiters: Vec::new(),
+        stop_at: None,
+        handoff: controller.clone(),
     };
     primary.supervisor.start_all();
     let (requests_tx, mut requests) = mpsc::unbounded_channel::<PendingRequest>();
@@ -272,7 +279,11 @@ pub async fn run(
             Some(note) = notes.recv() => primary.supervisor.on_note(note),
             _ = children.recv() => primary.supervisor.reap(),
             _ = sleep_until_opt(due) => primary.supervisor.tick(),
-            Some(scrape) = scrapes.recv() => primary.scrape(scrape),
+            Some(asked) = scrapes.recv() => primary.answer(asked),
+            _ = sleep_until_opt(primary.stop_at.map(|(at, _)| tokio::time::Instant::from_std(at))) => {
+                let why = primary.stop_at.map_or("stop", |(_, why)| why);
+                primary.stop_now(why);
+            }
             Some(pending) = requests.recv() => primary.on_request(pending),
             _ = control.accept(&requests_tx) => {}
             _ = monitor.tick() => primary.supervisor.monitor(),
@@ -335,13 +346,13 @@ fn node_kernel_rotation(settings: &Settings) -> bool {
 /// channel, to be answered by the main thread.
 fn serve_metrics(
     listener: Option<tokio::net::TcpListener>,
-) -> mpsc::UnboundedReceiver<metrics::Scrape> {
+) -> mpsc::UnboundedReceiver<endpoint::Asked> {
     let (scrapes_tx, scrapes) = mpsc::unbounded_channel();
     if let Some(listener) = listener {
         if let Ok(addr) = listener.local_addr() {
             info!(addr = %addr, event = "metrics_listening", "metrics on http://{addr}/metrics");
         }
-        tokio::spawn(metrics::serve(listener, scrapes_tx));
+        tokio::spawn(endpoint::serve(listener, scrapes_tx));
     }
     scrapes
 }
@@ -357,20 +368,15 @@ struct Primary {
     started: Instant,
     /// `herd stop` clients waiting for the outcome.
     stop_waiters: Vec<oneshot::Sender<Response>>,
+    /// A stop waiting out `shutdown_delay`: when it begins, and why.
+    stop_at: Option<(Instant, &'static str)>,
+    /// The hand-off loop, for `/livez` to ask whether it answers.
+    handoff: Controller,
 }
 
 impl Primary {
     fn stopping(&self) -> bool {
         self.supervisor.phase() == Phase::Stopping
-    }
-
-    fn scrape(&self, scrape: metrics::Scrape) {
-        let counters = &self.counters;
-        let slots = self
-            .supervisor
-            .status(|slot| counters.handed_off[slot].load(Relaxed));
-        let cpu = self.supervisor.cpu_seconds();
-        let _ = scrape.send(self.metrics.render(counters, &slots, &cpu));
     }
 
     fn on_request(&mut self, pending: PendingRequest) {
@@ -402,78 +408,9 @@ impl Primary {
                 });
             }
             ControlRequest::Stop => {
-                begin_stop(&mut self.supervisor, "herd stop");
+                self.stop_after_delay("herd stop");
                 self.stop_waiters.push(reply);
             }
-        }
-    }
-
-    fn on_signal(&mut self, event: SignalEvent) {
-        let name = event.signal_name();
-        match event {
-            SignalEvent::Terminate => begin_stop(&mut self.supervisor, name),
-            SignalEvent::Interrupt if self.stopping() => {
-                warn!(
-                    signal = "SIGINT",
-                    event = "fast_stop",
-                    "second SIGINT: killing the remaining workers now"
-                );
-                self.supervisor.kill_all();
-            }
-            SignalEvent::Interrupt => begin_stop(&mut self.supervisor, name),
-            SignalEvent::Quit => {
-                begin_stop(&mut self.supervisor, "SIGQUIT (fast stop)");
-                warn!(
-                    signal = "SIGQUIT",
-                    event = "fast_stop",
-                    "SIGQUIT: killing workers without waiting"
-                );
-                self.supervisor.kill_all();
-            }
-            SignalEvent::Reload => {
-                let (reply, answer) = oneshot::channel();
-                start_reload(&mut self.supervisor, &self.source, &self.metrics, reply);
-                tokio::spawn(async move {
-                    match answer.await {
-                        Ok(response) if response.ok => {
-                            info!(event = "sighup_reloaded", "SIGHUP: {}", response.message)
-                        }
-                        Ok(response) => {
-                            error!(
-                                event = "sighup_reload_failed",
-                                "SIGHUP: {}", response.message
-                            )
-                        }
-                        Err(_) => {}
-                    }
-                });
-            }
-            // Scaling by signal is ignored while stopping, as before.
-            SignalEvent::AddWorker | SignalEvent::RemoveWorker if self.stopping() => {}
-            SignalEvent::AddWorker => {
-                let target = self.supervisor.worker_count() + 1;
-                self.scale_by_signal(name, target);
-            }
-            SignalEvent::RemoveWorker => {
-                let target = self.supervisor.worker_count().saturating_sub(1).max(1);
-                self.scale_by_signal(name, target);
-            }
-        }
-    }
-
-    fn scale_by_signal(&mut self, name: &str, target: usize) {
-        match self.supervisor.scale(target) {
-            Ok(done) => info!(
-                signal = name,
-                workers = self.supervisor.worker_count(),
-                event = "signal_scaled",
-                "{name}: {done}"
-            ),
-            Err(refused) => warn!(
-                signal = name,
-                event = "signal_scale_refused",
-                "{name}: {refused}"
-            ),
         }
     }
 
@@ -523,20 +460,6 @@ fn log_tally(counters: &Counters, forced: bool) {
             ""
         }
     );
-}
-
-/// Stops accepting and asks every worker to drain; they get until
-/// `shutdown_timeout`, then SIGKILL.
-fn begin_stop(supervisor: &mut Supervisor, why: &str) {
-    if supervisor.phase() == Phase::Stopping {
-        return;
-    }
-    let grace = supervisor.settings().shutdown_timeout;
-    info!(
-        event = "stopping",
-        "{why}: stopping (listeners closed, workers drain for up to {grace:?})"
-    );
-    supervisor.stop();
 }
 
 /// Re-reads the config and starts a rolling reload; an invalid config is

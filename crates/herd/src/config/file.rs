@@ -46,6 +46,14 @@ pub struct Config {
     /// How long workers get to finish when herd stops, before SIGKILL.
     #[serde(deserialize_with = "keys::de::shutdown_timeout")]
     pub shutdown_timeout: ConfigDuration,
+    /// On SIGTERM (and `herd stop`), how long herd keeps accepting and
+    /// serving with `/readyz` failing, before it closes the listeners, so
+    /// a load balancer stops sending first.
+    #[serde(deserialize_with = "keys::de::shutdown_delay")]
+    pub shutdown_delay: ConfigDuration,
+    /// `/readyz` answers 200 once at least this many workers are ready.
+    #[serde(deserialize_with = "keys::de::ready_min")]
+    pub ready_min: usize,
     /// The signal a draining worker is sent, by its server's convention
     /// ("SIGQUIT" for nginx); unset: SIGTERM where DRAIN may not be read.
     #[serde(deserialize_with = "keys::de::stop_signal")]
@@ -161,6 +169,8 @@ impl Default for Config {
             env: BTreeMap::new(),
             cwd: None,
             shutdown_timeout: ConfigDuration::default_of("10s"),
+            shutdown_delay: ConfigDuration::default_of("0s"),
+            ready_min: 1,
             stop_signal: None,
             ready_timeout: ConfigDuration::default_of("30s"),
             ready_delay: None,

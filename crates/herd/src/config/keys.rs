@@ -57,6 +57,9 @@ keys! {
     env: BTreeMap<String, String> = "env", environment;
     cwd: Option<PathBuf> = "cwd", |key, value| directory(key, value).map(Some);
     shutdown_timeout: ConfigDuration = "shutdown_timeout", duration;
+    shutdown_delay: ConfigDuration = "shutdown_delay", duration;
+    ready_min: usize = "ready_min",
+        |key, value| Ok(int(key, value, 1, MAX_WORKERS as i64)? as usize);
     stop_signal: Option<StopSignal> = "stop_signal", |key, value| named(key, value).map(Some);
     ready_timeout: ConfigDuration = "ready_timeout",
         |key, value| more_than_zero(key, value, "every worker would be killed as it starts");

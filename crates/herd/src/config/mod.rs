@@ -160,6 +160,10 @@ pub struct Settings {
     pub env: BTreeMap<String, String>,
     pub cwd: Option<PathBuf>,
     pub shutdown_timeout: Duration,
+    /// See `shutdown_delay`: `/readyz` fails this long before the stop.
+    pub shutdown_delay: Duration,
+    /// `/readyz` is 200 with at least this many workers ready.
+    pub ready_min: usize,
     /// What a draining worker is sent beside DRAIN; `None`: herd's own
     /// choice (SIGTERM to workers that may not read DRAIN).
     pub stop_signal: Option<Signal>,

@@ -44,6 +44,8 @@ pub const RELOAD: &[(&str, Reload)] = &[
     ("env", Reload::Live),
     ("cwd", Reload::Live),
     ("shutdown_timeout", Reload::Live),
+    ("shutdown_delay", Reload::Live),
+    ("ready_min", Reload::Live),
     ("stop_signal", Reload::Live),
     ("ready_timeout", Reload::Live),
     ("ready_delay", Reload::Live),

@@ -61,6 +61,13 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
         WorkerCount::Max => available_cores(),
         WorkerCount::Count(n) => n,
     };
+    if config.ready_min > workers {
+        return Err(invalid(
+            "ready_min",
+            config.ready_min,
+            format!("more than the {workers} worker(s) herd runs: /readyz would never say ready"),
+        ));
+    }
     Ok(settings(
         config,
         Resolved {
@@ -115,6 +122,8 @@ fn settings(config: Config, resolved: Resolved) -> Settings {
         env: config.env,
         cwd: config.cwd,
         shutdown_timeout: config.shutdown_timeout.get(),
+        shutdown_delay: config.shutdown_delay.get(),
+        ready_min: config.ready_min,
         stop_signal: config.stop_signal.map(StopSignal::get),
         ready_timeout: config.ready_timeout.get(),
         ready: resolved.ready,

@@ -125,6 +125,8 @@ pub enum Command {
     StopAccepting,
     /// End the loop now.
     Exit,
+    /// `/livez`: the loop answers when it gets to it, proving it turns.
+    Ping(tokio::sync::oneshot::Sender<()>),
     /// `node.primary = "run"`: relay workers' messages and lives to the
     /// app's primary, which counts them ready once `online`. Sent before
     /// the first worker is added.
@@ -514,6 +516,9 @@ impl HandoffLoop {
                     self.flush_queue();
                 }
                 Command::Exit => self.shutting_down = true,
+                Command::Ping(reply) => {
+                    let _ = reply.send(());
+                }
                 Command::AppPrimaryRuns => self.app_primary.runs = true,
                 Command::AppPrimary { pid, channel } => self.set_app_primary(pid, channel),
                 Command::WorkerExited {
