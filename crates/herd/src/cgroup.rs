@@ -14,7 +14,11 @@
 //! A herd that was SIGKILLed leaves its `herd.<pid>` behind, with whatever
 //! its workers' helpers were; the next herd in the same cgroup kills those
 //! and removes the directory before it binds, so a leftover cannot hold
-//! the port. (A `herd.<pid>` whose herd is alive is never touched.)
+//! the port. (A `herd.<pid>` whose herd is alive is never touched.) The
+//! name carries herd's PID namespace too, `herd.<pid>.ns<inode>`: a pid
+//! means something only in its own namespace, so a herd judges only the
+//! leftovers of its own (two herds in containers that share a cgroup
+//! hierarchy are both PID 1, and neither can see the other's processes).
 
 use std::fs;
 use std::io::{self, Write};
@@ -80,7 +84,7 @@ impl CgroupTree {
     }
 
     fn create_in(own: &Path) -> Result<CgroupTree, CgroupError> {
-        let dir = own.join(format!("herd.{}", std::process::id()));
+        let dir = own.join(tree_name(std::process::id(), pid_namespace()));
         match fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -222,21 +226,48 @@ fn kill_and_remove(dir: &Path) -> usize {
     held
 }
 
-/// Kills and removes every `herd.<pid>` under `own` whose herd is gone.
+/// The tree's directory name: `herd.<pid>`, with `.ns<inode>` when herd
+/// knows its PID namespace.
+fn tree_name(pid: u32, namespace: Option<u64>) -> String {
+    match namespace {
+        Some(ns) => format!("herd.{pid}.ns{ns}"),
+        None => format!("herd.{pid}"),
+    }
+}
+
+/// The herd pid and PID namespace a tree's name says (`None` for a name
+/// that is not a herd tree's; a namespace of `None` for the old
+/// `herd.<pid>`, taken as this namespace's).
+fn parse_tree_name(name: &str) -> Option<(u32, Option<u64>)> {
+    let rest = name.strip_prefix("herd.")?;
+    match rest.split_once(".ns") {
+        Some((pid, ns)) => Some((pid.parse().ok()?, Some(ns.parse().ok()?))),
+        None => Some((rest.parse().ok()?, None)),
+    }
+}
+
+/// The inode of herd's PID namespace (`/proc/self/ns/pid`).
+fn pid_namespace() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
+}
+
+/// Kills and removes every herd tree under `own` whose herd, in this PID
+/// namespace, is gone; trees of other namespaces are not this herd's to judge.
 fn clean_leftovers(own: &Path) -> Vec<Leftover> {
     let Ok(entries) = fs::read_dir(own) else {
         return Vec::new();
     };
+    let mine = pid_namespace();
     let mut cleaned = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(herd_pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("herd."))
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
+        let Some((herd_pid, namespace)) = name.to_str().and_then(parse_tree_name) else {
             continue;
         };
+        if namespace.is_some_and(|ns| Some(ns) != mine) {
+            continue;
+        }
         if herd_pid == std::process::id() || Path::new(&format!("/proc/{herd_pid}")).exists() {
             continue;
         }
@@ -277,6 +308,26 @@ fn cgroup2_mount(line: &str) -> Option<(String, PathBuf)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tree_names_round_trip_and_old_ones_are_read() {
+        assert_eq!(
+            parse_tree_name(&tree_name(42, Some(4026531836))),
+            Some((42, Some(4026531836)))
+        );
+        assert_eq!(parse_tree_name(&tree_name(42, None)), Some((42, None)));
+        assert_eq!(parse_tree_name("herd.7"), Some((7, None)));
+        for other in [
+            "herd-test-1",
+            "herd.",
+            "herd.x",
+            "herd.7.ns",
+            "herd.7.nsx",
+            "slot0.w1",
+        ] {
+            assert_eq!(parse_tree_name(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn finds_the_cgroup2_mount_in_mountinfo() {
@@ -344,9 +395,11 @@ mod tests {
             return;
         }
         // Above the kernel's largest pid_max: no such process can exist.
-        let dead = parent.join("herd.4194305");
-        let alive = parent.join(format!("herd.{}", std::process::id()));
-        for dir in [&dead, &alive] {
+        let dead = parent.join(tree_name(4_194_305, pid_namespace()));
+        let alive = parent.join(tree_name(std::process::id(), pid_namespace()));
+        // Another namespace's: its pid says nothing here, so it is kept.
+        let foreign = parent.join(tree_name(4_194_306, Some(1)));
+        for dir in [&dead, &alive, &foreign] {
             fs::create_dir(dir).unwrap();
             fs::create_dir(dir.join("slot0.w1")).unwrap();
         }
@@ -381,7 +434,17 @@ mod tests {
             alive.join("slot0.w1").exists(),
             "a live herd's tree is kept"
         );
-        for dir in [alive.join("slot0.w1"), alive, parent] {
+        assert!(
+            foreign.join("slot0.w1").exists(),
+            "another namespace's tree is kept"
+        );
+        for dir in [
+            alive.join("slot0.w1"),
+            alive,
+            foreign.join("slot0.w1"),
+            foreign,
+            parent,
+        ] {
             fs::remove_dir(dir).unwrap();
         }
     }

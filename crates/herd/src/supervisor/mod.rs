@@ -43,6 +43,7 @@ use crate::node_primary::supervise::AppPrimary;
 use crate::notify::{Heard, Message, Note, NotifySocket};
 use crate::probe::{self, Probing};
 use crate::process::{self, Launch};
+use crate::rate_limit::Occurrences;
 use crate::status::{Phase, SlotStatus};
 use crate::worker_output;
 
@@ -83,6 +84,9 @@ pub struct Supervisor {
     served: Vec<SocketAddr>,
     /// A Node app's own primary (`node.primary = "run"`).
     app_primary: Option<AppPrimary>,
+    /// Orphans reaped: processes a worker left that were re-parented to
+    /// herd (its subreaper, or PID 1). Logged at the 1st, 2nd, 4th, ...
+    orphans: Occurrences,
 }
 
 impl Supervisor {
@@ -98,6 +102,7 @@ impl Supervisor {
         let core = Lifecycle::new(Policy::of(&settings), settings.workers);
         Supervisor {
             app_primary: AppPrimary::of(&settings),
+            orphans: Occurrences::default(),
             cpu_seconds: vec![0.0; core.slot_count()],
             core,
             versions: BTreeMap::from([(Version(0), Arc::new(settings))]),
@@ -324,10 +329,7 @@ impl Supervisor {
                 break;
             };
             let Some(id) = worker else {
-                debug!(
-                    pid,
-                    "reaped a process a worker left behind (herd is its subreaper)"
-                );
+                self.reaped_orphan(pid, status);
                 continue;
             };
             self.by_pid.remove(&pid);
@@ -340,6 +342,24 @@ impl Supervisor {
         self.dead_leaves
             .retain(|leaf| !(leaf.is_empty() && leaf.remove().is_ok()));
         self.tick_app_primary();
+    }
+
+    /// A process that is not a worker exited: an orphan a worker left, which
+    /// the kernel re-parented to herd. Reaped (so no zombie stays), and
+    /// logged at the 1st, 2nd, 4th, ... so a worker that forks without end
+    /// cannot flood the log.
+    fn reaped_orphan(&mut self, pid: u32, status: std::process::ExitStatus) {
+        match self.orphans.record() {
+            Some(total) => info!(
+                pid,
+                total,
+                status = %status,
+                event = "orphan_reaped",
+                "reaped an orphan a worker left behind ({status}; herd is its subreaper{})",
+                if std::process::id() == 1 { " and PID 1" } else { "" }
+            ),
+            None => debug!(pid, "reaped an orphan a worker left behind"),
+        }
     }
 
     /// Samples every worker's memory and CPU; the core replaces those over
