@@ -50,6 +50,7 @@
 //! - `process`: starting, signalling and reaping worker processes (herd is their subreaper).
 //! - `supervisor`: carries out the core's decisions on real processes.
 //! - `metrics`: Prometheus metrics, rendered for `/metrics`.
+//! - [`line_format`]: how workers' output lines are framed (`log_lines`).
 //! - `endpoint`: the HTTP endpoint on `metrics.address`: `/metrics`, `/livez`, `/readyz`, `/status`.
 
 // Raw system calls live in herd-protocol alone.
@@ -66,6 +67,7 @@ pub mod fd_budget;
 mod handoff;
 pub mod ids;
 mod lifecycle;
+pub mod line_format;
 mod listener;
 mod metrics;
 pub mod node_ipc;

@@ -30,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::{debug, warn};
 
 use crate::ids::SlotIx;
+pub use crate::line_format::{Framing, Origin, SPLIT_MARKER};
 
 /// The longest line herd forwards, not counting its `[worker N] ` prefix.
 /// journald splits at 48 KiB for the same reason: a line is held in memory
@@ -38,9 +39,6 @@ use crate::ids::SlotIx;
 /// pieces, each but the last ending in [`SPLIT_MARKER`].
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
-/// Ends every piece of a split line but the last, so a reader sees that the
-/// line goes on in the next `[worker N]` line of the same stream.
-pub const SPLIT_MARKER: &[u8] = b" [herd: split at 64 KiB]";
 
 /// Bytes each stream's queue holds (lines queued or being written): what a
 /// stdout or stderr that cannot keep up costs herd in memory. A few seconds
@@ -86,30 +84,41 @@ pub fn lines_dropped(stream: Stream) -> u64 {
     cell(stream).get().map_or(0, |q| q.dropped.load(Relaxed))
 }
 
-/// Copies the pipe `fd` (a worker's stdout, or its stderr) to herd's, on
-/// the current tokio runtime, until the worker closes it.
-pub fn forward(fd: OwnedFd, slot: SlotIx, is_stderr: bool) {
-    forward_as(fd, format!("[worker {slot}] "), is_stderr);
-}
-
-/// [`forward`], each line after `prefix` (`[primary] ` for a Node app's
-/// own primary).
-pub fn forward_as(fd: OwnedFd, prefix: String, is_stderr: bool) {
-    let stream = if is_stderr {
+/// Copies the pipe `fd` (a worker's stdout, or its stderr, as `origin`
+/// says; or a Node app's own primary's) to herd's, each line framed as
+/// `framing` says (`log_lines`), on the current tokio runtime, until the
+/// process closes it.
+pub fn forward(fd: OwnedFd, origin: Origin, framing: Framing) {
+    let stream = if origin.stderr {
         Stream::Stderr
     } else {
         Stream::Stdout
     };
     match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
         Ok(pipe) => {
-            tokio::spawn(forward_lines(pipe, prefix, queue(stream)));
+            tokio::spawn(forward_lines(pipe, origin, framing, queue(stream)));
         }
-        Err(e) => debug!(prefix, "cannot read the process's output: {e}"),
+        Err(e) => debug!(pid = origin.pid, "cannot read the process's output: {e}"),
     }
 }
 
-async fn forward_lines(mut pipe: impl AsyncRead + Unpin, prefix: String, queue: &OutputQueue) {
-    let mut lines = LineSplitter::new(prefix, MAX_LINE_BYTES);
+/// [`forward`] for a worker of `slot`.
+pub fn forward_worker(fd: OwnedFd, slot: SlotIx, pid: u32, stderr: bool, framing: Framing) {
+    let origin = Origin {
+        slot: Some(slot.get()),
+        pid,
+        stderr,
+    };
+    forward(fd, origin, framing);
+}
+
+async fn forward_lines(
+    mut pipe: impl AsyncRead + Unpin,
+    origin: Origin,
+    framing: Framing,
+    queue: &OutputQueue,
+) {
+    let mut lines = LineSplitter::new(origin, framing, MAX_LINE_BYTES);
     let mut chunk = vec![0; READ_CHUNK_BYTES];
     let mut send = |line| queue.send(line);
     loop {
@@ -399,28 +408,29 @@ impl DropWarning {
     }
 }
 
-/// Cuts a byte stream into lines of at most `max` bytes after the prefix,
-/// each emitted whole: prefix, content, [`SPLIT_MARKER`] if the line goes
-/// on in the next piece, newline.
+/// Cuts a byte stream into lines of at most `max` bytes of content, each
+/// emitted whole as `framing` frames it (with [`SPLIT_MARKER`], or
+/// `"split":true`, if the line goes on in the next piece).
 struct LineSplitter {
-    prefix_len: usize,
-    /// The prefix and the content of the line so far; handed over when the
-    /// line ends, so emitting copies nothing.
+    origin: Origin,
+    framing: Framing,
+    /// The content of the line so far.
     line: Vec<u8>,
     max: usize,
 }
 
 impl LineSplitter {
-    fn new(prefix: String, max: usize) -> LineSplitter {
+    fn new(origin: Origin, framing: Framing, max: usize) -> LineSplitter {
         LineSplitter {
-            prefix_len: prefix.len(),
-            line: prefix.into_bytes(),
+            origin,
+            framing,
+            line: Vec::with_capacity(128),
             max,
         }
     }
 
     fn content_len(&self) -> usize {
-        self.line.len() - self.prefix_len
+        self.line.len()
     }
 
     /// Takes the next bytes of the stream; emits every line they end.
@@ -455,14 +465,11 @@ impl LineSplitter {
     }
 
     fn end_line(&mut self, split: bool, emit: &mut impl FnMut(Vec<u8>)) {
-        let mut next = Vec::with_capacity(self.prefix_len + 128);
-        next.extend_from_slice(&self.line[..self.prefix_len]);
-        let mut line = std::mem::replace(&mut self.line, next);
-        if split {
-            line.extend_from_slice(SPLIT_MARKER);
-        }
-        line.push(b'\n');
-        emit(line);
+        let framed =
+            self.framing
+                .frame(self.origin, &self.line, split, std::time::SystemTime::now());
+        self.line.clear();
+        emit(framed);
     }
 }
 
@@ -473,7 +480,12 @@ mod tests {
     use std::sync::Arc;
 
     fn split(max: usize, chunks: &[&[u8]]) -> Vec<String> {
-        let mut splitter = LineSplitter::new("[w] ".into(), max);
+        let origin = Origin {
+            slot: Some(4),
+            pid: 1,
+            stderr: false,
+        };
+        let mut splitter = LineSplitter::new(origin, Framing::default(), max);
         let mut out = Vec::new();
         let mut emit = |line: Vec<u8>| out.push(String::from_utf8(line).unwrap());
         for chunk in chunks {
@@ -487,7 +499,12 @@ mod tests {
     fn lines_are_prefixed_and_whole_across_reads() {
         assert_eq!(
             split(64, &[b"one\ntw", b"o\n\nthr", b"ee"]),
-            ["[w] one\n", "[w] two\n", "[w] \n", "[w] three\n"]
+            [
+                "[worker 4] one\n",
+                "[worker 4] two\n",
+                "[worker 4] \n",
+                "[worker 4] three\n"
+            ]
         );
     }
 
@@ -495,24 +512,27 @@ mod tests {
     fn a_long_line_is_split_at_the_bound_and_marked() {
         let marker = String::from_utf8(SPLIT_MARKER.to_vec()).unwrap();
         // Exactly the bound is not split; one byte more is.
-        assert_eq!(split(4, &[b"abcd\n"]), ["[w] abcd\n"]);
+        assert_eq!(split(4, &[b"abcd\n"]), ["[worker 4] abcd\n"]);
         assert_eq!(
             split(4, &[b"abcde\n"]),
-            [format!("[w] abcd{marker}\n"), "[w] e\n".into()]
+            [
+                format!("[worker 4] abcd{marker}\n"),
+                "[worker 4] e\n".into()
+            ]
         );
         // The same when the bytes come one read at a time.
         let bytes = b"abcdefghij\nk";
         let one_by_one: Vec<&[u8]> = bytes.chunks(1).collect();
         let expected = [
-            format!("[w] abcd{marker}\n"),
-            format!("[w] efgh{marker}\n"),
-            "[w] ij\n".into(),
-            "[w] k\n".into(),
+            format!("[worker 4] abcd{marker}\n"),
+            format!("[worker 4] efgh{marker}\n"),
+            "[worker 4] ij\n".into(),
+            "[worker 4] k\n".into(),
         ];
         assert_eq!(split(4, &one_by_one), expected);
         assert_eq!(split(4, &[bytes]), expected);
         // A full piece whose newline comes in the next read is not split.
-        assert_eq!(split(4, &[b"abcd", b"\n"]), ["[w] abcd\n"]);
+        assert_eq!(split(4, &[b"abcd", b"\n"]), ["[worker 4] abcd\n"]);
     }
 
     #[test]

@@ -51,6 +51,13 @@ pub struct Config {
     /// a load balancer stops sending first.
     #[serde(deserialize_with = "keys::de::shutdown_delay")]
     pub shutdown_delay: ConfigDuration,
+    /// How workers' lines are framed on herd's output: "prefix"
+    /// (`[worker N] `), "raw" (untouched) or "json" (one object each).
+    #[serde(deserialize_with = "keys::de::log_lines")]
+    pub log_lines: LineFormat,
+    /// In "prefix" mode, an RFC 3339 UTC time before each worker line.
+    #[serde(deserialize_with = "keys::de::log_timestamps")]
+    pub log_timestamps: bool,
     /// `/readyz` answers 200 once at least this many workers are ready.
     #[serde(deserialize_with = "keys::de::ready_min")]
     pub ready_min: usize,
@@ -171,6 +178,8 @@ impl Default for Config {
             shutdown_timeout: ConfigDuration::default_of("10s"),
             shutdown_delay: ConfigDuration::default_of("0s"),
             ready_min: 1,
+            log_lines: LineFormat::Prefix,
+            log_timestamps: false,
             stop_signal: None,
             ready_timeout: ConfigDuration::default_of("30s"),
             ready_delay: None,

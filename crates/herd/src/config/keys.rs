@@ -58,6 +58,8 @@ keys! {
     cwd: Option<PathBuf> = "cwd", |key, value| directory(key, value).map(Some);
     shutdown_timeout: ConfigDuration = "shutdown_timeout", duration;
     shutdown_delay: ConfigDuration = "shutdown_delay", duration;
+    log_lines: LineFormat = "log_lines", named;
+    log_timestamps: bool = "log_timestamps", boolean;
     ready_min: usize = "ready_min",
         |key, value| Ok(int(key, value, 1, MAX_WORKERS as i64)? as usize);
     stop_signal: Option<StopSignal> = "stop_signal", |key, value| named(key, value).map(Some);
@@ -160,6 +162,13 @@ fn named<T: FromStr<Err = String>>(key: &str, value: Value) -> Result<T, ConfigE
     };
     name.parse()
         .map_err(|reason: String| invalid(key, shown(&value), reason))
+}
+
+fn boolean(key: &str, value: Value) -> Result<bool, ConfigError> {
+    match value {
+        Value::Boolean(b) => Ok(b),
+        other => Err(invalid(key, shown(&other), "expected true or false")),
+    }
 }
 
 fn duration(key: &str, value: Value) -> Result<ConfigDuration, ConfigError> {

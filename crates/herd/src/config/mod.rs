@@ -61,6 +61,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::line_format::LineFormat;
+
 use nix::sys::signal::Signal;
 use serde::Deserialize;
 
@@ -164,6 +166,8 @@ pub struct Settings {
     pub shutdown_delay: Duration,
     /// `/readyz` is 200 with at least this many workers ready.
     pub ready_min: usize,
+    /// How workers' output lines are framed (`log_lines`, `log_timestamps`).
+    pub framing: crate::line_format::Framing,
     /// What a draining worker is sent beside DRAIN; `None`: herd's own
     /// choice (SIGTERM to workers that may not read DRAIN).
     pub stop_signal: Option<Signal>,

@@ -46,6 +46,8 @@ pub const RELOAD: &[(&str, Reload)] = &[
     ("shutdown_timeout", Reload::Live),
     ("shutdown_delay", Reload::Live),
     ("ready_min", Reload::Live),
+    ("log_lines", Reload::Live),
+    ("log_timestamps", Reload::Live),
     ("stop_signal", Reload::Live),
     ("ready_timeout", Reload::Live),
     ("ready_delay", Reload::Live),

@@ -124,6 +124,10 @@ fn settings(config: Config, resolved: Resolved) -> Settings {
         shutdown_timeout: config.shutdown_timeout.get(),
         shutdown_delay: config.shutdown_delay.get(),
         ready_min: config.ready_min,
+        framing: crate::line_format::Framing {
+            format: config.log_lines,
+            timestamps: config.log_timestamps,
+        },
         stop_signal: config.stop_signal.map(StopSignal::get),
         ready_timeout: config.ready_timeout.get(),
         ready: resolved.ready,

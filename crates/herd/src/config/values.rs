@@ -287,6 +287,14 @@ impl KillMode {
     }
 }
 
+impl FromStr for crate::line_format::LineFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::of(text).ok_or_else(|| expected_one_of(Self::NAMES))
+    }
+}
+
 impl FromStr for KillMode {
     type Err = String;
 

@@ -105,8 +105,14 @@ impl AppPrimary {
                     event = "node_primary_started",
                     "the app's primary started"
                 );
-                crate::worker_output::forward_as(started.stdout, "[primary] ".into(), false);
-                crate::worker_output::forward_as(started.stderr, "[primary] ".into(), true);
+                for (fd, stderr) in [(started.stdout, false), (started.stderr, true)] {
+                    let origin = crate::worker_output::Origin {
+                        slot: None,
+                        pid: started.pid,
+                        stderr,
+                    };
+                    crate::worker_output::forward(fd, origin, settings.framing);
+                }
                 self.state = State::Running {
                     pid: started.pid,
                     started: now,

@@ -70,8 +70,9 @@ impl Supervisor {
             event = "worker_started",
             "worker started"
         );
-        worker_output::forward(started.stdout, slot, false);
-        worker_output::forward(started.stderr, slot, true);
+        let framing = settings.framing;
+        worker_output::forward_worker(started.stdout, slot, pid, false, framing);
+        worker_output::forward_worker(started.stderr, slot, pid, true, framing);
         let recycle_after = settings.recycle_after(id.0);
         let heard = Heard::new(notify.as_ref().and_then(|socket| socket.watchdog));
         let notify = notify.and_then(|socket| socket.listen(id, pid, self.notes.clone()));
