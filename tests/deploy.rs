@@ -1,10 +1,12 @@
-//! deploy/docker, checked without a container engine (none runs
-//! here): every file parses, names files that exist and
+//! deploy/docker and deploy/k8s, checked without a container engine or a
+//! cluster (none runs here): every file parses, names files that exist and
 //! ports that agree; the image's entrypoint is the command line the README
 //! documents; the compose stack runs here as processes (herd with the
 //! compose's own config, the seed's Express + Redis session app, a real
 //! `redis-server`, a real `prometheus` with the compose's own scrape
-//! config).
+//! config); the Kubernetes probes point at herd's metrics port, the pod
+//! passes Pod Security "restricted", and the alert rules pass `promtool`
+//! and name only metrics a real herd exports.
 //!
 //! The stack test needs `npm ci` in tests/fixtures/node-express and fails
 //! without it; without redis-server, prometheus or promtool the tests that
@@ -849,5 +851,399 @@ fn the_compose_stack_runs_as_processes_and_sessions_survive_a_worker_kill_and_a_
             && p.query("sum(herd_connections_handed_off_total{job=\"herd\"})") == Some(12.0)
             && p.query("herd_connections_kernel_dealt_total{job=\"herd\"}") == Some(0.0)
     });
+    assert!(herd.stop().success());
+}
+
+// ---- Kubernetes ----
+
+fn k8s_dir() -> PathBuf {
+    repo().join("deploy/k8s")
+}
+
+/// Every document of a (possibly multi-document) YAML file.
+fn yaml_docs(path: &Path) -> Vec<Yaml> {
+    let text = read(path);
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| {
+            serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .collect()
+}
+
+/// Every document under deploy/k8s, by kind; each kind once.
+fn manifests() -> BTreeMap<String, Yaml> {
+    let mut by_kind = BTreeMap::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(k8s_dir())
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    for file in files {
+        assert_eq!(
+            file.extension().and_then(|e| e.to_str()),
+            Some("yaml"),
+            "{} in deploy/k8s (kubectl apply -f takes .yaml, .yml, .json)",
+            file.display()
+        );
+        for doc in yaml_docs(&file) {
+            let kind = str_of(&doc["kind"], "kind").to_string();
+            assert!(doc["apiVersion"].is_string(), "{kind} has an apiVersion");
+            assert!(doc["metadata"]["name"].is_string(), "{kind} has a name");
+            let before = by_kind.insert(kind.clone(), doc);
+            assert!(before.is_none(), "two {kind}s");
+        }
+    }
+    by_kind
+}
+
+/// Every pair of `selector` is among the pods' `labels`.
+fn selects(selector: &Yaml, labels: &Yaml) -> bool {
+    let selector = selector.as_mapping().expect("a selector");
+    !selector.is_empty()
+        && selector
+            .iter()
+            .all(|(key, value)| &labels[key.as_str().unwrap()] == value)
+}
+
+/// The Deployment's pod and its one container, with herd's config as the
+/// pod gets it (the ConfigMap mounted where the entrypoint reads it).
+struct Pod {
+    manifests: BTreeMap<String, Yaml>,
+    config_text: String,
+}
+
+impl Pod {
+    fn of_the_deployment() -> Pod {
+        let manifests = manifests();
+        let kinds: BTreeSet<&str> = manifests.keys().map(String::as_str).collect();
+        assert_eq!(
+            kinds,
+            BTreeSet::from([
+                "ConfigMap",
+                "Deployment",
+                "PodMonitor",
+                "PrometheusRule",
+                "Service"
+            ])
+        );
+        let mut pod = Pod {
+            manifests,
+            config_text: String::new(),
+        };
+        let deployment = &pod.manifests["Deployment"];
+        assert!(selects(
+            &deployment["spec"]["selector"]["matchLabels"],
+            pod.labels()
+        ));
+        assert_eq!(seq_of(&pod.spec()["containers"], "containers").len(), 1);
+        // herd is the entrypoint: the image's, untouched.
+        let container = pod.container();
+        assert!(container["command"].is_null() && container["args"].is_null());
+        let config_path = entrypoint_config(&entrypoint());
+        let (config_dir, config_file) = config_path.rsplit_once('/').unwrap();
+        let config_mount = pod.mount_of(config_dir);
+        let config_volume = seq_of(&pod.spec()["volumes"], "volumes")
+            .iter()
+            .find(|v| v["name"] == config_mount["name"])
+            .unwrap();
+        let configmap = &pod.manifests["ConfigMap"];
+        assert_eq!(
+            config_volume["configMap"]["name"],
+            configmap["metadata"]["name"]
+        );
+        pod.config_text = str_of(&configmap["data"][config_file], config_file).to_string();
+        pod
+    }
+
+    fn spec(&self) -> &Yaml {
+        &self.manifests["Deployment"]["spec"]["template"]["spec"]
+    }
+
+    fn labels(&self) -> &Yaml {
+        &self.manifests["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    }
+
+    fn container(&self) -> &Yaml {
+        &self.spec()["containers"][0]
+    }
+
+    fn config(&self) -> toml::Table {
+        herd_config(&self.config_text, "the ConfigMap's config.toml")
+    }
+
+    /// The container's volume mount at `path`.
+    fn mount_of(&self, path: &str) -> Yaml {
+        seq_of(&self.container()["volumeMounts"], "volumeMounts")
+            .iter()
+            .find(|m| m["mountPath"] == path)
+            .unwrap_or_else(|| panic!("nothing mounted at {path}"))
+            .clone()
+    }
+
+    /// The number of the container port `name`.
+    fn port_named(&self, name: &str) -> u16 {
+        seq_of(&self.container()["ports"], "ports")
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("no container port {name}")) as u16
+    }
+
+    /// A probe's or an endpoint's port: a name or a number.
+    fn port(&self, port: &Yaml) -> u16 {
+        match port {
+            Yaml::String(name) => self.port_named(name),
+            number => number.as_u64().expect("a port") as u16,
+        }
+    }
+}
+
+#[test]
+fn the_kubernetes_probes_point_at_herds_metrics_port_and_the_grace_period_covers_the_stop() {
+    let pod = Pod::of_the_deployment();
+    let config = pod.config();
+
+    // herd itself accepts the config.
+    let checked = herd_check(&pod.config_text);
+    let checked =
+        if checked.code != Some(0) && checked.stderr.contains("unknown field `shutdown_delay`") {
+            // A herd from before `shutdown_delay` (which comes with /livez and
+            // /readyz, on another branch): check the rest of the config. Once
+            // herd knows the key, the first check is the one that counts.
+            eprintln!("this herd does not know shutdown_delay yet: checking the rest");
+            let rest: Vec<&str> = pod
+                .config_text
+                .lines()
+                .filter(|line| !line.starts_with("shutdown_delay"))
+                .collect();
+            herd_check(&rest.join("\n"))
+        } else {
+            checked
+        };
+    assert_eq!(checked.code, Some(0), "herd check: {checked:?}");
+
+    // The container's ports are herd's: the app's listener and metrics.
+    assert_eq!(listen_ports(&config), vec![pod.port_named("http")]);
+    let metrics = metrics_port(&config);
+    assert_eq!(pod.port_named("metrics"), metrics);
+    let container = pod.container();
+    for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/readyz")] {
+        let get = &container[probe]["httpGet"];
+        assert_eq!(str_of(&get["path"], probe), path, "{probe}");
+        assert_eq!(
+            pod.port(&get["port"]),
+            metrics,
+            "{probe} on herd's metrics.address port"
+        );
+    }
+
+    // workers = "max", sized by a CPU limit.
+    assert_eq!(config["workers"].as_str(), Some("max"));
+    assert!(container["resources"]["limits"]["cpu"].is_string());
+
+    // Kubernetes SIGKILLs at terminationGracePeriodSeconds: it covers
+    // shutdown_delay (serving while /readyz fails), then shutdown_timeout
+    // (draining), and a margin for herd's own exit.
+    let delay = config_duration(&config, "shutdown_delay", "0s");
+    assert!(delay > Duration::ZERO, "shutdown_delay is set");
+    let drain = config_duration(&config, "shutdown_timeout", "10s");
+    let seconds = pod.spec()["terminationGracePeriodSeconds"].as_u64();
+    let grace = Duration::from_secs(seconds.expect("terminationGracePeriodSeconds"));
+    let margin = Duration::from_secs(5);
+    assert!(
+        grace >= delay + drain + margin,
+        "terminationGracePeriodSeconds {grace:?} < shutdown_delay {delay:?} + shutdown_timeout {drain:?} + {margin:?}"
+    );
+}
+
+#[test]
+fn the_kubernetes_pod_passes_pod_security_restricted() {
+    let pod = Pod::of_the_deployment();
+    let spec = pod.spec();
+    let pod_security = &spec["securityContext"];
+    assert_eq!(pod_security["runAsNonRoot"], Yaml::Bool(true));
+    assert_eq!(
+        pod_security["runAsUser"].as_u64(),
+        Some(u64::from(image_uid()))
+    );
+    assert_eq!(pod_security["seccompProfile"]["type"], "RuntimeDefault");
+    for key in ["hostNetwork", "hostPID", "hostIPC"] {
+        assert!(
+            spec[key].is_null() || spec[key] == Yaml::Bool(false),
+            "{key}"
+        );
+    }
+    let security = &pod.container()["securityContext"];
+    assert_eq!(security["allowPrivilegeEscalation"], Yaml::Bool(false));
+    assert!(security["privileged"].is_null() || security["privileged"] == Yaml::Bool(false));
+    assert_eq!(
+        security["capabilities"]["drop"],
+        Yaml::Sequence(vec![Yaml::from("ALL")])
+    );
+    assert!(
+        security["capabilities"]["add"].is_null(),
+        "no capability added"
+    );
+    for volume in seq_of(&spec["volumes"], "volumes") {
+        assert!(
+            volume["hostPath"].is_null(),
+            "restricted allows no hostPath"
+        );
+    }
+    // With a read-only root, the control socket's directory is a volume.
+    assert_eq!(security["readOnlyRootFilesystem"], Yaml::Bool(true));
+    let config = pod.config();
+    let control = config["control"].as_str().expect("control is set");
+    pod.mount_of(control.rsplit_once('/').unwrap().0);
+}
+
+#[test]
+fn the_service_and_the_podmonitor_select_the_pods_and_their_ports() {
+    let pod = Pod::of_the_deployment();
+    let service = &pod.manifests["Service"];
+    assert!(selects(&service["spec"]["selector"], pod.labels()));
+    let listen = listen_ports(&pod.config());
+    for port in seq_of(&service["spec"]["ports"], "Service ports") {
+        let target = pod.port(&port["targetPort"]);
+        assert!(
+            listen.contains(&target),
+            "the Service sends to the app, not to {target}"
+        );
+    }
+    let monitor = &pod.manifests["PodMonitor"];
+    assert!(selects(
+        &monitor["spec"]["selector"]["matchLabels"],
+        pod.labels()
+    ));
+    let endpoints = seq_of(
+        &monitor["spec"]["podMetricsEndpoints"],
+        "podMetricsEndpoints",
+    );
+    assert!(!endpoints.is_empty());
+    for endpoint in endpoints {
+        assert_eq!(pod.port(&endpoint["port"]), metrics_port(&pod.config()));
+        assert_eq!(endpoint["path"].as_str().unwrap_or("/metrics"), "/metrics");
+    }
+}
+
+/// Every metric name in a PromQL expression that is herd's own, with the
+/// label names its selector uses.
+fn herd_metrics_in(expr: &str) -> Vec<(String, Vec<String>)> {
+    let mut found = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find("herd_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(tail.len());
+        let name = tail[..end].to_string();
+        let mut labels = Vec::new();
+        if let Some(selector) = tail[end..].strip_prefix('{') {
+            let selector = &selector[..selector.find('}').unwrap()];
+            for matcher in selector.split(',') {
+                let label = matcher.split(['=', '!', '~']).next().unwrap().trim();
+                labels.push(label.to_string());
+            }
+        }
+        found.push((name, labels));
+        rest = &tail[end..];
+    }
+    found
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_and_name_only_metrics_a_real_herd_exports() {
+    let manifests = manifests();
+    let rule = &manifests["PrometheusRule"];
+    let groups = &rule["spec"]["groups"];
+    let alerts: Vec<&Yaml> = seq_of(groups, "groups")
+        .iter()
+        .flat_map(|group| seq_of(&group["rules"], "rules"))
+        .collect();
+    let names: BTreeSet<&str> = alerts
+        .iter()
+        .map(|a| str_of(&a["alert"], "alert"))
+        .collect();
+    for wanted in [
+        "HerdSlotCrashLooping",
+        "HerdWorkersHung",
+        "HerdDroppingConnections",
+    ] {
+        assert!(names.contains(wanted), "{wanted} in {names:?}");
+    }
+
+    // The spec is a plain rules file: promtool checks it as Prometheus
+    // would load it.
+    let dir = scratch_dir("deploy-rules");
+    let rules = dir.join("rules.yaml");
+    let plain = serde_yaml_ng::to_string(&rule["spec"]).unwrap();
+    std::fs::write(&rules, plain).unwrap();
+    if let Some((ok, output)) = promtool(&["check", "rules"], &[rules.as_path()]) {
+        assert!(ok, "promtool check rules: {output}");
+        // And they fire as they should on a crash loop, a hung worker and
+        // drops, and not on what is fine (the fixture says which).
+        let cases = dir.join("alerts-test.yaml");
+        std::fs::copy(
+            repo().join("tests/fixtures/deploy/alerts-test.yaml"),
+            &cases,
+        )
+        .unwrap();
+        let (ok, output) = promtool(&["test", "rules"], &[cases.as_path()]).unwrap();
+        assert!(ok, "promtool test rules: {output}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A real herd's /metrics, after a worker restart (restart counters
+    // appear with the first one): every herd_ metric and label the alerts
+    // name must be there.
+    let herd = Herd::launch(
+        "deploy-alerts",
+        None,
+        2,
+        &["--metrics", "127.0.0.1:0"],
+        &[hello_worker()],
+    );
+    let pids = herd.wait_ready(2);
+    signal(pids[&0], Signal::SIGKILL);
+    let addr = metrics_addr(&herd);
+    let exported = wait_until("a restart in /metrics", || {
+        let body = http(addr, "GET", "/metrics").2;
+        body.contains("herd_worker_restarts_total{").then_some(body)
+    });
+    let mut labels_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in exported.lines().filter(|line| !line.starts_with('#')) {
+        let end = line.find(['{', ' ']).unwrap();
+        let labels = labels_of.entry(line[..end].to_string()).or_default();
+        if let Some(selector) = line[end..].strip_prefix('{') {
+            for pair in selector[..selector.find('}').unwrap()].split(',') {
+                labels.insert(pair.split('=').next().unwrap().to_string());
+            }
+        }
+    }
+    for alert in &alerts {
+        let expr = str_of(&alert["expr"], "expr");
+        let used = herd_metrics_in(expr);
+        assert!(!used.is_empty(), "{expr} names no herd metric");
+        for (name, labels) in used {
+            let known = labels_of.get(&name).unwrap_or_else(|| {
+                panic!("{name} (in {expr}) is not in herd's /metrics:\n{exported}")
+            });
+            for label in labels {
+                assert!(
+                    label == "job" || known.contains(&label),
+                    "{name} has no label {label} (in {expr}); it has {known:?}"
+                );
+            }
+        }
+        assert!(
+            alert["labels"]["severity"].is_string(),
+            "{expr} has a severity"
+        );
+        assert!(
+            alert["annotations"]["summary"].is_string(),
+            "{expr} has a summary"
+        );
+    }
     assert!(herd.stop().success());
 }
