@@ -1247,3 +1247,94 @@ fn the_alert_rules_pass_promtool_and_name_only_metrics_a_real_herd_exports() {
     }
     assert!(herd.stop().success());
 }
+
+// ---- workers = "max" in a container ----
+
+/// A CPU cgroup of the test's own with a quota, removed on drop: cgroup v1's
+/// `cpu` hierarchy, or v2 where the root delegates the `cpu` controller.
+struct CpuQuota {
+    dir: PathBuf,
+}
+
+impl CpuQuota {
+    /// A cgroup limited to `cpus` CPUs (a container's `--cpus`, a pod's CPU
+    /// limit); None where this process cannot make one.
+    fn new(name: &str, cpus: f64) -> Option<CpuQuota> {
+        let period = 100_000u64;
+        let quota = (cpus * period as f64) as u64;
+        let v1 = Path::new("/sys/fs/cgroup/cpu");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let name = format!("herd-test-{}-{name}", std::process::id());
+        if v1.join("cpu.cfs_quota_us").is_file() {
+            let dir = v1.join(name);
+            std::fs::create_dir(&dir).ok()?;
+            let cgroup = CpuQuota { dir };
+            std::fs::write(cgroup.dir.join("cpu.cfs_period_us"), period.to_string()).ok()?;
+            std::fs::write(cgroup.dir.join("cpu.cfs_quota_us"), quota.to_string()).ok()?;
+            return Some(cgroup);
+        }
+        let delegated = std::fs::read_to_string(v2.join("cgroup.subtree_control")).ok()?;
+        if !delegated.split_whitespace().any(|c| c == "cpu") {
+            return None;
+        }
+        let dir = v2.join(name);
+        std::fs::create_dir(&dir).ok()?;
+        let cgroup = CpuQuota { dir };
+        std::fs::write(cgroup.dir.join("cpu.max"), format!("{quota} {period}")).ok()?;
+        Some(cgroup)
+    }
+
+    /// `herd ARGS` run inside the cgroup (it joins before exec).
+    fn run_herd(&self, dir: &Path, args: &[&str]) -> CliRun {
+        let procs = self.dir.join("cgroup.procs");
+        let join = format!("echo $$ > {} && exec \"$0\" \"$@\"", procs.display());
+        herd_cli_under(dir, &["sh", "-c", &join], args, DEADLINE).unwrap()
+    }
+}
+
+impl Drop for CpuQuota {
+    fn drop(&mut self) {
+        // Every process run in it has exited (run_herd waits for it).
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The worker count `herd check` reports: `config OK: N worker(s) of ...`.
+fn checked_workers(run: &CliRun) -> usize {
+    assert_eq!(run.code, Some(0), "herd check: {run:?}");
+    run.stdout
+        .strip_prefix("config OK: ")
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no worker count in {:?}", run.stdout))
+}
+
+/// What the README and the manifests promise: `workers = "max"` (in
+/// compose's herd.toml and the ConfigMap) is the container's CPU limit,
+/// rounded down, not the host's cores.
+#[test]
+fn workers_max_is_the_cpu_limit_rounded_down() {
+    let test = "workers_max_is_the_cpu_limit_rounded_down";
+    let dir = scratch_dir("deploy-cpus");
+    let config = docker_dir().join("herd.toml");
+    let args = ["check", "-c", config.to_str().unwrap()];
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(checked_workers(&herd_cli(&dir, &args)), cores);
+    let Some(limited) = CpuQuota::new("cpus", 1.5) else {
+        skip_unless_ci(
+            test,
+            "cannot make a cgroup with a CPU quota here (needs root and a cpu controller)",
+        );
+        return;
+    };
+    assert_eq!(
+        checked_workers(&limited.run_herd(&dir, &args)),
+        1,
+        "1.5 CPUs"
+    );
+    drop(limited);
+    if cores >= 3 {
+        let limited = CpuQuota::new("cpus-2", 2.0).unwrap();
+        assert_eq!(checked_workers(&limited.run_herd(&dir, &args)), 2, "2 CPUs");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
