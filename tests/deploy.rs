@@ -1006,21 +1006,6 @@ fn the_kubernetes_probes_point_at_herds_metrics_port_and_the_grace_period_covers
 
     // herd itself accepts the config.
     let checked = herd_check(&pod.config_text);
-    let checked =
-        if checked.code != Some(0) && checked.stderr.contains("unknown field `shutdown_delay`") {
-            // A herd from before `shutdown_delay` (which comes with /livez and
-            // /readyz, on another branch): check the rest of the config. Once
-            // herd knows the key, the first check is the one that counts.
-            eprintln!("this herd does not know shutdown_delay yet: checking the rest");
-            let rest: Vec<&str> = pod
-                .config_text
-                .lines()
-                .filter(|line| !line.starts_with("shutdown_delay"))
-                .collect();
-            herd_check(&rest.join("\n"))
-        } else {
-            checked
-        };
     assert_eq!(checked.code, Some(0), "herd check: {checked:?}");
 
     // The container's ports are herd's: the app's listener and metrics.
@@ -1337,4 +1322,51 @@ fn workers_max_is_the_cpu_limit_rounded_down() {
         assert_eq!(checked_workers(&limited.run_herd(&dir, &args)), 2, "2 CPUs");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The probes the Deployment names answer on a real herd run with the
+/// ConfigMap's config (its addresses, control socket and program swapped
+/// for this machine's by flags): `/livez` and `/readyz` are 200 once the
+/// workers are ready, and `/readyz` fails at SIGTERM, for `shutdown_delay`.
+#[test]
+fn the_kubernetes_probes_answer_on_a_real_herd_with_the_configmaps_config() {
+    let pod = Pod::of_the_deployment();
+    let dir = scratch_dir("deploy-k8s-probes");
+    let config = dir.join("config.toml");
+    std::fs::write(&config, &pod.config_text).unwrap();
+    let control = dir.join("herd.sock");
+    let herd = Herd::start_in(
+        &dir,
+        &[
+            "-c",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--control",
+            control.to_str().unwrap(),
+            "--workers",
+            "2",
+            "--",
+            hello_worker(),
+        ],
+    );
+    herd.wait_ready(2);
+    let metrics = metrics_addr(&herd);
+    let container = pod.container();
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let path = str_of(&container[probe]["httpGet"]["path"], probe).to_string();
+        let (code, _, body) = http(metrics, "GET", &path);
+        assert_eq!(code, 200, "{probe} {path}: {body}");
+    }
+    signal(herd.pid(), nix::sys::signal::Signal::SIGTERM);
+    herd.wait_for_event("stop_delayed", &[], 1);
+    let (code, _, body) = http(metrics, "GET", "/readyz");
+    assert_eq!(
+        (code, body.as_str()),
+        (503, "not ready: stopping after shutdown_delay\n")
+    );
+    let mut herd = herd;
+    assert!(herd.wait_exit().success());
 }

@@ -39,7 +39,6 @@ pub use crate::line_format::{Framing, Origin, SPLIT_MARKER};
 /// pieces, each but the last ending in [`SPLIT_MARKER`].
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
-
 /// Bytes each stream's queue holds (lines queued or being written): what a
 /// stdout or stderr that cannot keep up costs herd in memory. A few seconds
 /// of a chatty worker; past it new lines are dropped and counted.
