@@ -41,6 +41,22 @@ enum Commands {
     },
     /// Stop a running herd gracefully and wait until it has stopped.
     Stop(ControlArgs),
+    /// Show the workers' log files (`log_dir`): the last lines of each,
+    /// tagged `[worker N]`; with --follow, then what they append.
+    Logs {
+        /// Config file whose `log_dir` to read [default: ./config.toml if it exists].
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Only this slot's files.
+        #[arg(long, value_name = "N")]
+        slot: Option<usize>,
+        /// Lines of each file to show first.
+        #[arg(long, value_name = "N", default_value = "20")]
+        lines: usize,
+        /// Keep printing what is appended (rotated files are followed), until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Send a bounded HTTP load to one address and report throughput,
     /// latency, errors and the spread over workers.
     #[command(after_help = BENCH_HELP)]
@@ -459,6 +475,42 @@ fn main() -> ExitCode {
         Commands::Stop(target) => send(&target, ControlRequest::Stop, |r| r.message.clone()),
         Commands::Bench(args) => bench(args),
         Commands::Compare(args) => compare(args),
+        Commands::Logs {
+            config,
+            slot,
+            lines,
+            follow,
+        } => logs(config.as_deref(), slot, lines, follow),
+    }
+}
+
+/// `herd logs`: reads the config's `log_dir` (nothing else of it) and shows the files.
+fn logs(
+    config: Option<&std::path::Path>,
+    slot: Option<usize>,
+    lines: usize,
+    follow: bool,
+) -> ExitCode {
+    let dir = match herd::config::Config::load(config) {
+        Ok(config) => config.log_dir,
+        Err(e) => {
+            eprintln!("herd: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(dir) = dir else {
+        eprintln!("herd: the config sets no `log_dir`, so herd writes no log files (its workers' lines go to its stdout and stderr)");
+        return ExitCode::from(1);
+    };
+    let follow = follow.then_some(std::time::Duration::from_millis(200));
+    let mut out = std::io::stdout().lock();
+    match herd::log_files::show(&dir, slot, lines, follow, &mut out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herd logs: {}: {e}", dir.display());
+            ExitCode::from(1)
+        }
     }
 }
 

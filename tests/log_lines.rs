@@ -114,3 +114,94 @@ fn a_bad_log_lines_value_is_refused_by_name() {
         "{check:?}"
     );
 }
+
+#[test]
+fn log_files_per_slot_are_written_and_herd_logs_shows_and_follows_them() {
+    let dir = scratch_dir("log-files");
+    let logs = dir.join("logs");
+    let config = write_config(
+        &dir,
+        &format!("log_dir = {:?}\n", logs.display().to_string()),
+    );
+    let config = config.display().to_string();
+    let command = chatty_worker();
+    let mut args = vec![
+        "-c",
+        config.as_str(),
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--",
+    ];
+    args.extend(command.iter().map(String::as_str));
+    let herd = Herd::start_in(&dir, &args);
+    herd.wait_ready(2);
+    herd.wait_for_event("log_files", &[], 1);
+    // Each slot's stdout and stderr in files of their own, each line timestamped.
+    let read = |name: &str| {
+        wait_until(&format!("{name} written"), || {
+            std::fs::read_to_string(logs.join(name))
+                .ok()
+                .filter(|t| !t.is_empty())
+        })
+    };
+    for slot in 0..2 {
+        let out = read(&format!("worker-{slot}.out.log"));
+        let (stamp, line) = out.trim_end().split_once(' ').unwrap();
+        assert!(stamp.ends_with('Z') && stamp.len() == 27, "{out}");
+        assert_eq!(line, r#"{"level":"info","msg":"up"}"#);
+        assert!(read(&format!("worker-{slot}.err.log")).ends_with(" plain words\n"));
+    }
+    // herd logs: the last lines, tagged by slot.
+    let shown = herd_cli(&dir, &["logs", "-c", &config, "--slot", "1"]);
+    assert_eq!(shown.code, Some(0), "{shown:?}");
+    let lines: Vec<&str> = shown.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{shown:?}");
+    assert!(
+        lines.iter().all(|l| l.starts_with("[worker 1] 20")),
+        "{shown:?}"
+    );
+    // --follow: a slot added later shows up as it writes.
+    let mut follow = std::process::Command::new(herd_bin())
+        .args(["logs", "-c", &config, "--follow", "--lines", "0"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let scaled = herd.control(&["scale", "3"]);
+    assert_eq!(scaled.code, Some(0), "{scaled:?}");
+    let seen = wait_until("herd logs --follow to show slot 2", || {
+        rx.recv_timeout(std::time::Duration::from_millis(100))
+            .ok()
+            .filter(|line| line.starts_with("[worker 2] "))
+    });
+    assert!(
+        seen.contains("plain words") || seen.contains("\"msg\":\"up\""),
+        "{seen}"
+    );
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+    assert!(herd.stop().success());
+}
+
+#[test]
+fn herd_logs_without_a_log_dir_says_so() {
+    let dir = scratch_dir("log-files-none");
+    let shown = herd_cli(&dir, &["logs"]);
+    assert_eq!(shown.code, Some(1), "{shown:?}");
+    assert!(shown.stderr.contains("sets no `log_dir`"), "{shown:?}");
+}

@@ -51,6 +51,7 @@
 //! - `supervisor`: carries out the core's decisions on real processes.
 //! - `metrics`: Prometheus metrics, rendered for `/metrics`.
 //! - [`line_format`]: how workers' output lines are framed (`log_lines`).
+//! - [`log_files`]: per-slot log files (`log_dir`) and `herd logs`.
 //! - `endpoint`: the HTTP endpoint on `metrics.address`: `/metrics`, `/livez`, `/readyz`, `/status`.
 
 // Raw system calls live in herd-protocol alone.
@@ -69,6 +70,7 @@ pub mod ids;
 mod lifecycle;
 pub mod line_format;
 mod listener;
+pub mod log_files;
 mod metrics;
 pub mod node_ipc;
 pub mod node_primary;

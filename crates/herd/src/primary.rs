@@ -153,6 +153,22 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
         );
     }
     let cgroups = worker_cgroups(settings.kill_mode)?;
+    if let Some(files) = settings.log_files.clone() {
+        // `resolve` proved the directory writable; failing now is a race.
+        let dir = files.dir.display().to_string();
+        match crate::log_files::start(files) {
+            Ok(()) => info!(
+                dir,
+                event = "log_files",
+                "workers' lines also go to log files in {dir}"
+            ),
+            Err(e) => error!(
+                dir,
+                event = "log_files_failed",
+                "cannot write log files in {dir}: {e}"
+            ),
+        }
+    }
     let fd_limit = FdLimit::raise();
     info!(
         soft = fd_limit.soft,

@@ -464,6 +464,7 @@ impl LineSplitter {
     }
 
     fn end_line(&mut self, split: bool, emit: &mut impl FnMut(Vec<u8>)) {
+        crate::log_files::record(self.origin, &self.line, split);
         let framed =
             self.framing
                 .frame(self.origin, &self.line, split, std::time::SystemTime::now());

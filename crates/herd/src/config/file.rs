@@ -58,6 +58,16 @@ pub struct Config {
     /// In "prefix" mode, an RFC 3339 UTC time before each worker line.
     #[serde(deserialize_with = "keys::de::log_timestamps")]
     pub log_timestamps: bool,
+    /// Per-slot log files here (`worker-N.out.log`, `worker-N.err.log`),
+    /// read by `herd logs`; unset: none.
+    #[serde(deserialize_with = "keys::de::log_dir")]
+    pub log_dir: Option<PathBuf>,
+    /// A log file is rotated before it passes this size.
+    #[serde(deserialize_with = "keys::de::log_file_size")]
+    pub log_file_size: ByteSize,
+    /// Rotated log files kept per stream (`.log.1` ... `.log.N`).
+    #[serde(deserialize_with = "keys::de::log_file_keep")]
+    pub log_file_keep: u32,
     /// `/readyz` answers 200 once at least this many workers are ready.
     #[serde(deserialize_with = "keys::de::ready_min")]
     pub ready_min: usize,
@@ -180,6 +190,9 @@ impl Default for Config {
             ready_min: 1,
             log_lines: LineFormat::Prefix,
             log_timestamps: false,
+            log_dir: None,
+            log_file_size: ByteSize::default_of("10MiB"),
+            log_file_keep: 5,
             stop_signal: None,
             ready_timeout: ConfigDuration::default_of("30s"),
             ready_delay: None,

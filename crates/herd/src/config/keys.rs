@@ -60,6 +60,10 @@ keys! {
     shutdown_delay: ConfigDuration = "shutdown_delay", duration;
     log_lines: LineFormat = "log_lines", named;
     log_timestamps: bool = "log_timestamps", boolean;
+    log_dir: Option<PathBuf> = "log_dir",
+        |key, value| text(key, value, "a directory path in quotes").map(|t| Some(PathBuf::from(t)));
+    log_file_size: ByteSize = "log_file_size", size;
+    log_file_keep: u32 = "log_file_keep", |key, value| Ok(int(key, value, 0, 1000)? as u32);
     ready_min: usize = "ready_min",
         |key, value| Ok(int(key, value, 1, MAX_WORKERS as i64)? as usize);
     stop_signal: Option<StopSignal> = "stop_signal", |key, value| named(key, value).map(Some);

@@ -168,6 +168,8 @@ pub struct Settings {
     pub ready_min: usize,
     /// How workers' output lines are framed (`log_lines`, `log_timestamps`).
     pub framing: crate::line_format::Framing,
+    /// Per-slot log files (`log_dir`), if any.
+    pub log_files: Option<crate::log_files::LogFileSettings>,
     /// What a draining worker is sent beside DRAIN; `None`: herd's own
     /// choice (SIGTERM to workers that may not read DRAIN).
     pub stop_signal: Option<Signal>,

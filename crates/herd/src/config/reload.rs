@@ -48,6 +48,23 @@ pub const RELOAD: &[(&str, Reload)] = &[
     ("ready_min", Reload::Live),
     ("log_lines", Reload::Live),
     ("log_timestamps", Reload::Live),
+    (
+        "log_dir",
+        Reload::Restart(|s| {
+            format!(
+                "{:?}",
+                s.log_files.as_ref().map(|f| f.dir.display().to_string())
+            )
+        }),
+    ),
+    (
+        "log_file_size",
+        Reload::Restart(|s| format!("{:?}", s.log_files.as_ref().map(|f| f.max_size))),
+    ),
+    (
+        "log_file_keep",
+        Reload::Restart(|s| format!("{:?}", s.log_files.as_ref().map(|f| f.keep))),
+    ),
     ("stop_signal", Reload::Live),
     ("ready_timeout", Reload::Live),
     ("ready_delay", Reload::Live),

@@ -55,6 +55,7 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
         }
     }
     node::primary_fits(config.node.primary, protocol)?;
+    log_dir_writable(config.log_dir.as_deref())?;
     // Checked by `validate`; the default is READY on herd's channel.
     let ready = config.readiness()?.unwrap_or(Readiness::Herd);
     let workers = match config.workers {
@@ -124,6 +125,14 @@ fn settings(config: Config, resolved: Resolved) -> Settings {
         shutdown_timeout: config.shutdown_timeout.get(),
         shutdown_delay: config.shutdown_delay.get(),
         ready_min: config.ready_min,
+        log_files: config
+            .log_dir
+            .clone()
+            .map(|dir| crate::log_files::LogFileSettings {
+                dir,
+                max_size: config.log_file_size.bytes(),
+                keep: config.log_file_keep,
+            }),
         framing: crate::line_format::Framing {
             format: config.log_lines,
             timestamps: config.log_timestamps,
@@ -145,4 +154,22 @@ fn settings(config: Config, resolved: Resolved) -> Settings {
         restart,
         node_primary: config.node.primary,
     }
+}
+
+/// `log_dir` can be created and written by herd (which writes the files,
+/// not the workers): refused now rather than found out at the first line.
+fn log_dir_writable(dir: Option<&Path>) -> Result<(), ConfigError> {
+    let Some(dir) = dir else {
+        return Ok(());
+    };
+    let refuse = |why: String| invalid("log_dir", format!("{:?}", dir.display().to_string()), why);
+    std::fs::create_dir_all(dir).map_err(|e| refuse(format!("cannot create it: {e}")))?;
+    let probe = dir.join(format!(".herd-write-test.{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&probe)
+        .map_err(|e| refuse(format!("herd cannot write in it: {e}")))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }

@@ -61,6 +61,11 @@ impl ByteSize {
     pub fn bytes(self) -> u64 {
         self.0
     }
+
+    /// A default written as a config file would write it.
+    pub(super) fn default_of(text: &'static str) -> ByteSize {
+        text.parse().expect("a valid default size")
+    }
 }
 
 impl FromStr for ByteSize {
