@@ -50,6 +50,8 @@
 //! - `process`: starting, signalling and reaping worker processes (herd is their subreaper).
 //! - `supervisor`: carries out the core's decisions on real processes.
 //! - `metrics`: Prometheus metrics and the `/metrics` endpoint.
+//! - `systemd`: herd as a `Type=notify` service (`READY=1`, `RELOADING=1`,
+//!   `STOPPING=1`, `STATUS=`, `WATCHDOG=1`) and its listeners from socket activation (`LISTEN_FDS`).
 
 // Raw system calls live in herd-protocol alone.
 #![forbid(unsafe_code)]
@@ -80,5 +82,6 @@ mod slot_sockets;
 mod stall;
 pub mod status;
 mod supervisor;
+mod systemd;
 mod wait_queue;
 pub mod worker_output;
