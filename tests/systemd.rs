@@ -364,3 +364,47 @@ fn the_shipped_systemd_units_agree_with_what_herd_does() {
         "{check:?}"
     );
 }
+
+/// herd's pid, from `herd status` (the test started the socket unit).
+fn herd_pid(dir: &Path) -> u32 {
+    status_json(dir)["pid"].as_u64().unwrap() as u32
+}
+
+#[test]
+fn a_restart_of_socket_activated_herd_refuses_nothing() {
+    let dir = scratch_dir("systemd-restart");
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let unit = format!(
+        "{}/tests/fixtures/socket_unit.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let port_arg = port.to_string();
+    let prefix = [
+        "python3",
+        unit.as_str(),
+        "127.0.0.1",
+        port_arg.as_str(),
+        "2",
+    ];
+    let listen = addr.to_string();
+    let args = ["--listen", &listen, "--workers", "2", "--", hello_worker()];
+    let mut herd = Herd::start_under(&dir, &prefix, &args);
+    // The first connection starts the first herd.
+    read_answer_after_request(connect_when_listening(addr)).unwrap();
+    herd.wait_for_event("listener_inherited", &[("name", json!("test-unit"))], 1);
+    let first = herd_pid(&dir);
+    signal(first, nix::sys::signal::Signal::SIGTERM);
+    herd.wait_for_event("stopped", &[], 1);
+    // No herd runs: this connection is not refused, it waits in the
+    // unit's queue, and starts the next herd, which serves it.
+    let waiting = std::net::TcpStream::connect(addr).expect("the unit's socket takes it");
+    let answer = read_answer_after_request(waiting);
+    assert!(answer.is_ok(), "{answer:?}\n{}", herd.log_text());
+    herd.wait_for_event("listener_inherited", &[], 2);
+    let second = herd_pid(&dir);
+    assert_ne!(first, second);
+    signal(second, nix::sys::signal::Signal::SIGTERM);
+    assert!(herd.wait_exit().success(), "{}", herd.log_text());
+    assert_eq!(herd.events("listening", &[]).len(), 2);
+}
