@@ -142,7 +142,7 @@ fn notify_ready_status_reloading_and_stopping_in_order() {
 }
 
 #[test]
-fn watchdog_usec_makes_herd_ping_and_another_pid_does_not() {
+fn systemd_watchdog_pings_for_herd_and_not_for_another_pid() {
     let (herd, mut manager) = start_notified("systemd-watchdog", &[("WATCHDOG_USEC", "200000")]);
     manager.next("READY=1", |_| true);
     for _ in 0..3 {
@@ -217,9 +217,9 @@ fn read_answer_after_request(mut stream: std::net::TcpStream) -> Result<Answer, 
 }
 
 #[test]
-fn an_inherited_socket_listen_does_not_list_is_refused_by_name() {
+fn an_activated_socket_listen_does_not_list_is_refused_by_name() {
     let Some(activate) =
-        socket_activate("an_inherited_socket_listen_does_not_list_is_refused_by_name")
+        socket_activate("an_activated_socket_listen_does_not_list_is_refused_by_name")
     else {
         return;
     };
@@ -240,8 +240,8 @@ fn an_inherited_socket_listen_does_not_list_is_refused_by_name() {
 }
 
 #[test]
-fn an_inherited_socket_cannot_serve_reuseport_and_says_so() {
-    let Some(activate) = socket_activate("an_inherited_socket_cannot_serve_reuseport_and_says_so")
+fn an_activated_socket_cannot_serve_reuseport_and_says_so() {
+    let Some(activate) = socket_activate("an_activated_socket_cannot_serve_reuseport_and_says_so")
     else {
         return;
     };
