@@ -116,7 +116,13 @@ impl Systemd {
 
     /// A reload starts (`herd reload`, SIGHUP): the notifier its outcome
     /// is told on, by [`reload_finished`].
+    /// `None` (nothing said) before the first `READY=1`, whose own is
+    /// still to come, and once stopping: a READY then would tell systemd
+    /// the service is back.
     pub fn reload_started(&mut self) -> Option<Notifier> {
+        if !self.ready_sent || self.stopping_sent {
+            return None;
+        }
         let notifier = self.notifier.clone()?;
         let message = format!(
             "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading",
@@ -134,17 +140,16 @@ impl Systemd {
             return;
         };
         if seen.phase == Phase::Stopping {
-            if !self.stopping_sent {
-                self.stopping_sent = true;
-                notifier.send("STOPPING=1\nSTATUS=stopping: workers drain");
-                info!(event = "systemd_stopping", "told systemd herd is stopping");
-            }
+            self.stopping();
+            return;
+        }
+        if self.stopping_sent {
             return;
         }
         let status = describe(&seen);
         if !self.ready_sent && seen.ready == seen.slots && seen.phase == Phase::Running {
             self.ready_sent = true;
-            notifier.send(&format!("READY=1\nSTATUS={status}"));
+            notifier.ready(&status);
             info!(
                 event = "systemd_ready",
                 "told systemd herd is ready: {status}"
@@ -156,6 +161,20 @@ impl Systemd {
         if status != self.status && due {
             notifier.send(&format!("STATUS={status}"));
             self.sent(status);
+        }
+    }
+
+    /// `STOPPING=1`, once: from [`Systemd::observe`] when the phase
+    /// becomes stopping, or earlier by a stop path that keeps serving a
+    /// while first. Nothing but the stop is said after it.
+    pub fn stopping(&mut self) {
+        let Some(notifier) = &self.notifier else {
+            return;
+        };
+        if !self.stopping_sent {
+            self.stopping_sent = true;
+            notifier.stopping("stopping: workers drain");
+            info!(event = "systemd_stopping", "told systemd herd is stopping");
         }
     }
 
@@ -215,7 +234,7 @@ pub fn reload_finished(notifier: Option<Notifier>, outcome: Result<&str, &str>) 
         Ok(message) => format!("reload finished: {message}"),
         Err(message) => format!("reload failed: {message}"),
     };
-    notifier.send(&format!("READY=1\nSTATUS={}", one_line(&status)));
+    notifier.ready(&one_line(&status));
 }
 
 /// `STATUS=` is one line: a newline would start another `KEY=VALUE`.
@@ -300,4 +319,98 @@ pub fn inherited_listeners(
         listeners.push(bound);
     }
     Ok(Some(listeners))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    fn manager(name: &str) -> (UnixDatagram, Systemd) {
+        let path = std::env::temp_dir().join(format!("herd-sd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let server = UnixDatagram::bind(&path).unwrap();
+        server.set_nonblocking(true).unwrap();
+        let systemd = Systemd {
+            notifier: Some(Notifier::to(path.to_str().unwrap()).unwrap()),
+            ready_sent: false,
+            stopping_sent: false,
+            status: String::new(),
+            status_at: None,
+            watchdog: None,
+            flush: None,
+        };
+        (server, systemd)
+    }
+
+    fn heard(server: &UnixDatagram) -> Vec<String> {
+        let mut buf = [0u8; 4096];
+        let mut messages = Vec::new();
+        while let Ok(n) = server.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        messages
+    }
+
+    fn seen(ready: usize, phase: Phase) -> Seen<'static> {
+        const LISTEN: &[SocketAddr] = &[SocketAddr::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            3000,
+        )];
+        Seen {
+            ready,
+            slots: 2,
+            phase,
+            mode: "round-robin",
+            listen: LISTEN,
+        }
+    }
+
+    #[test]
+    fn ready_once_every_slot_is_ready_then_status_changes_at_most_once_a_second() {
+        let (server, mut systemd) = manager("ready");
+        systemd.observe(seen(0, Phase::Running));
+        systemd.observe(seen(1, Phase::Running));
+        let early = heard(&server);
+        assert_eq!(
+            early,
+            ["STATUS=0/2 workers ready, mode round-robin, listening on 127.0.0.1:3000"]
+        );
+        systemd.observe(seen(2, Phase::Running));
+        assert_eq!(
+            heard(&server),
+            ["READY=1\nSTATUS=2/2 workers ready, mode round-robin, listening on 127.0.0.1:3000"]
+        );
+        // A change within the second is held back, and nothing repeats.
+        systemd.observe(seen(1, Phase::Running));
+        systemd.observe(seen(2, Phase::Running));
+        assert!(heard(&server).is_empty());
+    }
+
+    #[test]
+    fn no_reload_before_ready_and_nothing_but_stopping_after_it() {
+        let (server, mut systemd) = manager("stop");
+        assert!(systemd.reload_started().is_none());
+        systemd.observe(seen(2, Phase::Running));
+        let reload = systemd.reload_started();
+        assert!(reload.is_some());
+        systemd.observe(seen(2, Phase::Stopping));
+        systemd.observe(seen(2, Phase::Stopping));
+        // The reload's outcome comes after the stop began: no READY=1.
+        reload_finished(reload, Ok("reloaded 2 worker(s)"));
+        assert!(systemd.reload_started().is_none());
+        let told: Vec<String> = heard(&server)
+            .iter()
+            .map(|m| m.lines().next().unwrap().to_string())
+            .collect();
+        assert_eq!(told, ["READY=1", "RELOADING=1", "STOPPING=1"]);
+    }
+
+    #[test]
+    fn status_is_one_line() {
+        assert_eq!(
+            one_line("reload failed:\nslot 0 kept"),
+            "reload failed: slot 0 kept"
+        );
+    }
 }

@@ -9,6 +9,7 @@
 use std::io;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tracing::warn;
@@ -48,6 +49,8 @@ struct Inner {
     addr: SocketAddr,
     target: String,
     failures: Mutex<Occurrences>,
+    /// `STOPPING=1` was sent: a reload's late `READY=1` must not follow.
+    stopping: AtomicBool,
 }
 
 impl Notifier {
@@ -82,8 +85,22 @@ impl Notifier {
                 addr,
                 target: target.to_string(),
                 failures: Mutex::new(Occurrences::default()),
+                stopping: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Sends `STOPPING=1` (with `status`); from then on [`Notifier::ready`] is dropped.
+    pub fn stopping(&self, status: &str) {
+        self.inner.stopping.store(true, Ordering::Relaxed);
+        self.send(&format!("STOPPING=1\nSTATUS={status}"));
+    }
+
+    /// Sends `READY=1` with `status`, unless herd is stopping.
+    pub fn ready(&self, status: &str) {
+        if !self.inner.stopping.load(Ordering::Relaxed) {
+            self.send(&format!("READY=1\nSTATUS={status}"));
+        }
     }
 
     /// Sends `message` (newline-separated `KEY=VALUE` lines) now or never.
