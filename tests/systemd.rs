@@ -185,9 +185,8 @@ fn connect_when_listening(addr: std::net::SocketAddr) -> std::net::TcpStream {
 
 #[test]
 fn socket_activated_herd_serves_the_inherited_socket_and_its_queue() {
-    let Some(activate) =
-        socket_activate("socket_activated_herd_serves_the_inherited_socket_and_its_queue")
-    else {
+    let test = "socket_activated_herd_serves_the_inherited_socket_and_its_queue";
+    let Some(activate) = socket_activate(test) else {
         return;
     };
     let dir = scratch_dir("systemd-activate");
@@ -195,7 +194,22 @@ fn socket_activated_herd_serves_the_inherited_socket_and_its_queue() {
     let addr = format!("127.0.0.1:{port}");
     let listen = ["-l", addr.as_str(), "-E", "RUST_LOG"];
     let prefix: Vec<&str> = std::iter::once(activate).chain(listen).collect();
-    let args = ["--listen", &addr, "--workers", "2", "--", hello_worker()];
+    // The worker says what it sees of herd's LISTEN_* (nothing, as herd
+    // hands connections off), then runs the example worker.
+    let script = format!(
+        "echo \"sees LISTEN_PID=${{LISTEN_PID:-none}} LISTEN_FDS=${{LISTEN_FDS:-none}}\"; exec {}",
+        hello_worker()
+    );
+    let args = [
+        "--listen",
+        &addr,
+        "--workers",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
     let herd = Herd::start_under(&dir, &prefix, &args);
     // The activator holds the socket and runs herd on the first
     // connection: this one waits in the queue while herd is not yet up.
@@ -207,6 +221,46 @@ fn socket_activated_herd_serves_the_inherited_socket_and_its_queue() {
     // herd did not bind: it logged what it inherited, and serves on.
     get(addr.parse().unwrap()).unwrap();
     herd.wait_ready(2);
+    let seen = herd.wait_for_worker_output("sees LISTEN_PID", 2);
+    assert!(
+        seen.iter()
+            .all(|l| l.ends_with("sees LISTEN_PID=none LISTEN_FDS=none")),
+        "{seen:?}"
+    );
+    assert_eq!(herd.stop().code(), Some(0));
+}
+
+#[test]
+fn socket_activated_herd_in_shared_mode_passes_the_socket_to_its_workers() {
+    let test = "socket_activated_herd_in_shared_mode_passes_the_socket_to_its_workers";
+    let Some(activate) = socket_activate(test) else {
+        return;
+    };
+    let dir = scratch_dir("systemd-activate-shared");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let prefix = [activate, "-l", addr.as_str()];
+    let args = [
+        "--listen",
+        &addr,
+        "--workers",
+        "2",
+        "--mode",
+        "shared",
+        "--",
+        hello_worker(),
+    ];
+    let herd = Herd::start_under(&dir, &prefix, &args);
+    let early = connect_when_listening(addr.parse().unwrap());
+    let answer = read_answer_after_request(early);
+    assert!(answer.is_ok(), "{answer:?}: {}", herd.log_text());
+    herd.wait_for_event("listener_inherited", &[], 1);
+    // The workers accept from it themselves (herd accepts nothing in shared mode).
+    let pids = count_pids(addr.parse().unwrap(), 4);
+    assert_eq!(pids.values().sum::<usize>(), 4);
+    assert!(herd
+        .wait_ready(2)
+        .values()
+        .any(|pid| pids.contains_key(pid)));
     assert_eq!(herd.stop().code(), Some(0));
 }
 
