@@ -95,9 +95,19 @@ fn notify_ready_status_reloading_and_stopping_in_order() {
         format!("2/2 workers ready, mode round-robin, listening on {addr}"),
         "{ready}"
     );
-    assert!(manager.heard[..manager.heard.len() - 1]
-        .iter()
-        .all(|m| !m.contains("READY=1")));
+    // Before it, STATUS= lines only, counting the workers as they came up.
+    let before = &manager.heard[..manager.heard.len() - 1];
+    assert!(!before.is_empty(), "no STATUS= before READY=1");
+    for message in before {
+        let status = fields(message)["STATUS"];
+        assert!(
+            !message.contains("READY=1")
+                && status.ends_with(&format!(
+                    "/2 workers ready, mode round-robin, listening on {addr}"
+                )),
+            "{message}"
+        );
+    }
     herd.wait_for_event("systemd_ready", &[], 1);
     // A reload: RELOADING=1 stamped with CLOCK_MONOTONIC, then READY=1.
     herd_ok(&herd.dir, &["reload"]);
