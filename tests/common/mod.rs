@@ -119,6 +119,12 @@ impl Herd {
     /// Starts `PREFIX... herd run ARGS` (e.g. under `setpriv`) in `dir`,
     /// logging JSON unless ARGS choose a `--log-format`.
     pub fn start_under(dir: &Path, prefix: &[&str], args: &[&str]) -> Herd {
+        Herd::start_with(dir, prefix, &[], args)
+    }
+
+    /// [`Herd::start_under`], with `env` (name, value) set for herd too
+    /// (e.g. a `NOTIFY_SOCKET` the test reads).
+    pub fn start_with(dir: &Path, prefix: &[&str], env: &[(&str, &str)], args: &[&str]) -> Herd {
         let herd_args = args.iter().take_while(|&&arg| arg != "--");
         let chosen = herd_args.clone().any(|&arg| arg == "--log-format");
         let format: &[&str] = if chosen {
@@ -140,6 +146,7 @@ impl Herd {
             .args(args)
             .current_dir(dir)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

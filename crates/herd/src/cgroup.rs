@@ -26,6 +26,10 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use tracing::{info, warn};
+
+use crate::config::KillMode;
+
 /// How long herd waits for a killed cgroup to empty before giving up on
 /// removing it (SIGKILL lands at once unless a process is stuck in the kernel).
 const EMPTY_WAIT: Duration = Duration::from_secs(2);
@@ -303,6 +307,38 @@ fn cgroup2_mount(line: &str) -> Option<(String, PathBuf)> {
     }
     let fields: Vec<&str> = mount.split_whitespace().collect();
     Some((fields.get(3)?.to_string(), PathBuf::from(fields.get(4)?)))
+}
+
+/// Where a worker's processes are: a cgroup per worker where herd can,
+/// else process groups (an error only for `kill_mode = "control-group"`). Killing what a SIGKILLed herd left in its cgroups
+/// comes first, as it may still hold the port herd is about to bind.
+pub fn for_workers(mode: KillMode) -> Result<Option<CgroupTree>, CgroupError> {
+    if mode == KillMode::ProcessGroup {
+        return Ok(None);
+    }
+    match CgroupTree::create() {
+        Ok((tree, leftovers)) => {
+            for left in leftovers {
+                warn!(
+                    killed = left.killed,
+                    herd_pid = left.herd_pid,
+                    event = "previous_run_killed",
+                    "killed the processes left behind by herd pid {} (it did not stop cleanly, e.g. it was SIGKILLed)",
+                    left.herd_pid
+                );
+            }
+            info!(path = %tree.path().display(), event = "cgroups", "a cgroup per worker");
+            Ok(Some(tree))
+        }
+        Err(e) if mode == KillMode::ControlGroup => Err(e),
+        Err(e) => {
+            info!(
+                event = "no_cgroups",
+                "workers' processes are their process groups (no cgroup: {e})"
+            );
+            Ok(None)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,8 @@
 //! - [`line_format`]: how workers' output lines are framed (`log_lines`).
 //! - [`log_files`]: per-slot log files (`log_dir`) and `herd logs`.
 //! - `endpoint`: the HTTP endpoint on `metrics.address`: `/metrics`, `/livez`, `/readyz`, `/status`.
+//! - `systemd`: herd as a `Type=notify` service (`READY=1`, `RELOADING=1`,
+//!   `STOPPING=1`, `STATUS=`, `WATCHDOG=1`) and its listeners from socket activation (`LISTEN_FDS`).
 
 // Raw system calls live in herd-protocol alone.
 #![forbid(unsafe_code)]
@@ -86,5 +88,6 @@ mod slot_sockets;
 mod stall;
 pub mod status;
 mod supervisor;
+mod systemd;
 mod wait_queue;
 pub mod worker_output;

@@ -26,9 +26,7 @@ use tracing::{error, info, warn};
 
 use crate::activation::{SocketPlan, WorkerSockets};
 use crate::cgroup::{CgroupError, CgroupTree};
-use crate::config::{
-    ConfigSource, HandoffSettings, KillMode, Settings, WorkerProtocol, MAX_WORKERS,
-};
+use crate::config::{ConfigSource, HandoffSettings, Settings, WorkerProtocol, MAX_WORKERS};
 use crate::control::{self, ControlRequest, ControlServer, PendingRequest, Response};
 use crate::counters::Counters;
 use crate::endpoint::{self, MetricsBindError};
@@ -40,12 +38,15 @@ use crate::process;
 use crate::signals::{self, SignalEvent};
 use crate::status::{self, Phase, StatusReport};
 use crate::supervisor::Supervisor;
+use crate::systemd::{self, ActivationError, Systemd};
 
 /// Why herd could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum PrimaryError {
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
     #[error(transparent)]
@@ -64,7 +65,10 @@ impl PrimaryError {
     /// The process exit code for this error (documented in README.md).
     pub fn exit_code(&self) -> u8 {
         match self {
-            PrimaryError::Listen(_) | PrimaryError::Control(_) | PrimaryError::Metrics(_) => 3,
+            PrimaryError::Listen(_)
+            | PrimaryError::Activation(_)
+            | PrimaryError::Control(_)
+            | PrimaryError::Metrics(_) => 3,
             _ => 1,
         }
     }
@@ -77,38 +81,6 @@ pub enum Outcome {
     Clean,
     /// Some workers had to be SIGKILLed (timeout, second SIGINT, SIGQUIT).
     Forced,
-}
-
-/// Where a worker's processes are: a cgroup per worker where herd can,
-/// else process groups. Killing what a SIGKILLed herd left in its cgroups
-/// comes first, as it may still hold the port herd is about to bind.
-fn worker_cgroups(mode: KillMode) -> Result<Option<CgroupTree>, PrimaryError> {
-    if mode == KillMode::ProcessGroup {
-        return Ok(None);
-    }
-    match CgroupTree::create() {
-        Ok((tree, leftovers)) => {
-            for left in leftovers {
-                warn!(
-                    killed = left.killed,
-                    herd_pid = left.herd_pid,
-                    event = "previous_run_killed",
-                    "killed the processes left behind by herd pid {} (it did not stop cleanly, e.g. it was SIGKILLed)",
-                    left.herd_pid
-                );
-            }
-            info!(path = %tree.path().display(), event = "cgroups", "a cgroup per worker");
-            Ok(Some(tree))
-        }
-        Err(e) if mode == KillMode::ControlGroup => Err(PrimaryError::Cgroups(e)),
-        Err(e) => {
-            info!(
-                event = "no_cgroups",
-                "workers' processes are their process groups (no cgroup: {e})"
-            );
-            Ok(None)
-        }
-    }
 }
 
 /// Everything herd holds before its first worker starts: a busy port, a
@@ -152,7 +124,7 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
             "cannot become the subreaper of the workers' descendants: {e}"
         );
     }
-    let cgroups = worker_cgroups(settings.kill_mode)?;
+    let cgroups = crate::cgroup::for_workers(settings.kill_mode).map_err(PrimaryError::Cgroups)?;
     if let Some(files) = settings.log_files.clone() {
         // `resolve` proved the directory writable; failing now is a race.
         let dir = files.dir.display().to_string();
@@ -197,7 +169,12 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
         reuse_port: node_kernel_rotation(settings),
         ..BindOptions::PLAIN
     };
-    let listeners = listener::bind_all(&settings.listen, settings.backlog, options)?;
+    // A socket unit's sockets (LISTEN_FDS) when systemd passed them.
+    let own = systemd::own_sockets(settings, plan, node_kernel_rotation(settings));
+    let listeners = match systemd::inherited_listeners(&settings.listen, own)? {
+        Some(inherited) => inherited,
+        None => listener::bind_all(&settings.listen, settings.backlog, options)?,
+    };
     let listen_addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local).collect();
     for bound in &listeners {
         info!(
@@ -280,6 +257,7 @@ pub async fn run(
         stop_waiters: Vec::new(),
         stop_at: None,
         handoff: controller.clone(),
+        systemd: Systemd::from_env(),
     };
     primary.supervisor.start_all();
     let (requests_tx, mut requests) = mpsc::unbounded_channel::<PendingRequest>();
@@ -305,7 +283,11 @@ pub async fn run(
             _ = monitor.tick() => primary.supervisor.monitor(),
             _ = watch.tick(), if watching => primary.supervisor.watch_sockets(&primary.counters),
             Some(event) = signals.recv() => primary.on_signal(event),
+            due = primary.systemd.due() => primary.systemd.on_due(due),
         }
+        primary
+            .systemd
+            .observe_from(&primary.supervisor, &primary.counters);
     }
     let _ = controller.send(Command::Exit);
     if handoff_thread.join().is_err() {
@@ -388,6 +370,8 @@ struct Primary {
     stop_at: Option<(Instant, &'static str)>,
     /// The hand-off loop, for `/livez` to ask whether it answers.
     handoff: Controller,
+    /// What herd owes its service manager (`NOTIFY_SOCKET`).
+    systemd: Systemd,
 }
 
 impl Primary {
@@ -406,9 +390,7 @@ impl Primary {
                     status: Some(report),
                 });
             }
-            ControlRequest::Reload => {
-                start_reload(&mut self.supervisor, &self.source, &self.metrics, reply)
-            }
+            ControlRequest::Reload => start_reload(self, reply),
             ControlRequest::Scale { workers } => {
                 let _ = reply.send(if self.stopping() {
                     Response::failed("herd is stopping")
@@ -480,30 +462,31 @@ fn log_tally(counters: &Counters, forced: bool) {
 
 /// Re-reads the config and starts a rolling reload; an invalid config is
 /// refused and the running one kept.
-fn start_reload(
-    supervisor: &mut Supervisor,
-    source: &ConfigSource,
-    metrics: &Metrics,
-    reply: oneshot::Sender<Response>,
-) {
-    let settings = match source.load() {
+fn start_reload(primary: &mut Primary, reply: oneshot::Sender<Response>) {
+    let notifier = primary.systemd.reload_started();
+    let settings = match primary.source.load() {
         Ok(settings) => settings,
         Err(e) => {
-            metrics.reload_finished(false, std::time::Duration::ZERO);
+            primary
+                .metrics
+                .reload_finished(false, std::time::Duration::ZERO);
             let message = format!("reload refused, keeping the running config: {e}");
             error!(event = "reload_refused", "{message}");
+            systemd::reload_finished(notifier, Err(&message));
             let _ = reply.send(Response::failed(message));
             return;
         }
     };
     let (done, outcome) = oneshot::channel();
-    supervisor.reload(settings, done);
+    primary.supervisor.reload(settings, done);
     tokio::spawn(async move {
         let response = match outcome.await {
             Ok(Ok(message)) => Response::ok(message),
             Ok(Err(message)) => Response::failed(message),
             Err(_) => Response::failed("reload abandoned"),
         };
+        let told = response.message.as_str();
+        systemd::reload_finished(notifier, if response.ok { Ok(told) } else { Err(told) });
         let _ = reply.send(response);
     });
 }

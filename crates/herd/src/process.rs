@@ -27,6 +27,7 @@ use crate::config::{Settings, WorkerProtocol};
 use crate::ids::SlotIx;
 use crate::node_ipc;
 use crate::notify::NotifySocket;
+use herd_protocol::env::{LISTEN_FDNAMES_ENV, LISTEN_FDS_ENV, LISTEN_PID_ENV};
 use herd_protocol::fdpass;
 
 /// Where an `sd_notify(3)` client sends what it says.
@@ -92,7 +93,12 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
     };
     let channel_fd = herd_protocol::env::channel_fd(listen_fds.len()).to_string();
     let mut command = if listen_fds.is_empty() {
-        std::process::Command::new(&settings.program)
+        let mut command = std::process::Command::new(&settings.program);
+        // herd's own, if systemd socket-activated it: not the worker's.
+        for name in [LISTEN_PID_ENV, LISTEN_FDS_ENV, LISTEN_FDNAMES_ENV] {
+            command.env_remove(name);
+        }
+        command
     } else {
         // Through the shim, which sets LISTEN_PID to the worker's pid.
         let mut shim = std::process::Command::new("/proc/self/exe");

@@ -27,6 +27,10 @@ const NOT_FOR_THE_PRIMARY: &[&str] = &[
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
+    // herd's own sockets from systemd, if it was socket-activated.
+    herd_protocol::env::LISTEN_PID_ENV,
+    herd_protocol::env::LISTEN_FDS_ENV,
+    herd_protocol::env::LISTEN_FDNAMES_ENV,
 ];
 
 /// Starts the primary in a process group of its own, dying with herd.

@@ -25,6 +25,8 @@ impl Primary {
             "{why}: /readyz fails from now; still serving for {delay:?} (shutdown_delay) before stopping"
         );
         self.stop_at = Some((Instant::now() + delay, why));
+        // systemd hears of the stop now, not after the delay.
+        self.systemd.stopping();
     }
 
     /// Stops now: the delay, if one runs, is over.
@@ -68,7 +70,7 @@ impl Primary {
             }
             SignalEvent::Reload => {
                 let (reply, answer) = oneshot::channel();
-                start_reload(&mut self.supervisor, &self.source, &self.metrics, reply);
+                start_reload(self, reply);
                 tokio::spawn(async move {
                     match answer.await {
                         Ok(response) if response.ok => {
