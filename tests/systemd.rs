@@ -69,12 +69,17 @@ fn fields(message: &str) -> BTreeMap<&str, &str> {
 }
 
 fn start_notified(name: &str, env: &[(&str, &str)]) -> (Herd, Manager) {
+    start_notified_with(name, env, "")
+}
+
+/// [`start_notified`], with `extra` config lines.
+fn start_notified_with(name: &str, env: &[(&str, &str)], extra: &str) -> (Herd, Manager) {
     let dir = scratch_dir(name);
     let (manager, path) = Manager::bind(&dir);
     let config = write_config(
         &dir,
         &format!(
-            "listen = [\"127.0.0.1:0\"]\nworkers = 2\ncommand = [\"{}\"]\n",
+            "listen = [\"127.0.0.1:0\"]\nworkers = 2\ncommand = [\"{}\"]\n{extra}",
             hello_worker()
         ),
     );
@@ -471,4 +476,25 @@ fn a_restart_of_socket_activated_herd_refuses_nothing() {
     signal(second, nix::sys::signal::Signal::SIGTERM);
     assert!(herd.wait_exit().success(), "{}", herd.log_text());
     assert_eq!(herd.events("listening", &[]).len(), 2);
+}
+
+/// With `shutdown_delay`, systemd hears STOPPING=1 as the delay begins (so
+/// `systemctl status` says so while herd still serves), not after it.
+#[test]
+fn systemd_hears_stopping_when_shutdown_delay_begins() {
+    let (mut herd, mut manager) =
+        start_notified_with("systemd-delay", &[], "shutdown_delay = \"30s\"\n");
+    manager.next("READY=1", |_| true);
+    let pid = nix::unistd::Pid::from_raw(herd.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    manager.next("STOPPING=1", |_| true);
+    herd.wait_for_event("stop_delayed", &[], 1);
+    assert!(
+        herd.events("stopping", &[]).is_empty(),
+        "the delay was skipped"
+    );
+    let (code, _, _) = http(herd.addr(), "GET", "/");
+    assert_eq!(code, 200, "still serving during shutdown_delay");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(herd.wait_exit().success());
 }
