@@ -16,13 +16,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::servers::*;
 use common::*;
 use nix::sys::signal::Signal;
 use serde_yaml_ng::Value as Yaml;
@@ -530,180 +530,19 @@ fn promtool(args: &[&str], files: &[&Path]) -> Option<(bool, String)> {
     Some((out.status.success(), text))
 }
 
-/// A `redis-server` of the test's own on 127.0.0.1 (as tests/node_stop.rs
-/// starts one), killed by its pid on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Redis {
-    fn start(name: &str) -> Redis {
-        let dir = scratch_dir(&format!("{name}-redis"));
-        // Between finding the port free and redis-server binding it, another
-        // process may take it; redis-server then exits, and we try another.
-        for _ in 0..5 {
-            let port = free_port();
-            std::fs::create_dir_all(&dir).unwrap();
-            let log = File::create(dir.join("redis.log")).unwrap();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&dir)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("start redis-server");
-            let mut redis = Redis {
-                child,
-                port,
-                dir: dir.clone(),
-            };
-            if redis.wait_for_pong() {
-                return redis;
-            }
-        }
-        panic!("redis-server exited at start 5 times");
-    }
-
-    /// true once the server answers PING; false if it exited first.
-    fn wait_for_pong(&mut self) -> bool {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if self.child.try_wait().unwrap().is_some() {
-                return false;
-            }
-            if ping(self.port).is_some_and(|answer| answer.starts_with("+PONG")) {
-                return true;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server never answered PING"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-fn ping(port: u16) -> Option<String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    stream.write_all(b"PING\r\n").ok()?;
-    let mut answer = [0u8; 64];
-    let n = stream.read(&mut answer).ok()?;
-    Some(String::from_utf8_lossy(&answer[..n]).into_owned())
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// A real Prometheus running deploy/docker/prometheus.yml with the target
 /// moved to `target` and a 1 s interval (the file's 15 s would make the
-/// test wait), killed by its pid on drop.
-struct Prometheus {
-    child: Child,
-    dir: PathBuf,
-    api: SocketAddr,
-}
-
-impl Prometheus {
-    fn scraping(target: SocketAddr) -> Prometheus {
-        let dir = scratch_dir("deploy-prometheus");
-        let mut config = yaml(&docker_dir().join("prometheus.yml"));
-        config["global"]["scrape_interval"] = Yaml::from("1s");
-        config["global"]["scrape_timeout"] = Yaml::from("900ms");
-        config["scrape_configs"][0]["static_configs"][0]["targets"] =
-            Yaml::Sequence(vec![Yaml::from(target.to_string())]);
-        let path = dir.join("prometheus.yml");
-        std::fs::write(&path, serde_yaml_ng::to_string(&config).unwrap()).unwrap();
-        let api = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={api}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus");
-        Prometheus { child, dir, api }
-    }
-
-    /// GET an API path; None until the server answers.
-    fn api(&self, path: &str) -> Option<Value> {
-        let mut stream = TcpStream::connect_timeout(&self.api, Duration::from_secs(1)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: prometheus\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        serde_json::from_str(&responses::parse(response.as_bytes()).ok()?.body).ok()
-    }
-
-    /// The value of an instant query that returns one series, if it does.
-    fn query(&self, promql: &str) -> Option<f64> {
-        let encoded: String = promql
-            .bytes()
-            .map(|b| match b {
-                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
-        let answer = self.api(&format!("/api/v1/query?query={encoded}"))?;
-        let result = answer["data"]["result"].as_array()?;
-        match result.as_slice() {
-            [one] => one["value"][1].as_str()?.parse().ok(),
-            _ => None,
-        }
-    }
-
-    /// Whether every target of the scrape config is up.
-    fn targets_up(&self) -> bool {
-        self.api("/api/v1/targets").is_some_and(|targets| {
-            targets["data"]["activeTargets"]
-                .as_array()
-                .is_some_and(|t| !t.is_empty() && t.iter().all(|t| t["health"] == "up"))
-        })
-    }
-
-    /// Waits (at most 60 s: Prometheus takes seconds to start and scrape)
-    /// until `check` holds.
-    fn wait_until(&self, what: &str, check: impl Fn(&Prometheus) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !check(self) {
-            assert!(Instant::now() < deadline, "Prometheus never saw {what}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// test wait).
+fn prometheus_scraping(target: SocketAddr) -> Prometheus {
+    let mut config = yaml(&docker_dir().join("prometheus.yml"));
+    config["global"]["scrape_interval"] = Yaml::from("1s");
+    config["global"]["scrape_timeout"] = Yaml::from("900ms");
+    config["scrape_configs"][0]["static_configs"][0]["targets"] =
+        Yaml::Sequence(vec![Yaml::from(target.to_string())]);
+    Prometheus::with_config(
+        "deploy-prometheus",
+        &serde_yaml_ng::to_string(&config).unwrap(),
+    )
 }
 
 /// A browser: keeps the session cookie the app sets.
@@ -767,7 +606,9 @@ fn the_compose_stack_runs_as_processes_and_sessions_survive_a_worker_kill_and_a_
     if !(have(test, "redis-server") && have(test, "prometheus") && have(test, "node")) {
         return;
     }
-    let redis = Redis::start("deploy-stack");
+    let Some(redis) = Redis::start("deploy-stack") else {
+        return;
+    };
 
     // herd runs compose.yaml's config file itself, from a directory that
     // holds the app as the image's /app does (`command` is relative to it).
@@ -817,7 +658,7 @@ fn the_compose_stack_runs_as_processes_and_sessions_survive_a_worker_kill_and_a_
         "both workers serve the session"
     );
 
-    let prometheus = Prometheus::scraping(metrics_addr(&herd));
+    let prometheus = prometheus_scraping(metrics_addr(&herd));
     prometheus.wait_until("herd's target up", Prometheus::targets_up);
 
     // A worker SIGKILLed: herd restarts its slot, the session goes on.

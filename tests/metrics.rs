@@ -5,10 +5,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::servers::*;
 use common::*;
 use serde_json::Value;
 
@@ -156,64 +157,6 @@ fn restarts_and_crash_loops_show_in_metrics() {
         }
         assert!(Instant::now() < deadline, "crash loop not visible:\n{body}");
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A Prometheus server, killed when dropped.
-struct Prometheus {
-    child: Child,
-    dir: std::path::PathBuf,
-    api: SocketAddr,
-}
-
-impl Prometheus {
-    fn scraping(target: SocketAddr) -> Prometheus {
-        let dir = scratch_dir("prometheus");
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: herd\n    static_configs:\n      - targets: [\"{target}\"]\n"
-        );
-        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-        let api = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let child = Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={api}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus (Debian package prometheus)");
-        Prometheus { child, dir, api }
-    }
-
-    /// GET an API path, once the server answers; `None` until then.
-    fn api(&self, path: &str) -> Option<Value> {
-        let mut stream = TcpStream::connect_timeout(&self.api, Duration::from_secs(1)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: prometheus\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        serde_json::from_str(&responses::parse(response.as_bytes()).ok()?.body).ok()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -18,13 +18,13 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use common::servers::*;
 use common::*;
 use nix::sys::signal::Signal;
 
@@ -229,122 +229,6 @@ fn a_reload_leaves_no_old_node_worker_holding_a_timer_running() {
 }
 
 // ---- the seed's Express + Redis session app ----
-
-/// A `redis-server` of the test's own on 127.0.0.1, killed (by its pid) on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Redis {
-    /// Starts redis-server on a free port and waits until it answers PING.
-    /// None (the caller skips) if redis-server is not installed, but only
-    /// outside CI: in CI its absence fails the test.
-    fn start(name: &str) -> Option<Redis> {
-        if let Err(e) = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-        {
-            skip_unless_ci(
-                name,
-                &format!("needs redis-server ({e}); scripts/test installs it"),
-            );
-            return None;
-        }
-        let dir = scratch_dir(&format!("{name}-redis"));
-        let mut last_log = String::new();
-        // Between finding the port free and redis-server binding it, another
-        // process may take it; redis-server then exits, and we try another.
-        for _ in 0..5 {
-            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            // (A failed try's drop removed it.)
-            std::fs::create_dir_all(&dir).unwrap();
-            let log = File::create(dir.join("redis.log")).unwrap();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&dir)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("start redis-server");
-            // Owned before the wait, so a failed wait still kills it.
-            let mut redis = Redis {
-                child,
-                port,
-                dir: dir.clone(),
-            };
-            if redis.wait_for_pong() {
-                return Some(redis);
-            }
-            last_log = redis.log();
-        }
-        panic!("redis-server exited at start 5 times; its last log:\n{last_log}");
-    }
-
-    /// true once the server answers PING; false if it exited first.
-    fn wait_for_pong(&mut self) -> bool {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if self.child.try_wait().unwrap().is_some() {
-                return false;
-            }
-            if ping(self.port).is_some_and(|answer| answer.starts_with("+PONG")) {
-                return true;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} never answered PING; its log:\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-/// Sends `PING` to 127.0.0.1:`port` and returns the first line of the answer.
-fn ping(port: u16) -> Option<String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    stream.write_all(b"PING\r\n").ok()?;
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 64];
-    while !answer.ends_with(b"\r\n") && answer.len() < 1024 {
-        let n = stream.read(&mut buf).ok()?;
-        if n == 0 {
-            break;
-        }
-        answer.extend_from_slice(&buf[..n]);
-    }
-    Some(String::from_utf8_lossy(&answer).into_owned())
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// herd running the session app `app` on 2 workers against `redis`.
 fn session_herd(name: &str, app: &str, redis: &Redis) -> Herd {

@@ -13,6 +13,7 @@ pub mod output;
 pub mod pids;
 pub mod procs;
 pub mod responses;
+pub mod servers;
 pub mod sockets;
 
 use std::collections::{BTreeMap, BTreeSet};
