@@ -16,8 +16,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -543,59 +542,6 @@ fn prometheus_scraping(target: SocketAddr) -> Prometheus {
         "deploy-prometheus",
         &serde_yaml_ng::to_string(&config).unwrap(),
     )
-}
-
-/// A browser: keeps the session cookie the app sets.
-#[derive(Default)]
-struct Visitor {
-    cookie: Option<String>,
-}
-
-impl Visitor {
-    /// One `GET /`: the answering worker's pid and the session's view count.
-    fn visit(&mut self, addr: SocketAddr) -> (u32, u64) {
-        let mut stream = TcpStream::connect_timeout(&addr, DEADLINE).unwrap();
-        stream.set_read_timeout(Some(DEADLINE)).unwrap();
-        let cookie = self
-            .cookie
-            .as_ref()
-            .map(|c| format!("Cookie: {c}\r\n"))
-            .unwrap_or_default();
-        write!(
-            stream,
-            "GET / HTTP/1.1\r\nHost: herd-test\r\nConnection: close\r\n{cookie}\r\n"
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let page = responses::parse(response.as_bytes()).unwrap();
-        assert_eq!(page.status, 200, "{response:?}");
-        // `Set-Cookie: connect.sid=s%3A...; Path=/; Expires=...; HttpOnly`
-        if let Some(cookie) = page.header("set-cookie") {
-            self.cookie = Some(cookie.split(';').next().unwrap().to_string());
-        }
-        // `PID: 123 | Views: 4`
-        let parsed = page.body.strip_prefix("PID: ").and_then(|rest| {
-            let (pid, views) = rest.split_once(" | Views: ")?;
-            Some((pid.parse().ok()?, views.parse().ok()?))
-        });
-        parsed.unwrap_or_else(|| panic!("{:?}", page.body))
-    }
-
-    /// `count` visits whose view count goes on from `seen` one by one,
-    /// whichever worker answers; returns the pids that answered.
-    fn visits(&mut self, addr: SocketAddr, seen: u64, count: u64) -> BTreeSet<u32> {
-        let mut answered = Vec::new();
-        for expected in seen + 1..=seen + count {
-            let (pid, views) = self.visit(addr);
-            answered.push((pid, views));
-            assert_eq!(
-                views, expected,
-                "the session's count, kept in Redis: (pid, views) {answered:?}"
-            );
-        }
-        answered.into_iter().map(|(pid, _)| pid).collect()
-    }
 }
 
 #[test]

@@ -236,45 +236,6 @@ fn session_herd(name: &str, app: &str, redis: &Redis) -> Herd {
     Herd::launch(name, Some(&config), 2, &[], &["node", app])
 }
 
-/// A browser: keeps the session cookie the app sets.
-#[derive(Default)]
-struct Visitor {
-    cookie: Option<String>,
-}
-
-impl Visitor {
-    /// One visit: the answering worker's pid and the session's view count.
-    fn visit(&mut self, addr: SocketAddr) -> (u32, u64) {
-        let page = get_page(addr, self.cookie.as_deref());
-        // `Set-Cookie: connect.sid=s%3A...; Path=/; Expires=...; HttpOnly`
-        if let Some(cookie) = page.header("set-cookie") {
-            self.cookie = Some(cookie.split(';').next().unwrap().to_string());
-        }
-        let body = page.body;
-        // `PID: 123 | Views: 4`
-        let parsed = body.strip_prefix("PID: ").and_then(|rest| {
-            let (pid, views) = rest.split_once(" | Views: ")?;
-            Some((pid.parse().ok()?, views.parse().ok()?))
-        });
-        parsed.unwrap_or_else(|| panic!("{body:?}"))
-    }
-
-    /// Visits `count` times; the view count must go on from `seen` one by
-    /// one, whichever worker answers. Returns the pids that answered.
-    fn visits(&mut self, addr: SocketAddr, seen: u64, count: u64) -> BTreeSet<u32> {
-        let mut answered = Vec::new();
-        for expected in seen + 1..=seen + count {
-            let (pid, views) = self.visit(addr);
-            answered.push((pid, views));
-            assert_eq!(
-                views, expected,
-                "the session's count, kept in Redis, whichever worker answers: (pid, views) {answered:?}"
-            );
-        }
-        answered.into_iter().map(|(pid, _)| pid).collect()
-    }
-}
-
 /// Every visit by one client counts in the same session, in Redis, while
 /// strict rotation hands the visits to both workers in turn.
 fn shared_sessions(herd: &Herd, visitor: &mut Visitor, seen: u64, pids: &BTreeSet<u32>) {

@@ -49,17 +49,26 @@ fn an_orphan_a_worker_leaves_is_reaped_and_logged() {
     assert!(herd.stop().success());
 }
 
-#[test]
-fn as_pid_1_herd_reaps_orphans_and_stops_on_sigterm() {
-    let test = "as_pid_1_herd_reaps_orphans_and_stops_on_sigterm";
+/// Whether this machine lets the test make a PID namespace (`unshare`,
+/// CAP_SYS_ADMIN); if not, `test` is skipped (outside CI).
+fn pid_namespaces(test: &str) -> bool {
     let unshare = std::process::Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc", "true"])
         .status();
-    if !unshare.is_ok_and(|s| s.success()) {
+    let can = unshare.is_ok_and(|s| s.success());
+    if !can {
         skip_unless_ci(
             test,
             "needs unshare (util-linux) and CAP_SYS_ADMIN for a PID namespace",
         );
+    }
+    can
+}
+
+#[test]
+fn as_pid_1_herd_reaps_orphans_and_stops_on_sigterm() {
+    let test = "as_pid_1_herd_reaps_orphans_and_stops_on_sigterm";
+    if !pid_namespaces(test) {
         return;
     }
     let dir = scratch_dir("pid1-namespace");
@@ -92,14 +101,7 @@ fn as_pid_1_herd_reaps_orphans_and_stops_on_sigterm() {
 #[test]
 fn a_herd_in_another_pid_namespace_leaves_this_ones_workers_alone() {
     let test = "a_herd_in_another_pid_namespace_leaves_this_ones_workers_alone";
-    let unshare = std::process::Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc", "true"])
-        .status();
-    if !unshare.is_ok_and(|s| s.success()) {
-        skip_unless_ci(
-            test,
-            "needs unshare (util-linux) and CAP_SYS_ADMIN for a PID namespace",
-        );
+    if !pid_namespaces(test) {
         return;
     }
     let first = Herd::launch("pid1-neighbour", None, 2, &[], &[hello_worker()]);

@@ -1,7 +1,9 @@
 //! Real servers the tests run beside herd, each of the test's own on
 //! 127.0.0.1 and killed by its pid when dropped: `redis-server` (the seed's
-//! session store) and Prometheus (scraping herd's `/metrics`).
+//! session store) and Prometheus (scraping herd's `/metrics`); and a
+//! [`Visitor`] of the seed's session app, which keeps its cookie.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -216,5 +218,59 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A browser of the seed's Express + express-session app: keeps the
+/// session cookie the app sets.
+#[derive(Default)]
+pub struct Visitor {
+    cookie: Option<String>,
+}
+
+impl Visitor {
+    /// One `GET /`: the answering worker's pid and the session's view count.
+    pub fn visit(&mut self, addr: SocketAddr) -> (u32, u64) {
+        let mut stream = TcpStream::connect_timeout(&addr, DEADLINE).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let cookie = self
+            .cookie
+            .as_ref()
+            .map(|c| format!("Cookie: {c}\r\n"))
+            .unwrap_or_default();
+        write!(
+            stream,
+            "GET / HTTP/1.1\r\nHost: herd-test\r\nConnection: close\r\n{cookie}\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let page = responses::parse(response.as_bytes()).unwrap();
+        assert_eq!(page.status, 200, "{response:?}");
+        // `Set-Cookie: connect.sid=s%3A...; Path=/; Expires=...; HttpOnly`
+        if let Some(cookie) = page.header("set-cookie") {
+            self.cookie = Some(cookie.split(';').next().unwrap().to_string());
+        }
+        // `PID: 123 | Views: 4`
+        let parsed = page.body.strip_prefix("PID: ").and_then(|rest| {
+            let (pid, views) = rest.split_once(" | Views: ")?;
+            Some((pid.parse().ok()?, views.parse().ok()?))
+        });
+        parsed.unwrap_or_else(|| panic!("{:?}", page.body))
+    }
+
+    /// `count` visits whose view count goes on from `seen` one by one,
+    /// whichever worker answers; returns the pids that answered.
+    pub fn visits(&mut self, addr: SocketAddr, seen: u64, count: u64) -> BTreeSet<u32> {
+        let mut answered = Vec::new();
+        for expected in seen + 1..=seen + count {
+            let (pid, views) = self.visit(addr);
+            answered.push((pid, views));
+            assert_eq!(
+                views, expected,
+                "the session's count, kept in Redis: (pid, views) {answered:?}"
+            );
+        }
+        answered.into_iter().map(|(pid, _)| pid).collect()
     }
 }
