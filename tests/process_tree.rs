@@ -77,6 +77,11 @@ fn a_workers_helper_dies_with_it() {
         herd.wait_for_worker_output("helper pid=", 2);
         herd.wait_all_ready(1);
         assert!(get(herd.addr()).is_ok());
+        // Stopped, not dropped: a SIGKILLed herd would leave the new
+        // worker's helper behind in process-group mode (nothing holds it).
+        let helpers = helpers(&herd, 2);
+        herd.stop();
+        wait_gone("every helper, once herd stopped", &helpers);
     }
 }
 
