@@ -125,22 +125,7 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
         );
     }
     let cgroups = crate::cgroup::for_workers(settings.kill_mode).map_err(PrimaryError::Cgroups)?;
-    if let Some(files) = settings.log_files.clone() {
-        // `resolve` proved the directory writable; failing now is a race.
-        let dir = files.dir.display().to_string();
-        match crate::log_files::start(files) {
-            Ok(()) => info!(
-                dir,
-                event = "log_files",
-                "workers' lines also go to log files in {dir}"
-            ),
-            Err(e) => error!(
-                dir,
-                event = "log_files_failed",
-                "cannot write log files in {dir}: {e}"
-            ),
-        }
-    }
+    start_log_files(settings);
     let fd_limit = FdLimit::raise();
     info!(
         soft = fd_limit.soft,
@@ -229,13 +214,7 @@ pub async fn run(
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (controller, handoff_thread) =
         spawn_handoff(bound.listeners, &settings, events_tx, counters.clone())?;
-    info!(
-        workers = settings.workers,
-        mode = settings.mode.name(),
-        program = %settings.program.display(),
-        event = "starting_workers",
-        "starting workers"
-    );
+    log_starting(&settings);
     let mut monitor = tokio::time::interval(settings.monitor_interval);
     let (notes_tx, mut notes) = crate::notify::channel();
     let supervisor = Supervisor::new(
@@ -274,10 +253,7 @@ pub async fn run(
             _ = children.recv() => primary.supervisor.reap(),
             _ = sleep_until_opt(due) => primary.supervisor.tick(),
             Some(asked) = scrapes.recv() => primary.answer(asked),
-            _ = sleep_until_opt(primary.stop_at.map(|(at, _)| tokio::time::Instant::from_std(at))) => {
-                let why = primary.stop_at.map_or("stop", |(_, why)| why);
-                primary.stop_now(why);
-            }
+            _ = sleep_until_opt(primary.stop_due()) => primary.delay_over(),
             Some(pending) = requests.recv() => primary.on_request(pending),
             _ = control.accept(&requests_tx) => {}
             _ = monitor.tick() => primary.supervisor.monitor(),
@@ -296,6 +272,38 @@ pub async fn run(
     let outcome = primary.finish();
     control.close().await;
     Ok(outcome)
+}
+
+/// Starts the per-slot log files (`log_dir`), before any worker prints.
+fn start_log_files(settings: &Settings) {
+    let Some(files) = settings.log_files.clone() else {
+        return;
+    };
+    // `resolve` proved the directory writable; failing now is a race.
+    let dir = files.dir.display().to_string();
+    match crate::log_files::start(files) {
+        Ok(()) => info!(
+            dir,
+            event = "log_files",
+            "workers' lines also go to log files in {dir}"
+        ),
+        Err(e) => error!(
+            dir,
+            event = "log_files_failed",
+            "cannot write log files in {dir}: {e}"
+        ),
+    }
+}
+
+/// The `starting_workers` line: how many, in which mode, of what.
+fn log_starting(settings: &Settings) {
+    info!(
+        workers = settings.workers,
+        mode = settings.mode.name(),
+        program = %settings.program.display(),
+        event = "starting_workers",
+        "starting workers"
+    );
 }
 
 /// Starts the hand-off loop's thread with herd's listeners (none in the

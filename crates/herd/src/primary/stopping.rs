@@ -29,6 +29,18 @@ impl Primary {
         self.systemd.stopping();
     }
 
+    /// When a stop waiting out `shutdown_delay` begins, if one waits.
+    pub(super) fn stop_due(&self) -> Option<tokio::time::Instant> {
+        self.stop_at
+            .map(|(at, _)| tokio::time::Instant::from_std(at))
+    }
+
+    /// `shutdown_delay` is over: the stop begins.
+    pub(super) fn delay_over(&mut self) {
+        let why = self.stop_at.map_or("stop", |(_, why)| why);
+        self.stop_now(why);
+    }
+
     /// Stops now: the delay, if one runs, is over.
     pub(super) fn stop_now(&mut self, why: &str) {
         self.stop_at = None;
