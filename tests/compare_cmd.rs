@@ -392,6 +392,10 @@ fn compare_measures_gunicorn_ready_by_notify_in_every_mode_it_can_run() {
             "uniform",
             "--duration",
             "500ms",
+            // A quarter of the run (the default) is a bound a loaded CI machine
+            // can stall past; errors here are to mean a lost request, not a slow one.
+            "--timeout",
+            "5s",
             "--",
             &gunicorn,
             "--chdir",
@@ -467,6 +471,9 @@ fn a_fixed_listen_address_and_a_config_file_serve_every_run() {
             "connect",
             "--duration",
             "300ms",
+            // See above: a slow request on a busy machine is not an error here.
+            "--timeout",
+            "5s",
             "--listen",
             &listen,
             "--config",
