@@ -8,6 +8,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use herd::config::{Config, ConfigSource, KillMode, Overrides};
 use herd::control::{self, ControlRequest};
 
+mod run_cmd;
+mod upgrade_cmd;
+
 /// A multi-core front for server processes.
 #[derive(Parser)]
 #[command(version, about)]
@@ -41,6 +44,13 @@ enum Commands {
     },
     /// Stop a running herd gracefully and wait until it has stopped.
     Stop(ControlArgs),
+    /// Re-execute herd's binary (the one on disk now) in place: the
+    /// workers keep running and serving; exit 1 if the new one cannot
+    /// take over (herd goes on as it was).
+    Upgrade(ControlArgs),
+    /// The dry run `herd upgrade` makes of the new binary.
+    #[command(name = "__upgrade-probe", hide = true)]
+    UpgradeProbe(RunArgs),
     /// Show the workers' log files (`log_dir`): the last lines of each,
     /// tagged `[worker N]`; with --follow, then what they append.
     Logs {
@@ -451,7 +461,7 @@ fn main() -> ExitCode {
         },
         Commands::Run(args) => {
             init_logging(args.log_format);
-            let code = run(args.config);
+            let code = run_cmd::run(config_source(args.config));
             // herd's output goes out through bounded queues (worker_output):
             // let what is queued reach the reader, but never wait for good
             // on one that stalled.
@@ -473,6 +483,14 @@ fn main() -> ExitCode {
             })
         }
         Commands::Stop(target) => send(&target, ControlRequest::Stop, |r| r.message.clone()),
+        Commands::Upgrade(target) => match control_path(&target) {
+            Ok(path) => upgrade_cmd::upgrade(&path, target.timeout),
+            Err(e) => {
+                eprintln!("herd: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Commands::UpgradeProbe(args) => upgrade_cmd::probe(config_source(args.config)),
         Commands::Bench(args) => bench(args),
         Commands::Compare(args) => compare(args),
         Commands::Logs {
@@ -510,33 +528,6 @@ fn logs(
         Err(e) => {
             eprintln!("herd logs: {}: {e}", dir.display());
             ExitCode::from(1)
-        }
-    }
-}
-
-/// `herd run`: the exit code of the run (README, "Signals and exit codes").
-/// Messages go through herd's stderr queue, as its log does, so a stderr
-/// nobody reads cannot keep herd from exiting.
-fn run(args: ConfigArgs) -> ExitCode {
-    use herd::worker_output::eprint_line;
-    let source = config_source(args);
-    let settings = match source.load() {
-        Ok(settings) => settings,
-        Err(e) => {
-            eprint_line(&format!("herd: {e}"));
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let runtime = match runtime("herd") {
-        Ok(runtime) => runtime,
-        Err(code) => return code,
-    };
-    match runtime.block_on(herd::primary::run_with_os_signals(source, settings)) {
-        Ok(herd::primary::Outcome::Clean) => ExitCode::SUCCESS,
-        Ok(herd::primary::Outcome::Forced) => ExitCode::FAILURE,
-        Err(e) => {
-            eprint_line(&format!("herd: {e}"));
-            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -337,6 +337,20 @@ pub fn async_channel(channel: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<Ow
         .map_err(|e| e.into_parts().1)
 }
 
+/// Clears (`inherit`) or sets close-on-exec on the fd numbered `fd`, which
+/// the caller holds open through some owner it cannot borrow from here
+/// (`herd upgrade` keeps every fd it names open across its exec). Fails
+/// with EBADF if no such fd is open.
+pub fn set_inherited(fd: RawFd, inherit: bool) -> io::Result<()> {
+    let flags = if inherit { 0 } else { libc::FD_CLOEXEC };
+    // SAFETY: F_SETFD only changes the descriptor's close-on-exec flag; on
+    // a number that is not open it fails with EBADF and touches nothing.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Takes ownership of an fd number a worker was told about in its environment.
 ///
 /// Fails unless `fd` is open; the caller must not use the number elsewhere,

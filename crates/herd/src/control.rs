@@ -78,8 +78,12 @@ const MAX_ANSWER_BYTES: u64 = 16 << 20;
 pub enum ControlRequest {
     Status,
     Reload,
-    Scale { workers: usize },
+    Scale {
+        workers: usize,
+    },
     Stop,
+    /// `herd upgrade`: re-execute herd's binary in place (README, "Upgrading herd").
+    Upgrade,
 }
 
 impl ControlRequest {
@@ -90,6 +94,7 @@ impl ControlRequest {
             ControlRequest::Reload => "reload",
             ControlRequest::Scale { .. } => "scale",
             ControlRequest::Stop => "stop",
+            ControlRequest::Upgrade => "upgrade",
         }
     }
 }
@@ -220,6 +225,30 @@ impl ControlServer {
             backoff: None,
             paused_until: None,
         })
+    }
+
+    /// The socket a herd before `herd upgrade` bound at `path`, inherited
+    /// as `fd`.
+    pub fn adopt(fd: std::os::fd::RawFd, path: &Path) -> Result<ControlServer, ControlError> {
+        let io = |source| ControlError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let fd = herd_protocol::fdpass::adopt_inherited_fd(fd).map_err(io)?;
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true).map_err(io)?;
+        Ok(ControlServer {
+            path: path.to_owned(),
+            connections: JoinSet::new(),
+            listener: tokio::net::UnixListener::from_std(listener).map_err(io)?,
+            backoff: None,
+            paused_until: None,
+        })
+    }
+
+    /// The listening socket's fd, for `herd upgrade` to carry.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.listener)
     }
 
     /// Waits for the next client and starts a task that serves it. Cancel
@@ -405,7 +434,10 @@ pub fn request_within(
     // herd answers `reload` and `stop` when they are done, with heartbeats
     // meanwhile: a timeout shorter than their interval would give up on a
     // herd that is at it.
-    let silence = if matches!(request, ControlRequest::Reload | ControlRequest::Stop) {
+    let silence = if matches!(
+        request,
+        ControlRequest::Reload | ControlRequest::Stop | ControlRequest::Upgrade
+    ) {
         timeout.max(HEARTBEAT_INTERVAL * 2)
     } else {
         timeout

@@ -192,6 +192,99 @@ impl Counters {
     }
 }
 
+/// What `herd upgrade` carries of the counters (the hand-off latency
+/// histogram starts again empty). Trailing zeros are left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CarriedCounters {
+    pub accepted: Vec<u64>,
+    pub handed_off: Vec<u64>,
+    pub open_connections: Vec<u64>,
+    pub reports_closed: Vec<bool>,
+    /// worker gone, refused, slot queue, hung.
+    pub requeued: [u64; 4],
+    /// queue full, queue timeout, fd limit.
+    pub dropped: [u64; 3],
+    pub accept_errors: Vec<u64>,
+    pub kernel_dealt: u64,
+}
+
+fn values<'a>(counters: impl IntoIterator<Item = &'a AtomicU64>) -> Vec<u64> {
+    let mut values: Vec<u64> = counters.into_iter().map(|c| c.load(Relaxed)).collect();
+    while values.last() == Some(&0) {
+        values.pop();
+    }
+    values
+}
+
+fn store<'a>(counters: impl IntoIterator<Item = &'a AtomicU64>, values: &[u64]) {
+    for (counter, value) in counters.into_iter().zip(values) {
+        counter.store(*value, Relaxed);
+    }
+}
+
+impl Counters {
+    pub fn carried(&self) -> CarriedCounters {
+        let mut reports_closed: Vec<bool> = self
+            .reports_closed
+            .iter()
+            .map(|r| r.load(Relaxed))
+            .collect();
+        while reports_closed.last() == Some(&false) {
+            reports_closed.pop();
+        }
+        CarriedCounters {
+            accepted: values(&self.accepted),
+            handed_off: values(&self.handed_off),
+            open_connections: values(&self.open_connections),
+            reports_closed,
+            requeued: [
+                &self.requeued_worker_gone,
+                &self.requeued_refused,
+                &self.requeued_slot_queue,
+                &self.requeued_hung,
+            ]
+            .map(|c| c.load(Relaxed)),
+            dropped: [
+                &self.dropped_queue_full,
+                &self.dropped_queue_timeout,
+                &self.dropped_fd_limit,
+            ]
+            .map(|c| c.load(Relaxed)),
+            accept_errors: values(&self.accept_errors),
+            kernel_dealt: self.kernel_dealt.load(Relaxed),
+        }
+    }
+
+    /// Sets every counter `carried` has (before anything counts).
+    pub fn restore(&self, carried: &CarriedCounters) {
+        store(&self.accepted, &carried.accepted);
+        store(&self.handed_off, &carried.handed_off);
+        store(&self.open_connections, &carried.open_connections);
+        for (flag, value) in self.reports_closed.iter().zip(&carried.reports_closed) {
+            flag.store(*value, Relaxed);
+        }
+        let requeued = [
+            &self.requeued_worker_gone,
+            &self.requeued_refused,
+            &self.requeued_slot_queue,
+            &self.requeued_hung,
+        ];
+        for (counter, value) in requeued.iter().zip(carried.requeued) {
+            counter.store(value, Relaxed);
+        }
+        let dropped = [
+            &self.dropped_queue_full,
+            &self.dropped_queue_timeout,
+            &self.dropped_fd_limit,
+        ];
+        for (counter, value) in dropped.iter().zip(carried.dropped) {
+            counter.store(value, Relaxed);
+        }
+        store(&self.accept_errors, &carried.accept_errors);
+        self.kernel_dealt.store(carried.kernel_dealt, Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,5 +89,6 @@ mod stall;
 pub mod status;
 mod supervisor;
 mod systemd;
+pub mod upgrade;
 mod wait_queue;
 pub mod worker_output;

@@ -591,5 +591,8 @@ pub fn uv_errno(error: nix::Error) -> i32 {
     -(error as i32)
 }
 
+mod handover;
+pub use handover::CarriedNodeChannel;
+
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,7 @@
 //! supervisor's to say ([`Phase`]).
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,6 +21,10 @@ use tokio::signal::unix::{signal, SignalKind};
 
 mod answers;
 mod stopping;
+mod taking_over;
+mod upgrading;
+
+pub use taking_over::run_carried;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
@@ -39,6 +44,7 @@ use crate::signals::{self, SignalEvent};
 use crate::status::{self, Phase, StatusReport};
 use crate::supervisor::Supervisor;
 use crate::systemd::{self, ActivationError, Systemd};
+use crate::upgrade;
 
 /// Why herd could not run.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +65,8 @@ pub enum PrimaryError {
     Signals(#[source] std::io::Error),
     #[error("`kill_mode` = \"control-group\", but herd cannot give workers cgroups: {0}")]
     Cgroups(#[source] CgroupError),
+    #[error("herd upgrade: {0}")]
+    Upgrade(String),
 }
 
 impl PrimaryError {
@@ -202,31 +210,97 @@ pub async fn run_with_os_signals(
 /// on every reload. Reaping needs SIGCHLD, which this installs itself.
 pub async fn run(
     bound: Bound,
-    mut signals: mpsc::Receiver<SignalEvent>,
+    signals: mpsc::Receiver<SignalEvent>,
     source: ConfigSource,
     settings: Settings,
 ) -> Result<Outcome, PrimaryError> {
-    let mut children = signal(SignalKind::child()).map_err(PrimaryError::Signals)?;
-    let mut control = bound.control;
     let counters = Arc::new(Counters::new(&bound.listen_addrs));
-    let metrics = Arc::new(Metrics::new(counters.clone()));
-    let mut scrapes = serve_metrics(bound.metrics);
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (events_tx, events) = mpsc::unbounded_channel();
     let (controller, handoff_thread) =
         spawn_handoff(bound.listeners, &settings, events_tx, counters.clone())?;
     log_starting(&settings);
+    let parts = Parts {
+        listen_addrs: bound.listen_addrs,
+        sockets: bound.sockets,
+        metrics: bound.metrics,
+        control: bound.control,
+        cgroups: bound.cgroups,
+        fd_limit: bound.fd_limit,
+        counters,
+        controller,
+        handoff_thread,
+        events,
+        signals,
+    };
+    drive(parts, source, settings, Start::Fresh).await
+}
+
+/// What [`drive`] runs on: from [`run`], or after `herd upgrade` from
+/// what the old herd carried.
+struct Parts {
+    listen_addrs: Vec<SocketAddr>,
+    sockets: WorkerSockets,
+    metrics: Option<tokio::net::TcpListener>,
+    control: ControlServer,
+    cgroups: Option<CgroupTree>,
+    fd_limit: FdLimit,
+    counters: Arc<Counters>,
+    controller: Controller,
+    handoff_thread: std::thread::JoinHandle<()>,
+    events: mpsc::UnboundedReceiver<handoff::Event>,
+    signals: mpsc::Receiver<SignalEvent>,
+}
+
+/// How the workers come to be: started, or carried over an upgrade.
+enum Start {
+    Fresh,
+    Carried(Box<taking_over::Carried>),
+}
+
+/// The main loop: every event, one at a time, until the last worker is gone.
+async fn drive(
+    parts: Parts,
+    source: ConfigSource,
+    settings: Settings,
+    start: Start,
+) -> Result<Outcome, PrimaryError> {
+    let Parts {
+        listen_addrs,
+        sockets,
+        metrics: metrics_listener,
+        mut control,
+        cgroups,
+        fd_limit,
+        counters,
+        controller,
+        handoff_thread,
+        mut events,
+        mut signals,
+    } = parts;
+    let mut children = signal(SignalKind::child()).map_err(PrimaryError::Signals)?;
+    let metrics = Arc::new(Metrics::new(counters.clone()));
+    let metrics_fd = metrics_listener.as_ref().map(AsRawFd::as_raw_fd);
+    let mut scrapes = serve_metrics(metrics_listener);
     let mut monitor = tokio::time::interval(settings.monitor_interval);
     let (notes_tx, mut notes) = crate::notify::channel();
     let supervisor = Supervisor::new(
         settings,
         controller.clone(),
-        bound.sockets,
+        sockets,
         metrics.clone(),
-        bound.cgroups,
-        bound.fd_limit,
+        cgroups,
+        fd_limit,
         notes_tx,
     )
-    .serving(bound.listen_addrs.clone());
+    .serving(listen_addrs.clone());
+    let (probe_tx, mut probes) = mpsc::unbounded_channel();
+    let upgrading = upgrading::Upgrading::new(
+        listen_addrs,
+        control.raw_fd(),
+        metrics_fd,
+        fd_limit,
+        probe_tx,
+    );
     let mut primary = Primary {
         supervisor,
         counters,
@@ -237,8 +311,12 @@ pub async fn run(
         stop_at: None,
         handoff: controller.clone(),
         systemd: Systemd::from_env(),
+        upgrading,
     };
-    primary.supervisor.start_all();
+    match start {
+        Start::Fresh => primary.supervisor.start_all(),
+        Start::Carried(carried) => primary.take_over(*carried),
+    }
     let (requests_tx, mut requests) = mpsc::unbounded_channel::<PendingRequest>();
     let watching = primary.supervisor.watches_sockets();
     let mut watch = socket_watch();
@@ -260,6 +338,8 @@ pub async fn run(
             _ = watch.tick(), if watching => primary.supervisor.watch_sockets(&primary.counters),
             Some(event) = signals.recv() => primary.on_signal(event),
             due = primary.systemd.due() => primary.systemd.on_due(due),
+            Some(answer) = probes.recv() => primary.probe_answered(answer, &events),
+            _ = sleep_until_opt(primary.upgrading.due()) => primary.upgrading.overdue(),
         }
         primary
             .systemd
@@ -380,6 +460,8 @@ struct Primary {
     handoff: Controller,
     /// What herd owes its service manager (`NOTIFY_SOCKET`).
     systemd: Systemd,
+    /// `herd upgrade`: what it needs, and one under way.
+    upgrading: upgrading::Upgrading,
 }
 
 impl Primary {
@@ -391,7 +473,12 @@ impl Primary {
         let PendingRequest { request, reply } = pending;
         match request {
             ControlRequest::Status => {
-                let report = status_report(&self.supervisor, &self.counters, self.started);
+                let report = status_report(
+                    &self.supervisor,
+                    &self.counters,
+                    self.started,
+                    &self.upgrading.record,
+                );
                 let _ = reply.send(Response {
                     ok: true,
                     message: String::new(),
@@ -417,6 +504,7 @@ impl Primary {
                 self.stop_after_delay("herd stop");
                 self.stop_waiters.push(reply);
             }
+            ControlRequest::Upgrade => self.start_upgrade("herd upgrade", Some(reply)),
         }
     }
 
@@ -499,13 +587,19 @@ fn start_reload(primary: &mut Primary, reply: oneshot::Sender<Response>) {
     });
 }
 
-fn status_report(supervisor: &Supervisor, counters: &Counters, started: Instant) -> StatusReport {
+fn status_report(
+    supervisor: &Supervisor,
+    counters: &Counters,
+    started: Instant,
+    upgrades: &status::UpgradeRecord,
+) -> StatusReport {
     let settings = supervisor.settings();
     let workers = supervisor.status(|slot| counters.handed_off[slot].load(Relaxed));
     let handed: Vec<u64> = workers.iter().map(|w| w.handed_off).collect();
     StatusReport {
         fairness: status::fairness(&handed),
         kernel_dealt: counters.kernel_dealt.load(Relaxed),
+        upgrades: upgrades.clone(),
         pid: std::process::id(),
         phase: status::phase_name(supervisor.phase()),
         uptime_secs: started.elapsed().as_secs_f64(),

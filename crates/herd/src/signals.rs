@@ -28,17 +28,21 @@ pub enum SignalEvent {
     AddWorker,
     /// SIGTTOU: one worker fewer, never below one.
     RemoveWorker,
+    /// SIGUSR2: re-execute herd's binary in place (`herd upgrade`), as
+    /// nginx and unicorn do on it.
+    Upgrade,
 }
 
 impl SignalEvent {
     /// Every event with the signal that asks for it.
-    pub const ALL: [(SignalEvent, i32); 6] = [
+    pub const ALL: [(SignalEvent, i32); 7] = [
         (SignalEvent::Terminate, nix::libc::SIGTERM),
         (SignalEvent::Interrupt, nix::libc::SIGINT),
         (SignalEvent::Quit, nix::libc::SIGQUIT),
         (SignalEvent::Reload, nix::libc::SIGHUP),
         (SignalEvent::AddWorker, nix::libc::SIGTTIN),
         (SignalEvent::RemoveWorker, nix::libc::SIGTTOU),
+        (SignalEvent::Upgrade, nix::libc::SIGUSR2),
     ];
 
     /// The signal's name, for the log (`SIGTERM`, ...).
@@ -50,6 +54,7 @@ impl SignalEvent {
             SignalEvent::Reload => "SIGHUP",
             SignalEvent::AddWorker => "SIGTTIN",
             SignalEvent::RemoveWorker => "SIGTTOU",
+            SignalEvent::Upgrade => "SIGUSR2",
         }
     }
 }

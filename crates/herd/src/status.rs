@@ -48,6 +48,20 @@ pub struct StatusReport {
     /// Of the hand-offs, those the kernel rotation dealt (Node workers).
     #[serde(default)]
     pub kernel_dealt: u64,
+    /// `herd upgrade`s of this herd: how many took over, how many did not.
+    #[serde(default)]
+    pub upgrades: UpgradeRecord,
+}
+
+/// What became of `herd upgrade`s (carried over each one).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeRecord {
+    /// Upgrades where the new binary took over.
+    pub done: u64,
+    /// Upgrades refused, or whose new binary failed (the old one went on).
+    pub failed: u64,
+    /// What the last one said.
+    pub last: Option<String>,
 }
 
 /// One row of `herd status` (and of its JSON): a slot and the worker that

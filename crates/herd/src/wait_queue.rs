@@ -62,6 +62,11 @@ impl<T> WaitQueue<T> {
         Some(item)
     }
 
+    /// Every item waiting, lane by lane, each lane front first.
+    pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
+        self.lanes.iter().flatten()
+    }
+
     /// The front item of every lane.
     pub fn fronts(&self) -> impl Iterator<Item = &T> + '_ {
         self.lanes.iter().filter_map(VecDeque::front)

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncReadExt;
 use tracing::{debug, warn};
 
 use crate::ids::SlotIx;
@@ -83,36 +83,72 @@ pub fn lines_dropped(stream: Stream) -> u64 {
     cell(stream).get().map_or(0, |q| q.dropped.load(Relaxed))
 }
 
+/// A pipe being forwarded: its fd number while it is open, so that
+/// `herd upgrade` can carry it. Read on the main thread's runtime only
+/// (herd's is single-threaded), so between two awaits the forwarding task
+/// cannot close the fd under it.
+#[derive(Debug, Clone)]
+pub struct Pipe {
+    fd: std::os::fd::RawFd,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Pipe {
+    /// The fd, while the forwarding task still holds it.
+    pub fn fd(&self) -> Option<std::os::fd::RawFd> {
+        self.open.load(Relaxed).then_some(self.fd)
+    }
+}
+
 /// Copies the pipe `fd` (a worker's stdout, or its stderr, as `origin`
 /// says; or a Node app's own primary's) to herd's, each line framed as
 /// `framing` says (`log_lines`), on the current tokio runtime, until the
 /// process closes it.
-pub fn forward(fd: OwnedFd, origin: Origin, framing: Framing) {
+pub fn forward(fd: OwnedFd, origin: Origin, framing: Framing) -> Option<Pipe> {
     let stream = if origin.stderr {
         Stream::Stderr
     } else {
         Stream::Stdout
     };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
     match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
         Ok(pipe) => {
-            tokio::spawn(forward_lines(pipe, origin, framing, queue(stream)));
+            let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let closed = open.clone();
+            tokio::spawn(async move {
+                forward_lines(pipe, origin, framing, queue(stream)).await;
+                // The fd closed as `forward_lines` returned; nothing ran
+                // on this thread in between (no await), so no reader of
+                // `fd()` saw a closed number.
+                closed.store(false, Relaxed);
+            });
+            Some(Pipe { fd: raw, open })
         }
-        Err(e) => debug!(pid = origin.pid, "cannot read the process's output: {e}"),
+        Err(e) => {
+            debug!(pid = origin.pid, "cannot read the process's output: {e}");
+            None
+        }
     }
 }
 
 /// [`forward`] for a worker of `slot`.
-pub fn forward_worker(fd: OwnedFd, slot: SlotIx, pid: u32, stderr: bool, framing: Framing) {
+pub fn forward_worker(
+    fd: OwnedFd,
+    slot: SlotIx,
+    pid: u32,
+    stderr: bool,
+    framing: Framing,
+) -> Option<Pipe> {
     let origin = Origin {
         slot: Some(slot.get()),
         pid,
         stderr,
     };
-    forward(fd, origin, framing);
+    forward(fd, origin, framing)
 }
 
 async fn forward_lines(
-    mut pipe: impl AsyncRead + Unpin,
+    mut pipe: tokio::net::unix::pipe::Receiver,
     origin: Origin,
     framing: Framing,
     queue: &OutputQueue,

@@ -508,6 +508,7 @@ mod tests {
             workers: vec![],
             fairness: None,
             kernel_dealt: 0,
+            upgrades: Default::default(),
         };
         let addr = |a: &str| target_of(&status(a)).unwrap().addr.to_string();
         assert_eq!(addr("0.0.0.0:3000"), "127.0.0.1:3000");

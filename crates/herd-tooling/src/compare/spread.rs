@@ -145,6 +145,7 @@ mod tests {
                 .collect(),
             fairness: None,
             kernel_dealt: 0,
+            upgrades: Default::default(),
         }
     }
 

@@ -39,6 +39,20 @@ impl HandoffLoop {
             None if self.listeners.len() < MAX_LISTENERS => self.listeners.push(None),
             None => return Err(AddListenerError::TableFull),
         };
+        self.install_listener(listener, socket, node_key)?;
+        Ok(listener)
+    }
+
+    /// Puts a bound listener at index `listener` (a free one, which
+    /// [`HandoffLoop::add_listener`] picks; or the one it had before
+    /// `herd upgrade`).
+    pub(super) fn install_listener(
+        &mut self,
+        listener: ListenerIx,
+        socket: std::net::TcpListener,
+        node_key: Option<String>,
+    ) -> io::Result<()> {
+        self.listeners.reach(listener, || None);
         let local = socket.local_addr()?;
         let rotation = self.start_rotation(&socket, local);
         let mut socket = mio::net::TcpListener::from_std(socket);
@@ -58,7 +72,7 @@ impl HandoffLoop {
             rotation,
         });
         self.counters.set_listener(listener, Some(local));
-        Ok(listener)
+        Ok(())
     }
 
     /// Closes a listener bound for Node apps once no worker listens on it

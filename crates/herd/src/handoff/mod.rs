@@ -30,6 +30,7 @@
 mod accepting;
 mod app_primary;
 mod channel;
+mod handover;
 mod listeners;
 mod messages;
 mod workers;
@@ -39,6 +40,7 @@ use accepting::{reserve_fd, Refusals};
 use channel::{
     take_in_flight, BadMessage, Message, Protocol, ProtocolErrors, ReadEnd, WorkerChannel,
 };
+pub use handover::{spawn_carried, CarriedLoop};
 use workers::Retired;
 
 use std::collections::VecDeque;
@@ -125,6 +127,12 @@ pub enum Command {
     StopAccepting,
     /// End the loop now.
     Exit,
+    /// `herd upgrade`: describe everything the loop holds and stop turning
+    /// until [`Command::Thaw`] (`handover`); the reply says why not if the
+    /// loop cannot be described, and it is not frozen then.
+    Freeze(std::sync::mpsc::SyncSender<Result<CarriedLoop, String>>),
+    /// The upgrade did not happen: turn again, as if nothing had.
+    Thaw,
     /// `/livez`: the loop answers when it gets to it, proving it turns.
     Ping(tokio::sync::oneshot::Sender<()>),
     /// `node.primary = "run"`: relay workers' messages and lives to the
@@ -188,54 +196,23 @@ pub fn spawn(
     measure_latency: bool,
     backlog: u32,
 ) -> io::Result<(Controller, JoinHandle<()>)> {
-    let poll = Poll::new()?;
-    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-    let (commands_tx, commands) = mpsc::channel();
     // No listener configured: Node apps say what to listen on.
     let listen_on_demand = listeners.is_empty();
-    let mut handoff_loop = HandoffLoop {
-        poll,
-        listeners: Table::with_capacity(listeners.len()),
-        listen_on_demand,
-        backlog,
-        channels: Table::new(),
-        active: Table::new(),
-        dispatcher: Dispatcher::new(mode),
-        queue: WaitQueue::default(),
+    let (mut handoff_loop, controller) = HandoffLoop::new(
+        mode,
         limits,
-        commands,
         events,
         counters,
         measure_latency,
-        next_connection_id: 0,
-        accept_paused_until: None,
-        accept_backoff: ACCEPT_BACKOFF_MIN,
-        shutting_down: false,
-        stopped_accepting: false,
-        tally_due: None,
-        hang_check_due: None,
-        more_to_read: Vec::new(),
-        scratch: Vec::with_capacity(READ_BUDGET_MESSAGES),
-        reserve_fd: reserve_fd(),
-        fd_short_since: None,
-        capacity_epoch: 0,
-        app_primary: Default::default(),
-    };
+        backlog,
+        listen_on_demand,
+    )?;
     for bound in listeners {
         handoff_loop
             .add_listener(bound.socket, None)
             .map_err(io::Error::other)?;
     }
-    let thread = std::thread::Builder::new()
-        .name("herd-handoff".into())
-        .spawn(move || handoff_loop.run())?;
-    Ok((
-        Controller {
-            commands: commands_tx,
-            waker,
-        },
-        thread,
-    ))
+    handoff_loop.start(controller)
 }
 
 struct Listening {
@@ -373,6 +350,62 @@ struct HandoffLoop {
 }
 
 impl HandoffLoop {
+    /// A loop with no listener and no worker yet, and its controller.
+    fn new(
+        mode: Mode,
+        limits: HandoffSettings,
+        events: tokio::sync::mpsc::UnboundedSender<Event>,
+        counters: Arc<Counters>,
+        measure_latency: bool,
+        backlog: u32,
+        listen_on_demand: bool,
+    ) -> io::Result<(HandoffLoop, Controller)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (commands_tx, commands) = mpsc::channel();
+        let handoff_loop = HandoffLoop {
+            poll,
+            listeners: Table::new(),
+            listen_on_demand,
+            backlog,
+            channels: Table::new(),
+            active: Table::new(),
+            dispatcher: Dispatcher::new(mode),
+            queue: WaitQueue::default(),
+            limits,
+            commands,
+            events,
+            counters,
+            measure_latency,
+            next_connection_id: 0,
+            accept_paused_until: None,
+            accept_backoff: ACCEPT_BACKOFF_MIN,
+            shutting_down: false,
+            stopped_accepting: false,
+            tally_due: None,
+            hang_check_due: None,
+            more_to_read: Vec::new(),
+            scratch: Vec::with_capacity(READ_BUDGET_MESSAGES),
+            reserve_fd: reserve_fd(),
+            fd_short_since: None,
+            capacity_epoch: 0,
+            app_primary: Default::default(),
+        };
+        let controller = Controller {
+            commands: commands_tx,
+            waker,
+        };
+        Ok((handoff_loop, controller))
+    }
+
+    /// Runs the loop on a thread of its own.
+    fn start(self, controller: Controller) -> io::Result<(Controller, JoinHandle<()>)> {
+        let thread = std::thread::Builder::new()
+            .name("herd-handoff".into())
+            .spawn(move || self.run())?;
+        Ok((controller, thread))
+    }
+
     fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         while !self.shutting_down {
@@ -488,46 +521,56 @@ impl HandoffLoop {
 
     fn run_commands(&mut self) {
         while let Ok(command) = self.commands.try_recv() {
-            match command {
-                Command::AddWorker { worker, channel } => self.add_worker(worker, channel),
-                Command::Serve { worker } => {
-                    if let Some(channel) = self.find(worker) {
-                        self.serve(channel);
-                    }
-                }
-                Command::Drain { worker } => {
-                    if let Some(channel) = self.find(worker) {
-                        self.drain(channel);
-                    }
-                }
-                Command::Forget { worker } => {
-                    if let Some(channel) = self.find(worker) {
-                        self.retire(channel, Retired::ProcessExited);
-                    }
-                }
-                Command::SetSlots { count } => self.active.truncate(count.min(MAX_WORKERS)),
-                Command::SetLimits(limits) => self.set_limits(limits),
-                Command::StopAccepting => {
-                    self.stopped_accepting = true;
-                    // Last count of what the kernel dealt, for the closing tally.
-                    self.tally_kernel_rotations();
-                    self.tally_due = None;
-                    self.listeners.clear();
-                    self.flush_queue();
-                }
-                Command::Exit => self.shutting_down = true,
-                Command::Ping(reply) => {
-                    let _ = reply.send(());
-                }
-                Command::AppPrimaryRuns => self.app_primary.runs = true,
-                Command::AppPrimary { pid, channel } => self.set_app_primary(pid, channel),
-                Command::WorkerExited {
-                    slot,
-                    pid,
-                    code,
-                    signal,
-                } => self.app_primary_exit(slot, pid, code, signal),
+            self.run_command(command);
+            if self.shutting_down {
+                return;
             }
+        }
+    }
+
+    fn run_command(&mut self, command: Command) {
+        match command {
+            Command::AddWorker { worker, channel } => self.add_worker(worker, channel),
+            Command::Serve { worker } => {
+                if let Some(channel) = self.find(worker) {
+                    self.serve(channel);
+                }
+            }
+            Command::Drain { worker } => {
+                if let Some(channel) = self.find(worker) {
+                    self.drain(channel);
+                }
+            }
+            Command::Forget { worker } => {
+                if let Some(channel) = self.find(worker) {
+                    self.retire(channel, Retired::ProcessExited);
+                }
+            }
+            Command::SetSlots { count } => self.active.truncate(count.min(MAX_WORKERS)),
+            Command::SetLimits(limits) => self.set_limits(limits),
+            Command::StopAccepting => {
+                self.stopped_accepting = true;
+                // Last count of what the kernel dealt, for the closing tally.
+                self.tally_kernel_rotations();
+                self.tally_due = None;
+                self.listeners.clear();
+                self.flush_queue();
+            }
+            Command::Exit => self.shutting_down = true,
+            Command::Ping(reply) => {
+                let _ = reply.send(());
+            }
+            Command::AppPrimaryRuns => self.app_primary.runs = true,
+            Command::AppPrimary { pid, channel } => self.set_app_primary(pid, channel),
+            Command::WorkerExited {
+                slot,
+                pid,
+                code,
+                signal,
+            } => self.app_primary_exit(slot, pid, code, signal),
+            Command::Freeze(reply) => self.freeze(reply),
+            // Not frozen (the freeze was refused): nothing to do.
+            Command::Thaw => {}
         }
     }
 

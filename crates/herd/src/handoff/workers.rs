@@ -14,6 +14,16 @@ pub(super) enum Retired {
 
 impl HandoffLoop {
     pub(super) fn add_worker(&mut self, added: NewWorker, fd: OwnedFd) {
+        let Some(channel) = self.insert_channel(added, fd) else {
+            return;
+        };
+        self.app_primary_worker_added(channel);
+        // READY may already be waiting on the channel.
+        self.read_worker(channel);
+    }
+
+    /// Files a new worker's channel (starting, nothing sent) and watches it.
+    pub(super) fn insert_channel(&mut self, added: NewWorker, fd: OwnedFd) -> Option<ChannelIx> {
         let NewWorker {
             slot,
             worker,
@@ -28,7 +38,7 @@ impl HandoffLoop {
                 event = "slot_out_of_range",
                 "worker slot out of range; closing its channel"
             );
-            return;
+            return None;
         }
         self.active.reach(slot, || None);
         let channel = match self.channels.position(Option::is_none) {
@@ -46,7 +56,7 @@ impl HandoffLoop {
                 event = "channel_watch_failed",
                 "cannot watch worker channel: {e}"
             );
-            return;
+            return None;
         }
         if hang_timeout.is_some() {
             self.hang_check_due
@@ -75,9 +85,7 @@ impl HandoffLoop {
                 Protocol::Herd
             },
         });
-        self.app_primary_worker_added(channel);
-        // READY may already be waiting on the channel.
-        self.read_worker(channel);
+        Some(channel)
     }
 
     /// The worker said READY: the supervisor decides what follows.

@@ -20,6 +20,7 @@
 //! combination of events cannot leave a slot empty.
 //! [`Lifecycle::check_invariants`] states it in code, for the tests.
 
+mod adopt;
 mod moves;
 mod reconcile;
 mod reload;
@@ -48,6 +49,7 @@ use nix::sys::signal::Signal;
 use crate::config::{RestartSettings, Settings, MAX_WORKERS};
 use crate::ids::{SlotIx, Table, WorkerId};
 use crate::status::{Phase, SlotState};
+pub use adopt::{Adopted, CarriedCore, CarriedSlot};
 use reload::Reload;
 use slot::Slot;
 #[cfg(test)]

@@ -59,6 +59,16 @@ impl World {
         world
     }
 
+    /// A world around a core made elsewhere (as `herd upgrade` makes one).
+    pub fn around(core: Lifecycle) -> World {
+        World {
+            core,
+            now: Instant::now(),
+            next_pid: 1000,
+            spawns_succeed: true,
+        }
+    }
+
     /// Hands `event` to the core, answers its spawns the way the supervisor
     /// does, checks the invariant; returns every action that followed.
     pub fn handle(&mut self, event: Event) -> Vec<Action> {

@@ -32,7 +32,12 @@ impl Primary {
                 body: self.render_metrics(),
             },
             Query::Status => {
-                let report = status_report(&self.supervisor, &self.counters, self.started);
+                let report = status_report(
+                    &self.supervisor,
+                    &self.counters,
+                    self.started,
+                    &self.upgrading.record,
+                );
                 Answer {
                     status: StatusCode::OK,
                     content_type: "application/json",

@@ -108,6 +108,7 @@ impl Primary {
                 let target = self.supervisor.worker_count().saturating_sub(1).max(1);
                 self.scale_by_signal(name, target);
             }
+            SignalEvent::Upgrade => self.start_upgrade("SIGUSR2", None),
         }
     }
 

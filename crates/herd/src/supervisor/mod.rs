@@ -24,10 +24,12 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 mod app_primary;
+mod handover;
 mod record;
 mod start;
 mod sweep;
 
+pub use handover::CarriedSupervisor;
 use record::Process;
 
 use crate::activation::WorkerSockets;
@@ -87,6 +89,9 @@ pub struct Supervisor {
     /// Orphans reaped: processes a worker left that were re-parented to
     /// herd (its subreaper, or PID 1). Logged at the 1st, 2nd, 4th, ...
     orphans: Occurrences,
+    /// Children herd started that are not workers (`herd upgrade`'s dry
+    /// run): reaped without being logged as orphans.
+    expected: std::collections::BTreeSet<u32>,
 }
 
 impl Supervisor {
@@ -103,6 +108,7 @@ impl Supervisor {
         Supervisor {
             app_primary: AppPrimary::of(&settings),
             orphans: Occurrences::default(),
+            expected: Default::default(),
             cpu_seconds: vec![0.0; core.slot_count()],
             core,
             versions: BTreeMap::from([(Version(0), Arc::new(settings))]),
@@ -126,6 +132,11 @@ impl Supervisor {
     pub fn serving(mut self, served: Vec<SocketAddr>) -> Supervisor {
         self.served = served;
         self
+    }
+
+    /// `pid` is a child herd started for itself: reaped, not reported.
+    pub fn expect_child(&mut self, pid: u32) {
+        self.expected.insert(pid);
     }
 
     /// Starts a worker in every slot.
@@ -329,7 +340,9 @@ impl Supervisor {
                 break;
             };
             let Some(id) = worker else {
-                self.reaped_orphan(pid, status);
+                if !self.expected.remove(&pid) {
+                    self.reaped_orphan(pid, status);
+                }
                 continue;
             };
             self.by_pid.remove(&pid);

@@ -9,6 +9,7 @@ use crate::ids::SlotIx;
 use crate::notify::{Heard, Listening};
 use crate::probe::Probing;
 use crate::procstat::{self, Sample};
+use crate::worker_output::Pipe;
 
 #[derive(Debug)]
 pub(super) struct Process {
@@ -25,6 +26,8 @@ pub(super) struct Process {
     pub heard: Heard,
     /// Its readiness probe (`ready = "tcp"`, `"http:/path"`); dropped with it.
     pub _probe: Option<Probing>,
+    /// Its stdout and stderr as herd forwards them (`herd upgrade` carries them).
+    pub output: Vec<Option<Pipe>>,
 }
 
 impl Process {

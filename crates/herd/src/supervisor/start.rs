@@ -21,7 +21,7 @@ impl Supervisor {
     }
 
     /// A cgroup for worker `id` of `slot` (kill_mode control-group).
-    fn leaf_for(&self, slot: SlotIx, id: WorkerId) -> Result<Option<Leaf>, String> {
+    pub(super) fn leaf_for(&self, slot: SlotIx, id: WorkerId) -> Result<Option<Leaf>, String> {
         let Some(tree) = &self.cgroups else {
             return Ok(None);
         };
@@ -71,8 +71,10 @@ impl Supervisor {
             "worker started"
         );
         let framing = settings.framing;
-        worker_output::forward_worker(started.stdout, slot, pid, false, framing);
-        worker_output::forward_worker(started.stderr, slot, pid, true, framing);
+        let output = vec![
+            worker_output::forward_worker(started.stdout, slot, pid, false, framing),
+            worker_output::forward_worker(started.stderr, slot, pid, true, framing),
+        ];
         let recycle_after = settings.recycle_after(id.0);
         let heard = Heard::new(notify.as_ref().and_then(|socket| socket.watchdog));
         let notify = notify.and_then(|socket| socket.listen(id, pid, self.notes.clone()));
@@ -89,6 +91,7 @@ impl Supervisor {
                 _notify: notify,
                 heard,
                 _probe: probe,
+                output,
             },
         );
         self.by_pid.insert(pid, id);

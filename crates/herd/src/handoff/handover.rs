@@ -1,0 +1,329 @@
+//! The hand-off loop across `herd upgrade`: frozen, described, and rebuilt
+//! in the new herd from the description.
+//!
+//! Freezing ([`Command::Freeze`]) describes every listener, worker channel
+//! and connection the loop holds ([`CarriedLoop`]: fd numbers and what the
+//! loop knows of each) and then stops the loop turning: nothing is
+//! accepted, read or sent until [`Command::Thaw`], so the description stays
+//! true until the exec replaces the process (the fds stay open through
+//! it). Meanwhile new connections wait in the kernel's accept queues and
+//! what workers send waits on their channels; the new herd's loop, built
+//! by [`spawn_carried`], reads them. A loop that cannot be described (a
+//! worker not serving, a Node channel with lines not yet written, kernel
+//! rotation's per-slot sockets) is not frozen, and the upgrade is refused.
+
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+use crate::node_ipc::CarriedNodeChannel;
+
+/// Everything the loop holds, by fd number, as the new herd takes it over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CarriedLoop {
+    /// By listener index; `None`: a released index.
+    pub listeners: Vec<Option<CarriedListener>>,
+    pub channels: Vec<CarriedChannel>,
+    /// Accepted connections no worker has yet, lane by lane.
+    pub queue: Vec<CarriedConnection>,
+    pub next_connection_id: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CarriedListener {
+    pub fd: RawFd,
+    /// Bound for a Node app's `listen` (its key), not configured.
+    pub node_key: Option<String>,
+}
+
+/// A serving worker's channel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CarriedChannel {
+    pub slot: usize,
+    pub worker: u64,
+    pub pid: u32,
+    pub fd: RawFd,
+    pub hang_timeout_ms: Option<u64>,
+    pub recycle_after: Option<u64>,
+    pub sent: u64,
+    pub acked: u64,
+    pub closed: Option<u64>,
+    /// Sent and not yet acknowledged, oldest first.
+    pub in_flight: Vec<CarriedConnection>,
+    /// A Node worker's channel state; `None`: herd's protocol.
+    pub node: Option<CarriedNodeChannel>,
+}
+
+/// A connection between accept and its worker's acknowledgement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CarriedConnection {
+    pub fd: RawFd,
+    pub id: u64,
+    pub listener: u16,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// How long ago it was accepted (its `queue_timeout` goes on from there).
+    pub age_ms: u64,
+    /// How long ago it was sent (in flight only): its `ack_timeout` and
+    /// `hang_timeout` go on from there.
+    pub sent_ms: Option<u64>,
+    pub refused_by: Option<usize>,
+}
+
+impl CarriedLoop {
+    /// Every fd the description names, for the exec to keep open.
+    pub fn fds(&self) -> Vec<RawFd> {
+        let listeners = self.listeners.iter().flatten().map(|l| l.fd);
+        let channels = self
+            .channels
+            .iter()
+            .flat_map(|c| std::iter::once(c.fd).chain(c.in_flight.iter().map(|conn| conn.fd)));
+        let queued = self.queue.iter().map(|conn| conn.fd);
+        listeners.chain(channels).chain(queued).collect()
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn ago(now: Instant, ms: u64) -> Instant {
+    now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)
+}
+
+fn carried_connection(
+    conn: &Accepted,
+    now: Instant,
+    sent_at: Option<Instant>,
+) -> CarriedConnection {
+    CarriedConnection {
+        fd: conn.stream.as_raw_fd(),
+        id: conn.handoff.connection_id,
+        listener: conn.handoff.listener,
+        peer: conn.handoff.peer,
+        local: conn.handoff.local,
+        age_ms: millis(now.saturating_duration_since(conn.accepted_at)),
+        sent_ms: sent_at.map(|at| millis(now.saturating_duration_since(at))),
+        refused_by: conn.refused_by.map(SlotIx::get),
+    }
+}
+
+/// Takes the fd back and makes the connection again (see
+/// [`herd_protocol::fdpass::adopt_inherited_fd`]).
+fn connection_of(carried: &CarriedConnection, now: Instant) -> io::Result<Accepted> {
+    let fd = fdpass::adopt_inherited_fd(carried.fd)?;
+    let stream = std::net::TcpStream::from(fd);
+    stream.set_nonblocking(true)?;
+    Ok(Accepted {
+        stream: mio::net::TcpStream::from_std(stream),
+        handoff: Handoff {
+            connection_id: carried.id,
+            listener: carried.listener,
+            peer: carried.peer,
+            local: carried.local,
+        },
+        accepted_at: ago(now, carried.age_ms),
+        refused_by: carried.refused_by.map(SlotIx),
+        refusals: Refusals::default(),
+    })
+}
+
+impl HandoffLoop {
+    /// Describes the loop and freezes it until [`Command::Thaw`] (module
+    /// docs); a loop that cannot be described is not frozen.
+    pub(super) fn freeze(&mut self, reply: mpsc::SyncSender<Result<CarriedLoop, String>>) {
+        let carried = self.carried();
+        let described = carried.is_ok();
+        let _ = reply.send(carried);
+        if !described {
+            return;
+        }
+        let mut held = Vec::new();
+        loop {
+            match self.commands.recv() {
+                Ok(Command::Thaw) => break,
+                Ok(Command::Ping(reply)) => {
+                    let _ = reply.send(());
+                }
+                Ok(Command::Exit) | Err(_) => {
+                    self.shutting_down = true;
+                    break;
+                }
+                Ok(other) => held.push(other),
+            }
+        }
+        for command in held {
+            self.run_command(command);
+        }
+    }
+
+    fn carried(&self) -> Result<CarriedLoop, String> {
+        if self.app_primary.runs {
+            return Err("a Node app's own primary runs (node.primary = \"run\")".into());
+        }
+        let mut listeners = Vec::with_capacity(self.listeners.len());
+        for listening in self.listeners.iter() {
+            listeners.push(match listening {
+                None => None,
+                Some(l) if l.rotation.is_some() => {
+                    return Err("kernel rotation's per-slot sockets cannot be carried".into())
+                }
+                Some(l) => Some(CarriedListener {
+                    fd: l.socket.as_raw_fd(),
+                    node_key: l.node_key.clone(),
+                }),
+            });
+        }
+        let now = Instant::now();
+        let mut channels = Vec::new();
+        for worker in self.channels.iter().flatten() {
+            channels.push(carried_channel(worker, now)?);
+        }
+        let queue = self
+            .queue
+            .iter()
+            .map(|conn| carried_connection(conn, now, None))
+            .collect();
+        Ok(CarriedLoop {
+            listeners,
+            channels,
+            queue,
+            next_connection_id: self.next_connection_id,
+        })
+    }
+
+    /// Rebuilds what `carried` describes: listeners at their indices,
+    /// channels serving their slots with what they had in flight, the queue.
+    fn restore(&mut self, carried: CarriedLoop) -> io::Result<()> {
+        let now = Instant::now();
+        self.next_connection_id = carried.next_connection_id;
+        for (index, listener) in carried.listeners.into_iter().enumerate() {
+            let ix = ListenerIx::at(index);
+            self.listeners.reach(ix, || None);
+            if let Some(listener) = listener {
+                let socket = std::net::TcpListener::from(fdpass::adopt_inherited_fd(listener.fd)?);
+                socket.set_nonblocking(true)?;
+                self.install_listener(ix, socket, listener.node_key)?;
+            }
+        }
+        let mut restored = Vec::new();
+        for channel in carried.channels {
+            restored.push(self.restore_channel(channel, now)?);
+        }
+        for conn in &carried.queue {
+            let conn = connection_of(conn, now)?;
+            self.queue.push_back(conn.listener(), conn);
+        }
+        // What the workers sent while herd re-executed.
+        for channel in restored {
+            self.read_worker(channel);
+        }
+        self.flush_queue();
+        Ok(())
+    }
+
+    fn restore_channel(&mut self, carried: CarriedChannel, now: Instant) -> io::Result<ChannelIx> {
+        let fd = fdpass::adopt_inherited_fd(carried.fd)?;
+        let slot = SlotIx(carried.slot);
+        let added = NewWorker {
+            slot,
+            worker: WorkerId(carried.worker),
+            pid: carried.pid,
+            node: carried.node.is_some(),
+            recycle_after: carried.recycle_after,
+            hang_timeout: carried.hang_timeout_ms.map(Duration::from_millis),
+        };
+        let channel = self
+            .insert_channel(added, fd)
+            .ok_or_else(|| io::Error::other(format!("slot {slot}: cannot watch its channel")))?;
+        let mut in_flight = VecDeque::with_capacity(carried.in_flight.len());
+        for conn in &carried.in_flight {
+            let sent_at = ago(now, conn.sent_ms.unwrap_or(0));
+            in_flight.push_back(InFlight {
+                conn: connection_of(conn, now)?,
+                sent_at,
+            });
+        }
+        self.counters
+            .in_flight
+            .fetch_add(in_flight.len() as u64, Relaxed);
+        let worker = self.channels[channel].as_mut().expect("inserted just now");
+        worker.role = Role::Serving;
+        worker.sent = carried.sent;
+        worker.acked = carried.acked;
+        worker.closed = carried.closed;
+        worker.in_flight = in_flight;
+        if let Some(node) = carried.node {
+            worker.protocol = Protocol::Node(NodeChannel::from_carried(node));
+        }
+        self.active[slot] = Some(channel);
+        Ok(channel)
+    }
+}
+
+fn carried_channel(worker: &WorkerChannel, now: Instant) -> Result<CarriedChannel, String> {
+    if worker.role != Role::Serving || worker.hung || worker.drain_pending {
+        return Err(format!(
+            "the worker in slot {} (pid {}) is not serving",
+            worker.slot, worker.pid
+        ));
+    }
+    let node = match &worker.protocol {
+        Protocol::Herd => None,
+        Protocol::Node(node) => Some(
+            node.carried()
+                .map_err(|e| format!("the worker in slot {}: {e}", worker.slot))?,
+        ),
+    };
+    Ok(CarriedChannel {
+        slot: worker.slot.get(),
+        worker: worker.worker.0,
+        pid: worker.pid,
+        fd: worker.channel.as_raw_fd(),
+        hang_timeout_ms: worker.hang_timeout.map(millis),
+        recycle_after: worker.recycle_after,
+        sent: worker.sent,
+        acked: worker.acked,
+        closed: worker.closed,
+        in_flight: worker
+            .in_flight
+            .iter()
+            .map(|entry| carried_connection(&entry.conn, now, Some(entry.sent_at)))
+            .collect(),
+        node,
+    })
+}
+
+/// [`spawn`], for the new herd after `herd upgrade`: the loop starts with
+/// what the old one carried instead of fresh listeners.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_carried(
+    carried: CarriedLoop,
+    mode: Mode,
+    limits: HandoffSettings,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    counters: Arc<Counters>,
+    measure_latency: bool,
+    backlog: u32,
+) -> io::Result<(Controller, JoinHandle<()>)> {
+    let (mut handoff_loop, controller) = HandoffLoop::new(
+        mode,
+        limits,
+        events,
+        counters,
+        measure_latency,
+        backlog,
+        false,
+    )?;
+    handoff_loop.restore(carried)?;
+    // Configured listeners came back: nothing is bound on demand unless
+    // none was configured, as before the upgrade.
+    handoff_loop.listen_on_demand = handoff_loop
+        .listeners
+        .iter()
+        .flatten()
+        .all(|l| l.node_key.is_some());
+    handoff_loop.start(controller)
+}
