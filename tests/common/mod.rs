@@ -126,20 +126,30 @@ impl Herd {
     /// [`Herd::start_under`], with `env` (name, value) set for herd too
     /// (e.g. a `NOTIFY_SOCKET` the test reads).
     pub fn start_with(dir: &Path, prefix: &[&str], env: &[(&str, &str)], args: &[&str]) -> Herd {
-        let herd_args = args.iter().take_while(|&&arg| arg != "--");
-        let chosen = herd_args.clone().any(|&arg| arg == "--log-format");
-        let format: &[&str] = if chosen {
-            &[]
-        } else {
-            &["--log-format", "json"]
-        };
-        let mut command = match prefix.split_first() {
+        let command = match prefix.split_first() {
             Some((program, prefix_args)) => {
                 let mut command = Command::new(program);
                 command.args(prefix_args).arg(herd_bin());
                 command
             }
             None => Command::new(herd_bin()),
+        };
+        Herd::spawn(command, dir, env, args)
+    }
+
+    /// `BINARY run ARGS` in `dir`: a herd run from a copy of its binary
+    /// (tests/upgrade.rs replaces the copy).
+    pub fn start_binary(dir: &Path, binary: &Path, args: &[&str]) -> Herd {
+        Herd::spawn(Command::new(binary), dir, &[], args)
+    }
+
+    fn spawn(mut command: Command, dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Herd {
+        let herd_args = args.iter().take_while(|&&arg| arg != "--");
+        let chosen = herd_args.clone().any(|&arg| arg == "--log-format");
+        let format: &[&str] = if chosen {
+            &[]
+        } else {
+            &["--log-format", "json"]
         };
         let mut child = command
             .arg("run")

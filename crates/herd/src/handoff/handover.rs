@@ -168,7 +168,7 @@ impl HandoffLoop {
             listeners.push(match listening {
                 None => None,
                 Some(l) if l.rotation.is_some() => {
-                    return Err("kernel rotation's per-slot sockets cannot be carried".into())
+                    return Err("rotation \"kernel\" (its per-slot sockets) cannot be carried over yet: use rotation \"handoff\", or restart herd instead".into())
                 }
                 Some(l) => Some(CarriedListener {
                     fd: l.socket.as_raw_fd(),

@@ -1,0 +1,288 @@
+//! `herd upgrade` (and SIGUSR2): herd re-executes its binary in place and
+//! goes on with the same workers. Each test runs herd from a copy of its
+//! binary in a scratch directory and replaces that copy (by rename, as a
+//! package manager does) with what the upgrade is to find: herd again, a
+//! broken program, or a wrapper that passes the dry run and then cannot
+//! take over. Under a steady load of real requests, no request may fail,
+//! the worker pids and herd's pid stay, and the counters go on.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+use common::load::{request, Load, STEADY};
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// `Handled by worker <pid>`, as the example workers and the seed's Node
+/// app answer.
+fn pid_in(body: &str) -> Option<u32> {
+    body.strip_prefix("Handled by worker ")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// What the binary herd was started as is replaced with.
+enum Binary {
+    /// herd, freshly copied: an upgrade to the same version is a real re-exec.
+    Herd,
+    /// A program that is no herd at all: it fails the dry run.
+    Broken,
+    /// Passes the dry run (it runs herd for it), then runs herd with a config
+    /// file that does not exist: the takeover fails after the exec, and the
+    /// old binary must take over again.
+    FailsToTakeOver,
+}
+
+/// Copies herd into `dir` as `herd`, the path herd is then started as.
+fn install(dir: &Path) -> PathBuf {
+    let path = dir.join("herd");
+    replace(dir, Binary::Herd);
+    path
+}
+
+/// Replaces `dir/herd` by renaming a new file over it: a herd running
+/// from the old file keeps its inode, as after a package upgrade.
+fn replace(dir: &Path, with: Binary) {
+    let staged = dir.join("herd.new");
+    let _ = std::fs::remove_file(&staged);
+    match with {
+        Binary::Herd => {
+            std::fs::copy(herd_bin(), &staged).unwrap();
+        }
+        Binary::Broken => script(&staged, "echo 'not herd: a broken build' >&2\nexit 1\n"),
+        Binary::FailsToTakeOver => script(
+            &staged,
+            &format!(
+                "if [ \"$1\" = __upgrade-probe ]; then exec {herd} \"$@\"; fi\n\
+                 exec {herd} run -c /nonexistent/herd.toml\n",
+                herd = herd_bin()
+            ),
+        ),
+    }
+    std::fs::rename(&staged, dir.join("herd")).unwrap();
+}
+
+fn script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// `herd upgrade`, with its own deadline (the dry run may take seconds).
+fn upgrade(dir: &Path) -> CliRun {
+    herd_cli_within(dir, &["upgrade"], Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn upgrades(status: &Value) -> (u64, u64) {
+    let record = &status["upgrades"];
+    (
+        record["done"].as_u64().unwrap(),
+        record["failed"].as_u64().unwrap(),
+    )
+}
+
+fn handed_off(status: &Value) -> u64 {
+    workers_of(status)
+        .iter()
+        .map(|w| w["handed_off"].as_u64().unwrap())
+        .sum()
+}
+
+/// herd from a copy of its binary, with `workers` of `command`.
+fn start(name: &str, workers: usize, command: &[&str]) -> (Herd, PathBuf) {
+    let workers = workers.to_string();
+    let mut flags = vec!["--workers", &workers, "--"];
+    flags.extend_from_slice(command);
+    start_with_flags(name, &flags)
+}
+
+/// herd from a copy of its binary on 127.0.0.1:0, with `flags`.
+fn start_with_flags(name: &str, flags: &[&str]) -> (Herd, PathBuf) {
+    let dir = scratch_dir(name);
+    let binary = install(&dir);
+    let mut args = vec!["--listen", "127.0.0.1:0"];
+    args.extend_from_slice(flags);
+    let herd = Herd::start_binary(&dir, &binary, &args);
+    (herd, dir)
+}
+
+#[test]
+fn upgrades_under_load_keep_every_worker_and_lose_no_request() {
+    let (herd, dir) = start("upgrade-load", 2, &[hello_worker()]);
+    herd.wait_all_ready(2);
+    let before = herd.status();
+    let load = Load::start(herd.addr(), pid_in);
+    load.settle(STEADY);
+
+    let steps = [
+        (Binary::Herd, Some(0), "upgraded: herd"),
+        (Binary::Broken, Some(1), "not herd: a broken build"),
+        (Binary::FailsToTakeOver, Some(1), "cannot read config file"),
+        (Binary::Herd, Some(0), "upgraded: herd"),
+    ];
+    for (binary, code, says) in steps {
+        replace(&dir, binary);
+        let run = upgrade(&dir);
+        assert_eq!(run.code, code, "{run:?}\nlog:\n{}", herd.log_text());
+        assert!(
+            run.stdout.contains(says) || run.stderr.contains(says),
+            "{says:?} in {run:?}"
+        );
+        load.settle(STEADY);
+    }
+    let outcomes = load.finish();
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.answer.is_err()).collect();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+
+    let after = herd.status();
+    assert_eq!(after["pid"], before["pid"], "herd kept its pid");
+    assert_eq!(after["pid"].as_u64(), Some(u64::from(herd.pid())));
+    assert_eq!(pids_of(&after), pids_of(&before), "the same workers");
+    assert_eq!(upgrades(&after), (2, 2), "{after}");
+    // Counted across the upgrades: every request answered was handed off.
+    assert_eq!(handed_off(&after), outcomes.len() as u64, "{after}");
+    assert_eq!(herd.events("upgraded", &[]).len(), 2);
+    assert_eq!(herd.events("upgrade_failed", &[]).len(), 2);
+    assert!(
+        herd.events("worker_started", &[]).len() == 2,
+        "no worker was started again:\n{}",
+        herd.log_text()
+    );
+}
+
+#[test]
+fn the_seeds_node_cluster_app_is_upgraded_under_load() {
+    if skip_unless_node("the_seeds_node_cluster_app_is_upgraded_under_load") {
+        return;
+    }
+    let app = format!(
+        "{}/workers/node/cluster-server.js",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    // Kernel rotation's per-slot sockets are not carried yet (refused by
+    // name, README "Upgrading herd"): the hand-off deals here.
+    let (herd, dir) = start_with_flags(
+        "upgrade-node",
+        &[
+            "--workers",
+            "2",
+            "--rotation",
+            "handoff",
+            "--",
+            "node",
+            &app,
+        ],
+    );
+    herd.wait_all_ready(2);
+    let before = pids_of(&herd.status());
+    let load = Load::start(herd.addr(), pid_in);
+    load.settle(STEADY);
+    for _ in 0..2 {
+        replace(&dir, Binary::Herd);
+        let run = upgrade(&dir);
+        assert_eq!(run.code, Some(0), "{run:?}\nlog:\n{}", herd.log_text());
+        load.settle(STEADY);
+    }
+    let outcomes = load.finish();
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.answer.is_err()).collect();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert_eq!(pids_of(&herd.status()), before);
+}
+
+/// Node is installed by scripts/test; without it (outside CI) skip.
+fn skip_unless_node(test: &str) -> bool {
+    let found = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    !found && skip_unless_ci(test, "needs node")
+}
+
+/// Connections sent to a worker that has not acknowledged them yet, and
+/// connections waiting in herd for a worker, are carried over the exec:
+/// the worker is stopped while they come in, herd upgrades, and once the
+/// worker goes on every one is answered.
+#[test]
+fn connections_in_flight_and_queued_are_carried_over() {
+    let dir = scratch_dir("upgrade-in-flight");
+    let binary = install(&dir);
+    let config = write_config(&dir, "hang_timeout = \"60s\"\n[handoff]\nmax_unacked = 2\n");
+    let config = config.display().to_string();
+    let args = [
+        "-c",
+        &config,
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--",
+        hello_worker(),
+    ];
+    let herd = Herd::start_binary(&dir, &binary, &args);
+    let worker = *herd.wait_all_ready(1).iter().next().unwrap();
+    let addr = herd.addr();
+    let metrics = metrics_addr(&herd);
+    let accepted = || {
+        let (_, _, text) = http(metrics, "GET", "/metrics");
+        sample(&text, "herd_connections_accepted_total{listener=\"0\"}")
+    };
+    signal(worker, Signal::SIGSTOP);
+    let clients: Vec<_> = (0..5)
+        .map(|_| thread::spawn(move || request(addr, pid_in)))
+        .collect();
+    // Two in flight to the stopped worker (max_unacked), three queued.
+    wait_until("5 connections accepted", || {
+        (accepted() >= 5.0).then_some(())
+    });
+    replace(&dir, Binary::Herd);
+    let run = upgrade(&dir);
+    assert_eq!(run.code, Some(0), "{run:?}\nlog:\n{}", herd.log_text());
+    // Counted before the exec, carried over it.
+    assert_eq!(accepted(), 5.0);
+    signal(worker, Signal::SIGCONT);
+    for client in clients {
+        let answered = client.join().unwrap();
+        assert_eq!(answered.ok(), Some(worker), "log:\n{}", herd.log_text());
+    }
+}
+
+#[test]
+fn sigusr2_upgrades_as_herd_upgrade_does() {
+    let (herd, dir) = start("upgrade-sigusr2", 1, &[hello_worker()]);
+    let before = herd.wait_all_ready(1);
+    replace(&dir, Binary::Herd);
+    signal(herd.pid(), Signal::SIGUSR2);
+    herd.wait_for_event("upgraded", &[], 1);
+    assert_eq!(herd.wait_all_ready(1), before);
+    assert_eq!(upgrades(&herd.status()), (1, 0));
+    request(herd.addr(), pid_in).unwrap();
+}
+
+/// What herd cannot carry yet is refused by name, before anything is
+/// frozen, and herd goes on serving.
+#[test]
+fn what_cannot_be_carried_over_is_refused_by_name() {
+    let (herd, dir) = start_mode("upgrade-reuseport", "reuseport");
+    herd.wait_all_ready(1);
+    let run = upgrade(&dir);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("mode \"reuseport\""), "{run:?}");
+    assert_eq!(upgrades(&herd.status()), (0, 1));
+    request(herd.addr(), pid_in).unwrap();
+    drop(herd);
+}
+
+fn start_mode(name: &str, mode: &str) -> (Herd, PathBuf) {
+    start_with_flags(
+        name,
+        &["--workers", "1", "--mode", mode, "--", hello_worker()],
+    )
+}
