@@ -20,10 +20,12 @@ use std::time::Instant;
 use tokio::signal::unix::{signal, SignalKind};
 
 mod answers;
+mod main_loop;
 mod stopping;
 mod taking_over;
 mod upgrading;
 
+use main_loop::{drive, Parts, Start};
 pub use taking_over::run_carried;
 
 use tokio::sync::{mpsc, oneshot};
@@ -233,125 +235,6 @@ pub async fn run(
         signals,
     };
     drive(parts, source, settings, Start::Fresh).await
-}
-
-/// What [`drive`] runs on: from [`run`], or after `herd upgrade` from
-/// what the old herd carried.
-struct Parts {
-    listen_addrs: Vec<SocketAddr>,
-    sockets: WorkerSockets,
-    metrics: Option<tokio::net::TcpListener>,
-    control: ControlServer,
-    cgroups: Option<CgroupTree>,
-    fd_limit: FdLimit,
-    counters: Arc<Counters>,
-    controller: Controller,
-    handoff_thread: std::thread::JoinHandle<()>,
-    events: mpsc::UnboundedReceiver<handoff::Event>,
-    signals: mpsc::Receiver<SignalEvent>,
-}
-
-/// How the workers come to be: started, or carried over an upgrade.
-enum Start {
-    Fresh,
-    Carried(Box<taking_over::Carried>),
-}
-
-/// The main loop: every event, one at a time, until the last worker is gone.
-async fn drive(
-    parts: Parts,
-    source: ConfigSource,
-    settings: Settings,
-    start: Start,
-) -> Result<Outcome, PrimaryError> {
-    let Parts {
-        listen_addrs,
-        sockets,
-        metrics: metrics_listener,
-        mut control,
-        cgroups,
-        fd_limit,
-        counters,
-        controller,
-        handoff_thread,
-        mut events,
-        mut signals,
-    } = parts;
-    let mut children = signal(SignalKind::child()).map_err(PrimaryError::Signals)?;
-    let metrics = Arc::new(Metrics::new(counters.clone()));
-    let metrics_fd = metrics_listener.as_ref().map(AsRawFd::as_raw_fd);
-    let mut scrapes = serve_metrics(metrics_listener);
-    let mut monitor = tokio::time::interval(settings.monitor_interval);
-    let (notes_tx, mut notes) = crate::notify::channel();
-    let supervisor = Supervisor::new(
-        settings,
-        controller.clone(),
-        sockets,
-        metrics.clone(),
-        cgroups,
-        fd_limit,
-        notes_tx,
-    )
-    .serving(listen_addrs.clone());
-    let (probe_tx, mut probes) = mpsc::unbounded_channel();
-    let upgrading = upgrading::Upgrading::new(
-        listen_addrs,
-        control.raw_fd(),
-        metrics_fd,
-        fd_limit,
-        probe_tx,
-    );
-    let mut primary = Primary {
-        supervisor,
-        counters,
-        metrics,
-        source,
-        started: Instant::now(),
-        stop_waiters: Vec::new(),
-        stop_at: None,
-        handoff: controller.clone(),
-        systemd: Systemd::from_env(),
-        upgrading,
-    };
-    match start {
-        Start::Fresh => primary.supervisor.start_all(),
-        Start::Carried(carried) => primary.take_over(*carried),
-    }
-    let (requests_tx, mut requests) = mpsc::unbounded_channel::<PendingRequest>();
-    let watching = primary.supervisor.watches_sockets();
-    let mut watch = socket_watch();
-    while !primary.supervisor.finished() {
-        let due = primary
-            .supervisor
-            .next_deadline()
-            .map(tokio::time::Instant::from_std);
-        tokio::select! {
-            Some(event) = events.recv() => primary.supervisor.on_handoff(event),
-            Some(note) = notes.recv() => primary.supervisor.on_note(note),
-            _ = children.recv() => primary.supervisor.reap(),
-            _ = sleep_until_opt(due) => primary.supervisor.tick(),
-            Some(asked) = scrapes.recv() => primary.answer(asked),
-            _ = sleep_until_opt(primary.stop_due()) => primary.delay_over(),
-            Some(pending) = requests.recv() => primary.on_request(pending),
-            _ = control.accept(&requests_tx) => {}
-            _ = monitor.tick() => primary.supervisor.monitor(),
-            _ = watch.tick(), if watching => primary.supervisor.watch_sockets(&primary.counters),
-            Some(event) = signals.recv() => primary.on_signal(event),
-            due = primary.systemd.due() => primary.systemd.on_due(due),
-            Some(answer) = probes.recv() => primary.probe_answered(answer, &events),
-            _ = sleep_until_opt(primary.upgrading.due()) => primary.upgrading.overdue(),
-        }
-        primary
-            .systemd
-            .observe_from(&primary.supervisor, &primary.counters);
-    }
-    let _ = controller.send(Command::Exit);
-    if handoff_thread.join().is_err() {
-        warn!(event = "handoff_panicked", "hand-off thread panicked");
-    }
-    let outcome = primary.finish();
-    control.close().await;
-    Ok(outcome)
 }
 
 /// Starts the per-slot log files (`log_dir`), before any worker prints.

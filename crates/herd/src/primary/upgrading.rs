@@ -36,7 +36,8 @@ struct Probing {
 pub(super) struct Upgrading {
     /// `None` (and why) when this herd cannot re-execute itself.
     origin: Result<Origin, String>,
-    listen_addrs: Vec<SocketAddr>,
+    /// The configured listeners as bound.
+    pub(super) listen_addrs: Vec<SocketAddr>,
     control_fd: RawFd,
     metrics_fd: Option<RawFd>,
     fd_limit: FdLimit,
@@ -181,30 +182,13 @@ impl Primary {
         asked_by: &str,
         events: &mpsc::UnboundedReceiver<handoff::Event>,
     ) -> String {
-        let running = self.supervisor.settings().clone();
-        let on_disk = match self.source.load() {
-            Ok(settings) => settings,
-            Err(e) => return format!("the config herd would re-read is invalid: {e}"),
+        let config_changed = match self.config_for_upgrade() {
+            Ok(changed) => changed,
+            Err(why) => return why,
         };
-        let restart = running.restart_needed(&on_disk);
-        if !restart.is_empty() {
-            return format!(
-                "the config on disk changes what only a restart applies: {}",
-                restart.join(", ")
-            );
-        }
-        let config_changed = format!("{on_disk:?}") != format!("{running:?}");
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        if let Err(e) = self.handoff.send(Command::Freeze(tx)) {
-            return format!("hand-off loop: {e}");
-        }
-        let carried_loop = match rx.recv_timeout(FREEZE_TIMEOUT) {
-            Ok(Ok(carried)) => carried,
-            Ok(Err(why)) => return why,
-            Err(_) => {
-                let _ = self.handoff.send(Command::Thaw);
-                return format!("the hand-off loop did not freeze within {FREEZE_TIMEOUT:?}");
-            }
+        let carried_loop = match self.freeze() {
+            Ok(carried) => carried,
+            Err(why) => return why,
         };
         let thaw = |primary: &mut Primary, why: String| {
             let _ = primary.handoff.send(Command::Thaw);
@@ -262,6 +246,42 @@ impl Primary {
             .expect("checked when it started");
         let error = upgrade::exec(origin, &doc, &handover);
         thaw(self, format!("cannot execute {binary}: {error}"))
+    }
+
+    /// Whether the config on disk differs from the running one (the new
+    /// herd then reloads); refused when it is invalid or changes what only
+    /// a restart applies, as `herd reload` would refuse it.
+    fn config_for_upgrade(&self) -> Result<bool, String> {
+        let running = self.supervisor.settings();
+        let on_disk = self
+            .source
+            .load()
+            .map_err(|e| format!("the config herd would re-read is invalid: {e}"))?;
+        let restart = running.restart_needed(&on_disk);
+        if !restart.is_empty() {
+            return Err(format!(
+                "the config on disk changes what only a restart applies: {}",
+                restart.join(", ")
+            ));
+        }
+        Ok(format!("{on_disk:?}") != format!("{:?}", **running))
+    }
+
+    /// Freezes the hand-off loop (thawed again if it does not answer in time).
+    fn freeze(&self) -> Result<handoff::CarriedLoop, String> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handoff
+            .send(Command::Freeze(tx))
+            .map_err(|e| format!("hand-off loop: {e}"))?;
+        match rx.recv_timeout(FREEZE_TIMEOUT) {
+            Ok(described) => described,
+            Err(_) => {
+                let _ = self.handoff.send(Command::Thaw);
+                Err(format!(
+                    "the hand-off loop did not freeze within {FREEZE_TIMEOUT:?}"
+                ))
+            }
+        }
     }
 
     /// An upgrade that did not happen: counted, logged, answered.
