@@ -94,6 +94,16 @@ fn the_shipped_haproxy_cfg_parses_as_shipped_and_as_the_test_runs_it() {
     };
     assert_eq!(servers(&backend_of(&ours)), servers(&backend_of(&shipped)));
     assert!(ours.contains(&format!("server host3 10.9.0.10:{APP_PORT}")));
+    // The ports the hosts' herds use are the shipped file's.
+    let shipped_servers = backend_of(&shipped);
+    let shipped_servers: Vec<&String> = shipped_servers
+        .iter()
+        .filter(|l| l.starts_with("server "))
+        .collect();
+    assert!(!shipped_servers.is_empty());
+    for line in shipped_servers {
+        assert!(line.ends_with(&format!(":{APP_PORT}")), "{line}");
+    }
     assert!(shipped.contains(&format!("check port {METRICS_PORT}")));
     // The README shows the backend as the file has it.
     let section = readme_section("Beyond one machine");
