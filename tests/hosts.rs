@@ -8,7 +8,7 @@
 //! each keeping its session cookie: a session's count goes on whichever
 //! host answers, Prometheus sees every host, and a host drained with
 //! SIGTERM (herd's `shutdown_delay` longer than HAProxy's checks take to
-//! see it) loses no request and exits 0.
+//! see it) loses no request, exits 0, and is then down in Prometheus.
 //!
 //! HAProxy runs the shipped deploy/haproxy/haproxy.cfg, only its addresses
 //! swapped, and the README shows its backend as the file has it.
@@ -197,6 +197,12 @@ fn sessions_go_on_across_hosts_and_a_drained_host_loses_no_request() {
         per_client.iter().all(|h| h.len() >= 2),
         "each session answered by several hosts: {per_client:?}"
     );
+    // And Prometheus sees the drained host gone, the others still up.
+    let gone = hosts.host(drained).metrics();
+    prometheus.wait_until("the drained host's target down", |p| {
+        p.query(&format!("up{{instance=\"{gone}\"}}")) == Some(0.0)
+            && p.query("sum(up{job=\"herd\"})") == Some(hosts.len() as f64 - 1.0)
+    });
     let answered_by = |host: usize| {
         visits
             .iter()

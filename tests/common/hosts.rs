@@ -115,6 +115,8 @@ pub struct Host {
     pub control: PathBuf,
     /// The worker pids herd reported ready at start.
     pub pids: BTreeSet<u32>,
+    /// herd has exited and been waited for: its pid is no longer ours.
+    exited: bool,
 }
 
 impl Host {
@@ -156,6 +158,7 @@ impl Host {
             config,
             control,
             pids,
+            exited: false,
         }
     }
 
@@ -297,7 +300,9 @@ impl Hosts {
 
     /// Waits for host `i`'s herd to exit; its exit status.
     pub fn wait_exit(&mut self, i: usize) -> ExitStatus {
-        self.hosts[i].herd.wait_exit()
+        let status = self.hosts[i].herd.wait_exit();
+        self.hosts[i].exited = true;
+        status
     }
 
     /// A real Prometheus scraping every host's `/metrics` each second, as
@@ -326,5 +331,32 @@ impl Hosts {
         logs.iter()
             .map(|(who, log)| format!("---- {who}\n{log}\n"))
             .collect()
+    }
+}
+
+impl Drop for Hosts {
+    /// Every herd still running is stopped as an operator would, by its
+    /// pid: SIGINT (a stop without `shutdown_delay`), so herd stops its
+    /// workers' process groups itself. Waits for that at most `DEADLINE`,
+    /// never panicking (this may run while a failed test unwinds); what is
+    /// left, each Herd's own drop SIGKILLs.
+    fn drop(&mut self) {
+        let running: Vec<u32> = self
+            .hosts
+            .iter()
+            .filter(|h| !h.exited)
+            .map(|h| h.herd.pid())
+            .collect();
+        for &pid in &running {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        }
+        let deadline = std::time::Instant::now() + DEADLINE;
+        // Exited, not yet waited for: a zombie, still ours.
+        while running.iter().any(|&pid| procs::process_running(pid))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
