@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod hosts;
 pub mod load;
 pub mod output;
 pub mod pids;

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,6 +25,12 @@ impl Redis {
     /// None (the caller skips) if redis-server is not installed, but only
     /// outside CI: in CI its absence fails the test.
     pub fn start(name: &str) -> Option<Redis> {
+        Redis::start_bound(name, &[])
+    }
+
+    /// [`Redis::start`], listening on the addresses `also` of this machine
+    /// too (besides 127.0.0.1), for clients elsewhere (tests/hosts.rs).
+    pub fn start_bound(name: &str, also: &[IpAddr]) -> Option<Redis> {
         if let Err(e) = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -48,6 +54,12 @@ impl Redis {
             let log = File::create(dir.join("redis.log")).unwrap();
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(also.iter().map(|addr| addr.to_string()))
+                // Clients other than 127.0.0.1, with no password: let in.
+                .args([
+                    "--protected-mode",
+                    if also.is_empty() { "yes" } else { "no" },
+                ])
                 .args(["--save", "", "--appendonly", "no"])
                 .arg("--dir")
                 .arg(&dir)
@@ -96,6 +108,11 @@ impl Redis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL at one of the addresses it was started on.
+    pub fn url_at(&self, addr: IpAddr) -> String {
+        format!("redis://{addr}:{}", self.port)
     }
 }
 
