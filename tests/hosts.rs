@@ -220,30 +220,43 @@ fn sessions_go_on_across_hosts_and_a_drained_host_loses_no_request() {
     );
 }
 
-// ---- a rolling `herd upgrade` of every host (to come) ----
-//
-// `herd upgrade` (herd re-executing itself in place, its workers kept) is
-// being built. Once it exists, its test goes here, in a few lines, with the
-// harness above:
-//
-//     #[test]
-//     fn a_rolling_upgrade_of_every_host_loses_nothing() {
-//         let Some(hosts) = Hosts::start("hosts-upgrade", 3) else {
-//             return;
-//         };
-//         let load = SteadyLoad::start(hosts.haproxy_addr(), CLIENTS);
-//         wait_for_sessions_across_hosts(&hosts, &load);
-//         for i in 0..hosts.len() {
-//             let before = hosts.host(i).herd_pid();
-//             let run = hosts.herd_cli(i, &["upgrade"]);
-//             assert_eq!(run.code, Some(0), "{run:?}");
-//             // herd kept its pid (re-exec) and its workers:
-//             assert_eq!(hosts.host(i).herd_pid(), before);
-//             assert_eq!(hosts.host(i).herd().wait_all_ready(WORKERS), hosts.host(i).pids);
-//             hosts.haproxy().wait_for_server(i, "UP");
-//             load.settle(STEADY);
-//         }
-//         let visits = load.finish();
-//         assert_every_visit_answered(&visits);
-//         assert_sessions_counted_on(&visits);
-//     }
+// ---- a rolling `herd upgrade` of every host ----
+
+/// Every host's herd re-executes itself in place (`herd upgrade`), one
+/// host after the other, under the same load through HAProxy: no request
+/// fails, each herd keeps its pid and its workers, the sessions go on.
+#[test]
+fn a_rolling_upgrade_of_every_host_loses_nothing() {
+    let Some(hosts) = Hosts::start("hosts-upgrade", 3) else {
+        return;
+    };
+    let load = SteadyLoad::start(hosts.haproxy_addr(), CLIENTS);
+    wait_for_sessions_across_hosts(&hosts, &load);
+    for i in 0..hosts.len() {
+        let host = hosts.host(i);
+        let before = host.herd_pid();
+        let run = hosts.herd_cli(i, &["upgrade"]);
+        assert_eq!(
+            run.code,
+            Some(0),
+            "host {i}: {run:?}\n{}",
+            host.herd().log_text()
+        );
+        assert!(run.stdout.contains("upgraded"), "{run:?}");
+        assert_eq!(
+            host.herd_pid(),
+            before,
+            "host {i}: herd re-executed in place"
+        );
+        assert_eq!(
+            host.herd().wait_all_ready(WORKERS),
+            host.pids,
+            "host {i}: the same workers"
+        );
+        hosts.haproxy().wait_for_server(i, "UP");
+        load.settle(STEADY);
+    }
+    let visits = load.finish();
+    assert_every_visit_answered(&visits);
+    assert_sessions_counted_on(&visits);
+}

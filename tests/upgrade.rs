@@ -108,7 +108,7 @@ fn start_with_flags(name: &str, flags: &[&str]) -> (Herd, PathBuf) {
     let binary = install(&dir);
     let mut args = vec!["--listen", "127.0.0.1:0"];
     args.extend_from_slice(flags);
-    let herd = Herd::start_binary(&dir, &binary, &args);
+    let herd = Herd::start_binary(&dir, &binary, &[], &args);
     (herd, dir)
 }
 
@@ -161,38 +161,75 @@ fn the_seeds_node_cluster_app_is_upgraded_under_load() {
     if skip_unless_node("the_seeds_node_cluster_app_is_upgraded_under_load") {
         return;
     }
+    // Kernel rotation (each slot's own socket, dealt to by a BPF program:
+    // Node's default where CAP_BPF allows), and the hand-off's.
+    for rotation in ["auto", "handoff"] {
+        node_app_upgraded_under_load(rotation);
+    }
+}
+
+fn node_app_upgraded_under_load(rotation: &str) {
     let app = format!(
         "{}/workers/node/cluster-server.js",
         env!("CARGO_MANIFEST_DIR")
     );
-    // Kernel rotation's per-slot sockets are not carried yet (refused by
-    // name, README "Upgrading herd"): the hand-off deals here.
-    let (herd, dir) = start_with_flags(
-        "upgrade-node",
-        &[
-            "--workers",
-            "2",
-            "--rotation",
-            "handoff",
-            "--",
-            "node",
-            &app,
-        ],
-    );
+    // No `listen`: herd binds what the app listens on (PORT=0, any free
+    // port), which is where kernel rotation deals.
+    let dir = scratch_dir(&format!("upgrade-node-{rotation}"));
+    let binary = install(&dir);
+    let args = ["--workers", "2", "--rotation", rotation, "--", "node", &app];
+    let herd = Herd::start_binary(&dir, &binary, &[("PORT", "0")], &args);
     herd.wait_all_ready(2);
-    let before = pids_of(&herd.status());
-    let load = Load::start(herd.addr(), pid_in);
+    let status = herd.status();
+    let before = pids_of(&status);
+    let listening: std::net::SocketAddr = status["listen"][0].as_str().unwrap().parse().unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], listening.port()));
+    let load = Load::start(addr, pid_in);
     load.settle(STEADY);
+    let kernel_dealt = |status: &Value| status["kernel_dealt"].as_u64().unwrap_or(0);
+    // Where the program loads (CAP_BPF), `auto` is the kernel's rotation.
+    let kernel = rotation == "auto" && herd.events("kernel_rotation_unavailable", &[]).is_empty();
+    if kernel {
+        wait_until("the kernel dealing", || {
+            (kernel_dealt(&herd.status()) > 0).then_some(())
+        });
+    }
     for _ in 0..2 {
         replace(&dir, Binary::Herd);
         let run = upgrade(&dir);
-        assert_eq!(run.code, Some(0), "{run:?}\nlog:\n{}", herd.log_text());
+        assert_eq!(
+            run.code,
+            Some(0),
+            "{rotation}: {run:?}\nlog:\n{}",
+            herd.log_text()
+        );
         load.settle(STEADY);
+    }
+    if kernel {
+        // The kernel deals to the workers' own sockets again after the
+        // upgrades (counted every 500 ms), not only herd's hand-off.
+        let dealt_after = kernel_dealt(&herd.status());
+        wait_until("the kernel dealing after the upgrades", || {
+            (kernel_dealt(&herd.status()) > dealt_after).then_some(())
+        });
     }
     let outcomes = load.finish();
     let failed: Vec<_> = outcomes.iter().filter(|o| o.answer.is_err()).collect();
-    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
-    assert_eq!(pids_of(&herd.status()), before);
+    assert!(
+        failed.is_empty(),
+        "{rotation}: {} failed: {failed:?}",
+        failed.len()
+    );
+    let after = herd.status();
+    assert_eq!(pids_of(&after), before, "{rotation}");
+    // Both workers still get their turns after the upgrades.
+    let answered: std::collections::BTreeSet<u32> = outcomes
+        .iter()
+        .rev()
+        .take(STEADY)
+        .filter_map(|o| o.answer.as_ref().ok().copied())
+        .collect();
+    assert_eq!(answered.len(), 2, "{rotation}: {answered:?}");
 }
 
 /// Node is installed by scripts/test; without it (outside CI) skip.
@@ -226,7 +263,7 @@ fn connections_in_flight_and_queued_are_carried_over() {
         "--",
         hello_worker(),
     ];
-    let herd = Herd::start_binary(&dir, &binary, &args);
+    let herd = Herd::start_binary(&dir, &binary, &[], &args);
     let worker = *herd.wait_all_ready(1).iter().next().unwrap();
     let addr = herd.addr();
     let metrics = metrics_addr(&herd);

@@ -140,8 +140,8 @@ impl Herd {
 
     /// `BINARY run ARGS` in `dir`: a herd run from a copy of its binary
     /// (tests/upgrade.rs replaces the copy).
-    pub fn start_binary(dir: &Path, binary: &Path, args: &[&str]) -> Herd {
-        Herd::spawn(Command::new(binary), dir, &[], args)
+    pub fn start_binary(dir: &Path, binary: &Path, env: &[(&str, &str)], args: &[&str]) -> Herd {
+        Herd::spawn(Command::new(binary), dir, env, args)
     }
 
     fn spawn(mut command: Command, dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Herd {

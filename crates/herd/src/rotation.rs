@@ -51,6 +51,19 @@ pub struct SlotRotation {
     turns: Vec<SlotIx>,
 }
 
+/// A rotation as `herd upgrade` carries it: by slot, its socket and who
+/// holds it (worker id, takes turns).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct CarriedRotation {
+    pub slots: Vec<Option<CarriedSlotSocket>>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CarriedSlotSocket {
+    pub fd: std::os::fd::RawFd,
+    pub holders: Vec<(u64, bool)>,
+}
+
 #[derive(Debug)]
 struct SlotSocket {
     socket: mio::net::TcpListener,
@@ -212,6 +225,57 @@ impl SlotRotation {
     pub fn accepting(&self, slot: SlotIx) -> Option<&mio::net::TcpListener> {
         let entry = self.slots.get(slot)?.as_ref()?;
         entry.herd_accepts.then_some(&entry.socket)
+    }
+
+    /// What `herd upgrade` carries: each slot socket's fd and its holders,
+    /// by worker (`worker_of` names the worker on a channel).
+    pub fn carried(&self, worker_of: impl Fn(ChannelIx) -> Option<u64>) -> CarriedRotation {
+        let slots = self
+            .slots
+            .iter()
+            .map(|entry| {
+                let entry = entry.as_ref()?;
+                let holders = entry
+                    .holders
+                    .iter()
+                    .filter_map(|&(channel, turns)| Some((worker_of(channel)?, turns)))
+                    .collect();
+                Some(CarriedSlotSocket {
+                    fd: entry.socket.as_raw_fd(),
+                    holders,
+                })
+            })
+            .collect();
+        CarriedRotation { slots }
+    }
+
+    /// The new herd's side: the carried slot sockets back in this rotation
+    /// (a program loaded afresh by [`SlotRotation::start`]), held by the
+    /// workers' new channels (`channel_of`); [`SlotRotation::apply`] then
+    /// deals to them again and has herd accept from the rest.
+    pub fn adopt(
+        &mut self,
+        carried: CarriedRotation,
+        channel_of: impl Fn(u64) -> Option<ChannelIx>,
+    ) -> io::Result<()> {
+        for (slot, entry) in carried.slots.into_iter().enumerate() {
+            let Some(entry) = entry else { continue };
+            let socket =
+                std::net::TcpListener::from(herd_protocol::fdpass::adopt_inherited_fd(entry.fd)?);
+            socket.set_nonblocking(true)?;
+            let slot = SlotIx(slot);
+            self.slots.reach(slot, || None);
+            self.slots[slot] = Some(SlotSocket {
+                socket: mio::net::TcpListener::from_std(socket),
+                holders: entry
+                    .holders
+                    .into_iter()
+                    .filter_map(|(worker, turns)| Some((channel_of(worker)?, turns)))
+                    .collect(),
+                herd_accepts: false,
+            });
+        }
+        Ok(())
     }
 
     /// Connections the kernel dealt per slot since the last call: `(slot, count)`.

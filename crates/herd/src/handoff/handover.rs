@@ -8,9 +8,11 @@
 //! true until the exec replaces the process (the fds stay open through
 //! it). Meanwhile new connections wait in the kernel's accept queues and
 //! what workers send waits on their channels; the new herd's loop, built
-//! by [`spawn_carried`], reads them. A loop that cannot be described (a
-//! worker not serving, a Node channel with lines not yet written, kernel
-//! rotation's per-slot sockets) is not frozen, and the upgrade is refused.
+//! by [`spawn_carried`], reads them. A Node listener's kernel rotation is
+//! carried as its slot sockets and their holders; the new herd loads the
+//! program afresh and attaches it to the same group. A loop that cannot be
+//! described (a worker not serving, a Node channel with lines not yet
+//! written) is not frozen, and the upgrade is refused.
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -19,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::*;
 use crate::node_ipc::CarriedNodeChannel;
+use crate::rotation::CarriedRotation;
 
 /// Everything the loop holds, by fd number, as the new herd takes it over.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +39,9 @@ pub struct CarriedListener {
     pub fd: RawFd,
     /// Bound for a Node app's `listen` (its key), not configured.
     pub node_key: Option<String>,
+    /// Its kernel rotation's slot sockets (Node workers, `rotation = "kernel"`).
+    #[serde(default)]
+    pub rotation: Option<CarriedRotation>,
 }
 
 /// A serving worker's channel.
@@ -75,7 +81,10 @@ pub struct CarriedConnection {
 impl CarriedLoop {
     /// Every fd the description names, for the exec to keep open.
     pub fn fds(&self) -> Vec<RawFd> {
-        let listeners = self.listeners.iter().flatten().map(|l| l.fd);
+        let listeners = self.listeners.iter().flatten().flat_map(|l| {
+            let slots = l.rotation.iter().flat_map(|r| r.slots.iter().flatten());
+            std::iter::once(l.fd).chain(slots.map(|slot| slot.fd))
+        });
         let channels = self
             .channels
             .iter()
@@ -165,16 +174,17 @@ impl HandoffLoop {
         }
         let mut listeners = Vec::with_capacity(self.listeners.len());
         for listening in self.listeners.iter() {
-            listeners.push(match listening {
-                None => None,
-                Some(l) if l.rotation.is_some() => {
-                    return Err("rotation \"kernel\" (its per-slot sockets) cannot be carried over yet: use rotation \"handoff\", or restart herd instead".into())
-                }
-                Some(l) => Some(CarriedListener {
-                    fd: l.socket.as_raw_fd(),
-                    node_key: l.node_key.clone(),
-                }),
-            });
+            let worker_of = |channel: ChannelIx| {
+                self.channels
+                    .get(channel)
+                    .and_then(Option::as_ref)
+                    .map(|c| c.worker.0)
+            };
+            listeners.push(listening.as_ref().map(|l| CarriedListener {
+                fd: l.socket.as_raw_fd(),
+                node_key: l.node_key.clone(),
+                rotation: l.rotation.as_ref().map(|r| r.carried(worker_of)),
+            }));
         }
         let now = Instant::now();
         let mut channels = Vec::new();
@@ -199,6 +209,7 @@ impl HandoffLoop {
     fn restore(&mut self, carried: CarriedLoop) -> io::Result<()> {
         let now = Instant::now();
         self.next_connection_id = carried.next_connection_id;
+        let mut rotations = Vec::new();
         for (index, listener) in carried.listeners.into_iter().enumerate() {
             let ix = ListenerIx::at(index);
             self.listeners.reach(ix, || None);
@@ -206,11 +217,15 @@ impl HandoffLoop {
                 let socket = std::net::TcpListener::from(fdpass::adopt_inherited_fd(listener.fd)?);
                 socket.set_nonblocking(true)?;
                 self.install_listener(ix, socket, listener.node_key)?;
+                rotations.extend(listener.rotation.map(|rotation| (ix, rotation)));
             }
         }
         let mut restored = Vec::new();
         for channel in carried.channels {
             restored.push(self.restore_channel(channel, now)?);
+        }
+        for (listener, rotation) in rotations {
+            self.restore_rotation(listener, rotation)?;
         }
         for conn in &carried.queue {
             let conn = connection_of(conn, now)?;
@@ -221,6 +236,35 @@ impl HandoffLoop {
             self.read_worker(channel);
         }
         self.flush_queue();
+        Ok(())
+    }
+
+    /// A listener's kernel rotation as it was: its slot sockets held by the
+    /// same workers (now on new channels), dealt to again.
+    fn restore_rotation(
+        &mut self,
+        listener: ListenerIx,
+        carried: CarriedRotation,
+    ) -> io::Result<()> {
+        let channels: std::collections::BTreeMap<u64, ChannelIx> = self
+            .channels
+            .enumerate()
+            .filter_map(|(ix, c)| Some((c.as_ref()?.worker.0, ix)))
+            .collect();
+        let registry = self.poll.registry();
+        let Some(rotation) = self
+            .listeners
+            .get_mut(listener)
+            .and_then(Option::as_mut)
+            .and_then(|l| l.rotation.as_mut())
+        else {
+            // The kernel refused the program this time: what the workers
+            // hold still gets connections by the kernel's own hash, and
+            // herd hands off from its own socket.
+            return Ok(());
+        };
+        rotation.adopt(carried, |worker| channels.get(&worker).copied())?;
+        super::listeners::apply_rotation(registry, rotation, listener);
         Ok(())
     }
 

@@ -471,7 +471,11 @@ impl HandoffLoop {
 /// Hands the kernel `listener`'s rotation as it now stands (and herd the
 /// slot sockets it takes over); a failure is logged, the rotation kept as
 /// the kernel last had it.
-fn apply_rotation(registry: &mio::Registry, rotation: &mut SlotRotation, listener: ListenerIx) {
+pub(super) fn apply_rotation(
+    registry: &mio::Registry,
+    rotation: &mut SlotRotation,
+    listener: ListenerIx,
+) {
     if let Err(e) = rotation.apply(registry, |slot| slot_token(listener, slot)) {
         error!(
             listener = listener.get(),

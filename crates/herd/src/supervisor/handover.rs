@@ -6,9 +6,9 @@
 //! children still (an exec keeps the pid), their channels and pipes are
 //! inherited, and their cgroups are found again by name. What the new
 //! herd cannot take over is refused before anything is frozen: a Node
-//! app's own primary, workers with per-slot sockets (`reuseport`, kernel
-//! rotation: their BPF programs), and `ready = "notify"` (each worker's
-//! notification socket).
+//! app's own primary, workers that take per-slot sockets (`reuseport`,
+//! kernel rotation of workers that accept themselves: their socket groups
+//! and programs), and `ready = "notify"` (each worker's notification socket).
 
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -68,7 +68,7 @@ impl Supervisor {
             WorkerSockets::Shared(sockets) => sockets.iter().map(|s| s.as_raw_fd()).collect(),
             WorkerSockets::PerSlot(_) => {
                 return Err(
-                    "workers with per-slot sockets (mode \"reuseport\", rotation \"kernel\") cannot be carried over yet: restart herd instead"
+                    "workers that take per-slot sockets (mode \"reuseport\", or rotation \"kernel\" for workers that accept themselves) cannot be carried over yet: restart herd instead"
                         .into(),
                 )
             }
