@@ -220,7 +220,6 @@ pub async fn run(
     let (events_tx, events) = mpsc::unbounded_channel();
     let (controller, handoff_thread) =
         spawn_handoff(bound.listeners, &settings, events_tx, counters.clone())?;
-    log_starting(&settings);
     let parts = Parts {
         listen_addrs: bound.listen_addrs,
         sockets: bound.sockets,

@@ -49,6 +49,9 @@ pub(super) async fn drive(
     let mut children = signal(SignalKind::child()).map_err(PrimaryError::Signals)?;
     let metrics_fd = metrics_listener.as_ref().map(AsRawFd::as_raw_fd);
     let mut scrapes = serve_metrics(metrics_listener);
+    if matches!(start, Start::Fresh) {
+        log_starting(&settings);
+    }
     let mut monitor = tokio::time::interval(settings.monitor_interval);
     let (notes_tx, mut notes) = crate::notify::channel();
     let (probe_tx, mut probes) = mpsc::unbounded_channel();
