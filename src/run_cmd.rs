@@ -50,6 +50,15 @@ fn run_upgraded(
             return ExitCode::FAILURE;
         }
     };
+    if let Err(why) = inherited.check_fds() {
+        eprint_line(&format!("herd: cannot take over from the old herd: {why}"));
+        let handover = inherited.handover().ok();
+        let error = inherited.fall_back(&why, handover.as_ref());
+        eprint_line(&format!(
+            "herd: and the old binary could not run again: {error}"
+        ));
+        return ExitCode::FAILURE;
+    }
     let settings = source.load().map_err(|e| e.to_string());
     let runtime = match runtime("herd") {
         Ok(runtime) => runtime,

@@ -351,6 +351,13 @@ pub fn set_inherited(fd: RawFd, inherit: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether an fd numbered `fd` is open in this process.
+pub fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor's flags; on a number that
+    // is not open it fails with EBADF.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}
+
 /// Takes ownership of an fd number a worker was told about in its environment.
 ///
 /// Fails unless `fd` is open; the caller must not use the number elsewhere,

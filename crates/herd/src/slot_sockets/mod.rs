@@ -38,8 +38,10 @@ use std::time::Instant;
 use herd_protocol::bpf::{Dealing, Prober, RotationProgram};
 use tracing::{debug, info, warn};
 
+mod handover;
 mod watch;
 
+pub use handover::CarriedGroups;
 pub use watch::{count, Watched};
 
 use crate::ids::{SlotIx, Table, WorkerId};

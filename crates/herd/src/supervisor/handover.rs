@@ -6,9 +6,8 @@
 //! children still (an exec keeps the pid), their channels and pipes are
 //! inherited, and their cgroups are found again by name. What the new
 //! herd cannot take over is refused before anything is frozen: a Node
-//! app's own primary, workers that take per-slot sockets (`reuseport`,
-//! kernel rotation of workers that accept themselves: their socket groups
-//! and programs), and `ready = "notify"` (each worker's notification socket).
+//! app's own primary, and `ready = "notify"` (each worker's notification
+//! socket). Per-slot sockets are carried (`slot_sockets::handover`).
 
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -27,6 +26,10 @@ pub struct CarriedSupervisor {
     pub cpu_seconds: Vec<f64>,
     /// `shared` mode: the sockets every worker inherits.
     pub shared_sockets: Vec<RawFd>,
+    /// `reuseport` and kernel rotation of workers that accept themselves:
+    /// every slot's sockets.
+    #[serde(default)]
+    pub slot_groups: Option<crate::slot_sockets::CarriedGroups>,
     /// Children not yet reaped that are not workers (the dry run).
     #[serde(default)]
     pub expected: Vec<u32>,
@@ -50,9 +53,11 @@ impl CarriedSupervisor {
     /// Every fd it names, for the exec to keep open.
     pub fn fds(&self) -> Vec<RawFd> {
         let pipes = self.workers.iter().flat_map(|w| [w.stdout, w.stderr]);
+        let groups = self.slot_groups.iter().flat_map(|g| g.fds());
         pipes
             .flatten()
             .chain(self.shared_sockets.iter().copied())
+            .chain(groups)
             .collect()
     }
 }
@@ -63,15 +68,12 @@ impl Supervisor {
         if self.app_primary.is_some() {
             return Err("a Node app's own primary runs (node.primary = \"run\")".into());
         }
-        let shared_sockets = match &self.sockets {
-            WorkerSockets::HandOff => Vec::new(),
-            WorkerSockets::Shared(sockets) => sockets.iter().map(|s| s.as_raw_fd()).collect(),
-            WorkerSockets::PerSlot(_) => {
-                return Err(
-                    "workers that take per-slot sockets (mode \"reuseport\", or rotation \"kernel\" for workers that accept themselves) cannot be carried over yet: restart herd instead"
-                        .into(),
-                )
+        let (shared_sockets, slot_groups) = match &self.sockets {
+            WorkerSockets::HandOff => (Vec::new(), None),
+            WorkerSockets::Shared(sockets) => {
+                (sockets.iter().map(|s| s.as_raw_fd()).collect(), None)
             }
+            WorkerSockets::PerSlot(groups) => (Vec::new(), Some(groups.carried())),
         };
         if self.settings().ready == Readiness::Notify {
             return Err(
@@ -109,12 +111,17 @@ impl Supervisor {
             next_worker: core.next_worker,
             cpu_seconds: self.cpu_seconds.clone(),
             shared_sockets,
+            slot_groups,
             expected: self.expected.iter().copied().collect(),
         })
     }
 
     /// The sockets `shared` mode's workers inherit, taken back from `carried`.
     pub fn carried_sockets(carried: &CarriedSupervisor) -> std::io::Result<WorkerSockets> {
+        if let Some(groups) = &carried.slot_groups {
+            let groups = crate::slot_sockets::SlotGroups::adopt(groups.clone())?;
+            return Ok(WorkerSockets::PerSlot(groups));
+        }
         if carried.shared_sockets.is_empty() {
             return Ok(WorkerSockets::HandOff);
         }

@@ -250,6 +250,22 @@ impl Inherited {
         Handover::read(self.doc.as_fd())
     }
 
+    /// Every fd the document names is open. Checked first thing, before
+    /// this herd opens any fd of its own: a number the old herd named but
+    /// did not keep open would otherwise be taken by something else and
+    /// then claimed twice.
+    pub fn check_fds(&self) -> Result<(), String> {
+        let handover = self.handover()?;
+        match handover
+            .fds()
+            .into_iter()
+            .find(|&fd| !herd_protocol::fdpass::is_open(fd))
+        {
+            Some(fd) => Err(format!("fd {fd}, which the handover names, is not open")),
+            None => Ok(()),
+        }
+    }
+
     /// Gives up taking over, for `why`: runs the old binary again (from its
     /// fd) with the same document and arguments. Returns only if that
     /// failed too, or if this already is the old binary falling back.
