@@ -345,12 +345,122 @@ fn workers_that_accept_themselves_are_upgraded_under_load() {
     }
 }
 
+/// gunicorn, ready by `NOTIFY_SOCKET` in `shared` mode: each arbiter's
+/// notification socket is carried, with what it said there, and read on:
+/// what it says when it stops after the upgrade still reaches herd.
+#[test]
+fn gunicorn_ready_by_notify_is_upgraded_under_load() {
+    let gunicorn = format!("{}/.venv-tests/bin/gunicorn", env!("CARGO_MANIFEST_DIR"));
+    if !Path::new(&gunicorn).exists() {
+        skip_unless_ci(
+            "gunicorn_ready_by_notify_is_upgraded_under_load",
+            "needs gunicorn in .venv-tests (scripts/test installs it)",
+        );
+        return;
+    }
+    let fixtures = format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR"));
+    let (herd, dir) = start_with_flags(
+        "upgrade-gunicorn",
+        &[
+            "--workers",
+            "2",
+            "--mode",
+            "shared",
+            "--ready",
+            "notify",
+            "--",
+            &gunicorn,
+            "--chdir",
+            &fixtures,
+            "--workers",
+            "1",
+            // Two arbiters would share gunicorn's default control socket path.
+            "--no-control-socket",
+            "gunicorn_app:app",
+        ],
+    );
+    herd.wait_all_ready(2);
+    let before = pids_of(&herd.status());
+    let load = Load::start(herd.addr(), arbiter_in);
+    load.settle(STEADY);
+    replace(&dir, Binary::Herd);
+    let run = upgrade(&dir);
+    assert_eq!(run.code, Some(0), "{run:?}\n{}", herd.log_text());
+    load.settle(STEADY);
+    let outcomes = load.finish();
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.answer.is_err()).collect();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    let after = herd.status();
+    assert_eq!(pids_of(&after), before);
+    for worker in workers_of(&after) {
+        assert_eq!(
+            worker["notify_status"], "Gunicorn arbiter booted",
+            "{after:#}"
+        );
+    }
+}
+
+/// A notification socket is read on after the upgrade: what the worker
+/// says there later (a STATUS= after each answer) reaches `herd status`.
+#[test]
+fn a_notify_workers_socket_is_read_after_the_upgrade() {
+    let server = format!(
+        "{}/tests/fixtures/notify_server.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (herd, dir) = start_with_flags(
+        "upgrade-notify",
+        &[
+            "--workers",
+            "1",
+            "--mode",
+            "shared",
+            "--ready",
+            "notify",
+            "--",
+            "python3",
+            &server,
+            "counting",
+        ],
+    );
+    herd.wait_all_ready(1);
+    let answer = || {
+        let (code, _, body) = http(herd.addr(), "GET", "/");
+        assert_eq!(
+            (code, body.starts_with("notified by")),
+            (200, true),
+            "{body}"
+        );
+    };
+    answer();
+    let said = |status: &Value| workers_of(status)[0]["notify_status"].clone();
+    wait_until("served 1 in herd status", || {
+        (said(&herd.status()) == "served 1").then_some(())
+    });
+    replace(&dir, Binary::Herd);
+    let run = upgrade(&dir);
+    assert_eq!(run.code, Some(0), "{run:?}\n{}", herd.log_text());
+    assert_eq!(said(&herd.status()), "served 1", "carried");
+    answer();
+    wait_until("served 2 in herd status, after the upgrade", || {
+        (said(&herd.status()) == "served 2").then_some(())
+    });
+}
+
+/// `gunicorn arbiter <pid> worker <pid>`: the arbiter, herd's worker.
+fn arbiter_in(body: &str) -> Option<u32> {
+    body.strip_prefix("gunicorn arbiter ")?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// What herd cannot carry yet is refused by name, before anything is
 /// frozen, and herd goes on serving.
 #[test]
 fn what_cannot_be_carried_over_is_refused_by_name() {
-    // Workers ready by NOTIFY_SOCKET: their notification sockets are not
-    // carried (this one never says READY=1; the refusal comes first).
+    // A worker not serving yet (this one never says READY=1).
     let (herd, dir) = start_with_flags(
         "upgrade-refused",
         &["--workers", "1", "--ready", "notify", "--", "sleep", "60"],
@@ -358,6 +468,9 @@ fn what_cannot_be_carried_over_is_refused_by_name() {
     herd.wait_for_event("worker_started", &[], 1);
     let run = upgrade(&dir);
     assert_eq!(run.code, Some(1), "{run:?}");
-    assert!(run.stderr.contains("ready = \"notify\""), "{run:?}");
+    assert!(
+        run.stderr.contains("the worker in slot 0 is starting"),
+        "{run:?}"
+    );
     assert_eq!(upgrades(&herd.status()), (0, 1));
 }

@@ -144,6 +144,33 @@ impl Heard {
         }
     }
 
+    /// What `herd upgrade` carries: the last `STATUS=`, the watchdog, and
+    /// how long ago the last `WATCHDOG=1` came (ms).
+    pub fn carried(&self, now: Instant) -> (Option<String>, Option<u64>, Option<u64>) {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        (
+            self.status.clone(),
+            self.watchdog.map(ms),
+            self.last_ping
+                .map(|at| ms(now.saturating_duration_since(at))),
+        )
+    }
+
+    /// [`Heard::carried`] back, at `now`.
+    pub fn restored(
+        now: Instant,
+        status: Option<String>,
+        watchdog_ms: Option<u64>,
+        ping_ms_ago: Option<u64>,
+    ) -> Heard {
+        Heard {
+            status,
+            watchdog: watchdog_ms.map(Duration::from_millis),
+            last_ping: ping_ms_ago
+                .map(|ms| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)),
+        }
+    }
+
     /// It sent `WATCHDOG=1` at `now`.
     pub fn ping(&mut self, now: Instant) {
         self.last_ping = Some(now);
@@ -165,11 +192,26 @@ impl Heard {
 
 /// A worker's socket being read; dropping it stops the reader.
 #[derive(Debug)]
-pub struct Listening(JoinHandle<()>);
+pub struct Listening {
+    reader: JoinHandle<()>,
+    /// The socket's fd while the reader holds it, for `herd upgrade` to
+    /// carry (see [`crate::worker_output::Pipe`] for why it is safe to read).
+    fd: std::os::fd::RawFd,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Listening {
+    /// The socket's fd, while its reader runs.
+    pub fn fd(&self) -> Option<std::os::fd::RawFd> {
+        self.open
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then_some(self.fd)
+    }
+}
 
 impl Drop for Listening {
     fn drop(&mut self) {
-        self.0.abort();
+        self.reader.abort();
     }
 }
 
@@ -189,6 +231,18 @@ impl NotifySocket {
         socket.set_nonblocking(true)?;
         Ok(NotifySocket {
             env: format!("@{name}"),
+            watchdog,
+            socket,
+        })
+    }
+
+    /// The socket a herd before `herd upgrade` bound for a worker, inherited as `fd`.
+    pub fn adopt(fd: std::os::fd::RawFd, watchdog: Option<Duration>) -> io::Result<NotifySocket> {
+        let socket = UnixDatagram::from(herd_protocol::fdpass::adopt_inherited_fd(fd)?);
+        socket.set_nonblocking(true)?;
+        Ok(NotifySocket {
+            // Told to the worker when it started; not needed again.
+            env: String::new(),
             watchdog,
             socket,
         })
@@ -216,8 +270,18 @@ impl NotifySocket {
         pid: u32,
         notes: mpsc::Sender<Note>,
     ) -> Option<Listening> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.socket);
         match tokio::net::UnixDatagram::from_std(self.socket) {
-            Ok(socket) => Some(Listening(tokio::spawn(read(socket, worker, pid, notes)))),
+            Ok(socket) => {
+                let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+                let closed = open.clone();
+                let reader = tokio::spawn(async move {
+                    read(socket, worker, pid, notes).await;
+                    // The socket closed as `read` returned, with no await between.
+                    closed.store(false, std::sync::atomic::Ordering::Relaxed);
+                });
+                Some(Listening { reader, fd, open })
+            }
             Err(e) => {
                 error!(
                     pid,

@@ -6,8 +6,9 @@
 //! children still (an exec keeps the pid), their channels and pipes are
 //! inherited, and their cgroups are found again by name. What the new
 //! herd cannot take over is refused before anything is frozen: a Node
-//! app's own primary, and `ready = "notify"` (each worker's notification
-//! socket). Per-slot sockets are carried (`slot_sockets::handover`).
+//! app's own primary. Per-slot sockets are carried
+//! (`slot_sockets::handover`), and so is each `ready = "notify"` worker's
+//! notification socket with what it said there.
 
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -47,12 +48,27 @@ pub struct CarriedWorker {
     /// herd's ends of its stdout and stderr pipes, while open.
     pub stdout: Option<RawFd>,
     pub stderr: Option<RawFd>,
+    /// `ready = "notify"`: its NOTIFY_SOCKET, and what it said there.
+    #[serde(default)]
+    pub notify: Option<CarriedNotify>,
+}
+
+/// A worker's notification socket and what herd heard on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CarriedNotify {
+    pub fd: RawFd,
+    pub status: Option<String>,
+    pub watchdog_ms: Option<u64>,
+    pub ping_ms_ago: Option<u64>,
 }
 
 impl CarriedSupervisor {
     /// Every fd it names, for the exec to keep open.
     pub fn fds(&self) -> Vec<RawFd> {
-        let pipes = self.workers.iter().flat_map(|w| [w.stdout, w.stderr]);
+        let pipes = self
+            .workers
+            .iter()
+            .flat_map(|w| [w.stdout, w.stderr, w.notify.as_ref().map(|n| n.fd)]);
         let groups = self.slot_groups.iter().flat_map(|g| g.fds());
         pipes
             .flatten()
@@ -75,12 +91,6 @@ impl Supervisor {
             }
             WorkerSockets::PerSlot(groups) => (Vec::new(), Some(groups.carried())),
         };
-        if self.settings().ready == Readiness::Notify {
-            return Err(
-                "workers that are ready by NOTIFY_SOCKET (ready = \"notify\") cannot be carried over yet: restart herd instead"
-                    .into(),
-            );
-        }
         let core = self.core.carried()?;
         let now = Instant::now();
         let mut workers = Vec::with_capacity(core.workers.len());
@@ -90,6 +100,15 @@ impl Supervisor {
                 .get(&adopted.id)
                 .ok_or_else(|| format!("the worker in slot {} has no process", adopted.slot))?;
             let pipe = |i: usize| process.output.get(i).and_then(|p| p.as_ref()?.fd());
+            let notify = process._notify.as_ref().and_then(|listening| {
+                let (status, watchdog_ms, ping_ms_ago) = process.heard.carried(now);
+                Some(CarriedNotify {
+                    fd: listening.fd()?,
+                    status,
+                    watchdog_ms,
+                    ping_ms_ago,
+                })
+            });
             workers.push(CarriedWorker {
                 id: adopted.id.0,
                 slot: adopted.slot.get(),
@@ -99,6 +118,7 @@ impl Supervisor {
                 announced: adopted.announced,
                 stdout: pipe(0),
                 stderr: pipe(1),
+                notify,
             });
         }
         Ok(CarriedSupervisor {
@@ -183,6 +203,22 @@ impl Supervisor {
                 )
             });
             let leaf = self.leaf_for(adopted.slot, adopted.id).ok().flatten();
+            let (notify, heard) = match &worker.notify {
+                Some(carried) => {
+                    let watchdog = carried.watchdog_ms.map(Duration::from_millis);
+                    let heard = Heard::restored(
+                        now,
+                        carried.status.clone(),
+                        carried.watchdog_ms,
+                        carried.ping_ms_ago,
+                    );
+                    let socket = crate::notify::NotifySocket::adopt(carried.fd, watchdog).ok();
+                    let listening =
+                        socket.and_then(|s| s.listen(adopted.id, adopted.pid, self.notes.clone()));
+                    (listening, heard)
+                }
+                None => (None, Heard::new(None)),
+            };
             self.by_pid.insert(adopted.pid, adopted.id);
             self.processes.insert(
                 adopted.id,
@@ -193,8 +229,8 @@ impl Supervisor {
                     last_sample: None,
                     cpu_percent: 0.0,
                     leaf,
-                    _notify: None,
-                    heard: Heard::new(None),
+                    _notify: notify,
+                    heard,
                     _probe: None,
                     output: output.into(),
                 },
