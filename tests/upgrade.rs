@@ -180,12 +180,12 @@ fn node_app_upgraded_under_load(rotation: &str) {
     let args = ["--workers", "2", "--rotation", rotation, "--", "node", &app];
     let herd = Herd::start_binary(&dir, &binary, &[("PORT", "0")], &args);
     herd.wait_all_ready(2);
-    let status = herd.status();
-    let before = pids_of(&status);
-    let listening: std::net::SocketAddr = status["listen"][0].as_str().unwrap().parse().unwrap();
+    let listening: std::net::SocketAddr = herd.status()["listen"][0]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], listening.port()));
-    let load = Load::start(addr, pid_in);
-    load.settle(STEADY);
     let kernel_dealt = |status: &Value| status["kernel_dealt"].as_u64().unwrap_or(0);
     // Where the program loads (CAP_BPF), `auto` is the kernel's rotation.
     let kernel = rotation == "auto" && herd.events("kernel_rotation_unavailable", &[]).is_empty();
@@ -194,42 +194,56 @@ fn node_app_upgraded_under_load(rotation: &str) {
             (kernel_dealt(&herd.status()) > 0).then_some(())
         });
     }
-    for _ in 0..2 {
-        replace(&dir, Binary::Herd);
-        let run = upgrade(&dir);
-        assert_eq!(
-            run.code,
-            Some(0),
-            "{rotation}: {run:?}\nlog:\n{}",
-            herd.log_text()
-        );
+    let outcomes = upgraded_under_load(&herd, &dir, addr, pid_in, 2, || {
+        if kernel {
+            // The kernel deals to the workers' own sockets again after the
+            // upgrades (counted every 500 ms), not only herd's hand-off.
+            let dealt_after = kernel_dealt(&herd.status());
+            wait_until("the kernel dealing after the upgrades", || {
+                (kernel_dealt(&herd.status()) > dealt_after).then_some(())
+            });
+        }
+    });
+    // Both workers still get their turns after the upgrades.
+    assert_eq!(last_answered_by(&outcomes).len(), 2, "{rotation}");
+}
+
+/// `upgrades` upgrades of `herd` (to herd again) under a steady load on
+/// `addr`, `between` called after them with the load still on: no request
+/// may fail and the workers stay the same. The outcomes.
+fn upgraded_under_load(
+    herd: &Herd,
+    dir: &Path,
+    addr: std::net::SocketAddr,
+    identify: common::load::Identify,
+    upgrades: usize,
+    between: impl Fn(),
+) -> Vec<common::load::Outcome> {
+    let before = pids_of(&herd.status());
+    let load = Load::start(addr, identify);
+    load.settle(STEADY);
+    for _ in 0..upgrades {
+        replace(dir, Binary::Herd);
+        let run = upgrade(dir);
+        assert_eq!(run.code, Some(0), "{run:?}\nlog:\n{}", herd.log_text());
         load.settle(STEADY);
     }
-    if kernel {
-        // The kernel deals to the workers' own sockets again after the
-        // upgrades (counted every 500 ms), not only herd's hand-off.
-        let dealt_after = kernel_dealt(&herd.status());
-        wait_until("the kernel dealing after the upgrades", || {
-            (kernel_dealt(&herd.status()) > dealt_after).then_some(())
-        });
-    }
+    between();
     let outcomes = load.finish();
     let failed: Vec<_> = outcomes.iter().filter(|o| o.answer.is_err()).collect();
-    assert!(
-        failed.is_empty(),
-        "{rotation}: {} failed: {failed:?}",
-        failed.len()
-    );
-    let after = herd.status();
-    assert_eq!(pids_of(&after), before, "{rotation}");
-    // Both workers still get their turns after the upgrades.
-    let answered: std::collections::BTreeSet<u32> = outcomes
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert_eq!(pids_of(&herd.status()), before, "the same workers");
+    outcomes
+}
+
+/// The workers that answered the last [`STEADY`] requests.
+fn last_answered_by(outcomes: &[common::load::Outcome]) -> std::collections::BTreeSet<u32> {
+    outcomes
         .iter()
         .rev()
         .take(STEADY)
         .filter_map(|o| o.answer.as_ref().ok().copied())
-        .collect();
-    assert_eq!(answered.len(), 2, "{rotation}: {answered:?}");
+        .collect()
 }
 
 /// Node is installed by scripts/test; without it (outside CI) skip.
@@ -319,29 +333,9 @@ fn workers_that_accept_themselves_are_upgraded_under_load() {
         args.extend(["--", hello_worker()]);
         let (herd, dir) = start_with_flags(&name, &args);
         herd.wait_all_ready(2);
-        let before = pids_of(&herd.status());
-        let load = Load::start(herd.addr(), pid_in);
-        load.settle(STEADY);
-        replace(&dir, Binary::Herd);
-        let run = upgrade(&dir);
-        assert_eq!(run.code, Some(0), "{flags:?}: {run:?}\n{}", herd.log_text());
-        load.settle(STEADY);
-        let outcomes = load.finish();
-        let failed: Vec<_> = outcomes.iter().filter(|o| o.answer.is_err()).collect();
-        assert!(
-            failed.is_empty(),
-            "{flags:?}: {} failed: {failed:?}",
-            failed.len()
-        );
-        assert_eq!(pids_of(&herd.status()), before, "{flags:?}");
+        let outcomes = upgraded_under_load(&herd, &dir, herd.addr(), pid_in, 1, || {});
         // Both workers are still dealt to.
-        let answered: std::collections::BTreeSet<u32> = outcomes
-            .iter()
-            .rev()
-            .take(STEADY)
-            .filter_map(|o| o.answer.as_ref().ok().copied())
-            .collect();
-        assert_eq!(answered.len(), 2, "{flags:?}: {answered:?}");
+        assert_eq!(last_answered_by(&outcomes).len(), 2, "{flags:?}");
     }
 }
 
@@ -380,18 +374,8 @@ fn gunicorn_ready_by_notify_is_upgraded_under_load() {
         ],
     );
     herd.wait_all_ready(2);
-    let before = pids_of(&herd.status());
-    let load = Load::start(herd.addr(), arbiter_in);
-    load.settle(STEADY);
-    replace(&dir, Binary::Herd);
-    let run = upgrade(&dir);
-    assert_eq!(run.code, Some(0), "{run:?}\n{}", herd.log_text());
-    load.settle(STEADY);
-    let outcomes = load.finish();
-    let failed: Vec<_> = outcomes.iter().filter(|o| o.answer.is_err()).collect();
-    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    upgraded_under_load(&herd, &dir, herd.addr(), arbiter_in, 1, || {});
     let after = herd.status();
-    assert_eq!(pids_of(&after), before);
     for worker in workers_of(&after) {
         assert_eq!(
             worker["notify_status"], "Gunicorn arbiter booted",

@@ -217,6 +217,18 @@ impl ControlServer {
         nix::sys::stat::umask(old_umask);
         let listener = bound.map_err(io)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        ControlServer::serving(listener, path)
+    }
+
+    /// The server on a bound socket, made non-blocking.
+    fn serving(
+        listener: std::os::unix::net::UnixListener,
+        path: &Path,
+    ) -> Result<ControlServer, ControlError> {
+        let io = |source| ControlError::Io {
+            path: path.to_owned(),
+            source,
+        };
         listener.set_nonblocking(true).map_err(io)?;
         Ok(ControlServer {
             path: path.to_owned(),
@@ -235,15 +247,7 @@ impl ControlServer {
             source,
         };
         let fd = herd_protocol::fdpass::adopt_inherited_fd(fd).map_err(io)?;
-        let listener = std::os::unix::net::UnixListener::from(fd);
-        listener.set_nonblocking(true).map_err(io)?;
-        Ok(ControlServer {
-            path: path.to_owned(),
-            connections: JoinSet::new(),
-            listener: tokio::net::UnixListener::from_std(listener).map_err(io)?,
-            backoff: None,
-            paused_until: None,
-        })
+        ControlServer::serving(std::os::unix::net::UnixListener::from(fd), path)
     }
 
     /// The listening socket's fd, for `herd upgrade` to carry.

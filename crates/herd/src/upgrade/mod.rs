@@ -60,10 +60,10 @@ pub const UPGRADE_FAILED_ENV: &str = "HERD_UPGRADE_FAILED";
 /// What herd was started as, to run it again.
 #[derive(Debug)]
 pub struct Origin {
-    /// argv[0] resolved (against PATH, or the directory herd started in):
+    /// `argv[0]` resolved (against PATH, or the directory herd started in):
     /// the file on disk now, which may be a newer herd than this one.
     pub binary: PathBuf,
-    /// argv[0] as given.
+    /// `argv[0]` as given.
     pub argv0: OsString,
     /// Every argument; the first is `run`.
     pub args: Vec<OsString>,
@@ -98,7 +98,7 @@ impl Origin {
         })
     }
 
-    /// The command line, argv[0] first, as the handover carries it.
+    /// The command line, `argv[0]` first, as the handover carries it.
     pub fn argv(&self) -> Vec<Vec<u8>> {
         std::iter::once(&self.argv0)
             .chain(&self.args)

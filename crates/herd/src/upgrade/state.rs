@@ -34,7 +34,7 @@ pub struct Handover {
     pub from: String,
     /// The binary the old herd re-executed.
     pub binary: String,
-    /// The old herd's command line, argv[0] first: a new binary that cannot
+    /// The old herd's command line, `argv[0]` first: a new binary that cannot
     /// take over runs the old one again with it (not with its own, which
     /// may be what is wrong).
     pub argv: Vec<Vec<u8>>,
