@@ -440,6 +440,74 @@ fn arbiter_in(body: &str) -> Option<u32> {
         .ok()
 }
 
+/// A Node app's own primary (`node.primary = "run"`) goes on through the
+/// upgrade: the same process (its timer still ticking), told of a
+/// worker's exit and of its replacement after it, as before.
+#[test]
+fn a_node_apps_own_primary_is_carried_over() {
+    if skip_unless_node("a_node_apps_own_primary_is_carried_over") {
+        return;
+    }
+    let app = format!(
+        "{}/tests/fixtures/node-primary/exit-counter.js",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let dir = scratch_dir("upgrade-node-primary");
+    let binary = install(&dir);
+    let config = write_config(&dir, "[node]\nprimary = \"run\"\n");
+    let config = config.display().to_string();
+    let args = [
+        "-c",
+        &config,
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--",
+        "node",
+        &app,
+    ];
+    let herd = Herd::start_binary(&dir, &binary, &[], &args);
+    herd.wait_all_ready(2);
+    let port: u16 = wait_until("the primary's port", || {
+        let text = herd.log_text();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("[primary] primary on "))?;
+        line.rsplit(' ').next()?.parse().ok()
+    });
+    let primary = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let report = |path: &str| -> Value {
+        let (code, _, body) = http(primary, "GET", path);
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let before = report("/");
+    let outcomes = upgraded_under_load(&herd, &dir, herd.addr(), pid_in, 1, || {});
+    assert!(!outcomes.is_empty());
+    let after = report("/");
+    assert_eq!(after["pid"], before["pid"], "the same primary");
+    assert!(
+        after["ticks"].as_u64() > before["ticks"].as_u64(),
+        "{after}"
+    );
+    // The primary kills worker 1 itself: herd tells it of the exit, and
+    // of the worker that replaces it, over the carried channel.
+    report("/kill/1");
+    wait_until(
+        "the exit and a new worker online, seen by the primary",
+        || {
+            let seen = report("/");
+            let onlines = seen["seen"]
+                .as_array()?
+                .iter()
+                .filter(|e| e["event"] == "online")
+                .count();
+            (seen["exits"] == 1 && onlines >= 3).then_some(())
+        },
+    );
+}
+
 /// What herd cannot carry yet is refused by name, before anything is
 /// frozen, and herd goes on serving.
 #[test]

@@ -74,6 +74,38 @@ impl HandoffLoop {
         self.read_app_primary();
     }
 
+    /// The primary's channel carried over `herd upgrade`: it knows of the
+    /// workers already, so nothing is said to it; what it sent meanwhile
+    /// is read now.
+    pub(super) fn restore_app_primary(
+        &mut self,
+        pid: u32,
+        fd: OwnedFd,
+        inbox: Vec<u8>,
+    ) -> io::Result<()> {
+        self.app_primary.runs = true;
+        let raw = fd.as_raw_fd();
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&raw), APP_PRIMARY, Interest::READABLE)?;
+        self.app_primary.channel = Some(PrimaryChannel::restored(pid, fd, inbox));
+        self.read_app_primary();
+        Ok(())
+    }
+
+    /// What `herd upgrade` carries of the link: whether it relays, and the
+    /// running primary's channel (pid, fd, a partial line).
+    pub(super) fn carried_app_primary(
+        &self,
+    ) -> Result<Option<(u32, std::os::fd::RawFd, Vec<u8>)>, String> {
+        match &self.app_primary.channel {
+            None => Ok(None),
+            Some(channel) => channel.carried().map(Some).ok_or_else(|| {
+                "the app's primary has messages not yet written to it; try again".into()
+            }),
+        }
+    }
+
     fn drop_app_primary(&mut self) {
         if let Some(old) = self.app_primary.channel.take() {
             let raw = old.fd().as_raw_fd();

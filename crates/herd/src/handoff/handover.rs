@@ -32,6 +32,12 @@ pub struct CarriedLoop {
     /// Accepted connections no worker has yet, lane by lane.
     pub queue: Vec<CarriedConnection>,
     pub next_connection_id: u64,
+    /// `node.primary = "run"`: workers' messages are relayed.
+    #[serde(default)]
+    pub app_primary_runs: bool,
+    /// The running app primary's channel: (pid, fd, a partial line).
+    #[serde(default)]
+    pub app_primary: Option<(u32, RawFd, Vec<u8>)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,7 +96,12 @@ impl CarriedLoop {
             .iter()
             .flat_map(|c| std::iter::once(c.fd).chain(c.in_flight.iter().map(|conn| conn.fd)));
         let queued = self.queue.iter().map(|conn| conn.fd);
-        listeners.chain(channels).chain(queued).collect()
+        let primary = self.app_primary.iter().map(|(_, fd, _)| *fd);
+        listeners
+            .chain(channels)
+            .chain(queued)
+            .chain(primary)
+            .collect()
     }
 }
 
@@ -169,9 +180,6 @@ impl HandoffLoop {
     }
 
     fn carried(&self) -> Result<CarriedLoop, String> {
-        if self.app_primary.runs {
-            return Err("a Node app's own primary runs (node.primary = \"run\")".into());
-        }
         let mut listeners = Vec::with_capacity(self.listeners.len());
         for listening in self.listeners.iter() {
             let worker_of = |channel: ChannelIx| {
@@ -201,6 +209,8 @@ impl HandoffLoop {
             channels,
             queue,
             next_connection_id: self.next_connection_id,
+            app_primary_runs: self.app_primary.runs,
+            app_primary: self.carried_app_primary()?,
         })
     }
 
@@ -226,6 +236,10 @@ impl HandoffLoop {
         }
         for (listener, rotation) in rotations {
             self.restore_rotation(listener, rotation)?;
+        }
+        self.app_primary.runs = carried.app_primary_runs;
+        if let Some((pid, fd, inbox)) = carried.app_primary {
+            self.restore_app_primary(pid, fdpass::adopt_inherited_fd(fd)?, inbox)?;
         }
         for conn in &carried.queue {
             let conn = connection_of(conn, now)?;

@@ -73,6 +73,23 @@ impl PrimaryChannel {
         }
     }
 
+    /// What `herd upgrade` carries: the pid, the fd and the part of a line
+    /// read; `None` while something waits to be written (not carried).
+    pub fn carried(&self) -> Option<(u32, std::os::fd::RawFd, Vec<u8>)> {
+        use std::os::fd::AsRawFd;
+        self.outbox
+            .is_empty()
+            .then(|| (self.pid, self.fd.as_raw_fd(), self.inbox.clone()))
+    }
+
+    /// The channel as it was carried.
+    pub fn restored(pid: u32, fd: OwnedFd, inbox: Vec<u8>) -> PrimaryChannel {
+        PrimaryChannel {
+            inbox,
+            ..PrimaryChannel::new(pid, fd)
+        }
+    }
+
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }

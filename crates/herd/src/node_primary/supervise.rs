@@ -9,7 +9,7 @@
 //! (start, reap, tick, stop); the channel it returns goes to the hand-off
 //! loop, which relays.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,16 @@ pub struct AppPrimary {
     failures: u32,
     /// herd is stopping: an exit is final.
     stopping: bool,
+    /// The running primary's stdout and stderr as herd forwards them.
+    output: Vec<Option<crate::worker_output::Pipe>>,
+}
+
+/// What `herd upgrade` carries of the app's primary.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CarriedAppPrimary {
+    /// The running one: pid, age (ms), herd's ends of its stdout and stderr.
+    pub running: Option<(u32, u64, Option<RawFd>, Option<RawFd>)>,
+    pub failures: u32,
 }
 
 /// A primary just started: its pid and herd's end of its channel.
@@ -73,6 +83,7 @@ impl AppPrimary {
                 },
                 failures: 0,
                 stopping: false,
+                output: Vec::new(),
             }),
             Err(e) => {
                 error!(
@@ -105,14 +116,11 @@ impl AppPrimary {
                     event = "node_primary_started",
                     "the app's primary started"
                 );
-                for (fd, stderr) in [(started.stdout, false), (started.stderr, true)] {
-                    let origin = crate::worker_output::Origin {
-                        slot: None,
-                        pid: started.pid,
-                        stderr,
-                    };
-                    crate::worker_output::forward(fd, origin, settings.framing);
-                }
+                self.output = forward_output(
+                    [(Some(started.stdout), false), (Some(started.stderr), true)],
+                    started.pid,
+                    settings.framing,
+                );
                 self.state = State::Running {
                     pid: started.pid,
                     started: now,
@@ -133,6 +141,46 @@ impl AppPrimary {
                 None
             }
         }
+    }
+
+    /// What `herd upgrade` carries (the primary keeps running through it).
+    pub fn carried(&self, now: Instant) -> CarriedAppPrimary {
+        let running = match self.state {
+            State::Running { pid, started } => {
+                let pipe = |i: usize| self.output.get(i).and_then(|p| p.as_ref()?.fd());
+                let age = u64::try_from(now.saturating_duration_since(started).as_millis());
+                Some((pid, age.unwrap_or(u64::MAX), pipe(0), pipe(1)))
+            }
+            _ => None,
+        };
+        CarriedAppPrimary {
+            running,
+            failures: self.failures,
+        }
+    }
+
+    /// The new herd's: the carried primary is this one's, running (its
+    /// output forwarded again), or started when due if none ran.
+    pub fn adopt(&mut self, carried: &CarriedAppPrimary, framing: crate::worker_output::Framing) {
+        let now = Instant::now();
+        self.failures = carried.failures;
+        let Some((pid, age_ms, stdout, stderr)) = carried.running else {
+            return;
+        };
+        let claim = |fd: Option<RawFd>| {
+            fd.and_then(|fd| herd_protocol::fdpass::adopt_inherited_fd(fd).ok())
+        };
+        self.output = forward_output(
+            [(claim(stdout), false), (claim(stderr), true)],
+            pid,
+            framing,
+        );
+        self.state = State::Running {
+            pid,
+            started: now
+                .checked_sub(Duration::from_millis(age_ms))
+                .unwrap_or(now),
+        };
     }
 
     /// Is `pid` the primary's process?
@@ -229,6 +277,25 @@ impl AppPrimary {
     }
 }
 
+/// Forwards the primary's output pipes (`(fd, stderr)`) to herd's.
+fn forward_output(
+    pipes: [(Option<OwnedFd>, bool); 2],
+    pid: u32,
+    framing: crate::worker_output::Framing,
+) -> Vec<Option<crate::worker_output::Pipe>> {
+    pipes
+        .into_iter()
+        .map(|(fd, stderr)| {
+            let origin = crate::worker_output::Origin {
+                slot: None,
+                pid,
+                stderr,
+            };
+            crate::worker_output::forward(fd?, origin, framing)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +316,7 @@ mod tests {
             state: State::Stopped,
             failures: 0,
             stopping: false,
+            output: Vec::new(),
         };
         let killed = ExitStatus::from_raw(9);
         let run = |primary: &mut AppPrimary, lasted: Duration| {

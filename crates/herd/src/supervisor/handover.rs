@@ -4,11 +4,10 @@
 //!
 //! The workers keep running through the exec: they are this process's
 //! children still (an exec keeps the pid), their channels and pipes are
-//! inherited, and their cgroups are found again by name. What the new
-//! herd cannot take over is refused before anything is frozen: a Node
-//! app's own primary. Per-slot sockets are carried
-//! (`slot_sockets::handover`), and so is each `ready = "notify"` worker's
-//! notification socket with what it said there.
+//! inherited, and their cgroups are found again by name. Per-slot sockets
+//! are carried (`slot_sockets::handover`), each `ready = "notify"`
+//! worker's notification socket with what it said there, and a Node app's
+//! own primary (`node.primary = "run"`): its pid, age and pipes.
 
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -31,6 +30,9 @@ pub struct CarriedSupervisor {
     /// every slot's sockets.
     #[serde(default)]
     pub slot_groups: Option<crate::slot_sockets::CarriedGroups>,
+    /// `node.primary = "run"`: the app's own primary.
+    #[serde(default)]
+    pub app_primary: Option<crate::node_primary::supervise::CarriedAppPrimary>,
     /// Children not yet reaped that are not workers (the dry run).
     #[serde(default)]
     pub expected: Vec<u32>,
@@ -70,10 +72,17 @@ impl CarriedSupervisor {
             .iter()
             .flat_map(|w| [w.stdout, w.stderr, w.notify.as_ref().map(|n| n.fd)]);
         let groups = self.slot_groups.iter().flat_map(|g| g.fds());
+        let primary = self.app_primary.iter().flat_map(|p| {
+            p.running
+                .iter()
+                .flat_map(|&(_, _, stdout, stderr)| [stdout, stderr])
+                .flatten()
+        });
         pipes
             .flatten()
             .chain(self.shared_sockets.iter().copied())
             .chain(groups)
+            .chain(primary)
             .collect()
     }
 }
@@ -81,9 +90,6 @@ impl CarriedSupervisor {
 impl Supervisor {
     /// What `herd upgrade` carries, or why it cannot carry this herd now.
     pub fn carried(&self) -> Result<CarriedSupervisor, String> {
-        if self.app_primary.is_some() {
-            return Err("a Node app's own primary runs (node.primary = \"run\")".into());
-        }
         let (shared_sockets, slot_groups) = match &self.sockets {
             WorkerSockets::HandOff => (Vec::new(), None),
             WorkerSockets::Shared(sockets) => {
@@ -132,6 +138,7 @@ impl Supervisor {
             cpu_seconds: self.cpu_seconds.clone(),
             shared_sockets,
             slot_groups,
+            app_primary: self.app_primary.as_ref().map(|p| p.carried(now)),
             expected: self.expected.iter().copied().collect(),
         })
     }
@@ -190,51 +197,60 @@ impl Supervisor {
         self.core = Lifecycle::adopted(Policy::of(&settings), core, settings.workers);
         self.cpu_seconds = carried.cpu_seconds;
         self.expected.extend(carried.expected);
+        if let (Some(primary), Some(was)) = (self.app_primary.as_mut(), &carried.app_primary) {
+            primary.adopt(was, settings.framing);
+        }
         self.cpu_seconds.resize(self.core.slot_count(), 0.0);
         for (worker, adopted) in carried.workers.iter().zip(workers) {
-            let output = [(worker.stdout, false), (worker.stderr, true)].map(|(fd, stderr)| {
-                let fd = herd_protocol::fdpass::adopt_inherited_fd(fd?).ok()?;
-                worker_output::forward_worker(
-                    fd,
-                    adopted.slot,
-                    adopted.pid,
-                    stderr,
-                    settings.framing,
-                )
-            });
-            let leaf = self.leaf_for(adopted.slot, adopted.id).ok().flatten();
-            let (notify, heard) = match &worker.notify {
-                Some(carried) => {
-                    let watchdog = carried.watchdog_ms.map(Duration::from_millis);
-                    let heard = Heard::restored(
-                        now,
-                        carried.status.clone(),
-                        carried.watchdog_ms,
-                        carried.ping_ms_ago,
-                    );
-                    let socket = crate::notify::NotifySocket::adopt(carried.fd, watchdog).ok();
-                    let listening =
-                        socket.and_then(|s| s.listen(adopted.id, adopted.pid, self.notes.clone()));
-                    (listening, heard)
-                }
-                None => (None, Heard::new(None)),
-            };
-            self.by_pid.insert(adopted.pid, adopted.id);
-            self.processes.insert(
-                adopted.id,
-                Process {
-                    pid: adopted.pid,
-                    slot: adopted.slot,
-                    started: adopted.started,
-                    last_sample: None,
-                    cpu_percent: 0.0,
-                    leaf,
-                    _notify: notify,
-                    heard,
-                    _probe: None,
-                    output: output.into(),
-                },
-            );
+            self.adopt_process(worker, adopted, settings.framing, now);
         }
+    }
+
+    /// One carried worker's process: its output forwarded again, its
+    /// cgroup and notification socket found, filed under its pid.
+    fn adopt_process(
+        &mut self,
+        worker: &CarriedWorker,
+        adopted: Adopted,
+        framing: crate::worker_output::Framing,
+        now: Instant,
+    ) {
+        let output = [(worker.stdout, false), (worker.stderr, true)].map(|(fd, stderr)| {
+            let fd = herd_protocol::fdpass::adopt_inherited_fd(fd?).ok()?;
+            worker_output::forward_worker(fd, adopted.slot, adopted.pid, stderr, framing)
+        });
+        let leaf = self.leaf_for(adopted.slot, adopted.id).ok().flatten();
+        let (notify, heard) = match &worker.notify {
+            Some(carried) => {
+                let watchdog = carried.watchdog_ms.map(Duration::from_millis);
+                let heard = Heard::restored(
+                    now,
+                    carried.status.clone(),
+                    carried.watchdog_ms,
+                    carried.ping_ms_ago,
+                );
+                let socket = crate::notify::NotifySocket::adopt(carried.fd, watchdog).ok();
+                let listening =
+                    socket.and_then(|s| s.listen(adopted.id, adopted.pid, self.notes.clone()));
+                (listening, heard)
+            }
+            None => (None, Heard::new(None)),
+        };
+        self.by_pid.insert(adopted.pid, adopted.id);
+        self.processes.insert(
+            adopted.id,
+            Process {
+                pid: adopted.pid,
+                slot: adopted.slot,
+                started: adopted.started,
+                last_sample: None,
+                cpu_percent: 0.0,
+                leaf,
+                _notify: notify,
+                heard,
+                _probe: None,
+                output: output.into(),
+            },
+        );
     }
 }
