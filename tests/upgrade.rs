@@ -191,6 +191,7 @@ fn node_app_upgraded_under_load(rotation: &str) {
     let kernel = rotation == "auto" && herd.events("kernel_rotation_unavailable", &[]).is_empty();
     if kernel {
         wait_until("the kernel dealing", || {
+            request(addr, pid_in).unwrap();
             (kernel_dealt(&herd.status()) > 0).then_some(())
         });
     }
