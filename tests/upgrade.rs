@@ -232,7 +232,12 @@ fn upgraded_under_load(
     between();
     let outcomes = load.finish();
     let failed: Vec<_> = outcomes.iter().filter(|o| o.answer.is_err()).collect();
-    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} failed: {failed:?}\nlog:\n{}",
+        failed.len(),
+        herd.log_text()
+    );
     assert_eq!(pids_of(&herd.status()), before, "the same workers");
     outcomes
 }

@@ -183,6 +183,30 @@ pub struct Worker {
     listeners: Vec<TcpListener>,
     /// Connections this worker accepted itself (their ids).
     accepted: u64,
+    /// A connection taken (accepted itself, or handed off) whose report to
+    /// herd (ACCEPTED, ACK) waits for room on the channel. [`Worker::accept`]
+    /// may be cancelled there (a `select!` that takes another branch); the
+    /// connection stays here and the next call serves it, instead of it
+    /// being dropped, which would reset the client. herd stops reading the
+    /// channel for a moment during `herd upgrade`, so the wait is real.
+    pending: Option<Pending>,
+}
+
+/// See [`Worker::pending`].
+#[derive(Debug)]
+enum Pending {
+    /// Accepted from inherited listener `listener`; reported as `id`.
+    Itself {
+        listener: u16,
+        id: u64,
+        stream: TcpStream,
+        peer: SocketAddr,
+    },
+    /// Handed off: acknowledged once the ACK is sent.
+    Handoff {
+        handoff: herd_protocol::wire::Handoff,
+        stream: TcpStream,
+    },
 }
 
 impl Worker {
@@ -215,6 +239,7 @@ impl Worker {
             said_ready: false,
             listeners,
             accepted: 0,
+            pending: None,
         })
     }
 
@@ -246,8 +271,14 @@ impl Worker {
 
     /// The next connection, or `None` when herd asks this worker to drain
     /// (or has gone away): stop accepting, finish what is open, exit.
+    ///
+    /// Cancel safe: dropped in a `select!` before it returns, it loses no
+    /// connection (one already taken comes out of the next call).
     pub async fn accept(&mut self) -> Result<Option<Connection>, WorkerError> {
         self.ready().await?;
+        if self.pending.is_some() {
+            return self.report_pending().await.map(Some);
+        }
         let mut buf = [0u8; MAX_MESSAGE_LEN];
         loop {
             let received = tokio::select! {
@@ -268,22 +299,11 @@ impl Worker {
                 PrimaryMessage::Drain => return Ok(None),
                 PrimaryMessage::Handoff(handoff) => {
                     let fd = received.fd.ok_or(WorkerError::MissingFd)?;
-                    match send_on(&self.channel, WorkerMessage::Ack(handoff.connection_id)).await {
-                        // herd is gone (stopped or died): its copy went with it,
-                        // so ours is the only one and must be served.
-                        Err(WorkerError::Io(e)) if is_peer_gone(&e) => {}
-                        other => other?,
-                    }
                     let stream = std::net::TcpStream::from(fd);
                     stream.set_nonblocking(true)?;
-                    return Ok(Some(Connection {
-                        stream: self
-                            .herd_stream(TcpStream::from_std(stream)?, handoff.connection_id),
-                        peer: handoff.peer,
-                        local: handoff.local,
-                        listener: handoff.listener,
-                        id: handoff.connection_id,
-                    }));
+                    let stream = TcpStream::from_std(stream)?;
+                    self.pending = Some(Pending::Handoff { handoff, stream });
+                    return self.report_pending().await.map(Some);
                 }
             }
         }
@@ -298,19 +318,56 @@ impl Worker {
         peer: SocketAddr,
     ) -> Result<Connection, WorkerError> {
         self.accepted += 1;
-        let id = self.accepted;
-        let listener = listener as u16;
-        match send_on(&self.channel, WorkerMessage::Accepted { listener, id }).await {
-            Err(WorkerError::Io(e)) if is_peer_gone(&e) => {} // herd is gone; serve anyway
-            other => other?,
-        }
-        let local = stream.local_addr()?;
-        Ok(Connection {
-            stream: self.herd_stream(stream, id),
+        self.pending = Some(Pending::Itself {
+            listener: listener as u16,
+            id: self.accepted,
+            stream,
             peer,
-            local,
-            listener,
-            id,
+        });
+        self.report_pending().await
+    }
+
+    /// Tells herd of the pending connection (ACCEPTED, or the hand-off's
+    /// ACK), then hands it out. Cancelled while waiting for room, the
+    /// connection stays pending (see [`Worker::pending`]).
+    async fn report_pending(&mut self) -> Result<Connection, WorkerError> {
+        let message = match self.pending.as_ref().expect("a pending connection") {
+            Pending::Itself { listener, id, .. } => WorkerMessage::Accepted {
+                listener: *listener,
+                id: *id,
+            },
+            Pending::Handoff { handoff, .. } => WorkerMessage::Ack(handoff.connection_id),
+        };
+        match send_on(&self.channel, message).await {
+            // herd is gone (stopped or died): for a hand-off its copy went
+            // with it, so ours is the only one; serve anyway.
+            Err(WorkerError::Io(e)) if is_peer_gone(&e) => {}
+            Err(e) => {
+                self.pending = None;
+                return Err(e);
+            }
+            Ok(()) => {}
+        }
+        Ok(match self.pending.take().expect("a pending connection") {
+            Pending::Itself {
+                listener,
+                id,
+                stream,
+                peer,
+            } => Connection {
+                local: stream.local_addr()?,
+                stream: self.herd_stream(stream, id),
+                peer,
+                listener,
+                id,
+            },
+            Pending::Handoff { handoff, stream } => Connection {
+                stream: self.herd_stream(stream, handoff.connection_id),
+                peer: handoff.peer,
+                local: handoff.local,
+                listener: handoff.listener,
+                id: handoff.connection_id,
+            },
         })
     }
 
@@ -371,4 +428,63 @@ fn is_peer_gone(error: &io::Error) -> bool {
         error.kind(),
         io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    /// herd stops reading the channel during `herd upgrade`; an `accept`
+    /// that took a connection and waits to report it may be cancelled
+    /// (hello-worker's `select!` does so whenever a connection task ends).
+    /// The connection must come out of the next `accept`, not be dropped
+    /// (which resets the client).
+    #[tokio::test]
+    async fn an_accept_cancelled_while_herd_reads_nothing_keeps_its_connection() {
+        let (herd, ours) = fdpass::channel_pair().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let mut worker = Worker {
+            channel: Arc::new(fdpass::async_channel(ours).unwrap()),
+            slot: 0,
+            said_ready: true,
+            listeners: vec![TcpListener::from_std(listener).unwrap()],
+            accepted: 0,
+            pending: None,
+        };
+        // Fill the channel: herd reads nothing.
+        let mut buf = [0u8; WORKER_MESSAGE_MAX_LEN];
+        let closed = WorkerMessage::Closed(0).encode(&mut buf).to_vec();
+        let mut filled = 0;
+        while fdpass::send(worker.channel.get_ref().as_fd(), &closed, true).is_ok() {
+            filled += 1;
+            assert!(filled < 100_000, "the channel never filled");
+        }
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client.write_all(b"ping").unwrap();
+        // It accepts the client, then waits for room to say so: cancelled.
+        let cancelled = tokio::time::timeout(Duration::from_millis(200), worker.accept()).await;
+        assert!(cancelled.is_err(), "accept could not have reported it");
+        assert!(worker.pending.is_some(), "the connection is kept");
+        // herd reads again: the next accept hands out that connection.
+        let mut message = [0u8; MAX_MESSAGE_LEN];
+        while let Ok(Some(_)) = fdpass::recv_with_fd(herd.as_fd(), &mut message, true) {}
+        let connection = worker.accept().await.unwrap().expect("the kept connection");
+        assert_eq!(connection.id, 1);
+        let mut stream = connection.stream;
+        let mut got = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut stream, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got, b"ping");
+        tokio::io::AsyncWriteExt::write_all(&mut stream, b"pong")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 4];
+        client.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"pong");
+    }
 }

@@ -51,11 +51,76 @@ pub struct SlotRotation {
     turns: Vec<SlotIx>,
 }
 
+/// A rotation program's fds as the document carries them
+/// ([`herd_protocol::bpf::CarriedProgram`]).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct ProgramFds {
+    pub program: std::os::fd::RawFd,
+    pub sockets: std::os::fd::RawFd,
+    pub config: std::os::fd::RawFd,
+    pub tally: std::os::fd::RawFd,
+    pub probes: std::os::fd::RawFd,
+    pub probe_sockets: std::os::fd::RawFd,
+    pub in_rotation: usize,
+    pub migrates: bool,
+}
+
+impl From<herd_protocol::bpf::CarriedProgram> for ProgramFds {
+    fn from(p: herd_protocol::bpf::CarriedProgram) -> ProgramFds {
+        ProgramFds {
+            program: p.program,
+            sockets: p.sockets,
+            config: p.config,
+            tally: p.tally,
+            probes: p.probes,
+            probe_sockets: p.probe_sockets,
+            in_rotation: p.in_rotation,
+            migrates: p.migrates,
+        }
+    }
+}
+
+impl From<ProgramFds> for herd_protocol::bpf::CarriedProgram {
+    fn from(p: ProgramFds) -> herd_protocol::bpf::CarriedProgram {
+        herd_protocol::bpf::CarriedProgram {
+            program: p.program,
+            sockets: p.sockets,
+            config: p.config,
+            tally: p.tally,
+            probes: p.probes,
+            probe_sockets: p.probe_sockets,
+            in_rotation: p.in_rotation,
+            migrates: p.migrates,
+        }
+    }
+}
+
+impl ProgramFds {
+    pub fn fds(&self) -> [std::os::fd::RawFd; 6] {
+        herd_protocol::bpf::CarriedProgram::from(*self).fds()
+    }
+}
+
 /// A rotation as `herd upgrade` carries it: by slot, its socket and who
 /// holds it (worker id, takes turns).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct CarriedRotation {
     pub slots: Vec<Option<CarriedSlotSocket>>,
+    /// The program, still attached to the group, and its maps.
+    pub program: Option<ProgramFds>,
+    pub v6_only: bool,
+    pub backlog: u32,
+    pub dealt_before: Vec<u64>,
+    pub turns: Vec<usize>,
+}
+
+impl CarriedRotation {
+    /// Every fd it names.
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        let slots = self.slots.iter().flatten().map(|slot| slot.fd);
+        let program = self.program.iter().flat_map(|p| p.fds());
+        slots.chain(program).collect()
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -246,7 +311,39 @@ impl SlotRotation {
                 })
             })
             .collect();
-        CarriedRotation { slots }
+        CarriedRotation {
+            slots,
+            program: Some(self.program.carried().into()),
+            v6_only: self.v6_only,
+            backlog: self.backlog,
+            dealt_before: self.dealt_before.clone(),
+            turns: self.turns.iter().map(|s| s.get()).collect(),
+        }
+    }
+
+    /// The rotation [`SlotRotation::carried`] described, for the listener
+    /// at `local`: the same program (still attached) and socket arrays, the
+    /// slot sockets held by the workers' new channels (`channel_of`).
+    pub fn restored(
+        local: SocketAddr,
+        carried: CarriedRotation,
+        channel_of: impl Fn(u64) -> Option<ChannelIx>,
+    ) -> io::Result<SlotRotation> {
+        let program = carried
+            .program
+            .ok_or_else(|| io::Error::other("a carried rotation has no program"))?;
+        let mut rotation = SlotRotation {
+            program: RotationProgram::adopt(program.into())?,
+            local,
+            v6_only: carried.v6_only,
+            backlog: carried.backlog,
+            slots: Table::new(),
+            dealt_before: carried.dealt_before.clone(),
+            turns: carried.turns.iter().map(|&s| SlotIx(s)).collect(),
+        };
+        rotation.dealt_before.resize(MAX_ROTATION, 0);
+        rotation.adopt(carried, channel_of)?;
+        Ok(rotation)
     }
 
     /// The new herd's side: the carried slot sockets back in this rotation

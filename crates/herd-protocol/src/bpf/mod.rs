@@ -118,6 +118,32 @@ fn verifier_note(log: &str) -> String {
     }
 }
 
+/// A [`RotationProgram`] by fd number, as `herd upgrade` carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CarriedProgram {
+    pub program: RawFd,
+    pub sockets: RawFd,
+    pub config: RawFd,
+    pub tally: RawFd,
+    pub probes: RawFd,
+    pub probe_sockets: RawFd,
+    pub in_rotation: usize,
+    pub migrates: bool,
+}
+
+impl CarriedProgram {
+    pub fn fds(&self) -> [RawFd; 6] {
+        [
+            self.program,
+            self.sockets,
+            self.config,
+            self.tally,
+            self.probes,
+            self.probe_sockets,
+        ]
+    }
+}
+
 /// A loaded rotation program with its maps; dropped, everything is freed
 /// (a group it is attached to keeps the program until its last socket closes).
 #[derive(Debug)]
@@ -179,6 +205,39 @@ impl RotationProgram {
             probe_sockets,
             in_rotation: 0,
             migrates,
+        })
+    }
+
+    /// The fds of the program and its maps, and what it deals to now, for
+    /// `herd upgrade` to carry: the new herd goes on with this very
+    /// program, still attached, its counts and its socket arrays as they
+    /// are (a fresh one could not take the sockets while this one holds them).
+    pub fn carried(&self) -> CarriedProgram {
+        CarriedProgram {
+            program: self.program.as_raw_fd(),
+            sockets: self.sockets.as_raw_fd(),
+            config: self.config.as_raw_fd(),
+            tally: self.tally.as_raw_fd(),
+            probes: self.probes.as_raw_fd(),
+            probe_sockets: self.probe_sockets.as_raw_fd(),
+            in_rotation: self.in_rotation,
+            migrates: self.migrates,
+        }
+    }
+
+    /// The program [`RotationProgram::carried`] described, its fds taken
+    /// back (see [`crate::fdpass::adopt_inherited_fd`]).
+    pub fn adopt(carried: CarriedProgram) -> io::Result<RotationProgram> {
+        let take = crate::fdpass::adopt_inherited_fd;
+        Ok(RotationProgram {
+            program: take(carried.program)?,
+            sockets: take(carried.sockets)?,
+            config: take(carried.config)?,
+            tally: take(carried.tally)?,
+            probes: Arc::new(take(carried.probes)?),
+            probe_sockets: take(carried.probe_sockets)?,
+            in_rotation: carried.in_rotation,
+            migrates: carried.migrates,
         })
     }
 

@@ -88,8 +88,8 @@ impl CarriedLoop {
     /// Every fd the description names, for the exec to keep open.
     pub fn fds(&self) -> Vec<RawFd> {
         let listeners = self.listeners.iter().flatten().flat_map(|l| {
-            let slots = l.rotation.iter().flat_map(|r| r.slots.iter().flatten());
-            std::iter::once(l.fd).chain(slots.map(|slot| slot.fd))
+            let rotation = l.rotation.iter().flat_map(CarriedRotation::fds);
+            std::iter::once(l.fd).chain(rotation)
         });
         let channels = self
             .channels
@@ -226,7 +226,8 @@ impl HandoffLoop {
             if let Some(listener) = listener {
                 let socket = std::net::TcpListener::from(fdpass::adopt_inherited_fd(listener.fd)?);
                 socket.set_nonblocking(true)?;
-                self.install_listener(ix, socket, listener.node_key)?;
+                // Its rotation goes back once the channels it names are.
+                self.put_listener(ix, socket, listener.node_key, None)?;
                 rotations.extend(listener.rotation.map(|rotation| (ix, rotation)));
             }
         }
@@ -265,20 +266,17 @@ impl HandoffLoop {
             .enumerate()
             .filter_map(|(ix, c)| Some((c.as_ref()?.worker.0, ix)))
             .collect();
-        let registry = self.poll.registry();
-        let Some(rotation) = self
-            .listeners
-            .get_mut(listener)
-            .and_then(Option::as_mut)
-            .and_then(|l| l.rotation.as_mut())
-        else {
-            // The kernel refused the program this time: what the workers
-            // hold still gets connections by the kernel's own hash, and
-            // herd hands off from its own socket.
+        let Some(listening) = self.listeners.get_mut(listener).and_then(Option::as_mut) else {
             return Ok(());
         };
-        rotation.adopt(carried, |worker| channels.get(&worker).copied())?;
-        super::listeners::apply_rotation(registry, rotation, listener);
+        let rotation = SlotRotation::restored(listening.local, carried, |worker| {
+            channels.get(&worker).copied()
+        })?;
+        let rotation = listening.rotation.insert(rotation);
+        super::listeners::apply_rotation(self.poll.registry(), rotation, listener);
+        if self.tally_due.is_none() {
+            self.tally_due = Some(Instant::now() + TALLY_INTERVAL);
+        }
         Ok(())
     }
 

@@ -52,9 +52,25 @@ impl HandoffLoop {
         socket: std::net::TcpListener,
         node_key: Option<String>,
     ) -> io::Result<()> {
-        self.listeners.reach(listener, || None);
         let local = socket.local_addr()?;
         let rotation = self.start_rotation(&socket, local);
+        self.put_listener(listener, socket, node_key, rotation)
+    }
+
+    /// Puts a listener at `listener` with its kernel rotation, if it has one.
+    pub(super) fn put_listener(
+        &mut self,
+        listener: ListenerIx,
+        socket: std::net::TcpListener,
+        node_key: Option<String>,
+        rotation: Option<SlotRotation>,
+    ) -> io::Result<()> {
+        self.listeners.reach(listener, || None);
+        let local = socket.local_addr()?;
+        if rotation.is_some() {
+            self.tally_due
+                .get_or_insert(Instant::now() + TALLY_INTERVAL);
+        }
         let mut socket = mio::net::TcpListener::from_std(socket);
         // In `shared` mode the workers accept; herd only keeps the socket.
         if !self.workers_accept() {

@@ -1,13 +1,10 @@
 //! The per-slot sockets across `herd upgrade`: every generation's sockets
-//! (by fd) and who holds them, carried; the programs loaded afresh in the
-//! new herd and attached to the same groups, then dealt to the slots whose
-//! worker serves, as before.
-//!
-//! The groups outlive the exec: each socket stays open (held by herd and by
-//! its workers), and the program the old herd attached goes on dealing
-//! until the new herd's replaces it. What the kernel counted per slot
-//! starts again from zero with the new program (herd's own totals are
-//! carried by the counters).
+//! (by fd) and who holds them, and each listener's program with its maps,
+//! carried. The groups and the programs outlive the exec (the sockets are
+//! held by herd and by its workers, a program by the group it is attached
+//! to), so the kernel deals on through it; the new herd takes the same
+//! program back, with what it counted. (A fresh program could not take the
+//! sockets over: a socket sits in one socket array at a time.)
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -15,6 +12,7 @@ use std::os::fd::RawFd;
 use serde::{Deserialize, Serialize};
 
 use super::*;
+use crate::rotation::ProgramFds;
 
 /// What `herd upgrade` carries of the groups.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,6 +24,12 @@ pub struct CarriedGroups {
     /// By slot, its generations, oldest first.
     pub slots: Vec<Vec<CarriedGeneration>>,
     pub next_generation: u64,
+    /// Per listener, its program (still attached), what it had counted at
+    /// the last read, and whom it deals to.
+    pub programs: Vec<Option<ProgramFds>>,
+    pub counted: Vec<Vec<u64>>,
+    pub dealt_to: Vec<usize>,
+    pub dealt_generations: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,10 +44,12 @@ pub struct CarriedGeneration {
 impl CarriedGroups {
     /// Every socket's fd.
     pub fn fds(&self) -> Vec<RawFd> {
+        let programs = self.programs.iter().flatten().flat_map(ProgramFds::fds);
         self.slots
             .iter()
             .flatten()
             .flat_map(|g| g.sockets.iter().copied())
+            .chain(programs)
             .collect()
     }
 }
@@ -73,6 +79,14 @@ impl SlotGroups {
                 })
                 .collect(),
             next_generation: self.next_generation,
+            programs: self
+                .programs
+                .iter()
+                .map(|p| p.as_ref().map(|p| p.carried().into()))
+                .collect(),
+            counted: self.counted.clone(),
+            dealt_to: self.dealt_to.iter().map(|s| s.get()).collect(),
+            dealt_generations: self.dealt_generations.clone(),
         }
     }
 
@@ -83,15 +97,20 @@ impl SlotGroups {
         } else {
             Dealing::Hash
         };
+        let programs = carried
+            .programs
+            .iter()
+            .map(|p| p.map(|p| RotationProgram::adopt(p.into())).transpose())
+            .collect::<std::io::Result<_>>()?;
         let mut groups = SlotGroups {
-            counted: vec![Vec::new(); carried.addrs.len()],
+            counted: carried.counted,
             addrs: carried.addrs,
             backlog: carried.backlog,
             dealing,
             slots: Table::new(),
-            programs: Vec::new(),
-            dealt_to: Vec::new(),
-            dealt_generations: Vec::new(),
+            programs,
+            dealt_to: carried.dealt_to.into_iter().map(SlotIx).collect(),
+            dealt_generations: carried.dealt_generations,
             next_generation: carried.next_generation,
             moved: 0,
             failures: Occurrences::default(),
@@ -123,13 +142,8 @@ impl SlotGroups {
                 stalled_since: None,
             });
         }
-        if let Some(first) = groups.slots.iter().next() {
-            groups.programs = first.generations[0]
-                .sockets
-                .iter()
-                .map(|socket| attach_program(socket, dealing))
-                .collect();
-        }
+        // The same programs deal on, to the same sockets: nothing changes
+        // unless a worker changed meanwhile.
         groups.apply();
         Ok(groups)
     }
