@@ -346,11 +346,11 @@ impl SlotRotation {
         Ok(rotation)
     }
 
-    /// The new herd's side: the carried slot sockets back in this rotation
-    /// (a program loaded afresh by [`SlotRotation::start`]), held by the
-    /// workers' new channels (`channel_of`); [`SlotRotation::apply`] then
-    /// deals to them again and has herd accept from the rest.
-    pub fn adopt(
+    /// The carried slot sockets back in this rotation (see
+    /// [`SlotRotation::restored`]), held by the workers' new channels
+    /// (`channel_of`); [`SlotRotation::apply`] then has herd accept from
+    /// the slots no worker takes turns on.
+    fn adopt(
         &mut self,
         carried: CarriedRotation,
         channel_of: impl Fn(u64) -> Option<ChannelIx>,

@@ -9,8 +9,8 @@
 //! it). Meanwhile new connections wait in the kernel's accept queues and
 //! what workers send waits on their channels; the new herd's loop, built
 //! by [`spawn_carried`], reads them. A Node listener's kernel rotation is
-//! carried as its slot sockets and their holders; the new herd loads the
-//! program afresh and attaches it to the same group. A loop that cannot be
+//! carried as its slot sockets, their holders and its program with its
+//! maps, which stays attached and deals on through the exec. A loop that cannot be
 //! described (a worker not serving, a Node channel with lines not yet
 //! written) is not frozen, and the upgrade is refused.
 
