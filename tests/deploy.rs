@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::hosts::session_app;
 use common::servers::*;
 use common::*;
 use nix::sys::signal::Signal;
@@ -477,23 +478,6 @@ fn the_images_entrypoint_is_the_one_the_readme_documents() {
 }
 
 // ---- the stack, as processes ----
-
-/// The seed's session app; fails (never skips) when its packages are not
-/// installed.
-fn session_app() -> PathBuf {
-    let dir = repo().join("tests/fixtures/node-express");
-    for package in ["express", "express-session", "connect-redis", "redis"] {
-        assert!(
-            dir.join("node_modules")
-                .join(package)
-                .join("package.json")
-                .is_file(),
-            "{package} is not installed for the fixture: run `npm ci` in {} (scripts/test does)",
-            dir.display()
-        );
-    }
-    dir.join("session-app.js")
-}
 
 /// Whether `program --version` runs; else skipped (or, in CI, failed).
 fn have(test: &str, program: &str) -> bool {

@@ -77,7 +77,25 @@ pub fn request_for(
     path: &str,
     identify: Identify,
 ) -> Result<u32, (Failure, String)> {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: herd-test\r\nConnection: close\r\n\r\n");
+    let response = exchange(addr, path, "")?;
+    match identify(&response.body) {
+        Some(pid) if response.status == 200 => Ok(pid),
+        _ => Err((
+            Failure::Wrong,
+            format!("{} {:?}", response.status, response.body),
+        )),
+    }
+}
+
+/// One GET of `path` with `headers` (each line ending in CRLF) on a new
+/// connection; the whole response, or how it failed.
+pub fn exchange(
+    addr: SocketAddr,
+    path: &str,
+    headers: &str,
+) -> Result<responses::Response, (Failure, String)> {
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: herd-test\r\nConnection: close\r\n{headers}\r\n");
     let mut stream = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)
         .map_err(|e| (Failure::NotSent, format!("connect: {e}")))?;
     stream
@@ -92,15 +110,7 @@ pub fn request_for(
         Err(e) => return Err((Failure::Cut, format!("read: {e}"))),
         Ok(_) => {}
     }
-    let response = responses::parse(&bytes)
-        .map_err(|e| (Failure::Cut, format!("{e} in {} bytes", bytes.len())))?;
-    match identify(&response.body) {
-        Some(pid) if response.status == 200 => Ok(pid),
-        _ => Err((
-            Failure::Wrong,
-            format!("{} {:?}", response.status, response.body),
-        )),
-    }
+    responses::parse(&bytes).map_err(|e| (Failure::Cut, format!("{e} in {} bytes", bytes.len())))
 }
 
 /// [`CLIENTS`] client threads sending requests one after another, each on

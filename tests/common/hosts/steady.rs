@@ -5,13 +5,12 @@
 //! client sent it, when, and what the app answered.
 
 use std::collections::BTreeMap;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::super::load::{Failure, LOAD_CAP, REQUEST_TIMEOUT};
+use super::super::load::{exchange, Failure, LOAD_CAP};
 use super::super::*;
 
 /// At most this many requests per client.
@@ -45,23 +44,7 @@ pub fn visit(
     let cookie = cookie
         .map(|c| format!("Cookie: {c}\r\n"))
         .unwrap_or_default();
-    let request = format!("GET / HTTP/1.1\r\nHost: herd-test\r\nConnection: close\r\n{cookie}\r\n");
-    let mut stream = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)
-        .map_err(|e| (Failure::NotSent, format!("connect: {e}")))?;
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| (Failure::NotSent, format!("send: {e}")))?;
-    stream.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
-    let mut bytes = Vec::new();
-    match stream.read_to_end(&mut bytes) {
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-            return Err((Failure::NoAnswer, format!("{REQUEST_TIMEOUT:?}: {e}")))
-        }
-        Err(e) => return Err((Failure::Cut, format!("read: {e}"))),
-        Ok(_) => {}
-    }
-    let page = responses::parse(&bytes)
-        .map_err(|e| (Failure::Cut, format!("{e} in {} bytes", bytes.len())))?;
+    let page = exchange(addr, "/", &cookie)?;
     let wrong = || (Failure::Wrong, format!("{} {:?}", page.status, page.body));
     if page.status != 200 {
         return Err(wrong());
