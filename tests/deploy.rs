@@ -196,18 +196,6 @@ fn image_uid() -> u32 {
         .unwrap_or_else(|_| panic!("USER {user} is not numeric"))
 }
 
-/// A section of the README, from its `## title` to the next `## `.
-fn readme_section(title: &str) -> String {
-    let readme = read(&repo().join("README.md"));
-    let heading = format!("\n## {title}\n");
-    let start = readme
-        .find(&heading)
-        .unwrap_or_else(|| panic!("README has no section {title:?}"))
-        + heading.len();
-    let rest = &readme[start..];
-    rest[..rest.find("\n## ").unwrap_or(rest.len())].to_string()
-}
-
 // ---- the compose file ----
 
 fn compose() -> Yaml {

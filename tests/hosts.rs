@@ -43,18 +43,6 @@ fn read(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The README's section `## title`, to the next `## `.
-fn readme_section(title: &str) -> String {
-    let readme = read(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"));
-    let heading = format!("\n## {title}\n");
-    let start = readme
-        .find(&heading)
-        .unwrap_or_else(|| panic!("README has no section {title:?}"))
-        + heading.len();
-    let rest = &readme[start..];
-    rest[..rest.find("\n## ").unwrap_or(rest.len())].to_string()
-}
-
 /// The shipped config's lines from `backend herd` on, comments left out.
 fn backend_of(config: &str) -> Vec<String> {
     let start = config.find("\nbackend herd").expect("a `backend herd`");

@@ -18,8 +18,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -144,22 +143,11 @@ fn assert_clean_exit(status: ExitStatus, herd: &Herd) {
 /// One `GET /` on a new connection, with `cookie` if given; returns the
 /// response.
 fn get_page(addr: SocketAddr, cookie: Option<&str>) -> responses::Response {
-    let mut stream = TcpStream::connect_timeout(&addr, DEADLINE).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
     let cookie = cookie
         .map(|c| format!("Cookie: {c}\r\n"))
         .unwrap_or_default();
-    write!(
-        stream,
-        "GET / HTTP/1.1\r\nHost: herd-test\r\nConnection: close\r\n{cookie}\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .unwrap_or_else(|e| panic!("read: {e} after {response:?}"));
-    let parsed = responses::parse(response.as_bytes()).unwrap();
-    assert_eq!((parsed.version, parsed.status), (1, 200), "{response:?}");
+    let parsed = load::exchange(addr, "/", &cookie).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!((parsed.version, parsed.status), (1, 200), "{parsed:?}");
     parsed
 }
 

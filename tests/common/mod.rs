@@ -416,6 +416,20 @@ pub fn count_pids(addr: SocketAddr, count: usize) -> BTreeMap<u32, usize> {
     per_pid
 }
 
+/// A section of the README, from its `## title` to the next `## `.
+pub fn readme_section(title: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let readme =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let heading = format!("\n## {title}\n");
+    let start = readme
+        .find(&heading)
+        .unwrap_or_else(|| panic!("README has no section {title:?}"))
+        + heading.len();
+    let rest = &readme[start..];
+    rest[..rest.find("\n## ").unwrap_or(rest.len())].to_string()
+}
+
 /// Writes a config file into `dir` and returns its path.
 pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("herd-test.toml");

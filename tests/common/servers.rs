@@ -248,22 +248,13 @@ pub struct Visitor {
 impl Visitor {
     /// One `GET /`: the answering worker's pid and the session's view count.
     pub fn visit(&mut self, addr: SocketAddr) -> (u32, u64) {
-        let mut stream = TcpStream::connect_timeout(&addr, DEADLINE).unwrap();
-        stream.set_read_timeout(Some(DEADLINE)).unwrap();
         let cookie = self
             .cookie
             .as_ref()
             .map(|c| format!("Cookie: {c}\r\n"))
             .unwrap_or_default();
-        write!(
-            stream,
-            "GET / HTTP/1.1\r\nHost: herd-test\r\nConnection: close\r\n{cookie}\r\n"
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let page = responses::parse(response.as_bytes()).unwrap();
-        assert_eq!(page.status, 200, "{response:?}");
+        let page = load::exchange(addr, "/", &cookie).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(page.status, 200, "{page:?}");
         // `Set-Cookie: connect.sid=s%3A...; Path=/; Expires=...; HttpOnly`
         if let Some(cookie) = page.header("set-cookie") {
             self.cookie = Some(cookie.split(';').next().unwrap().to_string());

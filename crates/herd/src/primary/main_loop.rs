@@ -63,13 +63,8 @@ pub(super) async fn drive(
         fd_limit,
         counters,
         controller: controller.clone(),
-        upgrading: upgrading::Upgrading::new(
-            listen_addrs,
-            control.raw_fd(),
-            metrics_fd,
-            fd_limit,
-            probe_tx,
-        ),
+        listen_addrs,
+        upgrading: upgrading::Upgrading::new(control.raw_fd(), metrics_fd, probe_tx),
         notes: notes_tx,
     });
     match start {
@@ -133,6 +128,7 @@ struct Assembly {
     fd_limit: FdLimit,
     counters: Arc<Counters>,
     controller: Controller,
+    listen_addrs: Vec<SocketAddr>,
     upgrading: upgrading::Upgrading,
     notes: mpsc::Sender<crate::notify::Note>,
 }
@@ -149,7 +145,7 @@ fn assemble(parts: Assembly) -> Primary {
         parts.fd_limit,
         parts.notes,
     )
-    .serving(parts.upgrading.listen_addrs.clone());
+    .serving(parts.listen_addrs);
     Primary {
         supervisor,
         counters: parts.counters,

@@ -36,11 +36,8 @@ struct Probing {
 pub(super) struct Upgrading {
     /// `None` (and why) when this herd cannot re-execute itself.
     origin: Result<Origin, String>,
-    /// The configured listeners as bound.
-    pub(super) listen_addrs: Vec<SocketAddr>,
     control_fd: RawFd,
     metrics_fd: Option<RawFd>,
-    fd_limit: FdLimit,
     probes: mpsc::UnboundedSender<ProbeAnswer>,
     probing: Option<Probing>,
     /// Counted over every upgrade of this herd (carried across them).
@@ -51,18 +48,14 @@ pub(super) struct Upgrading {
 
 impl Upgrading {
     pub(super) fn new(
-        listen_addrs: Vec<SocketAddr>,
         control_fd: RawFd,
         metrics_fd: Option<RawFd>,
-        fd_limit: FdLimit,
         probes: mpsc::UnboundedSender<ProbeAnswer>,
     ) -> Upgrading {
         Upgrading {
             origin: Origin::of_this_process(),
-            listen_addrs,
             control_fd,
             metrics_fd,
-            fd_limit,
             probes,
             probing: None,
             record: UpgradeRecord::default(),
@@ -214,15 +207,14 @@ impl Primary {
                 .unwrap_or_default(),
             control_fd: self.upgrading.control_fd,
             metrics_fd: self.upgrading.metrics_fd,
-            listen_addrs: self.upgrading.listen_addrs.clone(),
+            listen_addrs: self.supervisor.served().to_vec(),
             handoff: carried_loop,
             supervisor,
             counters: self.counters.carried(),
-            fd_limit: (
-                self.upgrading.fd_limit.original,
-                self.upgrading.fd_limit.soft,
-                self.upgrading.fd_limit.hard,
-            ),
+            fd_limit: {
+                let limit = self.supervisor.fd_limit();
+                (limit.original, limit.soft, limit.hard)
+            },
             uptime_ms: millis(self.upgrading.since.elapsed()),
             record: self.upgrading.record.clone(),
             config_changed,

@@ -139,6 +139,16 @@ impl Supervisor {
         self.expected.insert(pid);
     }
 
+    /// The listeners as bound, in `listen` order.
+    pub fn served(&self) -> &[SocketAddr] {
+        &self.served
+    }
+
+    /// herd's open-file limit.
+    pub fn fd_limit(&self) -> FdLimit {
+        self.fd_limit
+    }
+
     /// Starts a worker in every slot.
     pub fn start_all(&mut self) {
         self.start_app_primary();
