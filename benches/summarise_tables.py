@@ -34,13 +34,23 @@ def rows(out):
 
 
 def reports(out, names):
-    """The JSON reports of one run: connect_storm prints a `holding` line
-    before its last one in --hold, so the last line of each file counts."""
+    """The JSON reports of one run, None for one that is empty or cut:
+    `herd bench --json` prints one document over many lines, connect_storm
+    one line (after a `holding` line in --hold, so its last line counts)."""
     found = []
     for name in filter(None, names.split(",")):
         with open(os.path.join(out, name)) as f:
-            lines = [line for line in f if line.strip()]
-        found.append(json.loads(lines[-1]) if lines else None)
+            text = f.read()
+        try:
+            found.append(json.loads(text))
+            continue
+        except json.JSONDecodeError:
+            pass
+        lines = [line for line in text.splitlines() if line.strip()]
+        try:
+            found.append(json.loads(lines[-1]) if lines else None)
+        except json.JSONDecodeError:
+            found.append(None)
     return found
 
 
@@ -139,6 +149,7 @@ def scale(out):
     cells = {}
     problems = []
     notes = {}
+    skipped = set()
     for row in rows(out):
         key = (row["shape"], row["setup"], row["workers"])
         cells.setdefault(key, [])
@@ -146,6 +157,7 @@ def scale(out):
             problems.append(f"round {row['round']}, {row['setup']}, {row['workers']} workers: {row['status']}")
             if row["status"].startswith("skipped"):
                 notes[row["setup"]] = row["status"]
+                skipped.add(key)
             continue
         loads = reports(out, row["json"])
         if any(r is None for r in loads):
@@ -179,7 +191,7 @@ def scale(out):
                 if values is None:
                     line.append("-")
                 elif not values:
-                    line.append("failed")
+                    line.append("skipped" if (shape, setup, c) in skipped else "failed")
                 else:
                     line.append(fmt(median(values)))
             print(f"| {setup} | " + " | ".join(line) + " |")
