@@ -207,7 +207,7 @@ start_haproxy() {
   cat >"$cfg" <<EOF
 global
     nbthread $nbthread
-    maxconn 20000
+    maxconn 4000
 defaults
     mode tcp
     timeout connect 5s
