@@ -99,7 +99,9 @@ def ceiling(out):
                 "herd_us": per_conn(int(row["herd_ticks"])),
                 "handoff_us": per_conn(handoff) if threads else None,
                 "util": util,
-                "saturates": rate / util if util else None,
+                # Where the busiest thread's utilisation reaches 1: rate / util,
+                # counted over the same window as its CPU time.
+                "saturates": conns / (busiest / clk) if busiest else None,
                 "threads": len(threads),
                 "front": 100.0 * int(row["front_busy"]) / max(1, int(row["front_total"])),
                 "load": 100.0 * int(row["load_busy"]) / max(1, int(row["load_total"])),
@@ -136,7 +138,7 @@ def ceiling(out):
         print("This herd has no `--handoff-threads` flag: one hand-off thread, one run per round.")
     print("Medians over the rounds. CPU from /proc at the kernel's tick "
           f"(1/{clk:.0f} s); `saturates at` = conn/s ÷ the busiest hand-off thread's "
-          "utilisation, i.e. 1 / its CPU per connection.")
+          "utilisation over the load (= the connections ÷ its CPU seconds).")
     for p in problems:
         print(f"- {p}")
 
