@@ -106,7 +106,15 @@ fn an_oversized_or_silent_control_request_is_dropped_while_others_are_answered()
 /// fds are free again.
 #[test]
 fn out_of_fds_the_control_socket_backs_off_and_recovers() {
-    let herd = Herd::launch("control-emfile", None, 1, &[], &[hello_worker()]);
+    // A worker that ACKs: herd holds what it sent it until it does (a
+    // queued hand-off holds none of herd's fds).
+    let herd = Herd::launch(
+        "control-emfile",
+        None,
+        1,
+        &[],
+        &[hello_worker(), "--by-message"],
+    );
     let ready = herd.wait_ready(1);
     herd.wait_all_ready(1);
     let worker = ready[&0];

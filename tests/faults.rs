@@ -150,7 +150,10 @@ fn connections_queued_on_a_worker_that_dies_before_acknowledging_are_served_by_o
 /// workers resume every connection is served.
 #[test]
 fn fd_exhaustion_pauses_accepting_and_loses_nothing() {
-    let herd = Herd::launch("emfile", None, 2, &[], &[hello_worker()]);
+    // Workers that ACK: herd holds what it sent them until they do (what
+    // it queues to a worker that takes queued hand-offs holds none of
+    // herd's fds: the next test).
+    let herd = Herd::launch("emfile", None, 2, &[], &[hello_worker(), "--by-message"]);
     let ready = herd.wait_ready(2);
     let addr = herd.addr();
     squeeze_fds(herd.pid(), 10);
@@ -178,6 +181,54 @@ fn fd_exhaustion_pauses_accepting_and_loses_nothing() {
         "logged {pauses} times: should log once per episode, not per retry"
     );
     assert!(get(addr).is_ok());
+}
+
+/// The same squeeze with workers that take queued hand-offs: herd closes
+/// its copy of each connection once it is queued on a worker's channel, so
+/// 150 connections to frozen workers, more than the 100 fds herd has left,
+/// cost it none once sent (at most a batch, 32, while it sends them); it
+/// never runs out, and once the workers resume every connection is served.
+/// (The metrics endpoint that tells how many are queued wants 64 fds free.)
+#[test]
+fn queued_hand_offs_to_frozen_workers_hold_none_of_herds_fds() {
+    let herd = Herd::launch(
+        "queued-fds",
+        Some("[handoff]\nmax_unacked = 100\n"),
+        2,
+        &["--metrics", "127.0.0.1:0"],
+        &[hello_worker()],
+    );
+    let ready = herd.wait_ready(2);
+    herd.wait_all_ready(2);
+    let addr = herd.addr();
+    let metrics = metrics_addr(&herd);
+    let before = open_fds(herd.pid());
+    squeeze_fds(herd.pid(), 100);
+    for pid in ready.values() {
+        signal(*pid, Signal::SIGSTOP);
+    }
+    let answered = Arc::new(AtomicUsize::new(0));
+    let handles = fire(addr, 150, &answered);
+    wait_until("150 connections queued to the frozen workers", || {
+        let text = http(metrics, "GET", "/metrics").2;
+        (sample(&text, "herd_handoffs_in_flight") == 150.0).then_some(())
+    });
+    let held = open_fds(herd.pid());
+    assert!(
+        held <= before + 2,
+        "herd holds {held} fds with 150 connections queued, {before} before"
+    );
+    for pid in ready.values() {
+        signal(*pid, Signal::SIGCONT);
+    }
+    for handle in handles {
+        handle
+            .join()
+            .unwrap()
+            .expect("every queued connection is served");
+    }
+    assert_eq!(answered.load(Ordering::SeqCst), 150);
+    assert!(herd.events("accept_paused", &[]).is_empty());
 }
 
 /// When no worker can take a connection it waits in a bounded queue; past

@@ -111,7 +111,9 @@ fn out_of_fds_for_queue_timeout_the_waiting_connections_are_closed_not_left_hang
         Some("[handoff]\nack_timeout = \"60s\"\nqueue_timeout = \"1s\"\n"),
         2,
         &[],
-        &[hello_worker()],
+        // Workers that ACK: herd holds what it sent them until they do
+        // (a queued hand-off holds none of herd's fds).
+        &[hello_worker(), "--by-message"],
     );
     let ready = herd.wait_ready(2);
     let addr = herd.addr();

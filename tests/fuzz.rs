@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 
 use herd::config::{resolve, Config, ConfigError};
 use herd::node_ipc::{self, NodeChannel, Read};
-use herd_protocol::wire::{WorkerMessage, WORKER_MESSAGE_MAX_LEN};
+use herd_protocol::wire::{ReadyFlags, WorkerMessage, WORKER_MESSAGE_MAX_LEN};
 use proptest::prelude::*;
 
 fn budget() -> ProptestConfig {
@@ -27,7 +27,7 @@ fn worker_message() -> impl Strategy<Value = WorkerMessage> {
         any::<u64>().prop_map(WorkerMessage::Ack),
         any::<u64>().prop_map(WorkerMessage::Nack),
         any::<u64>().prop_map(WorkerMessage::Closed),
-        any::<bool>().prop_map(|reports_closed| WorkerMessage::Ready { reports_closed }),
+        (0u16..8).prop_map(|flags| WorkerMessage::Ready(ReadyFlags(flags))),
         (any::<u16>(), any::<u64>())
             .prop_map(|(listener, id)| WorkerMessage::Accepted { listener, id }),
     ]

@@ -18,6 +18,10 @@
 //! - `--unready-slot N`: never say READY (a worker that never starts up).
 //! - `--ignore-drain`: ignore DRAIN and SIGTERM; serve until killed.
 //! - `--memory-mb N`: allocate and touch N MiB at start (for `max_memory`).
+//! - `--by-message`: ignore herd's counter page and report every connection
+//!   by message (ACK, ACCEPTED, CLOSED), as a worker written before the
+//!   page did (docs/protocol.md): herd then holds each connection until
+//!   its ACK.
 
 use std::mem::MaybeUninit;
 use std::process::ExitCode;
@@ -74,6 +78,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let options = parse_options()?;
     let mut source = match options.listen {
         Some(addr) => Source::Standalone(TcpListener::bind(addr).await?),
+        None if options.by_message => Source::Herd(Worker::from_env()?.without_page()),
         None => Source::Herd(Worker::from_env()?),
     };
     let slot = match &mut source {
@@ -139,6 +144,7 @@ struct Options {
     delay_ms: u64,
     ignore_drain: bool,
     memory_mb: usize,
+    by_message: bool,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -147,6 +153,10 @@ fn parse_options() -> Result<Options, String> {
     while let Some(arg) = args.next() {
         if arg == "--ignore-drain" {
             options.ignore_drain = true;
+            continue;
+        }
+        if arg == "--by-message" {
+            options.by_message = true;
             continue;
         }
         let value = args.next().ok_or(format!("{arg} needs a value"))?;

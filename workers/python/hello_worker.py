@@ -8,8 +8,15 @@ per HANDOFF message and ACK it (protocol: docs/protocol.md). In the OS modes
 (--mode shared|reuseport) it also accepts from the inherited LISTEN_FDS
 sockets itself and reports each connection with ACCEPTED.
 
+Given herd's counter page (HERD_PAGE_FD) it sends none of those messages:
+it counts in the page and takes queued hand-offs, several to a message
+(docs/protocol.md, "Counting without messages").
+
     herd run --listen 127.0.0.1:3000 --workers 4 -- python3 workers/python/hello_worker.py
 """
+import array
+import ctypes
+import mmap
 import os
 import selectors
 import signal
@@ -19,6 +26,31 @@ import threading
 
 VERSION, HANDOFF, DRAIN, ACK, READY, CLOSED, ACCEPTED = 1, 0x01, 0x02, 0x81, 0x82, 0x83, 0x85
 REPORTS_CLOSED = 0x0001  # READY flag: this worker sends CLOSED for every connection
+PAGE, QUEUED = 0x0002, 0x0004  # READY flags: counts in the page; takes queued hand-offs
+HANDOFF_LEN, MAX_BATCH = 52, 32  # a message to a QUEUED worker holds up to 32 HANDOFFs
+
+
+class Page:
+    """herd's counter page (HERD_PAGE_FD): one add per connection instead of a
+    message. Offsets: 64 closed, 72 received, 128 + 8*i accepted on listener i."""
+
+    def __init__(self, fd):
+        self.map = mmap.mmap(fd, 4096)  # shared, read-write
+        if self.map[:8] != b"herdpag1":
+            raise ValueError("HERD_PAGE_FD is not a herd counter page")
+        self.lock = threading.Lock()  # serve threads close, the main thread takes
+
+    def add(self, offset, n=1):
+        with self.lock:
+            cell = ctypes.c_uint64.from_buffer(self.map, offset)
+            cell.value += n  # one aligned 8-byte store: herd never reads it torn
+
+
+def counter_page():
+    try:
+        return Page(int(os.environ["HERD_PAGE_FD"]))
+    except (KeyError, ValueError, OSError):
+        return None  # no page: report by message
 
 
 def inherited_listeners():
@@ -34,6 +66,10 @@ def connections():
     by herd or (OS modes) accepted here from an inherited socket and reported to
     herd; call closed() once the socket is closed (herd counts open connections)."""
     channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=int(os.environ["HERD_CHANNEL_FD"]))
+    page = counter_page()
+    if page:
+        yield from counted_connections(channel, page)
+        return
     channel.send(struct.pack("<BBH", VERSION, READY, REPORTS_CLOSED))
     report = lambda kind, listener, conn_id: channel.send(struct.pack("<BBHQ", VERSION, kind, listener, conn_id))
     events = selectors.DefaultSelector()
@@ -73,6 +109,52 @@ def connections():
             conn = socket.socket(fileno=fds[0])
             conn.setblocking(True)  # the fd arrives non-blocking
             yield conn, peer_ip, port, lambda conn_id=conn_id: report(CLOSED, 0, conn_id)
+
+
+def counted_connections(channel, page):
+    """connections() with the counter page: no ACK, ACCEPTED or CLOSED message;
+    a message from herd may hold several HANDOFFs, one fd each, in order."""
+    channel.send(struct.pack("<BBH", VERSION, READY, REPORTS_CLOSED | PAGE | QUEUED))
+    closed = lambda: page.add(64)
+    events = selectors.DefaultSelector()
+    events.register(channel, selectors.EVENT_READ, None)
+    for index, listener in enumerate(inherited_listeners()):
+        listener.setblocking(False)
+        events.register(listener, selectors.EVENT_READ, index)
+    while True:
+        for key, _ in events.select():
+            if key.data is not None:  # an inherited listener (OS modes)
+                try:
+                    conn, (peer_ip, peer_port, *_) = key.fileobj.accept()
+                except (BlockingIOError, ConnectionAbortedError):
+                    continue
+                page.add(128 + 8 * min(key.data, 495))
+                conn.setblocking(True)
+                yield conn, peer_ip, peer_port, closed
+                continue
+            message, ancillary, _flags, _addr = channel.recvmsg(
+                HANDOFF_LEN * MAX_BATCH, socket.CMSG_SPACE(4 * MAX_BATCH), socket.MSG_CMSG_CLOEXEC)
+            fds = array.array("i")
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+            if not message:  # herd is gone
+                return
+            if message[0] != VERSION:
+                raise SystemExit(f"herd speaks protocol {message[0]}, this worker {VERSION}")
+            if message[1] == DRAIN:
+                return
+            records = [message[i:i + HANDOFF_LEN] for i in range(0, len(message), HANDOFF_LEN)]
+            page.add(72, len(records))  # taken off the channel: ours now
+            if len(fds) != len(records) or any(r[1] != HANDOFF or len(r) != HANDOFF_LEN for r in records):
+                raise SystemExit(f"unexpected message from herd: {message!r}")
+            for record, fd in zip(records, fds):
+                family, _, port = struct.unpack_from("<BBH", record, 12)
+                raw_ip = record[16:20] if family == 4 else record[16:32]
+                peer_ip = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, raw_ip)
+                conn = socket.socket(fileno=fd)
+                conn.setblocking(True)
+                yield conn, peer_ip, port, closed
 
 
 BODY = f"Handled by worker {os.getpid()}".encode()

@@ -43,7 +43,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::OnceLock;
 
 use herd_protocol::fdpass;
-use herd_protocol::wire::{PrimaryMessage, WorkerMessage, MAX_MESSAGE_LEN, WORKER_MESSAGE_MAX_LEN};
+use herd_protocol::wire::{
+    PrimaryMessage, ReadyFlags, WorkerMessage, MAX_MESSAGE_LEN, WORKER_MESSAGE_MAX_LEN,
+};
 use libc::{c_int, c_void, sockaddr, socklen_t};
 
 use crate::served;
@@ -226,12 +228,7 @@ pub fn listen(fd: c_int, backlog: c_int) -> c_int {
         if state.inherited.is_some() {
             watch_channel(state);
         }
-        tell(
-            state,
-            WorkerMessage::Ready {
-                reports_closed: true,
-            },
-        );
+        tell(state, WorkerMessage::Ready(ReadyFlags::REPORTS_CLOSED));
     }
     0
 }

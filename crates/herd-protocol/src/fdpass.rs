@@ -23,11 +23,16 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 #[repr(C)]
 union ControlBuffer {
     _align: libc::cmsghdr,
-    bytes: [u8; 128],
+    bytes: [u8; CONTROL_LEN],
 }
 
-/// A peer that sends more fds in one message than this has the rest closed by the kernel.
-const MAX_FDS_PER_MESSAGE: usize = 8;
+/// Room for `cmsghdr` (16 bytes) and [`MAX_FDS_PER_MESSAGE`] fds, rounded up.
+const CONTROL_LEN: usize = 16 + 4 * MAX_FDS_PER_MESSAGE + 16;
+
+/// The most fds one message carries (a hand-off batch,
+/// [`crate::wire::MAX_BATCH`]); a peer that sends more has the rest closed
+/// by the kernel, and the message is refused as truncated.
+pub const MAX_FDS_PER_MESSAGE: usize = crate::wire::MAX_BATCH;
 
 /// Creates a worker channel: a `SOCK_SEQPACKET` socketpair with both ends
 /// close-on-exec. Returns (primary end, non-blocking; child end, blocking).
@@ -69,7 +74,27 @@ pub fn sendmsg_with_fd(
     payload: &[u8],
     fd: BorrowedFd<'_>,
 ) -> io::Result<usize> {
-    let mut control = ControlBuffer { bytes: [0; 128] };
+    sendmsg_with_fds(channel, payload, &[fd.as_raw_fd()])
+}
+
+/// Sends one message with every fd of `fds` (at most
+/// [`MAX_FDS_PER_MESSAGE`]) in one SCM_RIGHTS control message, as
+/// [`send_with_fd`] does with one: a hand-off batch.
+pub fn send_with_fds(channel: BorrowedFd<'_>, payload: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    sendmsg_with_fds(channel, payload, fds).map(|_| ())
+}
+
+fn sendmsg_with_fds(channel: BorrowedFd<'_>, payload: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+    if fds.is_empty() || fds.len() > MAX_FDS_PER_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a message carries 1 to MAX_FDS_PER_MESSAGE fds",
+        ));
+    }
+    let mut control = ControlBuffer {
+        bytes: [0; CONTROL_LEN],
+    };
+    let fds_len = std::mem::size_of_val(fds) as u32;
     let mut iov = libc::iovec {
         iov_base: payload.as_ptr() as *mut libc::c_void,
         iov_len: payload.len(),
@@ -77,18 +102,23 @@ pub fn sendmsg_with_fd(
     // SAFETY: msghdr is plain data; every pointer set below outlives the
     // sendmsg call (iov, control and payload are locals/borrows), and the
     // CMSG_* macros are used exactly as cmsg(3) prescribes on a buffer that
-    // is aligned for cmsghdr and large enough for CMSG_SPACE(one fd).
+    // is aligned for cmsghdr and large enough for CMSG_SPACE(MAX fds),
+    // which `fds` does not exceed (checked above).
     let sent = unsafe {
         let mut msg: libc::msghdr = MaybeUninit::zeroed().assume_init();
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.bytes.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(size_of::<RawFd>() as u32) as _;
+        msg.msg_controllen = libc::CMSG_SPACE(fds_len) as _;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd.as_raw_fd());
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fds_len) as _;
+        std::ptr::copy_nonoverlapping(
+            fds.as_ptr().cast::<u8>(),
+            libc::CMSG_DATA(cmsg),
+            fds_len as usize,
+        );
         libc::sendmsg(
             channel.as_raw_fd(),
             &msg,
@@ -155,7 +185,42 @@ pub fn recv_message(
     dontwait: bool,
     cloexec: bool,
 ) -> io::Result<Option<Received>> {
-    let mut control = ControlBuffer { bytes: [0; 128] };
+    let Some(mut received) = recv_batch(channel, buf, dontwait, cloexec)? else {
+        return Ok(None);
+    };
+    if received.fds.len() > 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message carried more than one file descriptor",
+        ));
+    }
+    Ok(Some(Received {
+        len: received.len,
+        fd: received.fds.pop(),
+    }))
+}
+
+/// A received message with every fd that came with it (a hand-off batch).
+#[derive(Debug)]
+pub struct ReceivedBatch {
+    pub len: usize,
+    /// In the order they were sent; close-on-exec when asked.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Receives one message with up to [`MAX_FDS_PER_MESSAGE`] fds. `Ok(None)`
+/// means the peer closed the channel. A message longer than `buf`, or with
+/// more fds than that, is an error (`InvalidData`); every fd received is
+/// owned (closed on drop), never leaked.
+pub fn recv_batch(
+    channel: BorrowedFd<'_>,
+    buf: &mut [u8],
+    dontwait: bool,
+    cloexec: bool,
+) -> io::Result<Option<ReceivedBatch>> {
+    let mut control = ControlBuffer {
+        bytes: [0; CONTROL_LEN],
+    };
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -164,7 +229,7 @@ pub fn recv_message(
     if dontwait {
         flags |= libc::MSG_DONTWAIT;
     }
-    let mut fds: [Option<OwnedFd>; MAX_FDS_PER_MESSAGE] = Default::default();
+    let mut fds: Vec<OwnedFd> = Vec::new();
     // SAFETY: as in send_with_fd, every pointer in msghdr refers to a live
     // local. After recvmsg we walk the control messages the kernel wrote
     // with CMSG_FIRSTHDR/CMSG_NXTHDR, bounded by msg_controllen, and take
@@ -181,7 +246,6 @@ pub fn recv_message(
         if received < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut taken = 0;
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
@@ -190,17 +254,14 @@ pub fn recv_message(
                 let count = ((*cmsg).cmsg_len as usize).saturating_sub(header) / size_of::<RawFd>();
                 for i in 0..count {
                     let raw = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
-                    if taken < MAX_FDS_PER_MESSAGE {
-                        fds[taken] = Some(OwnedFd::from_raw_fd(raw));
-                        taken += 1;
-                    }
+                    fds.push(OwnedFd::from_raw_fd(raw));
                 }
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
         (received as usize, msg.msg_flags)
     };
-    if received == 0 && fds[0].is_none() {
+    if received == 0 && fds.is_empty() {
         return Ok(None);
     }
     if msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
@@ -209,16 +270,7 @@ pub fn recv_message(
             "message or its file descriptors were truncated",
         ));
     }
-    if fds[1].is_some() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "message carried more than one file descriptor",
-        ));
-    }
-    Ok(Some(Received {
-        len: received,
-        fd: fds[0].take(),
-    }))
+    Ok(Some(ReceivedBatch { len: received, fds }))
 }
 
 /// The first fd a child inherits: 0-2 are stdio (systemd's `SD_LISTEN_FDS_START`).
@@ -429,6 +481,37 @@ mod tests {
             .is_none());
         let error = send(primary.as_fd(), b"x", true).unwrap_err();
         assert_eq!(error.raw_os_error(), Some(libc::EPIPE));
+    }
+
+    #[test]
+    fn a_batch_of_fds_crosses_in_order_and_one_fd_reads_refuse_it() {
+        let (primary, worker) = channel_pair().unwrap();
+        let pairs: Vec<(UnixStream, UnixStream)> = (0..MAX_FDS_PER_MESSAGE)
+            .map(|_| UnixStream::pair().unwrap())
+            .collect();
+        let theirs: Vec<RawFd> = pairs.iter().map(|(_, t)| t.as_raw_fd()).collect();
+        send_with_fds(primary.as_fd(), b"batch", &theirs).unwrap();
+        let mut buf = [0u8; 64];
+        let received = recv_batch(worker.as_fd(), &mut buf, true, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..received.len], b"batch");
+        assert_eq!(received.fds.len(), MAX_FDS_PER_MESSAGE);
+        for (i, (fd, (ours, _))) in received.fds.into_iter().zip(&pairs).enumerate() {
+            let mut passed = UnixStream::from(fd);
+            passed.write_all(&[i as u8]).unwrap();
+            let mut got = [0u8; 1];
+            (&*ours).read_exact(&mut got).unwrap();
+            assert_eq!(got[0], i as u8, "fd {i} arrived out of order");
+        }
+        // Too many, or none, is refused before anything is sent.
+        let too_many = vec![theirs[0]; MAX_FDS_PER_MESSAGE + 1];
+        assert!(send_with_fds(primary.as_fd(), b"x", &too_many).is_err());
+        assert!(send_with_fds(primary.as_fd(), b"x", &[]).is_err());
+        // A reader that takes one fd refuses a message with two (and closes both).
+        send_with_fds(primary.as_fd(), b"two", &theirs[..2]).unwrap();
+        let error = recv_with_fd(worker.as_fd(), &mut buf, true).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]

@@ -15,13 +15,16 @@
 //!   SO_REUSEPORT group in strict turns.
 //! - [`listen_queue`]: a listening socket's accept-queue depth, and moving
 //!   what waits there to the rest of its group.
+//! - [`page`]: the counter page a worker counts its connections in,
+//!   instead of a message per connection.
 //!
 //! This is the only crate in the workspace with `unsafe` code, and only in
-//! [`fdpass`], [`bpf`] and [`listen_queue`], each block with a `// SAFETY:`
+//! [`fdpass`], [`bpf`], [`listen_queue`] and [`page`], each block with a `// SAFETY:`
 //! comment.
 
 pub mod bpf;
 pub mod env;
 pub mod fdpass;
 pub mod listen_queue;
+pub mod page;
 pub mod wire;

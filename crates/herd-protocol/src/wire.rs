@@ -17,8 +17,47 @@ use bytes::{Buf, BufMut};
 /// The protocol version this build speaks; the first byte of every message.
 pub const VERSION: u8 = 1;
 
-/// READY flag (header bytes 2..4): the worker sends CLOSED for each connection it closes.
-pub const READY_REPORTS_CLOSED: u16 = 0x0001;
+/// What a worker says it does, in READY's header bytes 2..4.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadyFlags(pub u16);
+
+impl ReadyFlags {
+    /// The worker reports every connection it closes: a CLOSED message,
+    /// or with [`ReadyFlags::PAGE`] the closed counter of its page.
+    pub const REPORTS_CLOSED: ReadyFlags = ReadyFlags(0x0001);
+    /// The worker counts in its counter page (`HERD_PAGE_FD`,
+    /// [`crate::page`]) instead of sending ACCEPTED and CLOSED.
+    pub const PAGE: ReadyFlags = ReadyFlags(0x0002);
+    /// Queued hand-offs (needs [`ReadyFlags::PAGE`]): the worker sends no
+    /// ACK; taking a HANDOFF off the channel is taking the connection, and
+    /// it counts each in its page. herd keeps no copy of what it sent and
+    /// takes back what is still queued on the channel if the worker dies or
+    /// stalls. HANDOFFs may come several to a message ([`MAX_BATCH`]); a
+    /// refused one goes back as RETURN, with its fd.
+    pub const QUEUED: ReadyFlags = ReadyFlags(0x0004);
+    /// Every flag this version knows; the others are reserved, sent as 0.
+    pub const KNOWN: ReadyFlags = ReadyFlags(0x0007);
+
+    pub fn contains(self, flags: ReadyFlags) -> bool {
+        self.0 & flags.0 == flags.0
+    }
+}
+
+impl std::ops::BitOr for ReadyFlags {
+    type Output = ReadyFlags;
+    fn bitor(self, other: ReadyFlags) -> ReadyFlags {
+        ReadyFlags(self.0 | other.0)
+    }
+}
+
+/// Most HANDOFFs in one message to a worker that takes queued hand-offs
+/// (one SCM_RIGHTS message carries up to 253 fds; a batch this size is
+/// already one system call where there were 32).
+pub const MAX_BATCH: usize = 32;
+
+/// The largest message herd sends: a full batch of HANDOFFs. A worker that
+/// takes queued hand-offs receives into a buffer this long.
+pub const MAX_BATCH_LEN: usize = HANDOFF_LEN * MAX_BATCH;
 
 /// Size of an encoded address block: family, reserved, port, 16 address bytes.
 const ADDRESS_LEN: usize = 20;
@@ -32,14 +71,15 @@ const ID_MESSAGE_LEN: usize = 4 + 8;
 /// Size of BOUND: the header and one address block.
 const BOUND_LEN: usize = 4 + ADDRESS_LEN;
 
-/// Size of the largest message a worker sends (BOUND, with an address).
-pub const WORKER_MESSAGE_MAX_LEN: usize = BOUND_LEN;
+/// Size of the largest message a worker sends (RETURN, a HANDOFF sent back).
+pub const WORKER_MESSAGE_MAX_LEN: usize = HANDOFF_LEN;
 
 /// BOUND's listener field when the address was not one herd serves: the
 /// program's own socket was left alone.
 pub const BOUND_PASSED: u16 = u16::MAX;
 
-/// Largest message either side sends; receive buffers of this size never truncate.
+/// Largest message a worker sends, and herd's largest but for a batch;
+/// herd's receive buffers of this size never truncate.
 pub const MAX_MESSAGE_LEN: usize = HANDOFF_LEN;
 
 /// Message type bytes. Primary → worker types are below 0x80, worker →
@@ -54,6 +94,7 @@ mod kind {
     pub const NACK: u8 = 0x84;
     pub const ACCEPTED: u8 = 0x85;
     pub const BOUND: u8 = 0x86;
+    pub const RETURN: u8 = 0x87;
 }
 
 /// Why a message could not be decoded.
@@ -104,10 +145,9 @@ pub enum WorkerMessage {
     Ack(u64),
     /// The worker will not serve this connection; the primary hands it to another worker.
     Nack(u64),
-    /// The worker is ready to take connections. `reports_closed` (flag bit
-    /// 0 in the header's spare bytes) promises a CLOSED for every connection
-    /// it closes, so herd can count its open connections.
-    Ready { reports_closed: bool },
+    /// The worker is ready to take connections, doing what its flags say
+    /// (in the header's spare bytes; [`ReadyFlags`]).
+    Ready(ReadyFlags),
     /// The worker closed a connection it had acknowledged (for least-connections dispatch).
     Closed(u64),
     /// OS-scheduled modes (`shared`, `reuseport`): the worker accepted a
@@ -123,14 +163,22 @@ pub enum WorkerMessage {
         listener: Option<u16>,
         address: SocketAddr,
     },
+    /// Queued hand-offs ([`ReadyFlags::QUEUED`]): the worker will not serve
+    /// this connection and sends it back, the HANDOFF as it came with its
+    /// fd attached; herd hands it to another worker.
+    Return(Handoff),
 }
 
 impl Handoff {
     /// Writes the message into `buf` and returns it.
     pub fn encode<'a>(&self, buf: &'a mut [u8; HANDOFF_LEN]) -> &'a [u8] {
+        self.encode_as(kind::HANDOFF, buf)
+    }
+
+    fn encode_as<'a>(&self, kind: u8, buf: &'a mut [u8; HANDOFF_LEN]) -> &'a [u8] {
         let mut out = &mut buf[..];
         out.put_u8(VERSION);
-        out.put_u8(kind::HANDOFF);
+        out.put_u8(kind);
         out.put_u16_le(self.listener);
         out.put_u64_le(self.connection_id);
         put_address(&mut out, self.peer);
@@ -140,6 +188,22 @@ impl Handoff {
     }
 }
 
+/// Reads a HANDOFF-shaped record (HANDOFF, RETURN): the listener index in
+/// the header's spare bytes, then the id and both addresses.
+fn decode_handoff(kind: u8, bytes: &[u8], mut body: &[u8]) -> Result<Handoff, ProtocolError> {
+    expect_len(kind, bytes, HANDOFF_LEN)?;
+    let listener = u16::from_le_bytes([bytes[2], bytes[3]]);
+    let connection_id = body.get_u64_le();
+    let peer = get_address(&mut body)?;
+    let local = get_address(&mut body)?;
+    Ok(Handoff {
+        connection_id,
+        listener,
+        peer,
+        local,
+    })
+}
+
 impl PrimaryMessage {
     /// Encodes DRAIN (HANDOFF has its own fixed-size encoder).
     pub fn encode_drain() -> [u8; 4] {
@@ -147,22 +211,9 @@ impl PrimaryMessage {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
-        let (kind, mut body) = split_header(bytes)?;
+        let (kind, body) = split_header(bytes)?;
         match kind {
-            kind::HANDOFF => {
-                expect_len(kind, bytes, HANDOFF_LEN)?;
-                // HANDOFF keeps the listener index in the header's spare bytes.
-                let listener = u16::from_le_bytes([bytes[2], bytes[3]]);
-                let connection_id = body.get_u64_le();
-                let peer = get_address(&mut body)?;
-                let local = get_address(&mut body)?;
-                Ok(PrimaryMessage::Handoff(Handoff {
-                    connection_id,
-                    listener,
-                    peer,
-                    local,
-                }))
-            }
+            kind::HANDOFF => decode_handoff(kind, bytes, body).map(PrimaryMessage::Handoff),
             kind::DRAIN => {
                 expect_len(kind, bytes, 4)?;
                 Ok(PrimaryMessage::Drain)
@@ -170,11 +221,64 @@ impl PrimaryMessage {
             other => Err(ProtocolError::UnknownType(other)),
         }
     }
+
+    /// Splits a message to a worker that takes queued hand-offs into its
+    /// messages: one DRAIN, one HANDOFF, or a batch of 2 to [`MAX_BATCH`]
+    /// HANDOFFs back to back (one fd each, in order).
+    pub fn decode_batch(bytes: &[u8]) -> Result<Batch, ProtocolError> {
+        if bytes.len() > HANDOFF_LEN && bytes.len().is_multiple_of(HANDOFF_LEN) {
+            if bytes.len() > MAX_BATCH_LEN {
+                return Err(ProtocolError::Length {
+                    kind: bytes[1],
+                    expected: MAX_BATCH_LEN,
+                    got: bytes.len(),
+                });
+            }
+            let handoffs = bytes
+                .chunks_exact(HANDOFF_LEN)
+                .map(|record| match PrimaryMessage::decode(record)? {
+                    PrimaryMessage::Handoff(handoff) => Ok(handoff),
+                    PrimaryMessage::Drain => Err(ProtocolError::UnknownType(kind::DRAIN)),
+                })
+                .collect::<Result<_, _>>()?;
+            return Ok(Batch::Handoffs(handoffs));
+        }
+        Ok(match PrimaryMessage::decode(bytes)? {
+            PrimaryMessage::Handoff(handoff) => Batch::Handoffs(vec![handoff]),
+            PrimaryMessage::Drain => Batch::Drain,
+        })
+    }
+}
+
+/// What one message to a worker that takes queued hand-offs holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Batch {
+    /// Connections, one fd each in the message's SCM_RIGHTS, in order.
+    Handoffs(Vec<Handoff>),
+    Drain,
+}
+
+/// Encodes `handoffs` (the first [`MAX_BATCH`] of them) back to back into
+/// `buf`: one message, sent with their fds in the same order.
+pub fn encode_batch<'a, 'h>(
+    handoffs: impl IntoIterator<Item = &'h Handoff>,
+    buf: &'a mut [u8; MAX_BATCH_LEN],
+) -> &'a [u8] {
+    let mut count = 0;
+    for (handoff, record) in handoffs.into_iter().zip(buf.chunks_exact_mut(HANDOFF_LEN)) {
+        let record: &mut [u8; HANDOFF_LEN] = record.try_into().expect("a record is HANDOFF_LEN");
+        handoff.encode(record);
+        count += 1;
+    }
+    &buf[..count * HANDOFF_LEN]
 }
 
 impl WorkerMessage {
     /// Writes the message into `buf` and returns the bytes to send.
     pub fn encode<'a>(&self, buf: &'a mut [u8; WORKER_MESSAGE_MAX_LEN]) -> &'a [u8] {
+        if let WorkerMessage::Return(handoff) = self {
+            return handoff.encode_as(kind::RETURN, buf);
+        }
         if let WorkerMessage::Bound { listener, address } = *self {
             let mut out = &mut buf[..];
             out.put_u8(VERSION);
@@ -188,12 +292,10 @@ impl WorkerMessage {
             WorkerMessage::Nack(id) => (kind::NACK, Some(id), 0),
             WorkerMessage::Closed(id) => (kind::CLOSED, Some(id), 0),
             WorkerMessage::Accepted { listener, id } => (kind::ACCEPTED, Some(id), listener),
-            WorkerMessage::Ready { reports_closed } => (
-                kind::READY,
-                None,
-                u16::from(reports_closed) * READY_REPORTS_CLOSED,
-            ),
-            WorkerMessage::Bound { .. } => unreachable!("encoded above"),
+            WorkerMessage::Ready(flags) => (kind::READY, None, flags.0),
+            WorkerMessage::Bound { .. } | WorkerMessage::Return(_) => {
+                unreachable!("encoded above")
+            }
         };
         let mut out = &mut buf[..];
         out.put_u8(VERSION);
@@ -214,10 +316,12 @@ impl WorkerMessage {
             kind::READY => {
                 expect_len(kind, bytes, 4)?;
                 let flags = u16::from_le_bytes([bytes[2], bytes[3]]);
-                Ok(WorkerMessage::Ready {
-                    reports_closed: flags & READY_REPORTS_CLOSED != 0,
-                })
+                // Reserved bits are ignored on receipt.
+                Ok(WorkerMessage::Ready(ReadyFlags(
+                    flags & ReadyFlags::KNOWN.0,
+                )))
             }
+            kind::RETURN => decode_handoff(kind, bytes, body).map(WorkerMessage::Return),
             kind::ACK | kind::NACK | kind::CLOSED => {
                 expect_len(kind, bytes, ID_MESSAGE_LEN)?;
                 let id = body.get_u64_le();
@@ -352,12 +456,10 @@ mod tests {
             WorkerMessage::Nack(u64::MAX),
             WorkerMessage::Closed(0),
             WorkerMessage::Accepted { listener: 3, id: 9 },
-            WorkerMessage::Ready {
-                reports_closed: false,
-            },
-            WorkerMessage::Ready {
-                reports_closed: true,
-            },
+            WorkerMessage::Ready(ReadyFlags::default()),
+            WorkerMessage::Ready(ReadyFlags::REPORTS_CLOSED),
+            WorkerMessage::Ready(ReadyFlags::KNOWN),
+            WorkerMessage::Return(sample()),
             WorkerMessage::Bound {
                 listener: Some(1),
                 address: "[::]:3000".parse().unwrap(),
@@ -373,19 +475,28 @@ mod tests {
         }
         let mut buf = [0u8; WORKER_MESSAGE_MAX_LEN];
         assert_eq!(
-            WorkerMessage::Ready {
-                reports_closed: false
-            }
-            .encode(&mut buf),
+            WorkerMessage::Ready(ReadyFlags::default()).encode(&mut buf),
             &[1, 0x82, 0, 0]
         );
         assert_eq!(
-            WorkerMessage::Ready {
-                reports_closed: true
-            }
-            .encode(&mut buf),
+            WorkerMessage::Ready(ReadyFlags::REPORTS_CLOSED).encode(&mut buf),
             &[1, 0x82, 1, 0]
         );
+        let queued = ReadyFlags::REPORTS_CLOSED | ReadyFlags::PAGE | ReadyFlags::QUEUED;
+        assert_eq!(
+            WorkerMessage::Ready(queued).encode(&mut buf),
+            &[1, 0x82, 7, 0]
+        );
+        // Reserved bits are dropped on receipt.
+        assert_eq!(
+            WorkerMessage::decode(&[1, 0x82, 0x09, 0x80]),
+            Ok(WorkerMessage::Ready(ReadyFlags::REPORTS_CLOSED))
+        );
+        let returned = WorkerMessage::Return(sample()).encode(&mut buf).to_vec();
+        let mut handoff = [0u8; HANDOFF_LEN];
+        let mut expected = sample().encode(&mut handoff).to_vec();
+        expected[1] = 0x87;
+        assert_eq!(returned, expected);
         assert_eq!(
             WorkerMessage::Ack(1).encode(&mut buf),
             &[1, 0x81, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
@@ -402,6 +513,42 @@ mod tests {
             bound.encode(&mut buf),
             &[1, 0x86, 0xff, 0xff, 4, 0, 80, 0, 10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         );
+    }
+
+    #[test]
+    fn batches_are_handoffs_back_to_back() {
+        let mut handoffs: Vec<Handoff> = (1..=MAX_BATCH as u64)
+            .map(|id| Handoff {
+                connection_id: id,
+                ..sample()
+            })
+            .collect();
+        let mut buf = [0u8; MAX_BATCH_LEN];
+        for count in [1, 2, MAX_BATCH] {
+            let bytes = encode_batch(&handoffs[..count], &mut buf).to_vec();
+            assert_eq!(bytes.len(), count * HANDOFF_LEN);
+            let mut one = [0u8; HANDOFF_LEN];
+            assert_eq!(&bytes[..HANDOFF_LEN], handoffs[0].encode(&mut one));
+            assert_eq!(
+                PrimaryMessage::decode_batch(&bytes),
+                Ok(Batch::Handoffs(handoffs[..count].to_vec()))
+            );
+        }
+        assert_eq!(
+            PrimaryMessage::decode_batch(&PrimaryMessage::encode_drain()),
+            Ok(Batch::Drain)
+        );
+        // A DRAIN inside a batch, a ragged length, one record too many.
+        let bytes = encode_batch(&handoffs[..2], &mut buf).to_vec();
+        let mut with_drain = bytes[..HANDOFF_LEN].to_vec();
+        with_drain.extend_from_slice(&[1, 0x02, 0, 0]);
+        with_drain.resize(2 * HANDOFF_LEN, 0);
+        assert!(PrimaryMessage::decode_batch(&with_drain).is_err());
+        assert!(PrimaryMessage::decode_batch(&bytes[..HANDOFF_LEN + 3]).is_err());
+        handoffs.push(sample());
+        let mut long = encode_batch(&handoffs[..MAX_BATCH], &mut buf).to_vec();
+        long.extend_from_slice(&bytes[..HANDOFF_LEN]);
+        assert!(PrimaryMessage::decode_batch(&long).is_err());
     }
 
     #[test]

@@ -47,9 +47,13 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use std::collections::VecDeque;
+
 use herd_protocol::fdpass;
+use herd_protocol::page::{Page, PAGE_FD_ENV};
 use herd_protocol::wire::{
-    PrimaryMessage, ProtocolError, WorkerMessage, MAX_MESSAGE_LEN, WORKER_MESSAGE_MAX_LEN,
+    Batch, Handoff, PrimaryMessage, ProtocolError, ReadyFlags, WorkerMessage, MAX_BATCH_LEN,
+    MAX_MESSAGE_LEN, WORKER_MESSAGE_MAX_LEN,
 };
 
 pub use herd_protocol::env::{CHANNEL_FD_ENV, WORKER_ID_ENV};
@@ -149,23 +153,31 @@ impl AsyncWrite for HerdStream {
     }
 }
 
-/// Sends CLOSED for one connection when dropped.
+/// Tells herd one connection closed when dropped: a count in the page, or
+/// a CLOSED message.
 #[derive(Debug)]
-struct CloseReport {
-    channel: Arc<AsyncFd<OwnedFd>>,
-    id: u64,
+enum CloseReport {
+    Page(Arc<Page>),
+    Message {
+        channel: Arc<AsyncFd<OwnedFd>>,
+        id: u64,
+    },
 }
 
 impl Drop for CloseReport {
     fn drop(&mut self) {
+        let (channel, id) = match self {
+            CloseReport::Page(page) => return page.add_closed(1),
+            CloseReport::Message { channel, id } => (channel, *id),
+        };
         let mut buf = [0u8; WORKER_MESSAGE_MAX_LEN];
-        let bytes = WorkerMessage::Closed(self.id).encode(&mut buf);
+        let bytes = WorkerMessage::Closed(id).encode(&mut buf);
         // A full channel: send it as soon as there is room, off this drop.
         // Any other error means herd is gone and no longer counts.
-        if let Err(e) = fdpass::send(self.channel.get_ref().as_fd(), bytes, true) {
+        if let Err(e) = fdpass::send(channel.get_ref().as_fd(), bytes, true) {
             if e.kind() == io::ErrorKind::WouldBlock {
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    let (channel, message) = (self.channel.clone(), WorkerMessage::Closed(self.id));
+                    let (channel, message) = (channel.clone(), WorkerMessage::Closed(id));
                     runtime.spawn(async move { send_on(&channel, message).await });
                 }
             }
@@ -190,6 +202,12 @@ pub struct Worker {
     /// being dropped, which would reset the client. herd stops reading the
     /// channel for a moment during `herd upgrade`, so the wait is real.
     pending: Option<Pending>,
+    /// The counter page (`HERD_PAGE_FD`), when herd passed one: then this
+    /// worker counts in it and takes queued hand-offs (no ACK, no
+    /// ACCEPTED, no CLOSED message).
+    page: Option<Arc<Page>>,
+    /// Hand-offs of one batch not handed out yet, in order.
+    taken: VecDeque<(Handoff, OwnedFd)>,
 }
 
 /// See [`Worker::pending`].
@@ -240,7 +258,24 @@ impl Worker {
             listeners,
             accepted: 0,
             pending: None,
+            page: page_from_env().map(Arc::new),
+            taken: VecDeque::new(),
         })
+    }
+
+    /// Does this worker count in herd's counter page (and so take queued
+    /// hand-offs)? Only when herd passed one that maps.
+    pub fn counts_in_page(&self) -> bool {
+        self.page.is_some()
+    }
+
+    /// Leaves herd's counter page unused: this worker reports by message
+    /// (ACK, ACCEPTED, CLOSED) and herd holds each hand-off until its ACK,
+    /// as with a worker written before the page. Call it before the first
+    /// `ready` or `accept`.
+    pub fn without_page(mut self) -> Worker {
+        self.page = None;
+        self
     }
 
     /// How many listening sockets this worker accepts from itself (OS modes).
@@ -257,13 +292,11 @@ impl Worker {
     /// use; call it earlier only to become ready before the first accept.
     pub async fn ready(&mut self) -> Result<(), WorkerError> {
         if !self.said_ready {
-            send_on(
-                &self.channel,
-                WorkerMessage::Ready {
-                    reports_closed: true,
-                },
-            )
-            .await?;
+            let flags = match self.page {
+                Some(_) => ReadyFlags::REPORTS_CLOSED | ReadyFlags::PAGE | ReadyFlags::QUEUED,
+                None => ReadyFlags::REPORTS_CLOSED,
+            };
+            send_on(&self.channel, WorkerMessage::Ready(flags)).await?;
             self.said_ready = true;
         }
         Ok(())
@@ -278,6 +311,9 @@ impl Worker {
         self.ready().await?;
         if self.pending.is_some() {
             return self.report_pending().await.map(Some);
+        }
+        if self.page.is_some() {
+            return self.accept_counted().await;
         }
         let mut buf = [0u8; MAX_MESSAGE_LEN];
         loop {
@@ -306,6 +342,69 @@ impl Worker {
                     return self.report_pending().await.map(Some);
                 }
             }
+        }
+    }
+
+    /// `accept` for a worker that counts in the page: hand-offs come
+    /// queued, maybe several to a message, and nothing is sent back.
+    async fn accept_counted(&mut self) -> Result<Option<Connection>, WorkerError> {
+        let page = self.page.clone().expect("counting in the page");
+        let mut buf = vec![0u8; MAX_BATCH_LEN];
+        loop {
+            if let Some((handoff, fd)) = self.taken.pop_front() {
+                let stream = std::net::TcpStream::from(fd);
+                stream.set_nonblocking(true)?;
+                // A wildcard listener's connections come with 0.0.0.0 or
+                // [::]: the address is the socket's to tell, here.
+                let local = match handoff.local.ip().is_unspecified() {
+                    true => stream.local_addr()?,
+                    false => handoff.local,
+                };
+                return Ok(Some(Connection {
+                    stream: HerdStream {
+                        inner: TcpStream::from_std(stream)?,
+                        _report: CloseReport::Page(page),
+                    },
+                    peer: handoff.peer,
+                    local,
+                    listener: handoff.listener,
+                    id: handoff.connection_id,
+                }));
+            }
+            let received = tokio::select! {
+                received = receive_batch(&self.channel, &mut buf) => received?,
+                (listener, accepted) = accept_any(&self.listeners), if !self.listeners.is_empty() => {
+                    match accepted {
+                        Ok((stream, peer)) => {
+                            page.add_accepted(listener, 1);
+                            self.accepted += 1;
+                            return Ok(Some(Connection {
+                                local: stream.local_addr()?,
+                                stream: HerdStream { inner: stream, _report: CloseReport::Page(page) },
+                                peer,
+                                listener: listener as u16,
+                                id: self.accepted,
+                            }));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            let Some(received) = received else {
+                return Ok(None);
+            };
+            // Taken off the channel: counted at once, before anything can
+            // fail (herd takes back only what is still queued there).
+            let handoffs = match PrimaryMessage::decode_batch(&buf[..received.len])? {
+                Batch::Drain => return Ok(None),
+                Batch::Handoffs(handoffs) => handoffs,
+            };
+            page.add_received(handoffs.len() as u64);
+            if received.fds.len() != handoffs.len() {
+                return Err(WorkerError::MissingFd);
+            }
+            self.taken.extend(handoffs.into_iter().zip(received.fds));
         }
     }
 
@@ -374,10 +473,34 @@ impl Worker {
     fn herd_stream(&self, inner: TcpStream, id: u64) -> HerdStream {
         HerdStream {
             inner,
-            _report: CloseReport {
+            _report: CloseReport::Message {
                 channel: self.channel.clone(),
                 id,
             },
+        }
+    }
+}
+
+/// The counter page herd passed (`HERD_PAGE_FD`), mapped; `None` if there
+/// is none or it does not map (the worker then reports by message).
+fn page_from_env() -> Option<Page> {
+    let fd: std::os::fd::RawFd = std::env::var(PAGE_FD_ENV).ok()?.parse().ok()?;
+    let fd = fdpass::adopt_inherited_fd(fd).ok()?;
+    Page::map(fd, true).ok()
+}
+
+/// Receives the next message to a worker that takes queued hand-offs, with
+/// all its fds (`None`: the channel closed).
+async fn receive_batch(
+    channel: &AsyncFd<OwnedFd>,
+    buf: &mut [u8],
+) -> Result<Option<fdpass::ReceivedBatch>, WorkerError> {
+    loop {
+        let mut guard = channel.readable().await?;
+        match guard.try_io(|channel| fdpass::recv_batch(channel.get_ref().as_fd(), buf, true, true))
+        {
+            Ok(result) => return Ok(result?),
+            Err(_would_block) => continue,
         }
     }
 }
@@ -434,7 +557,66 @@ fn is_peer_gone(error: &io::Error) -> bool {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
     use std::time::Duration;
+
+    /// With the counter page: a batch of hand-offs comes out of `accept` in
+    /// order, counted received at once; each close is counted, no message
+    /// is sent back, and DRAIN ends it.
+    #[tokio::test]
+    async fn a_worker_with_the_page_takes_a_batch_and_sends_nothing() {
+        use herd_protocol::wire::{encode_batch, MAX_BATCH_LEN};
+        let (herd, ours) = fdpass::channel_pair().unwrap();
+        let herds_page = Page::create().unwrap();
+        let page = Page::map(herds_page.fd().try_clone_to_owned().unwrap(), true).unwrap();
+        let mut worker = Worker {
+            channel: Arc::new(fdpass::async_channel(ours).unwrap()),
+            slot: 0,
+            said_ready: true,
+            listeners: Vec::new(),
+            accepted: 0,
+            pending: None,
+            page: Some(Arc::new(page)),
+            taken: VecDeque::new(),
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        let mut handoffs = Vec::new();
+        let mut servers = Vec::new();
+        for id in 1..=3u64 {
+            clients.push(std::net::TcpStream::connect(addr).unwrap());
+            let (server, peer) = listener.accept().unwrap();
+            handoffs.push(Handoff {
+                connection_id: id,
+                listener: 0,
+                peer,
+                local: addr,
+            });
+            servers.push(server);
+        }
+        let mut buf = [0u8; MAX_BATCH_LEN];
+        let bytes = encode_batch(&handoffs, &mut buf);
+        let fds: Vec<_> = servers.iter().map(|s| s.as_raw_fd()).collect();
+        fdpass::send_with_fds(herd.as_fd(), bytes, &fds).unwrap();
+        drop(servers);
+        fdpass::send(herd.as_fd(), &PrimaryMessage::encode_drain(), true).unwrap();
+        for id in 1..=3u64 {
+            let connection = worker.accept().await.unwrap().expect("a connection");
+            assert_eq!(connection.id, id);
+            assert_eq!(herds_page.received(), 3, "counted on receipt");
+            drop(connection);
+            assert_eq!(herds_page.closed(), id);
+        }
+        assert!(worker.accept().await.unwrap().is_none(), "DRAIN");
+        let mut message = [0u8; MAX_MESSAGE_LEN];
+        let sent = fdpass::recv_with_fd(herd.as_fd(), &mut message, true);
+        assert_eq!(
+            sent.unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "no ACK, no CLOSED"
+        );
+    }
 
     /// herd stops reading the channel during `herd upgrade`; an `accept`
     /// that took a connection and waits to report it may be cancelled
@@ -454,6 +636,8 @@ mod tests {
             listeners: vec![TcpListener::from_std(listener).unwrap()],
             accepted: 0,
             pending: None,
+            page: None,
+            taken: VecDeque::new(),
         };
         // Fill the channel: herd reads nothing.
         let mut buf = [0u8; WORKER_MESSAGE_MAX_LEN];

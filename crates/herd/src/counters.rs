@@ -166,6 +166,14 @@ impl Counters {
     }
 
     /// Every listener's address, in order (released ones left out).
+    /// How many listener indices are in use or were (released ones included).
+    pub fn listener_count(&self) -> usize {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .lock()

@@ -25,8 +25,9 @@ pub const FIXED_OVERHEAD: u64 = 128;
 pub const PROGRAM_FDS: u64 = 4;
 
 /// Per worker, besides the connections in flight to it: its channel, its
-/// stdout and stderr pipes, its cgroup's `cgroup.procs`.
-pub const PER_WORKER: u64 = 4;
+/// stdout and stderr pipes, its cgroup's `cgroup.procs`, its counter page
+/// and herd's copy of the worker's end of the channel.
+pub const PER_WORKER: u64 = 6;
 
 /// herd's open-file limit, before and after raising it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +153,7 @@ impl Plan {
 }
 
 impl fmt::Display for Need {
-    /// "1234 file descriptors: workers = 4 × (4 + handoff.max_unacked 64) + ..."
+    /// "1234 file descriptors: workers = 4 × (6 + handoff.max_unacked 64) + ..."
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let p = self.plan;
         write!(
@@ -186,7 +187,7 @@ mod tests {
 
     #[test]
     fn need_counts_every_part() {
-        assert_eq!(plan(2).need().total, 128 + 1 + 2 * 68 + 1024);
+        assert_eq!(plan(2).need().total, 128 + 1 + 2 * 70 + 1024);
         let per_slot = Plan {
             sockets_per_slot: true,
             listeners: 2,
@@ -194,7 +195,7 @@ mod tests {
         };
         assert_eq!(
             per_slot.need().total,
-            128 + 2 + 3 * 2 + 2 * 4 + 3 * 68 + 1024
+            128 + 2 + 3 * 2 + 2 * 4 + 3 * 70 + 1024
         );
     }
 
@@ -214,7 +215,7 @@ mod tests {
     fn the_explanation_names_the_keys() {
         let text = plan(4).need().to_string();
         assert!(
-            text.starts_with("1425 file descriptors: workers = 4"),
+            text.starts_with("1433 file descriptors: workers = 4"),
             "{text}"
         );
         assert!(text.contains("handoff.max_unacked = 64"), "{text}");

@@ -355,6 +355,7 @@ impl Primary {
         let PendingRequest { request, reply } = pending;
         match request {
             ControlRequest::Status => {
+                self.handoff.tally(handoff::TALLY_WAIT);
                 let report = status_report(
                     &self.supervisor,
                     &self.counters,

@@ -48,6 +48,20 @@ pub struct Started {
     pub channel: OwnedFd,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// A herd-protocol worker's counter page and herd's copy of the
+    /// worker's end of its channel (see [`WorkerLink`]).
+    pub link: Option<WorkerLink>,
+}
+
+/// What herd keeps of a herd-protocol worker besides its channel, until
+/// the worker's READY says whether it uses them: its counter page
+/// (`HERD_PAGE_FD`), and a copy of the worker's own end of the channel,
+/// from which herd takes back the hand-offs still queued there when a
+/// worker that takes queued hand-offs dies or hangs.
+#[derive(Debug)]
+pub struct WorkerLink {
+    pub page: herd_protocol::page::Page,
+    pub worker_end: OwnedFd,
 }
 
 /// What a worker process is started with.
@@ -85,13 +99,9 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         notify,
         served,
     } = launch;
-    let node = settings.protocol == WorkerProtocol::NodeCluster;
-    let (primary_end, child_end) = if node {
-        fdpass::stream_pair()?
-    } else {
-        fdpass::channel_pair()?
-    };
+    let (primary_end, child_end, page) = channel_for(settings.protocol)?;
     let channel_fd = herd_protocol::env::channel_fd(listen_fds.len()).to_string();
+    let page_fd = herd_protocol::env::channel_fd(listen_fds.len() + 1).to_string();
     let mut command = if listen_fds.is_empty() {
         let mut command = std::process::Command::new(&settings.program);
         // herd's own, if systemd socket-activated it: not the worker's.
@@ -121,6 +131,7 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         slot,
         workers,
         channel_fd: &channel_fd,
+        page_fd: page.as_ref().map(|_| page_fd.as_str()),
         notify,
         served,
     };
@@ -134,9 +145,15 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
     }
     let mut inherited = listen_fds;
     inherited.push(child_end.as_raw_fd());
+    if let Some(page) = &page {
+        inherited.push(page.fd().as_raw_fd());
+    }
     fdpass::prepare_child(&mut command, inherited, cgroup_procs, nofile);
     let mut child = command.spawn()?;
-    drop(child_end);
+    let link = page.map(|page| WorkerLink {
+        page,
+        worker_end: child_end,
+    });
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(io::Error::other("the worker's output pipes are missing"));
     };
@@ -146,7 +163,22 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Started> {
         channel: primary_end,
         stdout: stdout.into(),
         stderr: stderr.into(),
+        link,
     })
+}
+
+/// A worker's channel (herd's end, the worker's) and, for a herd-protocol
+/// worker, its counter page; a Node app gets Node's stream channel, no page.
+fn channel_for(
+    protocol: WorkerProtocol,
+) -> io::Result<(OwnedFd, OwnedFd, Option<herd_protocol::page::Page>)> {
+    if protocol == WorkerProtocol::NodeCluster {
+        let (primary_end, child_end) = fdpass::stream_pair()?;
+        return Ok((primary_end, child_end, None));
+    }
+    let (primary_end, child_end) = fdpass::channel_pair()?;
+    let page = herd_protocol::page::Page::create().map_err(io::Error::other)?;
+    Ok((primary_end, child_end, Some(page)))
 }
 
 /// What a worker's environment is made of, beside herd's own.
@@ -156,6 +188,8 @@ struct WorkerEnv<'a> {
     workers: usize,
     /// The channel's fd number, as the worker's protocol names it.
     channel_fd: &'a str,
+    /// The counter page's fd number (herd-protocol workers).
+    page_fd: Option<&'a str>,
     notify: Option<&'a NotifySocket>,
     served: &'a [SocketAddr],
 }
@@ -178,6 +212,10 @@ fn set_environment(command: &mut std::process::Command, env: &WorkerEnv<'_>) {
         .env(herd_protocol::env::WORKER_ID_ENV, env.slot.to_string())
         .env("HERD_WORKERS", env.workers.to_string())
         .env("HERD_PROTOCOL", herd_protocol::wire::VERSION.to_string());
+    match env.page_fd {
+        Some(fd) => command.env(herd_protocol::page::PAGE_FD_ENV, fd),
+        None => command.env_remove(herd_protocol::page::PAGE_FD_ENV),
+    };
     if settings.protocol == WorkerProtocol::NodeCluster {
         // An unmodified Node cluster app: it finds herd as its cluster primary.
         command

@@ -67,11 +67,11 @@ impl HandoffLoop {
                 Ok((stream, peer)) => {
                     self.accept_backoff = ACCEPT_BACKOFF_MIN;
                     self.fd_short_since = None;
-                    let local = if listening.wildcard {
-                        stream.local_addr().unwrap_or(listening.local)
-                    } else {
-                        listening.local
-                    };
+                    // For a wildcard listener this is 0.0.0.0/[::] and the
+                    // port: a worker that takes queued hand-offs asks the
+                    // socket itself, and for the others `send_connection`
+                    // does (no `getsockname` per connection otherwise).
+                    let local = listening.local;
                     self.next_connection_id += 1;
                     self.counters.accepted[listener].fetch_add(1, Relaxed);
                     if slot.is_some() {
@@ -94,6 +94,8 @@ impl HandoffLoop {
                     // Queue drained without a resource error: any fd shortage is over.
                     self.accept_backoff = ACCEPT_BACKOFF_MIN;
                     self.fd_short_since = None;
+                    // What this accept run gave workers of queued hand-offs goes now.
+                    self.flush_unsent();
                     return;
                 }
                 Err(e) => {
@@ -227,6 +229,7 @@ impl HandoffLoop {
                 }
             }
         }
+        self.flush_unsent();
     }
 
     /// Sends `conn` to the worker the policy picks; tries the next pick if a
@@ -235,7 +238,7 @@ impl HandoffLoop {
     // The Err variant hands the 128-byte connection back by value: a move,
     // where boxing it would cost an allocation per connection.
     #[allow(clippy::result_large_err)]
-    pub(super) fn try_dispatch(&mut self, conn: Accepted) -> Result<(), Accepted> {
+    pub(super) fn try_dispatch(&mut self, mut conn: Accepted) -> Result<(), Accepted> {
         let now = Instant::now();
         loop {
             let channels = &self.channels;
@@ -261,6 +264,17 @@ impl HandoffLoop {
             let worker = self.channels[channel]
                 .as_mut()
                 .expect("chosen slot is live");
+            if worker.takes_queued() {
+                self.give_queued(channel, conn);
+                return Ok(());
+            }
+            if conn.handoff.local.ip().is_unspecified() {
+                // A wildcard listener: protocol 1 names the connection's own
+                // address (a queued worker asks its socket when it wants it).
+                if let Ok(local) = conn.stream.local_addr() {
+                    conn.handoff.local = local;
+                }
+            }
             let sent = worker.send_connection(&conn.handoff, conn.stream.as_fd());
             match sent {
                 Ok(()) => {

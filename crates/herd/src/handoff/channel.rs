@@ -42,6 +42,19 @@ pub(super) struct WorkerChannel {
     pub(super) more_to_read: bool,
     /// The protocol the worker speaks, with that protocol's own state.
     pub(super) protocol: Protocol,
+    /// Its counter page and herd's copy of its end, until READY says
+    /// which it uses (`queued`).
+    pub(super) link: Option<crate::process::WorkerLink>,
+    /// Its counter page, if READY said it counts there.
+    pub(super) page: Option<PageSeen>,
+    /// herd's copy of the worker's end of the channel, if it takes queued
+    /// hand-offs: what is queued there is taken back from it.
+    pub(super) worker_end: Option<OwnedFd>,
+    /// Queued hand-offs sent and not yet taken off the channel, oldest first.
+    pub(super) queued: VecDeque<Queued>,
+    /// Given to it this turn, sent together at the end of the turn
+    /// (at most [`herd_protocol::wire::MAX_BATCH`]).
+    pub(super) unsent: Vec<Accepted>,
 }
 
 /// The protocol on a worker's channel.
@@ -57,6 +70,8 @@ pub(super) enum Protocol {
 pub(super) enum Message {
     Herd(WorkerMessage),
     Node(node_ipc::NodeMessage),
+    /// RETURN with the connection's fd (queued hand-offs).
+    Returned(Handoff, OwnedFd),
 }
 
 /// How a turn of reading a channel ended.
@@ -152,7 +167,19 @@ impl WorkerChannel {
         let mut buf = [0u8; MAX_MESSAGE_LEN];
         for _ in 0..READ_BUDGET_MESSAGES {
             match fdpass::recv_with_fd(self.channel.as_fd(), &mut buf, true) {
-                Ok(Some(received)) => {
+                Ok(Some(mut received)) => {
+                    if let Ok(WorkerMessage::Return(handoff)) =
+                        WorkerMessage::decode(&buf[..received.len])
+                    {
+                        match received.fd.take() {
+                            Some(fd) => out.push(Message::Returned(handoff, fd)),
+                            None => self.bad_message(
+                                BadMessage::Malformed,
+                                "a RETURN without its connection's fd",
+                            ),
+                        }
+                        continue;
+                    }
                     if received.fd.is_some() {
                         // Closed when `received` is dropped.
                         self.bad_message(
@@ -225,20 +252,24 @@ impl WorkerChannel {
             .is_some_and(|limit| before < limit && self.sent >= limit)
     }
 
-    /// Counts one connection the worker has (acknowledged, or accepted by
-    /// itself): handed off, and open while it reports CLOSED.
-    pub(super) fn count_acknowledged(&mut self, counters: &Counters) {
-        counters.handed_off[self.slot].fetch_add(1, Relaxed);
-        self.acked += 1;
+    /// Counts `n` more connections the worker has (acknowledged, taken off
+    /// its channel, or accepted by itself): handed off, and open while it
+    /// reports CLOSED.
+    pub(super) fn count_acknowledged(&mut self, n: u64, counters: &Counters) {
+        if n == 0 {
+            return;
+        }
+        counters.handed_off[self.slot].fetch_add(n, Relaxed);
+        self.acked += n;
         if self.closed.is_some() {
-            counters.open_connections[self.slot].fetch_add(1, Relaxed);
+            counters.open_connections[self.slot].fetch_add(n, Relaxed);
         }
     }
 
-    /// Counts one connection the worker reported closed. Never more closed
-    /// than acknowledged: the count cannot wrap, so least-conn cannot be
-    /// fooled into starving it.
-    pub(super) fn count_closed(&mut self, id: u64, counters: &Counters) {
+    /// Counts up to `n` connections the worker reported closed, and returns
+    /// how many it counted. Never more closed than acknowledged: the count
+    /// cannot wrap, so least-conn cannot be fooled into starving it.
+    pub(super) fn count_closed(&mut self, n: u64, counters: &Counters) -> u64 {
         let open = &counters.open_connections[self.slot];
         if self.closed.is_none() {
             // The first report: from now on this worker's count is
@@ -247,16 +278,11 @@ impl WorkerChannel {
             counters.reports_closed[self.slot].store(true, Relaxed);
             open.fetch_add(self.acked, Relaxed);
         }
-        match self.closed.as_mut() {
-            Some(closed) if *closed < self.acked => {
-                *closed += 1;
-                open.fetch_sub(1, Relaxed);
-            }
-            _ => self.bad_message(
-                BadMessage::UnknownId,
-                format!("a CLOSED for connection {id}, beyond every connection it acknowledged"),
-            ),
-        }
+        let closed = self.closed.as_mut().expect("set above");
+        let counted = n.min(self.acked.saturating_sub(*closed));
+        *closed += counted;
+        open.fetch_sub(counted, Relaxed);
+        counted
     }
 
     /// Connections this worker holds, for least-conn: those in flight, plus
@@ -265,7 +291,7 @@ impl WorkerChannel {
         let open = self
             .closed
             .map_or(0, |closed| self.acked.saturating_sub(closed));
-        self.in_flight.len() as u64 + open
+        self.outstanding() as u64 + open
     }
 
     /// Can the worker be sent a connection from `listener` now?
@@ -280,11 +306,10 @@ impl WorkerChannel {
             && !self.blocked
             && self.recycle_after.is_none_or(|limit| self.sent < limit)
             && self.serves(listener)
-            && self.in_flight.len() < limits.max_unacked
+            && self.outstanding() < limits.max_unacked
             && self
-                .in_flight
-                .front()
-                .is_none_or(|oldest| now.duration_since(oldest.sent_at) < limits.ack_timeout)
+                .oldest_sent()
+                .is_none_or(|oldest| now.duration_since(oldest) < limits.ack_timeout)
     }
 }
 

@@ -37,11 +37,16 @@ impl HandoffLoop {
                 // Last count of what the kernel dealt, for the closing tally.
                 self.tally_kernel_rotations();
                 self.tally_due = None;
+                self.tally_pages();
                 self.listeners.clear();
                 self.flush_queue();
             }
             Command::Exit => self.shutting_down = true,
             Command::Ping(reply) => {
+                let _ = reply.send(());
+            }
+            Command::Tally(reply) => {
+                self.tally_pages();
                 let _ = reply.send(());
             }
             Command::AppPrimaryRuns => self.app_primary.runs = true,

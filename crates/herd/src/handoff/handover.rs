@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::*;
 use crate::node_ipc::CarriedNodeChannel;
 use crate::rotation::CarriedRotation;
+use herd_protocol::page::Page;
 
 /// Everything the loop holds, by fd number, as the new herd takes it over.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +67,37 @@ pub struct CarriedChannel {
     pub in_flight: Vec<CarriedConnection>,
     /// A Node worker's channel state; `None`: herd's protocol.
     pub node: Option<CarriedNodeChannel>,
+    /// Its counter page, if it counts in one.
+    #[serde(default)]
+    pub page: Option<CarriedPage>,
+    /// herd's copy of the worker's end of the channel (queued hand-offs).
+    #[serde(default)]
+    pub worker_end: Option<RawFd>,
+    /// Queued hand-offs not yet taken off the channel, oldest first; their
+    /// fds are in the channel's queue, not herd's.
+    #[serde(default)]
+    pub queued: Vec<CarriedQueued>,
+}
+
+/// A worker's counter page and how much of it herd had counted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CarriedPage {
+    pub fd: RawFd,
+    pub received: u64,
+    pub closed: u64,
+    pub accepted: Vec<u64>,
+}
+
+/// A queued hand-off: a [`CarriedConnection`] whose fd the channel holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CarriedQueued {
+    pub id: u64,
+    pub listener: u16,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub age_ms: u64,
+    pub sent_ms: u64,
+    pub refused_by: Option<usize>,
 }
 
 /// A connection between accept and its worker's acknowledgement.
@@ -91,10 +123,12 @@ impl CarriedLoop {
             let rotation = l.rotation.iter().flat_map(CarriedRotation::fds);
             std::iter::once(l.fd).chain(rotation)
         });
-        let channels = self
-            .channels
-            .iter()
-            .flat_map(|c| std::iter::once(c.fd).chain(c.in_flight.iter().map(|conn| conn.fd)));
+        let channels = self.channels.iter().flat_map(|c| {
+            let own = [Some(c.fd), c.page.as_ref().map(|p| p.fd), c.worker_end];
+            own.into_iter()
+                .flatten()
+                .chain(c.in_flight.iter().map(|conn| conn.fd))
+        });
         let queued = self.queue.iter().map(|conn| conn.fd);
         let primary = self.app_primary.iter().map(|(_, fd, _)| *fd);
         listeners
@@ -290,6 +324,7 @@ impl HandoffLoop {
             node: carried.node.is_some(),
             recycle_after: carried.recycle_after,
             hang_timeout: carried.hang_timeout_ms.map(Duration::from_millis),
+            link: None,
         };
         let channel = self
             .insert_channel(added, fd)
@@ -311,6 +346,40 @@ impl HandoffLoop {
         worker.acked = carried.acked;
         worker.closed = carried.closed;
         worker.in_flight = in_flight;
+        if let Some(page) = carried.page {
+            let mapped =
+                Page::map(fdpass::adopt_inherited_fd(page.fd)?, false).map_err(io::Error::other)?;
+            worker.page = Some(PageSeen {
+                page: mapped,
+                received: page.received,
+                closed: page.closed,
+                accepted: page.accepted,
+            });
+            self.page_tally_due.get_or_insert(now + PAGE_TALLY_INTERVAL);
+        }
+        if let Some(end) = carried.worker_end {
+            worker.worker_end = Some(fdpass::adopt_inherited_fd(end)?);
+        }
+        for queued in carried.queued {
+            worker.queued.push_back(Queued {
+                handoff: Handoff {
+                    connection_id: queued.id,
+                    listener: queued.listener,
+                    peer: queued.peer,
+                    local: queued.local,
+                },
+                accepted_at: ago(now, queued.age_ms),
+                sent_at: ago(now, queued.sent_ms),
+                refused_by: queued.refused_by.map(SlotIx),
+                refusals: Refusals::default(),
+            });
+        }
+        if !worker.queued.is_empty() {
+            self.counters
+                .in_flight
+                .fetch_add(worker.queued.len() as u64, Relaxed);
+            self.queued_channels.push(channel);
+        }
         if let Some(node) = carried.node {
             worker.protocol = Protocol::Node(NodeChannel::from_carried(node));
         }
@@ -349,6 +418,26 @@ fn carried_channel(worker: &WorkerChannel, now: Instant) -> Result<CarriedChanne
             .map(|entry| carried_connection(&entry.conn, now, Some(entry.sent_at)))
             .collect(),
         node,
+        page: worker.page.as_ref().map(|seen| CarriedPage {
+            fd: seen.page.fd().as_raw_fd(),
+            received: seen.received,
+            closed: seen.closed,
+            accepted: seen.accepted.clone(),
+        }),
+        worker_end: worker.worker_end.as_ref().map(AsRawFd::as_raw_fd),
+        queued: worker
+            .queued
+            .iter()
+            .map(|entry| CarriedQueued {
+                id: entry.handoff.connection_id,
+                listener: entry.handoff.listener,
+                peer: entry.handoff.peer,
+                local: entry.handoff.local,
+                age_ms: millis(now.saturating_duration_since(entry.accepted_at)),
+                sent_ms: millis(now.saturating_duration_since(entry.sent_at)),
+                refused_by: entry.refused_by.map(SlotIx::get),
+            })
+            .collect(),
     })
 }
 

@@ -83,7 +83,6 @@ impl HandoffLoop {
         self.listeners[listener] = Some(Listening {
             socket,
             local,
-            wildcard: local.ip().is_unspecified(),
             node_key,
             rotation,
         });

@@ -21,6 +21,7 @@ impl HandoffLoop {
             match message {
                 Message::Herd(message) => self.on_message(channel, message),
                 Message::Node(message) => self.on_node_message(channel, message),
+                Message::Returned(handoff, fd) => self.on_return(channel, handoff, fd),
             }
         }
         self.scratch = messages;
@@ -49,10 +50,13 @@ impl HandoffLoop {
         match message {
             WorkerMessage::Ack(id) => self.on_ack(channel, id),
             WorkerMessage::Nack(id) => self.on_nack(channel, id),
-            WorkerMessage::Ready { reports_closed } => {
-                if reports_closed && worker.closed.is_none() {
+            WorkerMessage::Ready(flags) => {
+                if flags.contains(ReadyFlags::REPORTS_CLOSED) && worker.closed.is_none() {
                     worker.closed = Some(0);
                     self.counters.reports_closed[worker.slot].store(true, Relaxed);
+                }
+                if worker.role == Role::Starting {
+                    self.on_ready_flags(channel, flags);
                 }
                 self.report_ready(channel)
             }
@@ -62,15 +66,31 @@ impl HandoffLoop {
                 if let Some(accepted) = self.counters.accepted.get(ListenerIx::from(listener)) {
                     accepted.fetch_add(1, Relaxed);
                 }
-                worker.count_acknowledged(&self.counters);
+                worker.count_acknowledged(1, &self.counters);
                 if worker.count_sent(1) {
                     let _ = self.events.send(Event::RecycleDue {
                         worker: worker.worker,
                     });
                 }
             }
-            WorkerMessage::Closed(id) => worker.count_closed(id, &self.counters),
+            WorkerMessage::Closed(id) => {
+                if worker.count_closed(1, &self.counters) == 0 {
+                    worker.bad_message(
+                        BadMessage::UnknownId,
+                        format!(
+                            "a CLOSED for connection {id}, beyond every connection it acknowledged"
+                        ),
+                    );
+                }
+            }
             WorkerMessage::Bound { listener, address } => self.on_bound(channel, listener, address),
+            WorkerMessage::Return(handoff) => worker.bad_message(
+                BadMessage::Malformed,
+                format!(
+                    "a RETURN of connection {} without its fd",
+                    handoff.connection_id
+                ),
+            ),
         }
     }
 
@@ -136,7 +156,7 @@ impl HandoffLoop {
         // Dropping the entry closes the primary's copy of the fd.
         drop(entry);
         self.counters.in_flight.fetch_sub(1, Relaxed);
-        worker.count_acknowledged(&self.counters);
+        worker.count_acknowledged(1, &self.counters);
         if worker.blocked {
             worker.blocked = false;
             self.send_pending_drain(channel);

@@ -34,6 +34,7 @@ mod commands;
 mod handover;
 mod listeners;
 mod messages;
+mod queued;
 mod workers;
 
 use crate::counters::{accept_error_kind, Counters};
@@ -42,6 +43,7 @@ use channel::{
     take_in_flight, BadMessage, Message, Protocol, ProtocolErrors, ReadEnd, WorkerChannel,
 };
 pub use handover::{spawn_carried, CarriedLoop};
+use queued::{PageSeen, Queued, PAGE_TALLY_INTERVAL};
 use workers::Retired;
 
 use std::collections::VecDeque;
@@ -70,7 +72,9 @@ use crate::rotation::SlotRotation;
 use crate::wait_queue::WaitQueue;
 use herd_protocol::bpf::MAX_ROTATION;
 use herd_protocol::fdpass;
-use herd_protocol::wire::{Handoff, PrimaryMessage, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN};
+use herd_protocol::wire::{
+    Handoff, PrimaryMessage, ReadyFlags, WorkerMessage, HANDOFF_LEN, MAX_MESSAGE_LEN,
+};
 
 const WAKER: Token = Token(usize::MAX);
 /// Listener `i` has token `i`; worker channel `c` has token `WORKER_TOKEN_BASE + c`;
@@ -136,6 +140,9 @@ pub enum Command {
     Thaw,
     /// `/livez`: the loop answers when it gets to it, proving it turns.
     Ping(tokio::sync::oneshot::Sender<()>),
+    /// Read every counter page into the counters now, then answer: status
+    /// and metrics are fresh to the moment they were asked for.
+    Tally(mpsc::SyncSender<()>),
     /// `node.primary = "run"`: relay workers' messages and lives to the
     /// app's primary, which counts them ready once `online`. Sent before
     /// the first worker is added.
@@ -185,7 +192,19 @@ impl Controller {
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "hand-off loop has stopped"))?;
         self.waker.wake()
     }
+
+    /// Has the loop read every worker's counter page ([`Command::Tally`])
+    /// and waits for it, at most `within` (it answers within a turn; a
+    /// frozen loop, after the thaw). False if it did not answer in time:
+    /// the counts are then as of the last tally, at most 100 ms old.
+    pub fn tally(&self, within: Duration) -> bool {
+        let (done, answered) = mpsc::sync_channel(1);
+        self.send(Command::Tally(done)).is_ok() && answered.recv_timeout(within).is_ok()
+    }
 }
+
+/// How long status and metrics wait for [`Controller::tally`].
+pub const TALLY_WAIT: Duration = Duration::from_millis(50);
 
 /// Starts the loop on its own thread.
 pub fn spawn(
@@ -219,8 +238,6 @@ pub fn spawn(
 struct Listening {
     socket: mio::net::TcpListener,
     local: SocketAddr,
-    /// Bound to 0.0.0.0/[::]: the local address must be asked per connection.
-    wildcard: bool,
     /// Bound for Node workers that asked for it with this key (see
     /// [`node_ipc::QueryServer::key`]); `None` for a configured listener.
     node_key: Option<String>,
@@ -348,6 +365,16 @@ struct HandoffLoop {
     capacity_epoch: u64,
     /// A Node app's own primary, when it runs (`node.primary = "run"`).
     app_primary: app_primary::AppPrimaryLink,
+    /// When counter pages are read next (`None`: no worker counts in one).
+    page_tally_due: Option<Instant>,
+    /// Workers with queued hand-offs not yet taken: their pages are read
+    /// every turn, before anything is dispatched.
+    queued_channels: Vec<ChannelIx>,
+    /// Workers given connections this turn, sent at the end of it.
+    unsent_channels: Vec<ChannelIx>,
+    /// An empty batch with room for a full one, swapped with a worker's
+    /// as it is sent.
+    spare_batch: Vec<Accepted>,
 }
 
 impl HandoffLoop {
@@ -391,6 +418,10 @@ impl HandoffLoop {
             fd_short_since: None,
             capacity_epoch: 0,
             app_primary: Default::default(),
+            page_tally_due: None,
+            queued_channels: Vec::new(),
+            unsent_channels: Vec::new(),
+            spare_batch: Vec::with_capacity(herd_protocol::wire::MAX_BATCH),
         };
         let controller = Controller {
             commands: commands_tx,
@@ -421,6 +452,9 @@ impl HandoffLoop {
                     error!(event = "poll_failed", "hand-off loop cannot poll: {e}");
                     break;
                 }
+            }
+            if !self.queued_channels.is_empty() {
+                self.catch_up_queued();
             }
             for event in events.iter() {
                 match Polled::of(event.token()) {
@@ -453,6 +487,7 @@ impl HandoffLoop {
             if !self.queue.is_empty() {
                 self.flush_queue();
             }
+            self.flush_unsent();
         }
         debug!("hand-off loop stopped");
     }
@@ -474,6 +509,7 @@ impl HandoffLoop {
             self.accept_paused_until,
             self.tally_due,
             self.hang_check_due,
+            self.page_tally_due,
             unpark,
         ]
         .into_iter()
@@ -499,6 +535,10 @@ impl HandoffLoop {
         if self.tally_due.is_some_and(|due| due <= now) {
             self.tally_due = Some(now + TALLY_INTERVAL);
             self.tally_kernel_rotations();
+        }
+        if self.page_tally_due.is_some_and(|due| due <= now) {
+            self.page_tally_due = Some(now + PAGE_TALLY_INTERVAL);
+            self.tally_pages();
         }
         if self.hang_check_due.is_some_and(|due| due <= now) {
             self.hang_check_due = Some(now + HANG_CHECK_INTERVAL);
@@ -536,4 +576,7 @@ pub struct NewWorker {
     /// A hand-off unacknowledged for this long makes it hung
     /// ([`Event::Hung`]); `None`: never.
     pub hang_timeout: Option<Duration>,
+    /// Its counter page and herd's copy of its end of the channel
+    /// (herd-protocol workers); kept if its READY says it uses them.
+    pub link: Option<crate::process::WorkerLink>,
 }

@@ -31,6 +31,7 @@ impl HandoffLoop {
             node,
             recycle_after,
             hang_timeout,
+            link,
         } = added;
         if slot.get() >= MAX_WORKERS {
             error!(
@@ -84,6 +85,11 @@ impl HandoffLoop {
             } else {
                 Protocol::Herd
             },
+            link,
+            page: None,
+            worker_end: None,
+            queued: VecDeque::new(),
+            unsent: Vec::new(),
         });
         Some(channel)
     }
@@ -127,9 +133,8 @@ impl HandoffLoop {
                 continue;
             };
             let stale = worker
-                .in_flight
-                .front()
-                .is_some_and(|oldest| now.duration_since(oldest.sent_at) >= limit);
+                .oldest_sent()
+                .is_some_and(|oldest| now.duration_since(oldest) >= limit);
             if worker.hung || !stale {
                 continue;
             }
@@ -169,6 +174,9 @@ impl HandoffLoop {
         if self.active.get(worker.slot) == Some(&Some(channel)) {
             self.active[worker.slot] = None;
         }
+        // Given to it this turn but not sent: to other workers, not after DRAIN.
+        let mut unsent = std::mem::take(&mut worker.unsent);
+        self.put_back(&mut unsent);
         // Its slot socket leaves the kernel's rotation before it is told to
         // stop: what is queued there by then, herd accepts and hands on.
         self.update_rotations(channel, SlotRotation::stop_turns);
@@ -276,14 +284,16 @@ impl HandoffLoop {
     /// Takes back every connection sent to worker `channel` and not yet
     /// acknowledged, to the front of their queues, oldest first.
     pub(super) fn requeue_in_flight(&mut self, channel: ChannelIx) -> usize {
+        // Queued hand-offs first: they were sent after what waits here.
+        let taken_back = self.take_back(channel);
         let Some(worker) = self.channels[channel].as_mut() else {
-            return 0;
+            return taken_back;
         };
         let requeued = worker.in_flight.len();
         for entry in worker.in_flight.drain(..).rev() {
             self.queue.push_front(entry.conn.listener(), entry.conn);
         }
         self.counters.in_flight.fetch_sub(requeued as u64, Relaxed);
-        requeued
+        requeued + taken_back
     }
 }

@@ -75,6 +75,7 @@ pub fn spawn(
         channel: herds_end,
         stdout: stdout.into(),
         stderr: stderr.into(),
+        link: None,
     })
 }
 

@@ -32,6 +32,7 @@ impl Primary {
                 body: self.render_metrics(),
             },
             Query::Status => {
+                self.handoff.tally(handoff::TALLY_WAIT);
                 let report = status_report(
                     &self.supervisor,
                     &self.counters,
@@ -55,6 +56,7 @@ impl Primary {
     }
 
     fn render_metrics(&self) -> Vec<u8> {
+        self.handoff.tally(handoff::TALLY_WAIT);
         let counters = &self.counters;
         let slots = self
             .supervisor

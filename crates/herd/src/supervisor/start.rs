@@ -103,6 +103,7 @@ impl Supervisor {
                 node: Policy::of(&settings).node,
                 recycle_after,
                 hang_timeout: settings.hang_timeout,
+                link: started.link,
             },
             channel: started.channel,
         });

@@ -1,0 +1,414 @@
+//! Counter pages and queued hand-offs: the hand-off path without a
+//! message per connection.
+//!
+//! A worker whose READY sets [`ReadyFlags::PAGE`] counts what it accepted,
+//! received and closed in its counter page; herd reads the page every
+//! [`PAGE_TALLY_INTERVAL`] (and before it dispatches to a worker with
+//! hand-offs queued), and folds what is new into its counts as if the
+//! messages had come.
+//!
+//! A worker that also sets [`ReadyFlags::QUEUED`] sends no ACK. herd sends
+//! it what the policy gave it in one turn as one message (up to
+//! [`MAX_BATCH`] connections and their fds), closes its own copies at
+//! once, and remembers each as [`Queued`] until the page says the worker
+//! took it off the channel. herd keeps a copy of the worker's end of the
+//! channel, so what is still queued there when the worker dies or hangs is
+//! not lost with it: herd reads it back, fds and all ([`HandoffLoop::take_back`]),
+//! and hands it to another worker. Every message is read by exactly one of
+//! the two, so a connection is never served twice.
+
+use super::*;
+use crate::process::WorkerLink;
+use herd_protocol::page::Page;
+use herd_protocol::wire::{encode_batch, Batch, ReadyFlags, MAX_BATCH, MAX_BATCH_LEN};
+
+/// How often counter pages are read into the counters: how stale `herd
+/// status`, the metrics and `max_connections_per_worker` can be for a
+/// worker that counts in its page.
+pub(super) const PAGE_TALLY_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A connection sent to a worker that takes queued hand-offs and not yet
+/// taken off its channel. herd's copy of the fd is closed; the one in the
+/// channel's queue is what [`HandoffLoop::take_back`] recovers.
+pub(super) struct Queued {
+    pub(super) handoff: Handoff,
+    pub(super) accepted_at: Instant,
+    pub(super) sent_at: Instant,
+    pub(super) refused_by: Option<SlotIx>,
+    pub(super) refusals: Refusals,
+}
+
+/// A worker's counter page and how much of each counter herd has counted.
+pub(super) struct PageSeen {
+    pub(super) page: Page,
+    pub(super) received: u64,
+    pub(super) closed: u64,
+    /// Per inherited listener, as far as any was counted.
+    pub(super) accepted: Vec<u64>,
+}
+
+impl PageSeen {
+    pub(super) fn new(page: Page) -> PageSeen {
+        PageSeen {
+            page,
+            received: 0,
+            closed: 0,
+            accepted: Vec::new(),
+        }
+    }
+
+    /// What a counter gained since it was last counted; a counter that went
+    /// back (a worker writing nonsense) gains nothing until it passes the
+    /// old value again.
+    fn gained(seen: &mut u64, now: u64) -> u64 {
+        let gained = now.saturating_sub(*seen);
+        *seen = (*seen).max(now);
+        gained
+    }
+}
+
+impl WorkerChannel {
+    /// Does this worker take queued hand-offs (READY said so, and herd
+    /// holds its page and its end of the channel)?
+    pub(super) fn takes_queued(&self) -> bool {
+        self.worker_end.is_some() && self.page.is_some()
+    }
+
+    /// Connections sent (or about to be) and not yet taken or acknowledged.
+    pub(super) fn outstanding(&self) -> usize {
+        self.in_flight.len() + self.queued.len() + self.unsent.len()
+    }
+
+    /// When the oldest connection it has not acknowledged or taken was sent.
+    pub(super) fn oldest_sent(&self) -> Option<Instant> {
+        let acked = self.in_flight.front().map(|entry| entry.sent_at);
+        let queued = self.queued.front().map(|entry| entry.sent_at);
+        acked.into_iter().chain(queued).min()
+    }
+}
+
+impl HandoffLoop {
+    /// READY's flags: keep the page if the worker counts in it, and the
+    /// worker's end of the channel if it takes queued hand-offs; close
+    /// what it does not use (so its channel's EOF is seen again).
+    pub(super) fn on_ready_flags(&mut self, channel: ChannelIx, flags: ReadyFlags) {
+        let Some(worker) = self.channels[channel].as_mut() else {
+            return;
+        };
+        let Some(WorkerLink { page, worker_end }) = worker.link.take() else {
+            return;
+        };
+        if flags.contains(ReadyFlags::PAGE) {
+            worker.page = Some(PageSeen::new(page));
+            self.page_tally_due
+                .get_or_insert(Instant::now() + PAGE_TALLY_INTERVAL);
+            if flags.contains(ReadyFlags::QUEUED) {
+                worker.worker_end = Some(worker_end);
+            }
+        } else if flags.contains(ReadyFlags::QUEUED) {
+            worker.bad_message(
+                BadMessage::Malformed,
+                "READY with QUEUED but not PAGE (queued hand-offs are counted in the page); it gets HANDOFFs one at a time, to ACK",
+            );
+        }
+    }
+
+    /// Folds what worker `channel`'s page counted since the last look into
+    /// herd's counts, as the messages would have: hand-offs taken off the
+    /// channel, connections accepted by itself (OS modes, with
+    /// `with_accepts`: that costs a look at every listener), closed ones.
+    pub(super) fn catch_up(&mut self, channel: ChannelIx, with_accepts: bool) {
+        let listeners = if with_accepts {
+            self.counters.listener_count()
+        } else {
+            0
+        };
+        let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(seen) = worker.page.as_mut() else {
+            return;
+        };
+        // Closed first: a worker counts a connection taken before it counts
+        // it closed, so every close read here has its take read below.
+        let closed_now = seen.page.closed();
+        // No more taken than were queued: the page is the worker's word.
+        let limit = seen.received + worker.queued.len() as u64;
+        let taken = PageSeen::gained(&mut seen.received, seen.page.received().min(limit));
+        let mut accepted_itself = 0;
+        for listener in 0..listeners.min(herd_protocol::page::PAGE_LISTENERS) {
+            let now = seen.page.accepted(listener);
+            if now == 0 {
+                continue;
+            }
+            if seen.accepted.len() <= listener {
+                seen.accepted.resize(listener + 1, 0);
+            }
+            let gained = PageSeen::gained(&mut seen.accepted[listener], now);
+            if gained > 0 {
+                accepted_itself += gained;
+                self.counters.accepted[ListenerIx::at(listener)].fetch_add(gained, Relaxed);
+            }
+        }
+        let seen_closed = seen.closed;
+        worker.queued.drain(..taken as usize);
+        if taken > 0 {
+            self.counters.in_flight.fetch_sub(taken, Relaxed);
+            self.capacity_epoch += 1;
+        }
+        worker.count_acknowledged(taken + accepted_itself, &self.counters);
+        if accepted_itself > 0 && worker.count_sent(accepted_itself) {
+            let _ = self.events.send(Event::RecycleDue {
+                worker: worker.worker,
+            });
+        }
+        // Never more closed than taken: what runs ahead waits for its take.
+        let counted = worker.count_closed(closed_now.saturating_sub(seen_closed), &self.counters);
+        if let Some(seen) = worker.page.as_mut() {
+            seen.closed = seen_closed + counted;
+        }
+        if worker.blocked && taken > 0 {
+            worker.blocked = false;
+            self.send_pending_drain(channel);
+        }
+    }
+
+    /// Reads every worker's page (the timer; also the closing tally).
+    pub(super) fn tally_pages(&mut self) {
+        for channel in self.channels.ids() {
+            self.catch_up(channel, true);
+        }
+    }
+
+    /// Catches up with the workers that have hand-offs queued, so what
+    /// they took counts before anything is dispatched this turn.
+    pub(super) fn catch_up_queued(&mut self) {
+        let mut waiting = std::mem::take(&mut self.queued_channels);
+        waiting.retain(|&channel| {
+            self.catch_up(channel, false);
+            self.channels
+                .get(channel)
+                .and_then(Option::as_ref)
+                .is_some_and(|worker| !worker.queued.is_empty())
+        });
+        self.queued_channels = waiting;
+    }
+
+    /// The policy gave `conn` to a worker that takes queued hand-offs: it
+    /// goes with the rest of this turn's (sent now if that makes a batch).
+    pub(super) fn give_queued(&mut self, channel: ChannelIx, conn: Accepted) {
+        let Some(worker) = self.channels[channel].as_mut() else {
+            return;
+        };
+        if worker.unsent.is_empty() {
+            self.unsent_channels.push(channel);
+        }
+        worker.unsent.push(conn);
+        if worker.unsent.len() >= MAX_BATCH {
+            self.send_unsent(channel);
+        }
+    }
+
+    /// Sends every worker what this turn gave it.
+    pub(super) fn flush_unsent(&mut self) {
+        while let Some(channel) = self.unsent_channels.pop() {
+            self.send_unsent(channel);
+        }
+    }
+
+    /// Sends worker `channel` its batch: one message, every fd in it, then
+    /// closes herd's copies. A full channel blocks the worker and puts the
+    /// batch back at the front of the queue, for the next pick.
+    fn send_unsent(&mut self, channel: ChannelIx) {
+        let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
+            return;
+        };
+        if worker.unsent.is_empty() {
+            return;
+        }
+        // The spare keeps its capacity from batch to batch: no allocation
+        // per connection, nor per batch.
+        let mut batch =
+            std::mem::replace(&mut worker.unsent, std::mem::take(&mut self.spare_batch));
+        let mut buf = [0u8; MAX_BATCH_LEN];
+        let bytes = encode_batch(batch.iter().map(|conn| &conn.handoff), &mut buf);
+        let mut fds = [0; MAX_BATCH];
+        for (fd, conn) in fds.iter_mut().zip(&batch) {
+            *fd = conn.stream.as_raw_fd();
+        }
+        let sent = fdpass::send_with_fds(worker.channel.as_fd(), bytes, &fds[..batch.len()]);
+        match sent {
+            Ok(()) => {
+                let now = Instant::now();
+                if worker.queued.is_empty() {
+                    self.queued_channels.push(channel);
+                }
+                let count = batch.len() as u64;
+                for conn in batch.drain(..) {
+                    if self.measure_latency {
+                        // No ACK comes: accept to send is the hand-off's time.
+                        let nanos = now.duration_since(conn.accepted_at).as_nanos() as u64;
+                        self.counters.latency.record(nanos);
+                    }
+                    worker.queued.push_back(Queued {
+                        handoff: conn.handoff,
+                        accepted_at: conn.accepted_at,
+                        sent_at: now,
+                        refused_by: conn.refused_by,
+                        refusals: conn.refusals,
+                    });
+                    // Dropping `conn` closes herd's copy; the queue holds one.
+                }
+                self.counters.in_flight.fetch_add(count, Relaxed);
+                if worker.count_sent(count) {
+                    let _ = self.events.send(Event::RecycleDue {
+                        worker: worker.worker,
+                    });
+                }
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.raw_os_error() == Some(libc::ETOOMANYREFS) =>
+            {
+                worker.blocked = true;
+                self.watch_writable(channel, true);
+                self.put_back(&mut batch);
+            }
+            Err(e) => {
+                debug!(
+                    slot = worker.slot.get(),
+                    "worker channel failed on send: {e}"
+                );
+                self.put_back(&mut batch);
+                self.retire(channel, Retired::ChannelClosed);
+            }
+        }
+        self.spare_batch = batch;
+    }
+
+    /// Connections that were never sent go back to the front of their
+    /// lines, in the order they were accepted.
+    pub(super) fn put_back(&mut self, conns: &mut Vec<Accepted>) {
+        for conn in conns.drain(..).rev() {
+            self.queue.push_front(conn.listener(), conn);
+        }
+    }
+
+    /// Takes back what is still queued on worker `channel`'s channel (it
+    /// died, hung, or is being retired), to the front of the queue, oldest
+    /// first. What is no longer there, the worker took: counted as taken.
+    /// Returns how many came back.
+    pub(super) fn take_back(&mut self, channel: ChannelIx) -> usize {
+        self.catch_up(channel, true);
+        let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
+            return 0;
+        };
+        let mut unsent = std::mem::take(&mut worker.unsent);
+        let Some(end) = worker.worker_end.as_ref() else {
+            self.put_back(&mut unsent);
+            return 0;
+        };
+        let mut back = Vec::new();
+        let mut lied = 0u64;
+        let mut buf = [0u8; MAX_BATCH_LEN];
+        // Bounded: herd reads back only what it sent, at most max_unacked.
+        while let Ok(Some(received)) = fdpass::recv_batch(end.as_fd(), &mut buf, true, true) {
+            let Ok(Batch::Handoffs(handoffs)) = PrimaryMessage::decode_batch(&buf[..received.len])
+            else {
+                continue; // DRAIN: the worker is going anyway.
+            };
+            for (handoff, fd) in handoffs.into_iter().zip(received.fds) {
+                let position = worker
+                    .queued
+                    .iter()
+                    .position(|q| q.handoff.connection_id == handoff.connection_id);
+                let stream = mio::net::TcpStream::from_std(std::net::TcpStream::from(fd));
+                let conn = match position.and_then(|at| worker.queued.remove(at)) {
+                    Some(entry) => Accepted {
+                        stream,
+                        handoff: entry.handoff,
+                        accepted_at: entry.accepted_at,
+                        refused_by: entry.refused_by,
+                        refusals: entry.refusals,
+                    },
+                    // Only herd writes to this queue, so the record is
+                    // herd's own; its entry went when the page claimed it
+                    // taken (a worker that lies). It waits anew.
+                    None => {
+                        lied += 1;
+                        Accepted {
+                            stream,
+                            handoff,
+                            accepted_at: Instant::now(),
+                            refused_by: None,
+                            refusals: Refusals::default(),
+                        }
+                    }
+                };
+                back.push(conn);
+            }
+        }
+        // The rest it took before it went.
+        let taken = worker.queued.len() as u64;
+        worker.queued.clear();
+        worker.count_acknowledged(taken, &self.counters);
+        let returned = back.len();
+        // What the page claimed taken was no longer counted in flight.
+        self.counters
+            .in_flight
+            .fetch_sub(taken + returned as u64 - lied, Relaxed);
+        self.put_back(&mut unsent);
+        self.put_back(&mut back);
+        returned
+    }
+
+    /// A worker that takes queued hand-offs sent one back (RETURN, with
+    /// its fd): like a NACK, it goes to the front of its line, for another.
+    pub(super) fn on_return(&mut self, channel: ChannelIx, handoff: Handoff, fd: OwnedFd) {
+        // The worker had the fd, so it could do anything with it; what it
+        // says of it is checked before another worker is given it.
+        let listener = ListenerIx::from(handoff.listener);
+        let stream = std::net::TcpStream::from(fd);
+        let is_connection = self.listener(listener).is_some() && is_tcp_connection(&stream);
+        let Some(worker) = self.channels[channel].as_mut() else {
+            return;
+        };
+        if !worker.takes_queued() {
+            return worker.bad_message(
+                BadMessage::Malformed,
+                "a RETURN from a worker that does not take queued hand-offs; closed its fd",
+            );
+        }
+        if !is_connection {
+            return worker.bad_message(
+                BadMessage::Malformed,
+                format!(
+                    "a RETURN of connection {} that is not a connection from listener {}; closed it",
+                    handoff.connection_id, handoff.listener
+                ),
+            );
+        }
+        let slot = worker.slot;
+        self.counters.requeued_refused.fetch_add(1, Relaxed);
+        let serving = self.active.iter().flatten().count();
+        let mut refusals = Refusals::default();
+        refusals.refused(self.capacity_epoch, serving, Instant::now());
+        let conn = Accepted {
+            stream: mio::net::TcpStream::from_std(stream),
+            handoff,
+            // Its accept time did not come back with it: it waits anew.
+            accepted_at: Instant::now(),
+            refused_by: Some(slot),
+            refusals,
+        };
+        self.queue.push_front(conn.listener(), conn);
+    }
+}
+
+/// Is `stream` a connected TCP socket (and not a pipe, a Unix socket or
+/// UDP a worker passed off as one)?
+fn is_tcp_connection(stream: &std::net::TcpStream) -> bool {
+    use nix::sys::socket::{getsockopt, sockopt, SockType};
+    let stream_type = getsockopt(stream, sockopt::SockType);
+    matches!(stream_type, Ok(SockType::Stream)) && stream.peer_addr().is_ok()
+}

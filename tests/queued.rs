@@ -1,0 +1,105 @@
+//! Counter pages and queued hand-offs (docs/protocol.md, "Counting without
+//! messages"), by workers that abuse them: connections sent back (RETURN),
+//! returns that are not connections, a page full of lies. herd serves every
+//! client all the same, and its counts stay within what it sent.
+//! (A queued worker that dies or hangs: tests/faults.rs, whose hello-workers
+//! take queued hand-offs.)
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+fn page_worker(mode: &str) -> Vec<String> {
+    vec![
+        "python3".into(),
+        fixture("page_worker.py"),
+        mode.to_string(),
+    ]
+}
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn launch(name: &str, mode: &str) -> Herd {
+    let command = page_worker(mode);
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    Herd::launch(name, None, 2, &["--metrics", "127.0.0.1:0"], &command)
+}
+
+/// Slot 0 sends back every connection with RETURN: each goes to slot 1
+/// and is answered there, none is lost, and herd counts them redispatched.
+#[test]
+fn connections_a_queued_worker_returns_are_served_by_another() {
+    let herd = launch("queued-return", "return-all");
+    let ready = herd.wait_ready(2);
+    herd.wait_all_ready(2);
+    for _ in 0..20 {
+        let answer = get(herd.addr()).expect("every connection is answered");
+        assert_eq!(answer.pid, ready[&1], "only slot 1 serves");
+    }
+    herd.wait_for_worker_output("[worker 0] returned 1", 1);
+    let metrics = http(metrics_addr(&herd), "GET", "/metrics").2;
+    let refused = sample(
+        &metrics,
+        "herd_connections_redispatched_total{reason=\"refused\"}",
+    );
+    assert!(refused >= 1.0, "{metrics}");
+}
+
+/// Slot 0 answers each connection with three bad RETURNs (a pipe's fd, a
+/// listener herd does not have, no fd) before the real one: the bad ones
+/// are logged and closed, the real one served by slot 1.
+#[test]
+fn returns_that_are_not_connections_are_refused_by_name() {
+    let herd = launch("queued-junk", "return-junk");
+    let ready = herd.wait_ready(2);
+    herd.wait_all_ready(2);
+    for _ in 0..10 {
+        let answer = get(herd.addr()).expect("every connection is answered");
+        assert_eq!(answer.pid, ready[&1]);
+    }
+    herd.wait_for_worker_output("[worker 0] returned junk", 1);
+    let bad = herd.wait_for_event("bad_message", &[("slot", json!(0))], 2);
+    let text = format!("{bad:?}");
+    assert!(text.contains("not a connection from listener"), "{text}");
+    assert!(text.contains("without its connection's fd"), "{text}");
+    // Logged at the 1st, 2nd, 4th, ... only.
+    assert!(herd.events("bad_message", &[]).len() < 12);
+}
+
+/// Slot 0 writes huge counters into its page, then smaller ones, and tries
+/// to truncate it (the seals refuse). herd's counts stay within what it
+/// sent, the worker is still served its share, and herd is unharmed.
+#[test]
+fn a_page_full_of_lies_cannot_break_herds_counts() {
+    let herd = launch("queued-lies", "lying-page");
+    herd.wait_ready(2);
+    herd.wait_all_ready(2);
+    herd.wait_for_worker_output("[worker 0] lied", 1);
+    let shrink = herd.worker_output("[worker 0] could not shrink the page");
+    assert_eq!(shrink.len(), 1, "{:?}", herd.worker_output("[worker 0]"));
+    let mut by = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let answer = get(herd.addr()).expect("every connection is answered");
+        *by.entry(answer.pid).or_insert(0) += 1;
+    }
+    assert_eq!(by.len(), 2, "both workers serve: {by:?}");
+    let status = herd.status();
+    let handed: u64 = workers_of(&status)
+        .iter()
+        .map(|w| w["handed_off"].as_u64().unwrap())
+        .sum();
+    assert!(handed <= 40, "{handed} handed off of 40 sent: {status}");
+    let metrics = http(metrics_addr(&herd), "GET", "/metrics").2;
+    for slot in 0..2 {
+        let open = sample(
+            &metrics,
+            &format!("herd_worker_open_connections{{slot=\"{slot}\"}}"),
+        );
+        assert!(open <= 40.0, "slot {slot}: {open} open connections");
+    }
+    let accepted = sample(&metrics, "herd_connections_accepted_total{listener=\"0\"}");
+    assert_eq!(accepted, 40.0, "herd's own accepts are its own count");
+}
