@@ -49,7 +49,7 @@ pub struct Started {
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
     /// A herd-protocol worker's counter page and herd's copy of the
-    /// worker's end of its channel (see [`WorkerLink`]).
+    /// worker's end of its channel (see `WorkerLink`).
     pub link: Option<WorkerLink>,
 }
 
