@@ -29,6 +29,8 @@ pub(super) struct WorkerChannel {
     pub(super) in_flight: VecDeque<InFlight>,
     /// Connections sent to this worker.
     pub(super) sent: u64,
+    /// Of those, how many it refused (NACK, RETURN).
+    pub(super) refused: u64,
     /// Connections it acknowledged.
     pub(super) acked: u64,
     /// Connections it reported CLOSED; `None` until the first report.
@@ -288,6 +290,13 @@ impl WorkerChannel {
     /// Connections this worker holds, for least-conn: those in flight, plus
     /// the acknowledged ones not yet reported closed (if it reports CLOSED).
     pub(super) fn load(&self) -> u64 {
+        if let Some(seen) = &self.page {
+            // Live from the page, not as of the last tally: what it was
+            // sent and kept, less what it says it closed (never below 0).
+            let kept = self.sent.saturating_sub(self.refused);
+            let closed = seen.page.closed().max(seen.closed);
+            return self.unsent.len() as u64 + kept.saturating_sub(closed);
+        }
         let open = self
             .closed
             .map_or(0, |closed| self.acked.saturating_sub(closed));

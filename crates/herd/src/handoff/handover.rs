@@ -61,6 +61,9 @@ pub struct CarriedChannel {
     pub hang_timeout_ms: Option<u64>,
     pub recycle_after: Option<u64>,
     pub sent: u64,
+    /// Of those, refused (NACK, RETURN).
+    #[serde(default)]
+    pub refused: u64,
     pub acked: u64,
     pub closed: Option<u64>,
     /// Sent and not yet acknowledged, oldest first.
@@ -343,6 +346,7 @@ impl HandoffLoop {
         let worker = self.channels[channel].as_mut().expect("inserted just now");
         worker.role = Role::Serving;
         worker.sent = carried.sent;
+        worker.refused = carried.refused;
         worker.acked = carried.acked;
         worker.closed = carried.closed;
         worker.in_flight = in_flight;
@@ -410,6 +414,7 @@ fn carried_channel(worker: &WorkerChannel, now: Instant) -> Result<CarriedChanne
         hang_timeout_ms: worker.hang_timeout.map(millis),
         recycle_after: worker.recycle_after,
         sent: worker.sent,
+        refused: worker.refused,
         acked: worker.acked,
         closed: worker.closed,
         in_flight: worker

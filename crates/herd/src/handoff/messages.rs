@@ -177,6 +177,7 @@ impl HandoffLoop {
         };
         self.counters.requeued_refused.fetch_add(1, Relaxed);
         self.counters.in_flight.fetch_sub(1, Relaxed);
+        worker.refused += 1;
         entry.conn.refused_by = Some(worker.slot);
         let serving = self.active.iter().flatten().count();
         entry

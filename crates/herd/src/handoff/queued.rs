@@ -389,6 +389,7 @@ impl HandoffLoop {
             );
         }
         let slot = worker.slot;
+        worker.refused += 1;
         self.counters.requeued_refused.fetch_add(1, Relaxed);
         let serving = self.active.iter().flatten().count();
         let mut refusals = Refusals::default();

@@ -75,6 +75,7 @@ impl HandoffLoop {
             drain_pending: false,
             in_flight: VecDeque::with_capacity(self.limits.max_unacked),
             sent: 0,
+            refused: 0,
             acked: 0,
             closed: None,
             recycle_after,
