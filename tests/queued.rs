@@ -103,3 +103,36 @@ fn a_page_full_of_lies_cannot_break_herds_counts() {
     let accepted = sample(&metrics, "herd_connections_accepted_total{listener=\"0\"}");
     assert_eq!(accepted, 40.0, "herd's own accepts are its own count");
 }
+
+/// A worker of queued hand-offs sends nothing when it takes a connection.
+/// With `max_unacked = 1` it holds one at a time and the other 299 wait in
+/// herd's queue: herd must see each take at once (it watches the channel
+/// for the room a take makes), not at its next 100 ms tally, which would
+/// take 30 s, past `queue_timeout`, and close most of them unserved.
+#[test]
+fn a_full_worker_is_seen_taking_so_nothing_waits_for_a_tally() {
+    let herd = Herd::launch(
+        "queued-full",
+        Some("[handoff]\nmax_unacked = 1\n"),
+        1,
+        &[],
+        &[hello_worker()],
+    );
+    herd.wait_all_ready(1);
+    let streams: Vec<_> = (0..300)
+        .map(|_| send_request(herd.addr()).unwrap())
+        .collect();
+    let started = std::time::Instant::now();
+    let readers: Vec<_> = streams
+        .into_iter()
+        .map(|stream| std::thread::spawn(move || read_answer(stream, DEADLINE)))
+        .collect();
+    for reader in readers {
+        reader
+            .join()
+            .unwrap()
+            .expect("every queued connection is served");
+    }
+    eprintln!("300 served one at a time in {:?}", started.elapsed());
+    assert!(herd.events("queue_timeout", &[]).is_empty());
+}

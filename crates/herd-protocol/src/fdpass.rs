@@ -403,6 +403,20 @@ pub fn set_inherited(fd: RawFd, inherit: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// How many bytes this end of a Unix socket has sent that the peer has not
+/// yet taken off its queue (`SIOCOUTQ`: the kernel's count of what is still
+/// charged to the sender). 0: the peer has read every message sent.
+pub fn unread_by_peer(channel: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which points at
+    // a live local of that type.
+    let done = unsafe { libc::ioctl(channel.as_raw_fd(), libc::TIOCOUTQ, &mut bytes) };
+    if done < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(bytes.max(0) as usize)
+}
+
 /// Whether an fd numbered `fd` is open in this process.
 pub fn is_open(fd: RawFd) -> bool {
     // SAFETY: F_GETFD only reads the descriptor's flags; on a number that
@@ -512,6 +526,22 @@ mod tests {
         send_with_fds(primary.as_fd(), b"two", &theirs[..2]).unwrap();
         let error = recv_with_fd(worker.as_fd(), &mut buf, true).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn what_the_peer_has_not_read_is_counted_until_it_reads_it() {
+        let (primary, worker) = channel_pair().unwrap();
+        assert_eq!(unread_by_peer(primary.as_fd()).unwrap(), 0);
+        send(primary.as_fd(), &[1u8; 52], true).unwrap();
+        send(primary.as_fd(), &[2u8; 52], true).unwrap();
+        let queued = unread_by_peer(primary.as_fd()).unwrap();
+        assert!(queued >= 104, "{queued}");
+        let mut buf = [0u8; 64];
+        recv_with_fd(worker.as_fd(), &mut buf, true).unwrap();
+        let left = unread_by_peer(primary.as_fd()).unwrap();
+        assert!(left > 0 && left < queued, "{left} of {queued}");
+        recv_with_fd(worker.as_fd(), &mut buf, true).unwrap();
+        assert_eq!(unread_by_peer(primary.as_fd()).unwrap(), 0);
     }
 
     #[test]

@@ -57,6 +57,10 @@ pub(super) struct WorkerChannel {
     /// Given to it this turn, sent together at the end of the turn
     /// (at most [`herd_protocol::wire::MAX_BATCH`]).
     pub(super) unsent: Vec<Accepted>,
+    /// herd watches its channel for room, which each message it takes off
+    /// makes: the one sign a worker that sends no ACK gives that it took
+    /// one (see [`HandoffLoop::watch_takes`]).
+    pub(super) watching_takes: bool,
 }
 
 /// The protocol on a worker's channel.

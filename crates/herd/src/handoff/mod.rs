@@ -372,6 +372,9 @@ struct HandoffLoop {
     queued_channels: Vec<ChannelIx>,
     /// Workers given connections this turn, sent at the end of it.
     unsent_channels: Vec<ChannelIx>,
+    /// Workers whose takes herd watches while connections wait (see
+    /// [`HandoffLoop::watch_takes`]).
+    takes_watched: Vec<ChannelIx>,
     /// An empty batch with room for a full one, swapped with a worker's
     /// as it is sent.
     spare_batch: Vec<Accepted>,
@@ -421,6 +424,7 @@ impl HandoffLoop {
             page_tally_due: None,
             queued_channels: Vec::new(),
             unsent_channels: Vec::new(),
+            takes_watched: Vec::new(),
             spare_batch: Vec::with_capacity(herd_protocol::wire::MAX_BATCH),
         };
         let controller = Controller {
@@ -488,6 +492,9 @@ impl HandoffLoop {
                 self.flush_queue();
             }
             self.flush_unsent();
+            if !self.takes_watched.is_empty() || !self.queue.is_empty() {
+                self.watch_takes();
+            }
         }
         debug!("hand-off loop stopped");
     }

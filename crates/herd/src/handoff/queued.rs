@@ -173,6 +173,31 @@ impl HandoffLoop {
         }
     }
 
+    /// The room event of a watched worker comes while it takes a message
+    /// off its channel, before it counts it in the page: if the kernel
+    /// says nothing herd sent is left there, everything queued was taken,
+    /// whatever the page says yet (it is counted as if the page had said
+    /// so, and the page's own count, when it comes, adds nothing).
+    pub(super) fn seen_emptied(&mut self, channel: ChannelIx) {
+        let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
+            return;
+        };
+        if !worker.watching_takes || worker.queued.is_empty() {
+            return;
+        }
+        if fdpass::unread_by_peer(worker.channel.as_fd()).ok() != Some(0) {
+            return;
+        }
+        let taken = worker.queued.len() as u64;
+        worker.queued.clear();
+        if let Some(seen) = worker.page.as_mut() {
+            seen.received += taken;
+        }
+        worker.count_acknowledged(taken, &self.counters);
+        self.counters.in_flight.fetch_sub(taken, Relaxed);
+        self.capacity_epoch += 1;
+    }
+
     /// Reads every worker's page (the timer; also the closing tally).
     pub(super) fn tally_pages(&mut self) {
         for channel in self.channels.ids() {
@@ -192,6 +217,45 @@ impl HandoffLoop {
                 .is_some_and(|worker| !worker.queued.is_empty())
         });
         self.queued_channels = waiting;
+    }
+
+    /// A worker of queued hand-offs tells nothing when it takes one off its
+    /// channel, and nothing needs telling while herd has nothing waiting.
+    /// While connections wait in herd's queue, though, a worker at its
+    /// `max_unacked` (or stalled past `ack_timeout`) must be seen to take,
+    /// or they would wait for the next tally: herd then watches the
+    /// channels of the workers with hand-offs queued for room, which every
+    /// message taken off makes (edge-triggered: a wake-up per take, only
+    /// while it matters), and stops once its queue is empty.
+    pub(super) fn watch_takes(&mut self) {
+        let waiting = !self.queue.is_empty();
+        let mut watched = std::mem::take(&mut self.takes_watched);
+        watched.retain(|&channel| {
+            let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
+                return false;
+            };
+            let keep = waiting && !worker.queued.is_empty();
+            if !keep {
+                worker.watching_takes = false;
+                let writable = worker.wants_write();
+                self.watch_writable(channel, writable);
+            }
+            keep
+        });
+        if waiting {
+            for at in 0..self.queued_channels.len() {
+                let channel = self.queued_channels[at];
+                let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
+                    continue;
+                };
+                if !worker.watching_takes && !worker.queued.is_empty() {
+                    worker.watching_takes = true;
+                    watched.push(channel);
+                    self.watch_writable(channel, true);
+                }
+            }
+        }
+        self.takes_watched = watched;
     }
 
     /// The policy gave `conn` to a worker that takes queued hand-offs: it

@@ -91,6 +91,7 @@ impl HandoffLoop {
             worker_end: None,
             queued: VecDeque::new(),
             unsent: Vec::new(),
+            watching_takes: false,
         });
         Some(channel)
     }
@@ -214,7 +215,8 @@ impl HandoffLoop {
         let Some(worker) = self.channels[channel].as_ref() else {
             return;
         };
-        let interest = if writable {
+        // Watching a queued worker's takes needs room events too.
+        let interest = if writable || worker.watching_takes {
             Interest::READABLE | Interest::WRITABLE
         } else {
             Interest::READABLE
@@ -242,6 +244,9 @@ impl HandoffLoop {
             self.watch_writable(channel, false);
             self.send_pending_drain(channel);
         }
+        // Room made by a worker of queued hand-offs taking what it had.
+        self.catch_up(channel, false);
+        self.seen_emptied(channel);
     }
 
     /// Removes a worker whose channel is gone, or whose process exited, and
