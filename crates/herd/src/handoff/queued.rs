@@ -175,7 +175,8 @@ impl HandoffLoop {
 
     /// The room event of a watched worker comes while it takes a message
     /// off its channel, before it counts it in the page: if the kernel
-    /// says nothing herd sent is left there, everything queued was taken,
+    /// says less than a message herd sent is left there (every message is
+    /// charged more than its bytes), everything queued was taken,
     /// whatever the page says yet (it is counted as if the page had said
     /// so, and the page's own count, when it comes, adds nothing).
     pub(super) fn seen_emptied(&mut self, channel: ChannelIx) {
@@ -185,7 +186,10 @@ impl HandoffLoop {
         if !worker.watching_takes || worker.queued.is_empty() {
             return;
         }
-        if fdpass::unread_by_peer(worker.channel.as_fd()).ok() != Some(0) {
+        // Less than one message: the kernel wakes herd from inside the
+        // free of the last one, while it still counts a byte of it.
+        let unread = fdpass::unread_by_peer(worker.channel.as_fd()).unwrap_or(usize::MAX);
+        if unread >= HANDOFF_LEN {
             return;
         }
         let taken = worker.queued.len() as u64;
