@@ -73,16 +73,14 @@ fn outcome(before: &UpgradeRecord, after: &UpgradeRecord) -> Option<ExitCode> {
 
 /// `herd __upgrade-probe <run arguments>`: can this binary take over from
 /// a running herd with these arguments? It loads the config as `herd run`
-/// would and answers with the handover version it reads; nothing is
-/// bound or started.
+/// would and answers with each handover version it reads, a line each (an
+/// older herd looks for its own); nothing is bound or started.
 pub fn probe(source: ConfigSource) -> ExitCode {
     match source.load() {
         Ok(_) => {
-            println!(
-                "{} {}",
-                herd::upgrade::PROBE_ANSWER,
-                herd::upgrade::HANDOVER_VERSION
-            );
+            for version in herd::upgrade::HANDOVER_READS {
+                println!("{} {version}", herd::upgrade::PROBE_ANSWER);
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

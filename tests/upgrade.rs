@@ -532,3 +532,74 @@ fn what_cannot_be_carried_over_is_refused_by_name() {
     );
     assert_eq!(upgrades(&herd.status()), (0, 1));
 }
+
+/// The dry run answers every handover version the binary reads, a line
+/// each: an older herd finds its own, and this one finds version 2, which
+/// carries counter pages and queued hand-offs.
+#[test]
+fn the_dry_run_names_every_handover_version_it_reads() {
+    let dir = scratch_dir("upgrade-probe-versions");
+    let run = herd_cli(
+        &dir,
+        &[
+            "__upgrade-probe",
+            "-c",
+            "/dev/null",
+            "--listen",
+            "127.0.0.1:0",
+            "--",
+            hello_worker(),
+        ],
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines, ["herd-handover 1", "herd-handover 2"], "{run:?}");
+}
+
+/// Counter pages and herd's copies of the workers' ends are carried: the
+/// counts go on from where they were, and hand-offs queued to a worker
+/// that is killed after the upgrade are taken back by the new herd and
+/// served by the other worker.
+#[test]
+fn counter_pages_and_queued_hand_offs_are_carried() {
+    let (herd, dir) = start_with_flags(
+        "upgrade-pages",
+        &[
+            "--metrics",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--",
+            hello_worker(),
+        ],
+    );
+    let pids = herd.wait_ready(2);
+    herd.wait_all_ready(2);
+    let addr = herd.addr();
+    let metrics = metrics_addr(&herd);
+    for _ in 0..10 {
+        request(addr, pid_in).unwrap();
+    }
+    assert_eq!(handed_off(&herd.status()), 10);
+    let stopped = pids[&0];
+    signal(stopped, Signal::SIGSTOP);
+    let clients: Vec<_> = (0..4)
+        .map(|_| thread::spawn(move || request(addr, pid_in)))
+        .collect();
+    wait_until("2 hand-offs queued to the stopped worker", || {
+        let (_, _, text) = http(metrics, "GET", "/metrics");
+        (sample(&text, "herd_handoffs_in_flight") == 2.0).then_some(())
+    });
+    replace(&dir, Binary::Herd);
+    let run = upgrade(&dir);
+    assert_eq!(run.code, Some(0), "{run:?}\nlog:\n{}", herd.log_text());
+    signal(stopped, Signal::SIGKILL);
+    for client in clients {
+        let answered = client.join().unwrap();
+        assert_eq!(answered.ok(), Some(pids[&1]), "log:\n{}", herd.log_text());
+    }
+    herd.wait_for_event("requeued", &[("requeued", serde_json::json!(2))], 1);
+    wait_until("14 counted, before and after the upgrade", || {
+        (handed_off(&herd.status()) == 14).then_some(())
+    });
+}

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
-pub use state::{Handover, HANDOVER_VERSION};
+pub use state::{Handover, HANDOVER_READS, HANDOVER_VERSION};
 
 /// The hidden subcommand of the dry run.
 pub const PROBE_ARG: &str = "__upgrade-probe";

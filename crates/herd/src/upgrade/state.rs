@@ -16,9 +16,15 @@ use crate::counters::CarriedCounters;
 use crate::handoff::CarriedLoop;
 use crate::supervisor::CarriedSupervisor;
 
-/// The format of [`Handover`]. A new herd that does not speak the old
-/// one's version says so in the dry run, before anything is frozen.
-pub const HANDOVER_VERSION: u32 = 1;
+/// The format of [`Handover`] this herd writes. A new herd that does not
+/// read it says so in the dry run, before anything is frozen. Version 2
+/// carries counter pages and queued hand-offs, which a herd that reads only
+/// version 1 would treat as workers that ACK: it is not handed one.
+pub const HANDOVER_VERSION: u32 = 2;
+
+/// Every format this herd reads (what its dry run answers, one line each):
+/// a version-1 document is a version-2 one with no page and nothing queued.
+pub const HANDOVER_READS: [u32; 2] = [1, 2];
 
 /// The largest document a herd reads: far above what [`MAX_WORKERS`]
 /// workers with their queues make, so a corrupt one cannot make herd grow.
@@ -96,9 +102,9 @@ impl Handover {
         }
         let versioned: Versioned =
             serde_json::from_slice(&text).map_err(|e| format!("it is not a handover: {e}"))?;
-        if versioned.version != HANDOVER_VERSION {
+        if !HANDOVER_READS.contains(&versioned.version) {
             return Err(format!(
-                "it is version {}, this herd reads version {HANDOVER_VERSION}",
+                "it is version {}, this herd reads versions {HANDOVER_READS:?}",
                 versioned.version
             ));
         }
