@@ -91,43 +91,12 @@ tmp=$(mktemp -d /tmp/ceiling-sock.XXXXXX) # control sockets: sun_path is short
 # ---------------------------------------------------------------- processes
 started=() # every PID this script started, for the exit trap
 
-alive() { # PID -> true while it exists and is not a zombie
-  local state
-  state=$(awk '/^State:/ {print $2}' "/proc/$1/status" 2>/dev/null || true)
-  [[ -n $state && $state != Z && $state != X ]]
-}
-descendants() { # PID -> its children, grandchildren, ... (by parent PID, never by name)
-  local child
-  for child in $(pgrep -P "$1" || true); do echo "$child"; descendants "$child"; done
-}
-stop_pids() { # PIDs...: SIGTERM, up to 10 s to go, then SIGKILL what is left
-  local p deadline=$((SECONDS + 10))
-  for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "$@"; do
-    while alive "$p" && ((SECONDS < deadline)); do sleep 0.05; done
-    if alive "$p"; then echo "ceiling.sh: pid $p ignored SIGTERM for 10 s; SIGKILL" >&2; kill -KILL "$p" 2>/dev/null || true; fi
-  done
-  for p in "$@"; do wait "$p" 2>/dev/null || true; done
-}
-cleanup() {
-  local p all=()
-  for p in "${started[@]}"; do alive "$p" && all+=("$p") && mapfile -t -O "${#all[@]}" all < <(descendants "$p"); done
-  ((${#all[@]})) && stop_pids "${all[@]}"
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+script=ceiling.sh
+# shellcheck source=benches/lib.sh
+. benches/lib.sh # alive, descendants, stop_pids, stop_started, free_port, wait_exit, dur_secs, expand_cpus
+trap stop_started EXIT
 trap 'exit 130' INT TERM
 
-wait_exit() { # SECONDS PIDS...: wait for PIDS to exit, at most SECONDS; false if any outlived it
-  local limit=$1 p deadline; shift
-  deadline=$((SECONDS + limit))
-  for p in "$@"; do
-    while alive "$p" && ((SECONDS < deadline)); do sleep 0.05; done
-    alive "$p" && return 1
-    wait "$p" 2>/dev/null || true
-  done
-  return 0
-}
 
 stop_tree() { # PID: it first (herd drains its workers itself), then what is left of its descendants
   local rest=() p
@@ -138,13 +107,7 @@ stop_tree() { # PID: it first (herd drains its workers itself), then what is lef
   started=() # forget them: a PID stopped now may be someone else's by the exit trap
   return 0
 }
-dur_secs() { # "3s" / "500ms" / "1m" -> whole seconds, rounded up
-  python3 -c 'import math, re, sys
-m = re.fullmatch(r"([0-9.]+)(ms|s|m)", sys.argv[1]) or sys.exit("bad duration " + sys.argv[1])
-print(math.ceil(float(m[1]) * {"ms": 0.001, "s": 1, "m": 60}[m[2]]))' "$1"
-}
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 ticks() { # /proc/.../stat file -> utime + stime in clock ticks (0 if gone)
   local v
@@ -157,13 +120,6 @@ handoff_ticks() { # PID -> "TID:TICKS,TID:TICKS" for its threads named herd-hand
     [[ $(cat "$t/comm" 2>/dev/null) == herd-handoff* ]] && list+=("${t##*/}:$(ticks "$t/stat")")
   done
   local IFS=,; echo "${list[*]}"
-}
-expand_cpus() { # "0-3,8" -> "0 1 2 3 8"
-  local part a b
-  local IFS=,
-  for part in $1; do
-    if [[ $part == *-* ]]; then a=${part%-*} b=${part#*-}; seq "$a" "$b"; else echo "$part"; fi
-  done | tr '\n' ' '
 }
 cpu_jiffies() { # "CPU..." -> "BUSY TOTAL" summed over those CPUs' /proc/stat lines
   local want=" $1 "

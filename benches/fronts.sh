@@ -66,36 +66,12 @@ cargo build --release --workspace -q
 # ---------------------------------------------------------------- processes
 started=()   # every PID this script started, for the exit trap
 
-alive() { # PID -> true while it exists and is not a zombie
-  # One read of the state: a zombie can be reaped (by bash) between two reads,
-  # and a vanished file must count as gone.
-  local state
-  state=$(awk '/^State:/ {print $2}' "/proc/$1/status" 2>/dev/null || true)
-  [[ -n $state && $state != Z && $state != X ]]
-}
-descendants() { # PID -> its children, grandchildren, ... (by parent PID, never by name)
-  local child
-  for child in $(pgrep -P "$1" || true); do echo "$child"; descendants "$child"; done
-}
-stop_pids() { # PIDs...: SIGTERM, up to 10 s to go, then SIGKILL what is left
-  local p deadline=$((SECONDS + 10))
-  for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "$@"; do
-    while alive "$p" && ((SECONDS < deadline)); do sleep 0.05; done
-    if alive "$p"; then echo "fronts.sh: pid $p ignored SIGTERM for 10 s; SIGKILL" >&2; kill -KILL "$p" 2>/dev/null || true; fi
-  done
-  for p in "$@"; do wait "$p" 2>/dev/null || true; done # reap our own children; others are not ours to wait for
-}
-cleanup() {
-  local p all=()
-  for p in "${started[@]}"; do alive "$p" && all+=("$p") && mapfile -t -O "${#all[@]}" all < <(descendants "$p"); done
-  ((${#all[@]})) && stop_pids "${all[@]}"
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+script=fronts.sh
+# shellcheck source=benches/lib.sh
+. benches/lib.sh # alive, descendants, stop_pids, stop_started, free_port
+trap stop_started EXIT
 trap 'exit 130' INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 answers() { # PORT -> true if one HTTP request gets a 2xx answer within 1 s
   "$bin/herd" bench "127.0.0.1:$1" -n 1 -c 1 --timeout 1s --json 2>/dev/null | grep -q '"succeeded": 1,'

@@ -79,40 +79,21 @@ cp "$cfg" "$out/herd.toml"
 started=()  # every PID this script started, for the exit trap
 stopped=()  # workers this script SIGSTOPped, resumed by the exit trap
 
-alive() { # PID -> true while it exists and is not a zombie
-  local state
-  state=$(awk '/^State:/ {print $2}' "/proc/$1/status" 2>/dev/null || true)
-  [[ -n $state && $state != Z && $state != X ]]
-}
-descendants() { # PID -> its children, grandchildren, ... (by parent PID, never by name)
-  local child
-  for child in $(pgrep -P "$1" || true); do echo "$child"; descendants "$child"; done
-}
-stop_pids() { # PIDs...: SIGTERM, up to 10 s to go, then SIGKILL what is left
-  local p deadline=$((SECONDS + 10))
-  for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "$@"; do
-    while alive "$p" && ((SECONDS < deadline)); do sleep 0.05; done
-    if alive "$p"; then echo "memory.sh: pid $p ignored SIGTERM for 10 s; SIGKILL" >&2; kill -KILL "$p" 2>/dev/null || true; fi
-  done
-  for p in "$@"; do wait "$p" 2>/dev/null || true; done
-}
+script=memory.sh
+# shellcheck source=benches/lib.sh
+. benches/lib.sh # alive, descendants, stop_pids, stop_started, free_port
 resume() { # the workers this script stopped
   local p
   for p in "${stopped[@]}"; do kill -CONT "$p" 2>/dev/null || true; done
   stopped=()
 }
 cleanup() {
-  local p all=()
   resume
-  for p in "${started[@]}"; do alive "$p" && all+=("$p") && mapfile -t -O "${#all[@]}" all < <(descendants "$p"); done
-  ((${#all[@]})) && stop_pids "${all[@]}"
-  rm -rf "$tmp"
+  stop_started
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 status_field() { # KEY PID -> that /proc/PID/status value in KiB
   awk -v k="$1:" '$1 == k {print $2}' "/proc/$2/status" 2>/dev/null || echo 0
 }

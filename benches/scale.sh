@@ -78,13 +78,9 @@ else
   front_cpus=${FRONT_CPUS:-0} load_cpus=${LOAD_CPUS:-0}
   echo "scale.sh: 1 core: the front and the load share it" >&2
 fi
-expand_cpus() { # "0-3,8" -> "0 1 2 3 8"
-  local part a b
-  local IFS=,
-  for part in $1; do
-    if [[ $part == *-* ]]; then a=${part%-*} b=${part#*-}; seq "$a" "$b"; else echo "$part"; fi
-  done | tr '\n' ' '
-}
+script=scale.sh
+# shellcheck source=benches/lib.sh
+. benches/lib.sh # alive, descendants, stop_pids, stop_started, free_port, wait_exit, dur_secs, expand_cpus
 read -r -a front_cpu_ids <<< "$(expand_cpus "$front_cpus")"
 nbthread=${HAPROXY_NBTHREAD:-${#front_cpu_ids[@]}}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -103,34 +99,9 @@ tmp=$(mktemp -d /tmp/scale-sock.XXXXXX) # control sockets: sun_path is short
 # ---------------------------------------------------------------- processes
 started=() # every PID this script started, for the exit trap
 
-alive() { # PID -> true while it exists and is not a zombie
-  local state
-  state=$(awk '/^State:/ {print $2}' "/proc/$1/status" 2>/dev/null || true)
-  [[ -n $state && $state != Z && $state != X ]]
-}
-descendants() { # PID -> its children, grandchildren, ... (by parent PID, never by name)
-  local child
-  for child in $(pgrep -P "$1" || true); do echo "$child"; descendants "$child"; done
-}
-stop_pids() { # PIDs...: SIGTERM, up to 10 s to go, then SIGKILL what is left
-  local p deadline=$((SECONDS + 10))
-  for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "$@"; do
-    while alive "$p" && ((SECONDS < deadline)); do sleep 0.05; done
-    if alive "$p"; then echo "scale.sh: pid $p ignored SIGTERM for 10 s; SIGKILL" >&2; kill -KILL "$p" 2>/dev/null || true; fi
-  done
-  for p in "$@"; do wait "$p" 2>/dev/null || true; done
-}
-cleanup() {
-  local p all=()
-  for p in "${started[@]}"; do alive "$p" && all+=("$p") && mapfile -t -O "${#all[@]}" all < <(descendants "$p"); done
-  ((${#all[@]})) && stop_pids "${all[@]}"
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+trap stop_started EXIT
 trap 'exit 130' INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 answers() { # PORT -> true if one HTTP request gets a 2xx answer within 1 s
   "$bin/herd" bench "127.0.0.1:$1" -n 1 -c 1 --timeout 1s --json 2>/dev/null | grep -q '"succeeded": 1,'
@@ -257,21 +228,6 @@ stop() { # the current setup: its front first (herd drains, a Node primary would
   return 0
 }
 
-wait_exit() { # SECONDS PIDS...: wait for PIDS to exit, at most SECONDS; false if any outlived it
-  local limit=$1 p deadline; shift
-  deadline=$((SECONDS + limit))
-  for p in "$@"; do
-    while alive "$p" && ((SECONDS < deadline)); do sleep 0.05; done
-    alive "$p" && return 1
-    wait "$p" 2>/dev/null || true
-  done
-  return 0
-}
-dur_secs() { # "3s" / "500ms" / "1m" -> whole seconds, rounded up
-  python3 -c 'import math, re, sys
-m = re.fullmatch(r"([0-9.]+)(ms|s|m)", sys.argv[1])
-print(math.ceil(float(m[1]) * {"ms": 0.001, "s": 1, "m": 60}[m[2]]))' "$1"
-}
 load_limit=$(($(dur_secs "$duration") + 30))
 
 # ---------------------------------------------------------------- the runs

@@ -38,6 +38,22 @@ fn fire_counting(
         .collect()
 }
 
+/// Resumes the stopped workers; every connection fired meanwhile is served.
+fn resume_and_serve<'a>(
+    workers: impl Iterator<Item = &'a u32>,
+    handles: Vec<JoinHandle<Result<Answer, String>>>,
+) {
+    for pid in workers {
+        signal(*pid, Signal::SIGCONT);
+    }
+    for handle in handles {
+        handle
+            .join()
+            .unwrap()
+            .expect("every connection is served once the workers resume");
+    }
+}
+
 fn fire(
     addr: SocketAddr,
     count: usize,
@@ -166,15 +182,7 @@ fn fd_exhaustion_pauses_accepting_and_loses_nothing() {
     let handles = fire(addr, 30, &answered);
     herd.wait_for_event("accept_paused", &[], 1);
 
-    for pid in ready.values() {
-        signal(*pid, Signal::SIGCONT);
-    }
-    for handle in handles {
-        handle
-            .join()
-            .unwrap()
-            .expect("every connection is served once fds free up");
-    }
+    resume_and_serve(ready.values(), handles);
     let pauses = herd.events("accept_paused", &[]).len();
     assert!(
         pauses <= 3,
@@ -218,15 +226,7 @@ fn queued_hand_offs_to_frozen_workers_hold_none_of_herds_fds() {
         held <= before + 2,
         "herd holds {held} fds with 150 connections queued, {before} before"
     );
-    for pid in ready.values() {
-        signal(*pid, Signal::SIGCONT);
-    }
-    for handle in handles {
-        handle
-            .join()
-            .unwrap()
-            .expect("every queued connection is served");
-    }
+    resume_and_serve(ready.values(), handles);
     assert_eq!(answered.load(Ordering::SeqCst), 150);
     assert!(herd.events("accept_paused", &[]).is_empty());
 }

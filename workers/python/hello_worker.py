@@ -61,6 +61,27 @@ def inherited_listeners():
     return [socket.socket(fileno=3 + i) for i in range(int(os.environ["LISTEN_FDS"]))]
 
 
+def watch(channel):
+    """A selector on the channel (data None) and on each inherited listener
+    (data: its index), non-blocking: every worker may wake up for one connection."""
+    events = selectors.DefaultSelector()
+    events.register(channel, selectors.EVENT_READ, None)
+    for index, listener in enumerate(inherited_listeners()):
+        listener.setblocking(False)
+        events.register(listener, selectors.EVENT_READ, index)
+    return events
+
+
+def accept_inherited(key):
+    """(socket, peer_ip, peer_port) from the ready inherited listener, or None:
+    another worker took it, or the client left."""
+    try:
+        conn, (peer_ip, peer_port, *_) = key.fileobj.accept()
+    except (BlockingIOError, ConnectionAbortedError):
+        return None
+    return conn, peer_ip, peer_port
+
+
 def connections():
     """Yields (socket, peer_ip, peer_port, closed) for each connection, handed over
     by herd or (OS modes) accepted here from an inherited socket and reported to
@@ -72,19 +93,15 @@ def connections():
         return
     channel.send(struct.pack("<BBH", VERSION, READY, REPORTS_CLOSED))
     report = lambda kind, listener, conn_id: channel.send(struct.pack("<BBHQ", VERSION, kind, listener, conn_id))
-    events = selectors.DefaultSelector()
-    events.register(channel, selectors.EVENT_READ, None)
-    for index, listener in enumerate(inherited_listeners()):
-        listener.setblocking(False)  # every worker may wake up for one connection
-        events.register(listener, selectors.EVENT_READ, index)
+    events = watch(channel)
     accepted = 0
     while True:
         for key, _ in events.select():
             if key.data is not None:  # an inherited listener (OS modes)
-                try:
-                    conn, (peer_ip, peer_port, *_) = key.fileobj.accept()
-                except (BlockingIOError, ConnectionAbortedError):
-                    continue  # another worker took it, or the client left
+                taken = accept_inherited(key)
+                if not taken:
+                    continue
+                conn, peer_ip, peer_port = taken
                 accepted += 1
                 report(ACCEPTED, key.data, accepted)
                 conn.setblocking(True)
@@ -116,18 +133,14 @@ def counted_connections(channel, page):
     a message from herd may hold several HANDOFFs, one fd each, in order."""
     channel.send(struct.pack("<BBH", VERSION, READY, REPORTS_CLOSED | PAGE | QUEUED))
     closed = lambda: page.add(64)
-    events = selectors.DefaultSelector()
-    events.register(channel, selectors.EVENT_READ, None)
-    for index, listener in enumerate(inherited_listeners()):
-        listener.setblocking(False)
-        events.register(listener, selectors.EVENT_READ, index)
+    events = watch(channel)
     while True:
         for key, _ in events.select():
             if key.data is not None:  # an inherited listener (OS modes)
-                try:
-                    conn, (peer_ip, peer_port, *_) = key.fileobj.accept()
-                except (BlockingIOError, ConnectionAbortedError):
+                taken = accept_inherited(key)
+                if not taken:
                     continue
+                conn, peer_ip, peer_port = taken
                 page.add(128 + 8 * min(key.data, 495))
                 conn.setblocking(True)
                 yield conn, peer_ip, peer_port, closed
