@@ -136,3 +136,38 @@ fn a_full_worker_is_seen_taking_so_nothing_waits_for_a_tally() {
     eprintln!("300 served one at a time in {:?}", started.elapsed());
     assert!(herd.events("queue_timeout", &[]).is_empty());
 }
+
+/// A worker counted ready by `ready_delay` is sent HANDOFFs before it says
+/// READY, as to a worker that ACKs; when its READY then asks for queued
+/// hand-offs, what was sent counts as queued (it will not ACK them), so
+/// herd neither holds those connections nor stops sending to it.
+#[test]
+fn hand_offs_sent_before_a_late_ready_count_as_queued() {
+    let command = page_worker("late-ready");
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let herd = Herd::launch(
+        "queued-late-ready",
+        Some("ready_delay = \"200ms\"\n"),
+        1,
+        &[],
+        &command,
+    );
+    herd.wait_all_ready(1);
+    // Sent while it sleeps, before its READY.
+    let early: Vec<_> = (0..2)
+        .map(|_| {
+            let stream = send_request(herd.addr()).unwrap();
+            std::thread::spawn(move || read_answer(stream, DEADLINE))
+        })
+        .collect();
+    for client in early {
+        client.join().unwrap().expect("answered once it reads");
+    }
+    // Past ack_timeout (1 s) since those were sent: a worker that owed ACKs
+    // for them would be skipped now, and these would wait for queue_timeout.
+    for _ in 0..10 {
+        get(herd.addr()).expect("served after its READY");
+    }
+    let status = herd.status();
+    assert_eq!(workers_of(&status)[0]["handed_off"], 12, "{status}");
+}

@@ -55,9 +55,10 @@ impl HandoffLoop {
                     worker.closed = Some(0);
                     self.counters.reports_closed[worker.slot].store(true, Relaxed);
                 }
-                if worker.role == Role::Starting {
-                    self.on_ready_flags(channel, flags);
-                }
+                // The first READY only (the link is taken), whatever the
+                // role: a worker counted ready by `ready_delay` before it
+                // said READY still gets what its flags ask for.
+                self.on_ready_flags(channel, flags);
                 self.report_ready(channel)
             }
             WorkerMessage::Accepted { listener, .. } => {

@@ -104,6 +104,21 @@ impl HandoffLoop {
                 .get_or_insert(Instant::now() + PAGE_TALLY_INTERVAL);
             if flags.contains(ReadyFlags::QUEUED) {
                 worker.worker_end = Some(worker_end);
+                // Sent before READY (a worker counted ready by
+                // `ready_delay`): it takes these as queued too, with no ACK.
+                let now = Instant::now();
+                if !worker.in_flight.is_empty() && worker.queued.is_empty() {
+                    self.queued_channels.push(channel);
+                }
+                for entry in worker.in_flight.drain(..) {
+                    worker.queued.push_back(Queued {
+                        handoff: entry.conn.handoff,
+                        accepted_at: entry.conn.accepted_at,
+                        sent_at: entry.sent_at.min(now),
+                        refused_by: entry.conn.refused_by,
+                        refusals: entry.conn.refusals,
+                    });
+                }
             }
         } else if flags.contains(ReadyFlags::QUEUED) {
             worker.bad_message(
