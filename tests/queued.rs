@@ -171,3 +171,36 @@ fn hand_offs_sent_before_a_late_ready_count_as_queued() {
     let status = herd.status();
     assert_eq!(workers_of(&status)[0]["handed_off"], 12, "{status}");
 }
+
+/// A worker that takes its queued hand-offs but never counts them looks,
+/// by its page, as if it took nothing: with `hang_timeout` it would be
+/// killed as hung. herd asks the kernel first (nothing of its is left on
+/// the channel), so it is not, and it keeps getting connections.
+#[test]
+fn a_worker_that_takes_without_counting_is_not_found_hung() {
+    let command = page_worker("uncounted");
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let herd = Herd::launch(
+        "queued-uncounted",
+        Some("hang_timeout = \"1s\"\n"),
+        1,
+        &[],
+        &command,
+    );
+    let ready = herd.wait_ready(1);
+    herd.wait_all_ready(1);
+    herd.wait_for_worker_output("[worker 0] taking without counting", 1);
+    for _ in 0..5 {
+        assert_eq!(get(herd.addr()).expect("served").pid, ready[&0]);
+    }
+    // A measurement window, not a synchronisation: idle for longer than
+    // hang_timeout and herd's check after it, with those 5 uncounted.
+    std::thread::sleep(std::time::Duration::from_millis(1600));
+    assert_eq!(get(herd.addr()).expect("served").pid, ready[&0]);
+    assert!(
+        herd.events("worker_hung", &[]).is_empty(),
+        "{}",
+        herd.log_text()
+    );
+    assert_eq!(herd.wait_ready(1), ready, "the worker was not replaced");
+}

@@ -43,7 +43,7 @@ use channel::{
     take_in_flight, BadMessage, Message, Protocol, ProtocolErrors, ReadEnd, WorkerChannel,
 };
 pub use handover::{spawn_carried, CarriedLoop};
-use queued::{PageSeen, Queued, PAGE_TALLY_INTERVAL};
+use queued::{worker_watched, PageSeen, Queued, PAGE_TALLY_INTERVAL};
 use workers::Retired;
 
 use std::collections::VecDeque;

@@ -189,16 +189,17 @@ impl HandoffLoop {
     }
 
     /// The room event of a watched worker comes while it takes a message
-    /// off its channel, before it counts it in the page: if the kernel
+    /// off its channel, before it counts it in the page (and a worker that
+    /// looks hung may only have failed to count): if the kernel
     /// says less than a message herd sent is left there (every message is
     /// charged more than its bytes), everything queued was taken,
     /// whatever the page says yet (it is counted as if the page had said
     /// so, and the page's own count, when it comes, adds nothing).
-    pub(super) fn seen_emptied(&mut self, channel: ChannelIx) {
+    pub(super) fn taken_if_emptied(&mut self, channel: ChannelIx) {
         let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
             return;
         };
-        if !worker.watching_takes || worker.queued.is_empty() {
+        if worker.queued.is_empty() {
             return;
         }
         // Less than one message: the kernel wakes herd from inside the
@@ -487,6 +488,17 @@ impl HandoffLoop {
         };
         self.queue.push_front(conn.listener(), conn);
     }
+}
+
+/// Does herd watch worker `channel`'s takes (see [`HandoffLoop::watch_takes`])?
+pub(super) fn worker_watched(
+    channels: &Table<ChannelIx, Option<WorkerChannel>>,
+    channel: ChannelIx,
+) -> bool {
+    channels
+        .get(channel)
+        .and_then(Option::as_ref)
+        .is_some_and(|worker| worker.watching_takes)
 }
 
 /// Is `stream` a connected TCP socket (and not a pipe, a Unix socket or

@@ -134,10 +134,21 @@ impl HandoffLoop {
             let Some(limit) = worker.hang_timeout else {
                 continue;
             };
-            let stale = worker
-                .oldest_sent()
-                .is_some_and(|oldest| now.duration_since(oldest) >= limit);
-            if worker.hung || !stale {
+            let stale = |worker: &WorkerChannel| {
+                worker
+                    .oldest_sent()
+                    .is_some_and(|oldest| now.duration_since(oldest) >= limit)
+            };
+            if worker.hung || !stale(worker) {
+                continue;
+            }
+            // A queued worker that took everything but did not count it
+            // (its page is its word) is not hung: the kernel says so.
+            self.taken_if_emptied(channel);
+            let Some(worker) = self.channels[channel].as_mut() else {
+                continue;
+            };
+            if !stale(worker) {
                 continue;
             }
             worker.hung = true;
@@ -246,7 +257,9 @@ impl HandoffLoop {
         }
         // Room made by a worker of queued hand-offs taking what it had.
         self.catch_up(channel, false);
-        self.seen_emptied(channel);
+        if worker_watched(&self.channels, channel) {
+            self.taken_if_emptied(channel);
+        }
     }
 
     /// Removes a worker whose channel is gone, or whose process exited, and
