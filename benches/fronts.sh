@@ -68,14 +68,11 @@ started=()   # every PID this script started, for the exit trap
 
 script=fronts.sh
 # shellcheck source=benches/lib.sh
-. benches/lib.sh # alive, descendants, stop_pids, stop_started, free_port
+. benches/lib.sh # alive, descendants, stop_pids, stop_started, free_port, haproxy_head, answers
 trap stop_started EXIT
 trap 'exit 130' INT TERM
 
 
-answers() { # PORT -> true if one HTTP request gets a 2xx answer within 1 s
-  "$bin/herd" bench "127.0.0.1:$1" -n 1 -c 1 --timeout 1s --json 2>/dev/null | grep -q '"succeeded": 1,'
-}
 
 # wait_ready PID PORT CHECK: poll until PORT answers and CHECK (a command)
 # succeeds, for at most 30 s. Fails early, with PID's exit code in $exit_code,
@@ -167,21 +164,7 @@ start_haproxy() {
   local cfg="$tmp/haproxy.cfg" i p
   # nbthread 1 by default: one thread, like herd's primary and Node's primary
   # event loop. HAProxy's own default would be one thread per core (2 here).
-  cat >"$cfg" <<EOF
-global
-    nbthread $nbthread
-    maxconn 4000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend fe
-    bind 127.0.0.1:$port
-    default_backend be
-backend be
-    balance roundrobin
-EOF
+  haproxy_head "$cfg" "$port" "$nbthread"
   for ((i = 0; i < workers; i++)); do
     p=$(free_port)
     "$bin/hello-worker" --listen "127.0.0.1:$p" >>"$log" 2>&1 & extra+=("$!"); started+=("$!")

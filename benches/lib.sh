@@ -53,3 +53,23 @@ expand_cpus() { # "0-3,8" -> "0 1 2 3 8"
     if [[ $part == *-* ]]; then a=${part%-*} b=${part#*-}; seq "$a" "$b"; else echo "$part"; fi
   done | tr '\n' ' '
 }
+answers() { # PORT (with $bin/herd) -> true if one HTTP request gets a 2xx answer within 1 s
+  "$bin/herd" bench "127.0.0.1:$1" -n 1 -c 1 --timeout 1s --json 2>/dev/null | grep -q '"succeeded": 1,'
+}
+haproxy_head() { # CFG PORT NBTHREAD: HAProxy's config up to its backend's servers (tcp, round-robin, on 127.0.0.1:PORT)
+  cat >"$1" <<EOF
+global
+    nbthread $3
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend fe
+    bind 127.0.0.1:$2
+    default_backend be
+backend be
+    balance roundrobin
+EOF
+}

@@ -80,7 +80,7 @@ else
 fi
 script=scale.sh
 # shellcheck source=benches/lib.sh
-. benches/lib.sh # alive, descendants, stop_pids, stop_started, free_port, wait_exit, dur_secs, expand_cpus
+. benches/lib.sh # alive, descendants, stop_pids, stop_started, free_port, haproxy_head, answers, wait_exit, dur_secs, expand_cpus
 read -r -a front_cpu_ids <<< "$(expand_cpus "$front_cpus")"
 nbthread=${HAPROXY_NBTHREAD:-${#front_cpu_ids[@]}}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -103,9 +103,6 @@ trap stop_started EXIT
 trap 'exit 130' INT TERM
 
 
-answers() { # PORT -> true if one HTTP request gets a 2xx answer within 1 s
-  "$bin/herd" bench "127.0.0.1:$1" -n 1 -c 1 --timeout 1s --json 2>/dev/null | grep -q '"succeeded": 1,'
-}
 
 # wait_ready PID PORT CHECK: poll until PORT answers and CHECK succeeds, for
 # at most 30 s (60 s for 100 workers or more). Fails early, with why in
@@ -175,21 +172,7 @@ start_haproxy() {
   command -v haproxy >/dev/null || { exit_code="skipped: haproxy not installed"; return 1; }
   port=$(free_port)
   local cfg="$tmp/haproxy.cfg" i p
-  cat >"$cfg" <<EOF
-global
-    nbthread $nbthread
-    maxconn 4000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend fe
-    bind 127.0.0.1:$port
-    default_backend be
-backend be
-    balance roundrobin
-EOF
+  haproxy_head "$cfg" "$port" "$nbthread"
   for ((i = 0; i < n; i++)); do
     p=$(free_port)
     front_run "$bin/hello-worker" --listen "127.0.0.1:$p" >>"$log" 2>&1 & extra+=("$!"); started+=("$!")
