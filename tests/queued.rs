@@ -204,3 +204,35 @@ fn a_worker_that_takes_without_counting_is_not_found_hung() {
     );
     assert_eq!(herd.wait_ready(1), ready, "the worker was not replaced");
 }
+
+/// Slot 0 says READY for queued hand-offs, then closes its channel and
+/// runs on. herd holds its own copy of that end, so no end of file shows
+/// it; what was queued there is taken back after `ack_timeout` and served
+/// by slot 1, instead of waiting for the worker to exit.
+#[test]
+fn what_waits_on_a_worker_that_closed_its_channel_is_served_by_another() {
+    let herd = launch("queued-closed", "close-channel");
+    let ready = herd.wait_ready(2);
+    herd.wait_all_ready(2);
+    herd.wait_for_worker_output("[worker 0] closed my channel", 1);
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let stream = send_request(herd.addr()).unwrap();
+            std::thread::spawn(move || read_answer(stream, DEADLINE))
+        })
+        .collect();
+    for client in clients {
+        let answer = client
+            .join()
+            .unwrap()
+            .expect("every connection is answered");
+        assert_eq!(answer.pid, ready[&1]);
+    }
+    herd.wait_for_event("worker_stalled", &[("slot", json!(0))], 1);
+    let metrics = http(metrics_addr(&herd), "GET", "/metrics").2;
+    let taken_back = sample(
+        &metrics,
+        "herd_connections_redispatched_total{reason=\"hung\"}",
+    );
+    assert!(taken_back >= 1.0, "{metrics}");
+}

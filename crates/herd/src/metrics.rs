@@ -87,7 +87,7 @@ impl Metrics {
             ),
             redispatched: counter_vec(
                 "herd_connections_redispatched_total",
-                "Connections taken back from a worker and handed to another (worker-gone: it died before acknowledging; refused: it sent NACK; slot-queue: they waited in the kernel-rotation socket of a worker that died or was stopped; hung: its oldest went unacknowledged for hang_timeout).",
+                "Connections taken back from a worker and handed to another (worker-gone: it died before acknowledging; refused: it sent NACK; slot-queue: they waited in the kernel-rotation socket of a worker that died or was stopped; hung: its oldest went unacknowledged for hang_timeout, or, taking queued hand-offs, it took nothing queued to it for ack_timeout).",
                 &["reason"],
             ),
             kernel_dealt: add(

@@ -61,6 +61,10 @@ pub(super) struct WorkerChannel {
     /// makes: the one sign a worker that sends no ACK gives that it took
     /// one (see [`HandoffLoop::watch_takes`]).
     pub(super) watching_takes: bool,
+    /// When herd last took back what sat queued to it for `ack_timeout`:
+    /// it gets nothing for another `ack_timeout` (see
+    /// [`HandoffLoop::reclaim_stalled`]).
+    pub(super) reclaimed_at: Option<Instant>,
 }
 
 /// The protocol on a worker's channel.
@@ -321,6 +325,9 @@ impl WorkerChannel {
             && self.serves(listener)
             && self.outstanding() < limits.max_unacked
             && self
+                .reclaimed_at
+                .is_none_or(|at| now.duration_since(at) >= limits.ack_timeout)
+            && self
                 .oldest_sent()
                 .is_none_or(|oldest| now.duration_since(oldest) < limits.ack_timeout)
     }
@@ -349,6 +356,8 @@ pub(super) struct ProtocolErrors {
     /// a loop cannot flood the log, nor hide what was captured.
     pub(super) captured: Occurrences,
     pub(super) passed: Occurrences,
+    /// Times what was queued to it was taken back for `ack_timeout`.
+    pub(super) stalls: Occurrences,
 }
 
 /// Removes the in-flight entry for `id`: the front in the common case, since

@@ -550,6 +550,7 @@ impl HandoffLoop {
         if self.hang_check_due.is_some_and(|due| due <= now) {
             self.hang_check_due = Some(now + HANG_CHECK_INTERVAL);
             self.find_hung(now);
+            self.reclaim_stalled(now);
         }
         let expired = self
             .queue

@@ -218,6 +218,52 @@ impl HandoffLoop {
         self.capacity_epoch += 1;
     }
 
+    /// A serving worker of queued hand-offs that took nothing for
+    /// `ack_timeout` (it stopped reading, closed its channel without DRAIN
+    /// and runs on, or is stopped) is skipped anyway; what is queued to it
+    /// is taken back and served by the others rather than left waiting for
+    /// it, for `hang_timeout` or for its exit (a worker that ACKs would
+    /// have shown its channel's end of file). It gets nothing for another
+    /// `ack_timeout`, then is tried again: a stalled worker delays at most
+    /// `max_unacked` connections by twice `ack_timeout`.
+    pub(super) fn reclaim_stalled(&mut self, now: Instant) {
+        let limit = self.limits.ack_timeout;
+        let stale = |worker: &WorkerChannel| {
+            worker.role == Role::Serving
+                && !worker.hung
+                && worker
+                    .queued
+                    .front()
+                    .is_some_and(|oldest| now.duration_since(oldest.sent_at) >= limit)
+        };
+        for at in 0..self.queued_channels.len() {
+            let channel = self.queued_channels[at];
+            if !self.channels[channel].as_ref().is_some_and(stale) {
+                continue;
+            }
+            self.taken_if_emptied(channel);
+            if !self.channels[channel].as_ref().is_some_and(stale) {
+                continue;
+            }
+            let back = self.take_back(channel);
+            self.counters.requeued_hung.fetch_add(back as u64, Relaxed);
+            let Some(worker) = self.channels[channel].as_mut() else {
+                continue;
+            };
+            worker.reclaimed_at = Some(now);
+            if let Some(total) = worker.errors.stalls.record() {
+                warn!(
+                    slot = worker.slot.get(),
+                    pid = worker.pid,
+                    requeued = back,
+                    total,
+                    event = "worker_stalled",
+                    "worker took nothing queued to it for {limit:?} (ack_timeout): handed those connections to other workers"
+                );
+            }
+        }
+    }
+
     /// Reads every worker's page (the timer; also the closing tally).
     pub(super) fn tally_pages(&mut self) {
         for channel in self.channels.ids() {
@@ -327,6 +373,8 @@ impl HandoffLoop {
                 if worker.queued.is_empty() {
                     self.queued_channels.push(channel);
                 }
+                // What stays queued too long is looked for (`reclaim_stalled`).
+                self.hang_check_due.get_or_insert(now + HANG_CHECK_INTERVAL);
                 let count = batch.len() as u64;
                 for conn in batch.drain(..) {
                     if self.measure_latency {

@@ -92,6 +92,7 @@ impl HandoffLoop {
             queued: VecDeque::new(),
             unsent: Vec::new(),
             watching_takes: false,
+            reclaimed_at: None,
         });
         Some(channel)
     }
