@@ -293,3 +293,32 @@ fn open_connections_follow_what_workers_report() {
     drop(kept);
     open_total(0.0);
 }
+
+/// Short of file descriptors (fewer than 64 free), `/metrics` takes no
+/// scrape. One it had already accepted gets `503` with `Retry-After`
+/// rather than a reset; the next waits in the kernel's queue and is
+/// answered once herd has fds to spare again.
+#[test]
+fn short_of_fds_a_scrape_is_refused_or_waits_but_never_reset() {
+    let herd = Herd::launch(
+        "metrics-fds",
+        None,
+        1,
+        &["--metrics", "127.0.0.1:0"],
+        &[hello_worker()],
+    );
+    herd.wait_all_ready(1);
+    let metrics = metrics_addr(&herd);
+    let before = open_fds(herd.pid());
+    set_soft_fd_limit(herd.pid(), before + 10);
+    // The endpoint was waiting in accept, with fds to spare then.
+    let (code, head, _) = http(metrics, "GET", "/metrics");
+    assert_eq!(code, 503, "{head}");
+    assert!(head.contains("retry-after: 1"), "{head}");
+    let waiting = std::thread::spawn(move || http(metrics, "GET", "/metrics"));
+    herd.wait_for_event("metrics_paused", &[], 1);
+    set_soft_fd_limit(herd.pid(), before + 1000);
+    let (code, _, body) = waiting.join().unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("herd_connections_accepted_total"));
+}

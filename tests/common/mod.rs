@@ -675,6 +675,16 @@ pub fn set_fd_limit(pid: u32, limit: usize) {
     assert!(status.success(), "prlimit failed");
 }
 
+/// Sets `pid`'s soft `RLIMIT_NOFILE` only (the hard one stays, so it can
+/// be raised again: this sandbox has no CAP_SYS_RESOURCE to raise a hard one).
+pub fn set_soft_fd_limit(pid: u32, soft: usize) {
+    let status = Command::new("prlimit")
+        .args([format!("--pid={pid}"), format!("--nofile={soft}:")])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success(), "prlimit failed");
+}
+
 /// Leaves `pid` only `headroom` fds above what it has open now.
 pub fn squeeze_fds(pid: u32, headroom: usize) {
     set_fd_limit(pid, open_fds(pid) + headroom);

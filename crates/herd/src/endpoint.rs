@@ -157,7 +157,11 @@ pub async fn serve(listener: tokio::net::TcpListener, scrapes: mpsc::UnboundedSe
         // The wait in `accept` may have been long: look again, and give the
         // fd back at once if herd is short of them now.
         if !fds_to_spare(METRICS_FD_RESERVE) {
-            drop(stream);
+            // The permit bounds these too: at most MAX_METRICS_CONNECTIONS.
+            tokio::spawn(async move {
+                let _permit = permit;
+                refuse_short_of_fds(stream).await;
+            });
             continue;
         }
         short_of_fds = false;
@@ -173,6 +177,25 @@ pub async fn serve(listener: tokio::net::TcpListener, scrapes: mpsc::UnboundedSe
                 .await;
         });
     }
+}
+
+/// How long a scrape refused for want of fds has to send its request.
+const REFUSAL_WAIT: Duration = Duration::from_secs(1);
+
+/// A scrape accepted just as herd turned short of fds: answered `503` with
+/// `Retry-After: 1` (a scraper's next try) rather than closed unanswered,
+/// which resets it. Its request is read first (waiting at most
+/// [`REFUSAL_WAIT`] for it), so the close does not reset the answer either.
+async fn refuse_short_of_fds(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = [0u8; 4096];
+    let _ = tokio::time::timeout(REFUSAL_WAIT, stream.read(&mut request)).await;
+    let body = "herd is short of file descriptors; retry\n";
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(REFUSAL_WAIT, stream.write_all(answer.as_bytes())).await;
 }
 
 /// Whether herd has at least `reserve` fds free under its soft
@@ -235,6 +258,26 @@ async fn ask(query: Query, scrapes: &mpsc::UnboundedSender<Asked>) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_scrape_refused_for_want_of_fds_gets_a_503_not_a_reset() {
+        use std::io::{Read, Write};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::thread::spawn(move || {
+            let mut client = std::net::TcpStream::connect(addr).unwrap();
+            client
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            client.read_to_string(&mut answer).map(|_| answer)
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        refuse_short_of_fds(stream).await;
+        let answer = client.join().unwrap().expect("an answer, not a reset");
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        assert!(answer.contains("Retry-After: 1"), "{answer}");
+    }
 
     #[test]
     fn a_test_process_has_fds_to_spare_but_not_its_whole_limit() {
