@@ -22,10 +22,22 @@ fn fixture(name: &str) -> String {
     format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// herd with metrics and two `page_worker.py MODE` slots.
 fn launch(name: &str, mode: &str) -> Herd {
+    launch_with(name, mode, None, 2)
+}
+
+/// herd with metrics, `config`, and `workers` slots of `page_worker.py MODE`.
+fn launch_with(name: &str, mode: &str, config: Option<&str>, workers: usize) -> Herd {
     let command = page_worker(mode);
     let command: Vec<&str> = command.iter().map(String::as_str).collect();
-    Herd::launch(name, None, 2, &["--metrics", "127.0.0.1:0"], &command)
+    Herd::launch(
+        name,
+        config,
+        workers,
+        &["--metrics", "127.0.0.1:0"],
+        &command,
+    )
 }
 
 /// Slot 0 sends back every connection with RETURN: each goes to slot 1
@@ -143,14 +155,11 @@ fn a_full_worker_is_seen_taking_so_nothing_waits_for_a_tally() {
 /// herd neither holds those connections nor stops sending to it.
 #[test]
 fn hand_offs_sent_before_a_late_ready_count_as_queued() {
-    let command = page_worker("late-ready");
-    let command: Vec<&str> = command.iter().map(String::as_str).collect();
-    let herd = Herd::launch(
+    let herd = launch_with(
         "queued-late-ready",
+        "late-ready",
         Some("ready_delay = \"200ms\"\n"),
         1,
-        &[],
-        &command,
     );
     herd.wait_all_ready(1);
     // Sent while it sleeps, before its READY.
@@ -178,14 +187,11 @@ fn hand_offs_sent_before_a_late_ready_count_as_queued() {
 /// the channel), so it is not, and it keeps getting connections.
 #[test]
 fn a_worker_that_takes_without_counting_is_not_found_hung() {
-    let command = page_worker("uncounted");
-    let command: Vec<&str> = command.iter().map(String::as_str).collect();
-    let herd = Herd::launch(
+    let herd = launch_with(
         "queued-uncounted",
+        "uncounted",
         Some("hang_timeout = \"1s\"\n"),
         1,
-        &[],
-        &command,
     );
     let ready = herd.wait_ready(1);
     herd.wait_all_ready(1);

@@ -79,6 +79,19 @@ impl WorkerChannel {
         self.in_flight.len() + self.queued.len() + self.unsent.len()
     }
 
+    /// Counts everything still queued as taken off the channel (the kernel
+    /// says so, or herd took back what was left), as the page would have:
+    /// the page's own count, when it comes, adds nothing.
+    pub(super) fn all_queued_taken(&mut self, counters: &Counters) {
+        let taken = self.queued.len() as u64;
+        self.queued.clear();
+        if let Some(seen) = self.page.as_mut() {
+            seen.received += taken;
+        }
+        self.count_acknowledged(taken, counters);
+        counters.in_flight.fetch_sub(taken, Relaxed);
+    }
+
     /// When the oldest connection it has not acknowledged or taken was sent.
     pub(super) fn oldest_sent(&self) -> Option<Instant> {
         let acked = self.in_flight.front().map(|entry| entry.sent_at);
@@ -130,14 +143,9 @@ impl HandoffLoop {
 
     /// Folds what worker `channel`'s page counted since the last look into
     /// herd's counts, as the messages would have: hand-offs taken off the
-    /// channel, connections accepted by itself (OS modes, with
-    /// `with_accepts`: that costs a look at every listener), closed ones.
-    pub(super) fn catch_up(&mut self, channel: ChannelIx, with_accepts: bool) {
-        let listeners = if with_accepts {
-            self.counters.listener_count()
-        } else {
-            0
-        };
+    /// channel, connections accepted by itself on the first `listeners`
+    /// (OS modes; 0 skips that look at every listener), closed ones.
+    pub(super) fn catch_up(&mut self, channel: ChannelIx, listeners: usize) {
         let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
             return;
         };
@@ -208,13 +216,7 @@ impl HandoffLoop {
         if unread >= HANDOFF_LEN {
             return;
         }
-        let taken = worker.queued.len() as u64;
-        worker.queued.clear();
-        if let Some(seen) = worker.page.as_mut() {
-            seen.received += taken;
-        }
-        worker.count_acknowledged(taken, &self.counters);
-        self.counters.in_flight.fetch_sub(taken, Relaxed);
+        worker.all_queued_taken(&self.counters);
         self.capacity_epoch += 1;
     }
 
@@ -266,8 +268,9 @@ impl HandoffLoop {
 
     /// Reads every worker's page (the timer; also the closing tally).
     pub(super) fn tally_pages(&mut self) {
+        let listeners = self.counters.listener_count();
         for channel in self.channels.ids() {
-            self.catch_up(channel, true);
+            self.catch_up(channel, listeners);
         }
     }
 
@@ -276,7 +279,7 @@ impl HandoffLoop {
     pub(super) fn catch_up_queued(&mut self) {
         let mut waiting = std::mem::take(&mut self.queued_channels);
         waiting.retain(|&channel| {
-            self.catch_up(channel, false);
+            self.catch_up(channel, 0);
             self.channels
                 .get(channel)
                 .and_then(Option::as_ref)
@@ -431,7 +434,8 @@ impl HandoffLoop {
     /// first. What is no longer there, the worker took: counted as taken.
     /// Returns how many came back.
     pub(super) fn take_back(&mut self, channel: ChannelIx) -> usize {
-        self.catch_up(channel, true);
+        let listeners = self.counters.listener_count();
+        self.catch_up(channel, listeners);
         let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
             return 0;
         };
@@ -480,15 +484,13 @@ impl HandoffLoop {
                 back.push(conn);
             }
         }
-        // The rest it took before it went.
-        let taken = worker.queued.len() as u64;
-        worker.queued.clear();
-        worker.count_acknowledged(taken, &self.counters);
+        // The rest it took (before it went, if it went).
+        worker.all_queued_taken(&self.counters);
         let returned = back.len();
         // What the page claimed taken was no longer counted in flight.
         self.counters
             .in_flight
-            .fetch_sub(taken + returned as u64 - lied, Relaxed);
+            .fetch_sub(returned as u64 - lied, Relaxed);
         self.put_back(&mut unsent);
         self.put_back(&mut back);
         returned

@@ -257,7 +257,7 @@ impl HandoffLoop {
             self.send_pending_drain(channel);
         }
         // Room made by a worker of queued hand-offs taking what it had.
-        self.catch_up(channel, false);
+        self.catch_up(channel, 0);
         if worker_watched(&self.channels, channel) {
             self.taken_if_emptied(channel);
         }
