@@ -268,6 +268,10 @@ struct ConfigArgs {
     /// Number of workers (1-1024) or "max" for one per core.
     #[arg(short, long, value_name = "N|max")]
     workers: Option<String>,
+    /// Threads that accept and hand off (1-7), or "auto" for one per 8
+    /// cores (the `handoff_threads` key).
+    #[arg(long, value_name = "N|auto")]
+    handoff_threads: Option<String>,
     /// Dispatch policy: round-robin, sticky, least-conn (herd hands each
     /// connection over), shared or reuseport (the kernel chooses).
     #[arg(short, long)]
@@ -738,6 +742,7 @@ fn config_source(args: ConfigArgs) -> ConfigSource {
         overrides: Overrides {
             listen: args.listen,
             workers: args.workers,
+            handoff_threads: args.handoff_threads,
             mode: args.mode,
             rotation: args.rotation,
             protocol: args.protocol,

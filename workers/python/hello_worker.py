@@ -27,12 +27,15 @@ import threading
 VERSION, HANDOFF, DRAIN, ACK, READY, CLOSED, ACCEPTED = 1, 0x01, 0x02, 0x81, 0x82, 0x83, 0x85
 REPORTS_CLOSED = 0x0001  # READY flag: this worker sends CLOSED for every connection
 PAGE, QUEUED = 0x0002, 0x0004  # READY flags: counts in the page; takes queued hand-offs
+THREADS = 0x0008  # READY flag: counts receipts per hand-off thread (the id's top byte)
+MAX_HANDOFF_THREADS = 7  # page counters 72 + 8*t for t < 7
 HANDOFF_LEN, MAX_BATCH = 52, 32  # a message to a QUEUED worker holds up to 32 HANDOFFs
 
 
 class Page:
     """herd's counter page (HERD_PAGE_FD): one add per connection instead of a
-    message. Offsets: 64 closed, 72 received, 128 + 8*i accepted on listener i."""
+    message. Offsets: 64 closed, 72 + 8*t received from hand-off thread t,
+    128 + 8*i accepted on listener i."""
 
     def __init__(self, fd):
         self.map = mmap.mmap(fd, 4096)  # shared, read-write
@@ -131,7 +134,7 @@ def connections():
 def counted_connections(channel, page):
     """connections() with the counter page: no ACK, ACCEPTED or CLOSED message;
     a message from herd may hold several HANDOFFs, one fd each, in order."""
-    channel.send(struct.pack("<BBH", VERSION, READY, REPORTS_CLOSED | PAGE | QUEUED))
+    channel.send(struct.pack("<BBH", VERSION, READY, REPORTS_CLOSED | PAGE | QUEUED | THREADS))
     closed = lambda: page.add(64)
     events = watch(channel)
     while True:
@@ -158,7 +161,9 @@ def counted_connections(channel, page):
             if message[1] == DRAIN:
                 return
             records = [message[i:i + HANDOFF_LEN] for i in range(0, len(message), HANDOFF_LEN)]
-            page.add(72, len(records))  # taken off the channel: ours now
+            for record in records:  # taken off the channel: ours now, counted per sending thread
+                thread = record[11] if len(record) == HANDOFF_LEN else 0  # the id's top byte
+                page.add(72 + 8 * (thread if thread < MAX_HANDOFF_THREADS else 0))
             if len(fds) != len(records) or any(r[1] != HANDOFF or len(r) != HANDOFF_LEN for r in records):
                 raise SystemExit(f"unexpected message from herd: {message!r}")
             for record, fd in zip(records, fds):

@@ -17,7 +17,8 @@
 //! |---:|---|---|
 //! | 0 | magic, `"herdpag1"` as bytes | herd, once |
 //! | 64 | connections closed | the worker |
-//! | 72 | hand-offs received | the worker |
+//! | 72 | hand-offs received (from hand-off thread 0, or from every thread without [`crate::wire::ReadyFlags::THREADS`]) | the worker |
+//! | 72 + 8 × *t* | hand-offs received from hand-off thread *t*, 1 ≤ *t* < [`MAX_HANDOFF_THREADS`] (with `THREADS`) | the worker |
 //! | 128 + 8 × *i* | connections accepted on inherited listener *i* (OS modes), *i* < [`PAGE_LISTENERS`] | the worker |
 //!
 //! Every counter only grows. herd trusts none of them: it reads deltas,
@@ -44,6 +45,11 @@ pub const MAGIC: [u8; 8] = *b"herdpag1";
 const CLOSED_AT: usize = 64;
 const RECEIVED_AT: usize = 72;
 const ACCEPTED_AT: usize = 128;
+/// herd's hand-off threads a page counts receipts for, each on its own
+/// counter (72 + 8 × thread, up to the listeners' counters at 128): a
+/// thread's count says which of *its* hand-offs were taken, whatever the
+/// others sent in between.
+pub const MAX_HANDOFF_THREADS: usize = (ACCEPTED_AT - RECEIVED_AT) / 8;
 /// Listeners the page counts accepts for; accepts on a listener beyond
 /// these are counted on the last one.
 pub const PAGE_LISTENERS: usize = (PAGE_LEN - ACCEPTED_AT) / 8;
@@ -159,9 +165,26 @@ impl Page {
         self.counter(CLOSED_AT).load(Ordering::Relaxed)
     }
 
-    /// Hand-offs the worker received.
+    /// Hand-offs the worker received (from thread 0, see [`Page::received_from`]).
     pub fn received(&self) -> u64 {
-        self.counter(RECEIVED_AT).load(Ordering::Relaxed)
+        self.received_from(0)
+    }
+
+    /// Hand-offs the worker received from hand-off thread `thread`
+    /// ([`crate::wire::handoff_thread`] of their ids); a thread beyond
+    /// [`MAX_HANDOFF_THREADS`] reads thread 0's.
+    pub fn received_from(&self, thread: usize) -> u64 {
+        self.counter(Self::received_at(thread))
+            .load(Ordering::Relaxed)
+    }
+
+    fn received_at(thread: usize) -> usize {
+        let thread = if thread < MAX_HANDOFF_THREADS {
+            thread
+        } else {
+            0
+        };
+        RECEIVED_AT + 8 * thread
     }
 
     /// Connections the worker accepted itself on inherited listener `listener`.
@@ -183,9 +206,15 @@ impl Page {
         self.add(CLOSED_AT, n);
     }
 
-    /// The worker received `n` hand-offs.
+    /// The worker received `n` hand-offs (from thread 0, or counted together).
     pub fn add_received(&self, n: u64) {
         self.add(RECEIVED_AT, n);
+    }
+
+    /// The worker received `n` hand-offs from hand-off thread `thread`
+    /// (a worker that says [`crate::wire::ReadyFlags::THREADS`]).
+    pub fn add_received_from(&self, thread: usize, n: u64) {
+        self.add(Self::received_at(thread), n);
     }
 
     /// The worker accepted `n` connections on inherited listener `listener`.
@@ -211,6 +240,29 @@ mod tests {
     fn worker_side(herd: &Page) -> Page {
         let fd = herd.fd().try_clone_to_owned().unwrap();
         Page::map(fd, true).unwrap()
+    }
+
+    #[test]
+    fn each_thread_has_its_own_receipts_and_none_overlaps_a_listener() {
+        let herd = Page::create().unwrap();
+        let worker = worker_side(&herd);
+        for thread in 0..MAX_HANDOFF_THREADS {
+            worker.add_received_from(thread, thread as u64 + 1);
+        }
+        for thread in 0..MAX_HANDOFF_THREADS {
+            assert_eq!(herd.received_from(thread), thread as u64 + 1);
+        }
+        assert_eq!(herd.received(), 1, "thread 0's is the old counter");
+        assert_eq!(
+            herd.accepted(0),
+            0,
+            "the last thread's sits below the listeners'"
+        );
+        assert_eq!((herd.closed(), herd.fd().as_raw_fd() >= 0), (0, true));
+        // A thread past the page's counts on thread 0's.
+        worker.add_received_from(MAX_HANDOFF_THREADS, 10);
+        assert_eq!(herd.received(), 11);
+        assert_eq!(MAX_HANDOFF_THREADS, 7);
     }
 
     #[test]

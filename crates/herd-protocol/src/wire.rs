@@ -35,8 +35,15 @@ impl ReadyFlags {
     /// stalls. HANDOFFs may come several to a message ([`MAX_BATCH`]); a
     /// refused one goes back as RETURN, with its fd.
     pub const QUEUED: ReadyFlags = ReadyFlags(0x0004);
+    /// Receipts per hand-off thread (needs [`ReadyFlags::QUEUED`]): the
+    /// worker counts each HANDOFF it takes on the page's counter of the
+    /// thread that sent it ([`handoff_thread`] of its id,
+    /// [`crate::page::Page::add_received_from`]). herd's extra hand-off
+    /// threads send only to workers that say so; the others get every
+    /// connection from thread 0.
+    pub const THREADS: ReadyFlags = ReadyFlags(0x0008);
     /// Every flag this version knows; the others are reserved, sent as 0.
-    pub const KNOWN: ReadyFlags = ReadyFlags(0x0007);
+    pub const KNOWN: ReadyFlags = ReadyFlags(0x000f);
 
     pub fn contains(self, flags: ReadyFlags) -> bool {
         self.0 & flags.0 == flags.0
@@ -48,6 +55,16 @@ impl std::ops::BitOr for ReadyFlags {
     fn bitor(self, other: ReadyFlags) -> ReadyFlags {
         ReadyFlags(self.0 | other.0)
     }
+}
+
+/// A connection id's top byte names the hand-off thread that sent it
+/// ([`handoff_thread`]); the rest is that thread's own count.
+pub const THREAD_SHIFT: u32 = 56;
+
+/// The hand-off thread that sent the HANDOFF with `connection_id`: its
+/// top byte (0 for every id herd's first thread gives).
+pub fn handoff_thread(connection_id: u64) -> usize {
+    (connection_id >> THREAD_SHIFT) as usize
 }
 
 /// Most HANDOFFs in one message to a worker that takes queued hand-offs
@@ -487,10 +504,19 @@ mod tests {
             WorkerMessage::Ready(queued).encode(&mut buf),
             &[1, 0x82, 7, 0]
         );
+        assert_eq!(
+            WorkerMessage::Ready(queued | ReadyFlags::THREADS).encode(&mut buf),
+            &[1, 0x82, 0x0f, 0]
+        );
+        // The id's top byte names the thread; herd's first thread's ids are below it.
+        assert_eq!(handoff_thread(5), 0);
+        assert_eq!(handoff_thread((3 << THREAD_SHIFT) | 5), 3);
         // Reserved bits are dropped on receipt.
         assert_eq!(
-            WorkerMessage::decode(&[1, 0x82, 0x09, 0x80]),
-            Ok(WorkerMessage::Ready(ReadyFlags::REPORTS_CLOSED))
+            WorkerMessage::decode(&[1, 0x82, 0x19, 0x80]),
+            Ok(WorkerMessage::Ready(
+                ReadyFlags::REPORTS_CLOSED | ReadyFlags::THREADS
+            ))
         );
         let returned = WorkerMessage::Return(sample()).encode(&mut buf).to_vec();
         let mut handoff = [0u8; HANDOFF_LEN];

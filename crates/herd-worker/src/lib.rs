@@ -50,10 +50,10 @@ use tokio::net::{TcpListener, TcpStream};
 use std::collections::VecDeque;
 
 use herd_protocol::fdpass;
-use herd_protocol::page::{Page, PAGE_FD_ENV};
+use herd_protocol::page::{Page, MAX_HANDOFF_THREADS, PAGE_FD_ENV};
 use herd_protocol::wire::{
-    Batch, Handoff, PrimaryMessage, ProtocolError, ReadyFlags, WorkerMessage, MAX_BATCH_LEN,
-    MAX_MESSAGE_LEN, WORKER_MESSAGE_MAX_LEN,
+    handoff_thread, Batch, Handoff, PrimaryMessage, ProtocolError, ReadyFlags, WorkerMessage,
+    MAX_BATCH_LEN, MAX_MESSAGE_LEN, WORKER_MESSAGE_MAX_LEN,
 };
 
 pub use herd_protocol::env::{CHANNEL_FD_ENV, WORKER_ID_ENV};
@@ -293,7 +293,12 @@ impl Worker {
     pub async fn ready(&mut self) -> Result<(), WorkerError> {
         if !self.said_ready {
             let flags = match self.page {
-                Some(_) => ReadyFlags::REPORTS_CLOSED | ReadyFlags::PAGE | ReadyFlags::QUEUED,
+                Some(_) => {
+                    ReadyFlags::REPORTS_CLOSED
+                        | ReadyFlags::PAGE
+                        | ReadyFlags::QUEUED
+                        | ReadyFlags::THREADS
+                }
                 None => ReadyFlags::REPORTS_CLOSED,
             };
             send_on(&self.channel, WorkerMessage::Ready(flags)).await?;
@@ -400,7 +405,19 @@ impl Worker {
                 Batch::Drain => return Ok(None),
                 Batch::Handoffs(handoffs) => handoffs,
             };
-            page.add_received(handoffs.len() as u64);
+            // On the counter of the thread that sent each (READY said THREADS).
+            let mut per_thread = [0u64; MAX_HANDOFF_THREADS];
+            for handoff in &handoffs {
+                let thread = handoff_thread(handoff.connection_id);
+                per_thread[if thread < MAX_HANDOFF_THREADS {
+                    thread
+                } else {
+                    0
+                }] += 1;
+            }
+            for (thread, &count) in per_thread.iter().enumerate().filter(|(_, &n)| n > 0) {
+                page.add_received_from(thread, count);
+            }
             if received.fds.len() != handoffs.len() {
                 return Err(WorkerError::MissingFd);
             }

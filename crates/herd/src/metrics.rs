@@ -36,6 +36,7 @@ pub struct Metrics {
     handed_off: IntCounterVec,
     redispatched: IntCounterVec,
     kernel_dealt: prometheus::IntCounter,
+    thread_accepted: IntCounterVec,
     dropped: IntCounterVec,
     in_flight: IntGauge,
     open_connections: IntGaugeVec,
@@ -97,6 +98,11 @@ impl Metrics {
                     "Connections the kernel rotation dealt straight to a worker's own socket (also counted as accepted and handed off).",
                 )
                 .expect("valid metric"),
+            ),
+            thread_accepted: counter_vec(
+                "herd_handoff_thread_accepted_total",
+                "Connections each hand-off thread accepted (handoff_threads; also counted in herd_connections_accepted_total).",
+                &["thread"],
             ),
             dropped: counter_vec(
                 "herd_connections_dropped_total",
@@ -258,6 +264,15 @@ impl Metrics {
             counters.requeued_hung.load(Relaxed),
         );
         sync(&self.kernel_dealt, counters.kernel_dealt.load(Relaxed));
+        let threads = counters.handoff_threads.load(Relaxed) as usize;
+        for (thread, count) in counters.thread_accepted.iter().enumerate().take(threads) {
+            sync(
+                &self
+                    .thread_accepted
+                    .with_label_values(&[&thread.to_string()]),
+                count.load(Relaxed),
+            );
+        }
         sync(
             &self.dropped.with_label_values(&["queue-full"]),
             counters.dropped_queue_full.load(Relaxed),

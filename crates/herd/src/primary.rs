@@ -160,8 +160,9 @@ pub fn bind(settings: &Settings) -> Result<Bound, PrimaryError> {
         .available(&settings.ready)
         .map_err(PrimaryError::Probe)?;
     let options = BindOptions {
-        // Node's kernel rotation deals over a group herd's own socket is in.
-        reuse_port: node_kernel_rotation(settings),
+        // Node's kernel rotation deals over a group herd's own socket is
+        // in; hand-off threads accept each on a socket of the group.
+        reuse_port: node_kernel_rotation(settings) || settings.handoff_threads > 1,
         ..BindOptions::PLAIN
     };
     // A socket unit's sockets (LISTEN_FDS) when systemd passed them.
@@ -292,6 +293,7 @@ fn spawn_handoff(
         counters,
         measure_latency,
         settings.backlog,
+        settings.handoff_threads,
     )
     .map_err(PrimaryError::HandoffLoop)
 }

@@ -20,6 +20,10 @@ pub struct Config {
     /// Number of worker processes, or "max" for one per available core.
     #[serde(deserialize_with = "keys::de::workers")]
     pub workers: WorkerCount,
+    /// Threads that accept and hand off (each its own SO_REUSEPORT copy
+    /// of every listener), or "auto" for one per 8 cores.
+    #[serde(deserialize_with = "keys::de::handoff_threads")]
+    pub handoff_threads: HandoffThreadCount,
     /// Dispatch policy: "round-robin", "sticky", "least-conn", ...
     #[serde(deserialize_with = "keys::de::mode")]
     pub mode: Mode,
@@ -179,6 +183,7 @@ impl Default for Config {
             listen: Vec::new(),
             backlog: 511,
             workers: WorkerCount::Max,
+            handoff_threads: HandoffThreadCount::Auto,
             mode: Mode::RoundRobin,
             protocol: ProtocolChoice::Auto,
             rotation: Rotation::Auto,

@@ -50,6 +50,7 @@ keys! {
     listen: Vec<SocketAddr> = "listen", addresses;
     backlog: u32 = "backlog", |key, value| Ok(int(key, value, 1, 65535)? as u32);
     workers: WorkerCount = "workers", worker_count;
+    handoff_threads: HandoffThreadCount = "handoff_threads", thread_count;
     mode: Mode = "mode", named;
     command: Vec<String> = "command", argv;
     protocol: ProtocolChoice = "protocol", named;
@@ -234,6 +235,23 @@ fn worker_count(key: &str, value: Value) -> Result<WorkerCount, ConfigError> {
             key,
             shown(&other),
             format!("expected a number from 1 to {MAX_WORKERS} or \"max\""),
+        )),
+    }
+}
+
+fn thread_count(key: &str, value: Value) -> Result<HandoffThreadCount, ConfigError> {
+    const MAX: usize = herd_protocol::page::MAX_HANDOFF_THREADS;
+    match value {
+        Value::String(name) if name == "auto" => Ok(HandoffThreadCount::Auto),
+        Value::Integer(n) => {
+            Ok(HandoffThreadCount::Count(
+                int(key, Value::Integer(n), 1, MAX as i64)? as usize,
+            ))
+        }
+        other => Err(invalid(
+            key,
+            shown(&other),
+            format!("expected a number from 1 to {MAX} or \"auto\""),
         )),
     }
 }

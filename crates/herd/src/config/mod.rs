@@ -51,8 +51,9 @@ pub use validate::ValidConfig;
 use validate::*;
 use values::*;
 pub use values::{
-    available_cores, parse_duration, parse_size, ByteSize, ConfigDuration, KillMode,
-    ProtocolChoice, Readiness, Rotation, StopSignal, WorkerCount, WorkerProtocol,
+    available_cores, parse_duration, parse_size, ByteSize, ConfigDuration, HandoffThreadCount,
+    KillMode, ProtocolChoice, Readiness, Rotation, StopSignal, WorkerCount, WorkerProtocol,
+    CORES_PER_HANDOFF_THREAD,
 };
 
 use std::collections::BTreeMap;
@@ -151,6 +152,9 @@ pub struct Settings {
     pub listen: Vec<SocketAddr>,
     pub backlog: u32,
     pub workers: usize,
+    /// Hand-off threads (`handoff_threads` resolved): 1 in the modes that
+    /// hand nothing off and for workers that cannot take from several.
+    pub handoff_threads: usize,
     pub mode: Mode,
     /// The worker program, resolved (PATH searched) and checked executable.
     pub program: PathBuf,

@@ -11,6 +11,7 @@ use toml::Value;
 pub struct Overrides {
     pub listen: Vec<String>,
     pub workers: Option<String>,
+    pub handoff_threads: Option<String>,
     pub mode: Option<String>,
     pub rotation: Option<String>,
     pub protocol: Option<String>,
@@ -45,6 +46,13 @@ impl Config {
                 Err(_) => Value::String(workers),
             };
             self.workers = keys::workers(value)?;
+        }
+        if let Some(threads) = overrides.handoff_threads {
+            let value = match threads.parse() {
+                Ok(n) => Value::Integer(n),
+                Err(_) => Value::String(threads),
+            };
+            self.handoff_threads = keys::handoff_threads(value)?;
         }
         if let Some(mode) = overrides.mode {
             self.mode = keys::mode(Value::String(mode))?;

@@ -38,6 +38,10 @@ pub const RELOAD: &[(&str, Reload)] = &[
     ("backlog", Reload::Restart(|s| s.backlog.to_string())),
     ("workers", Reload::Live),
     ("mode", Reload::Restart(|s| s.mode.name().into())),
+    (
+        "handoff_threads",
+        Reload::Restart(|s| s.handoff_threads.to_string()),
+    ),
     ("command", Reload::Live),
     ("protocol", Reload::Restart(|s| s.protocol.name().into())),
     ("rotation", Reload::Restart(rotation)),

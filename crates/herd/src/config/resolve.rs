@@ -48,6 +48,12 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
         WorkerProtocol::Preload => Some(preload::for_workers(&program, &identity)?),
         _ => None,
     };
+    if let (HandoffThreadCount::Count(n @ 2..), Some(why)) = (
+        config.handoff_threads,
+        config.threads_refusal(protocol, kernel_rotation),
+    ) {
+        return Err(invalid("handoff_threads", n, why));
+    }
     // Workers that inherit sockets start through herd's shim (LISTEN_PID).
     if (!config.mode.hands_off() || kernel_rotation) && protocol != WorkerProtocol::NodeCluster {
         if let Some(user) = run_as.as_ref().filter(|user| !user.is_herds_own()) {
@@ -69,10 +75,12 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
             format!("more than the {workers} worker(s) herd runs: /readyz would never say ready"),
         ));
     }
+    let handoff_threads = handoff_threads(&config, protocol, kernel_rotation);
     Ok(settings(
         config,
         Resolved {
             workers,
+            handoff_threads,
             program,
             args,
             protocol,
@@ -84,9 +92,24 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
     ))
 }
 
+/// `handoff_threads` for this host: "auto" is one per
+/// [`CORES_PER_HANDOFF_THREAD`] cores where threads can hand off (checked
+/// by `validate` for a count), else one.
+fn handoff_threads(config: &Config, protocol: WorkerProtocol, kernel_rotation: bool) -> usize {
+    match config.handoff_threads {
+        HandoffThreadCount::Count(n) => n,
+        HandoffThreadCount::Auto if config.threads_refusal(protocol, kernel_rotation).is_none() => {
+            (available_cores() / CORES_PER_HANDOFF_THREAD)
+                .clamp(1, herd_protocol::page::MAX_HANDOFF_THREADS)
+        }
+        HandoffThreadCount::Auto => 1,
+    }
+}
+
 /// What validation and the host decided, beside the config's own values.
 struct Resolved {
     workers: usize,
+    handoff_threads: usize,
     program: PathBuf,
     args: Vec<String>,
     protocol: WorkerProtocol,
@@ -115,6 +138,7 @@ fn settings(config: Config, resolved: Resolved) -> Settings {
         listen: config.listen,
         backlog: config.backlog,
         workers: resolved.workers,
+        handoff_threads: resolved.handoff_threads,
         mode: config.mode,
         program: resolved.program,
         args: resolved.args,

@@ -65,6 +65,36 @@ impl Config {
         })
     }
 
+    /// Why more than one hand-off thread cannot be had with this config
+    /// (`None`: it can): only herd-protocol workers count per thread,
+    /// and only the hand-off modes have herd accept.
+    pub(super) fn threads_refusal(
+        &self,
+        protocol: WorkerProtocol,
+        kernel_rotation: bool,
+    ) -> Option<String> {
+        if !self.mode.hands_off() {
+            return Some(format!(
+                "mode {:?} has the kernel deal connections to the workers: herd accepts none (hand-off threads are for round-robin, sticky and least-conn)",
+                self.mode.name()
+            ));
+        }
+        if kernel_rotation {
+            return Some(
+                "round-robin is dealt by the kernel here (`rotation`): herd accepts none".into(),
+            );
+        }
+        match protocol {
+            WorkerProtocol::Herd => None,
+            WorkerProtocol::NodeCluster => Some(
+                "Node cluster workers take connections from one thread (Node's channel is one stream of lines)".into(),
+            ),
+            WorkerProtocol::Preload => Some(
+                "preloaded programs take one hand-off at a time, from one thread".into(),
+            ),
+        }
+    }
+
     /// Whether round-robin is dealt by the kernel (`rotation`), for this
     /// mode and `protocol`; refused where the two cannot go together.
     /// `auto` picks the kernel for Node cluster workers and for servers

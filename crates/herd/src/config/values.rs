@@ -85,6 +85,21 @@ pub enum WorkerCount {
     Count(usize),
 }
 
+/// `handoff_threads = 2` or `handoff_threads = "auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoffThreadCount {
+    /// One per [`CORES_PER_HANDOFF_THREAD`] available cores, at least one
+    /// (and one in the modes that hand nothing off).
+    Auto,
+    /// From 1 to [`herd_protocol::page::MAX_HANDOFF_THREADS`].
+    Count(usize),
+}
+
+/// `handoff_threads = "auto"` runs a hand-off thread per this many cores:
+/// one thread hands off about 70k connections/s (BENCHMARKS.md), about
+/// what eight cores of small workers serve.
+pub const CORES_PER_HANDOFF_THREAD: usize = 8;
+
 /// `protocol`: what workers speak, as the config chooses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProtocolChoice {

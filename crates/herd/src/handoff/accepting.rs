@@ -72,15 +72,16 @@ impl HandoffLoop {
                     // socket itself, and for the others `send_connection`
                     // does (no `getsockname` per connection otherwise).
                     let local = listening.local;
-                    self.next_connection_id += 1;
+                    let connection_id = self.fresh_id();
                     self.counters.accepted[listener].fetch_add(1, Relaxed);
+                    self.counters.thread_accepted[0].fetch_add(1, Relaxed);
                     if slot.is_some() {
                         self.counters.requeued_slot_queue.fetch_add(1, Relaxed);
                     }
                     self.take_new(Accepted {
                         stream,
                         handoff: Handoff {
-                            connection_id: self.next_connection_id,
+                            connection_id,
                             listener: u16::from(listener),
                             peer,
                             local,

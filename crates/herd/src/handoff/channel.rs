@@ -9,12 +9,14 @@
 //! on the protocol, so the loop above never asks which one it has.
 
 use super::*;
+use herd_protocol::page::MAX_HANDOFF_THREADS;
 
 pub(super) struct WorkerChannel {
     pub(super) slot: SlotIx,
     pub(super) worker: WorkerId,
     pub(super) pid: u32,
-    pub(super) channel: OwnedFd,
+    /// herd's end; the other hand-off threads send on it too.
+    pub(super) channel: Arc<OwnedFd>,
     /// As the supervisor last said.
     pub(super) role: Role,
     /// Found hung: gets nothing more, whatever its role, until it is gone.
@@ -65,6 +67,11 @@ pub(super) struct WorkerChannel {
     /// it gets nothing for another `ack_timeout` (see
     /// [`HandoffLoop::reclaim_stalled`]).
     pub(super) reclaimed_at: Option<Instant>,
+    /// What the other hand-off threads send it and thread 0 counted of
+    /// that, if it counts per thread and they run.
+    pub(super) threads: Option<super::from_threads::ThreadsSeen>,
+    /// It is on the loop's list of channels caught up with every turn.
+    pub(super) queued_listed: bool,
 }
 
 /// The protocol on a worker's channel.
@@ -298,6 +305,10 @@ impl WorkerChannel {
     /// Connections this worker holds, for least-conn: those in flight, plus
     /// the acknowledged ones not yet reported closed (if it reports CLOSED).
     pub(super) fn load(&self) -> u64 {
+        if let Some(shared) = self.threads.as_ref().map(|t| &t.shared) {
+            // Every thread's, as every thread counts it.
+            return self.unsent.len() as u64 + shared.load(MAX_HANDOFF_THREADS);
+        }
         if let Some(seen) = &self.page {
             // Live from the page, not as of the last tally: what it was
             // sent and kept, less what it says it closed (never below 0).

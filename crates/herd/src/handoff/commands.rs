@@ -30,10 +30,15 @@ impl HandoffLoop {
                     self.retire(channel, Retired::ProcessExited);
                 }
             }
-            Command::SetSlots { count } => self.active.truncate(count.min(MAX_WORKERS)),
+            Command::SetSlots { count } => {
+                self.active.truncate(count.min(MAX_WORKERS));
+                self.roster_changed = true;
+            }
             Command::SetLimits(limits) => self.set_limits(limits),
             Command::StopAccepting => {
                 self.stopped_accepting = true;
+                // Their copies close with the listeners; what they held waits here.
+                drop(self.stop_threads());
                 // Last count of what the kernel dealt, for the closing tally.
                 self.tally_kernel_rotations();
                 self.tally_due = None;
@@ -72,6 +77,8 @@ impl HandoffLoop {
             kernel_rotation: self.limits.kernel_rotation,
             ..limits
         };
+        // `max_unacked` is in the roster.
+        self.roster_changed = true;
     }
 
     /// The channel of `worker`, if it has one still.

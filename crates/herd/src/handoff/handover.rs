@@ -19,10 +19,14 @@ use std::os::fd::RawFd;
 
 use serde::{Deserialize, Serialize};
 
+use super::from_threads::ThreadsSeen;
+use super::roster::SharedWorker;
+use super::threads::ListenerCopy;
 use super::*;
 use crate::node_ipc::CarriedNodeChannel;
 use crate::rotation::CarriedRotation;
 use herd_protocol::page::Page;
+use std::sync::atomic::AtomicU64;
 
 /// Everything the loop holds, by fd number, as the new herd takes it over.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,6 +53,9 @@ pub struct CarriedListener {
     /// Its kernel rotation's slot sockets (Node workers, `rotation = "kernel"`).
     #[serde(default)]
     pub rotation: Option<CarriedRotation>,
+    /// The other hand-off threads' copies of it: (thread, fd).
+    #[serde(default)]
+    pub copies: Vec<(usize, RawFd)>,
 }
 
 /// A serving worker's channel.
@@ -80,6 +87,19 @@ pub struct CarriedChannel {
     /// fds are in the channel's queue, not herd's.
     #[serde(default)]
     pub queued: Vec<CarriedQueued>,
+    /// What every hand-off thread sent it, if it counts per thread.
+    #[serde(default)]
+    pub threads: Option<CarriedThreads>,
+}
+
+/// Per hand-off thread (thread 0's first): sent, taken back by thread 0,
+/// and counted taken (thread 0's own are in [`CarriedPage`] and `queued`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CarriedThreads {
+    pub sent: Vec<u64>,
+    pub taken_back: Vec<u64>,
+    pub received: Vec<u64>,
+    pub refused: u64,
 }
 
 /// A worker's counter page and how much of it herd had counted.
@@ -124,7 +144,8 @@ impl CarriedLoop {
     pub fn fds(&self) -> Vec<RawFd> {
         let listeners = self.listeners.iter().flatten().flat_map(|l| {
             let rotation = l.rotation.iter().flat_map(CarriedRotation::fds);
-            std::iter::once(l.fd).chain(rotation)
+            let copies = l.copies.iter().map(|&(_, fd)| fd);
+            std::iter::once(l.fd).chain(rotation).chain(copies)
         });
         let channels = self.channels.iter().flat_map(|c| {
             let own = [Some(c.fd), c.page.as_ref().map(|p| p.fd), c.worker_end];
@@ -191,11 +212,14 @@ impl HandoffLoop {
     /// Describes the loop and freezes it until [`Command::Thaw`] (module
     /// docs); a loop that cannot be described is not frozen.
     pub(super) fn freeze(&mut self, reply: mpsc::SyncSender<Result<CarriedLoop, String>>) {
-        let carried = self.carried();
+        // The other threads stop first: what they held joins the queue,
+        // and their copies are described with the listeners.
+        let shares = self.stop_threads();
+        let carried = self.carried(&shares);
         let described = carried.is_ok();
         let _ = reply.send(carried);
         if !described {
-            return;
+            return self.restart_threads(shares);
         }
         let mut held = Vec::new();
         loop {
@@ -211,14 +235,17 @@ impl HandoffLoop {
                 Ok(other) => held.push(other),
             }
         }
+        if !self.shutting_down {
+            self.restart_threads(shares);
+        }
         for command in held {
             self.run_command(command);
         }
     }
 
-    fn carried(&self) -> Result<CarriedLoop, String> {
+    fn carried(&self, shares: &[Vec<ListenerCopy>]) -> Result<CarriedLoop, String> {
         let mut listeners = Vec::with_capacity(self.listeners.len());
-        for listening in self.listeners.iter() {
+        for (listener, listening) in self.listeners.enumerate() {
             let worker_of = |channel: ChannelIx| {
                 self.channels
                     .get(channel)
@@ -229,6 +256,7 @@ impl HandoffLoop {
                 fd: l.socket.as_raw_fd(),
                 node_key: l.node_key.clone(),
                 rotation: l.rotation.as_ref().map(|r| r.carried(worker_of)),
+                copies: carried_copies(shares, listener),
             }));
         }
         let now = Instant::now();
@@ -261,6 +289,14 @@ impl HandoffLoop {
             let ix = ListenerIx::at(index);
             self.listeners.reach(ix, || None);
             if let Some(listener) = listener {
+                for &(thread, fd) in &listener.copies {
+                    let copy = copy_of(ix, fd)?;
+                    let share = thread.saturating_sub(1);
+                    if self.carried_shares.len() <= share {
+                        self.carried_shares.resize_with(share + 1, Vec::new);
+                    }
+                    self.carried_shares[share].push(copy);
+                }
                 let socket = std::net::TcpListener::from(fdpass::adopt_inherited_fd(listener.fd)?);
                 socket.set_nonblocking(true)?;
                 // Its rotation goes back once the channels it names are.
@@ -354,7 +390,7 @@ impl HandoffLoop {
             let mapped =
                 Page::map(fdpass::adopt_inherited_fd(page.fd)?, false).map_err(io::Error::other)?;
             worker.page = Some(PageSeen {
-                page: mapped,
+                page: Arc::new(mapped),
                 received: page.received,
                 closed: page.closed,
                 accepted: page.accepted,
@@ -382,10 +418,14 @@ impl HandoffLoop {
             self.counters
                 .in_flight
                 .fetch_add(worker.queued.len() as u64, Relaxed);
+            worker.queued_listed = true;
             self.queued_channels.push(channel);
         }
         if let Some(node) = carried.node {
             worker.protocol = Protocol::Node(NodeChannel::from_carried(node));
+        }
+        if let (Some(threads), Some(seen)) = (carried.threads, worker.page.as_ref()) {
+            worker.threads = Some(threads_of(&threads, worker, seen.page.clone()));
         }
         self.active[slot] = Some(channel);
         Ok(channel)
@@ -430,6 +470,16 @@ fn carried_channel(worker: &WorkerChannel, now: Instant) -> Result<CarriedChanne
             accepted: seen.accepted.clone(),
         }),
         worker_end: worker.worker_end.as_ref().map(AsRawFd::as_raw_fd),
+        threads: worker.threads.as_ref().map(|seen| {
+            let counts =
+                |counters: &[AtomicU64]| counters.iter().map(|c| c.load(Relaxed)).collect();
+            CarriedThreads {
+                sent: counts(&seen.shared.sent),
+                taken_back: counts(&seen.shared.taken_back),
+                received: seen.received.to_vec(),
+                refused: seen.shared.refused.load(Relaxed),
+            }
+        }),
         queued: worker
             .queued
             .iter()
@@ -457,6 +507,7 @@ pub fn spawn_carried(
     counters: Arc<Counters>,
     measure_latency: bool,
     backlog: u32,
+    threads: usize,
 ) -> io::Result<(Controller, JoinHandle<()>)> {
     let (mut handoff_loop, controller) = HandoffLoop::new(
         mode,
@@ -475,5 +526,60 @@ pub fn spawn_carried(
         .iter()
         .flatten()
         .all(|l| l.node_key.is_some());
+    // The other threads take up the copies they had (`handoff_threads`
+    // is a restart's to change, so there is one share per thread); from
+    // a herd that ran one thread, new copies are bound.
+    let shares = std::mem::take(&mut handoff_loop.carried_shares);
+    let shares = (!shares.is_empty()).then_some(shares);
+    handoff_loop.start_threads(threads, shares)?;
+    handoff_loop.reopen_rested();
     handoff_loop.start(controller)
+}
+
+/// The other threads' copies of `listener`, by thread.
+fn carried_copies(shares: &[Vec<ListenerCopy>], listener: ListenerIx) -> Vec<(usize, RawFd)> {
+    let mut copies = Vec::new();
+    for (share, copy) in shares.iter().enumerate() {
+        for copy in copy.iter().filter(|c| c.listener == listener) {
+            copies.push((share + 1, copy.socket.as_raw_fd()));
+        }
+    }
+    copies
+}
+
+fn copy_of(listener: ListenerIx, fd: RawFd) -> io::Result<ListenerCopy> {
+    let socket = std::net::TcpListener::from(fdpass::adopt_inherited_fd(fd)?);
+    socket.set_nonblocking(true)?;
+    Ok(ListenerCopy {
+        listener,
+        local: socket.local_addr()?,
+        socket: mio::net::TcpListener::from_std(socket),
+    })
+}
+
+/// A worker's shared side as the old herd left it.
+fn threads_of(carried: &CarriedThreads, worker: &WorkerChannel, page: Arc<Page>) -> ThreadsSeen {
+    let shared = SharedWorker::new(worker.channel.clone(), page, worker.recycle_after);
+    store_all(&shared.sent, &carried.sent);
+    store_all(&shared.taken_back, &carried.taken_back);
+    shared.refused.store(carried.refused, Relaxed);
+    let mut seen = ThreadsSeen::new(Arc::new(shared));
+    for (t, &sent) in carried.sent.iter().enumerate().take(seen.sent.len()) {
+        seen.sent[t] = sent;
+    }
+    for (t, &received) in carried
+        .received
+        .iter()
+        .enumerate()
+        .take(seen.received.len())
+    {
+        seen.received[t] = received;
+    }
+    seen
+}
+
+fn store_all(counters: &[AtomicU64], values: &[u64]) {
+    for (counter, &value) in counters.iter().zip(values) {
+        counter.store(value, Relaxed);
+    }
 }

@@ -23,6 +23,9 @@
 //! - `listeners`: the listener table, on demand for Node apps, kernel rotations.
 //! - `app_primary`: a Node app's own primary (`node.primary = "run"`), and
 //!   the relay between it and the workers.
+//! - `threads`, `roster`, `from_threads`: the other hand-off threads
+//!   (`handoff_threads`), what thread 0 shares with them, and thread 0's
+//!   side of them. This loop is thread 0: it alone reads the channels.
 //!
 //! What the loop counts lives in [`crate::counters`], below this module
 //! and [`crate::metrics`] both.
@@ -31,10 +34,13 @@ mod accepting;
 mod app_primary;
 mod channel;
 mod commands;
+mod from_threads;
 mod handover;
 mod listeners;
 mod messages;
 mod queued;
+mod roster;
+mod threads;
 mod workers;
 
 use crate::counters::{accept_error_kind, Counters};
@@ -207,6 +213,7 @@ impl Controller {
 pub const TALLY_WAIT: Duration = Duration::from_millis(50);
 
 /// Starts the loop on its own thread.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     listeners: Vec<BoundListener>,
     mode: Mode,
@@ -215,6 +222,7 @@ pub fn spawn(
     counters: Arc<Counters>,
     measure_latency: bool,
     backlog: u32,
+    threads: usize,
 ) -> io::Result<(Controller, JoinHandle<()>)> {
     // No listener configured: Node apps say what to listen on.
     let listen_on_demand = listeners.is_empty();
@@ -232,6 +240,7 @@ pub fn spawn(
             .add_listener(bound.socket, None)
             .map_err(io::Error::other)?;
     }
+    handoff_loop.start_threads(threads, None)?;
     handoff_loop.start(controller)
 }
 
@@ -378,6 +387,15 @@ struct HandoffLoop {
     /// An empty batch with room for a full one, swapped with a worker's
     /// as it is sent.
     spare_batch: Vec<Accepted>,
+    /// Wakes this loop: commands, and what the other threads forward.
+    waker: Arc<Waker>,
+    /// The other hand-off threads, if `handoff_threads` > 1.
+    others: Option<threads::OtherThreads>,
+    /// A slot changed hands this turn: the other threads get a new roster.
+    roster_changed: bool,
+    /// The other threads' listener copies carried over `herd upgrade`,
+    /// until they start.
+    carried_shares: Vec<Vec<threads::ListenerCopy>>,
 }
 
 impl HandoffLoop {
@@ -426,6 +444,10 @@ impl HandoffLoop {
             unsent_channels: Vec::new(),
             takes_watched: Vec::new(),
             spare_batch: Vec::with_capacity(herd_protocol::wire::MAX_BATCH),
+            waker: waker.clone(),
+            others: None,
+            roster_changed: false,
+            carried_shares: Vec::new(),
         };
         let controller = Controller {
             commands: commands_tx,
@@ -462,7 +484,10 @@ impl HandoffLoop {
             }
             for event in events.iter() {
                 match Polled::of(event.token()) {
-                    Polled::Waker => self.run_commands(),
+                    Polled::Waker => {
+                        self.run_commands();
+                        self.take_forwarded();
+                    }
                     Polled::Listener(listener) => self.accept_all(listener, None),
                     Polled::SlotSocket(listener, slot) => self.accept_all(listener, Some(slot)),
                     Polled::AppPrimary => self.on_app_primary(
@@ -495,7 +520,10 @@ impl HandoffLoop {
             if !self.takes_watched.is_empty() || !self.queue.is_empty() {
                 self.watch_takes();
             }
+            self.publish_roster();
         }
+        // What the other threads held is dropped with the loop: herd exits.
+        drop(self.stop_threads());
         debug!("hand-off loop stopped");
     }
 
@@ -551,6 +579,7 @@ impl HandoffLoop {
             self.hang_check_due = Some(now + HANG_CHECK_INTERVAL);
             self.find_hung(now);
             self.reclaim_stalled(now);
+            self.reopen_rested();
         }
         let expired = self
             .queue

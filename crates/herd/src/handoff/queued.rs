@@ -18,8 +18,10 @@
 //! the two, so a connection is never served twice.
 
 use super::*;
+use crate::counters::bump;
 use crate::process::WorkerLink;
 use herd_protocol::page::Page;
+use herd_protocol::page::MAX_HANDOFF_THREADS;
 use herd_protocol::wire::{encode_batch, Batch, ReadyFlags, MAX_BATCH, MAX_BATCH_LEN};
 
 /// How often counter pages are read into the counters: how stale `herd
@@ -40,7 +42,8 @@ pub(super) struct Queued {
 
 /// A worker's counter page and how much of each counter herd has counted.
 pub(super) struct PageSeen {
-    pub(super) page: Page,
+    /// Shared with the other hand-off threads (least-conn reads it).
+    pub(super) page: Arc<Page>,
     pub(super) received: u64,
     pub(super) closed: u64,
     /// Per inherited listener, as far as any was counted.
@@ -50,7 +53,7 @@ pub(super) struct PageSeen {
 impl PageSeen {
     pub(super) fn new(page: Page) -> PageSeen {
         PageSeen {
-            page,
+            page: Arc::new(page),
             received: 0,
             closed: 0,
             accepted: Vec::new(),
@@ -74,20 +77,39 @@ impl WorkerChannel {
         self.worker_end.is_some() && self.page.is_some()
     }
 
-    /// Connections sent (or about to be) and not yet taken or acknowledged.
+    /// Connections sent (or about to be) and not yet taken or acknowledged,
+    /// by every hand-off thread.
     pub(super) fn outstanding(&self) -> usize {
-        self.in_flight.len() + self.queued.len() + self.unsent.len()
+        let others = self
+            .threads
+            .as_ref()
+            .map_or(0, |t| t.outstanding() as usize);
+        self.in_flight.len() + self.queued.len() + self.unsent.len() + others
+    }
+
+    /// Has it queued hand-offs not yet taken, from any thread?
+    pub(super) fn has_queued(&self) -> bool {
+        !self.queued.is_empty() || self.threads.as_ref().is_some_and(|t| t.outstanding() > 0)
+    }
+
+    /// When the oldest queued hand-off still not taken was sent (for the
+    /// other threads': since when theirs wait with no take seen).
+    pub(super) fn oldest_queued(&self) -> Option<Instant> {
+        let own = self.queued.front().map(|entry| entry.sent_at);
+        let others = self.threads.as_ref().and_then(|t| t.waiting_since);
+        own.into_iter().chain(others).min()
     }
 
     /// Counts everything still queued as taken off the channel (the kernel
     /// says so, or herd took back what was left), as the page would have:
     /// the page's own count, when it comes, adds nothing.
     pub(super) fn all_queued_taken(&mut self, counters: &Counters) {
-        let taken = self.queued.len() as u64;
+        let own = self.queued.len() as u64;
         self.queued.clear();
         if let Some(seen) = self.page.as_mut() {
-            seen.received += taken;
+            seen.received += own;
         }
+        let taken = own + self.threads.as_mut().map_or(0, |t| t.all_taken());
         self.count_acknowledged(taken, counters);
         counters.in_flight.fetch_sub(taken, Relaxed);
     }
@@ -95,8 +117,7 @@ impl WorkerChannel {
     /// When the oldest connection it has not acknowledged or taken was sent.
     pub(super) fn oldest_sent(&self) -> Option<Instant> {
         let acked = self.in_flight.front().map(|entry| entry.sent_at);
-        let queued = self.queued.front().map(|entry| entry.sent_at);
-        acked.into_iter().chain(queued).min()
+        acked.into_iter().chain(self.oldest_queued()).min()
     }
 }
 
@@ -117,10 +138,17 @@ impl HandoffLoop {
                 .get_or_insert(Instant::now() + PAGE_TALLY_INTERVAL);
             if flags.contains(ReadyFlags::QUEUED) {
                 worker.worker_end = Some(worker_end);
+                if flags.contains(ReadyFlags::THREADS) {
+                    self.share_worker(channel);
+                }
+                let Some(worker) = self.channels[channel].as_mut() else {
+                    return;
+                };
                 // Sent before READY (a worker counted ready by
                 // `ready_delay`): it takes these as queued too, with no ACK.
                 let now = Instant::now();
-                if !worker.in_flight.is_empty() && worker.queued.is_empty() {
+                if !worker.in_flight.is_empty() && !worker.queued_listed {
+                    worker.queued_listed = true;
                     self.queued_channels.push(channel);
                 }
                 for entry in worker.in_flight.drain(..) {
@@ -146,6 +174,7 @@ impl HandoffLoop {
     /// channel, connections accepted by itself on the first `listeners`
     /// (OS modes; 0 skips that look at every listener), closed ones.
     pub(super) fn catch_up(&mut self, channel: ChannelIx, listeners: usize) {
+        let taken_from_others = self.catch_up_threads(channel, Instant::now());
         let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
             return;
         };
@@ -190,7 +219,7 @@ impl HandoffLoop {
         if let Some(seen) = worker.page.as_mut() {
             seen.closed = seen_closed + counted;
         }
-        if worker.blocked && taken > 0 {
+        if worker.blocked && taken + taken_from_others > 0 {
             worker.blocked = false;
             self.send_pending_drain(channel);
         }
@@ -207,7 +236,7 @@ impl HandoffLoop {
         let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
             return;
         };
-        if worker.queued.is_empty() {
+        if !worker.has_queued() {
             return;
         }
         // Less than one message: the kernel wakes herd from inside the
@@ -234,9 +263,8 @@ impl HandoffLoop {
             worker.role == Role::Serving
                 && !worker.hung
                 && worker
-                    .queued
-                    .front()
-                    .is_some_and(|oldest| now.duration_since(oldest.sent_at) >= limit)
+                    .oldest_queued()
+                    .is_some_and(|oldest| now.duration_since(oldest) >= limit)
         };
         for at in 0..self.queued_channels.len() {
             let channel = self.queued_channels[at];
@@ -280,11 +308,15 @@ impl HandoffLoop {
         let mut waiting = std::mem::take(&mut self.queued_channels);
         waiting.retain(|&channel| {
             self.catch_up(channel, 0);
-            self.channels
-                .get(channel)
-                .and_then(Option::as_ref)
-                .is_some_and(|worker| !worker.queued.is_empty())
+            let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
+                return false;
+            };
+            worker.queued_listed = worker.has_queued();
+            worker.queued_listed
         });
+        // Channels `catch_up` found the other threads' waiting on meanwhile
+        // (each once: `queued_listed`).
+        waiting.append(&mut self.queued_channels);
         self.queued_channels = waiting;
     }
 
@@ -303,7 +335,7 @@ impl HandoffLoop {
             let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
                 return false;
             };
-            let keep = waiting && !worker.queued.is_empty();
+            let keep = waiting && worker.has_queued();
             if !keep {
                 worker.watching_takes = false;
                 let writable = worker.wants_write();
@@ -317,7 +349,7 @@ impl HandoffLoop {
                 let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
                     continue;
                 };
-                if !worker.watching_takes && !worker.queued.is_empty() {
+                if !worker.watching_takes && worker.has_queued() {
                     worker.watching_takes = true;
                     watched.push(channel);
                     self.watch_writable(channel, true);
@@ -373,7 +405,8 @@ impl HandoffLoop {
         match sent {
             Ok(()) => {
                 let now = Instant::now();
-                if worker.queued.is_empty() {
+                if !worker.queued_listed {
+                    worker.queued_listed = true;
                     self.queued_channels.push(channel);
                 }
                 // What stays queued too long is looked for (`reclaim_stalled`).
@@ -395,6 +428,9 @@ impl HandoffLoop {
                     // Dropping `conn` closes herd's copy; the queue holds one.
                 }
                 self.counters.in_flight.fetch_add(count, Relaxed);
+                if let Some(seen) = &worker.threads {
+                    bump(&seen.shared.sent[0], count);
+                }
                 if worker.count_sent(count) {
                     let _ = self.events.send(Event::RecycleDue {
                         worker: worker.worker,
@@ -434,8 +470,11 @@ impl HandoffLoop {
     /// first. What is no longer there, the worker took: counted as taken.
     /// Returns how many came back.
     pub(super) fn take_back(&mut self, channel: ChannelIx) -> usize {
+        // First no other thread sends: what is read back is all there is.
+        self.close_gate(channel);
         let listeners = self.counters.listener_count();
         self.catch_up(channel, listeners);
+        let mut others_back = 0;
         let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
             return 0;
         };
@@ -454,6 +493,27 @@ impl HandoffLoop {
                 continue; // DRAIN: the worker is going anyway.
             };
             for (handoff, fd) in handoffs.into_iter().zip(received.fds) {
+                let thread = herd_protocol::wire::handoff_thread(handoff.connection_id);
+                if let Some(seen) = worker.threads.as_ref().filter(|_| thread != 0) {
+                    // Another thread's: counted back, it waits anew with an id of thread 0's.
+                    bump(
+                        &seen.shared.taken_back[thread.min(MAX_HANDOFF_THREADS - 1)],
+                        1,
+                    );
+                    self.next_connection_id += 1;
+                    back.push(Accepted {
+                        stream: mio::net::TcpStream::from_std(std::net::TcpStream::from(fd)),
+                        handoff: Handoff {
+                            connection_id: self.next_connection_id,
+                            ..handoff
+                        },
+                        accepted_at: Instant::now(),
+                        refused_by: None,
+                        refusals: Refusals::default(),
+                    });
+                    others_back += 1;
+                    continue;
+                }
                 let position = worker
                     .queued
                     .iter()
@@ -491,6 +551,7 @@ impl HandoffLoop {
         self.counters
             .in_flight
             .fetch_sub(returned as u64 - lied, Relaxed);
+        debug_assert!(others_back <= returned);
         self.put_back(&mut unsent);
         self.put_back(&mut back);
         returned
@@ -524,13 +585,20 @@ impl HandoffLoop {
         }
         let slot = worker.slot;
         worker.refused += 1;
+        if let Some(seen) = &worker.threads {
+            bump(&seen.shared.refused, 1);
+        }
         self.counters.requeued_refused.fetch_add(1, Relaxed);
         let serving = self.active.iter().flatten().count();
         let mut refusals = Refusals::default();
         refusals.refused(self.capacity_epoch, serving, Instant::now());
         let conn = Accepted {
             stream: mio::net::TcpStream::from_std(stream),
-            handoff,
+            // Thread 0 sends it next, under an id of its own.
+            handoff: Handoff {
+                connection_id: self.fresh_id(),
+                ..handoff
+            },
             // Its accept time did not come back with it: it waits anew.
             accepted_at: Instant::now(),
             refused_by: Some(slot),

@@ -67,7 +67,7 @@ impl HandoffLoop {
             slot,
             worker,
             pid,
-            channel: fd,
+            channel: Arc::new(fd),
             role: Role::Starting,
             hung: false,
             hang_timeout,
@@ -93,6 +93,8 @@ impl HandoffLoop {
             unsent: Vec::new(),
             watching_takes: false,
             reclaimed_at: None,
+            threads: None,
+            queued_listed: false,
         });
         Some(channel)
     }
@@ -120,6 +122,8 @@ impl HandoffLoop {
         let (slot, id) = (worker.slot, worker.worker);
         self.active.reach(slot, || None);
         self.active[slot] = Some(channel);
+        self.update_gate(channel);
+        self.roster_changed = true;
         let _ = self.events.send(Event::Serving { worker: id });
     }
 
@@ -156,6 +160,7 @@ impl HandoffLoop {
             if self.active.get(worker.slot) == Some(&Some(channel)) {
                 self.active[worker.slot] = None;
             }
+            self.roster_changed = true;
             let requeued = self.requeue_in_flight(channel);
             self.counters
                 .requeued_hung
@@ -177,6 +182,8 @@ impl HandoffLoop {
     /// Stops giving a worker connections and sends it DRAIN (now, or as
     /// soon as its channel has room).
     pub(super) fn drain(&mut self, channel: ChannelIx) {
+        // No other thread sends after DRAIN (nor while it is sent).
+        self.close_gate(channel);
         let Some(worker) = self.channels[channel].as_mut() else {
             return;
         };
@@ -188,6 +195,7 @@ impl HandoffLoop {
         if self.active.get(worker.slot) == Some(&Some(channel)) {
             self.active[worker.slot] = None;
         }
+        self.roster_changed = true;
         // Given to it this turn but not sent: to other workers, not after DRAIN.
         let mut unsent = std::mem::take(&mut worker.unsent);
         self.put_back(&mut unsent);
@@ -277,6 +285,7 @@ impl HandoffLoop {
         if self.active.get(worker.slot) == Some(&Some(channel)) {
             self.active[worker.slot] = None;
         }
+        self.roster_changed = true;
         self.update_rotations(channel, SlotRotation::release);
         if let Some(closed) = worker.closed {
             // Whatever it still had open ended with its channel.

@@ -146,6 +146,7 @@ fn claim(
         counters.clone(),
         settings.metrics.is_some(),
         settings.backlog,
+        settings.handoff_threads,
     )
     .map_err(PrimaryError::HandoffLoop)?;
     let sockets =
