@@ -276,6 +276,33 @@ fn the_kernel_spreads_connections_over_both_threads() {
     }
 }
 
+fn thread_forwarded(text: &str, thread: usize) -> f64 {
+    let series = format!("herd_handoff_thread_forwarded_total{{thread=\"{thread}\"}}");
+    sample_of(text, &series).unwrap_or(0.0)
+}
+
+/// Thread 1 sends to workers that count per thread itself, and gives
+/// thread 0 everything for workers that do not (`--by-message`: no page).
+#[test]
+fn the_other_thread_sends_itself_only_to_workers_that_count_per_thread() {
+    for (by_message, name) in [(false, "threads-direct"), (true, "threads-forwarded")] {
+        let mut command = vec![hello_worker()];
+        if by_message {
+            command.push("--by-message");
+        }
+        let herd = Herd::launch(name, Some(TWO), 2, &["--metrics", "127.0.0.1:0"], &command);
+        herd.wait_all_ready(2);
+        wait_for_two_threads(&herd);
+        // One at a time: no channel is ever full, nothing needs forwarding.
+        count_pids(herd.addr(), 200);
+        let text = scrape_until(&herd, |text| accepted(text) >= 200.0);
+        let (accepted_1, forwarded_1) = (thread_accepted(&text, 1), thread_forwarded(&text, 1));
+        assert!(accepted_1 > 0.0, "thread 1 accepted none:\n{text}");
+        let expected = if by_message { accepted_1 } else { 0.0 };
+        assert_eq!(forwarded_1, expected, "by_message = {by_message}:\n{text}");
+    }
+}
+
 #[test]
 fn round_robin_stays_within_one_per_thread_of_even() {
     let (workers, threads, sent) = (3, 2, 600);

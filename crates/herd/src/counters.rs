@@ -55,6 +55,9 @@ pub struct Counters {
     pub kernel_dealt: AtomicU64,
     /// Connections each hand-off thread accepted (also in `accepted`).
     pub thread_accepted: [AtomicU64; MAX_HANDOFF_THREADS],
+    /// Of those, what each thread past the first gave to thread 0 to
+    /// send (no worker it may send to could take it).
+    pub thread_forwarded: [AtomicU64; MAX_HANDOFF_THREADS],
     /// Hand-off threads running (`handoff_threads`; 1 until they start).
     pub handoff_threads: AtomicU64,
 }
@@ -169,6 +172,7 @@ impl Counters {
             latency: LatencyHistogram::default(),
             kernel_dealt: AtomicU64::new(0),
             thread_accepted: Default::default(),
+            thread_forwarded: Default::default(),
             handoff_threads: AtomicU64::new(1),
         }
     }
@@ -222,9 +226,11 @@ pub struct CarriedCounters {
     pub dropped: [u64; 3],
     pub accept_errors: Vec<u64>,
     pub kernel_dealt: u64,
-    /// Per hand-off thread, what it accepted.
+    /// Per hand-off thread, what it accepted, and what it forwarded.
     #[serde(default)]
     pub thread_accepted: Vec<u64>,
+    #[serde(default)]
+    pub thread_forwarded: Vec<u64>,
 }
 
 fn values<'a>(counters: impl IntoIterator<Item = &'a AtomicU64>) -> Vec<u64> {
@@ -272,6 +278,7 @@ impl Counters {
             accept_errors: values(&self.accept_errors),
             kernel_dealt: self.kernel_dealt.load(Relaxed),
             thread_accepted: values(&self.thread_accepted),
+            thread_forwarded: values(&self.thread_forwarded),
         }
     }
 
@@ -303,6 +310,7 @@ impl Counters {
         store(&self.accept_errors, &carried.accept_errors);
         self.kernel_dealt.store(carried.kernel_dealt, Relaxed);
         store(&self.thread_accepted, &carried.thread_accepted);
+        store(&self.thread_forwarded, &carried.thread_forwarded);
     }
 }
 

@@ -84,7 +84,14 @@ pub struct Plan {
     pub sockets_per_slot: bool,
     pub max_unacked: u64,
     pub queue_limit: u64,
+    /// `handoff_threads`: each past the first holds a copy of every
+    /// listener, its poll and waker, and per worker the batch it builds.
+    pub handoff_threads: u64,
 }
+
+/// Per hand-off thread past the first, besides its listener copies: its
+/// poll and its waker.
+pub const THREAD_FDS: u64 = 2;
 
 /// What a plan may need, in parts, to explain a refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,12 +121,31 @@ impl Plan {
             } else {
                 0
             },
+            handoff_threads: settings.handoff_threads as u64,
         }
+    }
+
+    fn other_threads(self) -> u64 {
+        self.handoff_threads.saturating_sub(1)
+    }
+
+    /// What the other threads hold besides per-worker batches: their
+    /// copies, polls and wakers, and what waits forwarded to thread 0.
+    fn threads_fixed(self) -> u64 {
+        match self.other_threads() {
+            0 => 0,
+            others => others * (self.listeners + THREAD_FDS) + crate::handoff::FORWARD_LIMIT as u64,
+        }
+    }
+
+    /// Per worker, the batch each other thread may be building for it.
+    fn threads_per_worker(self) -> u64 {
+        self.other_threads() * self.max_unacked.min(herd_protocol::wire::MAX_BATCH as u64)
     }
 
     /// At most how many fds herd holds under this plan.
     pub fn need(self) -> Need {
-        let per_worker = PER_WORKER + self.max_unacked;
+        let per_worker = PER_WORKER + self.max_unacked + self.threads_per_worker();
         let slot_sockets = if self.sockets_per_slot {
             self.workers * self.listeners + PROGRAM_FDS * self.listeners
         } else {
@@ -127,6 +153,7 @@ impl Plan {
         };
         let total = FIXED_OVERHEAD
             + self.listeners
+            + self.threads_fixed()
             + slot_sockets
             + self.workers * per_worker
             + self.queue_limit;
@@ -140,9 +167,11 @@ impl Plan {
         } else {
             0
         };
-        let fixed = FIXED_OVERHEAD + self.listeners + programs + self.queue_limit;
+        let fixed =
+            FIXED_OVERHEAD + self.listeners + self.threads_fixed() + programs + self.queue_limit;
         let per_worker = PER_WORKER
             + self.max_unacked
+            + self.threads_per_worker()
             + if self.sockets_per_slot {
                 self.listeners
             } else {
@@ -167,6 +196,15 @@ impl fmt::Display for Need {
                 " + one socket per worker and listener + {PROGRAM_FDS} per listener for its eBPF program"
             )?;
         }
+        if p.other_threads() > 0 {
+            write!(
+                f,
+                " + handoff_threads = {} (each past the first: a copy of each listener, {THREAD_FDS} of its own and up to {} per worker; {} forwarded to thread 0)",
+                p.handoff_threads,
+                p.max_unacked.min(herd_protocol::wire::MAX_BATCH as u64),
+                crate::handoff::FORWARD_LIMIT
+            )?;
+        }
         write!(f, " + {FIXED_OVERHEAD} for herd itself")
     }
 }
@@ -182,6 +220,7 @@ mod tests {
             sockets_per_slot: false,
             max_unacked: 64,
             queue_limit: 1024,
+            handoff_threads: 1,
         }
     }
 
@@ -197,6 +236,28 @@ mod tests {
             per_slot.need().total,
             128 + 2 + 3 * 2 + 2 * 4 + 3 * 70 + 1024
         );
+    }
+
+    #[test]
+    fn hand_off_threads_count_their_copies_batches_and_forwards() {
+        let threads = Plan {
+            handoff_threads: 3,
+            listeners: 2,
+            ..plan(4)
+        };
+        let forwarded = crate::handoff::FORWARD_LIMIT as u64;
+        assert_eq!(
+            threads.need().total,
+            128 + 2 + 2 * (2 + 2) + forwarded + 4 * (70 + 2 * 32) + 1024
+        );
+        let text = threads.need().to_string();
+        assert!(text.contains("handoff_threads = 3"), "{text}");
+        for limit in [4096, 65536] {
+            let most = threads.max_workers(limit);
+            let with = |workers| Plan { workers, ..threads };
+            assert!(most > 0 && with(most).need().total <= limit, "{limit}");
+            assert!(with(most + 1).need().total > limit, "{limit}");
+        }
     }
 
     #[test]

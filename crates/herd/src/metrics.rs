@@ -37,6 +37,7 @@ pub struct Metrics {
     redispatched: IntCounterVec,
     kernel_dealt: prometheus::IntCounter,
     thread_accepted: IntCounterVec,
+    thread_forwarded: IntCounterVec,
     dropped: IntCounterVec,
     in_flight: IntGauge,
     open_connections: IntGaugeVec,
@@ -102,6 +103,11 @@ impl Metrics {
             thread_accepted: counter_vec(
                 "herd_handoff_thread_accepted_total",
                 "Connections each hand-off thread accepted (handoff_threads; also counted in herd_connections_accepted_total).",
+                &["thread"],
+            ),
+            thread_forwarded: counter_vec(
+                "herd_handoff_thread_forwarded_total",
+                "Connections a hand-off thread past the first accepted and gave to thread 0 to send: no worker it may send to (one that counts receipts per thread) could take it.",
                 &["thread"],
             ),
             dropped: counter_vec(
@@ -266,12 +272,18 @@ impl Metrics {
         sync(&self.kernel_dealt, counters.kernel_dealt.load(Relaxed));
         let threads = counters.handoff_threads.load(Relaxed) as usize;
         for (thread, count) in counters.thread_accepted.iter().enumerate().take(threads) {
+            let label = thread.to_string();
             sync(
-                &self
-                    .thread_accepted
-                    .with_label_values(&[&thread.to_string()]),
+                &self.thread_accepted.with_label_values(&[&label]),
                 count.load(Relaxed),
             );
+            if thread > 0 {
+                let forwarded = counters.thread_forwarded[thread].load(Relaxed);
+                sync(
+                    &self.thread_forwarded.with_label_values(&[&label]),
+                    forwarded,
+                );
+            }
         }
         sync(
             &self.dropped.with_label_values(&["queue-full"]),

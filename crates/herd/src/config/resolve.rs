@@ -48,12 +48,6 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
         WorkerProtocol::Preload => Some(preload::for_workers(&program, &identity)?),
         _ => None,
     };
-    if let (HandoffThreadCount::Count(n @ 2..), Some(why)) = (
-        config.handoff_threads,
-        config.threads_refusal(protocol, kernel_rotation),
-    ) {
-        return Err(invalid("handoff_threads", n, why));
-    }
     // Workers that inherit sockets start through herd's shim (LISTEN_PID).
     if (!config.mode.hands_off() || kernel_rotation) && protocol != WorkerProtocol::NodeCluster {
         if let Some(user) = run_as.as_ref().filter(|user| !user.is_herds_own()) {
@@ -75,7 +69,7 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
             format!("more than the {workers} worker(s) herd runs: /readyz would never say ready"),
         ));
     }
-    let handoff_threads = handoff_threads(&config, protocol, kernel_rotation);
+    let handoff_threads = handoff_threads(&config, protocol, kernel_rotation)?;
     Ok(settings(
         config,
         Resolved {
@@ -93,17 +87,23 @@ pub fn resolve(valid: ValidConfig) -> Result<Settings, ConfigError> {
 }
 
 /// `handoff_threads` for this host: "auto" is one per
-/// [`CORES_PER_HANDOFF_THREAD`] cores where threads can hand off (checked
-/// by `validate` for a count), else one.
-fn handoff_threads(config: &Config, protocol: WorkerProtocol, kernel_rotation: bool) -> usize {
-    match config.handoff_threads {
-        HandoffThreadCount::Count(n) => n,
-        HandoffThreadCount::Auto if config.threads_refusal(protocol, kernel_rotation).is_none() => {
-            (available_cores() / CORES_PER_HANDOFF_THREAD)
-                .clamp(1, herd_protocol::page::MAX_HANDOFF_THREADS)
+/// [`CORES_PER_HANDOFF_THREAD`] cores where threads can hand off, else
+/// one; a count above one where they cannot is refused, saying why.
+fn handoff_threads(
+    config: &Config,
+    protocol: WorkerProtocol,
+    kernel_rotation: bool,
+) -> Result<usize, ConfigError> {
+    let refusal = config.threads_refusal(protocol, kernel_rotation);
+    Ok(match (config.handoff_threads, refusal) {
+        (HandoffThreadCount::Count(n @ 2..), Some(why)) => {
+            return Err(invalid("handoff_threads", n, why))
         }
-        HandoffThreadCount::Auto => 1,
-    }
+        (HandoffThreadCount::Count(n), _) => n,
+        (HandoffThreadCount::Auto, None) => (available_cores() / CORES_PER_HANDOFF_THREAD)
+            .clamp(1, herd_protocol::page::MAX_HANDOFF_THREADS),
+        (HandoffThreadCount::Auto, Some(_)) => 1,
+    })
 }
 
 /// What validation and the host decided, beside the config's own values.

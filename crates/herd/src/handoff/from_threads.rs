@@ -329,3 +329,63 @@ impl HandoffLoop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herd_protocol::page::Page;
+
+    /// A worker's shared side, and the worker's writable view of its page.
+    fn shared() -> (ThreadsSeen, Page) {
+        let (herds, _workers) = std::os::unix::net::UnixStream::pair().unwrap();
+        let page = Page::create().unwrap();
+        let workers_page = Page::map(page.fd().try_clone_to_owned().unwrap(), true).unwrap();
+        let shared = SharedWorker::new(Arc::new(OwnedFd::from(herds)), Arc::new(page), None);
+        (ThreadsSeen::new(Arc::new(shared)), workers_page)
+    }
+
+    #[test]
+    fn takes_count_per_thread_and_never_beyond_what_that_thread_sent() {
+        let (mut seen, page) = shared();
+        let now = Instant::now();
+        seen.shared.sent[1].store(5, Relaxed);
+        seen.shared.sent[2].store(3, Relaxed);
+        // Thread 2's page counter runs ahead of its sends (a lying worker,
+        // or a send counted after its take): clamped, the rest later.
+        page.add_received_from(1, 2);
+        page.add_received_from(2, 4);
+        assert_eq!(seen.catch_up(now), (8, 5));
+        assert_eq!(seen.outstanding(), 3);
+        assert_eq!(seen.waiting_since, Some(now), "a take restarts the wait");
+        // Nothing new: the same counts, the wait goes on from then.
+        let later = now + Duration::from_secs(1);
+        assert_eq!(seen.catch_up(later), (0, 0));
+        assert_eq!(seen.waiting_since, Some(now));
+        // Thread 2 sends one more: its early take now counts.
+        seen.shared.sent[2].store(4, Relaxed);
+        assert_eq!(seen.catch_up(later), (1, 1));
+        assert_eq!(seen.waiting_since, Some(later));
+        // Thread 0's counter is not the others' business.
+        page.add_received(10);
+        assert_eq!(seen.catch_up(later), (0, 0));
+        assert_eq!(seen.outstanding(), 3);
+    }
+
+    #[test]
+    fn taken_back_is_neither_outstanding_nor_taken_and_the_rest_can_be_counted_at_once() {
+        let (mut seen, page) = shared();
+        let now = Instant::now();
+        seen.shared.sent[1].store(6, Relaxed);
+        seen.shared.taken_back[1].store(2, Relaxed);
+        page.add_received_from(1, 1);
+        assert_eq!(seen.catch_up(now), (6, 1));
+        assert_eq!(seen.outstanding(), 3);
+        // The kernel says the channel is empty: the 3 were taken.
+        assert_eq!(seen.all_taken(), 3);
+        assert_eq!((seen.outstanding(), seen.waiting_since), (0, None));
+        // The page's own count, when it comes, adds nothing.
+        page.add_received_from(1, 3);
+        assert_eq!(seen.catch_up(now), (0, 0));
+        assert_eq!(seen.waiting_since, None, "nothing waits");
+    }
+}

@@ -40,6 +40,7 @@ mod listeners;
 mod messages;
 mod queued;
 mod roster;
+mod taking_back;
 mod threads;
 mod workers;
 
@@ -48,8 +49,10 @@ use accepting::{reserve_fd, Refusals};
 use channel::{
     take_in_flight, BadMessage, Message, Protocol, ProtocolErrors, ReadEnd, WorkerChannel,
 };
+pub use commands::{Command, Controller, TALLY_WAIT};
 pub use handover::{spawn_carried, CarriedLoop};
 use queued::{worker_watched, PageSeen, Queued, PAGE_TALLY_INTERVAL};
+pub(crate) use threads::FORWARD_LIMIT;
 use workers::Retired;
 
 use std::collections::VecDeque;
@@ -115,56 +118,6 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// Long enough not to spin, short enough that clients barely notice.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// What the supervisor tells the hand-off loop. The supervisor decides
-/// every worker's [`Role`]; the loop routes connections by it and never
-/// changes it on its own.
-#[derive(Debug)]
-pub enum Command {
-    /// A new worker, starting: it gets nothing until [`Command::Serve`].
-    AddWorker { worker: NewWorker, channel: OwnedFd },
-    /// The worker holds its slot now and gets the slot's connections.
-    Serve { worker: WorkerId },
-    /// The worker gets nothing more and is sent DRAIN (Node: `disconnect`).
-    Drain { worker: WorkerId },
-    /// The worker's process has exited: what it had not acknowledged goes to
-    /// other workers now, even if a helper still holds its channel open.
-    Forget { worker: WorkerId },
-    /// Only slots below `count` remain (their workers were drained first).
-    SetSlots { count: usize },
-    /// A reload's `[handoff]` limits, from now on (`kernel_rotation` excepted).
-    SetLimits(HandoffSettings),
-    /// Close the listeners and hand off what is queued where possible. The
-    /// loop keeps collecting ACKs until [`Command::Exit`].
-    StopAccepting,
-    /// End the loop now.
-    Exit,
-    /// `herd upgrade`: describe everything the loop holds and stop turning
-    /// until [`Command::Thaw`] (`handover`); the reply says why not if the
-    /// loop cannot be described, and it is not frozen then.
-    Freeze(std::sync::mpsc::SyncSender<Result<CarriedLoop, String>>),
-    /// The upgrade did not happen: turn again, as if nothing had.
-    Thaw,
-    /// `/livez`: the loop answers when it gets to it, proving it turns.
-    Ping(tokio::sync::oneshot::Sender<()>),
-    /// Read every counter page into the counters now, then answer: status
-    /// and metrics are fresh to the moment they were asked for.
-    Tally(mpsc::SyncSender<()>),
-    /// `node.primary = "run"`: relay workers' messages and lives to the
-    /// app's primary, which counts them ready once `online`. Sent before
-    /// the first worker is added.
-    AppPrimaryRuns,
-    /// The app's primary started (again): `channel` is herd's end of its channel.
-    AppPrimary { pid: u32, channel: OwnedFd },
-    /// The worker in `slot` (process `pid`) was reaped: the app's primary
-    /// hears its `exit` (its exit `code`, or the `signal` it died of).
-    WorkerExited {
-        slot: SlotIx,
-        pid: u32,
-        code: Option<i32>,
-        signal: Option<i32>,
-    },
-}
-
 /// What the hand-off loop observed, for the supervisor to decide on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -182,35 +135,6 @@ pub enum Event {
     /// acknowledged went to other workers.
     Hung { worker: WorkerId },
 }
-
-/// The supervisor's handle on the loop.
-#[derive(Debug, Clone)]
-pub struct Controller {
-    commands: mpsc::Sender<Command>,
-    waker: Arc<Waker>,
-}
-
-impl Controller {
-    /// Queues a command and wakes the loop. Fails only once the loop has ended.
-    pub fn send(&self, command: Command) -> io::Result<()> {
-        self.commands
-            .send(command)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "hand-off loop has stopped"))?;
-        self.waker.wake()
-    }
-
-    /// Has the loop read every worker's counter page ([`Command::Tally`])
-    /// and waits for it, at most `within` (it answers within a turn; a
-    /// frozen loop, after the thaw). False if it did not answer in time:
-    /// the counts are then as of the last tally, at most 100 ms old.
-    pub fn tally(&self, within: Duration) -> bool {
-        let (done, answered) = mpsc::sync_channel(1);
-        self.send(Command::Tally(done)).is_ok() && answered.recv_timeout(within).is_ok()
-    }
-}
-
-/// How long status and metrics wait for [`Controller::tally`].
-pub const TALLY_WAIT: Duration = Duration::from_millis(50);
 
 /// Starts the loop on its own thread.
 #[allow(clippy::too_many_arguments)]

@@ -24,9 +24,10 @@ use super::*;
 use herd_protocol::wire::{encode_batch, MAX_BATCH, MAX_BATCH_LEN, THREAD_SHIFT};
 use std::sync::atomic::AtomicBool;
 
-/// Connections a thread may have forwarded to thread 0 and thread 0 not
-/// yet taken; past it the thread stops accepting until there is room.
-pub(super) const FORWARD_LIMIT: usize = 4096;
+/// Connections the threads may have forwarded to thread 0 and thread 0
+/// not yet taken (each holds an fd); past it a thread stops accepting
+/// until there is room. Thread 0 takes them every turn it is woken.
+pub(crate) const FORWARD_LIMIT: usize = 256;
 /// How often a thread holding what it could not forward tries again.
 const FORWARD_RETRY: Duration = Duration::from_millis(5);
 const THREAD_WAKER: Token = Token(usize::MAX);
@@ -434,6 +435,7 @@ impl ThreadLoop {
 
     /// Forwards `conn` to thread 0, or holds it when thread 0's inbox is full.
     fn forward_one(&mut self, conn: Accepted) {
+        self.counters.thread_forwarded[self.index].fetch_add(1, Relaxed);
         if !self.held.is_empty() {
             return self.held.push(conn);
         }
