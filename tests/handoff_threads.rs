@@ -303,6 +303,34 @@ fn the_other_thread_sends_itself_only_to_workers_that_count_per_thread() {
     }
 }
 
+/// The Python example counts each take on its sender's counter: every
+/// hand-off of both threads is counted taken, none left in flight.
+#[test]
+fn the_python_example_counts_each_threads_takes() {
+    let worker = python_worker();
+    let command = ["python3", worker.as_str()];
+    // No stall check within the test's deadline: only the page counts.
+    let config = format!("{TWO}[handoff]\nack_timeout = \"60s\"\n");
+    let herd = Herd::launch(
+        "threads-python",
+        Some(&config),
+        2,
+        &["--metrics", "127.0.0.1:0"],
+        &command,
+    );
+    herd.wait_all_ready(2);
+    wait_for_two_threads(&herd);
+    count_pids(herd.addr(), 200);
+    let counted = |text: &str| {
+        sum_of(text, "herd_connections_handed_off_total") >= 200.0
+            && sample_of(text, "herd_handoffs_in_flight") == Some(0.0)
+    };
+    let text = scrape_until(&herd, counted);
+    assert!(counted(&text), "not every take was counted:\n{text}");
+    assert_eq!(thread_forwarded(&text, 1), 0.0, "{text}");
+    assert!(thread_accepted(&text, 1) > 0.0, "{text}");
+}
+
 #[test]
 fn round_robin_stays_within_one_per_thread_of_even() {
     let (workers, threads, sent) = (3, 2, 600);
