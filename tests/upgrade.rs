@@ -553,7 +553,11 @@ fn the_dry_run_names_every_handover_version_it_reads() {
     );
     assert_eq!(run.code, Some(0), "{run:?}");
     let lines: Vec<&str> = run.stdout.lines().collect();
-    assert_eq!(lines, ["herd-handover 1", "herd-handover 2"], "{run:?}");
+    assert_eq!(
+        lines,
+        ["herd-handover 1", "herd-handover 2", "herd-handover 3"],
+        "{run:?}"
+    );
 }
 
 /// Counter pages and herd's copies of the workers' ends are carried: the

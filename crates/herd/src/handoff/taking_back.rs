@@ -26,7 +26,6 @@ impl HandoffLoop {
         self.close_gate(channel);
         let listeners = self.counters.listener_count();
         self.catch_up(channel, listeners);
-        let mut others_back = 0;
         let Some(worker) = self.channels.get_mut(channel).and_then(Option::as_mut) else {
             return 0;
         };
@@ -55,8 +54,11 @@ impl HandoffLoop {
                         fd,
                         self.next_connection_id,
                     ));
-                    others_back += 1;
                     continue;
+                }
+                if let Some(seen) = &worker.threads {
+                    // Thread 0's own, read back: least-conn counts it no more.
+                    bump(&seen.shared.taken_back[0], 1);
                 }
                 let position = worker
                     .queued
@@ -95,7 +97,6 @@ impl HandoffLoop {
         self.counters
             .in_flight
             .fetch_sub(returned as u64 - lied, Relaxed);
-        debug_assert!(others_back <= returned);
         self.put_back(&mut unsent);
         self.put_back(&mut back);
         returned

@@ -20,11 +20,15 @@ use crate::supervisor::CarriedSupervisor;
 /// read it says so in the dry run, before anything is frozen. Version 2
 /// carries counter pages and queued hand-offs, which a herd that reads only
 /// version 1 would treat as workers that ACK: it is not handed one.
-pub const HANDOVER_VERSION: u32 = 2;
+/// Version 3 carries the hand-off threads' listener copies and what each
+/// thread sent each worker, which a version-2 herd would leave unread (the
+/// copies' queued connections never accepted).
+pub const HANDOVER_VERSION: u32 = 3;
 
 /// Every format this herd reads (what its dry run answers, one line each):
-/// a version-1 document is a version-2 one with no page and nothing queued.
-pub const HANDOVER_READS: [u32; 2] = [1, 2];
+/// a version-1 document is a version-2 one with no page and nothing queued,
+/// and a version-2 one a version-3 one with one hand-off thread.
+pub const HANDOVER_READS: [u32; 3] = [1, 2, 3];
 
 /// The largest document a herd reads: far above what [`MAX_WORKERS`]
 /// workers with their queues make, so a corrupt one cannot make herd grow.
