@@ -7,6 +7,8 @@
 #                    (MODE: round-robin sticky least-conn shared reuseport)
 #   herd-kernel      round-robin dealt by the kernel (--rotation kernel): an
 #                    SK_REUSEPORT program over one socket per hello-worker
+#   herd-threads     round-robin hand-offs from two hand-off threads
+#                    (--handoff-threads 2), each on its own SO_REUSEPORT copy
 #   herd-node        herd (round-robin) as the primary of the seed's unmodified
 #                    Node cluster example ($WORKERS Node workers); no --listen:
 #                    herd binds what the app asks for (PORT), as Node's primary;
@@ -39,7 +41,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all_setups="direct herd-round-robin herd-kernel herd-sticky herd-least-conn herd-shared herd-reuseport herd-node herd-node-handoff herd-node-shared node-rr node-none haproxy"
+all_setups="direct herd-round-robin herd-threads herd-kernel herd-sticky herd-least-conn herd-shared herd-reuseport herd-node herd-node-handoff herd-node-shared node-rr node-none haproxy"
 read -r -a setups <<< "${SETUPS:-$all_setups}"
 workers=${WORKERS:-2}
 rounds=${ROUNDS:-3}
@@ -136,10 +138,10 @@ start_direct() {
   wait_ready "$front" "$port" true_check
 }
 
-start_herd() { # MODE [ROTATION]
-  port=$(free_port); expect=$workers; control="$tmp/herd-$1${2:+-$2}.sock"
+start_herd() { # MODE [ROTATION [HANDOFF_THREADS]]
+  port=$(free_port); expect=$workers; control="$tmp/herd-$1${2:+-$2}${3:+-$3}.sock"
   RUST_LOG=warn "$bin/herd" run -c /dev/null --listen "127.0.0.1:$port" --workers "$workers" \
-    --mode "$1" ${2:+--rotation "$2"} --control "$control" -- "$bin/hello-worker" >"$log" 2>&1 & front=$!; started+=("$front")
+    --mode "$1" ${2:+--rotation "$2"} ${3:+--handoff-threads "$3"} --control "$control" -- "$bin/hello-worker" >"$log" 2>&1 & front=$!; started+=("$front")
   wait_ready "$front" "$port" herd_all_ready
 }
 
@@ -185,6 +187,7 @@ start() { # SETUP
     herd-node-handoff) start_herd_node round-robin handoff ;;
     herd-node-shared) start_herd_node shared auto ;;
     herd-kernel) start_herd round-robin kernel ;;
+    herd-threads) start_herd round-robin handoff 2 ;;
     herd-*) start_herd "${1#herd-}" ;;
     node-*) start_node "${1#node-}" ;;
     haproxy) start_haproxy ;;

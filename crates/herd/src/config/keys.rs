@@ -224,34 +224,29 @@ fn size(key: &str, value: Value) -> Result<ByteSize, ConfigError> {
 }
 
 fn worker_count(key: &str, value: Value) -> Result<WorkerCount, ConfigError> {
-    match value {
-        Value::String(name) if name == "max" => Ok(WorkerCount::Max),
-        Value::Integer(n) => {
-            Ok(WorkerCount::Count(
-                int(key, Value::Integer(n), 1, MAX_WORKERS as i64)? as usize,
-            ))
-        }
-        other => Err(invalid(
-            key,
-            shown(&other),
-            format!("expected a number from 1 to {MAX_WORKERS} or \"max\""),
-        )),
-    }
+    let count = count_or_word(key, value, "max", MAX_WORKERS)?;
+    Ok(count.map_or(WorkerCount::Max, WorkerCount::Count))
 }
 
 fn thread_count(key: &str, value: Value) -> Result<HandoffThreadCount, ConfigError> {
-    const MAX: usize = herd_protocol::page::MAX_HANDOFF_THREADS;
+    let count = count_or_word(key, value, "auto", herd_protocol::page::MAX_HANDOFF_THREADS)?;
+    Ok(count.map_or(HandoffThreadCount::Auto, HandoffThreadCount::Count))
+}
+
+/// A count from 1 to `max`, or `word` (`None`) for the host to decide.
+fn count_or_word(
+    key: &str,
+    value: Value,
+    word: &str,
+    max: usize,
+) -> Result<Option<usize>, ConfigError> {
     match value {
-        Value::String(name) if name == "auto" => Ok(HandoffThreadCount::Auto),
-        Value::Integer(n) => {
-            Ok(HandoffThreadCount::Count(
-                int(key, Value::Integer(n), 1, MAX as i64)? as usize,
-            ))
-        }
+        Value::String(name) if name == word => Ok(None),
+        Value::Integer(n) => Ok(Some(int(key, Value::Integer(n), 1, max as i64)? as usize)),
         other => Err(invalid(
             key,
             shown(&other),
-            format!("expected a number from 1 to {MAX} or \"auto\""),
+            format!("expected a number from 1 to {max} or \"{word}\""),
         )),
     }
 }

@@ -727,3 +727,49 @@ fn ready_names_the_convention_and_ready_delay_is_its_old_name() {
         .to_string()
         .starts_with("invalid `ready` = \"tcp:\""));
 }
+
+#[test]
+fn handoff_threads_are_counted_refused_by_name_or_resolved_for_the_host() {
+    assert_eq!(with("handoff_threads = 3\n").unwrap().handoff_threads, 3);
+    assert_eq!(
+        refused("handoff_threads = 8\n"),
+        "invalid `handoff_threads` = 8: must be between 1 and 7"
+    );
+    assert_eq!(
+        Config::parse("handoff_threads = \"many\"")
+            .unwrap_err()
+            .message,
+        "invalid `handoff_threads` = \"many\": expected a number from 1 to 7 or \"auto\""
+    );
+    // More than one where herd accepts nothing, or the workers cannot count per thread.
+    for (extra, why) in [
+        ("mode = \"shared\"\n", "mode \"shared\" has the kernel deal"),
+        (
+            "mode = \"reuseport\"\n",
+            "mode \"reuseport\" has the kernel deal",
+        ),
+        ("rotation = \"kernel\"\n", "dealt by the kernel here"),
+        (
+            "protocol = \"node-cluster\"\nrotation = \"handoff\"\n",
+            "Node cluster workers take connections from one thread",
+        ),
+    ] {
+        let error = refused(&format!("handoff_threads = 2\n{extra}"));
+        assert!(
+            error.starts_with("invalid `handoff_threads` = 2: ") && error.contains(why),
+            "{extra}: {error}"
+        );
+        // One thread is no refusal there, and "auto" is one.
+        assert_eq!(
+            with(&format!("handoff_threads = 1\n{extra}"))
+                .unwrap()
+                .handoff_threads,
+            1
+        );
+        assert_eq!(with(extra).unwrap().handoff_threads, 1, "{extra}");
+    }
+    // "auto": one per 8 cores, 1 to 7.
+    let auto = with("").unwrap().handoff_threads;
+    let expected = (available_cores() / CORES_PER_HANDOFF_THREAD).clamp(1, 7);
+    assert_eq!(auto, expected);
+}

@@ -14,7 +14,8 @@
 //! worker.
 //!
 //! # Layout
-//! - this module: the commands and events, the loop itself, its timers.
+//! - this module: the events, the loop itself, its timers.
+//! - `commands`: the supervisor's commands and [`Controller`], carried out.
 //! - `channel`: one worker's channel (role, in flight, acknowledged, bad
 //!   messages) and its protocol, herd's or Node's, one method per act.
 //! - `workers`: workers added, made serving, drained, found hung, retired.
@@ -23,6 +24,9 @@
 //! - `listeners`: the listener table, on demand for Node apps, kernel rotations.
 //! - `app_primary`: a Node app's own primary (`node.primary = "run"`), and
 //!   the relay between it and the workers.
+//! - `queued`, `taking_back`: counter pages and queued hand-offs; what is
+//!   taken back off a worker's channel, and what it returns.
+//! - `handover`: the loop across `herd upgrade`.
 //! - `threads`, `roster`, `from_threads`: the other hand-off threads
 //!   (`handoff_threads`), what thread 0 shares with them, and thread 0's
 //!   side of them. This loop is thread 0: it alone reads the channels.
