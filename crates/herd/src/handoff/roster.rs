@@ -13,8 +13,9 @@
 //!   `max_unacked`);
 //! - a **gate** thread 0 opens while the worker serves and closes before
 //!   it drains, rests or takes back what is queued: a thread sends only
-//!   holding the gate, so once thread 0 closed it no send is under way and
-//!   none follows, and reading the channel back loses nothing;
+//!   holding the gate (shared: senders never wait for each other), so once
+//!   thread 0 closed it no send is under way and none follows, and reading
+//!   the channel back loses nothing;
 //! - per thread, what that thread sent (written by that thread alone) and
 //!   what thread 0 took back of it.
 //!
@@ -22,7 +23,7 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use herd_protocol::page::{Page, MAX_HANDOFF_THREADS};
 
@@ -41,8 +42,10 @@ pub(super) struct SharedWorker {
     pub(super) refused: AtomicU64,
     /// `max_connections_per_worker`: no thread sends past it.
     pub(super) recycle_after: Option<u64>,
-    /// Whether the other threads may send; see the module docs.
-    gate: Mutex<bool>,
+    /// Whether the other threads may send; see the module docs. Senders
+    /// hold it shared (they do not wait for each other), thread 0 takes
+    /// it alone to open or close it.
+    gate: RwLock<bool>,
     /// The gate's state, read without the lock when choosing a worker
     /// (the lock is taken, and the state read again, to send).
     open: AtomicBool,
@@ -61,7 +64,7 @@ impl SharedWorker {
             taken_back: Default::default(),
             refused: AtomicU64::new(0),
             recycle_after,
-            gate: Mutex::new(false),
+            gate: RwLock::new(false),
             open: AtomicBool::new(false),
         }
     }
@@ -69,7 +72,7 @@ impl SharedWorker {
     /// Opens or closes the gate. Closing waits for a send under way, so
     /// when it returns no other thread is sending to this worker.
     pub(super) fn set_open(&self, open: bool) {
-        let mut gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
         *gate = open;
         self.open.store(open, Relaxed);
     }
@@ -80,7 +83,7 @@ impl SharedWorker {
 
     /// Runs `send` holding the gate, if it is open.
     pub(super) fn send_if_open<T>(&self, send: impl FnOnce() -> T) -> Option<T> {
-        let gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+        let gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
         gate.then(send)
     }
 
