@@ -31,6 +31,10 @@ pub(crate) const FORWARD_LIMIT: usize = 256;
 /// How often a thread holding what it could not forward tries again.
 const FORWARD_RETRY: Duration = Duration::from_millis(5);
 const THREAD_WAKER: Token = Token(usize::MAX);
+/// Connections accepted from one copy per turn: under a flood that never
+/// lets the queue run dry, the thread still turns (sends its batches,
+/// sees a new roster, sees that it is told to stop) between runs.
+const ACCEPT_BUDGET: usize = 256;
 
 /// A listener's copy in one thread's group share.
 pub(super) struct ListenerCopy {
@@ -210,7 +214,9 @@ impl ThreadLoop {
     fn run(mut self) -> Parked {
         let mut events = Events::with_capacity(256);
         while !self.stop.load(Relaxed) {
+            let more = self.readable.iter().any(|&r| r) && self.held.is_empty();
             let timeout = match (self.held.is_empty(), self.paused_until) {
+                (true, None) if more => Some(Duration::ZERO),
                 (false, _) => Some(FORWARD_RETRY),
                 (true, Some(until)) => Some(until.saturating_duration_since(Instant::now())),
                 (true, None) => None,
@@ -272,9 +278,15 @@ impl ThreadLoop {
     }
 
     /// Accepts from copy `at` until EAGAIN (edge-triggered), each to a
-    /// worker's batch or to thread 0.
+    /// worker's batch or to thread 0; past [`ACCEPT_BUDGET`] the copy stays
+    /// marked, for the next turn.
     fn accept_all(&mut self, at: usize) {
-        while self.paused_until.is_none() && self.held.is_empty() {
+        for _ in 0..ACCEPT_BUDGET {
+            if self.paused_until.is_some() || !self.held.is_empty() {
+                // Woken meanwhile or not: it is tried again once it may.
+                self.readable[at] = true;
+                return;
+            }
             let copy = &self.copies[at];
             match copy.socket.accept() {
                 Ok((stream, peer)) => {
@@ -301,6 +313,7 @@ impl ThreadLoop {
                 Err(e) => self.on_accept_error(copy.listener, e),
             }
         }
+        self.readable[at] = true;
     }
 
     fn on_accept_error(&mut self, listener: ListenerIx, e: io::Error) {
@@ -391,18 +404,20 @@ impl ThreadLoop {
         }
         let count = batch.len() as u64;
         let index = self.index;
+        let in_flight = &self.counters.in_flight;
         let sent = worker.send_if_open(|| {
             let sent = fdpass::send_with_fds(worker.channel.as_fd(), bytes, &fds[..batch.len()]);
             if sent.is_ok() {
                 // Counted before the gate opens again: thread 0, once it
-                // holds it, sees every send that went.
+                // holds it, sees every send that went (and takes back
+                // nothing it has not counted in flight).
                 crate::counters::bump(&worker.sent[index], count);
+                in_flight.fetch_add(count, Relaxed);
             }
             sent
         });
         match sent {
             Some(Ok(())) => {
-                self.counters.in_flight.fetch_add(count, Relaxed);
                 if self.measure_latency {
                     let now = Instant::now();
                     for conn in &batch {
