@@ -331,6 +331,31 @@ fn the_python_example_counts_each_threads_takes() {
     assert!(thread_accepted(&text, 1) > 0.0, "{text}");
 }
 
+/// Seven threads, the most a page counts receipts for: every thread's
+/// takes land on its own counter (none past the page's), all are counted.
+#[test]
+fn seven_threads_each_count_on_their_own_counter() {
+    let config = "handoff_threads = 7\n[handoff]\nack_timeout = \"60s\"\n";
+    let herd = launch("threads-seven", config, 2);
+    herd.wait_all_ready(2);
+    let sent = 700;
+    count_pids(herd.addr(), sent);
+    let counted = |text: &str| {
+        sum_of(text, "herd_connections_handed_off_total") >= sent as f64
+            && sample_of(text, "herd_handoffs_in_flight") == Some(0.0)
+    };
+    let text = scrape_until(&herd, counted);
+    assert!(counted(&text), "not every take was counted:\n{text}");
+    let busy = (0..7).filter(|&t| thread_accepted(&text, t) > 0.0).count();
+    assert!(
+        busy >= 6,
+        "the kernel spread {sent} over only {busy} of 7 threads:\n{text}"
+    );
+    for thread in 1..7 {
+        assert_eq!(thread_forwarded(&text, thread), 0.0, "{text}");
+    }
+}
+
 #[test]
 fn round_robin_stays_within_one_per_thread_of_even() {
     let (workers, threads, sent) = (3, 2, 600);
