@@ -356,6 +356,40 @@ fn seven_threads_each_count_on_their_own_counter() {
     }
 }
 
+/// A worker that says it counts per thread and writes 2^63 and 0 by turns
+/// into every thread's counter: every client is answered, and herd's counts
+/// stay within what it sent (nothing handed off twice, nothing in flight
+/// below zero).
+#[test]
+fn a_worker_lying_on_every_threads_counter_breaks_no_count() {
+    let fixture = format!(
+        "{}/tests/fixtures/page_worker.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let command = ["python3", fixture.as_str(), "lying-threads"];
+    let config = format!("{TWO}[handoff]\nack_timeout = \"60s\"\n");
+    let flags = ["--metrics", "127.0.0.1:0"];
+    let herd = Herd::launch("threads-lies", Some(&config), 2, &flags, &command);
+    herd.wait_all_ready(2);
+    wait_for_two_threads(&herd);
+    let sent = 200;
+    let per_pid = count_pids(herd.addr(), sent);
+    assert_eq!(per_pid.values().sum::<usize>(), sent, "{per_pid:?}");
+    herd.wait_for_worker_output("[worker 0] lied per thread", 1);
+    let text = scrape(&herd);
+    let handed = sum_of(&text, "herd_connections_handed_off_total");
+    let in_flight = sample(&text, "herd_handoffs_in_flight");
+    assert!(
+        handed <= sent as f64,
+        "{handed} handed off of {sent}:\n{text}"
+    );
+    assert!(
+        (0.0..=sent as f64).contains(&in_flight),
+        "{in_flight} in flight:\n{text}"
+    );
+    assert_both_threads_accepted(&herd);
+}
+
 #[test]
 fn round_robin_stays_within_one_per_thread_of_even() {
     let (workers, threads, sent) = (3, 2, 600);
