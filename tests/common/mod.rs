@@ -16,6 +16,7 @@ pub mod procs;
 pub mod responses;
 pub mod servers;
 pub mod sockets;
+pub mod threads;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
