@@ -160,6 +160,13 @@ fn the_kernel_spreads_connections_over_both_threads() {
             "thread {thread} accepted none of 300:\n{text}"
         );
     }
+    // `herd status` says how many run.
+    assert_eq!(herd.status()["handoff_threads"], 2);
+    let table = herd_ok(&herd.dir, &["status"]);
+    assert!(
+        table.contains("mode round-robin (2 hand-off threads)"),
+        "{table}"
+    );
 }
 
 #[test]

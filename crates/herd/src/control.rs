@@ -521,8 +521,12 @@ fn is_timeout(e: &std::io::Error) -> bool {
 
 /// Renders the status report as a table, like `pm2 ls`.
 pub fn render_table(report: &StatusReport) -> String {
+    let threads = match report.handoff_threads {
+        0 | 1 => String::new(),
+        n => format!(" ({n} hand-off threads)"),
+    };
     let mut out = format!(
-        "herd pid {} · {} · up {} · mode {} · listening on {}\n",
+        "herd pid {} · {} · up {} · mode {}{threads} · listening on {}\n",
         report.pid,
         report.phase,
         human_duration(report.uptime_secs),

@@ -484,6 +484,7 @@ fn status_report(
     StatusReport {
         fairness: status::fairness(&handed),
         kernel_dealt: counters.kernel_dealt.load(Relaxed),
+        handoff_threads: counters.handoff_threads.load(Relaxed),
         upgrades: upgrades.clone(),
         pid: std::process::id(),
         phase: status::phase_name(supervisor.phase()),

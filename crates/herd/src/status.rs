@@ -51,6 +51,13 @@ pub struct StatusReport {
     /// `herd upgrade`s of this herd: how many took over, how many did not.
     #[serde(default)]
     pub upgrades: UpgradeRecord,
+    /// Hand-off threads running (`handoff_threads`).
+    #[serde(default = "one")]
+    pub handoff_threads: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// What became of `herd upgrade`s (carried over each one).

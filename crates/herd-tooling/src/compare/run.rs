@@ -509,6 +509,7 @@ mod tests {
             fairness: None,
             kernel_dealt: 0,
             upgrades: Default::default(),
+            handoff_threads: 1,
         };
         let addr = |a: &str| target_of(&status(a)).unwrap().addr.to_string();
         assert_eq!(addr("0.0.0.0:3000"), "127.0.0.1:3000");

@@ -146,6 +146,7 @@ mod tests {
             fairness: None,
             kernel_dealt: 0,
             upgrades: Default::default(),
+            handoff_threads: 1,
         }
     }
 
