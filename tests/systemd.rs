@@ -245,6 +245,42 @@ fn socket_activated_herd_serves_the_inherited_socket_and_its_queue() {
     assert_eq!(herd.stop().code(), Some(0));
 }
 
+/// A socket passed without SO_REUSEPORT cannot be copied for a second
+/// hand-off thread: herd says so once and thread 0 serves it alone.
+#[test]
+fn a_passed_socket_without_reuseport_is_served_by_thread_0_alone() {
+    let test = "a_passed_socket_without_reuseport_is_served_by_thread_0_alone";
+    let Some(activate) = socket_activate(test) else {
+        return;
+    };
+    let dir = scratch_dir("systemd-activate-threads");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let prefix = [activate, "-l", addr.as_str()];
+    let args = [
+        "--listen",
+        &addr,
+        "--workers",
+        "2",
+        "--handoff-threads",
+        "3",
+        "--",
+        hello_worker(),
+    ];
+    let herd = Herd::start_under(&dir, &prefix, &args);
+    let early = connect_when_listening(addr.parse().unwrap());
+    assert!(
+        read_answer_after_request(early).is_ok(),
+        "{}",
+        herd.log_text()
+    );
+    herd.wait_ready(2);
+    let counts = count_pids(addr.parse().unwrap(), 50);
+    assert_eq!(counts.values().sum::<usize>(), 50, "{counts:?}");
+    let refused = herd.wait_for_event("listener_not_shared", &[("listener", json!(0))], 1);
+    assert_eq!(refused.len(), 1, "said once, not per thread: {refused:?}");
+    assert_eq!(herd.stop().code(), Some(0));
+}
+
 #[test]
 fn socket_activated_herd_in_shared_mode_passes_the_socket_to_its_workers() {
     let test = "socket_activated_herd_in_shared_mode_passes_the_socket_to_its_workers";

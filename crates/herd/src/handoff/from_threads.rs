@@ -102,7 +102,7 @@ impl HandoffLoop {
         let shares = match shares {
             Some(carried) => carried,
             None => (1..threads)
-                .map(|_| self.bind_copies())
+                .map(|thread| self.bind_copies(thread == 1))
                 .collect::<io::Result<_>>()?,
         };
         others.start(shares)?;
@@ -117,8 +117,8 @@ impl HandoffLoop {
 
     /// One more socket in each listener's SO_REUSEPORT group. A listener
     /// not in one (passed by systemd without `ReusePort=yes`), or bound for
-    /// a Node app, is thread 0's alone.
-    fn bind_copies(&self) -> io::Result<Vec<ListenerCopy>> {
+    /// a Node app, is thread 0's alone (said once, with `first`).
+    fn bind_copies(&self, first: bool) -> io::Result<Vec<ListenerCopy>> {
         use nix::sys::socket::{getsockopt, sockopt};
         let mut copies = Vec::new();
         for (listener, listening) in self.listeners.enumerate() {
@@ -126,6 +126,9 @@ impl HandoffLoop {
                 continue;
             };
             if !getsockopt(&listening.socket, sockopt::ReusePort).unwrap_or(false) {
+                if !first {
+                    continue;
+                }
                 warn!(
                     listener = listener.get(),
                     event = "listener_not_shared",
