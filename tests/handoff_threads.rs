@@ -327,6 +327,44 @@ fn an_upgrade_under_load_loses_nothing_and_both_threads_accept_after_it() {
     }
 }
 
+/// A rolling reload and scaling up and down under a steady load, with
+/// three threads dealing: slots change hands while every thread sends
+/// (each drain closes the worker's gate first), and no request fails.
+#[test]
+fn a_reload_and_scaling_under_load_with_three_threads_fail_no_request() {
+    let herd = launch("threads-reload", "handoff_threads = 3\n", 3);
+    let before = herd.wait_all_ready(3);
+    let load = Load::start(herd.addr(), pid_in);
+    load.settle(STEADY);
+    for args in [&["reload"][..], &["scale", "5"], &["scale", "2"]] {
+        let run = herd_cli_within(&herd.dir, args, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            run.code,
+            Some(0),
+            "{args:?}: {run:?}\nlog:\n{}",
+            herd.log_text()
+        );
+        load.settle(5 * STEADY);
+    }
+    let outcomes = load.finish();
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.answer.is_err()).collect();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    let after = herd.wait_all_ready(2);
+    assert!(
+        after.is_disjoint(&before),
+        "the reload replaced every worker"
+    );
+    let text = scrape_until(&herd, |text| {
+        sample_of(text, "herd_handoffs_in_flight") == Some(0.0)
+    });
+    assert_eq!(
+        sample_of(&text, "herd_handoffs_in_flight"),
+        Some(0.0),
+        "{text}"
+    );
+}
+
 #[test]
 fn sigterm_with_two_idle_threads_exits_0_and_leaves_no_worker() {
     let herd = Herd::launch(
