@@ -162,9 +162,12 @@ fn log_files_per_slot_are_written_and_herd_logs_shows_and_follows_them() {
         lines.iter().all(|l| l.starts_with("[worker 1] 20")),
         "{shown:?}"
     );
-    // --follow: a slot added later shows up as it writes.
+    // --follow: a slot added later shows up as it writes. `--lines 1`
+    // shows a line of each file there is first, so the test knows it has
+    // looked before slot 2 exists (a file already there when it looks is
+    // followed from its end).
     let mut follow = std::process::Command::new(herd_bin())
-        .args(["logs", "-c", &config, "--follow", "--lines", "0"])
+        .args(["logs", "-c", &config, "--follow", "--lines", "1"])
         .current_dir(&dir)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -181,6 +184,11 @@ fn log_files_per_slot_are_written_and_herd_logs_shows_and_follows_them() {
                 break;
             }
         }
+    });
+    wait_until("herd logs --follow to show what is there", || {
+        rx.recv_timeout(std::time::Duration::from_millis(100))
+            .ok()
+            .filter(|line| line.starts_with("[worker 1] "))
     });
     let scaled = herd.control(&["scale", "3"]);
     assert_eq!(scaled.code, Some(0), "{scaled:?}");
