@@ -74,7 +74,8 @@ impl HandoffLoop {
                     let local = listening.local;
                     let connection_id = self.fresh_id();
                     self.counters.accepted[listener].fetch_add(1, Relaxed);
-                    self.counters.thread_accepted[0].fetch_add(1, Relaxed);
+                    // Each thread alone writes its own: no locked add.
+                    bump(&self.counters.thread_accepted[0], 1);
                     if slot.is_some() {
                         self.counters.requeued_slot_queue.fetch_add(1, Relaxed);
                     }

@@ -185,16 +185,15 @@ impl HandoffLoop {
 
     /// Takes what the other threads forwarded.
     pub(super) fn take_forwarded(&mut self) {
-        let Some(others) = self.others.as_ref() else {
-            return;
-        };
         // Bounded by the channel's size: what comes meanwhile waits a turn.
-        let waiting: Vec<Accepted> = others
-            .forwarded
-            .try_iter()
-            .take(threads::FORWARD_LIMIT)
-            .collect();
-        for conn in waiting {
+        for _ in 0..threads::FORWARD_LIMIT {
+            let next = self
+                .others
+                .as_ref()
+                .and_then(|o| o.forwarded.try_recv().ok());
+            let Some(conn) = next else {
+                return;
+            };
             self.take_forwarded_one(conn);
         }
     }

@@ -48,7 +48,7 @@ mod taking_back;
 mod threads;
 mod workers;
 
-use crate::counters::{accept_error_kind, Counters};
+use crate::counters::{accept_error_kind, bump, Counters};
 use accepting::{reserve_fd, Refusals};
 use channel::{
     take_in_flight, BadMessage, Message, Protocol, ProtocolErrors, ReadEnd, WorkerChannel,

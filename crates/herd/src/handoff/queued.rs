@@ -18,7 +18,6 @@
 //! the two, so a connection is never served twice.
 
 use super::*;
-use crate::counters::bump;
 use crate::process::WorkerLink;
 use herd_protocol::page::Page;
 use herd_protocol::wire::{encode_batch, ReadyFlags, MAX_BATCH, MAX_BATCH_LEN};

@@ -4,7 +4,6 @@
 //! the front of the queue, for another worker.
 
 use super::*;
-use crate::counters::bump;
 use herd_protocol::page::MAX_HANDOFF_THREADS;
 use herd_protocol::wire::{Batch, MAX_BATCH_LEN};
 

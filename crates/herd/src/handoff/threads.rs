@@ -294,7 +294,8 @@ impl ThreadLoop {
                     self.next_id += 1;
                     let listener = copy.listener;
                     self.counters.accepted[listener].fetch_add(1, Relaxed);
-                    self.counters.thread_accepted[self.index].fetch_add(1, Relaxed);
+                    // Each thread alone writes its own: no locked add.
+                    bump(&self.counters.thread_accepted[self.index], 1);
                     let conn = Accepted {
                         stream,
                         handoff: Handoff {
@@ -411,7 +412,7 @@ impl ThreadLoop {
                 // Counted before the gate opens again: thread 0, once it
                 // holds it, sees every send that went (and takes back
                 // nothing it has not counted in flight).
-                crate::counters::bump(&worker.sent[index], count);
+                bump(&worker.sent[index], count);
                 in_flight.fetch_add(count, Relaxed);
             }
             sent
@@ -450,7 +451,7 @@ impl ThreadLoop {
 
     /// Forwards `conn` to thread 0, or holds it when thread 0's inbox is full.
     fn forward_one(&mut self, conn: Accepted) {
-        self.counters.thread_forwarded[self.index].fetch_add(1, Relaxed);
+        bump(&self.counters.thread_forwarded[self.index], 1);
         if !self.held.is_empty() {
             return self.held.push(conn);
         }
