@@ -8,6 +8,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -245,6 +246,24 @@ fn socket_activated_herd_serves_the_inherited_socket_and_its_queue() {
     assert_eq!(herd.stop().code(), Some(0));
 }
 
+/// `activate -l ADDR herd run --listen ADDR --workers 2 FLAGS -- hello-worker`
+/// in scratch dir `name`, once the first connection (which starts herd,
+/// and waits in the passed socket's queue meanwhile) is answered.
+fn start_activated(activate: &str, name: &str, flags: &[&str]) -> (Herd, SocketAddr) {
+    let dir = scratch_dir(name);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let prefix = [activate, "-l", addr.as_str()];
+    let mut args = vec!["--listen", &addr, "--workers", "2"];
+    args.extend_from_slice(flags);
+    args.extend(["--", hello_worker()]);
+    let herd = Herd::start_under(&dir, &prefix, &args);
+    let addr: SocketAddr = addr.parse().unwrap();
+    let early = connect_when_listening(addr);
+    let answer = read_answer_after_request(early);
+    assert!(answer.is_ok(), "{answer:?}: {}", herd.log_text());
+    (herd, addr)
+}
+
 /// A socket passed without SO_REUSEPORT cannot be copied for a second
 /// hand-off thread: herd says so once and thread 0 serves it alone.
 #[test]
@@ -253,28 +272,10 @@ fn a_passed_socket_without_reuseport_is_served_by_thread_0_alone() {
     let Some(activate) = socket_activate(test) else {
         return;
     };
-    let dir = scratch_dir("systemd-activate-threads");
-    let addr = format!("127.0.0.1:{}", free_port());
-    let prefix = [activate, "-l", addr.as_str()];
-    let args = [
-        "--listen",
-        &addr,
-        "--workers",
-        "2",
-        "--handoff-threads",
-        "3",
-        "--",
-        hello_worker(),
-    ];
-    let herd = Herd::start_under(&dir, &prefix, &args);
-    let early = connect_when_listening(addr.parse().unwrap());
-    assert!(
-        read_answer_after_request(early).is_ok(),
-        "{}",
-        herd.log_text()
-    );
+    let flags = ["--handoff-threads", "3"];
+    let (herd, addr) = start_activated(activate, "systemd-activate-threads", &flags);
     herd.wait_ready(2);
-    let counts = count_pids(addr.parse().unwrap(), 50);
+    let counts = count_pids(addr, 50);
     assert_eq!(counts.values().sum::<usize>(), 50, "{counts:?}");
     let refused = herd.wait_for_event("listener_not_shared", &[("listener", json!(0))], 1);
     assert_eq!(refused.len(), 1, "said once, not per thread: {refused:?}");
@@ -287,26 +288,11 @@ fn socket_activated_herd_in_shared_mode_passes_the_socket_to_its_workers() {
     let Some(activate) = socket_activate(test) else {
         return;
     };
-    let dir = scratch_dir("systemd-activate-shared");
-    let addr = format!("127.0.0.1:{}", free_port());
-    let prefix = [activate, "-l", addr.as_str()];
-    let args = [
-        "--listen",
-        &addr,
-        "--workers",
-        "2",
-        "--mode",
-        "shared",
-        "--",
-        hello_worker(),
-    ];
-    let herd = Herd::start_under(&dir, &prefix, &args);
-    let early = connect_when_listening(addr.parse().unwrap());
-    let answer = read_answer_after_request(early);
-    assert!(answer.is_ok(), "{answer:?}: {}", herd.log_text());
+    let flags = ["--mode", "shared"];
+    let (herd, addr) = start_activated(activate, "systemd-activate-shared", &flags);
     herd.wait_for_event("listener_inherited", &[], 1);
     // The workers accept from it themselves (herd accepts nothing in shared mode).
-    let pids = count_pids(addr.parse().unwrap(), 4);
+    let pids = count_pids(addr, 4);
     assert_eq!(pids.values().sum::<usize>(), 4);
     assert!(herd
         .wait_ready(2)

@@ -123,12 +123,17 @@ def connections():
             if kind != HANDOFF or len(fds) != 1:
                 raise SystemExit(f"unexpected message from herd: {message!r}")
             report(ACK, 0, conn_id)  # herd may close its copy now
-            family, _, port = struct.unpack_from("<BBH", message, 12)
-            raw_ip = message[16:20] if family == 4 else message[16:32]
-            peer_ip = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, raw_ip)
+            peer_ip, port = peer_of(message)
             conn = socket.socket(fileno=fds[0])
             conn.setblocking(True)  # the fd arrives non-blocking
             yield conn, peer_ip, port, lambda conn_id=conn_id: report(CLOSED, 0, conn_id)
+
+
+def peer_of(record):
+    """The client's (ip, port) from a HANDOFF record's peer address block."""
+    family, _, port = struct.unpack_from("<BBH", record, 12)
+    raw_ip = record[16:20] if family == 4 else record[16:32]
+    return socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, raw_ip), port
 
 
 def counted_connections(channel, page):
@@ -167,9 +172,7 @@ def counted_connections(channel, page):
             if len(fds) != len(records) or any(r[1] != HANDOFF or len(r) != HANDOFF_LEN for r in records):
                 raise SystemExit(f"unexpected message from herd: {message!r}")
             for record, fd in zip(records, fds):
-                family, _, port = struct.unpack_from("<BBH", record, 12)
-                raw_ip = record[16:20] if family == 4 else record[16:32]
-                peer_ip = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, raw_ip)
+                peer_ip, port = peer_of(record)
                 conn = socket.socket(fileno=fd)
                 conn.setblocking(True)
                 yield conn, peer_ip, port, closed
